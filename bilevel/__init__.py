@@ -1,0 +1,72 @@
+"""bilevel: solver-agnostic bilevel optimization and implicit differentiation on PyTorch.
+
+    import bilevel as bl
+    phi = bl.implicit_argmin(objective, init, theta, solver=bl.solvers.ScipyLBFGS())
+
+See `implicit_argmin` for the contract, and the README for an overview.
+"""
+
+from ._errors import BilevelError as BilevelError
+from ._errors import BilevelWarning as BilevelWarning
+from ._errors import ConvergenceError as ConvergenceError
+from ._errors import LinearSolveError as LinearSolveError
+from ._errors import NegativeCurvatureError as NegativeCurvatureError
+from ._errors import NonFiniteError as NonFiniteError
+from ._errors import OptimalityError as OptimalityError
+from ._errors import StructureError as StructureError
+from ._hvp import DenseHessian as DenseHessian
+from ._hvp import FiniteDifferenceHVP as FiniteDifferenceHVP
+from ._hvp import ForwardOverReverse as ForwardOverReverse
+from ._hvp import HVPOracle as HVPOracle
+from ._hvp import ReverseOverReverse as ReverseOverReverse
+from ._implicit import ImplicitArgmin as ImplicitArgmin
+from ._implicit import ImplicitInfo as ImplicitInfo
+from ._implicit import fixed_point as fixed_point
+from ._implicit import implicit_argmin as implicit_argmin
+from ._implicit import implicit_root as implicit_root
+from ._linear_solve import CG as CG
+from ._linear_solve import GMRES as GMRES
+from ._linear_solve import MINRES as MINRES
+from ._linear_solve import BiCGStab as BiCGStab
+from ._linear_solve import DenseSolve as DenseSolve
+from ._linear_solve import Neumann as Neumann
+from ._results import LinearSolveResult as LinearSolveResult
+from ._results import SolverResult as SolverResult
+from ._status import LinearStatus as LinearStatus
+from ._status import SolverStatus as SolverStatus
+from ._types import TensorTree as TensorTree
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CG",
+    "GMRES",
+    "MINRES",
+    "BiCGStab",
+    "BilevelError",
+    "BilevelWarning",
+    "ConvergenceError",
+    "DenseHessian",
+    "DenseSolve",
+    "FiniteDifferenceHVP",
+    "ForwardOverReverse",
+    "HVPOracle",
+    "ImplicitArgmin",
+    "ImplicitInfo",
+    "LinearSolveError",
+    "LinearSolveResult",
+    "LinearStatus",
+    "MINRES",
+    "NegativeCurvatureError",
+    "Neumann",
+    "NonFiniteError",
+    "OptimalityError",
+    "ReverseOverReverse",
+    "SolverResult",
+    "SolverStatus",
+    "StructureError",
+    "TensorTree",
+    "fixed_point",
+    "implicit_argmin",
+    "implicit_root",
+]

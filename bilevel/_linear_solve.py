@@ -1,0 +1,506 @@
+"""Matrix-free linear solvers for the backward pass: A x = b with A given as a matvec.
+
+Every solver is a frozen dataclass called as ``solver(matvec, b, x0=None)`` on flat
+1-D tensors and returns a `LinearSolveResult` with the solution, the status, the
+iterations, the matvecs spent and the *true* residual ||A x - b|| at the returned
+``x`` (recomputed with one extra matvec, never the recursively updated estimate,
+which drifts from the truth in floating point).
+
+Which solver for which matrix:
+
+==========  =======================================  ==========================
+solver      matrix class                             cost per iteration
+==========  =======================================  ==========================
+`CG`        symmetric positive definite              1 matvec
+`MINRES`    symmetric, possibly indefinite           1 matvec
+`GMRES`     any non-singular (restarted)             1 matvec + O(k n) work
+`BiCGStab`  any non-singular                         2 matvecs
+`Neumann`   spectrum of alpha A inside (0, 2)         1 matvec
+`DenseSolve` any non-singular, small n               n matvecs once, O(n^3)
+==========  =======================================  ==========================
+
+The default tolerance (``rtol=None``) depends on the dtype of ``b``: 1e-10 in
+float64, 1e-5 in float32, 1e-2 in half precision.  Convergence means
+``||A x - b|| <= max(rtol * ||b||, atol)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import torch
+
+from ._results import LinearSolveResult
+from ._status import LinearStatus
+from ._types import Matvec
+
+__all__ = ["CG", "GMRES", "MINRES", "BiCGStab", "DenseSolve", "Neumann", "default_rtol"]
+
+
+def default_rtol(dtype: torch.dtype) -> float:
+    """Relative residual tolerance that the dtype can reach on a well-conditioned system."""
+    if dtype == torch.float64:
+        return 1e-10
+    if dtype == torch.float32:
+        return 1e-5
+    return 1e-2
+
+
+def _check_config(name: str, max_iter: int | None, rtol: float | None, atol: float) -> None:
+    if max_iter is not None and max_iter < 0:
+        raise ValueError(f"{name}(max_iter={max_iter}): max_iter must be >= 0")
+    if rtol is not None and not rtol >= 0:
+        raise ValueError(f"{name}(rtol={rtol}): rtol must be >= 0")
+    if not atol >= 0:
+        raise ValueError(f"{name}(atol={atol}): atol must be >= 0")
+
+
+def _check_b(name: str, b: torch.Tensor, x0: torch.Tensor | None) -> None:
+    if not isinstance(b, torch.Tensor) or b.ndim != 1:
+        raise ValueError(f"{name}: b must be a 1-D tensor, got {getattr(b, 'shape', type(b))}")
+    if x0 is not None and (x0.shape != b.shape or x0.dtype != b.dtype):
+        raise ValueError(
+            f"{name}: x0 has shape {tuple(x0.shape)} and dtype {x0.dtype}; "
+            f"b has {tuple(b.shape)} and {b.dtype}"
+        )
+
+
+def _norm(x: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(x))
+
+
+class _Counted:
+    """Wraps a matvec to count its calls and check its output shape."""
+
+    def __init__(self, matvec: Matvec, b: torch.Tensor, name: str) -> None:
+        self._matvec = matvec
+        self._b = b
+        self._name = name
+        self.calls = 0
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        out = self._matvec(v)
+        if out.shape != self._b.shape:
+            raise ValueError(
+                f"{self._name}: matvec returned shape {tuple(out.shape)} for an input of shape "
+                f"{tuple(v.shape)}; it must return a vector like its input"
+            )
+        return out
+
+
+def _finish(
+    A: _Counted, b: torch.Tensor, x: torch.Tensor, status: LinearStatus, n_iter: int, tol: float
+) -> LinearSolveResult:
+    """Recompute the true residual at x and settle the status on it."""
+    b_norm = _norm(b)
+    if not bool(torch.isfinite(x).all()):
+        return LinearSolveResult(x, LinearStatus.NONFINITE, n_iter, A.calls, math.inf, b_norm)
+    r_norm = _norm(b - A(x))
+    if not math.isfinite(r_norm):
+        status = LinearStatus.NONFINITE
+    elif status is LinearStatus.CONVERGED and r_norm > tol:
+        # The recursive residual said converged; rounding says otherwise.
+        status = LinearStatus.MAX_ITER
+    elif status is LinearStatus.MAX_ITER and r_norm <= tol:
+        status = LinearStatus.CONVERGED
+    return LinearSolveResult(x, status, n_iter, A.calls, r_norm, b_norm)
+
+
+@dataclasses.dataclass(frozen=True)
+class CG:
+    """Conjugate gradient for symmetric positive definite A.
+
+    Args:
+        max_iter: iteration cap; ``None`` means ``min(2 n, 1000)`` for n unknowns.
+        rtol: relative tolerance on ||A x - b|| / ||b||; ``None`` picks it from the dtype.
+        atol: absolute tolerance on ||A x - b||.
+        preconditioner: ``M(r) ~ A^-1 r``, symmetric positive definite; ``None`` for none.
+
+    A warm start is the ``x0`` argument of the call.  With ``x0=None`` a solve of k
+    iterations costs k + 1 matvecs (the last one recomputes the true residual).
+
+    Non-positive curvature p'Ap <= 0 stops the iteration with status
+    ``NEGATIVE_CURVATURE`` and returns the last iterate: A is not positive definite
+    (for a Hessian: the point is not a strict local minimum).
+
+    References:
+        Nocedal & Wright, Numerical Optimization, 2nd ed., Algorithm 5.3.
+    """
+
+    max_iter: int | None = None
+    rtol: float | None = None
+    atol: float = 0.0
+    preconditioner: Matvec | None = None
+
+    def __post_init__(self) -> None:
+        _check_config("CG", self.max_iter, self.rtol, self.atol)
+
+    def __call__(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None = None) -> LinearSolveResult:
+        _check_b("CG", b, x0)
+        A = _Counted(matvec, b, "CG")
+        M = self.preconditioner if self.preconditioner is not None else (lambda r: r)
+        n = b.numel()
+        max_iter = self.max_iter if self.max_iter is not None else min(2 * n, 1000)
+        rtol = self.rtol if self.rtol is not None else default_rtol(b.dtype)
+        tol = max(rtol * _norm(b), self.atol)
+
+        x = torch.zeros_like(b) if x0 is None else x0.clone()
+        r = b.clone() if x0 is None else b - A(x0)
+        z = M(r)
+        p = z.clone()
+        rz = torch.dot(r, z)
+        status = LinearStatus.MAX_ITER
+        k = 0
+        if _norm(r) <= tol:
+            status = LinearStatus.CONVERGED
+        while k < max_iter and status is LinearStatus.MAX_ITER:
+            Ap = A(p)
+            pAp = torch.dot(p, Ap)
+            k += 1
+            pAp_f = float(pAp)
+            if not math.isfinite(pAp_f):
+                status = LinearStatus.NONFINITE
+                break
+            if pAp_f <= 0.0:
+                status = LinearStatus.NEGATIVE_CURVATURE
+                break
+            alpha = rz / pAp
+            x = x + alpha * p
+            r = r - alpha * Ap
+            if _norm(r) <= tol:
+                status = LinearStatus.CONVERGED
+                break
+            z = M(r)
+            rz_new = torch.dot(r, z)
+            p = z + (rz_new / rz) * p
+            rz = rz_new
+        if status is LinearStatus.NEGATIVE_CURVATURE:
+            b_norm = _norm(b)
+            r_norm = _norm(b - A(x))
+            return LinearSolveResult(x, status, k, A.calls, r_norm, b_norm)
+        return _finish(A, b, x, status, k, tol)
+
+
+@dataclasses.dataclass(frozen=True)
+class MINRES:
+    """MINRES for symmetric, possibly indefinite A (Paige & Saunders 1975).
+
+    Args:
+        max_iter: iteration cap; ``None`` means ``min(2 n, 1000)``.
+        rtol: relative tolerance; ``None`` picks it from the dtype.
+        atol: absolute tolerance.
+
+    References:
+        Paige & Saunders, "Solution of sparse indefinite systems of linear equations",
+        SIAM J. Numer. Anal. 12(4), 1975; Choi, Paige & Saunders, SISC 2011.
+    """
+
+    max_iter: int | None = None
+    rtol: float | None = None
+    atol: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_config("MINRES", self.max_iter, self.rtol, self.atol)
+
+    def __call__(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None = None) -> LinearSolveResult:
+        _check_b("MINRES", b, x0)
+        A = _Counted(matvec, b, "MINRES")
+        n = b.numel()
+        max_iter = self.max_iter if self.max_iter is not None else min(2 * n, 1000)
+        rtol = self.rtol if self.rtol is not None else default_rtol(b.dtype)
+        tol = max(rtol * _norm(b), self.atol)
+
+        x = torch.zeros_like(b) if x0 is None else x0.clone()
+        r = b.clone() if x0 is None else b - A(x0)
+        beta = _norm(r)
+        status = LinearStatus.CONVERGED if beta <= tol else LinearStatus.MAX_ITER
+        if status is LinearStatus.CONVERGED or max_iter == 0:
+            return _finish(A, b, x, status, 0, tol)
+        # Lanczos vectors and the QR factorization of the tridiagonal, updated by Givens rotations.
+        v_old = torch.zeros_like(b)
+        v = r / beta
+        w_old = torch.zeros_like(b)
+        w = torch.zeros_like(b)
+        beta_old = 0.0
+        c_old, s_old, c, s = 1.0, 0.0, 1.0, 0.0
+        eta = beta
+        k = 0
+        while k < max_iter:
+            Av = A(v)
+            k += 1
+            alpha = float(torch.dot(v, Av))
+            u = Av - alpha * v - beta_old * v_old if k > 1 else Av - alpha * v
+            beta_new = _norm(u)
+            # Apply the previous two rotations to the new column of the tridiagonal.
+            delta = c * alpha - c_old * s * beta_old
+            rho1 = math.hypot(delta, beta_new)
+            rho2 = s * alpha + c_old * c * beta_old
+            rho3 = s_old * beta_old
+            if rho1 == 0.0 or not math.isfinite(rho1):
+                status = LinearStatus.BREAKDOWN if math.isfinite(rho1) else LinearStatus.NONFINITE
+                break
+            c_old, s_old = c, s
+            c, s = delta / rho1, beta_new / rho1
+            w_new = (v - rho3 * w_old - rho2 * w) / rho1
+            x = x + (c * eta) * w_new
+            eta = -s * eta
+            w_old, w = w, w_new
+            if abs(eta) <= tol:
+                status = LinearStatus.CONVERGED
+                break
+            if beta_new == 0.0:
+                # Invariant subspace found: the solution in it is exact.
+                status = LinearStatus.CONVERGED
+                break
+            v_old, v = v, u / beta_new
+            beta_old = beta_new
+        return _finish(A, b, x, status, k, tol)
+
+
+@dataclasses.dataclass(frozen=True)
+class GMRES:
+    """Restarted GMRES(m) for any non-singular A.
+
+    Args:
+        max_iter: cap on the total number of Arnoldi steps; ``None`` means ``min(2 n, 1000)``.
+        restart: Krylov dimension m before a restart.
+        rtol: relative tolerance; ``None`` picks it from the dtype.
+        atol: absolute tolerance.
+
+    References:
+        Saad & Schultz, "GMRES", SIAM J. Sci. Stat. Comput. 7(3), 1986.
+    """
+
+    max_iter: int | None = None
+    restart: int = 30
+    rtol: float | None = None
+    atol: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_config("GMRES", self.max_iter, self.rtol, self.atol)
+        if self.restart < 1:
+            raise ValueError(f"GMRES(restart={self.restart}): restart must be >= 1")
+
+    def __call__(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None = None) -> LinearSolveResult:
+        _check_b("GMRES", b, x0)
+        A = _Counted(matvec, b, "GMRES")
+        n = b.numel()
+        max_iter = self.max_iter if self.max_iter is not None else min(2 * n, 1000)
+        rtol = self.rtol if self.rtol is not None else default_rtol(b.dtype)
+        tol = max(rtol * _norm(b), self.atol)
+        m = min(self.restart, max(n, 1))
+
+        x = torch.zeros_like(b) if x0 is None else x0.clone()
+        status = LinearStatus.MAX_ITER
+        k = 0
+        r = b.clone() if x0 is None else b - A(x)
+        while True:
+            beta = _norm(r)
+            if beta <= tol:
+                status = LinearStatus.CONVERGED
+                break
+            if not math.isfinite(beta):
+                status = LinearStatus.NONFINITE
+                break
+            if k >= max_iter:
+                break
+            V = [r / beta]
+            H = torch.zeros(m + 1, m, dtype=torch.float64)
+            y = torch.zeros(0, dtype=torch.float64)
+            e1 = torch.zeros(m + 1, dtype=torch.float64)
+            e1[0] = beta
+            j = 0
+            lucky = False
+            while j < m and k < max_iter:
+                w = A(V[j])
+                k += 1
+                # Modified Gram-Schmidt, done twice: once is not enough in float32.
+                for _ in range(2):
+                    for i in range(j + 1):
+                        h = torch.dot(V[i], w)
+                        H[i, j] += float(h)
+                        w = w - h * V[i]
+                h_next = _norm(w)
+                H[j + 1, j] = h_next
+                j += 1
+                y = torch.linalg.lstsq(H[: j + 1, :j], e1[: j + 1, None]).solution[:, 0]
+                res = float(torch.linalg.vector_norm(H[: j + 1, :j] @ y - e1[: j + 1]))
+                if h_next <= 1e-14 * beta:
+                    lucky = True
+                    break
+                V.append(w / h_next)
+                if res <= tol:
+                    break
+            yb = y.to(dtype=b.dtype, device=b.device)
+            x = x + torch.stack(V[:j], dim=1) @ yb
+            r = b - A(x)
+            if lucky and _norm(r) > tol:
+                status = LinearStatus.BREAKDOWN
+                break
+        # The loop recomputed r = b - A x after the last update; reuse it (no extra matvec).
+        r_norm = _norm(r)
+        if status is LinearStatus.MAX_ITER and r_norm <= tol:
+            status = LinearStatus.CONVERGED
+        if not math.isfinite(r_norm):
+            status = LinearStatus.NONFINITE
+        return LinearSolveResult(x, status, k, A.calls, r_norm, _norm(b))
+
+
+@dataclasses.dataclass(frozen=True)
+class BiCGStab:
+    """BiCGStab for non-symmetric A (van der Vorst 1992).  Two matvecs per iteration.
+
+    Args:
+        max_iter: iteration cap; ``None`` means ``min(2 n, 1000)``.
+        rtol: relative tolerance; ``None`` picks it from the dtype.
+        atol: absolute tolerance.
+    """
+
+    max_iter: int | None = None
+    rtol: float | None = None
+    atol: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_config("BiCGStab", self.max_iter, self.rtol, self.atol)
+
+    def __call__(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None = None) -> LinearSolveResult:
+        _check_b("BiCGStab", b, x0)
+        A = _Counted(matvec, b, "BiCGStab")
+        n = b.numel()
+        max_iter = self.max_iter if self.max_iter is not None else min(2 * n, 1000)
+        rtol = self.rtol if self.rtol is not None else default_rtol(b.dtype)
+        tol = max(rtol * _norm(b), self.atol)
+
+        x = torch.zeros_like(b) if x0 is None else x0.clone()
+        r = b.clone() if x0 is None else b - A(x)
+        r_hat = r.clone()
+        rho = alpha = omega = 1.0
+        v = torch.zeros_like(b)
+        p = torch.zeros_like(b)
+        status = LinearStatus.CONVERGED if _norm(r) <= tol else LinearStatus.MAX_ITER
+        k = 0
+        while k < max_iter and status is LinearStatus.MAX_ITER:
+            k += 1
+            rho_new = float(torch.dot(r_hat, r))
+            if rho_new == 0.0 or omega == 0.0:
+                status = LinearStatus.BREAKDOWN
+                break
+            beta = (rho_new / rho) * (alpha / omega)
+            p = r + beta * (p - omega * v)
+            v = A(p)
+            denom = float(torch.dot(r_hat, v))
+            if denom == 0.0:
+                status = LinearStatus.BREAKDOWN
+                break
+            alpha = rho_new / denom
+            s = r - alpha * v
+            if _norm(s) <= tol:
+                x = x + alpha * p
+                status = LinearStatus.CONVERGED
+                break
+            t = A(s)
+            tt = float(torch.dot(t, t))
+            omega = float(torch.dot(t, s)) / tt if tt > 0 else 0.0
+            x = x + alpha * p + omega * s
+            r = s - omega * t
+            rho = rho_new
+            if not math.isfinite(rho_new) or not math.isfinite(omega):
+                status = LinearStatus.NONFINITE
+                break
+            if _norm(r) <= tol:
+                status = LinearStatus.CONVERGED
+        return _finish(A, b, x, status, k, tol)
+
+
+@dataclasses.dataclass(frozen=True)
+class Neumann:
+    """Truncated Neumann series / Richardson iteration: x <- x + alpha (b - A x).
+
+    Equivalent to x_k = alpha sum_{j<k} (I - alpha A)^j b from x0 = 0.  Converges when
+    every eigenvalue of alpha A lies in (0, 2): for a Hessian H, alpha < 2 / lambda_max(H).
+
+    Args:
+        max_iter: iteration cap (the number of series terms).
+        alpha: step; 1 / lambda_max(A) is the natural choice.
+        rtol: relative tolerance; ``None`` picks it from the dtype.
+        atol: absolute tolerance.
+
+    References:
+        Lorraine, Vicol & Duvenaud, "Optimizing millions of hyperparameters by implicit
+        differentiation", AISTATS 2020.
+    """
+
+    max_iter: int = 100
+    alpha: float = 1.0
+    rtol: float | None = None
+    atol: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_config("Neumann", self.max_iter, self.rtol, self.atol)
+        if not self.alpha > 0:
+            raise ValueError(f"Neumann(alpha={self.alpha}): alpha must be > 0")
+
+    def __call__(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None = None) -> LinearSolveResult:
+        _check_b("Neumann", b, x0)
+        A = _Counted(matvec, b, "Neumann")
+        rtol = self.rtol if self.rtol is not None else default_rtol(b.dtype)
+        tol = max(rtol * _norm(b), self.atol)
+        x = torch.zeros_like(b) if x0 is None else x0.clone()
+        r = b.clone() if x0 is None else b - A(x)
+        status = LinearStatus.MAX_ITER
+        k = 0
+        r_norm = _norm(r)
+        while True:
+            if not math.isfinite(r_norm):
+                status = LinearStatus.NONFINITE
+                break
+            if r_norm <= tol:
+                status = LinearStatus.CONVERGED
+                break
+            if k >= self.max_iter:
+                break
+            x = x + self.alpha * r
+            r = b - A(x)
+            r_norm = _norm(r)
+            k += 1
+        # r is already the true residual at x: no extra matvec needed.
+        return LinearSolveResult(x, status, k, A.calls, r_norm, _norm(b))
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseSolve:
+    """Materialize A with n matvecs and solve by LU.
+
+    For small problems and for tests: memory O(n^2), time O(n^3).  The matrix is
+    kept in the result's dtype; ``torch.linalg.solve`` raises on a singular matrix.
+    """
+
+    def __call__(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None = None) -> LinearSolveResult:
+        _check_b("DenseSolve", b, x0)
+        A = _Counted(matvec, b, "DenseSolve")
+        M = dense_matrix(A, b)
+        b_norm = _norm(b)
+        try:
+            x = torch.linalg.solve(M, b)
+        except torch.linalg.LinAlgError:
+            nan = torch.full_like(b, math.nan)
+            return LinearSolveResult(nan, LinearStatus.BREAKDOWN, 1, A.calls, math.inf, b_norm)
+        r_norm = _norm(M @ x - b)
+        rtol = default_rtol(b.dtype)
+        ok = math.isfinite(r_norm)
+        status = LinearStatus.CONVERGED if ok else LinearStatus.NONFINITE
+        # A direct solve has no tolerance to miss, but an ill-conditioned matrix shows up here.
+        if ok and r_norm > max(1e3 * rtol * b_norm, 0.0) and b_norm > 0:
+            status = LinearStatus.BREAKDOWN
+        return LinearSolveResult(x, status, 1, A.calls, r_norm, b_norm)
+
+
+def dense_matrix(matvec: Callable[[torch.Tensor], torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The n x n matrix of a linear map given as a matvec on 1-D tensors like ``like``."""
+    n = like.numel()
+    eye = torch.eye(n, dtype=like.dtype, device=like.device)
+    cols = [matvec(eye[i]) for i in range(n)]
+    return torch.stack(cols, dim=1)
