@@ -56,7 +56,6 @@ __all__ = [
     "LinearSolveError",
     "LinearSolveResult",
     "LinearStatus",
-    "MINRES",
     "NegativeCurvatureError",
     "Neumann",
     "NonFiniteError",

@@ -108,7 +108,8 @@ class Point:
         """F at the point, with its graph (built once)."""
         if self._F is None:
             with torch.enable_grad():
-                out = self.condition(self.tree(self.phi_like, self.phi), self.tree(self.theta_like, self.theta))
+                phi, theta = self.tree(self.phi_like, self.phi), self.tree(self.theta_like, self.theta)
+                out = self.condition(phi, theta)
             check_like(out, self.phi_like, "optimality condition F(x, theta)", "x")
             self._F = leaves(out)
         return self._F

@@ -162,7 +162,8 @@ class _Problem:
         dtype = x[0].dtype
 
         def to_leaves(flat: torch.Tensor) -> Leaves:
-            return tuple(c.view(t.shape).to(t.dtype) for c, t in zip(torch.split(flat, sizes), x))
+            parts = torch.split(flat, sizes)
+            return tuple(c.view(t.shape).to(t.dtype) for c, t in zip(parts, x))
 
         def to_flat(ts: Leaves) -> torch.Tensor:
             return torch.cat([t.reshape(-1).to(dtype) for t in ts])

@@ -265,7 +265,8 @@ class GMRES:
     """Restarted GMRES(m) for any non-singular A.
 
     Args:
-        max_iter: cap on the total number of Arnoldi steps; ``None`` means ``min(2 n, 1000)``.
+        max_iter: cap on the total number of Arnoldi steps; ``None`` means ``min(10 n, 1000)``
+            (restarts slow convergence, so the cap is looser than CG's).
         restart: Krylov dimension m before a restart.
         rtol: relative tolerance; ``None`` picks it from the dtype.
         atol: absolute tolerance.
@@ -288,7 +289,7 @@ class GMRES:
         _check_b("GMRES", b, x0)
         A = _Counted(matvec, b, "GMRES")
         n = b.numel()
-        max_iter = self.max_iter if self.max_iter is not None else min(2 * n, 1000)
+        max_iter = self.max_iter if self.max_iter is not None else min(10 * n, 1000)
         rtol = self.rtol if self.rtol is not None else default_rtol(b.dtype)
         tol = max(rtol * _norm(b), self.atol)
         m = min(self.restart, max(n, 1))

@@ -1,0 +1,155 @@
+"""Linear solvers against torch.linalg.solve on their matrix classes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bilevel as bl
+from bilevel._linear_solve import default_rtol
+
+D = torch.float64
+
+
+def spd(n: int, cond: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=D))
+    eig = torch.logspace(0, torch.log10(torch.tensor(cond)).item(), n, dtype=D)
+    return Q @ torch.diag(eig) @ Q.T
+
+
+def sym_indefinite(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=D))
+    eig = torch.linspace(1, 10, n, dtype=D) * torch.tensor([(-1) ** i for i in range(n)], dtype=D)
+    return Q @ torch.diag(eig) @ Q.T
+
+
+def nonsym(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.eye(n, dtype=D) * 3 + torch.randn(n, n, generator=g, dtype=D) / n**0.5
+
+
+CASES = [
+    (bl.CG(), spd),
+    (bl.CG(preconditioner=None), spd),
+    (bl.MINRES(), spd),
+    (bl.MINRES(), sym_indefinite),
+    (bl.GMRES(), spd),
+    (bl.GMRES(), nonsym),
+    (bl.GMRES(restart=5), nonsym),
+    (bl.BiCGStab(), nonsym),
+    (bl.DenseSolve(), nonsym),
+    (bl.DenseSolve(), sym_indefinite),
+]
+
+
+def make(kind, n: int, seed: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    return kind(n, 20.0, seed) if kind is spd else kind(n, seed)
+
+
+@pytest.mark.parametrize(("solver", "kind"), CASES, ids=lambda c: getattr(c, "__name__", type(c).__name__))
+@pytest.mark.parametrize("n", [1, 7, 40])
+def test_agrees_with_dense_solve(solver, kind, n: int) -> None:  # type: ignore[no-untyped-def]
+    A = make(kind, n, seed=n)
+    b = torch.randn(n, dtype=D, generator=torch.Generator().manual_seed(1))
+    res = solver(lambda v: A @ v, b)
+    ref = torch.linalg.solve(A, b)
+    assert res.converged, res.status
+    assert res.relative_residual <= 1e-10
+    # Forward error <= cond(A) * relative residual.
+    cond = float(torch.linalg.cond(A))
+    assert torch.linalg.vector_norm(res.x - ref) <= 2 * cond * 1e-10 * torch.linalg.vector_norm(ref)
+    # The reported residual is the true one.
+    assert res.residual_norm == pytest.approx(
+        float(torch.linalg.vector_norm(A @ res.x - b)), rel=1e-6, abs=1e-14
+    )
+
+
+def test_neumann_converges_inside_its_radius() -> None:
+    A = spd(10, 10.0, 0)
+    b = torch.ones(10, dtype=D)
+    lmax = float(torch.linalg.eigvalsh(A).max())
+    res = bl.Neumann(max_iter=2000, alpha=1.0 / lmax)(lambda v: A @ v, b)
+    assert res.converged
+    torch.testing.assert_close(res.x, torch.linalg.solve(A, b), rtol=1e-8, atol=0)
+    # Outside the radius (alpha * lambda_max > 2) it diverges and says so.
+    bad = bl.Neumann(max_iter=50, alpha=3.0 / lmax)(lambda v: A @ v, b)
+    assert not bad.converged
+
+
+def test_cg_reaches_1e10_in_float64_by_default() -> None:
+    A = spd(100, 100.0, 3)
+    b = torch.randn(100, dtype=D, generator=torch.Generator().manual_seed(0))
+    res = bl.CG()(lambda v: A @ v, b)
+    assert res.converged and res.relative_residual <= 1e-10
+    assert default_rtol(torch.float64) == 1e-10
+
+
+def test_cg_counts_matvecs_and_warm_start() -> None:
+    A = spd(30, 50.0, 4)
+    b = torch.randn(30, dtype=D, generator=torch.Generator().manual_seed(0))
+    calls = 0
+
+    def mv(v: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return A @ v
+
+    res = bl.CG(max_iter=5, rtol=0.0)(mv, b)
+    assert res.n_iter == 5 and res.status is bl.LinearStatus.MAX_ITER
+    assert calls == res.n_matvec == 6  # k iterations + one true-residual check
+    exact = torch.linalg.solve(A, b)
+    warm = bl.CG()(lambda v: A @ v, b, x0=exact)
+    assert warm.converged and warm.n_iter == 0
+
+
+def test_cg_preconditioner_reduces_iterations() -> None:
+    d = torch.logspace(0, 4, 50, dtype=D)
+    A = torch.diag(d) + 1e-3 * spd(50, 2.0, 0)
+    b = torch.ones(50, dtype=D)
+    plain = bl.CG(max_iter=500)(lambda v: A @ v, b)
+    jacobi = bl.CG(max_iter=500, preconditioner=lambda r: r / torch.diag(A))(lambda v: A @ v, b)
+    assert plain.converged and jacobi.converged
+    assert jacobi.n_iter < plain.n_iter / 3
+    torch.testing.assert_close(jacobi.x, torch.linalg.solve(A, b), rtol=1e-7, atol=0)
+
+
+def test_cg_reports_negative_curvature() -> None:
+    A = sym_indefinite(6, 0)
+    res = bl.CG()(lambda v: A @ v, torch.ones(6, dtype=D))
+    assert res.status is bl.LinearStatus.NEGATIVE_CURVATURE
+    assert not res.converged
+
+
+def test_nonfinite_matvec_is_reported() -> None:
+    res = bl.CG()(lambda v: v * float("nan"), torch.ones(3, dtype=D))
+    assert res.status is bl.LinearStatus.NONFINITE
+
+
+def test_singular_dense_is_breakdown() -> None:
+    A = torch.zeros(3, 3, dtype=D)
+    res = bl.DenseSolve()(lambda v: A @ v, torch.ones(3, dtype=D))
+    assert res.status is bl.LinearStatus.BREAKDOWN
+
+
+@pytest.mark.parametrize(
+    ("make_solver", "match"),
+    [
+        (lambda: bl.CG(rtol=-1.0), r"CG\(rtol=-1.0\): rtol must be >= 0"),
+        (lambda: bl.CG(max_iter=-2), r"max_iter must be >= 0"),
+        (lambda: bl.GMRES(restart=0), r"restart must be >= 1"),
+        (lambda: bl.Neumann(alpha=0.0), r"alpha must be > 0"),
+        (lambda: bl.MINRES(atol=-1.0), r"atol must be >= 0"),
+    ],
+)
+def test_bad_configuration(make_solver, match: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match=match):
+        make_solver()
+
+
+def test_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="b must be a 1-D tensor"):
+        bl.CG()(lambda v: v, torch.ones(2, 2, dtype=D))
+    with pytest.raises(ValueError, match="matvec returned shape"):
+        bl.CG()(lambda v: v[:2], torch.ones(3, dtype=D))
