@@ -6,6 +6,8 @@
 See `implicit_argmin` for the contract, and the README for an overview.
 """
 
+from . import solvers as solvers
+from . import theory as theory
 from ._errors import BilevelError as BilevelError
 from ._errors import BilevelWarning as BilevelWarning
 from ._errors import ConvergenceError as ConvergenceError
@@ -34,6 +36,12 @@ from ._results import LinearSolveResult as LinearSolveResult
 from ._results import SolverResult as SolverResult
 from ._status import LinearStatus as LinearStatus
 from ._status import SolverStatus as SolverStatus
+from ._types import HVPFn as HVPFn
+from ._types import LinearSolver as LinearSolver
+from ._types import Matvec as Matvec
+from ._types import Objective as Objective
+from ._types import RootFn as RootFn
+from ._types import Solver as Solver
 from ._types import TensorTree as TensorTree
 
 __version__ = "0.1.0"
@@ -50,17 +58,23 @@ __all__ = [
     "DenseSolve",
     "FiniteDifferenceHVP",
     "ForwardOverReverse",
+    "HVPFn",
     "HVPOracle",
     "ImplicitArgmin",
     "ImplicitInfo",
     "LinearSolveError",
     "LinearSolveResult",
+    "LinearSolver",
     "LinearStatus",
+    "Matvec",
     "NegativeCurvatureError",
     "Neumann",
     "NonFiniteError",
+    "Objective",
     "OptimalityError",
     "ReverseOverReverse",
+    "RootFn",
+    "Solver",
     "SolverResult",
     "SolverStatus",
     "StructureError",
@@ -68,4 +82,6 @@ __all__ = [
     "fixed_point",
     "implicit_argmin",
     "implicit_root",
+    "solvers",
+    "theory",
 ]

@@ -156,6 +156,9 @@ class CG:
         k = 0
         if _norm(r) <= tol:
             status = LinearStatus.CONVERGED
+        # Below this the recursive residual is rounding noise: iterating on would let r and p
+        # underflow and pAp round to 0, which would read as (spurious) negative curvature.
+        floor = 1e-3 * torch.finfo(b.dtype).eps * _norm(b)
         while k < max_iter and status is LinearStatus.MAX_ITER:
             Ap = A(p)
             pAp = torch.dot(p, Ap)
@@ -170,9 +173,12 @@ class CG:
             alpha = rz / pAp
             x = x + alpha * p
             r = r - alpha * Ap
-            if _norm(r) <= tol:
+            r_norm = _norm(r)
+            if r_norm <= tol:
                 status = LinearStatus.CONVERGED
                 break
+            if r_norm <= floor:
+                break  # stagnated at machine precision; _finish judges the true residual
             z = M(r)
             rz_new = torch.dot(r, z)
             p = z + (rz_new / rz) * p

@@ -23,11 +23,12 @@ __all__ = [
 #: A Tensor or a tuple of Tensors (the structures `implicit_argmin` accepts for phi and theta).
 TensorTree = Union[torch.Tensor, tuple[torch.Tensor, ...]]
 
-#: G(phi, theta) -> scalar Tensor.
-Objective = Callable[[TensorTree, TensorTree], torch.Tensor]
+#: G(phi, theta) -> scalar Tensor.  ``Callable[..., Tensor]`` so that user functions typed
+#: ``(phi: Tensor, theta: Tensor)`` type-check (parameters are contravariant).
+Objective = Callable[..., torch.Tensor]
 
 #: F(x, theta) -> tree like x: an optimality condition F(x, theta) = 0.
-RootFn = Callable[[TensorTree, TensorTree], TensorTree]
+RootFn = Callable[..., TensorTree]
 
 #: v -> A v on flat 1-D tensors.
 Matvec = Callable[[torch.Tensor], torch.Tensor]

@@ -1,0 +1,526 @@
+"""What every inner solver shares: configuration checks, the counted objective oracle, the loop.
+
+The torch solvers (`GradientDescent`, `Nesterov`, `NewtonCG`) differ only in how
+they propose the next iterate.  Everything else lives here, once:
+
+* `Oracle` wraps ``objective(phi, theta)``: it flattens ``phi`` to a matrix of shape
+  (B, n) (B = 1 for a single problem, B problems of a meta-batch otherwise), evaluates
+  values, gradients and Hessian-vector products on it, and counts them.
+* `iterate` runs a `Method` until every problem has ||grad|| <= tol, has failed, or the
+  iteration cap is reached, freezing each problem where it stopped, and builds the
+  `SolverResult` with honest per-problem diagnostics.
+
+Counting convention (what ``n_fev``, ``n_gev`` and ``n_hvp`` of the result mean):
+``n_gev`` counts gradient evaluations (a forward and a backward pass; the objective
+value comes with it and is not counted again), ``n_fev`` counts objective values
+computed without a gradient, ``n_hvp`` counts Hessian-vector products (each runs
+the objective once, under ``torch.func.jvp`` of ``torch.func.grad``).  In batched mode one call of the objective evaluates all B problems and
+counts once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.func
+
+from .._errors import StructureError
+from .._results import SolverResult
+from .._status import SolverStatus
+from .._tree import check_finite, leaves, unflatten
+from .._types import Objective, TensorTree
+
+__all__ = [
+    "BatchedObjective",
+    "Method",
+    "Oracle",
+    "Step",
+    "all_finite",
+    "check_int",
+    "check_positive",
+    "detach_tree",
+    "iterate",
+    "lazy_import",
+    "measure",
+    "tree_from_arrays",
+    "tree_to_arrays",
+    "worst_status",
+]
+
+
+# --------------------------------------------------------------------------- configuration checks
+
+
+def check_positive(who: str, name: str, value: float, *, allow_zero: bool = False) -> None:
+    """Raise ``ValueError("Who(name=value): name must be > 0")`` unless value is a finite positive number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{who}({name}={value!r}): {name} must be a number")
+    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ValueError(f"{who}({name}={value!r}): {name} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def check_int(who: str, name: str, value: int, minimum: int) -> None:
+    """Raise unless ``value`` is an int >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{who}({name}={value!r}): {name} must be an int")
+    if value < minimum:
+        raise ValueError(f"{who}({name}={value!r}): {name} must be >= {minimum}")
+
+
+def lazy_import(module: str, extra: str, who: str) -> ModuleType:
+    """Import an optional dependency, or raise an ImportError naming the extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(
+            f"{who} needs the optional dependency '{module}', which is not installed: "
+            f"pip install bilevel[{extra}]"
+        ) from err
+
+
+def detach_tree(tree: TensorTree) -> TensorTree:
+    """The tree with every leaf detached (solvers never differentiate through theta)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach()
+    if isinstance(tree, (tuple, list)):
+        return tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in tree)
+    return tree
+
+
+# --------------------------------------------------------------------------- batched objectives
+
+
+class BatchedObjective:
+    """A batch of B independent problems, with per-problem losses.
+
+    ``per_problem(phi, theta)`` returns the losses of shape (B,), where loss ``b``
+    depends on ``phi[b]`` only (every leaf of phi carries the batch as its leading
+    dimension).  Calling the object returns their sum, a scalar, so the same object
+    can be given to `bilevel.implicit_argmin`: the Hessian of the sum is block
+    diagonal, so one implicit solve differentiates every problem at once.  Batched
+    solvers (``batched=True``) read ``per_problem`` for per-problem line searches and
+    diagnostics.
+
+    Args:
+        per_problem: ``(phi, theta) -> Tensor`` of shape (B,).
+
+    Example:
+        >>> obj = BatchedObjective(lambda phi, theta: ((phi - theta) ** 2).sum(dim=1))
+        >>> phi = bl.implicit_argmin(obj, init, theta, solver=NewtonCG(batched=True))
+    """
+
+    def __init__(self, per_problem: Callable[[TensorTree, TensorTree], torch.Tensor]) -> None:
+        if not callable(per_problem):
+            raise TypeError(f"BatchedObjective: per_problem must be callable, got {per_problem!r}")
+        self.per_problem = per_problem
+
+    def __call__(self, phi: TensorTree, theta: TensorTree) -> torch.Tensor:
+        return self.per_problem(phi, theta).sum()
+
+    def __repr__(self) -> str:
+        return f"BatchedObjective({self.per_problem!r})"
+
+
+# --------------------------------------------------------------------------- the counted oracle
+
+
+class Oracle:
+    """The objective at flat points, counted.
+
+    Points are matrices ``X`` of shape (B, n): row b holds the raveled leaves of
+    problem b (B = 1 when not batched).  Values have shape (B,), gradients and
+    Hessian-vector products shape (B, n), in the dtype and device of ``init``.
+
+    Args:
+        objective: ``objective(phi, theta)``: a scalar; in batched mode a tensor of
+            shape (B,), a `BatchedObjective`, or (for methods that need no values) a
+            scalar sum over the problems.
+        init: starting point; in batched mode every leaf has the leading dim B.
+        theta: detached before use: the solver never differentiates through it.
+        batched: whether ``init`` holds a batch of independent problems.
+        who: the solver's name, for error messages.
+        need_values: the method needs per-problem objective values (line searches).
+
+    Raises:
+        TypeError: ``init`` is not floating point.
+        StructureError: leaves of ``init`` differ in dtype, device or batch size.
+        NonFiniteError: ``init`` holds NaN or infinity.
+    """
+
+    def __init__(
+        self,
+        objective: Objective,
+        init: TensorTree,
+        theta: TensorTree,
+        *,
+        batched: bool,
+        who: str,
+        need_values: bool,
+    ) -> None:
+        if not callable(objective):
+            raise TypeError(f"{who}: objective must be callable objective(phi, theta), got {objective!r}")
+        ls = leaves(init, name="init")
+        if not ls:
+            raise StructureError(f"{who}: init holds no tensors")
+        for t in ls:
+            if not t.is_floating_point():
+                raise TypeError(f"{who}: init has dtype {t.dtype}; the unknowns must be floating point")
+            if t.dtype != ls[0].dtype or t.device != ls[0].device:
+                raise StructureError(
+                    f"{who}: the leaves of init mix dtypes/devices ({t.dtype} on {t.device} vs "
+                    f"{ls[0].dtype} on {ls[0].device}); use one dtype and device for phi"
+                )
+        check_finite(init, "init")
+        self.who = who
+        self.batched = batched
+        self.like = init
+        self.shapes = [t.shape for t in ls]
+        self.dtype = ls[0].dtype
+        self.device = ls[0].device
+        if batched:
+            for t in ls:
+                if t.ndim == 0 or t.shape[0] != ls[0].shape[0]:
+                    raise StructureError(
+                        f"{who}(batched=True): every leaf of init needs the same leading batch "
+                        f"dimension; got shapes {[tuple(s.shape) for s in ls]}"
+                    )
+            self.B = int(ls[0].shape[0])
+            if self.B == 0:
+                raise StructureError(f"{who}(batched=True): init has an empty batch")
+            self.sizes = [int(t[0].numel()) for t in ls]
+            self.x0 = torch.cat([t.detach().reshape(self.B, -1) for t in ls], dim=1).clone()
+        else:
+            self.B = 1
+            self.sizes = [int(t.numel()) for t in ls]
+            self.x0 = torch.cat([t.detach().reshape(1, -1) for t in ls], dim=1).clone()
+        self.theta = detach_tree(theta)
+        self.need_values = need_values
+        per_problem = getattr(objective, "per_problem", None)
+        self._fn: Callable[[TensorTree, TensorTree], torch.Tensor] = (
+            per_problem if batched and callable(per_problem) else objective
+        )
+        self.values_known = True  # False once a batched objective returned a scalar sum
+        self.n_fev = 0
+        self.n_gev = 0
+        self.n_hvp = 0
+        self.hvp_backend = "torch.func"
+        self.hvp_fallback_reason = ""
+
+    # -- structure
+
+    def unflat(self, X: torch.Tensor) -> TensorTree:
+        """The tree of ``init``'s structure at the flat point ``X`` (views of ``X``)."""
+        parts = torch.split(X, self.sizes, dim=1)
+        return unflatten(self.like, [p.reshape(s) for p, s in zip(parts, self.shapes)])
+
+    def answer(self, X: torch.Tensor) -> TensorTree:
+        """The solution tree at ``X``: fresh contiguous tensors, detached."""
+        return unflatten(self.like, [t.detach().clone() for t in leaves(self.unflat(X))])
+
+    # -- evaluations
+
+    def _losses(self, X: torch.Tensor) -> torch.Tensor:
+        out = self._fn(self.unflat(X), self.theta)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"{self.who}: objective returned a {type(out).__name__}; it must return a Tensor")
+        if not out.is_floating_point():
+            raise TypeError(f"{self.who}: objective returned dtype {out.dtype}; it must be floating point")
+        if self.batched:
+            if out.shape == (self.B,):
+                return out
+            if out.numel() == 1 and not self.need_values:
+                # A scalar sum over independent problems: its gradient still holds each
+                # problem's gradient in its own rows, only per-problem values are lost.
+                self.values_known = False
+                return out.reshape(1).expand(self.B) / self.B
+            raise StructureError(
+                f"{self.who}(batched=True): objective returned shape {tuple(out.shape)}; it must "
+                f"return the per-problem losses of shape ({self.B},) (or wrap them in "
+                "BatchedObjective)"
+            )
+        if out.numel() != 1:
+            raise StructureError(
+                f"{self.who}: objective returned shape {tuple(out.shape)}; it must return a scalar "
+                "(for a batch of independent problems pass batched=True)"
+            )
+        return out.reshape(1)
+
+    def value_and_grad(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Values (B,) and gradients (B, n) at ``X`` (counts one n_gev).
+
+        Problems are independent, so the gradient of the summed losses holds each
+        problem's gradient in its own row.
+        """
+        self.n_gev += 1
+        with torch.enable_grad():
+            Xr = X.detach().requires_grad_(True)
+            f = self._losses(Xr)
+            if f.requires_grad:
+                (g,) = torch.autograd.grad(f.sum(), Xr, allow_unused=True, materialize_grads=True)
+            else:  # the objective does not depend on phi
+                g = torch.zeros_like(Xr)
+        return f.detach(), g.detach()
+
+    def hvp(self, X: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        """Hessian-vector products, row by row: (d2 f_b / dx_b^2) V_b, shape (B, n) (one n_hvp).
+
+        Forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``); if the
+        objective cannot be traced by ``torch.func`` (in-place buffer updates, ops
+        without forward-mode rules), double backward from then on.
+        """
+        self.n_hvp += 1
+        X = X.detach()
+        if self.hvp_backend == "torch.func":
+            try:
+                grad_fn = torch.func.grad(lambda Y: self._losses(Y).sum())
+                return torch.func.jvp(grad_fn, (X,), (V.detach(),))[1].detach()
+            except (RuntimeError, NotImplementedError, TypeError) as err:
+                self.hvp_backend = "autograd"
+                self.hvp_fallback_reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        with torch.enable_grad():
+            Xr = X.requires_grad_(True)
+            f = self._losses(Xr).sum()
+            if not f.requires_grad:
+                return torch.zeros_like(X)
+            (g,) = torch.autograd.grad(f, Xr, create_graph=True, allow_unused=True, materialize_grads=True)
+            if not g.requires_grad:  # the gradient is constant: the objective is linear in phi
+                return torch.zeros_like(X)
+            (hv,) = torch.autograd.grad(
+                g, Xr, grad_outputs=V.detach(), allow_unused=True, materialize_grads=True
+            )
+        return hv.detach()
+
+    def info(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.n_hvp:
+            out["hvp_backend"] = self.hvp_backend
+            if self.hvp_fallback_reason:
+                out["hvp_fallback_reason"] = self.hvp_fallback_reason
+        return out
+
+
+def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-problem inner products of (B, n) matrices, shape (B,)."""
+    return (a * b).sum(dim=1)
+
+
+def rownorm(a: torch.Tensor) -> torch.Tensor:
+    """Per-problem Euclidean norms in float64, shape (B,)."""
+    return torch.linalg.vector_norm(a.double(), dim=1)
+
+
+def rows_finite(*ts: torch.Tensor) -> torch.Tensor:
+    """Per-problem mask: every entry of every (B,) or (B, n) tensor is finite."""
+    ok = torch.ones(ts[0].shape[0], dtype=torch.bool, device=ts[0].device)
+    for t in ts:
+        fin = torch.isfinite(t)
+        ok &= fin.reshape(fin.shape[0], -1).all(dim=1)
+    return ok
+
+
+# --------------------------------------------------------------------------- the shared loop
+
+
+@dataclasses.dataclass
+class Step:
+    """A method's proposal for every problem (rows of frozen problems are ignored).
+
+    Attributes:
+        x, f, g: the next point (B, n), its values (B,) and gradients (B, n).
+        failed: problems for which the method found no acceptable step (line search).
+        negative_curvature: problems whose inner CG met non-positive curvature.
+    """
+
+    x: torch.Tensor
+    f: torch.Tensor
+    g: torch.Tensor
+    failed: torch.Tensor | None = None
+    negative_curvature: torch.Tensor | None = None
+
+
+class Method(Protocol):
+    """One iteration rule.  Created per solver call; may keep state between steps."""
+
+    def step(self, k: int, x: torch.Tensor, f: torch.Tensor, g: torch.Tensor, active: torch.Tensor) -> Step:
+        """Propose the next point of every problem; ``active`` (B,) marks the running ones.
+
+        Rows of inactive problems must not move (multiply their step by zero), so that
+        the objective is never evaluated at an arbitrary point on their behalf.
+        """
+        ...
+
+
+# Severity order used to summarize a batch in one status (the worst problem wins).
+_SEVERITY = [
+    SolverStatus.CONVERGED,
+    SolverStatus.UNKNOWN,
+    SolverStatus.MAX_ITER,
+    SolverStatus.NEGATIVE_CURVATURE,
+    SolverStatus.LINE_SEARCH_FAILED,
+    SolverStatus.FAILED,
+    SolverStatus.NONFINITE,
+]
+
+
+def worst_status(statuses: list[SolverStatus]) -> SolverStatus:
+    """The most severe status of a batch (CONVERGED only if every problem converged)."""
+    return max(statuses, key=_SEVERITY.index)
+
+
+def iterate(
+    oracle: Oracle, method: Method, *, max_iter: int, tol: float, info: dict[str, Any]
+) -> SolverResult:
+    """Run ``method`` from ``oracle.x0`` until each problem stops, and report honestly.
+
+    A problem stops when ||grad|| <= tol (CONVERGED), when its proposal has NaN or
+    infinity (NONFINITE: it keeps its last finite iterate), when the method fails to
+    find a step (LINE_SEARCH_FAILED), or after ``max_iter`` iterations (MAX_ITER, or
+    NEGATIVE_CURVATURE if its last step met negative curvature).  Stopped problems
+    are frozen while the others continue.
+
+    Args:
+        oracle: the counted objective.
+        method: proposes steps.
+        max_iter: iteration cap per problem.
+        tol: gradient-norm tolerance (Euclidean norm of each problem's gradient).
+        info: solver-specific diagnostics to include; per-problem ones are added here.
+
+    Returns:
+        `SolverResult` with ``x`` like ``init``.  Single problem: ``n_iter``,
+        ``grad_norm`` and ``fun`` of that problem.  Batched: ``n_iter`` is the largest
+        per-problem count, ``grad_norm`` the Euclidean norm of the whole gradient,
+        ``fun`` the sum of the losses, ``status`` the worst per-problem status; ``info``
+        holds per-problem ``status`` (tuple), ``converged`` (bool (B,)), ``grad_norm``,
+        ``fun`` (float64 (B,)) and ``n_iter`` (int64 (B,)).
+    """
+    x = oracle.x0
+    f, g = oracle.value_and_grad(x)
+    B = oracle.B
+    gn = rownorm(g)
+    status: list[SolverStatus | None] = [None] * B
+    finite = rows_finite(f, g) if oracle.values_known else rows_finite(g)
+    conv = finite & (gn <= tol)
+    for b in range(B):
+        if not bool(finite[b]):
+            status[b] = SolverStatus.NONFINITE
+        elif bool(conv[b]):
+            status[b] = SolverStatus.CONVERGED
+    active = finite & ~conv
+    n_iter = torch.zeros(B, dtype=torch.int64)
+    n_negcurv = torch.zeros(B, dtype=torch.int64)
+    last_negcurv = torch.zeros(B, dtype=torch.bool)
+    k = 0
+    while k < max_iter and bool(active.any()):
+        s = method.step(k, x, f, g, active)
+        failed = s.failed if s.failed is not None else torch.zeros_like(active)
+        ok = rows_finite(s.x, s.g, s.f) if oracle.values_known else rows_finite(s.x, s.g)
+        accept = active & ok & ~failed
+        n_iter += active.cpu().long()
+        if s.negative_curvature is not None:
+            nc = (active & s.negative_curvature).cpu()
+            n_negcurv += nc.long()
+            last_negcurv = torch.where(active.cpu(), nc, last_negcurv)
+        a = accept[:, None]
+        x = torch.where(a, s.x, x)
+        g = torch.where(a, s.g, g)
+        f = torch.where(accept, s.f, f)
+        gn = torch.where(accept, rownorm(s.g), gn)
+        newly_conv = accept & (gn <= tol)
+        for b in torch.nonzero(active & ~accept).flatten().tolist():
+            status[b] = SolverStatus.LINE_SEARCH_FAILED if bool(failed[b]) else SolverStatus.NONFINITE
+        for b in torch.nonzero(newly_conv).flatten().tolist():
+            status[b] = SolverStatus.CONVERGED
+        active = accept & ~newly_conv
+        k += 1
+    for b in range(B):
+        if status[b] is None:
+            status[b] = SolverStatus.NEGATIVE_CURVATURE if bool(last_negcurv[b]) else SolverStatus.MAX_ITER
+    final: list[SolverStatus] = [s for s in status if s is not None]
+    fun_rows = f.double().cpu() if oracle.values_known else torch.full((B,), math.nan, dtype=torch.float64)
+    info = {**info, **oracle.info()}
+    if getattr(method, "reports_negative_curvature", False):
+        info["n_negative_curvature"] = n_negcurv if oracle.batched else int(n_negcurv[0])
+    if oracle.batched:
+        info.update(
+            status=tuple(final),
+            converged=torch.tensor([st is SolverStatus.CONVERGED for st in final]),
+            grad_norm=gn.cpu(),
+            fun=fun_rows,
+            n_iter=n_iter,
+        )
+        total_fun = float(fun_rows.sum()) if oracle.values_known else float(f[0].double() * B)
+        return SolverResult(
+            x=oracle.answer(x),
+            status=worst_status(final),
+            n_iter=int(n_iter.max()),
+            grad_norm=float(torch.linalg.vector_norm(gn)),
+            n_fev=oracle.n_fev,
+            n_gev=oracle.n_gev,
+            n_hvp=oracle.n_hvp,
+            fun=total_fun,
+            info=info,
+        )
+    return SolverResult(
+        x=oracle.answer(x),
+        status=final[0],
+        n_iter=int(n_iter[0]),
+        grad_norm=float(gn[0]),
+        n_fev=oracle.n_fev,
+        n_gev=oracle.n_gev,
+        n_hvp=oracle.n_hvp,
+        fun=float(fun_rows[0]),
+        info=info,
+    )
+
+
+# --------------------------------------------------------------------------- adapters of external solvers
+
+
+def tree_from_arrays(arrays: Sequence[Any], init: TensorTree, who: str, what: str) -> TensorTree:
+    """Tensors like ``init``'s leaves (shape, dtype, device) from array-likes with as many entries.
+
+    Raises:
+        StructureError: the number of arrays or of entries differs from ``init``.
+    """
+    ls = leaves(init, name="init")
+    if len(arrays) != len(ls):
+        raise StructureError(f"{who}: {what} has {len(arrays)} arrays but init has {len(ls)} tensors")
+    out = []
+    for i, (a, t) in enumerate(zip(arrays, ls)):
+        arr = np.asarray(a, dtype=np.float64)
+        if arr.size != t.numel():
+            raise StructureError(
+                f"{who}: {what}[{i}] has {arr.size} entries (shape {arr.shape}) but init[{i}] has shape "
+                f"{tuple(t.shape)}"
+            )
+        out.append(torch.as_tensor(arr.reshape(tuple(t.shape)), dtype=t.dtype, device=t.device).clone())
+    return unflatten(init, out)
+
+
+def tree_to_arrays(tree: TensorTree, name: str) -> list[np.ndarray]:
+    """The leaves of ``tree`` as float64 NumPy arrays on the host."""
+    return [t.detach().to("cpu", torch.float64).numpy() for t in leaves(tree, name=name)]
+
+
+def measure(objective: Objective, x: TensorTree, theta: TensorTree, who: str) -> tuple[float, float, int]:
+    """Objective value and gradient norm at an external solver's answer: ``(fun, grad_norm, n_gev)``.
+
+    Returns NaNs (and no evaluation) if ``x`` is not finite.
+    """
+    if not all(bool(torch.isfinite(t).all()) for t in leaves(x)):
+        return math.nan, math.nan, 0
+    oracle = Oracle(objective, x, theta, batched=False, who=who, need_values=True)
+    f, g = oracle.value_and_grad(oracle.x0)
+    return float(f[0]), float(rownorm(g)[0]), oracle.n_gev
+
+
+def all_finite(tree: TensorTree) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in leaves(tree))

@@ -1,0 +1,183 @@
+"""An inner problem written in cvxpy, solved by cvxpy's installed solvers."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .._errors import StructureError
+from .._results import SolverResult
+from .._status import SolverStatus
+from .._tree import leaves
+from .._types import Objective, TensorTree
+from ._common import all_finite, lazy_import, tree_from_arrays, tree_to_arrays
+
+__all__ = ["Cvxpy"]
+
+# cvxpy status string -> SolverStatus.  "optimal_inaccurate" (the solver stopped at its
+# iteration limit or on numerical trouble, with an approximate answer) and "user_limit"
+# map to MAX_ITER; infeasible, unbounded and solver errors to FAILED.
+_STATUS = {
+    "optimal": SolverStatus.CONVERGED,
+    "optimal_inaccurate": SolverStatus.MAX_ITER,
+    "user_limit": SolverStatus.MAX_ITER,
+    "infeasible": SolverStatus.FAILED,
+    "infeasible_inaccurate": SolverStatus.FAILED,
+    "unbounded": SolverStatus.FAILED,
+    "unbounded_inaccurate": SolverStatus.FAILED,
+    "infeasible_or_unbounded": SolverStatus.FAILED,
+    "solver_error": SolverStatus.FAILED,
+}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Cvxpy:
+    """The inner problem as a cvxpy ``Problem``: Variables for phi, Parameters for theta.
+
+    On each call the Parameters get the values of theta's leaves (as float64 NumPy
+    arrays, in order), the problem is solved by cvxpy, and the values of
+    ``variables`` come back as tensors shaped like ``init``'s leaves (dtype and
+    device of ``init``).  The ``objective`` argument of the call is not used: the
+    problem is the one written in cvxpy.  To differentiate the answer, pass the same
+    problem's optimality condition to the implicit layer, in torch: its gradient
+    for an unconstrained problem (`bilevel.implicit_argmin`), a projected-gradient
+    fixed point x = proj(x - eta grad f(x, theta)) (`bilevel.fixed_point`), or the
+    KKT conditions with the duals among the unknowns (`bilevel.implicit_root`; list
+    the Constraints in ``variables`` to get their dual values).
+
+    Status mapping: ``optimal`` -> ``CONVERGED``; ``optimal_inaccurate`` and
+    ``user_limit`` -> ``MAX_ITER``; infeasible, unbounded, ``solver_error`` (and a
+    raised ``cvxpy.error.SolverError``) -> ``FAILED`` with ``init`` returned unchanged.
+    ``info`` holds ``cvxpy_status``, ``solver_name``, ``solve_time`` and, where the
+    solver reports it, ``num_iters`` (also ``n_iter``).  ``grad_norm`` is NaN: a
+    constrained problem's gradient need not vanish.
+
+    Args:
+        problem: a ``cvxpy.Problem``.
+        variables: its Variables (primal values) or Constraints (dual values), one per
+            leaf of ``init``, in order; sizes must match.
+        parameters: its Parameters, one per leaf of theta, in order.
+        solver: a cvxpy solver name (e.g. ``"CLARABEL"``, ``"SCS"``, ``"OSQP"``), or
+            ``None`` for cvxpy's choice.
+        solve_kwargs: passed to ``problem.solve`` (tolerances, iteration limits).
+        warm_start: set the variables to ``init`` and ask cvxpy to warm start.
+
+    Raises:
+        ImportError: cvxpy is not installed (``pip install bilevel[cvxpy]``).
+
+    Example:
+        >>> x, b = cp.Variable(n), cp.Parameter(m)
+        >>> prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(A @ x - b)), [x >= 0, x <= 1])
+        >>> solver = Cvxpy(prob, variables=[x], parameters=[b], solver="CLARABEL")
+        >>> T = lambda x, b: (x - eta * A_t.T @ (A_t @ x - b)).clamp(0, 1)
+        >>> x_star = bl.fixed_point(T, torch.zeros(n), b_t, solver=solver)
+    """
+
+    problem: Any
+    variables: Sequence[Any]
+    parameters: Sequence[Any] = ()
+    solver: str | None = None
+    solve_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    warm_start: bool = False
+
+    def __post_init__(self) -> None:
+        cp = lazy_import("cvxpy", "cvxpy", "Cvxpy")
+        if not isinstance(self.problem, cp.Problem):
+            raise TypeError(f"Cvxpy(problem={type(self.problem).__name__}): expected a cvxpy.Problem")
+        variables = tuple(self.variables)
+        parameters = tuple(self.parameters)
+        if not variables:
+            raise ValueError("Cvxpy(variables=()): give at least one Variable (one per leaf of init)")
+        problem_vars = {id(v) for v in self.problem.variables()}
+        problem_cons = {id(c) for c in self.problem.constraints}
+        for i, v in enumerate(variables):
+            if isinstance(v, cp.Variable):
+                if id(v) not in problem_vars:
+                    raise ValueError(
+                        f"Cvxpy(variables[{i}]={v}): this Variable does not appear in the problem"
+                    )
+            elif isinstance(v, cp.constraints.constraint.Constraint):
+                if id(v) not in problem_cons:
+                    raise ValueError(
+                        f"Cvxpy(variables[{i}]={v}): this Constraint is not one of the problem's"
+                    )
+            else:
+                raise TypeError(
+                    f"Cvxpy(variables[{i}]={v!r}): expected a cvxpy Variable or Constraint (for its dual)"
+                )
+        problem_params = {id(p) for p in self.problem.parameters()}
+        for i, p in enumerate(parameters):
+            if not isinstance(p, cp.Parameter):
+                raise TypeError(f"Cvxpy(parameters[{i}]={p!r}): expected a cvxpy Parameter")
+            if id(p) not in problem_params:
+                raise ValueError(f"Cvxpy(parameters[{i}]={p}): this Parameter does not appear in the problem")
+        if self.solver is not None and self.solver not in cp.installed_solvers():
+            raise ValueError(
+                f"Cvxpy(solver={self.solver!r}): not installed; installed: {cp.installed_solvers()}"
+            )
+        object.__setattr__(self, "variables", variables)
+        object.__setattr__(self, "parameters", parameters)
+        object.__setattr__(self, "solve_kwargs", types.MappingProxyType(dict(self.solve_kwargs)))
+
+    def __call__(self, objective: Objective, init: TensorTree, theta: TensorTree) -> SolverResult:
+        cp = lazy_import("cvxpy", "cvxpy", "Cvxpy")
+        theta_arrays = tree_to_arrays(theta, "theta") if self.parameters else []
+        if len(theta_arrays) != len(self.parameters):
+            raise StructureError(
+                f"Cvxpy: theta has {len(theta_arrays)} tensors but {len(self.parameters)} Parameters "
+                "were given"
+            )
+        for i, (p, a) in enumerate(zip(self.parameters, theta_arrays)):
+            if a.size != p.size:
+                raise StructureError(
+                    f"Cvxpy: theta[{i}] has {a.size} entries but Parameter {p.name()} has shape {p.shape}"
+                )
+            p.value = a.reshape(p.shape)
+        init_leaves = leaves(init, name="init")
+        if len(init_leaves) != len(self.variables):
+            raise StructureError(
+                f"Cvxpy: init has {len(init_leaves)} tensors but {len(self.variables)} variables were given"
+            )
+        for i, (v, t) in enumerate(zip(self.variables, init_leaves)):
+            if v.size != t.numel():
+                raise StructureError(
+                    f"Cvxpy: init[{i}] has shape {tuple(t.shape)} but variables[{i}] has {v.shape}"
+                )
+        if self.warm_start:
+            for v, a in zip(self.variables, tree_to_arrays(init, "init")):
+                if isinstance(v, cp.Variable):
+                    v.value = a.reshape(v.shape)
+        message = ""
+        try:
+            self.problem.solve(solver=self.solver, warm_start=self.warm_start, **self.solve_kwargs)
+            cvx_status = str(self.problem.status)
+        except cp.error.SolverError as err:
+            cvx_status, message = "solver_error", str(err)
+        status = _STATUS.get(cvx_status, SolverStatus.FAILED)
+        values = [v.value if isinstance(v, cp.Variable) else v.dual_value for v in self.variables]
+        info: dict[str, Any] = {"cvxpy_status": cvx_status}
+        if message:
+            info["message"] = message
+        stats = getattr(self.problem, "solver_stats", None)
+        n_iter = 0
+        if stats is not None:
+            info["solver_name"] = stats.solver_name
+            info["solve_time"] = stats.solve_time
+            if stats.num_iters is not None:
+                n_iter = int(stats.num_iters)
+                info["num_iters"] = n_iter
+        if any(v is None for v in values) or status is SolverStatus.FAILED:
+            if status is SolverStatus.CONVERGED:
+                status = SolverStatus.FAILED
+                info["message"] = "cvxpy reported a solution but some variables have no value"
+            x = tree_from_arrays(tree_to_arrays(init, "init"), init, "Cvxpy", "init")
+            return SolverResult(x=x, status=status, n_iter=n_iter, info=info)
+        x = tree_from_arrays(values, init, "Cvxpy", "the variables' values")
+        if not all_finite(x):
+            status = SolverStatus.NONFINITE
+        value = self.problem.value
+        fun = float(value) if value is not None and math.isfinite(float(value)) else math.nan
+        return SolverResult(x=x, status=status, n_iter=n_iter, fun=fun, info=info)

@@ -1,0 +1,87 @@
+"""Gradient descent with a fixed step or a backtracking line search."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .._results import SolverResult
+from .._types import Objective, TensorTree
+from ._common import Oracle, Step, check_int, check_positive, iterate
+from ._line_search import Armijo
+
+__all__ = ["GradientDescent"]
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientDescent:
+    """Gradient descent: phi_{k+1} = phi_k - lr * grad_phi G(phi_k, theta).
+
+    Stops when ||grad_phi G|| <= tol (status ``CONVERGED``) or after ``max_iter``
+    steps (status ``MAX_ITER``); a NaN or infinity stops it with ``NONFINITE`` and
+    the last finite iterate.  For an L-smooth, mu-strongly convex G, ``lr = 1/L``
+    reaches ||phi - phi*|| <= delta in about kappa * log(||phi_0 - phi*|| / delta)
+    steps, kappa = L / mu.
+
+    Args:
+        lr: step size (> 0); with a line search, the first trial step of the first
+            iteration.  Later searches start from the step accepted last, so the step
+            can only shrink: starting each search from a large ``lr`` would let steps
+            beyond 2/L through wherever changes of f are below rounding, and the
+            iterates would drift there instead of converging.
+        max_iter: iteration cap (>= 0).
+        tol: gradient-norm tolerance (>= 0), Euclidean norm over all leaves of phi.
+        line_search: ``None`` for fixed steps, or e.g. `Armijo()` to backtrack.
+        batched: ``init`` holds B independent problems along the leading dimension
+            of every leaf and the objective returns their losses, shape (B,) (or a
+            `BatchedObjective`; without a line search a scalar sum works too).
+            Every problem stops on its own criterion; see `SolverResult.info`.
+
+    Call:
+        ``solver(objective, init, theta) -> SolverResult`` with ``x`` like ``init``.
+        Cost per step: one gradient (``n_gev``); with a line search, one gradient
+        per trial.
+    """
+
+    lr: float
+    max_iter: int = 1000
+    tol: float = 1e-6
+    line_search: Armijo | None = None
+    batched: bool = False
+
+    def __post_init__(self) -> None:
+        check_positive("GradientDescent", "lr", self.lr)
+        check_int("GradientDescent", "max_iter", self.max_iter, 0)
+        check_positive("GradientDescent", "tol", self.tol, allow_zero=True)
+        if self.line_search is not None and not isinstance(self.line_search, Armijo):
+            raise TypeError(f"GradientDescent(line_search={self.line_search!r}): expected Armijo or None")
+
+    def __call__(self, objective: Objective, init: TensorTree, theta: TensorTree) -> SolverResult:
+        oracle = Oracle(
+            objective,
+            init,
+            theta,
+            batched=self.batched,
+            who="GradientDescent",
+            need_values=self.line_search is not None,
+        )
+        return iterate(oracle, _GDMethod(self, oracle), max_iter=self.max_iter, tol=self.tol, info={})
+
+
+class _GDMethod:
+    def __init__(self, cfg: GradientDescent, oracle: Oracle) -> None:
+        self.cfg = cfg
+        self.oracle = oracle
+        self.t = torch.full((oracle.B,), cfg.lr, dtype=oracle.dtype, device=oracle.device)
+
+    def step(self, k: int, x: torch.Tensor, f: torch.Tensor, g: torch.Tensor, active: torch.Tensor) -> Step:
+        d = -g * active[:, None]
+        ls = self.cfg.line_search
+        if ls is None:
+            x_new = x + self.cfg.lr * d
+            f_new, g_new = self.oracle.value_and_grad(x_new)
+            return Step(x_new, f_new, g_new)
+        t, ok, x_new, f_new, g_new = ls.search(self.oracle, x, f, g, d, self.t, active)
+        self.t = torch.where(ok, t, self.t)
+        return Step(x_new, f_new, g_new, failed=active & ~ok)

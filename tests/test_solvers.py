@@ -1,0 +1,495 @@
+"""The torch inner solvers and ScipyLBFGS against the shared problems' known minimizers.
+
+References are independent of the solvers: closed forms and float64 dense-Newton
+solutions from `problems`, gradient norms re-measured by autograd, hypergradients
+from closed forms or the dense implicit-function formula.  Tolerances derive from
+the solver's ``tol``: strong convexity gives ||phi - phi*|| <= ||grad|| / mu, and the
+hypergradient at such a phi is off by about ``hyper_lipschitz * tol / mu``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import pytest
+import torch
+
+import bilevel as bl
+from bilevel.solvers import (
+    Armijo,
+    BatchedObjective,
+    GradientDescent,
+    Nesterov,
+    NewtonCG,
+    ScipyLBFGS,
+)
+
+import problems as P
+
+D = torch.float64
+TOL = 1e-9  # inner gradient-norm tolerance of the float64 tests
+# SciPy's line search compares values of f, whose rounding (~1e-16 |f|) hides decreases
+# ~||g||^2 / L: below ||g|| ~ 1e-8 it stalls (see ScipyLBFGS's docstring).
+TOL_LBFGS = 1e-7
+HAS_CORE = hasattr(bl, "implicit_argmin")
+needs_core = pytest.mark.skipif(not HAS_CORE, reason="bilevel.implicit_argmin not available yet")
+
+
+@functools.cache
+def problem(name: str) -> P.Problem:
+    return {
+        "quadratic": P.quadratic,
+        "ridge": P.ridge,
+        "logistic": P.logistic,
+        "rosenbrock": P.rosenbrock,
+        "ill_logistic": lambda: P.logistic(n=100, d=10, lam=1e-3, scale=3.0),
+        "ill_quadratic": lambda: P.quadratic(n=20, kappa=100.0),
+    }[name]()
+
+
+def make_solver(kind: str, p: P.Problem, tol: float | None = None):  # type: ignore[no-untyped-def]
+    """The solver configuration used for problem ``p`` (step sizes from its constants)."""
+    if tol is None:
+        tol = TOL_LBFGS if kind == "lbfgs" else TOL
+    if kind == "gd":
+        return GradientDescent(lr=p.step, max_iter=20_000, tol=tol)
+    if kind == "gd_armijo":
+        return GradientDescent(lr=4 * p.step, max_iter=20_000, tol=tol, line_search=Armijo())
+    if kind == "nesterov_mu":
+        return Nesterov(lr=p.step, mu=p.mu, max_iter=20_000, tol=tol)
+    if kind == "nesterov":
+        return Nesterov(lr=p.step, max_iter=20_000, tol=tol)
+    if kind == "newton":
+        return NewtonCG(newton_iters=300, cg_iters=10, tol=tol)
+    if kind == "lbfgs":
+        return ScipyLBFGS(tol=tol, max_iter=5000)
+    raise KeyError(kind)
+
+
+CONVEX = ["quadratic", "ridge", "logistic"]
+CASES = [(k, n) for k in ["gd", "gd_armijo", "nesterov_mu", "nesterov", "newton", "lbfgs"] for n in CONVEX]
+CASES += [("newton", "rosenbrock"), ("lbfgs", "rosenbrock")]
+
+
+# ----------------------------------------------------------------------------- minimizers
+
+
+@pytest.mark.parametrize(("kind", "name"), CASES)
+def test_reaches_known_minimizer(kind: str, name: str) -> None:
+    p = problem(name)
+    solver = make_solver(kind, p)
+    res = solver(p.objective, p.init, p.theta)
+    tol = solver.tol
+    assert res.status is bl.SolverStatus.CONVERGED, (res.status, res.grad_norm, dict(res.info))
+    assert res.converged
+    assert res.grad_norm <= tol
+    # The reported gradient norm is the true one at the returned point.
+    assert res.grad_norm == pytest.approx(P.grad_norm(p.objective, res.x, p.theta), rel=1e-6, abs=1e-13)
+    # ||phi - phi*|| <= ||grad|| / mu (exact for quadratics; factor 2 for the local bound otherwise).
+    slack = 1.0 + 1e-6 if name in ("quadratic", "ridge") else 2.0
+    assert P.distance(res.x, p.solution) <= slack * tol / p.mu + 1e-13
+    assert res.fun == pytest.approx(float(p.objective(res.x, p.theta)), rel=1e-12)
+    assert res.n_gev >= 1 and res.n_iter >= 1
+    if kind == "newton":
+        assert res.n_hvp >= res.n_iter
+    else:
+        assert res.n_hvp == 0
+
+
+@pytest.mark.parametrize("kind", ["gd", "nesterov", "newton", "lbfgs"])
+def test_answer_has_init_structure(kind: str) -> None:
+    p = problem("ridge")  # phi = (w, intercept): a tuple with a 0-d leaf
+    res = make_solver(kind, p)(p.objective, p.init, p.theta)
+    assert isinstance(res.x, tuple) and len(res.x) == 2
+    for got, like in zip(res.x, p.init):
+        assert got.shape == like.shape and got.dtype == like.dtype
+        assert not got.requires_grad
+
+
+def test_theta_requiring_grad_is_not_differentiated_through() -> None:
+    p = problem("quadratic")
+    theta = p.theta.clone().requires_grad_(True)
+    with torch.enable_grad():
+        res = GradientDescent(lr=p.step, max_iter=500, tol=1e-8)(p.objective, p.init, theta)
+    assert not res.x.requires_grad and res.converged  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("kind", ["gd", "nesterov", "newton", "lbfgs"])
+def test_float32(kind: str) -> None:
+    p = problem("quadratic").cast(torch.float32)
+    tol = 1e-3 if kind == "lbfgs" else 1e-4  # 1e-3: f's float32 rounding hides smaller slopes from SciPy
+    res = make_solver(kind, p, tol=tol)(p.objective, p.init, p.theta)
+    assert res.x.dtype == torch.float32  # type: ignore[union-attr]
+    assert res.converged, (res.status, res.grad_norm)
+    assert P.distance(res.x, p.solution) <= tol / p.mu + 1e-5  # float32 rounding of the solution
+
+
+# ----------------------------------------------------------------------------- honest failures
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [
+        GradientDescent(lr=0.01, max_iter=3, tol=1e-10),
+        Nesterov(lr=0.01, max_iter=3, tol=1e-10),
+        NewtonCG(tol=1e-14),  # iMAML-HF's defaults: 3 Newton steps of 5 CG iterations
+        ScipyLBFGS(tol=1e-12, max_iter=2),
+    ],
+    ids=["gd", "nesterov", "newton", "lbfgs"],
+)
+def test_cap_reports_max_iter(solver) -> None:  # type: ignore[no-untyped-def]
+    p = problem("ill_logistic")
+    res = solver(p.objective, p.init, p.theta)
+    assert res.status is bl.SolverStatus.MAX_ITER
+    assert not res.converged
+    assert res.grad_norm > solver.tol
+    assert res.grad_norm == pytest.approx(P.grad_norm(p.objective, res.x, p.theta), rel=1e-6)
+    assert "max_iter" in res.status.message
+
+
+def test_capped_gd_returns_the_last_iterate() -> None:
+    p = problem("quadratic")
+    res = GradientDescent(lr=p.step, max_iter=3, tol=1e-12)(p.objective, p.init, p.theta)
+    x = p.init.clone()  # type: ignore[union-attr]
+    for _ in range(3):
+        x = x - p.step * torch.func.grad(p.objective)(x, p.theta)
+    assert res.n_iter == 3 and res.n_gev == 4  # the start and 3 steps
+    torch.testing.assert_close(res.x, x, rtol=0, atol=1e-14)
+
+
+def test_divergence_reports_nonfinite_and_keeps_a_finite_iterate() -> None:
+    p = problem("quadratic")
+    res = GradientDescent(lr=10 * p.step, max_iter=5000, tol=1e-9)(p.objective, p.init, p.theta)
+    assert res.status is bl.SolverStatus.NONFINITE
+    assert bool(torch.isfinite(res.x).all())  # type: ignore[arg-type]
+    assert res.n_iter < 5000
+
+
+def test_nan_objective_reports_nonfinite() -> None:
+    def obj(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        # Defined for x < 1 only; a fixed step jumps past it.
+        return ((x - theta) ** 2).sum() + torch.log(1.0 - x).sum() * 0.0 + torch.sqrt(1.0 - x).sum()
+
+    res = GradientDescent(lr=0.4, max_iter=100, tol=1e-10)(obj, torch.zeros(3, dtype=D), torch.full((3,), 2.0, dtype=D))
+    assert res.status is bl.SolverStatus.NONFINITE
+    assert bool(torch.isfinite(res.x).all())  # type: ignore[arg-type]
+
+
+def test_newton_cg_line_search_failure_is_reported() -> None:
+    # |x| is not differentiable at 0: Newton directions from a kink-free model fail to decrease.
+    def obj(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        return x.abs().sum() + 1e-3 * (x**2).sum()
+
+    res = NewtonCG(newton_iters=50, cg_iters=3, tol=1e-12, line_search=Armijo(max_steps=3))(
+        obj, torch.full((2,), 1e-3, dtype=D), torch.zeros((), dtype=D)
+    )
+    assert res.status is bl.SolverStatus.LINE_SEARCH_FAILED
+    assert "line search" in res.status.message
+
+
+# ----------------------------------------------------------------------------- negative curvature
+
+
+def double_well(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """sum_i x_i^4/4 - x_i^2/2 + theta x_i: negative curvature for |x_i| < 1/sqrt(3)."""
+    return (x**4 / 4 - x**2 / 2 + theta * x).sum()
+
+
+def test_newton_cg_handles_negative_curvature() -> None:
+    theta = torch.tensor(0.1, dtype=D)
+    res = NewtonCG(newton_iters=50, cg_iters=5, tol=1e-10)(double_well, torch.full((3,), 0.05, dtype=D), theta)
+    assert res.converged
+    assert res.info["n_negative_curvature"] >= 1
+    # A local minimizer: x^3 - x + theta = 0 with positive curvature 3x^2 - 1 > 0.
+    x = res.x
+    assert bool(((3 * x**2 - 1) > 0).all())  # type: ignore[operator]
+    torch.testing.assert_close(x**3 - x + theta, torch.zeros(3, dtype=D), rtol=0, atol=1e-9)  # type: ignore[operator]
+
+
+def test_capped_right_after_negative_curvature_says_so() -> None:
+    res = NewtonCG(newton_iters=1, cg_iters=5, tol=1e-10)(
+        double_well, torch.full((3,), 0.05, dtype=D), torch.tensor(0.0, dtype=D)
+    )
+    assert res.status is bl.SolverStatus.NEGATIVE_CURVATURE
+    assert res.info["n_negative_curvature"] == 1
+
+
+def test_newton_cg_on_convex_problem_meets_no_negative_curvature() -> None:
+    p = problem("logistic")
+    res = NewtonCG(newton_iters=50, cg_iters=10, tol=1e-10)(p.objective, p.init, p.theta)
+    assert res.converged and res.info["n_negative_curvature"] == 0
+
+
+# ----------------------------------------------------------------------------- counting
+
+
+class Counted:
+    def __init__(self, fn) -> None:  # type: ignore[no-untyped-def]
+        self.fn = fn
+        self.calls = 0
+
+    def __call__(self, phi, theta):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        return self.fn(phi, theta)
+
+
+@pytest.mark.parametrize("kind", ["gd", "gd_armijo", "nesterov", "newton", "lbfgs"])
+def test_counts_are_the_objective_calls(kind: str) -> None:
+    p = problem("logistic")
+    obj = Counted(p.objective)
+    res = make_solver(kind, p, tol=1e-8)(obj, p.init, p.theta)
+    assert res.converged
+    # Every value, gradient or HVP (jvp of grad) runs the objective exactly once.
+    assert obj.calls == res.n_fev + res.n_gev + res.n_hvp
+    if kind in ("gd", "nesterov"):
+        assert res.n_gev == res.n_iter + 1 and res.n_fev == 0
+    if kind == "gd_armijo":
+        assert res.n_gev >= res.n_iter + 1 and res.n_fev == 0
+    if kind == "newton":
+        assert res.n_hvp == sum(res.info["cg_iters_per_step"])
+    assert res.gradient_equivalents == res.n_gev + 0.5 * res.n_fev + 2 * res.n_hvp
+
+
+class LegacyIdentity(torch.autograd.Function):
+    """An autograd.Function without ``setup_context``: torch.func cannot transform it."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def,override]
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[no-untyped-def,override]
+        return g
+
+
+def test_hvp_falls_back_to_double_backward() -> None:
+    p = problem("logistic")
+
+    def untraceable(w: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        return p.objective(LegacyIdentity.apply(w), theta)
+
+    res = NewtonCG(newton_iters=50, cg_iters=10, tol=1e-10)(untraceable, p.init, p.theta)
+    assert res.converged
+    assert res.info["hvp_backend"] == "autograd"
+    assert "setup_context" in res.info["hvp_fallback_reason"]
+    assert P.distance(res.x, p.solution) <= 2 * 1e-10 / p.mu
+
+
+# ----------------------------------------------------------------------------- work comparison
+
+
+@pytest.mark.parametrize(("name", "tol"), [("ill_logistic", 1e-6), ("ill_quadratic", 1e-8)])
+def test_newton_cg_needs_fewer_gradient_equivalents(name: str, tol: float, record_property) -> None:  # type: ignore[no-untyped-def]
+    """Work to reach ||grad|| <= tol with kappa >= 100 (measured: see the printed counts).
+
+    GD is capped at 1500 iterations to keep the test fast: on ill_logistic it needs
+    about 4500 (lr = 1 / the global smoothness bound); a capped run is a lower bound.
+    On the quadratic, whose spectrum is spread evenly, Newton-CG's advantage needs a
+    tight tol: at 1e-6, Nesterov with the exact mu needed 154 gradient-equivalents and
+    Newton-CG 160 (each Newton step restarts CG and an HVP costs 2 gradients).
+    """
+    p = problem(name)
+    assert p.kappa >= 100
+    solvers = {
+        "gd": GradientDescent(lr=p.step, max_iter=1500, tol=tol),
+        "nesterov_mu": Nesterov(lr=p.step, mu=p.mu, max_iter=100_000, tol=tol),
+        "nesterov": Nesterov(lr=p.step, max_iter=100_000, tol=tol),
+        "newton": NewtonCG(newton_iters=100, cg_iters=20, tol=tol),
+    }
+    work = {}
+    for key, solver in solvers.items():
+        res = solver(p.objective, p.init, p.theta)
+        assert res.converged or (key == "gd" and res.status is bl.SolverStatus.MAX_ITER), (key, res.status)
+        work[key] = res.gradient_equivalents if res.converged else f">={res.gradient_equivalents:.0f} (capped)"
+        record_property(f"{name}_{key}_gradient_equivalents", work[key])
+    print(f"\n{name} (kappa={p.kappa:.0f}) gradient-equivalents to ||grad|| <= {tol}: {work}")
+    newton = work["newton"]
+    assert isinstance(newton, float)
+    assert all(newton < (w if isinstance(w, float) else 1501.0) for k, w in work.items() if k != "newton")
+
+
+# ----------------------------------------------------------------------------- batched mode
+
+
+BATCHED = {
+    "gd": lambda q: GradientDescent(lr=1 / q.L, max_iter=20_000, tol=1e-9, batched=True),
+    "gd_armijo": lambda q: GradientDescent(lr=1.0, max_iter=20_000, tol=1e-9, batched=True, line_search=Armijo()),
+    "nesterov": lambda q: Nesterov(lr=1 / q.L, max_iter=20_000, tol=1e-9, batched=True),
+    "newton": lambda q: NewtonCG(newton_iters=100, cg_iters=4, tol=1e-9, batched=True),
+}
+
+
+@pytest.mark.parametrize("kind", list(BATCHED))
+def test_batched_matches_per_problem_solves(kind: str) -> None:
+    q = P.batched_quadratic()
+    B = q.theta.shape[0]
+    init = torch.zeros_like(q.theta)
+    res = BATCHED[kind](q)(q.per_problem, init, q.theta)
+    assert res.converged and res.status is bl.SolverStatus.CONVERGED
+    info = res.info
+    assert info["converged"].tolist() == [True] * B
+    assert (info["grad_norm"] <= 1e-9).all()
+    torch.testing.assert_close(res.x, q.solution, rtol=0, atol=1e-9 / float(q.mu.min()))
+    # Per-problem stopping: each problem takes exactly the iterations it takes alone.
+    single_solver = dataclasses.replace(BATCHED[kind](q), batched=False)
+    for b in range(B):
+        single = single_solver(q.single(b), init[b], q.theta[b])
+        assert int(info["n_iter"][b]) == single.n_iter
+        torch.testing.assert_close(res.x[b], single.x, rtol=0, atol=1e-12)  # type: ignore[index]
+    # Better-conditioned problems stop earlier.
+    assert int(info["n_iter"][0]) < int(info["n_iter"][-1])
+    assert res.n_iter == int(info["n_iter"].max())
+    assert res.grad_norm == pytest.approx(float(info["grad_norm"].norm()))
+
+
+def test_batched_per_problem_cap_and_status() -> None:
+    q = P.batched_quadratic()
+    res = GradientDescent(lr=1 / q.L, max_iter=200, tol=1e-9, batched=True)(
+        q.per_problem, torch.zeros_like(q.theta), q.theta
+    )
+    statuses = res.info["status"]
+    assert statuses[0] is bl.SolverStatus.CONVERGED  # kappa 2
+    assert statuses[-1] is bl.SolverStatus.MAX_ITER  # kappa 200
+    assert res.status is bl.SolverStatus.MAX_ITER  # the worst problem's status
+    assert res.info["converged"].tolist() == [s is bl.SolverStatus.CONVERGED for s in statuses]
+
+
+def test_batched_failure_of_one_problem_leaves_the_others() -> None:
+    q = P.batched_quadratic()
+
+    def per_problem(phi: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        losses = q.per_problem(phi, theta)
+        # Problem 1 turns NaN once it leaves the ball of radius 0.5 around 0.
+        bad = torch.where(phi[1].norm() > 0.5, torch.nan, 0.0)
+        return losses + torch.stack([torch.zeros((), dtype=D), bad, torch.zeros((), dtype=D), torch.zeros((), dtype=D)])
+
+    res = NewtonCG(newton_iters=100, cg_iters=6, tol=1e-9, batched=True)(per_problem, torch.zeros_like(q.theta), q.theta)
+    statuses = res.info["status"]
+    assert float(q.solution[1].norm()) > 0.5
+    assert statuses[1] in (bl.SolverStatus.NONFINITE, bl.SolverStatus.LINE_SEARCH_FAILED)
+    for b in (0, 2, 3):
+        assert statuses[b] is bl.SolverStatus.CONVERGED
+        torch.testing.assert_close(res.x[b], q.solution[b], rtol=0, atol=1e-8)  # type: ignore[index]
+
+
+def test_batched_objective_wrapper_and_scalar_sum() -> None:
+    q = P.batched_quadratic()
+    init = torch.zeros_like(q.theta)
+    wrapped = BatchedObjective(q.per_problem)
+    assert wrapped(init, q.theta).shape == ()
+    r1 = NewtonCG(newton_iters=100, cg_iters=6, tol=1e-9, batched=True)(wrapped, init, q.theta)
+    assert r1.converged and r1.info["fun"].shape == (4,)
+    # Gradient-only methods accept the plain sum; per-problem values are then unknown.
+    summed = lambda phi, theta: q.per_problem(phi, theta).sum()  # noqa: E731
+    r2 = Nesterov(lr=1 / q.L, max_iter=20_000, tol=1e-9, batched=True)(summed, init, q.theta)
+    assert r2.converged
+    torch.testing.assert_close(r2.x, q.solution, rtol=0, atol=1e-8)
+    assert bool(torch.isnan(r2.info["fun"]).all())
+    with pytest.raises(bl.StructureError, match=r"per-problem losses of shape \(4,\)"):
+        NewtonCG(batched=True)(summed, init, q.theta)
+
+
+def test_batched_tuple_leaves_need_a_common_batch_dim() -> None:
+    with pytest.raises(bl.StructureError, match="leading batch"):
+        GradientDescent(lr=0.1, batched=True)(
+            lambda phi, th: phi[0].sum(1) + phi[1].sum(1), (torch.zeros(3, 2), torch.zeros(4, 2)), torch.zeros(())
+        )
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: GradientDescent(lr=-1.0), r"GradientDescent\(lr=-1.0\): lr must be > 0"),
+        (lambda: GradientDescent(lr=math.nan), r"GradientDescent\(lr=nan\): lr must be > 0"),
+        (lambda: GradientDescent(lr=0.1, max_iter=-1), r"GradientDescent\(max_iter=-1\): max_iter must be >= 0"),
+        (lambda: GradientDescent(lr=0.1, tol=-1e-3), r"GradientDescent\(tol=-0.001\): tol must be >= 0"),
+        (lambda: Nesterov(lr=0.1, momentum=1.0), r"Nesterov\(momentum=1.0\): momentum must be in \[0, 1\)"),
+        (lambda: Nesterov(lr=0.1, momentum=0.5, mu=0.1), r"give momentum or mu, not both"),
+        (lambda: Nesterov(lr=1.0, mu=2.0), r"Nesterov\(lr=1.0, mu=2.0\): lr \* mu must be <= 1"),
+        (lambda: Nesterov(lr=0.1, mu=0.0), r"Nesterov\(mu=0.0\): mu must be > 0"),
+        (lambda: NewtonCG(cg_iters=0), r"NewtonCG\(cg_iters=0\): cg_iters must be >= 1"),
+        (lambda: NewtonCG(newton_iters=-2), r"NewtonCG\(newton_iters=-2\): newton_iters must be >= 0"),
+        (lambda: ScipyLBFGS(tol=0.0), r"ScipyLBFGS\(tol=0.0\): tol must be > 0"),
+        (lambda: ScipyLBFGS(max_iter=0), r"ScipyLBFGS\(max_iter=0\): max_iter must be >= 1"),
+        (lambda: Armijo(c1=0.5), r"Armijo\(c1=0.5\): c1 must be in \(0, 0.5\)"),
+        (lambda: Armijo(max_steps=0), r"Armijo\(max_steps=0\): max_steps must be >= 1"),
+    ],
+)
+def test_bad_configuration_raises(make, match: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_bad_types_raise() -> None:
+    with pytest.raises(TypeError, match=r"GradientDescent\(max_iter=1.5\): max_iter must be an int"):
+        GradientDescent(lr=0.1, max_iter=1.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="expected Armijo or None"):
+        NewtonCG(line_search="armijo")  # type: ignore[arg-type]
+
+
+def test_configurations_are_frozen() -> None:
+    s = GradientDescent(lr=0.1)
+    with pytest.raises(AttributeError):
+        s.lr = 0.2  # type: ignore[misc]
+
+
+def quad(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    return ((x - theta) ** 2).sum()
+
+
+@pytest.mark.parametrize("solver", [GradientDescent(lr=0.1), Nesterov(lr=0.1), NewtonCG(), ScipyLBFGS()])
+def test_bad_inputs_raise(solver) -> None:  # type: ignore[no-untyped-def]
+    theta = torch.zeros(3, dtype=D)
+    with pytest.raises(bl.StructureError, match=r"objective returned shape \(3,\); it must return a scalar"):
+        solver(lambda x, th: x - th, torch.zeros(3, dtype=D), theta)
+    with pytest.raises(TypeError, match="must be floating point"):
+        solver(quad, torch.zeros(3, dtype=torch.int64), theta)
+    with pytest.raises(bl.NonFiniteError, match="init contains NaN"):
+        solver(quad, torch.tensor([0.0, math.nan, 0.0], dtype=D), theta)
+    with pytest.raises(bl.StructureError, match="mix dtypes"):
+        solver(lambda x, th: x[0].sum() + x[1].sum(), (torch.zeros(2, dtype=D), torch.zeros(2)), theta)
+    with pytest.raises(TypeError, match="returned a float"):
+        solver(lambda x, th: 1.0, torch.zeros(3, dtype=D), theta)
+
+
+# ----------------------------------------------------------------------------- implicit hypergradients
+
+
+HYPER_CASES = [(k, n) for k in ["gd", "nesterov_mu", "newton", "lbfgs"] for n in CONVEX]
+HYPER_CASES += [("newton", "rosenbrock"), ("lbfgs", "rosenbrock")]
+
+
+@needs_core
+@pytest.mark.parametrize(("kind", "name"), HYPER_CASES)
+def test_implicit_hypergradient_matches_reference(kind: str, name: str) -> None:
+    p = problem(name)
+    theta = p.theta.clone().requires_grad_(True)
+    solver = make_solver(kind, p)
+    phi, info = bl.implicit_argmin(
+        p.objective, p.init, theta, solver=solver, linear_solver=bl.DenseSolve(), return_info=True
+    )
+    p.outer(phi).backward()
+    assert info.solver_result.converged
+    # Error budget: the inner answer is within tol/mu of phi*, and h(phi) moves by at most
+    # hyper_lipschitz per unit of phi near phi* (factor 2 for second-order terms); the dense
+    # backward solve adds rounding only.
+    atol = 2.0 * p.hyper_lipschitz * solver.tol / p.mu + 1e-10 * (1.0 + float(p.hypergrad.abs().max()))
+    torch.testing.assert_close(theta.grad, p.hypergrad, rtol=0, atol=atol)
+
+
+@needs_core
+@pytest.mark.parametrize("kind", ["gd", "nesterov", "newton"])
+def test_implicit_hypergradient_of_a_batch(kind: str) -> None:
+    q = P.batched_quadratic()
+    theta = q.theta.clone().requires_grad_(True)
+    obj = BatchedObjective(q.per_problem)
+    phi = bl.implicit_argmin(obj, torch.zeros_like(q.theta), theta, solver=BATCHED[kind](q))
+    q.outer(phi).backward()
+    # Default CG backward (rtol 1e-10) on the block-diagonal Hessian, kappa up to 200.
+    atol = 2.0 * 1e-9 / float(q.mu.min()) + 200 * 1e-10
+    torch.testing.assert_close(theta.grad, q.hypergrad, rtol=0, atol=atol)
