@@ -24,6 +24,7 @@ answer with ||grad G|| <= tol is therefore off by about hyper_lipschitz * tol / 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -62,9 +63,13 @@ class Problem:
     hypergrad: torch.Tensor
     mu: float
     L: float
-    hyper_lipschitz: float
     step: float = math.nan
     convex: bool = True
+
+    @functools.cached_property
+    def hyper_lipschitz(self) -> float:
+        """||d h / d phi|| at phi* (computed on first use: it costs a third derivative)."""
+        return _hyper_lipschitz(self.objective, self.outer, self.solution, self.theta)
 
     @property
     def kappa(self) -> float:
@@ -118,23 +123,37 @@ def dense_hypergrad(
     return -(M.T @ torch.linalg.solve(H, v)).view_as(theta)
 
 
-def _curvature(objective: Callable[..., torch.Tensor], phi: TensorTree, theta: torch.Tensor) -> tuple[float, float]:
+def _curvature(
+    objective: Callable[..., torch.Tensor], phi: TensorTree, theta: torch.Tensor
+) -> tuple[float, float]:
     p0 = _flat(phi)
     H = torch.func.hessian(lambda p: objective(_unflat(p, phi), theta))(p0)
     ev = torch.linalg.eigvalsh(H)
     return float(ev[0]), float(ev[-1])
 
 
-def _hyper_lipschitz(objective: Callable[..., torch.Tensor], outer: Callable[..., torch.Tensor],
-                     phi: TensorTree, theta: torch.Tensor) -> float:
+def _hyper_lipschitz(
+    objective: Callable[..., torch.Tensor],
+    outer: Callable[..., torch.Tensor],
+    phi: TensorTree,
+    theta: torch.Tensor,
+) -> float:
     p0 = _flat(phi)
     J = torch.func.jacrev(lambda p: dense_hypergrad(objective, outer, _unflat(p, phi), theta).reshape(-1))(p0)
     return float(torch.linalg.matrix_norm(J.reshape(-1, p0.numel()), ord=2))
 
 
-def _finish(name: str, objective: Callable[..., torch.Tensor], init: TensorTree, theta: torch.Tensor,
-            solution: TensorTree, outer: Callable[..., torch.Tensor], hypergrad: torch.Tensor,
-            convex: bool = True, L_global: float | None = None) -> Problem:
+def _finish(
+    name: str,
+    objective: Callable[..., torch.Tensor],
+    init: TensorTree,
+    theta: torch.Tensor,
+    solution: TensorTree,
+    outer: Callable[..., torch.Tensor],
+    hypergrad: torch.Tensor,
+    convex: bool = True,
+    L_global: float | None = None,
+) -> Problem:
     mu, L = _curvature(objective, solution, theta)
     step = math.nan if not convex else 1.0 / (L if L_global is None else L_global)
     return Problem(
@@ -147,7 +166,6 @@ def _finish(name: str, objective: Callable[..., torch.Tensor], init: TensorTree,
         hypergrad=hypergrad,
         mu=mu,
         L=L,
-        hyper_lipschitz=_hyper_lipschitz(objective, outer, solution, theta),
         step=step,
         convex=convex,
     )
@@ -254,8 +272,9 @@ def logistic(n: int = 60, d: int = 6, lam: float = 0.05, scale: float = 1.0, see
     hyper = dense_hypergrad(objective, outer, w, theta)
     # The log-loss has curvature at most 1/4, so 1/4 lambda_max(X'X)/n + lam bounds the Hessian.
     L_global = 0.25 * float(torch.linalg.eigvalsh(X.T @ X / n)[-1]) + lam
-    return _finish(f"logistic{int(scale)}", objective, torch.zeros(d, dtype=D), theta, w, outer, hyper,
-                   L_global=L_global)
+    return _finish(
+        f"logistic{int(scale)}", objective, torch.zeros(d, dtype=D), theta, w, outer, hyper, L_global=L_global
+    )
 
 
 def rosenbrock(a: float = 1.5) -> Problem:
@@ -276,8 +295,9 @@ def rosenbrock(a: float = 1.5) -> Problem:
 
     sol = torch.tensor([a, a * a], dtype=D)
     hyper = torch.tensor(1.0 + 2.0 * a, dtype=D)
-    return _finish("rosenbrock", objective, torch.tensor([-1.2, 1.0], dtype=D), theta, sol, outer, hyper,
-                   convex=False)
+    return _finish(
+        "rosenbrock", objective, torch.tensor([-1.2, 1.0], dtype=D), theta, sol, outer, hyper, convex=False
+    )
 
 
 def reference_newton(
@@ -362,8 +382,13 @@ class BatchedQuadratic:
         return 0.5 * ((phi - self.target.to(phi.dtype)) ** 2).sum()
 
 
-def batched_quadratic(kappas: tuple[float, ...] = (2.0, 5.0, 10.0, 20.0), n: int = 6, L: float = 10.0,
-                      lam: float = 0.5, seed: int = 3) -> BatchedQuadratic:
+def batched_quadratic(
+    kappas: tuple[float, ...] = (2.0, 5.0, 10.0, 20.0),
+    n: int = 6,
+    L: float = 10.0,
+    lam: float = 0.5,
+    seed: int = 3,
+) -> BatchedQuadratic:
     g = torch.Generator().manual_seed(seed)
     As, cs = [], []
     for kappa in kappas:

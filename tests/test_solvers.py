@@ -13,8 +13,11 @@ import dataclasses
 import functools
 import math
 
+import problems as P
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import bilevel as bl
 from bilevel.solvers import (
@@ -25,8 +28,6 @@ from bilevel.solvers import (
     NewtonCG,
     ScipyLBFGS,
 )
-
-import problems as P
 
 D = torch.float64
 TOL = 1e-9  # inner gradient-norm tolerance of the float64 tests
@@ -172,7 +173,9 @@ def test_nan_objective_reports_nonfinite() -> None:
         # Defined for x < 1 only; a fixed step jumps past it.
         return ((x - theta) ** 2).sum() + torch.log(1.0 - x).sum() * 0.0 + torch.sqrt(1.0 - x).sum()
 
-    res = GradientDescent(lr=0.4, max_iter=100, tol=1e-10)(obj, torch.zeros(3, dtype=D), torch.full((3,), 2.0, dtype=D))
+    res = GradientDescent(lr=0.4, max_iter=100, tol=1e-10)(
+        obj, torch.zeros(3, dtype=D), torch.full((3,), 2.0, dtype=D)
+    )
     assert res.status is bl.SolverStatus.NONFINITE
     assert bool(torch.isfinite(res.x).all())  # type: ignore[arg-type]
 
@@ -199,7 +202,9 @@ def double_well(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
 
 def test_newton_cg_handles_negative_curvature() -> None:
     theta = torch.tensor(0.1, dtype=D)
-    res = NewtonCG(newton_iters=50, cg_iters=5, tol=1e-10)(double_well, torch.full((3,), 0.05, dtype=D), theta)
+    res = NewtonCG(newton_iters=50, cg_iters=5, tol=1e-10)(
+        double_well, torch.full((3,), 0.05, dtype=D), theta
+    )
     assert res.converged
     assert res.info["n_negative_curvature"] >= 1
     # A local minimizer: x^3 - x + theta = 0 with positive curvature 3x^2 - 1 > 0.
@@ -302,7 +307,9 @@ def test_newton_cg_needs_fewer_gradient_equivalents(name: str, tol: float, recor
     for key, solver in solvers.items():
         res = solver(p.objective, p.init, p.theta)
         assert res.converged or (key == "gd" and res.status is bl.SolverStatus.MAX_ITER), (key, res.status)
-        work[key] = res.gradient_equivalents if res.converged else f">={res.gradient_equivalents:.0f} (capped)"
+        work[key] = (
+            res.gradient_equivalents if res.converged else f">={res.gradient_equivalents:.0f} (capped)"
+        )
         record_property(f"{name}_{key}_gradient_equivalents", work[key])
     print(f"\n{name} (kappa={p.kappa:.0f}) gradient-equivalents to ||grad|| <= {tol}: {work}")
     newton = work["newton"]
@@ -315,7 +322,9 @@ def test_newton_cg_needs_fewer_gradient_equivalents(name: str, tol: float, recor
 
 BATCHED = {
     "gd": lambda q: GradientDescent(lr=1 / q.L, max_iter=20_000, tol=1e-9, batched=True),
-    "gd_armijo": lambda q: GradientDescent(lr=1.0, max_iter=20_000, tol=1e-9, batched=True, line_search=Armijo()),
+    "gd_armijo": lambda q: GradientDescent(
+        lr=1.0, max_iter=20_000, tol=1e-9, batched=True, line_search=Armijo()
+    ),
     "nesterov": lambda q: Nesterov(lr=1 / q.L, max_iter=20_000, tol=1e-9, batched=True),
     "newton": lambda q: NewtonCG(newton_iters=100, cg_iters=4, tol=1e-9, batched=True),
 }
@@ -363,9 +372,13 @@ def test_batched_failure_of_one_problem_leaves_the_others() -> None:
         losses = q.per_problem(phi, theta)
         # Problem 1 turns NaN once it leaves the ball of radius 0.5 around 0.
         bad = torch.where(phi[1].norm() > 0.5, torch.nan, 0.0)
-        return losses + torch.stack([torch.zeros((), dtype=D), bad, torch.zeros((), dtype=D), torch.zeros((), dtype=D)])
+        return losses + torch.stack(
+            [torch.zeros((), dtype=D), bad, torch.zeros((), dtype=D), torch.zeros((), dtype=D)]
+        )
 
-    res = NewtonCG(newton_iters=100, cg_iters=6, tol=1e-9, batched=True)(per_problem, torch.zeros_like(q.theta), q.theta)
+    res = NewtonCG(newton_iters=100, cg_iters=6, tol=1e-9, batched=True)(
+        per_problem, torch.zeros_like(q.theta), q.theta
+    )
     statuses = res.info["status"]
     assert float(q.solution[1].norm()) > 0.5
     assert statuses[1] in (bl.SolverStatus.NONFINITE, bl.SolverStatus.LINE_SEARCH_FAILED)
@@ -394,7 +407,9 @@ def test_batched_objective_wrapper_and_scalar_sum() -> None:
 def test_batched_tuple_leaves_need_a_common_batch_dim() -> None:
     with pytest.raises(bl.StructureError, match="leading batch"):
         GradientDescent(lr=0.1, batched=True)(
-            lambda phi, th: phi[0].sum(1) + phi[1].sum(1), (torch.zeros(3, 2), torch.zeros(4, 2)), torch.zeros(())
+            lambda phi, th: phi[0].sum(1) + phi[1].sum(1),
+            (torch.zeros(3, 2), torch.zeros(4, 2)),
+            torch.zeros(()),
         )
 
 
@@ -406,7 +421,10 @@ def test_batched_tuple_leaves_need_a_common_batch_dim() -> None:
     [
         (lambda: GradientDescent(lr=-1.0), r"GradientDescent\(lr=-1.0\): lr must be > 0"),
         (lambda: GradientDescent(lr=math.nan), r"GradientDescent\(lr=nan\): lr must be > 0"),
-        (lambda: GradientDescent(lr=0.1, max_iter=-1), r"GradientDescent\(max_iter=-1\): max_iter must be >= 0"),
+        (
+            lambda: GradientDescent(lr=0.1, max_iter=-1),
+            r"GradientDescent\(max_iter=-1\): max_iter must be >= 0",
+        ),
         (lambda: GradientDescent(lr=0.1, tol=-1e-3), r"GradientDescent\(tol=-0.001\): tol must be >= 0"),
         (lambda: Nesterov(lr=0.1, momentum=1.0), r"Nesterov\(momentum=1.0\): momentum must be in \[0, 1\)"),
         (lambda: Nesterov(lr=0.1, momentum=0.5, mu=0.1), r"give momentum or mu, not both"),
@@ -493,3 +511,37 @@ def test_implicit_hypergradient_of_a_batch(kind: str) -> None:
     # Default CG backward (rtol 1e-10) on the block-diagonal Hessian, kappa up to 200.
     atol = 2.0 * 1e-9 / float(q.mu.min()) + 200 * 1e-10
     torch.testing.assert_close(theta.grad, q.hypergrad, rtol=0, atol=atol)
+
+
+# ----------------------------------------------------------------------------- honesty on random problems
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    n=st.integers(1, 8),
+    log_kappa=st.floats(0.0, 3.0),
+    kind=st.sampled_from(["gd", "nesterov_mu", "nesterov", "newton", "lbfgs"]),
+    max_iter=st.integers(1, 60),
+)
+def test_status_is_truthful_on_random_quadratics(
+    seed: int, n: int, log_kappa: float, kind: str, max_iter: int
+) -> None:
+    """CONVERGED exactly when the independently measured ||grad|| <= tol, whatever the cap."""
+    p = P.quadratic(n=n, kappa=10**log_kappa, seed=seed)
+    tol = 1e-6
+    solver = {
+        "gd": GradientDescent(lr=p.step, max_iter=max_iter, tol=tol),
+        "nesterov_mu": Nesterov(lr=p.step, mu=p.mu, max_iter=max_iter, tol=tol),
+        "nesterov": Nesterov(lr=p.step, max_iter=max_iter, tol=tol),
+        "newton": NewtonCG(newton_iters=max_iter // 10 + 1, cg_iters=3, tol=tol),
+        "lbfgs": ScipyLBFGS(max_iter=max_iter, tol=tol),
+    }[kind]
+    res = solver(p.objective, p.init, p.theta)
+    measured = P.grad_norm(p.objective, res.x, p.theta)
+    assert res.grad_norm == pytest.approx(measured, rel=1e-6, abs=1e-14)
+    assert res.converged == (measured <= tol)
+    if not res.converged:
+        assert res.status in (bl.SolverStatus.MAX_ITER, bl.SolverStatus.LINE_SEARCH_FAILED)
+    # Strong convexity turns the measured gradient into a distance bound.
+    assert P.distance(res.x, p.solution) <= measured / p.mu * (1 + 1e-6) + 1e-12

@@ -243,7 +243,9 @@ def _axpy(a: Params, s: torch.Tensor, b: Params) -> Params:
     return {k: a[k] + s.view(-1, *([1] * (a[k].ndim - 1))) * b[k] for k in a}
 
 
-def _batch_map(fn: Callable[..., Any], vectorize: bool, in_dims: tuple[int | None, ...]) -> Callable[..., Any]:
+def _batch_map(
+    fn: Callable[..., Any], vectorize: bool, in_dims: tuple[int | None, ...]
+) -> Callable[..., Any]:
     """vmap, or the same per-task function in a Python loop with stacked outputs."""
     if vectorize:
         return tf.vmap(fn, in_dims=in_dims)
@@ -272,7 +274,7 @@ def _index(a: object, i: int) -> object:
         return a[i]
     if isinstance(a, dict):
         return {k: v[i] for k, v in a.items()}
-    return type(a)(_index(x, i) for x in a)  # type: ignore[call-arg]
+    return type(a)(_index(x, i) for x in a)  # type: ignore[call-arg, attr-defined]
 
 
 def _stack(outs: list) -> object:
@@ -360,6 +362,7 @@ def meta_gradient(
     lam: Lam | None = None,
     classification: bool = True,
     vectorize: bool = True,
+    diagnostics: bool = True,
 ) -> tuple[Params, dict[str, torch.Tensor] | None, MetaStats]:
     """The average task meta-gradient of a meta-batch (Algorithm 1's direction).
 
@@ -373,6 +376,8 @@ def meta_gradient(
             one per parameter name) whose gradient is returned too.
         classification: whether to report query accuracy.
         vectorize: vmap over tasks (``True``) or loop.
+        diagnostics: measure ||grad G|| and the support loss at phi (one more gradient
+            per task); ``False`` reports them as NaN.
 
     Returns:
         ``(grad, lam_grad, stats)``: the mean meta-gradient by name (like ``theta``),
@@ -405,7 +410,11 @@ def meta_gradient(
         grads, (phi, ql, qa) = tf.grad(meta_loss, has_aux=True)(th)
         phi = {k: v.detach() for k, v in phi.items()}
         stats_extra = (torch.full((B,), float("nan")), torch.zeros(B, dtype=torch.bool), torch.zeros(B))
-        return grads, None, _stats(task, algo, phi, theta, lam_det, batch, ql, qa, stats_extra, vectorize)
+        return (
+            grads,
+            None,
+            _stats(task, phi, theta, lam_det, batch, ql, qa, stats_extra, vectorize, diagnostics),
+        )
 
     theta_d = {k: v.detach() for k, v in theta.items()}
     with torch.no_grad():
@@ -444,7 +453,7 @@ def meta_gradient(
                 key = k if isinstance(lam_v, dict) else "lam"
                 lam_grad[key] = lam_grad.get(key, 0.0) + contrib
     mean_g = {k: t.mean(0) for k, t in g.items()}
-    return mean_g, lam_grad, _stats(task, algo, phi, theta_d, lam_det, batch, ql, qa, extra, vectorize)
+    return mean_g, lam_grad, _stats(task, phi, theta_d, lam_det, batch, ql, qa, extra, vectorize, diagnostics)
 
 
 def _implicit_cg(
@@ -507,7 +516,6 @@ def _implicit_cg(
 
 def _stats(
     task: _Task,
-    algo: MetaAlgorithm,
     phi: Params,
     theta: Params,
     lam: Lam,
@@ -516,14 +524,18 @@ def _stats(
     qa: torch.Tensor,
     extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     vectorize: bool,
+    diagnostics: bool,
 ) -> MetaStats:
-    with torch.no_grad():
-        gradG = _batch_map(tf.grad(task.G, has_aux=False), vectorize, (0, None, None, 0, 0))
-        gn = _bnorm(
-            gradG(phi, {k: v.detach() for k, v in theta.items()}, lam, batch.support_x, batch.support_y)
-        )
-        sl = _batch_map(task.support_loss, vectorize, (0, 0, 0))(phi, batch.support_x, batch.support_y)
     res, neg, iters = extra
+    B = ql.shape[0]
+    if not diagnostics:
+        nan = torch.full((B,), float("nan"), device=ql.device)
+        return MetaStats(ql, qa, nan, nan, res, neg, iters)
+    with torch.no_grad():
+        gradG = _batch_map(tf.grad(task.G), vectorize, (0, None, None, 0, 0))
+        th = {k: v.detach() for k, v in theta.items()}
+        gn = _bnorm(gradG(phi, th, lam, batch.support_x, batch.support_y))
+        sl = _batch_map(task.support_loss, vectorize, (0, 0, 0))(phi, batch.support_x, batch.support_y)
     return MetaStats(ql, qa, sl, gn, res, neg, iters)
 
 

@@ -14,8 +14,8 @@ Counting convention (what ``n_fev``, ``n_gev`` and ``n_hvp`` of the result mean)
 ``n_gev`` counts gradient evaluations (a forward and a backward pass; the objective
 value comes with it and is not counted again), ``n_fev`` counts objective values
 computed without a gradient, ``n_hvp`` counts Hessian-vector products (each runs
-the objective once, under ``torch.func.jvp`` of ``torch.func.grad``).  In batched mode one call of the objective evaluates all B problems and
-counts once.
+the objective once, under ``torch.func.jvp`` of ``torch.func.grad``).  In batched
+mode one call of the objective evaluates all B problems and counts once.
 """
 
 from __future__ import annotations

@@ -41,7 +41,10 @@ class GradientDescent:
     Call:
         ``solver(objective, init, theta) -> SolverResult`` with ``x`` like ``init``.
         Cost per step: one gradient (``n_gev``); with a line search, one gradient
-        per trial.
+        per trial.  In batched mode ``info`` holds per-problem ``status``
+        (tuple), ``converged`` (bool (B,)), ``grad_norm``, ``fun`` (float64 (B,)) and
+        ``n_iter`` (int64 (B,)); ``status`` is the worst problem's, ``grad_norm`` the
+        norm of the whole gradient.
     """
 
     lr: float

@@ -53,6 +53,9 @@ class Nesterov:
 
     Call:
         ``solver(objective, init, theta) -> SolverResult``; one gradient per iteration.
+        ``info``: ``momentum`` (the constant, or ``"k/(k+3)"``), ``n_restarts``
+        (int, or a (B,) tensor in batched mode), plus the per-problem entries of
+        batched mode.
 
     References:
         Nesterov, Introductory Lectures on Convex Optimization (2004), scheme 2.2.19.

@@ -24,7 +24,7 @@ class NewtonCG:
     The CG stops early on the forcing rule ||H d + g|| <= min(0.5, sqrt(||g||)) ||g||
     (superlinear local convergence).  On non-positive curvature p'Hp <= 0 inside CG the
     direction is truncated as in Nocedal & Wright's Algorithm 7.1: the last CG iterate,
-    or -g if it happens at the first CG iteration.  Such events are counted in
+    or, at the first CG iteration, steepest descent -g scaled by ||g||^2 / |g'Hg|.  Such events are counted in
     ``info["n_negative_curvature"]``; a run that stops at the iteration cap right after
     one reports ``NEGATIVE_CURVATURE`` instead of ``MAX_ITER``.
 
@@ -45,6 +45,11 @@ class NewtonCG:
     Call:
         ``solver(objective, init, theta) -> SolverResult``.  Cost per Newton step: up
         to ``cg_iters`` HVPs and one gradient per line-search trial (usually one).
+        ``info``: ``n_negative_curvature`` (Newton steps whose CG met p'Hp <= 0; a
+        (B,) tensor in batched mode), ``cg_iters_per_step`` (CG iterations of each
+        Newton step, the most over the batch), ``hvp_backend`` (``"torch.func"``, or
+        ``"autograd"`` after a fallback, with ``hvp_fallback_reason``), plus the
+        per-problem entries of batched mode.
 
     References:
         Nocedal & Wright, Numerical Optimization, 2nd ed., Algorithm 7.1.
@@ -109,9 +114,13 @@ def truncated_cg(
         pHp = rowdot(p, Hp)
         nc = run & ~(pHp > 0)
         if bool(nc.any()):
-            # Truncate: keep the last iterate, or use steepest descent if none yet.
+            # Truncate: keep the last iterate, or use steepest descent if none yet.  The
+            # steepest-descent step is scaled by ||g||^2 / |g'Hg| (as SciPy's newton-cg
+            # does) rather than taken unscaled (Nocedal & Wright), so the line search
+            # starts near the step a quadratic model of |curvature| would take.
             if j == 0:
-                z = torch.where(nc[:, None], -g, z)
+                scale = torch.where(pHp < 0, rr / pHp.abs().clamp_min(torch.finfo(pHp.dtype).tiny), 1.0)
+                z = torch.where(nc[:, None], scale[:, None] * p, z)
             negcurv |= nc
             done |= nc
             run = ~done

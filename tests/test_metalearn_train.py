@@ -1,0 +1,287 @@
+"""Meta-training loop and command line: outputs, resume, evaluation, distributed equivalence."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_metalearn_data import make_omniglot  # generated images in the official layout
+
+from bilevel.metalearn.__main__ import main
+from bilevel.metalearn.datasets import DatasetNotFoundError
+from bilevel.metalearn.train import TrainConfig, load_checkpoint, train
+
+FAST = ["--meta-batch", "2", "--test-tasks", "4", "--eval-batch", "2", "--no-progress", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def omni(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_omniglot(tmp_path_factory.mktemp("omni"), layout="zip")
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BILEVEL_CACHE", str(tmp_path / "cache"))
+
+
+def test_cli_train_writes_metrics_split_and_checkpoint(omni: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "--algo",
+        "imaml-gd",
+        "--ways",
+        "3",
+        "--shots",
+        "1",
+        "--queries",
+        "2",
+        "--meta-steps",
+        "3",
+        "--inner-steps",
+        "2",
+        "--split",
+        "lake",
+        "--data-root",
+        str(omni),
+        "--out",
+        str(out),
+        *FAST,
+    ]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["test_accuracy"] <= 100.0 and metrics["test_ci95"] >= 0.0
+    assert metrics["config"]["algo"] == "imaml-gd" and metrics["meta_steps_done"] == 3
+    assert metrics["environment"]["torch"] == torch.__version__
+    split = json.loads((out / "split.json").read_text())
+    assert split["train_classes"] and split["test_classes"]
+    assert not set(split["train_classes"]) & set(split["test_classes"])
+    assert all(c.startswith("images_background") for c in split["train_classes"])
+    ck = load_checkpoint(out / "checkpoint.pt")
+    from bilevel.metalearn.models import omniglot_cnn
+
+    assert ck["step"] == 3
+    assert list(ck["theta"]) == [n for n, _ in omniglot_cnn(3).named_parameters()]
+    lines = (out / "log.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["step"] == 0
+
+
+def test_resume_continues_exactly(tmp_path: Path) -> None:
+    common = dict(
+        algo="fomaml",
+        dataset="sinusoid",
+        shots=5,
+        queries=5,
+        meta_batch=3,
+        inner_steps=2,
+        inner_lr=0.01,
+        test_tasks=3,
+        dtype="float64",
+        threads=1,
+    )
+    straight = tmp_path / "straight"
+    train(TrainConfig(meta_steps=4, out=str(straight), **common), progress=False)  # type: ignore[arg-type]
+    part = tmp_path / "part"
+    train(TrainConfig(meta_steps=2, out=str(part), **common), progress=False)  # type: ignore[arg-type]
+    train(TrainConfig(meta_steps=4, out=str(part), **common), resume=True, progress=False)  # type: ignore[arg-type]
+    a, b = load_checkpoint(straight / "checkpoint.pt"), load_checkpoint(part / "checkpoint.pt")
+    assert a["step"] == b["step"] == 4
+    for k in a["theta"]:
+        torch.testing.assert_close(a["theta"][k], b["theta"][k], rtol=0, atol=0)
+    assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"]
+
+
+@pytest.mark.parametrize("algo", ["imaml-gd", "imaml-hf", "maml", "fomaml", "reptile"])
+def test_every_algorithm_trains_on_sinusoid(algo: str, tmp_path: Path) -> None:
+    cfg = TrainConfig(
+        algo=algo,
+        dataset="sinusoid",
+        shots=5,
+        queries=5,
+        meta_batch=2,
+        meta_steps=3,
+        inner_steps=2,
+        inner_lr=0.01,
+        test_tasks=4,
+        threads=1,
+        out=str(tmp_path),
+    )
+    metrics = train(cfg, progress=False)
+    assert (
+        metrics["test_loss"] > 0 and metrics["test_accuracy"] != metrics["test_accuracy"]
+    )  # NaN: regression
+
+
+def test_learned_lambda_moves_and_is_saved(tmp_path: Path) -> None:
+    cfg = TrainConfig(
+        algo="imaml-gd",
+        dataset="sinusoid",
+        shots=5,
+        queries=5,
+        meta_batch=2,
+        meta_steps=5,
+        meta_lr=0.05,
+        inner_steps=3,
+        inner_lr=0.01,
+        learn_lam="per-tensor",
+        test_tasks=2,
+        threads=1,
+        out=str(tmp_path),
+    )
+    metrics = train(cfg, progress=False)
+    lams = metrics["lam"]
+    assert len(lams) == 6 and any(abs(v - 2.0) > 1e-3 for v in lams.values())
+    ck = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert set(ck["log_lam"]) == set(lams)
+
+
+def test_eval_command_reads_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    train(
+        TrainConfig(
+            algo="fomaml",
+            dataset="sinusoid",
+            meta_steps=1,
+            meta_batch=2,
+            test_tasks=3,
+            threads=1,
+            out=str(tmp_path),
+        ),
+        progress=False,
+    )
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(tmp_path / "checkpoint.pt"),
+                "--test-tasks",
+                "5",
+                "--out",
+                str(tmp_path / "eval.json"),
+            ]
+        )
+        == 0
+    )
+    res = json.loads(capsys.readouterr().out)
+    assert res["n_tasks"] == 5 and res["step"] == 1
+    assert json.loads((tmp_path / "eval.json").read_text())["loss"] == res["loss"]
+
+
+def test_missing_data_says_where_to_get_omniglot(tmp_path: Path) -> None:
+    with pytest.raises(DatasetNotFoundError, match="brendenlake/omniglot"):
+        main(["train", "--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), *FAST])
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        main(["eval", "--checkpoint", str(tmp_path / "none.pt")])
+
+
+def test_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for flag in (
+        "--algo",
+        "--ways",
+        "--shots",
+        "--meta-steps",
+        "--meta-batch",
+        "--data-root",
+        "--split",
+        "--out",
+        "--preset",
+        "--seed",
+        "--resume",
+        "--learn-lam",
+        "--cg-iters",
+        "--damping",
+    ):
+        assert flag in text
+
+
+def test_bad_config() -> None:
+    with pytest.raises(ValueError, match="choose one of imaml-gd"):
+        TrainConfig(algo="sgd")
+    with pytest.raises(ValueError, match="learned lambda needs an iMAML"):
+        TrainConfig(algo="maml", learn_lam="scalar")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_two_gloo_ranks_equal_one_process(tmp_path: Path) -> None:
+    """torchrun with 2 CPU ranks = 1 process with the same total meta-batch, to 1e-6 (float64)."""
+    args = [
+        "train",
+        "--algo",
+        "imaml-gd",
+        "--dataset",
+        "sinusoid",
+        "--shots",
+        "5",
+        "--queries",
+        "5",
+        "--meta-batch",
+        "4",
+        "--meta-steps",
+        "3",
+        "--inner-steps",
+        "3",
+        "--inner-lr",
+        "0.01",
+        "--learn-lam",
+        "scalar",
+        "--test-tasks",
+        "2",
+        "--dtype",
+        "float64",
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    one = tmp_path / "one"
+    subprocess.run(
+        [sys.executable, "-m", "bilevel.metalearn", *args, "--out", str(one)],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    two = tmp_path / "two"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={_free_port()}",
+            "-m",
+            "bilevel.metalearn",
+            *args,
+            "--out",
+            str(two),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = load_checkpoint(one / "checkpoint.pt"), load_checkpoint(two / "checkpoint.pt")
+    assert a["step"] == b["step"] == 3
+    for k in a["theta"]:
+        torch.testing.assert_close(a["theta"][k], b["theta"][k], rtol=0, atol=1e-6)
+    torch.testing.assert_close(a["log_lam"]["lam"], b["log_lam"]["lam"], rtol=0, atol=1e-6)
+    assert not torch.equal(a["log_lam"]["lam"], torch.tensor(0.6931471805599453, dtype=torch.float64))
+    # only rank 0 wrote files
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
