@@ -493,13 +493,15 @@ def _implicit_cg(
     alive = torch.ones(B, dtype=torch.bool, device=xs.device)
     neg = torch.zeros(B, dtype=torch.bool, device=xs.device)
     iters = torch.zeros(B, device=xs.device)
-    tiny = torch.finfo(rr.dtype).tiny
+    # Below this the residual is rounding noise: stop that task (no spurious negative curvature
+    # from an underflowing p'Hp).
+    floor = (1e-3 * torch.finfo(rr.dtype).eps) ** 2 * _bdot(v, v) + torch.finfo(rr.dtype).tiny
     for _ in range(cfg.cg_iters):
         Hp = H(p)
         pHp = _bdot(p, Hp)
         neg_now = alive & (pHp <= 0)
         neg |= neg_now
-        alive = alive & ~neg_now & (rr > tiny)
+        alive = alive & ~neg_now & (rr > floor)
         if not bool(alive.any()):
             break
         alpha = torch.where(alive, rr / torch.where(alive, pHp, torch.ones_like(pHp)), torch.zeros_like(rr))

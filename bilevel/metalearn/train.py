@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -86,6 +87,10 @@ class TrainConfig:
         dtype: ``float32`` or ``float64``.
         device: ``cpu``, ``cuda``, ... (None: cuda if available).
         threads: torch intra-op threads (None: torch's default).
+        clock: ``wall`` (elapsed time) or ``cpu`` (this process's CPU time, all its threads):
+            what ``time_limit`` and the curves' ``time`` measure.  With one thread on a shared
+            machine, ``cpu`` is the time the run would take on a dedicated core; ``wall`` is
+            also logged either way (``wall_time``).
         out: output folder.
     """
 
@@ -120,6 +125,7 @@ class TrainConfig:
     dtype: str = "float32"
     device: str | None = None
     threads: int | None = None
+    clock: str = "wall"
     out: str = "runs/default"
 
     def __post_init__(self) -> None:
@@ -136,6 +142,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig({name}={getattr(self, name)}): must be >= 1")
         if self.meta_steps < 0:
             raise ValueError(f"TrainConfig(meta_steps={self.meta_steps}): must be >= 0")
+        if self.clock not in ("wall", "cpu"):
+            raise ValueError(f"TrainConfig(clock={self.clock!r}): wall or cpu")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"TrainConfig(dtype={self.dtype!r}): float32 or float64")
 
@@ -412,14 +420,29 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
             bar = tqdm(total=cfg.meta_steps, initial=start, desc=cfg.algo, dynamic_ncols=True)
         except ImportError:
             bar = None
-    t0 = time.perf_counter() - elapsed0
+    now = time.process_time if cfg.clock == "cpu" else time.perf_counter
+    t0 = now() - elapsed0
+    wall0 = time.perf_counter()
     eval_seconds = 0.0  # excluded from the training clock
 
     def clock() -> float:
-        return time.perf_counter() - t0 - eval_seconds
+        return now() - t0 - eval_seconds
 
     steps_done = start
     run_loss = run_acc = float("nan")
+    # SIGTERM (or SIGINT) ends meta-training after the current step; the run is then
+    # checkpointed and evaluated as if it had reached meta_steps.
+    stop = {"requested": False}
+
+    def request_stop(signum: int, frame: Any) -> None:
+        stop["requested"] = True
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous[sig] = signal.signal(sig, request_stop)
+        except ValueError:  # not the main thread: no handler, stop by time_limit only
+            pass
 
     def save(step_: int) -> None:
         if not d.main:
@@ -439,7 +462,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
 
     try:
         for step in range(start, cfg.meta_steps):
-            if cfg.time_limit is not None and clock() > cfg.time_limit * 60:
+            if stop["requested"] or (cfg.time_limit is not None and clock() > cfg.time_limit * 60):
                 break
             if local:
                 batch = prob.train.meta_batch(step, local, device=device)
@@ -487,6 +510,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
                 rec: dict[str, Any] = {
                     "step": step,
                     "time": clock(),
+                    "wall_time": time.perf_counter() - wall0,
                     "query_loss": loss_mean,
                     "query_acc": acc_mean if prob.classification else None,
                     "support_loss": float(stats.support_loss.mean()),
@@ -502,7 +526,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
                 log_f.flush()
             steps_done = step + 1
             if cfg.eval_every and steps_done % cfg.eval_every == 0 and d.main:
-                t_ev = time.perf_counter()
+                t_ev = now()
                 ev = evaluate(
                     cfg,
                     prob.model,
@@ -514,7 +538,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
                     device,
                     _lam_value(cfg, log_lam),
                 )
-                eval_seconds += time.perf_counter() - t_ev
+                eval_seconds += now() - t_ev
                 ev.update(step=steps_done, time=clock())
                 history["eval"].append(ev)
                 if log_f is not None:
@@ -524,6 +548,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
                 save(steps_done)
         save(steps_done)
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if bar is not None:
             bar.close()
         if log_f is not None:
@@ -549,7 +575,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
             "test_loss_ci95": final["loss_ci95"],
             "test_tasks": final["n_tasks"],
             "meta_steps_done": steps_done,
+            "stopped_early": steps_done < cfg.meta_steps,
             "train_seconds": train_time,
+            "train_clock": cfg.clock,
+            "wall_seconds": time.perf_counter() - wall0,
             "config": dataclasses.asdict(cfg),
             "environment": _environment(device, d),
             "curves": history,
