@@ -333,7 +333,9 @@ class GMRES:
                 h_next = _norm(w)
                 H[j + 1, j] = h_next
                 j += 1
-                y = torch.linalg.lstsq(H[: j + 1, :j], e1[: j + 1, None]).solution[:, 0]
+                # gelsd (SVD): the CPU default gelsy gave run-to-run differences of 1 ulp
+                # (threaded pivoted QR), which made backward passes non-reentrant.
+                y = torch.linalg.lstsq(H[: j + 1, :j], e1[: j + 1, None], driver="gelsd").solution[:, 0]
                 res = float(torch.linalg.vector_norm(H[: j + 1, :j] @ y - e1[: j + 1]))
                 if h_next <= 1e-14 * beta:
                     lucky = True

@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         return F.binary_cross_entropy_with_logits(Xval @ w, yval)
 
     theta = torch.tensor([0.0, 1.0, -1.0, 2.0, 0.5, -0.5], dtype=D, requires_grad=True)
-    w, info = bl.implicit_argmin(G, torch.zeros(Xtr.shape[1], dtype=D), theta, solver=solver, return_info=True)
+    w, info = bl.implicit_argmin(
+        G, torch.zeros(Xtr.shape[1], dtype=D), theta, solver=solver, return_info=True
+    )
     loss = F.binary_cross_entropy_with_logits(Xval @ w, yval)
     (hypergrad,) = torch.autograd.grad(loss, theta)
 
@@ -67,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     if not res.converged:
         print(f"    ({res.status.message}; the layer's own check, ||grad G|| <= optimality_tol=1e-3, passed)")
     lin = info.last_backward
-    print(f"  backward: CG {lin.status.name} in {lin.n_iter} iterations, relative residual {lin.relative_residual:.1e}")
+    print(
+        f"  backward: CG {lin.status.name} in {lin.n_iter} iterations, "
+        f"relative residual {lin.relative_residual:.1e}"
+    )
     print(f"  {'j':>2} {'implicit':>14} {'finite diff':>14} {'rel. diff':>10}")
     for j in range(theta.numel()):
         a, b = float(hypergrad[j]), float(fd[j])

@@ -116,8 +116,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--dtype", choices=("float32", "float64"), default=None, help="parameter dtype")
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     t.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    t.add_argument("--clock", choices=("wall", "cpu"), default=None,
-                   help="what --time-limit and the curves measure: elapsed or process CPU time (default wall)")
+    t.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default=None,
+        help="what --time-limit and the curves measure: elapsed or process CPU time (default wall)",
+    )
     t.add_argument("--out", default=None, help=f"output folder (default {d.out})")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -1,0 +1,350 @@
+"""Optimization layers: any inner solver as a ``torch.nn.Module``, differentiated implicitly.
+
+=====================  ============================================  ===========================
+layer                  output for inputs theta                       backward (see `bilevel`)
+=====================  ============================================  ===========================
+`ArgminLayer`          argmin_x G(x, theta)                          `implicit_argmin`: Hessian
+                                                                     solve, CG by default
+`RootLayer`            x with F(x, theta) = 0 (e.g. KKT conditions)  `implicit_root`: GMRES
+`FixedPointLayer`      x with x = T(x, theta) (e.g. a projected      `fixed_point`: GMRES
+                       gradient step, for constrained problems)
+=====================  ============================================  ===========================
+
+The solver is a black box called without autograd (SciPy, cvxpy, a sorting
+algorithm, ...); the gradient comes from the condition at its answer and is exact
+only where that condition holds, which the layer checks (``optimality_tol``).  For a
+constrained problem, pass a condition that encodes the constraints: the projected
+gradient fixed point T(x) = proj_C(x - eta grad_x f(x, theta)) for any eta > 0 (its
+fixed points are the minimizers of f over the convex set C), or the KKT system with
+the multipliers among the unknowns.  The condition must be differentiable at the
+solution (a projection is piecewise smooth: fine away from the kinks).
+
+Inputs.  ``layer(theta)`` or ``layer(theta_1, ..., theta_k)``: one input is passed to
+the objective as a Tensor, several as a tuple.  Gradients flow to every input that
+requires grad.  Parameters learned inside the layer (say a matrix A of a QP) must be
+passed as inputs, ``layer(z, self.A)``, so that the layer sees them.
+
+Batches.  Give the inputs a leading batch dimension and write the objective (or
+condition) as a sum (or stack) of independent per-example problems: the Hessian (or
+Jacobian dF/dx) is then block diagonal, so one implicit solve differentiates the
+whole batch, with the cost of the largest block's conditioning.  A batched solver
+(``NewtonCG(batched=True)`` with a `bilevel.solvers.BatchedObjective`, a vectorized
+projection, one cvxpy problem with a matrix variable) solves every example at once.
+
+Devices.  Nothing here is tied to a device: the unknowns live where ``init`` lives (a
+tensor ``init`` is a registered buffer, so ``layer.to(device)`` moves it), and inputs
+must be on that device too.  SciPy- and cvxpy-based solvers copy through the host.
+
+Diagnostics.  ``layer.last_info`` is the `bilevel.ImplicitInfo` of the last call:
+the solver's result and the optimality residual after the forward pass, the backward
+linear solve (``last_info.last_backward``) after ``backward()``.
+
+References:
+    Amos & Kolter, "OptNet: differentiable optimization as a layer in neural
+    networks", ICML 2017.  Agrawal et al., "Differentiable convex optimization
+    layers", NeurIPS 2019.  Blondel et al., "Efficient and modular implicit
+    differentiation", NeurIPS 2022.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from ._hvp import HVPLike
+from ._implicit import ImplicitInfo, fixed_point, implicit_argmin, implicit_root
+from ._tree import leaves, unflatten
+from ._types import LinearSolver, Objective, RootFn, TensorTree
+
+__all__ = ["ArgminLayer", "FixedPointLayer", "Init", "RootLayer"]
+
+#: How a layer starts its solver: ``None`` (zeros shaped like the first input), a
+#: Tensor or tuple of Tensors (registered as buffers), or ``init(theta) -> TensorTree``.
+Init = Union[None, torch.Tensor, tuple[torch.Tensor, ...], Callable[[TensorTree], TensorTree]]
+
+
+class _ImplicitLayer(nn.Module):
+    """What the three layers share: inputs, the starting point, warm starts, diagnostics."""
+
+    def __init__(
+        self,
+        who: str,
+        fn: Callable[..., Any],
+        solver: Callable[..., Any],
+        init: Init,
+        *,
+        linear_solver: LinearSolver | None,
+        optimality_tol: float | None,
+        throw: bool,
+        warm_start: bool,
+    ) -> None:
+        super().__init__()
+        if not callable(fn):
+            raise TypeError(f"{who}: the objective/condition must be callable, got {fn!r}")
+        if not callable(solver):
+            raise TypeError(f"{who}: solver must be a callable solver(fn, init, theta), got {solver!r}")
+        if optimality_tol is not None and not optimality_tol >= 0:
+            raise ValueError(f"{who}(optimality_tol={optimality_tol}): must be >= 0 or None")
+        self._who = who
+        self.fn = fn
+        self.solver = solver
+        self.linear_solver = linear_solver
+        self.optimality_tol = optimality_tol
+        self.throw = throw
+        self.warm_start = warm_start
+        self.last_info: ImplicitInfo | None = None
+        self._last_x: TensorTree | None = None
+        self._init_fn: Callable[[TensorTree], TensorTree] | None = None
+        self._init_tuple = False
+        self._n_init = 0
+        if init is None:
+            pass
+        elif isinstance(init, torch.Tensor) or isinstance(init, tuple):
+            ls = leaves(init, name=f"{who}: init")
+            if not ls:
+                raise ValueError(f"{who}: init holds no tensors")
+            for i, t in enumerate(ls):
+                if not t.is_floating_point():
+                    raise TypeError(f"{who}: init has dtype {t.dtype}; the unknowns must be floating point")
+                self.register_buffer(f"init_{i}", t.detach().clone())
+            self._init_tuple = isinstance(init, tuple)
+            self._n_init = len(ls)
+        elif callable(init):
+            self._init_fn = init
+        else:
+            raise TypeError(
+                f"{who}: init must be None, a Tensor, a tuple of Tensors or a callable init(theta); "
+                f"got {type(init).__name__}"
+            )
+
+    def _theta(self, inputs: tuple[torch.Tensor, ...]) -> TensorTree:
+        if not inputs:
+            raise TypeError(f"{self._who}: call the layer with at least one input tensor")
+        for i, t in enumerate(inputs):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{self._who}: input {i} is a {type(t).__name__}; expected a Tensor")
+        return inputs[0] if len(inputs) == 1 else tuple(inputs)
+
+    def _init(self, theta: TensorTree) -> TensorTree:
+        if self._n_init:
+            ls = [getattr(self, f"init_{i}") for i in range(self._n_init)]
+            init: TensorTree = tuple(ls) if self._init_tuple else ls[0]
+        elif self._init_fn is not None:
+            init = self._init_fn(theta)
+        else:
+            first = leaves(theta)[0]
+            if not first.is_floating_point():
+                raise TypeError(
+                    f"{self._who}: init=None means zeros like the first input, which has dtype "
+                    f"{first.dtype}; give init explicitly"
+                )
+            init = torch.zeros_like(first, memory_format=torch.contiguous_format).detach()
+        last = self._last_x
+        if self.warm_start and last is not None and _same_layout(last, init):
+            return last
+        return init
+
+    def _solve(self, init: TensorTree, theta: TensorTree) -> tuple[TensorTree, ImplicitInfo]:
+        raise NotImplementedError
+
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        """The solution for the given inputs (structured like ``init``), differentiable in them."""
+        theta = self._theta(inputs)
+        x, info = self._solve(self._init(theta), theta)
+        self.last_info = info
+        if self.warm_start:
+            self._last_x = unflatten(x, [t.detach() for t in leaves(x)])
+        return x
+
+    def extra_repr(self) -> str:
+        return f"fn={_name(self.fn)}, solver={self.solver!r}, warm_start={self.warm_start}"
+
+
+def _same_layout(a: TensorTree, b: TensorTree) -> bool:
+    if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):
+        return False
+    la, lb = leaves(a), leaves(b)
+    return len(la) == len(lb) and all(
+        x.shape == y.shape and x.dtype == y.dtype and x.device == y.device for x, y in zip(la, lb)
+    )
+
+
+def _name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+class ArgminLayer(_ImplicitLayer):
+    """x*(theta) = argmin_x G(x, theta) as a module, differentiated by `bilevel.implicit_argmin`.
+
+    Backward: solve (d2G/dx2) w = dL/dx (``linear_solver``, CG by default), return
+    -(d2G/dtheta dx)^T w.  Exact only where grad_x G(x*, theta) = 0.
+
+    Args:
+        objective: ``G(x, theta) -> scalar Tensor``; theta is the layer's input (a
+            Tensor) or inputs (a tuple).  For a batch, the sum of per-example objectives.
+        solver: ``solver(objective, init, theta) -> SolverResult | solution``, e.g.
+            ``bilevel.solvers.ScipyLBFGS()``.
+        init: the solver's starting point: ``None`` (zeros like the first input), a
+            Tensor or tuple of Tensors (registered as buffers), or ``init(theta)``.
+        hvp: Hessian-vector products (see `bilevel.implicit_argmin`).
+        linear_solver: for the Hessian system; default ``bilevel.CG()``.
+        optimality_tol: largest accepted ||grad_x G|| at the solver's answer.
+        throw: raise on failed checks (``False``: warn).
+        warm_start: start each solve from the previous answer when its shapes, dtypes
+            and devices match (same batch size); useful when inputs change slowly.
+
+    Attributes:
+        last_info: the `bilevel.ImplicitInfo` of the last call (``None`` before).
+
+    Example:
+        >>> layer = ArgminLayer(lambda x, z: 0.5 * ((x - z) ** 2).sum() + (x**4).sum(),
+        ...                     bl.solvers.ScipyLBFGS(tol=1e-10))
+        >>> x = layer(z)            # z of any shape; x has z's shape
+        >>> x.sum().backward()      # z.grad by one CG solve
+    """
+
+    def __init__(
+        self,
+        objective: Objective,
+        solver: Callable[..., Any],
+        init: Init = None,
+        *,
+        hvp: HVPLike = None,
+        linear_solver: LinearSolver | None = None,
+        optimality_tol: float | None = 1e-3,
+        throw: bool = True,
+        warm_start: bool = False,
+    ) -> None:
+        super().__init__(
+            "ArgminLayer",
+            objective,
+            solver,
+            init,
+            linear_solver=linear_solver,
+            optimality_tol=optimality_tol,
+            throw=throw,
+            warm_start=warm_start,
+        )
+        self.hvp = hvp
+
+    def _solve(self, init: TensorTree, theta: TensorTree) -> tuple[TensorTree, ImplicitInfo]:
+        x, info = implicit_argmin(
+            self.fn,
+            init,
+            theta,
+            solver=self.solver,
+            hvp=self.hvp,
+            linear_solver=self.linear_solver,
+            optimality_tol=self.optimality_tol,
+            throw=self.throw,
+            return_info=True,
+        )
+        return x, info
+
+
+class RootLayer(_ImplicitLayer):
+    """x*(theta) with F(x*, theta) = 0 as a module, differentiated by `bilevel.implicit_root`.
+
+    Backward: solve (dF/dx)^T u = dL/dx (``linear_solver``, GMRES by default), return
+    -(dF/dtheta)^T u.  For a constrained problem, F can be its KKT conditions with the
+    multipliers among the unknowns (``init`` a tuple ``(x, nu)``); the layer then
+    returns the tuple.
+
+    Args:
+        F: ``F(x, theta) -> tree like x``.
+        solver: ``solver(F, init, theta) -> SolverResult | solution``; may ignore F
+            and solve its own formulation of the same problem (cvxpy, a closed form).
+        init, linear_solver, optimality_tol, throw, warm_start: as in `ArgminLayer`
+            (the residual checked is ||F(x, theta)||).
+    """
+
+    def __init__(
+        self,
+        F: RootFn,
+        solver: Callable[..., Any],
+        init: Init = None,
+        *,
+        linear_solver: LinearSolver | None = None,
+        optimality_tol: float | None = 1e-3,
+        throw: bool = True,
+        warm_start: bool = False,
+    ) -> None:
+        super().__init__(
+            "RootLayer",
+            F,
+            solver,
+            init,
+            linear_solver=linear_solver,
+            optimality_tol=optimality_tol,
+            throw=throw,
+            warm_start=warm_start,
+        )
+
+    def _solve(self, init: TensorTree, theta: TensorTree) -> tuple[TensorTree, ImplicitInfo]:
+        x, info = implicit_root(
+            self.fn,
+            init,
+            theta,
+            solver=self.solver,
+            linear_solver=self.linear_solver,
+            optimality_tol=self.optimality_tol,
+            throw=self.throw,
+            return_info=True,
+        )
+        return x, info
+
+
+class FixedPointLayer(_ImplicitLayer):
+    """x*(theta) with x* = T(x*, theta) as a module, differentiated by `bilevel.fixed_point`.
+
+    The usual constrained layer: T(x, theta) = proj_C(x - eta grad_x f(x, theta)),
+    whose fixed points are the minimizers of f over the convex set C, solved by
+    anything that solves that problem (cvxpy, a sorting algorithm for the simplex).
+    Backward: solve (dT/dx - I)^T u = dL/dx (GMRES by default), return
+    -(dT/dtheta)^T u.  The step eta changes the linear system, not the gradient;
+    pick it so that I - dT/dx is well conditioned (eta near 1/L for f L-smooth).
+
+    Args:
+        T: ``T(x, theta) -> tree like x``, differentiable (almost everywhere) by autograd.
+        solver: ``solver(T, init, theta) -> SolverResult | solution``.
+        init, linear_solver, optimality_tol, throw, warm_start: as in `RootLayer`
+            (the residual checked is ||T(x, theta) - x||).
+    """
+
+    def __init__(
+        self,
+        T: RootFn,
+        solver: Callable[..., Any],
+        init: Init = None,
+        *,
+        linear_solver: LinearSolver | None = None,
+        optimality_tol: float | None = 1e-3,
+        throw: bool = True,
+        warm_start: bool = False,
+    ) -> None:
+        super().__init__(
+            "FixedPointLayer",
+            T,
+            solver,
+            init,
+            linear_solver=linear_solver,
+            optimality_tol=optimality_tol,
+            throw=throw,
+            warm_start=warm_start,
+        )
+
+    def _solve(self, init: TensorTree, theta: TensorTree) -> tuple[TensorTree, ImplicitInfo]:
+        x, info = fixed_point(
+            self.fn,
+            init,
+            theta,
+            solver=self.solver,
+            linear_solver=self.linear_solver,
+            optimality_tol=self.optimality_tol,
+            throw=self.throw,
+            return_info=True,
+        )
+        return x, info
