@@ -18,7 +18,7 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 demo: setup
-	$(BIN)/python -m bilevel.demo --out $(OUT)
+	$(BIN)/python examples/demo.py --out $(OUT)
 
 test: setup
 	$(BIN)/python -m pytest

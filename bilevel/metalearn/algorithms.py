@@ -56,6 +56,7 @@ __all__ = [
     "MetaStats",
     "ReptileStep",
     "Unrolled",
+    "adapt",
     "evaluate_batch",
     "make_algorithm",
     "meta_gradient",
@@ -541,6 +542,38 @@ def _stats(
     return MetaStats(ql, qa, sl, gn, res, neg, iters)
 
 
+def adapt(
+    algo: MetaAlgorithm,
+    model: ModelFn,
+    loss: LossFn,
+    theta: Params,
+    support_x: torch.Tensor,
+    support_y: torch.Tensor,
+    *,
+    lam: Lam | None = None,
+    vectorize: bool = True,
+) -> Params:
+    """Adapt theta to a batch of support sets with the algorithm's inner solver (no gradient).
+
+    Args:
+        support_x, support_y: support sets with a leading task dimension B.
+
+    Returns:
+        phi by name, every tensor with the leading dimension B.
+    """
+    task = _Task(model, loss, True)
+    lam_v: Lam = algo.lam if lam is None else lam
+    if isinstance(lam_v, dict):
+        lam_v = {k: v.detach() for k, v in lam_v.items()}
+    elif isinstance(lam_v, torch.Tensor):
+        lam_v = lam_v.detach()
+    theta_d = {k: v.detach() for k, v in theta.items()}
+    with torch.no_grad():
+        if isinstance(algo.inner, InnerGD):
+            return _inner_gd(task, algo.inner, theta_d, lam_v, support_x, support_y, vectorize)
+        return _inner_newton(task, algo.inner, theta_d, lam_v, support_x, support_y)
+
+
 def evaluate_batch(
     algo: MetaAlgorithm,
     model: ModelFn,
@@ -558,17 +591,7 @@ def evaluate_batch(
         ``(query_loss, query_acc)`` per task, shape (B,) each.
     """
     task = _Task(model, loss, classification)
-    lam_v: Lam = algo.lam if lam is None else lam
-    if isinstance(lam_v, dict):
-        lam_v = {k: v.detach() for k, v in lam_v.items()}
-    elif isinstance(lam_v, torch.Tensor):
-        lam_v = lam_v.detach()
-    theta_d = {k: v.detach() for k, v in theta.items()}
+    phi = adapt(algo, model, loss, theta, batch.support_x, batch.support_y, lam=lam, vectorize=vectorize)
     with torch.no_grad():
-        if isinstance(algo.inner, InnerGD):
-            inner = InnerGD(algo.inner.steps, algo.inner.lr, algo.inner.tol)
-            phi = _inner_gd(task, inner, theta_d, lam_v, batch.support_x, batch.support_y, vectorize)
-        else:
-            phi = _inner_newton(task, algo.inner, theta_d, lam_v, batch.support_x, batch.support_y)
         ql, qa = _batch_map(task.query, vectorize, (0, 0, 0))(phi, batch.query_x, batch.query_y)
     return ql, qa
