@@ -285,3 +285,50 @@ def test_two_gloo_ranks_equal_one_process(tmp_path: Path) -> None:
     assert not torch.equal(a["log_lam"]["lam"], torch.tensor(0.6931471805599453, dtype=torch.float64))
     # only rank 0 wrote files
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+
+
+def test_sigterm_stops_after_the_step_and_still_evaluates(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bilevel.metalearn",
+            "train",
+            "--algo",
+            "fomaml",
+            "--dataset",
+            "sinusoid",
+            "--shots",
+            "5",
+            "--meta-steps",
+            "1000000",
+            "--meta-batch",
+            "2",
+            "--test-tasks",
+            "3",
+            "--log-every",
+            "1",
+            "--no-progress",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 120
+    while not (out / "log.jsonl").exists() or not (out / "log.jsonl").read_text().count("\n") >= 2:
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["stopped_early"] and 2 <= metrics["meta_steps_done"] < 1000000
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == metrics["meta_steps_done"]
