@@ -170,8 +170,8 @@ def test_divergence_reports_nonfinite_and_keeps_a_finite_iterate() -> None:
 
 def test_nan_objective_reports_nonfinite() -> None:
     def obj(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        # Defined for x < 1 only; a fixed step jumps past it.
-        return ((x - theta) ** 2).sum() + torch.log(1.0 - x).sum() * 0.0 + torch.sqrt(1.0 - x).sum()
+        # Defined for x <= 1 only (NaN beyond); the minimizer of the first term is at 2.
+        return ((x - theta) ** 2).sum() + torch.sqrt(1.0 - x).sum()
 
     res = GradientDescent(lr=0.4, max_iter=100, tol=1e-10)(
         obj, torch.zeros(3, dtype=D), torch.full((3,), 2.0, dtype=D)
