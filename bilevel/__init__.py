@@ -6,6 +6,8 @@
 See `implicit_argmin` for the contract, and the README for an overview.
 """
 
+from . import hyperopt as hyperopt
+from . import layers as layers
 from . import solvers as solvers
 from . import theory as theory
 from ._errors import BilevelError as BilevelError
@@ -80,8 +82,10 @@ __all__ = [
     "StructureError",
     "TensorTree",
     "fixed_point",
+    "hyperopt",
     "implicit_argmin",
     "implicit_root",
+    "layers",
     "solvers",
     "theory",
 ]

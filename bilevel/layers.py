@@ -88,6 +88,13 @@ class _ImplicitLayer(nn.Module):
             raise TypeError(f"{who}: solver must be a callable solver(fn, init, theta), got {solver!r}")
         if optimality_tol is not None and not optimality_tol >= 0:
             raise ValueError(f"{who}(optimality_tol={optimality_tol}): must be >= 0 or None")
+        if isinstance(fn, nn.Module) and any(p.requires_grad for p in fn.parameters()):
+            # They would silently get no gradient: the implicit backward differentiates the inputs only.
+            raise ValueError(
+                f"{who}: the objective/condition is a Module with trainable parameters, which would "
+                "get no gradient; pass them as inputs instead, e.g. layer(z, *module.parameters()) "
+                "with torch.func.functional_call inside the objective, or freeze them"
+            )
         self._who = who
         self.fn = fn
         self.solver = solver

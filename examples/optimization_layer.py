@@ -17,12 +17,18 @@ Model: a linear map z = W x + c followed by one of
                 function theorem on the projected-gradient fixed point
                 x = T(x, z) = proj(x - eta (x - z)), eta = 1/2.
 
-All three are trained by Adam on the same squared error 1/2 ||output - p||^2 (mean over
-bags), from the same initialization.  Reported on test bags: the mean absolute error
-sum_k |output_k - p_k| (twice the total variation distance) and the squared error; and,
-for the unconstrained model, the same metrics after projecting its outputs onto the
-simplex at test time only (to tell training through the layer from projecting
-afterwards).
+All are trained by Adam (batches of 100 bags) on the same squared error
+1/2 ||output - p||^2 (mean over bags).  Stage 1 trains the linear model alone; stage 2
+trains each head for as many epochs again, starting from stage 1's (W, c), and, as a
+control, from scratch for both stages' epochs.  The simplex layer from scratch does
+not train: a coordinate outside the support (x_k = 0) gets no gradient (the projection's
+Jacobian is zero in its row and column), so a target class pushed out of a bag's support
+early cannot come back; started from stage 1, whose projected outputs are already close,
+it trains well.
+Reported on test bags: the mean absolute error sum_k |output_k - p_k| (twice the total
+variation distance), the squared error and the accuracy of the predicted support; for
+the unconstrained model also after projecting its outputs onto the simplex at test
+time only (to tell training through the layer from projecting afterwards).
 
 Gradient check (float64): the gradient of the training loss with respect to (W, c)
 through the layer, against central finite differences of the loss (each a fresh black-box
@@ -212,8 +218,9 @@ def gradient_check(layer: FixedPointLayer, bags: Bags, seed: int) -> dict[str, f
     }
 
 
-def evaluate(name: str, model: Model, train_bags: Bags, test_bags: Bags, seconds: float,
-             project: bool = False) -> dict[str, object]:
+def evaluate(
+    name: str, model: Model, train_bags: Bags, test_bags: Bags, seconds: float, project: bool = False
+) -> dict[str, object]:
     with torch.no_grad():
         out_tr, out_te = model(train_bags.x), model(test_bags.x)
         if project:
@@ -269,8 +276,9 @@ def main() -> None:
     # Stage 2: every head trained `epochs` more epochs from there, and from scratch for 2 x epochs.
     cont, t = fit("none", pre, epochs)
     rows.append(evaluate("linear (no layer)", cont, train_bags, test_bags, t_pre + t))
-    rows.append(evaluate("linear, projected at test time only", cont, train_bags, test_bags, t_pre + t,
-                         project=True))
+    rows.append(
+        evaluate("linear, projected at test time only", cont, train_bags, test_bags, t_pre + t, project=True)
+    )
     back = None
     for head, label in (("softmax", "linear + softmax"), ("simplex", "linear + simplex layer")):
         model, t = fit(head, pre, epochs)
@@ -291,19 +299,27 @@ def main() -> None:
         writer = csv.DictWriter(f, fieldnames=list(check))
         writer.writeheader()
         writer.writerow(check)
-    print(f"bags: {n_train} train / {n_test} test, {args.bag_size} images each; {epochs} epochs per stage; "
-          f"layer solver: {args.solver}")
+    print(
+        f"bags: {n_train} train / {n_test} test, {args.bag_size} images each; {epochs} epochs per stage; "
+        f"layer solver: {args.solver}"
+    )
     print(f"{'model':45s} {'train loss':>10s} {'test MAE':>9s} {'test sq err':>11s} {'support acc':>11s}")
     for r in rows:
-        print(f"{r['model']:45s} {r['train_loss']:10.5f} {r['mae']:9.5f} {r['sq_err']:11.6f} "
-              f"{r['support_acc']:11.4f}")
+        print(
+            f"{r['model']:45s} {r['train_loss']:10.5f} {r['mae']:9.5f} {r['sq_err']:11.6f} "
+            f"{r['support_acc']:11.4f}"
+        )
     if back is not None:
-        print(f"last training step's backward solve: {back.status.name}, {back.n_iter} GMRES iterations, "
-              f"relative residual {back.relative_residual:.1e}")
-    print(f"gradient check ({args.solver} solver) over {int(check['n_params'])} parameters "
-          f"(float64, central differences, eps=1e-6): max abs err {check['max_abs_err']:.2e}, "
-          f"max rel err {check['max_rel_err']:.2e} "
-          f"(largest |grad| {check['grad_max']:.2e}); torch.autograd.gradcheck: {bool(check['gradcheck'])}")
+        print(
+            f"last training step's backward solve: {back.status.name}, {back.n_iter} GMRES iterations, "
+            f"relative residual {back.relative_residual:.1e}"
+        )
+    print(
+        f"gradient check ({args.solver} solver) over {int(check['n_params'])} parameters "
+        f"(float64, central differences, eps=1e-6): max abs err {check['max_abs_err']:.2e}, "
+        f"max rel err {check['max_rel_err']:.2e} "
+        f"(largest |grad| {check['grad_max']:.2e}); torch.autograd.gradcheck: {bool(check['gradcheck'])}"
+    )
     print(f"wrote {args.out / 'optimization_layer.csv'} and {args.out / 'gradient_check.csv'}")
 
 
