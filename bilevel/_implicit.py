@@ -310,23 +310,26 @@ def implicit_argmin(
     """
     _check_common("implicit_argmin", solver, optimality_tol, init)
     oracle = as_oracle(hvp)
-    probe_objective = _scalar_checked(objective)
-    problem = _Problem(
-        name="implicit_argmin",
-        condition=gradient_condition(probe_objective),
-        residual=gradient_condition(probe_objective, create_graph=False),
-        objective=objective,
-        init=init,
-        theta_like=theta,
-        solver=solver,
-        linearize=lambda point: oracle.linearize(probe_objective, point),
-        linear_solver=linear_solver if linear_solver is not None else CG(),
-        optimality_tol=optimality_tol,
-        throw=throw,
-        backward_x0=backward_x0,
-        info=ImplicitInfo(),
+    checked = _scalar_checked(objective)
+    return _run(
+        _Problem(
+            name="implicit_argmin",
+            condition=gradient_condition(checked),
+            residual=gradient_condition(checked, create_graph=False),
+            objective=objective,
+            init=init,
+            theta_like=theta,
+            solver=solver,
+            linearize=lambda point: oracle.linearize(checked, point),
+            linear_solver=linear_solver if linear_solver is not None else CG(),
+            optimality_tol=optimality_tol,
+            throw=throw,
+            backward_x0=backward_x0,
+            info=ImplicitInfo(),
+        ),
+        theta,
+        return_info,
     )
-    return _run(problem, theta, return_info)
 
 
 def _scalar_checked(objective: Objective) -> Objective:
@@ -338,6 +341,39 @@ def _scalar_checked(objective: Objective) -> Objective:
 
 def _root_linearization(point: Point) -> Linearization:
     return Linearization(point.vjp_phi, point.vjp_theta)
+
+
+def _run_root(
+    name: str,
+    F: RootFn,
+    passed_to_solver: Callable[..., Any],
+    init: TensorTree,
+    theta: TensorTree,
+    solver: Callable[..., Any],
+    linear_solver: LinearSolver | None,
+    optimality_tol: float | None,
+    throw: bool,
+    backward_x0: torch.Tensor | None,
+    return_info: bool,
+) -> Any:
+    """`implicit_root` and `fixed_point`: F(x, theta) = 0, reverse-mode products, GMRES default."""
+    _check_common(name, solver, optimality_tol, init)
+    problem = _Problem(
+        name=name,
+        condition=F,
+        residual=F,
+        objective=passed_to_solver,
+        init=init,
+        theta_like=theta,
+        solver=solver,
+        linearize=_root_linearization,
+        linear_solver=linear_solver if linear_solver is not None else GMRES(),
+        optimality_tol=optimality_tol,
+        throw=throw,
+        backward_x0=backward_x0,
+        info=ImplicitInfo(),
+    )
+    return _run(problem, theta, return_info)
 
 
 def implicit_root(
@@ -370,23 +406,19 @@ def implicit_root(
     Returns:
         x with the structure of ``init`` (and the `ImplicitInfo` if ``return_info``).
     """
-    _check_common("implicit_root", solver, optimality_tol, init)
-    problem = _Problem(
-        name="implicit_root",
-        condition=F,
-        residual=F,
-        objective=F,
-        init=init,
-        theta_like=theta,
-        solver=solver,
-        linearize=_root_linearization,
-        linear_solver=linear_solver if linear_solver is not None else GMRES(),
-        optimality_tol=optimality_tol,
-        throw=throw,
-        backward_x0=backward_x0,
-        info=ImplicitInfo(),
+    return _run_root(
+        "implicit_root",
+        F,
+        F,
+        init,
+        theta,
+        solver,
+        linear_solver,
+        optimality_tol,
+        throw,
+        backward_x0,
+        return_info,
     )
-    return _run(problem, theta, return_info)
 
 
 def fixed_point(
@@ -417,20 +449,16 @@ def fixed_point(
     def F(x: TensorTree, th: TensorTree) -> TensorTree:
         return unflatten(x, [a - b for a, b in zip(leaves(T(x, th)), leaves(x))])
 
-    _check_common("fixed_point", solver, optimality_tol, init)
-    problem = _Problem(
-        name="fixed_point",
-        condition=F,
-        residual=F,
-        objective=T,
-        init=init,
-        theta_like=theta,
-        solver=solver,
-        linearize=_root_linearization,
-        linear_solver=linear_solver if linear_solver is not None else GMRES(),
-        optimality_tol=optimality_tol,
-        throw=throw,
-        backward_x0=backward_x0,
-        info=ImplicitInfo(),
+    return _run_root(
+        "fixed_point",
+        F,
+        T,
+        init,
+        theta,
+        solver,
+        linear_solver,
+        optimality_tol,
+        throw,
+        backward_x0,
+        return_info,
     )
-    return _run(problem, theta, return_info)

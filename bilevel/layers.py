@@ -252,7 +252,48 @@ class ArgminLayer(_ImplicitLayer):
         return x, info
 
 
-class RootLayer(_ImplicitLayer):
+class _ConditionLayer(_ImplicitLayer):
+    """Shared body of `RootLayer` and `FixedPointLayer`: they differ only in ``_transform``."""
+
+    _transform: Callable[..., Any]
+
+    def __init__(
+        self,
+        fn: RootFn,
+        solver: Callable[..., Any],
+        init: Init = None,
+        *,
+        linear_solver: LinearSolver | None = None,
+        optimality_tol: float | None = 1e-3,
+        throw: bool = True,
+        warm_start: bool = False,
+    ) -> None:
+        super().__init__(
+            type(self).__name__,
+            fn,
+            solver,
+            init,
+            linear_solver=linear_solver,
+            optimality_tol=optimality_tol,
+            throw=throw,
+            warm_start=warm_start,
+        )
+
+    def _solve(self, init: TensorTree, theta: TensorTree) -> tuple[TensorTree, ImplicitInfo]:
+        x, info = type(self)._transform(
+            self.fn,
+            init,
+            theta,
+            solver=self.solver,
+            linear_solver=self.linear_solver,
+            optimality_tol=self.optimality_tol,
+            throw=self.throw,
+            return_info=True,
+        )
+        return x, info
+
+
+class RootLayer(_ConditionLayer):
     """x*(theta) with F(x*, theta) = 0 as a module, differentiated by `bilevel.implicit_root`.
 
     Backward: solve (dF/dx)^T u = dL/dx (``linear_solver``, GMRES by default), return
@@ -268,43 +309,10 @@ class RootLayer(_ImplicitLayer):
             (the residual checked is ||F(x, theta)||).
     """
 
-    def __init__(
-        self,
-        F: RootFn,
-        solver: Callable[..., Any],
-        init: Init = None,
-        *,
-        linear_solver: LinearSolver | None = None,
-        optimality_tol: float | None = 1e-3,
-        throw: bool = True,
-        warm_start: bool = False,
-    ) -> None:
-        super().__init__(
-            "RootLayer",
-            F,
-            solver,
-            init,
-            linear_solver=linear_solver,
-            optimality_tol=optimality_tol,
-            throw=throw,
-            warm_start=warm_start,
-        )
-
-    def _solve(self, init: TensorTree, theta: TensorTree) -> tuple[TensorTree, ImplicitInfo]:
-        x, info = implicit_root(
-            self.fn,
-            init,
-            theta,
-            solver=self.solver,
-            linear_solver=self.linear_solver,
-            optimality_tol=self.optimality_tol,
-            throw=self.throw,
-            return_info=True,
-        )
-        return x, info
+    _transform = staticmethod(implicit_root)
 
 
-class FixedPointLayer(_ImplicitLayer):
+class FixedPointLayer(_ConditionLayer):
     """x*(theta) with x* = T(x*, theta) as a module, differentiated by `bilevel.fixed_point`.
 
     The usual constrained layer: T(x, theta) = proj_C(x - eta grad_x f(x, theta)),
@@ -321,37 +329,4 @@ class FixedPointLayer(_ImplicitLayer):
             (the residual checked is ||T(x, theta) - x||).
     """
 
-    def __init__(
-        self,
-        T: RootFn,
-        solver: Callable[..., Any],
-        init: Init = None,
-        *,
-        linear_solver: LinearSolver | None = None,
-        optimality_tol: float | None = 1e-3,
-        throw: bool = True,
-        warm_start: bool = False,
-    ) -> None:
-        super().__init__(
-            "FixedPointLayer",
-            T,
-            solver,
-            init,
-            linear_solver=linear_solver,
-            optimality_tol=optimality_tol,
-            throw=throw,
-            warm_start=warm_start,
-        )
-
-    def _solve(self, init: TensorTree, theta: TensorTree) -> tuple[TensorTree, ImplicitInfo]:
-        x, info = fixed_point(
-            self.fn,
-            init,
-            theta,
-            solver=self.solver,
-            linear_solver=self.linear_solver,
-            optimality_tol=self.optimality_tol,
-            throw=self.throw,
-            return_info=True,
-        )
-        return x, info
+    _transform = staticmethod(fixed_point)
