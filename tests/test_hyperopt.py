@@ -268,7 +268,7 @@ def test_float32_runs() -> None:
     assert res.outer_loss <= res.outer_losses[0]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.gpu  # deselected by default; run with -m gpu on a CUDA machine
 def test_cuda_matches_cpu() -> None:
     dev = torch.device("cuda")
     Xt, yt = X_TR.to(dev), Y_TR.to(dev)

@@ -137,7 +137,7 @@ def test_fixed_point_layer_diagnostics_and_warm_start() -> None:
 
 # ---------------------------------------------------------------- box-constrained least squares by cvxpy
 def test_box_least_squares_by_cvxpy_matches_reduced_normal_equations() -> None:
-    cp = pytest.importorskip("cvxpy")
+    import cvxpy as cp
     g = torch.Generator().manual_seed(4)
     m, n = 12, 6
     A = torch.randn(m, n, generator=g, dtype=D)
@@ -252,7 +252,7 @@ def test_argmin_layer_with_several_inputs_and_callable_init() -> None:
     assert net[0].weight.grad is not None and float(net[0].weight.grad.abs().sum()) > 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.gpu  # deselected by default; run with -m gpu on a CUDA machine
 def test_layers_on_cuda() -> None:
     dev = torch.device("cuda")
     z = z_batch().to(dev).requires_grad_(True)

@@ -34,8 +34,6 @@ TOL = 1e-9  # inner gradient-norm tolerance of the float64 tests
 # SciPy's line search compares values of f, whose rounding (~1e-16 |f|) hides decreases
 # ~||g||^2 / L: below ||g|| ~ 1e-8 it stalls (see ScipyLBFGS's docstring).
 TOL_LBFGS = 1e-7
-HAS_CORE = hasattr(bl, "implicit_argmin")
-needs_core = pytest.mark.skipif(not HAS_CORE, reason="bilevel.implicit_argmin not available yet")
 
 
 @functools.cache
@@ -482,7 +480,6 @@ HYPER_CASES = [(k, n) for k in ["gd", "nesterov_mu", "newton", "lbfgs"] for n in
 HYPER_CASES += [("newton", "rosenbrock"), ("lbfgs", "rosenbrock")]
 
 
-@needs_core
 @pytest.mark.parametrize(("kind", "name"), HYPER_CASES)
 def test_implicit_hypergradient_matches_reference(kind: str, name: str) -> None:
     p = problem(name)
@@ -500,7 +497,6 @@ def test_implicit_hypergradient_matches_reference(kind: str, name: str) -> None:
     torch.testing.assert_close(theta.grad, p.hypergrad, rtol=0, atol=atol)
 
 
-@needs_core
 @pytest.mark.parametrize("kind", ["gd", "nesterov", "newton"])
 def test_implicit_hypergradient_of_a_batch(kind: str) -> None:
     q = P.batched_quadratic()

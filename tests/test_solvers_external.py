@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import cvxpy as cp
 import numpy as np
 import problems as P
 import pytest
@@ -26,13 +27,7 @@ from bilevel.solvers import (
     sklearn_ridge_objective,
 )
 
-cp = pytest.importorskip("cvxpy")
-pytest.importorskip("sklearn")
-
 D = torch.float64
-needs_core = pytest.mark.skipif(
-    not (hasattr(bl, "implicit_argmin") and hasattr(bl, "fixed_point")), reason="core not available yet"
-)
 
 
 def t64(a: np.ndarray) -> torch.Tensor:
@@ -95,7 +90,6 @@ def test_cvxpy_solves_ridge() -> None:
     )
 
 
-@needs_core
 def test_cvxpy_ridge_hypergradient() -> None:
     X, y, Xv, yv = regression_data()
     solver, _ = cvxpy_ridge(X, y)
@@ -124,7 +118,6 @@ def box_lsq(seed: int = 4, m: int = 12, n: int = 6, bound: float = 0.5):  # type
     return A, b_val, bound, solver
 
 
-@needs_core
 def test_cvxpy_box_constrained_lsq_derivative_via_fixed_point() -> None:
     A, b_val, bound, solver = box_lsq()
     At = t64(A)
@@ -152,7 +145,6 @@ def test_cvxpy_box_constrained_lsq_derivative_via_fixed_point() -> None:
     torch.testing.assert_close(b.grad, t64(expected), rtol=1e-7, atol=1e-9)
 
 
-@needs_core
 def test_cvxpy_kkt_with_duals_via_implicit_root() -> None:
     """Projection onto the hyperplane sum(z) = 1: unknowns (z, nu), F = KKT conditions."""
     n = 4
@@ -238,7 +230,6 @@ def test_sklearn_ridge_reaches_closed_form(intercept: bool) -> None:
     assert res.grad_norm < 1e-9 and res.n_gev == 1
 
 
-@needs_core
 @pytest.mark.parametrize("intercept", [True, False])
 def test_sklearn_ridge_hypergradient(intercept: bool) -> None:
     X, y, Xv, yv = regression_data()
@@ -251,7 +242,6 @@ def test_sklearn_ridge_hypergradient(intercept: bool) -> None:
     assert float(alpha.grad) == pytest.approx(ridge_hypergrad(X, y, Xv, yv, 3.0, intercept), rel=1e-8)  # type: ignore[arg-type]
 
 
-@needs_core
 def test_sklearn_scaling_mismatch_is_caught() -> None:
     """An objective with a 1/n (a common mistake) is not what Ridge minimizes."""
     X, y, _, _ = regression_data()
@@ -290,7 +280,6 @@ def test_sklearn_logistic_reaches_reference() -> None:
     assert res.grad_norm < 1e-6
 
 
-@needs_core
 def test_sklearn_logistic_hypergradient_against_finite_differences() -> None:
     X, y, Xv, yv = logistic_data()
     inner = SklearnLogisticRegression(X, y)
@@ -406,7 +395,6 @@ def test_subprocess_returns_the_external_answer(external) -> None:  # type: igno
     assert res.grad_norm < 1e-9 and res.n_gev == 1  # measured here, in torch
 
 
-@needs_core
 def test_subprocess_hypergradient(external) -> None:  # type: ignore[no-untyped-def]
     X, y, Xv, yv = external[2]
     alpha = torch.tensor(2.0, dtype=D, requires_grad=True)
