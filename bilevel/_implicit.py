@@ -281,8 +281,8 @@ def implicit_argmin(
             to every leaf that requires grad, however it enters G.
         solver: ``solver(objective, init, theta) -> SolverResult | solution``,
             called without autograd; may leave PyTorch (NumPy, SciPy, a subprocess).
-        hvp: ``None`` (forward-over-reverse autodiff, reverse-over-reverse fallback),
-            an oracle (`ForwardOverReverse`, `ReverseOverReverse`,
+        hvp: ``None`` (reverse-over-reverse through one retained graph, the fastest
+            in eager PyTorch), an oracle (`ReverseOverReverse`, `ForwardOverReverse`,
             `FiniteDifferenceHVP`, `DenseHessian`) or ``hvp(phi, theta, v)``.
         linear_solver: solves the Hessian system; default ``CG()`` (1e-10 relative
             residual in float64, 1e-5 in float32).

@@ -239,7 +239,7 @@ def imaml_gradient(
             theta.detach().clone(),
             th,
             solver=Precomputed(phi_K, steps),
-            # Double backward through one retained graph.  The default forward-over-reverse HVP
+            # Double backward through one retained graph.  Forward-over-reverse HVPs
             # (torch.func.jvp) costs ~20 ms per product here and imports torch._dynamo (~5 s).
             hvp=bl.ReverseOverReverse(),
             linear_solver=bl.CG(max_iter=cg_iters, rtol=0.0),

@@ -36,9 +36,9 @@ REL = 1e-9
 seeds = st.integers(0, 2**32 - 1)
 dims = st.integers(3, 10)
 lams = st.floats(0.2, 10.0)
-#: The layer's exact HVP oracles (None: the default, forward-over-reverse).  Finite
+#: The layer's exact HVP oracles (None: the default, reverse-over-reverse).  Finite
 #: differences are left to tests/test_hvp.py: their truncation error is not a Lemma 1 matter.
-oracles = st.sampled_from([None, bl.ReverseOverReverse(), bl.DenseHessian()])
+oracles = st.sampled_from([None, bl.ForwardOverReverse(), bl.DenseHessian()])
 
 Vec = torch.Tensor
 
@@ -269,7 +269,7 @@ def layer_metagrad(
     """theta.grad of Lq(implicit_argmin(G)) through the layer; returns (phi, g, info).
 
     HVPs by ``ReverseOverReverse`` unless given: on these 10-dimensional problems it is
-    ~15x faster than the default forward-over-reverse (torch.func overhead per call);
+    ~15x faster than forward-over-reverse (torch.func overhead per call);
     the Lemma 1 tests cover the other oracles.
 
     ``throw=False`` with the warnings silenced: these tests run deliberately inexact
@@ -466,6 +466,7 @@ def test_theorem2_logistic(
 def test_theorem2_with_library_nesterov() -> None:
     """The budget, spent by bl.solvers.Nesterov (plain scheme) and Budget.cg(), meets eps; certify agrees."""
     import bilevel.solvers as solvers
+
     for seed in range(3):
         task = logistic_task(seed, 8, 0.3)
         for eps in (1e-3, 1e-7):
