@@ -138,6 +138,7 @@ def test_fixed_point_layer_diagnostics_and_warm_start() -> None:
 # ---------------------------------------------------------------- box-constrained least squares by cvxpy
 def test_box_least_squares_by_cvxpy_matches_reduced_normal_equations() -> None:
     import cvxpy as cp
+
     g = torch.Generator().manual_seed(4)
     m, n = 12, 6
     A = torch.randn(m, n, generator=g, dtype=D)

@@ -12,6 +12,7 @@ from bilevel.metalearn.models import (
     MLP,
     ConvNet,
     Params,
+    batched_model,
     default_model,
     init_params,
     make_functional,
@@ -255,3 +256,38 @@ def test_cached_batched_hvp_through_the_cnn_equals_per_task_hvp() -> None:
         _, ref = jvp(lambda p, i=i: grad(loss)(p, x[i], y[i]), (pi,), (ui,))
         for k in ref:
             torch.testing.assert_close(batched[k][i], ref[k], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        omniglot_cnn(4, hidden=3, image_size=12),
+        ConvNet(3, in_channels=2, hidden=4, image_size=(20, 17), conv_bias=True),
+        ConvNet(3, in_channels=3, hidden=4, image_size=16, pool=True),
+        MLP(2, (6, 5), 3),
+    ],
+    ids=["omniglot", "bias-nonsquare", "pool", "mlp"],
+)
+def test_batched_model_equals_the_per_task_model(model: torch.nn.Module) -> None:
+    """exact, fast and single against vmap of the functional per-task model, float64."""
+    fn, p = make_functional(model, torch.Generator().manual_seed(0), dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    B = 3
+    pb = {k: v + 0.1 * torch.randn(B, *v.shape, generator=g, dtype=v.dtype) for k, v in p.items()}
+    if isinstance(model, MLP):
+        x = torch.randn(B, 7, 2, generator=g, dtype=torch.float64)
+    else:
+        assert isinstance(model, ConvNet)
+        x = torch.randn(B, 6, model.in_channels, *model.image_size, generator=g, dtype=torch.float64)
+    ref = torch.func.vmap(fn)(pb, x)
+    bm = batched_model(model)
+    assert bm is not None
+    torch.testing.assert_close(bm.exact(pb, x), ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(bm.fast(pb, x), ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        bm.single({k: v[1] for k, v in pb.items()}, x[1]), ref[1], rtol=1e-12, atol=1e-12
+    )
+
+
+def test_batched_model_is_none_for_other_modules() -> None:
+    assert batched_model(torch.nn.Linear(2, 2)) is None

@@ -13,6 +13,7 @@ import pytest
 import torch
 from test_metalearn_data import make_omniglot  # generated images in the official layout
 
+import bilevel as bl
 from bilevel.metalearn.__main__ import main
 from bilevel.metalearn.datasets import DatasetNotFoundError
 from bilevel.metalearn.train import TrainConfig, load_checkpoint, train
@@ -116,6 +117,49 @@ def test_every_algorithm_trains_on_sinusoid(algo: str, tmp_path: Path) -> None:
     assert (
         metrics["test_loss"] > 0 and metrics["test_accuracy"] != metrics["test_accuracy"]
     )  # NaN: regression
+
+
+def test_a_diverging_inner_solver_stops_training_with_a_clear_error(tmp_path: Path) -> None:
+    cfg = TrainConfig(
+        algo="fomaml",
+        dataset="sinusoid",
+        shots=5,
+        queries=5,
+        meta_batch=2,
+        meta_steps=3,
+        inner_steps=30,
+        inner_lr=50.0,  # GD on a loss of curvature ~10-100: diverges to infinity, then NaN
+        test_tasks=2,
+        threads=1,
+        out=str(tmp_path),
+    )
+    with pytest.raises(bl.NonFiniteError, match="lower --inner-lr"):
+        train(cfg, progress=False)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_batched_and_vmap_training_agree(batched: bool, tmp_path: Path) -> None:
+    """Two meta-steps of iMAML on the sinusoid MLP in float64: same metrics either way."""
+    runs = []
+    for b in (True, False):
+        cfg = TrainConfig(
+            algo="imaml-gd",
+            dataset="sinusoid",
+            shots=5,
+            queries=5,
+            meta_batch=3,
+            meta_steps=2,
+            inner_steps=3,
+            inner_lr=0.01,
+            test_tasks=4,
+            threads=1,
+            dtype="float64",
+            batched=b,
+            vectorize=batched,
+            out=str(tmp_path / str(b)),
+        )
+        runs.append(train(cfg, progress=False))
+    assert runs[0]["test_loss"] == pytest.approx(runs[1]["test_loss"], rel=1e-10)
 
 
 def test_learned_lambda_moves_and_is_saved(tmp_path: Path) -> None:
@@ -309,6 +353,8 @@ def test_sigterm_stops_after_the_step_and_still_evaluates(tmp_path: Path) -> Non
             "1000000",
             "--meta-batch",
             "2",
+            "--inner-lr",
+            "0.01",
             "--test-tasks",
             "3",
             "--log-every",

@@ -69,7 +69,7 @@ import torch.nn.functional as F
 
 import bilevel as bl
 from bilevel.metalearn.algorithms import Implicit, InnerGD, MetaAlgorithm, make_algorithm, meta_gradient
-from bilevel.metalearn.models import make_functional, omniglot_cnn
+from bilevel.metalearn.models import BatchedModel, batched_model, make_functional, omniglot_cnn
 from bilevel.metalearn.tasks import Task
 
 Params = dict[str, torch.Tensor]
@@ -290,9 +290,11 @@ def torchopt_imaml(fn: Any, names: list[str], lam: float, lr: float, steps: int,
 IMAML = MetaAlgorithm(InnerGD(16, 0.1), Implicit(cg_iters=5, warm_start=False), 2.0)
 
 
-def ours_imaml(fn: Any, theta: Params, batch: Task, vectorize: bool = True) -> list[torch.Tensor]:
+def ours_imaml(
+    fn: Any, theta: Params, batch: Task, vectorize: bool = True, bm: BatchedModel | None = None
+) -> list[torch.Tensor]:
     g, _, stats = meta_gradient(
-        IMAML, fn, F.cross_entropy, theta, batch, vectorize=vectorize, diagnostics=False
+        IMAML, fn, F.cross_entropy, theta, batch, vectorize=vectorize, diagnostics=False, batched=bm
     )
     if bool(stats.negative_curvature.any()):
         # our CG stops a task at negative curvature and TorchOpt's does not: the work would differ
@@ -306,52 +308,39 @@ def section_imaml(args: argparse.Namespace) -> list[Comparison]:
         st = SETTINGS[key]
         mb = args.meta_batch[key]
         # agreement, float64, on a meta-batch of 2 tasks
-        _, th64, fn64, b64 = fewshot(st, 2, torch.float64)
+        m64, th64, fn64, b64 = fewshot(st, 2, torch.float64)
         names = list(th64)
-        ref = ours_imaml(fn64, th64, b64)
         theirs = torchopt_imaml(fn64, names, IMAML.lam, IMAML.inner.lr, IMAML.inner.steps, 5)(th64, b64)  # type: ignore[union-attr]
-        err = rel_err(ref, theirs)
-        loop = rel_err(ours_imaml(fn64, th64, b64, vectorize=False), theirs)
-        print(f"[imaml] {st.name}: float64 agreement ours vs TorchOpt {err:.2e} (ours looped {loop:.2e})")
-        _, th, fn, batch = fewshot(st, mb, torch.float32)
+        err = rel_err(ours_imaml(fn64, th64, b64, bm=batched_model(m64)), theirs)
+        err_v = rel_err(ours_imaml(fn64, th64, b64), theirs)
+        print(f"[imaml] {st.name}: float64 agreement ours vs TorchOpt {err:.2e} (ours-vmap {err_v:.2e})")
+        model, th, fn, batch = fewshot(st, mb, torch.float32)
+        bm = batched_model(model)
         top = torchopt_imaml(fn, names, IMAML.lam, IMAML.inner.lr, IMAML.inner.steps, 5)  # type: ignore[union-attr]
-        one = sub(batch, 1)
-        out.append(
-            compare(
-                "imaml",
-                f"{st.name}, 1 task",
-                {
-                    "ours": functools.partial(ours_imaml, fn, th, one),
-                    "ours-loop": functools.partial(ours_imaml, fn, th, one, vectorize=False),
-                    "torchopt": functools.partial(top, th, one),
-                },
-                ours="ours",
-                peers=["torchopt"],
-                repeats=args.repeats,
-                unit="per task",
-                agreement={"torchopt": err},
-                also=["ours-loop"],
+        for label, b, reps, per in (
+            ("1 task", sub(batch, 1), args.repeats, 1),
+            (f"meta-batch of {mb}", batch, args.repeats_batched, mb),
+        ):
+            out.append(
+                compare(
+                    "imaml",
+                    f"{st.name}, {label}",
+                    {
+                        "ours": functools.partial(ours_imaml, fn, th, b, bm=bm),
+                        "ours-vmap": functools.partial(ours_imaml, fn, th, b),
+                        "torchopt": functools.partial(top, th, b),
+                    },
+                    ours="ours",
+                    peers=["torchopt"],
+                    repeats=reps,
+                    per=per,
+                    unit="per task",
+                    agreement={"torchopt": err, "torchopt (vs ours-vmap)": err_v},
+                    notes="ours: the engine with the batched model (the default in training); "
+                    "ours-vmap: batched=None, torch.func.vmap over tasks",
+                    also=["ours-vmap"],
+                )
             )
-        )
-        out.append(
-            compare(
-                "imaml",
-                f"{st.name}, meta-batch of {mb}",
-                {
-                    "ours": functools.partial(ours_imaml, fn, th, batch),
-                    "ours-loop": functools.partial(ours_imaml, fn, th, batch, vectorize=False),
-                    "torchopt": functools.partial(top, th, batch),
-                },
-                ours="ours",
-                peers=["torchopt"],
-                repeats=args.repeats_batched,
-                per=mb,
-                unit="per task",
-                agreement={"torchopt": err},
-                notes="ours vmapped over the meta-batch; ours-loop: vectorize=False",
-                also=["ours-loop"],
-            )
-        )
     return out
 
 
@@ -378,72 +367,50 @@ def higher_maml(model: torch.nn.Module, batch: Task) -> list[torch.Tensor]:
 MAML = make_algorithm("maml", inner_steps=MAML_STEPS, inner_lr=MAML_LR)
 
 
-def ours_maml(fn: Any, theta: Params, batch: Task, vectorize: bool = True) -> list[torch.Tensor]:
-    g, _, _ = meta_gradient(MAML, fn, F.cross_entropy, theta, batch, vectorize=vectorize, diagnostics=False)
+def ours_maml(
+    fn: Any, theta: Params, batch: Task, vectorize: bool = True, bm: BatchedModel | None = None
+) -> list[torch.Tensor]:
+    g, _, _ = meta_gradient(
+        MAML, fn, F.cross_entropy, theta, batch, vectorize=vectorize, diagnostics=False, batched=bm
+    )
     return list(g.values())
 
 
 def section_maml(args: argparse.Namespace) -> list[Comparison]:
-    import variants
-
     out = []
     for key in args.settings:
         st = SETTINGS[key]
         mb = args.meta_batch[key]
         m64, th64, fn64, b64 = fewshot(st, 2, torch.float64)
-        err = rel_err(ours_maml(fn64, th64, b64), higher_maml(m64, b64))
-        print(f"[maml] {st.name}: float64 agreement ours vs higher {err:.2e}")
-        bfn64 = variants.batched_convnet(m64)
-        err_b = rel_err(
-            variants.maml_batched(fn64, bfn64, th64, b64, MAML_STEPS, MAML_LR), ours_maml(fn64, th64, b64)
-        )
-        print(f"[maml] {st.name}: float64 agreement batched variant vs ours {err_b:.2e}")
+        ref = higher_maml(m64, b64)
+        err = rel_err(ours_maml(fn64, th64, b64, bm=batched_model(m64)), ref)
+        err_v = rel_err(ours_maml(fn64, th64, b64), ref)
+        print(f"[maml] {st.name}: float64 agreement ours vs higher {err:.2e} (ours-vmap {err_v:.2e})")
         model, th, fn, batch = fewshot(st, mb, torch.float32)
-        bfn = variants.batched_convnet(model)
-        one = sub(batch, 1)
-        out.append(
-            compare(
-                "maml",
-                f"{st.name}, 1 task",
-                {
-                    "ours": functools.partial(ours_maml, fn, th, one),
-                    "ours-loop": functools.partial(ours_maml, fn, th, one, vectorize=False),
-                    "batched": functools.partial(
-                        variants.maml_batched, fn, bfn, th, one, MAML_STEPS, MAML_LR
-                    ),
-                    "higher": functools.partial(higher_maml, model, one),
-                },
-                ours="ours",
-                peers=["higher"],
-                repeats=args.repeats,
-                unit="per task",
-                agreement={"higher": err, "batched (vs ours)": err_b},
-                also=["ours-loop", "batched"],
+        bm = batched_model(model)
+        for label, b, reps, per in (
+            ("1 task", sub(batch, 1), args.repeats, 1),
+            (f"meta-batch of {mb}", batch, args.repeats_batched, mb),
+        ):
+            out.append(
+                compare(
+                    "maml",
+                    f"{st.name}, {label}",
+                    {
+                        "ours": functools.partial(ours_maml, fn, th, b, bm=bm),
+                        "ours-vmap": functools.partial(ours_maml, fn, th, b),
+                        "higher": functools.partial(higher_maml, model, b),
+                    },
+                    ours="ours",
+                    peers=["higher"],
+                    repeats=reps,
+                    per=per,
+                    unit="per task",
+                    agreement={"higher": err, "higher (vs ours-vmap)": err_v},
+                    notes="ours: the engine with the batched model; ours-vmap: torch.func.vmap",
+                    also=["ours-vmap"],
+                )
             )
-        )
-        out.append(
-            compare(
-                "maml",
-                f"{st.name}, meta-batch of {mb}",
-                {
-                    "ours": functools.partial(ours_maml, fn, th, batch),
-                    "ours-loop": functools.partial(ours_maml, fn, th, batch, vectorize=False),
-                    "batched": functools.partial(
-                        variants.maml_batched, fn, bfn, th, batch, MAML_STEPS, MAML_LR
-                    ),
-                    "higher": functools.partial(higher_maml, model, batch),
-                },
-                ours="ours",
-                peers=["higher"],
-                repeats=args.repeats_batched,
-                per=mb,
-                unit="per task",
-                agreement={"higher": err, "batched (vs ours)": err_b},
-                notes="ours: vmapped over the meta-batch; ours-loop: vectorize=False; "
-                "batched: variants.maml_batched",
-                also=["ours-loop", "batched"],
-            )
-        )
     return out
 
 
@@ -632,7 +599,7 @@ def section_hyper(args: argparse.Namespace) -> list[Comparison]:
             ref = reference_hypergrad(p)
             impls = {
                 "ours": ours_hyper(p),
-                "ours-rr": ours_hyper(p, bl.ReverseOverReverse()),
+                "ours-fwd": ours_hyper(p, bl.ForwardOverReverse()),
                 "torchopt": torchopt_hyper(p),
             }
             jx, jsolve = jaxopt_hyper(p)
@@ -659,8 +626,8 @@ def section_hyper(args: argparse.Namespace) -> list[Comparison]:
                 peers=["jaxopt", "torchopt"],
                 repeats=args.repeats_hyper,
                 agreement=agree,
-                also=["ours-rr"],
-                notes="ours: default ForwardOverReverse HVP; ours-rr: bl.ReverseOverReverse(); "
+                also=["ours-fwd"],
+                notes="ours: the default HVP (ReverseOverReverse); ours-fwd: bl.ForwardOverReverse(); "
                 "solve-*: the inner solve alone. Errors against the dense reference: "
                 + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()),
             )
@@ -800,9 +767,16 @@ def section_roofline(args: argparse.Namespace) -> list[Comparison]:
         lam = IMAML.lam
         impls: dict[str, Callable[[], Any]] = {}
         per: dict[str, int] = {}
-        for method in ("vmap", "batched"):
+        fused = batched_model(model)
+        assert fused is not None
+        for method in ("vmap", "batched", "fused"):
             for B in sizes:
-                for prim, f in _primitives(method, B, fn, bfn, th, big, lam).items():
+                f_b = fused.fast if method == "fused" else bfn
+                for prim, f in _primitives(
+                    "batched" if method == "fused" else method, B, fn, f_b, th, big, lam
+                ).items():
+                    if method == "fused" and prim in ("lin", "hvp"):
+                        continue  # the fused norm's double backward is not trusted
                     if prim == "query" and B > args.roofline_query_max[key]:
                         continue  # the query gradient is larger; big batches are slow and never best
                     impls[f"{prim}@{method}{B}"] = f
@@ -812,11 +786,9 @@ def section_roofline(args: argparse.Namespace) -> list[Comparison]:
             per[f"{prim}@loop"] = 1
         mb = args.meta_batch[key]
         mbatch = sub(big, mb)
-        vs = variants.variants(model, fn, IMAML)
-        impls["metastep"] = functools.partial(ours_imaml, fn, th, mbatch)
-        impls["metastep-loop"] = functools.partial(ours_imaml, fn, th, mbatch, vectorize=False)
-        impls["metastep-batched"] = functools.partial(vs["batched"], th, mbatch)
-        per.update({"metastep": mb, "metastep-loop": mb, "metastep-batched": mb})
+        impls["metastep"] = functools.partial(ours_imaml, fn, th, mbatch, bm=batched_model(model))
+        impls["metastep-vmap"] = functools.partial(ours_imaml, fn, th, mbatch)
+        per.update({"metastep": mb, "metastep-vmap": mb})
         before = loadavg()
         samples, cpu = interleaved(impls, args.repeats_roofline)
         per_task = {name: median(s) / per[name] for name, s in samples.items()}
@@ -826,7 +798,7 @@ def section_roofline(args: argparse.Namespace) -> list[Comparison]:
             cands = {k: v for k, v in per_task.items() if k.startswith(prim + "@")}
             best[prim] = min(cands.items(), key=lambda kv: kv[1])
         ideal = 16 * best["grad"][1] + best["lin"][1] + 5 * best["hvp"][1] + best["query"][1]
-        ratios = {m: per_task[m] / ideal for m in ("metastep", "metastep-loop", "metastep-batched")}
+        ratios = {m: per_task[m] / ideal for m in ("metastep", "metastep-vmap")}
         cbest = {
             prim: min(v for k, v in cpu_task.items() if k.startswith(prim + "@"))
             for prim in ("grad", "lin", "hvp", "query")
@@ -918,10 +890,10 @@ def tables(comps: list[Comparison]) -> str:
     if rl:
         lines.append("\n### roofline\n")
         lines.append(
-            "| case | ideal (ms/task) | engine (ms/task) | ratio | engine, looped | ratio | batched variant "
-            "| ratio | best method@batch per primitive (ms/task) |"
+            "| case | ideal (ms/task) | engine (ms/task) | ratio | engine, vmap (ms/task) | ratio "
+            "| best method@batch per primitive (ms/task) |"
         )
-        lines.append("|---|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|")
         for c in rl:
             n = json.loads(c.notes)
             r = n["ratios"]
@@ -929,13 +901,12 @@ def tables(comps: list[Comparison]) -> str:
             ms = {m: 1e3 * c.samples[m][0] for m in r}
             lines.append(
                 f"| {c.case} | {n['ideal_ms']:.1f} | {ms['metastep']:.1f} | **{r['metastep']:.2f}** | "
-                f"{ms['metastep-loop']:.1f} | {r['metastep-loop']:.2f} | {ms['metastep-batched']:.1f} | "
-                f"**{r['metastep-batched']:.2f}** | {best} |"
+                f"{ms['metastep-vmap']:.1f} | {r['metastep-vmap']:.2f} | {best} |"
             )
             cr = n["cpu_ratios"]
             lines.append(
                 f"| (CPU time) | {n['cpu_ideal_ms']:.1f} | | {cr['metastep']:.2f} | | "
-                f"{cr['metastep-loop']:.2f} | | {cr['metastep-batched']:.2f} | |"
+                f"{cr['metastep-vmap']:.2f} | |"
             )
     return "\n".join(lines) + "\n"
 
@@ -944,7 +915,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="folder for results.json and tables.md")
     p.add_argument("--quick", action="store_true", help="few repeats and small meta-batches (a smoke run)")
-    p.add_argument("--sections", default="imaml,maml,hyper,variants,roofline")
+    p.add_argument("--sections", default="imaml,maml,hyper,roofline", help="also: variants (prototypes)")
     p.add_argument("--settings", default="5w1s,20w5s")
     p.add_argument("--repeats", type=int, default=None, help="rounds per comparison (default 11, quick 3)")
     args = p.parse_args(argv)

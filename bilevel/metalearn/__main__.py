@@ -113,6 +113,12 @@ def _parser() -> argparse.ArgumentParser:
         help=f"steps between checkpoints (default {d.checkpoint_every})",
     )
     t.add_argument("--no-vmap", action="store_true", help="loop over tasks instead of torch.func.vmap")
+    t.add_argument(
+        "--no-batched",
+        action="store_true",
+        help="use torch.func.vmap (or the loop) instead of the batched models in one call, the default "
+        "for the CNNs and the MLP",
+    )
     t.add_argument("--dtype", choices=("float32", "float64"), default=None, help="parameter dtype")
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     t.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
@@ -148,6 +154,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values["algo"] = args.algo
     if args.no_vmap:
         values["vectorize"] = False
+    if args.no_batched:
+        values["batched"] = False
     return TrainConfig(**values)
 
 
@@ -183,7 +191,16 @@ def main(argv: list[str] | None = None) -> int:
     theta = {k: v.to(device) for k, v in ck["theta"].items()}
     lam = _lam_value(cfg, {k: v.to(device) for k, v in ck["log_lam"].items()})
     res: dict[str, Any] = evaluate(
-        cfg, prob.model, prob.loss, prob.classification, theta, prob.test, cfg.test_tasks, device, lam
+        cfg,
+        prob.model,
+        prob.loss,
+        prob.classification,
+        theta,
+        prob.test,
+        cfg.test_tasks,
+        device,
+        lam,
+        prob.batched,
     )
     res["checkpoint"] = str(args.checkpoint)
     res["step"] = int(ck["step"])

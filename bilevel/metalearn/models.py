@@ -31,20 +31,24 @@ only add dead coordinates to the inner problem and meaningless entries to gradie
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
 __all__ = [
     "MLP",
     "BatchStatNorm2d",
+    "BatchedModel",
     "ConvNet",
     "Params",
+    "batched_model",
     "default_model",
     "init_params",
     "make_functional",
@@ -312,6 +316,127 @@ def make_functional(
 
     fn.__doc__ = f"Functional form of {type(model).__name__}: fn(params, x) -> output."
     return fn, params
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchedModel:
+    """B per-task copies of a model evaluated in one call: ``exact(params_B, x_B) -> out_B``.
+
+    ``params_B`` has a leading task dimension B on every tensor, ``x_B`` is ``(B, N, ...)`` and the
+    output ``(B, N, ...)``; task b's output is ``fn(params_B[b], x_B[b])`` (batch statistics per task).
+    Task losses are then independent, so one ``torch.autograd.grad`` of their sum returns every
+    task's gradient: no ``torch.func.vmap``, whose batching rules turn a convolution with per-task
+    weights into a slower grouped convolution plus bookkeeping.
+
+    Attributes:
+        exact: the batched forward in plain tensor ops; exact under double backward (HVPs).
+        fast: the same function, possibly through fused kernels (``F.batch_norm``) whose double
+            backward is not trusted; for first-order gradients and inference only.
+        single: ``fast`` for one task, ``single(params, x) -> out`` (no leading B).
+        loop_large: evaluate large per-task batches (query sets) task by task with ``single``:
+            on CPU a grouped convolution is about 2x slower than B separate ones once a task
+            has tens of images (measured with 75 query images).
+    """
+
+    exact: Callable[[Params, torch.Tensor], torch.Tensor]
+    fast: Callable[[Params, torch.Tensor], torch.Tensor]
+    single: Callable[[Params, torch.Tensor], torch.Tensor]
+    loop_large: bool = False
+
+
+def batched_model(model: nn.Module) -> BatchedModel | None:
+    """The `BatchedModel` of a `ConvNet` or an `MLP`; ``None`` for other modules.
+
+    A ConvNet's B models run as grouped convolutions over ``B * C`` channels (``groups=B``), its
+    batch statistics per task and channel, its head as one ``baddbmm``.  Measured on CPU (1 thread,
+    Omniglot CNN, 16 tasks of 5-way 1-shot): inner steps and HVPs about 1.3x faster than
+    ``torch.func.vmap`` of the per-task model, and the fused norm halves the cost of a norm layer.
+    Agreement with the per-task model is tested in float64.
+    """
+    if isinstance(model, ConvNet):
+        return BatchedModel(
+            _convnet_batched(model, fused=False),
+            _convnet_batched(model, fused=True),
+            _convnet_single(model),
+            loop_large=True,
+        )
+    if isinstance(model, MLP):
+        f = _mlp_batched(model)
+        return BatchedModel(
+            f, f, lambda p, x: f({k: v.unsqueeze(0) for k, v in p.items()}, x.unsqueeze(0))[0]
+        )
+    return None
+
+
+def _blocks(model: ConvNet) -> list[tuple[str, int, int, float, bool]]:
+    """(parameter prefix, conv stride, conv padding, norm eps, max-pool) per block."""
+    out = []
+    for i, blk in enumerate(model.features):
+        conv, norm = blk.conv, blk.norm
+        assert isinstance(conv, nn.Conv2d) and isinstance(norm, BatchStatNorm2d)
+        stride, padding = conv.stride[0], conv.padding[0]
+        assert isinstance(padding, int)
+        out.append((f"features.block{i}", stride, padding, norm.eps, "pool" in blk._modules))
+    return out
+
+
+def _convnet_batched(model: ConvNet, *, fused: bool) -> Callable[[Params, torch.Tensor], torch.Tensor]:
+    blocks = _blocks(model)
+
+    def bfn(p: Params, x: torch.Tensor) -> torch.Tensor:
+        B, N = x.shape[:2]
+        # (B, N, C, H, W) -> (N, B * C, H, W): task b owns channels [b C, (b + 1) C)
+        h = x.transpose(0, 1).reshape(N, B * x.shape[2], *x.shape[3:])
+        for name, stride, padding, eps, pool in blocks:
+            w = p[f"{name}.conv.weight"]
+            bias = p.get(f"{name}.conv.bias")
+            w_flat = w.reshape(-1, *w.shape[2:])
+            h = F.conv2d(h, w_flat, None if bias is None else bias.reshape(-1), stride, padding, 1, B)
+            gamma, beta = p[f"{name}.norm.weight"].reshape(-1), p[f"{name}.norm.bias"].reshape(-1)
+            if fused:
+                h = F.batch_norm(h, None, None, gamma, beta, True, 0.0, eps)
+            else:
+                hc = h - h.mean((0, 2, 3), keepdim=True)
+                var = (hc * hc).mean((0, 2, 3), keepdim=True)
+                h = hc * (torch.rsqrt(var + eps) * gamma[:, None, None]) + beta[:, None, None]
+            h = torch.relu(h)
+            if pool:
+                h = F.max_pool2d(h, 2)
+        feat = h.reshape(N, B, -1).transpose(0, 1)  # (B, N, C * h * w), per-task C-major like flatten
+        return torch.baddbmm(p["head.bias"].unsqueeze(1), feat, p["head.weight"].transpose(1, 2))
+
+    return bfn
+
+
+def _convnet_single(model: ConvNet) -> Callable[[Params, torch.Tensor], torch.Tensor]:
+    """The per-task ConvNet with the fused batch norm (first-order use only, see `BatchStatNorm2d`)."""
+    blocks = _blocks(model)
+
+    def fn(p: Params, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for name, stride, padding, eps, pool in blocks:
+            h = F.conv2d(h, p[f"{name}.conv.weight"], p.get(f"{name}.conv.bias"), stride, padding)
+            gamma, beta = p[f"{name}.norm.weight"], p[f"{name}.norm.bias"]
+            h = torch.relu(F.batch_norm(h, None, None, gamma, beta, True, 0.0, eps))
+            if pool:
+                h = F.max_pool2d(h, 2)
+        return F.linear(torch.flatten(h, 1), p["head.weight"], p["head.bias"])
+
+    return fn
+
+
+def _mlp_batched(model: MLP) -> Callable[[Params, torch.Tensor], torch.Tensor]:
+    names = [n for n, m in model.net.named_children() if isinstance(m, nn.Linear)]
+
+    def bfn(p: Params, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for i, n in enumerate(names):
+            h = torch.baddbmm(p[f"net.{n}.bias"].unsqueeze(1), h, p[f"net.{n}.weight"].transpose(1, 2))
+            if i < len(names) - 1:
+                h = torch.relu(h)
+        return h
+
+    return bfn
 
 
 def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

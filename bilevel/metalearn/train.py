@@ -39,10 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._errors import NonFiniteError
 from .algorithms import MetaAlgorithm, evaluate_batch, make_algorithm, meta_gradient
 from .datasets import FewShotData
 from .models import (
+    BatchedModel,
     Params,
+    batched_model,
     default_model,
     make_functional,
     miniimagenet_conv4,
@@ -83,7 +86,10 @@ class TrainConfig:
         time_limit: stop meta-training after this many minutes (None: no limit).
         log_every: steps between log records.
         checkpoint_every: steps between checkpoints.
-        vectorize: vmap over tasks (else a loop).
+        vectorize: vmap over tasks (else a loop); for models without a batched form, and for MAML.
+        batched: run the meta-batch's per-task models in one call with plain autograd where the
+            model has a `BatchedModel` (ConvNet, MLP); measured 1.3-2.5x faster per meta-step on
+            CPU than vmap, same gradients (tested in float64).
         dtype: ``float32`` or ``float64``.
         device: ``cpu``, ``cuda``, ... (None: cuda if available).
         threads: torch intra-op threads (None: torch's default).
@@ -122,6 +128,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 200
     vectorize: bool = True
+    batched: bool = True
     dtype: str = "float32"
     device: str | None = None
     threads: int | None = None
@@ -226,15 +233,18 @@ class _Problem:
     train: Any
     test: Any
     split: dict[str, Any] | None
+    batched: BatchedModel | None = None
 
 
 def _build(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> _Problem:
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.dataset == "sinusoid":
-        fn, theta = make_functional(sinusoid_mlp(), gen, dtype=dtype, device=device)
         train = SinusoidTasks(cfg.shots, cfg.queries, seed=cfg.seed, dtype=dtype)
         test = SinusoidTasks(cfg.shots, cfg.queries, seed=cfg.seed, eval_seed=cfg.seed + 10_000, dtype=dtype)
-        return _Problem(fn, mse, False, theta, train, test, None)
+        mlp = sinusoid_mlp()
+        fn, theta = make_functional(mlp, gen, dtype=dtype, device=device)
+        bm = batched_model(mlp) if cfg.batched else None
+        return _Problem(fn, mse, False, theta, train, test, None, bm)
     data: FewShotData
     model: nn.Module
     if cfg.dataset == "omniglot":
@@ -258,7 +268,8 @@ def _build(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> _Probl
     tests = TaskSampler(
         data.test, cfg.ways, cfg.shots, cfg.queries, seed=cfg.seed, eval_seed=cfg.seed + 1, dtype=dtype
     )
-    return _Problem(fn, F.cross_entropy, True, theta, sampler, tests, data.split.to_dict())
+    bm = batched_model(model) if cfg.batched else None
+    return _Problem(fn, F.cross_entropy, True, theta, sampler, tests, data.split.to_dict(), bm)
 
 
 def _environment(device: torch.device, d: _Dist) -> dict[str, Any]:
@@ -319,6 +330,7 @@ def evaluate(
     n_tasks: int,
     device: torch.device,
     lam: Any = None,
+    batched: BatchedModel | None = None,
 ) -> dict[str, float]:
     """Adapt to ``n_tasks`` fixed tasks and score the query sets.
 
@@ -331,7 +343,15 @@ def evaluate(
     for idx in _chunks(n_tasks, cfg.eval_batch):
         batch = sampler.fixed_batch(list(idx), device=device)
         ql, qa = evaluate_batch(
-            algo, model, loss, theta, batch, lam=lam, classification=classification, vectorize=cfg.vectorize
+            algo,
+            model,
+            loss,
+            theta,
+            batch,
+            lam=lam,
+            classification=classification,
+            vectorize=cfg.vectorize,
+            batched=batched,
         )
         losses.append(ql.double().cpu())
         accs.append(qa.double().cpu())
@@ -475,9 +495,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
                     lam=_lam_value(cfg, log_lam),
                     classification=prob.classification,
                     vectorize=cfg.vectorize,
+                    batched=prob.batched,
                     diagnostics=step % cfg.log_every == 0 or step == cfg.meta_steps - 1,
                 )
                 n_local = len(local)
+                if not all(bool(torch.isfinite(t).all()) for t in g.values()):
+                    raise NonFiniteError(
+                        f"{cfg.algo}: meta-step {step}: the meta-gradient has NaN or infinity (query loss "
+                        f"{stats.query_loss.tolist()}); the inner solver probably diverged: lower "
+                        f"--inner-lr (now {cfg.inner_lr}) or raise --lam"
+                    )
             else:  # more ranks than tasks: this rank contributes zeros
                 g = {k: torch.zeros_like(v) for k, v in theta.items()}
                 lam_g, stats, n_local = None, None, 0
@@ -537,6 +564,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
                     cfg.eval_tasks,
                     device,
                     _lam_value(cfg, log_lam),
+                    prob.batched,
                 )
                 eval_seconds += now() - t_ev
                 ev.update(step=steps_done, time=clock())
@@ -567,6 +595,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
             cfg.test_tasks,
             device,
             _lam_value(cfg, log_lam),
+            prob.batched,
         )
         metrics = {
             "test_accuracy": final["accuracy"],
