@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,7 @@ from bilevel.metalearn.algorithms import (
     MetaAlgorithm,
     ReptileStep,
     Unrolled,
+    adapt,
     evaluate_batch,
     make_algorithm,
     meta_gradient,
@@ -188,6 +191,7 @@ BATCHED_CASES = [
     ("imaml-gd", {}),
     ("imaml-gd", {"inner_tol": 0.05}),  # per-task stopping
     ("imaml-gd", {"damping": 0.5}),
+    ("imaml-gd", {"backtrack": True, "inner_lr": 5.0}),  # steps rejected and halved
     ("imaml-hf", {}),
     ("fomaml", {}),
     ("reptile", {}),
@@ -202,7 +206,7 @@ def test_batched_models_give_the_vmap_engines_results(pool: bool, name: str, ext
     model = ConvNet(WAYS, hidden=3, image_size=8, n_blocks=2, pool=pool, conv_bias=True)
     fn, theta = make_functional(model, torch.Generator().manual_seed(0), dtype=D)
     batch = _images(2)
-    algo = make_algorithm(name, inner_steps=4, inner_lr=0.1, lam=2.0, cg_iters=3, **extra)
+    algo = make_algorithm(name, **{"inner_steps": 4, "inner_lr": 0.1, "lam": 2.0, "cg_iters": 3, **extra})
     bm = batched_model(model)
     assert bm is not None
     a, _, sa = meta_gradient(algo, fn, F.cross_entropy, theta, batch)
@@ -283,3 +287,41 @@ def test_bad_configurations() -> None:
         MetaAlgorithm(InnerGD(), Implicit(), 0.0)
     with pytest.raises(ValueError, match="lr must be > 0"):
         InnerGD(lr=0.0)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_backtracking_gd_cannot_diverge(batched: bool) -> None:
+    """At a step size 100x too large, fixed-step GD on G blows up; backtracking decreases G at every
+    accepted step and ends below G(theta) for every task."""
+    model = sinusoid_mlp((8, 8))
+    fn, theta = make_functional(model, torch.Generator().manual_seed(0), dtype=D)
+    g = torch.Generator().manual_seed(4)
+    xs = 5 * (2 * torch.rand(4, 5, 1, generator=g, dtype=D) - 1)
+    ys = 5 * torch.sin(xs)
+    bm = batched_model(model) if batched else None
+    lam = 1.0
+
+    def G(phi: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = torch.func.vmap(fn)(phi, xs)
+        fit = ((out - ys) ** 2).flatten(1).mean(1)
+        return fit + sum(0.5 * lam * ((phi[k] - theta[k]) ** 2).flatten(1).sum(1) for k in phi)
+
+    start = G({k: v.unsqueeze(0).expand(4, *v.shape) for k, v in theta.items()})
+    fixed = make_algorithm("imaml-gd", inner_steps=30, inner_lr=10.0, lam=lam)
+    phi = adapt(fixed, fn, mse, theta, xs, ys, batched=bm)
+    assert not bool(torch.isfinite(G(phi)).all())
+    bt = make_algorithm("imaml-gd", inner_steps=30, inner_lr=10.0, lam=lam, backtrack=True)
+    values = []
+    for steps in (1, 5, 10, 30):
+        algo = MetaAlgorithm(InnerGD(steps, 10.0, backtrack=True), bt.meta_gradient, lam)
+        values.append(G(adapt(algo, fn, mse, theta, xs, ys, batched=bm)))
+    assert bool((values[-1] < start).all())
+    for a, b in itertools.pairwise(values):
+        assert bool((b <= a + 1e-12).all())
+
+
+def test_maml_cannot_backtrack() -> None:
+    with pytest.raises(ValueError, match="fixed inner path"):
+        make_algorithm("maml", backtrack=True)
+    with pytest.raises(ValueError, match="backtrack=False"):
+        MetaAlgorithm(InnerGD(3, 0.1, backtrack=True), Unrolled(), 0.0)

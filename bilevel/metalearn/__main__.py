@@ -76,6 +76,13 @@ def _parser() -> argparse.ArgumentParser:
         "--newton-iters", type=int, default=None, help=f"Newton steps of imaml-hf (default {d.newton_iters})"
     )
     t.add_argument(
+        "--backtrack",
+        action="store_true",
+        default=None,
+        help="inner GD halves a task's step size whenever G would not decrease enough (Armijo); "
+        "robust to sharp support losses; not for maml",
+    )
+    t.add_argument(
         "--damping",
         type=float,
         default=None,

@@ -80,11 +80,18 @@ class InnerGD:
         lr: step size.
         tol: per-task gradient-norm tolerance; a task that reaches it stops moving.
             ``None`` runs exactly ``steps`` steps (needed by `Unrolled`).
+        backtrack: a per-task step size that starts at ``lr`` and halves whenever a step
+            would not decrease G by the Armijo amount 1e-4 s ||grad G||^2 (the step is then
+            not taken; it still counts as one of ``steps``).  One more evaluation of G per
+            step.  Fixed-step GD diverges once meta-training sharpens the support loss
+            beyond 2 / lr (measured on the sinusoid: NaN after 200-900 meta-steps at lr
+            0.005-0.02); backtracking cannot.  Not with `Unrolled`.
     """
 
     steps: int = 16
     lr: float = 0.1
     tol: float | None = None
+    backtrack: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -160,6 +167,12 @@ class MetaAlgorithm:
             raise ValueError("MetaAlgorithm: Unrolled (MAML) needs InnerGD; a line search cannot be unrolled")
         if isinstance(self.meta_gradient, Unrolled) and isinstance(self.inner, InnerGD) and self.inner.tol:
             raise ValueError("MetaAlgorithm: Unrolled (MAML) needs InnerGD(tol=None): a fixed path")
+        if (
+            isinstance(self.meta_gradient, Unrolled)
+            and isinstance(self.inner, InnerGD)
+            and self.inner.backtrack
+        ):
+            raise ValueError("MetaAlgorithm: Unrolled (MAML) needs InnerGD(backtrack=False): a fixed path")
         if isinstance(self.meta_gradient, Implicit) and not self.lam > 0:
             raise ValueError(f"MetaAlgorithm(lam={self.lam}): Implicit needs lam > 0")
         if not self.lam >= 0:
@@ -176,6 +189,7 @@ def make_algorithm(
     newton_iters: int = 3,
     damping: float = 0.0,
     inner_tol: float | None = None,
+    backtrack: bool = False,
 ) -> MetaAlgorithm:
     """The command line's algorithm names, mapped to configurations.
 
@@ -183,12 +197,14 @@ def make_algorithm(
     ``fomaml`` and ``reptile`` minimize the support loss alone (lam = 0), as
     published.  Every other setting is shared, for apples-to-apples comparisons.
     """
-    gd = InnerGD(steps=inner_steps, lr=inner_lr, tol=inner_tol)
+    gd = InnerGD(steps=inner_steps, lr=inner_lr, tol=inner_tol, backtrack=backtrack)
     if name == "imaml-gd":
         return MetaAlgorithm(gd, Implicit(cg_iters=cg_iters, damping=damping), lam)
     if name == "imaml-hf":
         return MetaAlgorithm(InnerNewtonCG(newton_iters, cg_iters), Implicit(cg_iters, damping), lam)
     if name == "maml":
+        if backtrack:
+            raise ValueError("maml differentiates through a fixed inner path: backtrack=True is not possible")
         return MetaAlgorithm(InnerGD(steps=inner_steps, lr=inner_lr), Unrolled(), 0.0)
     if name == "fomaml":
         return MetaAlgorithm(gd, FirstOrder(), 0.0)
@@ -318,6 +334,16 @@ def _inner_gd(
     task: _Task, cfg: InnerGD, theta: Params, lam: Lam, x: torch.Tensor, y: torch.Tensor, vectorize: bool
 ) -> Params:
     """GD on G for a meta-batch, from phi = theta.  Differentiable if called under autograd."""
+    if cfg.backtrack:
+        grad_value = _batch_map(tf.grad_and_value(task.G), vectorize, (0, None, None, 0, 0))
+        value = _batch_map(task.G, vectorize, (0, None, None, 0, 0))
+        return _backtracking_gd(
+            cfg,
+            theta,
+            x.shape[0],
+            lambda p: grad_value(p, theta, lam, x, y),
+            lambda p: value(p, theta, lam, x, y),
+        )
     gradG = _batch_map(tf.grad(task.G), vectorize, (0, None, None, 0, 0))
     B = x.shape[0]
     phi = {k: v.unsqueeze(0).expand(B, *v.shape) for k, v in theta.items()}
@@ -330,6 +356,32 @@ def _inner_gd(
                 break
             g = _bscale(active.to(x.dtype if x.is_floating_point() else torch.float32), g)
         phi = {k: phi[k] - cfg.lr * g[k] for k in phi}
+    return phi
+
+
+def _backtracking_gd(
+    cfg: InnerGD,
+    theta: Params,
+    B: int,
+    grad_value: Callable[[Params], tuple[Params, torch.Tensor]],
+    value: Callable[[Params], torch.Tensor],
+) -> Params:
+    """GD with a per-task step size halved on every failed Armijo test (see `InnerGD.backtrack`)."""
+    phi = {k: v.unsqueeze(0).expand(B, *v.shape).clone() for k, v in theta.items()}
+    first = next(iter(theta.values()))
+    step = torch.full((B,), cfg.lr, dtype=first.dtype, device=first.device)
+    active = torch.ones(B, dtype=torch.bool, device=first.device)
+    for _ in range(cfg.steps):
+        g, G0 = grad_value(phi)
+        gg = _bdot(g, g)
+        if cfg.tol is not None:
+            active = active & (gg.sqrt() > cfg.tol)
+            if not bool(active.any()):
+                break
+        trial = _axpy(phi, -step, g)
+        ok = active & (value(trial) <= G0 - 1e-4 * step * gg)
+        phi = {k: torch.where(ok.view(-1, *([1] * (t.ndim - 1))), trial[k], t) for k, t in phi.items()}
+        step = torch.where(ok | ~active, step, 0.5 * step)
     return phi
 
 
@@ -393,6 +445,22 @@ def _inner_gd_batched(
 ) -> Params:
     """`_inner_gd` with the batched model (no autograd graph is kept)."""
     B = x.shape[0]
+    if cfg.backtrack:
+
+        def prox(p: Params) -> torch.Tensor:
+            return sum(  # type: ignore[return-value]
+                0.5 * _lam_of(lam, k) * ((p[k] - theta[k].unsqueeze(0)) ** 2).flatten(1).sum(1) for k in p
+            )
+
+        def grad_value(p: Params) -> tuple[Params, torch.Tensor]:
+            g, per = _grad_G_batched(bm, loss, p, theta, lam, x, y)
+            return g, per + prox(p)
+
+        def value(p: Params) -> torch.Tensor:
+            with torch.no_grad():
+                return _task_losses(loss, bm.fast(p, x), y) + prox(p)
+
+        return _backtracking_gd(cfg, theta, B, grad_value, value)
     phi = {k: v.unsqueeze(0).expand(B, *v.shape).clone() for k, v in theta.items()}
     active = torch.ones(B, dtype=torch.bool, device=x.device)
     for _ in range(cfg.steps):

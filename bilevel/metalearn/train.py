@@ -75,6 +75,7 @@ class TrainConfig:
         lam: proximal weight of G for the iMAML variants.
         learn_lam: ``none``, ``scalar`` or ``per-tensor``: learn log lam by the implicit gradient.
         cg_iters, newton_iters, damping: iMAML's CG steps, HF's Newton steps, damping of the system.
+        backtrack: inner GD with a per-task backtracking step size (`InnerGD.backtrack`); not for maml.
         split: ``vinyals`` or ``lake`` (Omniglot).
         n_val: validation characters carved out of the 1200 training ones (vinyals).
         data_root: dataset location (or the BILEVEL_DATA_ROOT environment variable).
@@ -116,6 +117,7 @@ class TrainConfig:
     cg_iters: int = 5
     newton_iters: int = 3
     damping: float = 0.0
+    backtrack: bool = False
     split: str = "vinyals"
     n_val: int = 0
     data_root: str | None = None
@@ -153,6 +155,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig(clock={self.clock!r}): wall or cpu")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"TrainConfig(dtype={self.dtype!r}): float32 or float64")
+        self.algorithm()  # the algorithm's own checks (e.g. maml with backtrack)
 
     def algorithm(self, *, evaluation: bool = False) -> MetaAlgorithm:
         steps = (
@@ -166,6 +169,7 @@ class TrainConfig:
             cg_iters=self.cg_iters,
             newton_iters=self.newton_iters,
             damping=self.damping,
+            backtrack=self.backtrack,
         )
 
 
