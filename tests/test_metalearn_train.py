@@ -162,6 +162,23 @@ def test_batched_and_vmap_training_agree(batched: bool, tmp_path: Path) -> None:
     assert runs[0]["test_loss"] == pytest.approx(runs[1]["test_loss"], rel=1e-10)
 
 
+def test_torch_init_is_seeded_and_differs_from_glorot() -> None:
+    from bilevel.metalearn.train import _build
+
+    def theta(init: str, seed: int) -> dict[str, torch.Tensor]:
+        cfg = TrainConfig(algo="fomaml", dataset="sinusoid", init=init, seed=seed)
+        return _build(cfg, torch.device("cpu"), torch.float32).theta
+
+    a, b, c, g = theta("torch", 0), theta("torch", 0), theta("torch", 1), theta("glorot", 0)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["net.fc0.weight"], c["net.fc0.weight"])
+    assert not torch.equal(a["net.fc1.weight"], g["net.fc1.weight"])
+    bound = 1 / 40**0.5  # PyTorch's Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert float(a["net.fc1.weight"].abs().max()) <= bound
+    with pytest.raises(ValueError, match="glorot or torch"):
+        TrainConfig(init="he")
+
+
 def test_learned_lambda_moves_and_is_saved(tmp_path: Path) -> None:
     cfg = TrainConfig(
         algo="imaml-gd",

@@ -76,6 +76,12 @@ def _parser() -> argparse.ArgumentParser:
         "--newton-iters", type=int, default=None, help=f"Newton steps of imaml-hf (default {d.newton_iters})"
     )
     t.add_argument(
+        "--init",
+        choices=("glorot", "torch"),
+        default=None,
+        help="weight initialization: Glorot uniform (default) or PyTorch's module defaults",
+    )
+    t.add_argument(
         "--backtrack",
         action="store_true",
         default=None,
