@@ -355,7 +355,7 @@ def as_oracle(hvp: HVPLike) -> HVPOracle:
     """``None`` -> the default oracle; an oracle as is; any other callable -> `UserHVP`.
 
     The default is `ReverseOverReverse`.  Measured on CPU (torch 2.13, float64, one thread):
-    hypergradients of ridge and logistic regression at d = 50 to 500 took 5 to 18x less time with
+    hypergradients of ridge and logistic regression at d = 50 to 500 took 2 to 18x less time with
     it than with `ForwardOverReverse`, which re-runs the forward pass and pays a fixed
     ``torch.func`` overhead on every product (about 6 ms at d = 10, against 0.2-0.4 ms) and
     imports ``torch._dynamo`` on its first call (1-5 s); see ``benchmarks/RESULTS.md``.
