@@ -302,6 +302,49 @@ def ours_imaml(
     return list(g.values())
 
 
+def _one_task_and_meta_batch(
+    section: str,
+    args: argparse.Namespace,
+    st: Setting,
+    mb: int,
+    problem: tuple[torch.nn.Module, Params, Any, Task],
+    ours: Callable[..., list[torch.Tensor]],
+    peer: str,
+    theirs: Callable[[Task], list[torch.Tensor]],
+    agreement: dict[str, float],
+    notes: str,
+) -> list[Comparison]:
+    """Ours (batched model), ours-vmap and the peer, timed on 1 task and on the whole meta-batch."""
+    model, th, fn, batch = problem
+    bm = batched_model(model)
+    out = []
+    for label, b, reps, per in (
+        ("1 task", sub(batch, 1), args.repeats, 1),
+        (f"meta-batch of {mb}", batch, args.repeats_batched, mb),
+    ):
+        impls = {
+            "ours": functools.partial(ours, fn, th, b, bm=bm),
+            "ours-vmap": functools.partial(ours, fn, th, b),
+            peer: functools.partial(theirs, b),
+        }
+        out.append(
+            compare(
+                section,
+                f"{st.name}, {label}",
+                impls,
+                ours="ours",
+                peers=[peer],
+                repeats=reps,
+                per=per,
+                unit="per task",
+                agreement=agreement,
+                notes=notes,
+                also=["ours-vmap"],
+            )
+        )
+    return out
+
+
 def section_imaml(args: argparse.Namespace) -> list[Comparison]:
     out = []
     for key in args.settings:
@@ -315,32 +358,20 @@ def section_imaml(args: argparse.Namespace) -> list[Comparison]:
         err_v = rel_err(ours_imaml(fn64, th64, b64), theirs)
         print(f"[imaml] {st.name}: float64 agreement ours vs TorchOpt {err:.2e} (ours-vmap {err_v:.2e})")
         model, th, fn, batch = fewshot(st, mb, torch.float32)
-        bm = batched_model(model)
         top = torchopt_imaml(fn, names, IMAML.lam, IMAML.inner.lr, IMAML.inner.steps, 5)  # type: ignore[union-attr]
-        for label, b, reps, per in (
-            ("1 task", sub(batch, 1), args.repeats, 1),
-            (f"meta-batch of {mb}", batch, args.repeats_batched, mb),
-        ):
-            out.append(
-                compare(
-                    "imaml",
-                    f"{st.name}, {label}",
-                    {
-                        "ours": functools.partial(ours_imaml, fn, th, b, bm=bm),
-                        "ours-vmap": functools.partial(ours_imaml, fn, th, b),
-                        "torchopt": functools.partial(top, th, b),
-                    },
-                    ours="ours",
-                    peers=["torchopt"],
-                    repeats=reps,
-                    per=per,
-                    unit="per task",
-                    agreement={"torchopt": err, "torchopt (vs ours-vmap)": err_v},
-                    notes="ours: the engine with the batched model (the default in training); "
-                    "ours-vmap: batched=None, torch.func.vmap over tasks",
-                    also=["ours-vmap"],
-                )
-            )
+        out += _one_task_and_meta_batch(
+            "imaml",
+            args,
+            st,
+            mb,
+            (model, th, fn, batch),
+            ours_imaml,
+            "torchopt",
+            lambda b, top=top, th=th: top(th, b),
+            {"torchopt": err, "torchopt (vs ours-vmap)": err_v},
+            "ours: the engine with the batched model (the default in training); "
+            "ours-vmap: batched=None, torch.func.vmap over tasks",
+        )
     return out
 
 
@@ -387,30 +418,18 @@ def section_maml(args: argparse.Namespace) -> list[Comparison]:
         err_v = rel_err(ours_maml(fn64, th64, b64), ref)
         print(f"[maml] {st.name}: float64 agreement ours vs higher {err:.2e} (ours-vmap {err_v:.2e})")
         model, th, fn, batch = fewshot(st, mb, torch.float32)
-        bm = batched_model(model)
-        for label, b, reps, per in (
-            ("1 task", sub(batch, 1), args.repeats, 1),
-            (f"meta-batch of {mb}", batch, args.repeats_batched, mb),
-        ):
-            out.append(
-                compare(
-                    "maml",
-                    f"{st.name}, {label}",
-                    {
-                        "ours": functools.partial(ours_maml, fn, th, b, bm=bm),
-                        "ours-vmap": functools.partial(ours_maml, fn, th, b),
-                        "higher": functools.partial(higher_maml, model, b),
-                    },
-                    ours="ours",
-                    peers=["higher"],
-                    repeats=reps,
-                    per=per,
-                    unit="per task",
-                    agreement={"higher": err, "higher (vs ours-vmap)": err_v},
-                    notes="ours: the engine with the batched model; ours-vmap: torch.func.vmap",
-                    also=["ours-vmap"],
-                )
-            )
+        out += _one_task_and_meta_batch(
+            "maml",
+            args,
+            st,
+            mb,
+            (model, th, fn, batch),
+            ours_maml,
+            "higher",
+            lambda b, model=model: higher_maml(model, b),
+            {"higher": err, "higher (vs ours-vmap)": err_v},
+            "ours: the engine with the batched model; ours-vmap: torch.func.vmap",
+        )
     return out
 
 

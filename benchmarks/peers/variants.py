@@ -64,7 +64,8 @@ def query_loop(fn: Any, theta: Params, batch: Task, algo: A.MetaAlgorithm) -> li
     with torch.no_grad():
         phi = A._inner_gd(task, algo.inner, th, algo.lam, batch.support_x, batch.support_y, True)  # type: ignore[arg-type]
     v = _query_loop(fn, phi, batch)
-    g, _ = A._implicit_cg(task, algo.meta_gradient, phi, algo.lam, v, batch.support_x, batch.support_y, True)  # type: ignore[arg-type]
+    hvp = A._support_hvp(task, phi, batch.support_x, batch.support_y, True)
+    g, _ = A._cg(algo.meta_gradient, algo.lam, v, hvp)  # type: ignore[arg-type]
     return [t.mean(0) for t in g.values()]
 
 

@@ -24,6 +24,8 @@ from .datasets import DatasetNotFoundError as DatasetNotFoundError
 from .datasets import FewShotData as FewShotData
 from .folder import load_image_folder as load_image_folder
 from .miniimagenet import load_miniimagenet as load_miniimagenet
+from .models import BatchedModel as BatchedModel
+from .models import batched_model as batched_model
 from .models import default_model as default_model
 from .models import init_params as init_params
 from .models import make_functional as make_functional
@@ -40,6 +42,7 @@ from .train import train as train
 
 __all__ = [
     "PRESETS",
+    "BatchedModel",
     "ClassSplit",
     "DatasetError",
     "DatasetFormatError",
@@ -58,6 +61,7 @@ __all__ = [
     "TrainConfig",
     "Unrolled",
     "adapt",
+    "batched_model",
     "default_model",
     "evaluate",
     "evaluate_batch",

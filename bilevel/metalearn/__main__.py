@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .train import ALGOS, DATASETS, PRESETS, TrainConfig, evaluate, load_checkpoint, train
+from .train import ALGOS, DATASETS, PRESETS, TrainConfig, load_checkpoint, train
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
@@ -196,25 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(**saved)
     import torch
 
-    from .train import _build, _lam_value
+    from .train import _build, _evaluate_problem, _lam_value
 
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     device = torch.device(cfg.device or "cpu")
     prob = _build(cfg, device, dtype)
     theta = {k: v.to(device) for k, v in ck["theta"].items()}
     lam = _lam_value(cfg, {k: v.to(device) for k, v in ck["log_lam"].items()})
-    res: dict[str, Any] = evaluate(
-        cfg,
-        prob.model,
-        prob.loss,
-        prob.classification,
-        theta,
-        prob.test,
-        cfg.test_tasks,
-        device,
-        lam,
-        prob.batched,
-    )
+    res: dict[str, Any] = _evaluate_problem(cfg, prob, theta, cfg.test_tasks, device, lam)
     res["checkpoint"] = str(args.checkpoint)
     res["step"] = int(ck["step"])
     print(json.dumps(res, indent=2))

@@ -321,13 +321,18 @@ class _Task:
         return self.support_loss(phi, x, y) + prox
 
     def query(self, phi: Params, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.model(phi, x)
-        loss = self.loss(out, y)
+        return self.score(self.model(phi, x), y)
+
+    def score(self, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, accuracy) of one task's outputs."""
+        return self.loss(out, y), self.accuracy(out, y)
+
+    def accuracy(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Accuracy over the second-to-last dimension of ``out`` (one task, or (B, N, ...) for B
+        tasks); NaN for regression."""
         if self.classification:
-            acc = (out.argmax(-1) == y).float().mean()
-        else:
-            acc = torch.full((), float("nan"), dtype=out.dtype, device=out.device)
-        return loss, acc
+            return (out.detach().argmax(-1) == y).float().mean(-1)
+        return torch.full(out.shape[:-2], float("nan"), dtype=out.dtype, device=out.device)
 
 
 def _inner_gd(
@@ -345,16 +350,23 @@ def _inner_gd(
             lambda p: value(p, theta, lam, x, y),
         )
     gradG = _batch_map(tf.grad(task.G), vectorize, (0, None, None, 0, 0))
-    B = x.shape[0]
+    return _fixed_step_gd(cfg, theta, x.shape[0], lambda p: gradG(p, theta, lam, x, y))
+
+
+def _fixed_step_gd(cfg: InnerGD, theta: Params, B: int, grad: Callable[[Params], Params]) -> Params:
+    """``cfg.steps`` steps of size ``cfg.lr`` from theta, a task frozen once ||grad G|| <= ``cfg.tol``.
+
+    No in-place updates: differentiable through the path when ``grad`` is (`Unrolled`).
+    """
     phi = {k: v.unsqueeze(0).expand(B, *v.shape) for k, v in theta.items()}
-    active = torch.ones(B, dtype=torch.bool, device=x.device)
+    active = torch.ones(B, dtype=torch.bool, device=next(iter(theta.values())).device)
     for _ in range(cfg.steps):
-        g = gradG(phi, theta, lam, x, y)
+        g = grad(phi)
         if cfg.tol is not None:
             active = active & (_bnorm(g) > cfg.tol)
             if not bool(active.any()):
                 break
-            g = _bscale(active.to(x.dtype if x.is_floating_point() else torch.float32), g)
+            g = _bscale(active.to(next(iter(g.values())).dtype), g)
         phi = {k: phi[k] - cfg.lr * g[k] for k in phi}
     return phi
 
@@ -383,6 +395,25 @@ def _backtracking_gd(
         phi = {k: torch.where(ok.view(-1, *([1] * (t.ndim - 1))), trial[k], t) for k, t in phi.items()}
         step = torch.where(ok | ~active, step, 0.5 * step)
     return phi
+
+
+def _solve_inner(
+    task: _Task,
+    inner: InnerGD | InnerNewtonCG,
+    theta: Params,
+    lam: Lam,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    vectorize: bool,
+    batched: BatchedModel | None,
+) -> Params:
+    """The inner answers phi of a meta-batch (leading dimension B), without an autograd graph."""
+    with torch.no_grad():
+        if isinstance(inner, InnerNewtonCG):
+            return _inner_newton(task, inner, theta, lam, x, y)
+        if batched is not None:
+            return _inner_gd_batched(batched, task.loss, inner, theta, lam, x, y)
+        return _inner_gd(task, inner, theta, lam, x, y, vectorize)
 
 
 def _inner_newton(
@@ -414,6 +445,11 @@ def _task_losses(loss: LossFn, out: torch.Tensor, y: torch.Tensor) -> torch.Tens
     return torch.stack([loss(out[i], y[i]) for i in range(out.shape[0])])
 
 
+def _or_zeros(like: Params, grads: tuple[torch.Tensor | None, ...]) -> Params:
+    """Gradients by name, zeros where autograd returned None (an unused parameter)."""
+    return {k: torch.zeros_like(t) if g is None else g for (k, t), g in zip(like.items(), grads)}
+
+
 def _grads(
     f: Callable[[Params, torch.Tensor], torch.Tensor],
     loss: LossFn,
@@ -421,22 +457,22 @@ def _grads(
     x: torch.Tensor,
     y: torch.Tensor,
     create_graph: bool = False,
-) -> tuple[Params, Params, torch.Tensor]:
-    """(per-task gradients, the leaves they are taken at, per-task losses (B,))."""
+) -> tuple[Params, Params, torch.Tensor, torch.Tensor]:
+    """(per-task gradients, the leaves they are taken at, per-task losses (B,), outputs (detached))."""
     leaves = {k: t.detach().requires_grad_(True) for k, t in phi.items()}
     with torch.enable_grad():
-        per = _task_losses(loss, f(leaves, x), y)
+        out = f(leaves, x)
+        per = _task_losses(loss, out, y)
         gs = torch.autograd.grad(
             per.sum(), list(leaves.values()), create_graph=create_graph, allow_unused=True
         )
-    grads = {k: torch.zeros_like(t) if g is None else g for (k, t), g in zip(leaves.items(), gs)}
-    return grads, leaves, per.detach()
+    return _or_zeros(leaves, gs), leaves, per.detach(), out.detach()
 
 
 def _grad_G_batched(
     bm: BatchedModel, loss: LossFn, phi: Params, theta: Params, lam: Lam, x: torch.Tensor, y: torch.Tensor
 ) -> tuple[Params, torch.Tensor]:
-    g, _, per = _grads(bm.fast, loss, phi, x, y)
+    g, _, per, _ = _grads(bm.fast, loss, phi, x, y)
     return {k: g[k] + _lam_of(lam, k) * (phi[k] - theta[k].unsqueeze(0)) for k in g}, per
 
 
@@ -461,48 +497,32 @@ def _inner_gd_batched(
                 return _task_losses(loss, bm.fast(p, x), y) + prox(p)
 
         return _backtracking_gd(cfg, theta, B, grad_value, value)
-    phi = {k: v.unsqueeze(0).expand(B, *v.shape).clone() for k, v in theta.items()}
-    active = torch.ones(B, dtype=torch.bool, device=x.device)
-    for _ in range(cfg.steps):
-        g, _ = _grad_G_batched(bm, loss, phi, theta, lam, x, y)
-        if cfg.tol is not None:
-            active = active & (_bnorm(g) > cfg.tol)
-            if not bool(active.any()):
-                break
-            g = _bscale(active.to(next(iter(g.values())).dtype), g)
-        phi = {k: phi[k] - cfg.lr * g[k] for k in phi}
-    return phi
+    return _fixed_step_gd(cfg, theta, B, lambda p: _grad_G_batched(bm, loss, p, theta, lam, x, y)[0])
 
 
 def _query_batched(
     bm: BatchedModel, task: _Task, phi: Params, x: torch.Tensor, y: torch.Tensor, grad: bool
 ) -> tuple[Params | None, torch.Tensor, torch.Tensor]:
     """Query gradients (if ``grad``), losses and accuracies per task, first order (fused ops)."""
-    B = x.shape[0]
-    # NaN accuracy for regression, in the dtype the per-task engine reports it
-    nan = torch.full((B,), float("nan"), dtype=next(iter(phi.values())).dtype, device=x.device)
     if not bm.loop_large:
         if grad:
-            g, _, per = _grads(bm.fast, task.loss, phi, x, y)
+            g, _, per, out = _grads(bm.fast, task.loss, phi, x, y)
         else:
-            g, per = None, None
-        with torch.no_grad():
-            out = bm.fast(phi, x)
-            per = _task_losses(task.loss, out, y) if per is None else per
-        acc = (out.argmax(-1) == y).float().mean(-1) if task.classification else nan
-        return g, per, acc
+            g = None
+            with torch.no_grad():
+                out = bm.fast(phi, x)
+                per = _task_losses(task.loss, out, y)
+        return g, per, task.accuracy(out, y)
     grads: list[Params] = []
     losses, accs = [], []
-    for i in range(B):
+    for i in range(x.shape[0]):
         p = {k: t[i].detach().requires_grad_(grad) for k, t in phi.items()}
         with torch.set_grad_enabled(grad):
-            out = bm.single(p, x[i])
-            lq = task.loss(out, y[i])
+            lq, acc = task.score(bm.single(p, x[i]), y[i])
         if grad:
-            gs = torch.autograd.grad(lq, list(p.values()), allow_unused=True)
-            grads.append({k: torch.zeros_like(t) if gi is None else gi for (k, t), gi in zip(p.items(), gs)})
+            grads.append(_or_zeros(p, torch.autograd.grad(lq, list(p.values()), allow_unused=True)))
         losses.append(lq.detach())
-        accs.append((out.detach().argmax(-1) == y[i]).float().mean() if task.classification else nan[0])
+        accs.append(acc)
     g_out = {k: torch.stack([gi[k] for gi in grads]) for k in phi} if grad else None
     return g_out, torch.stack(losses), torch.stack(accs)
 
@@ -511,7 +531,7 @@ def _support_hvp_batched(
     bm: BatchedModel, loss: LossFn, phi: Params, x: torch.Tensor, y: torch.Tensor
 ) -> Callable[[Params], Params]:
     """u -> Lhat''(phi) u per task: one retained graph of the gradient (exact norm), one backward per u."""
-    g, leaves, _ = _grads(bm.exact, loss, phi, x, y, create_graph=True)
+    g, leaves, _, _ = _grads(bm.exact, loss, phi, x, y, create_graph=True)
     names = [k for k in g if g[k].requires_grad]
     outs = [g[k] for k in names]
     ins = list(leaves.values())
@@ -520,7 +540,7 @@ def _support_hvp_batched(
         if not outs:
             return {k: torch.zeros_like(t) for k, t in u.items()}
         hs = torch.autograd.grad(outs, ins, [u[k] for k in names], retain_graph=True, allow_unused=True)
-        return {k: torch.zeros_like(u[k]) if h is None else h for k, h in zip(leaves, hs)}
+        return _or_zeros(leaves, hs)
 
     return hvp
 
@@ -590,43 +610,26 @@ def meta_gradient(
         else:
             grads, (phi, ql, qa) = tf.grad(meta_loss, has_aux=True)(th)
         phi = {k: v.detach() for k, v in phi.items()}
-        if batched is not None and diagnostics:
-            gG, sl = _grad_G_batched(batched, loss, phi, th, lam_det, xs, ys)
-            nan = torch.full((B,), float("nan"))
-            return (
-                grads,
-                None,
-                MetaStats(ql, qa, sl, _bnorm(gG), nan, torch.zeros(B, dtype=torch.bool), torch.zeros(B)),
-            )
         stats_extra = (torch.full((B,), float("nan")), torch.zeros(B, dtype=torch.bool), torch.zeros(B))
-        return (
-            grads,
-            None,
-            _stats(task, phi, theta, lam_det, batch, ql, qa, stats_extra, vectorize, diagnostics),
-        )
+        stats = _stats(task, phi, th, lam_det, batch, ql, qa, stats_extra, vectorize, diagnostics, batched)
+        return grads, None, stats
 
     theta_d = {k: v.detach() for k, v in theta.items()}
-    with torch.no_grad():
-        if isinstance(algo.inner, InnerGD):
-            if batched is not None:
-                phi = _inner_gd_batched(batched, loss, algo.inner, theta_d, lam_det, xs, ys)
-            else:
-                phi = _inner_gd(task, algo.inner, theta_d, lam_det, xs, ys, vectorize)
-        else:
-            phi = _inner_newton(task, algo.inner, theta_d, lam_det, xs, ys)
+    phi = _solve_inner(task, algo.inner, theta_d, lam_det, xs, ys, vectorize, batched)
     phi = {k: v.detach() for k, v in phi.items()}
+
     if batched is not None:
-        return _meta_gradient_batched(
-            algo, task, batched, phi, theta_d, lam_det, lam_v, learn_lam, batch, diagnostics
-        )
+        v, ql, qa = _query_batched(batched, task, phi, xq, yq, grad=True)
+        assert v is not None
+    else:
 
-    def query_grad(
-        p: Params, x: torch.Tensor, y: torch.Tensor
-    ) -> tuple[Params, tuple[torch.Tensor, torch.Tensor]]:
-        lq, acc = task.query(p, x, y)
-        return lq, (lq, acc)  # type: ignore[return-value]
+        def query_grad(
+            p: Params, x: torch.Tensor, y: torch.Tensor
+        ) -> tuple[Params, tuple[torch.Tensor, torch.Tensor]]:
+            lq, acc = task.query(p, x, y)
+            return lq, (lq, acc)  # type: ignore[return-value]
 
-    v, (ql, qa) = _batch_map(tf.grad(query_grad, has_aux=True), vectorize, (0, 0, 0))(phi, xq, yq)
+        v, (ql, qa) = _batch_map(tf.grad(query_grad, has_aux=True), vectorize, (0, 0, 0))(phi, xq, yq)
     nan = torch.full((B,), float("nan"), device=xs.device)
     no = torch.zeros(B, dtype=torch.bool, device=xs.device)
     zero = torch.zeros(B, device=xs.device)
@@ -637,11 +640,17 @@ def meta_gradient(
     elif isinstance(algo.meta_gradient, ReptileStep):
         g, extra = {k: theta_d[k].unsqueeze(0) - phi[k] for k in phi}, (nan, no, zero)
     else:
-        g, extra = _implicit_cg(task, algo.meta_gradient, phi, lam_det, v, xs, ys, vectorize)
+        hvp = (
+            _support_hvp_batched(batched, loss, phi, xs, ys)
+            if batched is not None
+            else _support_hvp(task, phi, xs, ys, vectorize)
+        )
+        g, extra = _cg(algo.meta_gradient, lam_det, v, hvp)
         if learn_lam:
             lam_grad = _lam_gradient(phi, theta_d, g, lam_det, not isinstance(lam_v, dict))
     mean_g = {k: t.mean(0) for k, t in g.items()}
-    return mean_g, lam_grad, _stats(task, phi, theta_d, lam_det, batch, ql, qa, extra, vectorize, diagnostics)
+    stats = _stats(task, phi, theta_d, lam_det, batch, ql, qa, extra, vectorize, diagnostics, batched)
+    return mean_g, lam_grad, stats
 
 
 def _lam_gradient(phi: Params, theta: Params, g: Params, lam: Lam, shared: bool) -> dict[str, torch.Tensor]:
@@ -663,90 +672,46 @@ def _unrolled_batched(
     names = list(theta)
     th = {k: theta[k].detach().requires_grad_(True) for k in names}
     B = batch.support_x.shape[0]
+
+    def grad_G(p: Params) -> Params:
+        per = _task_losses(task.loss, bm.exact(p, batch.support_x), batch.support_y)
+        gs = torch.autograd.grad(per.sum(), list(p.values()), create_graph=True)
+        return {k: g + _lam_of(lam, k) * (p[k] - th[k]) for k, g in zip(names, gs)}
+
     with torch.enable_grad():
-        phi = {k: t.unsqueeze(0).expand(B, *t.shape) for k, t in th.items()}
-        for _ in range(cfg.steps):
-            per = _task_losses(task.loss, bm.exact(phi, batch.support_x), batch.support_y)
-            gs = torch.autograd.grad(per.sum(), list(phi.values()), create_graph=True)
-            phi = {k: phi[k] - cfg.lr * (g + _lam_of(lam, k) * (phi[k] - th[k])) for k, g in zip(names, gs)}
-        qls, qas = [], []
-        for i in range(B):
-            out = bm.single({k: t[i] for k, t in phi.items()}, batch.query_x[i])
-            qls.append(task.loss(out, batch.query_y[i]))
-            qas.append(
-                (out.argmax(-1) == batch.query_y[i]).float().mean()
-                if task.classification
-                else out.new_tensor(float("nan"))
-            )
-        ql = torch.stack(qls)
+        phi = _fixed_step_gd(cfg, th, B, grad_G)
+        scores = [
+            task.score(bm.single({k: t[i] for k, t in phi.items()}, batch.query_x[i]), batch.query_y[i])
+            for i in range(B)
+        ]
+        ql = torch.stack([lq for lq, _ in scores])
         grads = torch.autograd.grad(ql.mean(), list(th.values()), allow_unused=True)
-    g = {k: torch.zeros_like(th[k]) if gi is None else gi for k, gi in zip(names, grads)}
-    return g, ({k: t.detach() for k, t in phi.items()}, ql.detach(), torch.stack(qas).detach())
+    qa = torch.stack([acc for _, acc in scores])
+    return _or_zeros(th, grads), ({k: t.detach() for k, t in phi.items()}, ql.detach(), qa)
 
 
-def _meta_gradient_batched(
-    algo: MetaAlgorithm,
-    task: _Task,
-    bm: BatchedModel,
-    phi: Params,
-    theta: Params,
-    lam: Lam,
-    lam_v: Lam,
-    learn_lam: bool,
-    batch: Task,
-    diagnostics: bool,
-) -> tuple[Params, dict[str, torch.Tensor] | None, MetaStats]:
-    xs, ys = batch.support_x, batch.support_y
-    B = xs.shape[0]
-    v, ql, qa = _query_batched(bm, task, phi, batch.query_x, batch.query_y, grad=True)
-    assert v is not None
-    nan = torch.full((B,), float("nan"), device=xs.device)
-    extra = (nan, torch.zeros(B, dtype=torch.bool, device=xs.device), torch.zeros(B, device=xs.device))
-    lam_grad = None
-    if isinstance(algo.meta_gradient, FirstOrder):
-        g = v
-    elif isinstance(algo.meta_gradient, ReptileStep):
-        g = {k: theta[k].unsqueeze(0) - phi[k] for k in phi}
-    else:
-        assert isinstance(algo.meta_gradient, Implicit)
-        g, extra = _cg(algo.meta_gradient, lam, v, _support_hvp_batched(bm, task.loss, phi, xs, ys))
-        if learn_lam:
-            lam_grad = _lam_gradient(phi, theta, g, lam, not isinstance(lam_v, dict))
-    if diagnostics:
-        gG, sl = _grad_G_batched(bm, task.loss, phi, theta, lam, xs, ys)
-        gn = _bnorm(gG)
-    else:
-        gn = sl = nan
-    res, neg, iters = extra
-    return {k: t.mean(0) for k, t in g.items()}, lam_grad, MetaStats(ql, qa, sl, gn, res, neg, iters)
+def _support_hvp(
+    task: _Task, phi: Params, xs: torch.Tensor, ys: torch.Tensor, vectorize: bool
+) -> Callable[[Params], Params]:
+    """u -> Lhat''(phi) u per task, by the per-task model (vmap or loop).
 
-
-def _implicit_cg(
-    task: _Task,
-    cfg: Implicit,
-    phi: Params,
-    lam: Lam,
-    v: Params,
-    xs: torch.Tensor,
-    ys: torch.Tensor,
-    vectorize: bool,
-) -> tuple[Params, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Batched CG on H_G w = v with H_G = Lhat'' + (1 + damping) Lam; returns g = Lam w.
-
-    Solving in w (the Hessian of G itself) keeps the system symmetric for a
-    per-tensor lam; g = lam w is the task meta-gradient.  The forward pass and the
-    first backward pass of grad Lhat are computed once (``torch.func.vjp``) and
-    reused by every HVP: each CG step costs one extra backward pass.
+    The forward pass and the first backward pass of grad Lhat are computed once
+    (``torch.func.vjp``) and reused by every HVP: each CG step costs one extra backward pass.
     """
     grad_support = _batch_map(tf.grad(task.support_loss), vectorize, (0, 0, 0))
     _, vjp = tf.vjp(lambda p: grad_support(p, xs, ys), phi)[:2]
-    return _cg(cfg, lam, v, lambda u: vjp(u)[0])
+    return lambda u: vjp(u)[0]
 
 
 def _cg(
     cfg: Implicit, lam: Lam, v: Params, hvp_support: Callable[[Params], Params]
 ) -> tuple[Params, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Per-task CG on (Lhat'' + (1 + damping) Lam) w = v, batched; returns g = Lam w and diagnostics."""
+    """Per-task CG on H_G w = v with H_G = Lhat'' + (1 + damping) Lam, batched; returns g = Lam w.
+
+    Solving in w (the Hessian of G itself) keeps the system symmetric for a per-tensor lam;
+    g = lam w is the task meta-gradient.  Diagnostics: (residual norm, negative curvature met,
+    iterations), each of shape (B,).
+    """
     first = next(iter(v.values()))
     B = first.shape[0]
     d = 1.0 + cfg.damping
@@ -800,17 +765,22 @@ def _stats(
     extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     vectorize: bool,
     diagnostics: bool,
+    batched: BatchedModel | None,
 ) -> MetaStats:
     res, neg, iters = extra
     B = ql.shape[0]
     if not diagnostics:
         nan = torch.full((B,), float("nan"), device=ql.device)
         return MetaStats(ql, qa, nan, nan, res, neg, iters)
+    th = {k: v.detach() for k, v in theta.items()}
+    xs, ys = batch.support_x, batch.support_y
+    if batched is not None:
+        gG, sl = _grad_G_batched(batched, task.loss, phi, th, lam, xs, ys)
+        return MetaStats(ql, qa, sl, _bnorm(gG), res, neg, iters)
     with torch.no_grad():
         gradG = _batch_map(tf.grad(task.G), vectorize, (0, None, None, 0, 0))
-        th = {k: v.detach() for k, v in theta.items()}
-        gn = _bnorm(gradG(phi, th, lam, batch.support_x, batch.support_y))
-        sl = _batch_map(task.support_loss, vectorize, (0, 0, 0))(phi, batch.support_x, batch.support_y)
+        gn = _bnorm(gradG(phi, th, lam, xs, ys))
+        sl = _batch_map(task.support_loss, vectorize, (0, 0, 0))(phi, xs, ys)
     return MetaStats(ql, qa, sl, gn, res, neg, iters)
 
 
@@ -842,12 +812,7 @@ def adapt(
     elif isinstance(lam_v, torch.Tensor):
         lam_v = lam_v.detach()
     theta_d = {k: v.detach() for k, v in theta.items()}
-    with torch.no_grad():
-        if isinstance(algo.inner, InnerGD):
-            if batched is not None:
-                return _inner_gd_batched(batched, loss, algo.inner, theta_d, lam_v, support_x, support_y)
-            return _inner_gd(task, algo.inner, theta_d, lam_v, support_x, support_y, vectorize)
-        return _inner_newton(task, algo.inner, theta_d, lam_v, support_x, support_y)
+    return _solve_inner(task, algo.inner, theta_d, lam_v, support_x, support_y, vectorize, batched)
 
 
 def evaluate_batch(

@@ -396,7 +396,15 @@ def evaluate(
     }
 
 
-# ------------------------------------------------------------------------------ training
+def _evaluate_problem(
+    cfg: TrainConfig, prob: _Problem, theta: Params, n_tasks: int, device: torch.device, lam: Any
+) -> dict[str, float]:
+    """`evaluate` on ``prob``'s fixed test tasks with its model, loss and batched model."""
+    return evaluate(
+        cfg, prob.model, prob.loss, prob.classification, theta, prob.test, n_tasks, device, lam, prob.batched
+    )
+
+
 def _lam_params(
     cfg: TrainConfig, theta: Params, device: torch.device, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
@@ -406,6 +414,9 @@ def _lam_params(
     init = math.log(cfg.lam)
     names = ["lam"] if cfg.learn_lam == "scalar" else list(theta)
     return {n: torch.tensor(init, device=device, dtype=dtype, requires_grad=True) for n in names}
+
+
+# ------------------------------------------------------------------------------ training
 
 
 def _lam_value(cfg: TrainConfig, log_lam: dict[str, torch.Tensor]) -> Any:
@@ -526,7 +537,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
                     diagnostics=step % cfg.log_every == 0 or step == cfg.meta_steps - 1,
                 )
                 n_local = len(local)
-                if not all(bool(torch.isfinite(t).all()) for t in g.values()):
+                # one device sync for the whole meta-gradient
+                if not bool(torch.stack([torch.isfinite(t).all() for t in g.values()]).all()):
                     raise NonFiniteError(
                         f"{cfg.algo}: meta-step {step}: the meta-gradient has NaN or infinity (query loss "
                         f"{stats.query_loss.tolist()}); the inner solver probably diverged: lower "
@@ -581,18 +593,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
             steps_done = step + 1
             if cfg.eval_every and steps_done % cfg.eval_every == 0 and d.main:
                 t_ev = now()
-                ev = evaluate(
-                    cfg,
-                    prob.model,
-                    prob.loss,
-                    prob.classification,
-                    theta,
-                    prob.test,
-                    cfg.eval_tasks,
-                    device,
-                    _lam_value(cfg, log_lam),
-                    prob.batched,
-                )
+                ev = _evaluate_problem(cfg, prob, theta, cfg.eval_tasks, device, _lam_value(cfg, log_lam))
                 eval_seconds += now() - t_ev
                 ev.update(step=steps_done, time=clock())
                 history["eval"].append(ev)
@@ -612,18 +613,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     train_time = clock()
     metrics: dict[str, Any] = {}
     if d.main:
-        final = evaluate(
-            cfg,
-            prob.model,
-            prob.loss,
-            prob.classification,
-            theta,
-            prob.test,
-            cfg.test_tasks,
-            device,
-            _lam_value(cfg, log_lam),
-            prob.batched,
-        )
+        final = _evaluate_problem(cfg, prob, theta, cfg.test_tasks, device, _lam_value(cfg, log_lam))
         metrics = {
             "test_accuracy": final["accuracy"],
             "test_ci95": final["ci95"],
