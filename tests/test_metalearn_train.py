@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import socket
 import subprocess
@@ -200,6 +202,35 @@ def test_learned_lambda_moves_and_is_saved(tmp_path: Path) -> None:
     assert len(lams) == 6 and any(abs(v - 2.0) > 1e-3 for v in lams.values())
     ck = load_checkpoint(tmp_path / "checkpoint.pt")
     assert set(ck["log_lam"]) == set(lams)
+
+
+def test_cosine_schedule_decays_to_zero_and_is_logged(tmp_path: Path) -> None:
+    from bilevel.metalearn.train import _scheduled_lr
+
+    cfg = TrainConfig(meta_steps=100, meta_lr=1e-3, lr_schedule="cosine")
+    assert _scheduled_lr(cfg, 0, 0.0) == pytest.approx(1e-3)
+    assert _scheduled_lr(cfg, 50, 0.0) == pytest.approx(5e-4)
+    assert _scheduled_lr(cfg, 100, 0.0) == pytest.approx(0.0, abs=1e-18)
+    # with a time limit the schedule follows whichever budget is used up faster
+    timed = dataclasses.replace(cfg, time_limit=10.0)
+    assert _scheduled_lr(timed, 10, 300.0) == pytest.approx(5e-4)
+    assert _scheduled_lr(timed, 10, 10_000.0) == pytest.approx(0.0, abs=1e-18)
+    assert _scheduled_lr(dataclasses.replace(cfg, lr_schedule="constant"), 99, 0.0) == 1e-3
+    with pytest.raises(ValueError, match="constant or cosine"):
+        TrainConfig(lr_schedule="step")
+    run = dataclasses.replace(
+        cfg,
+        algo="fomaml",
+        dataset="sinusoid",
+        meta_steps=4,
+        meta_batch=2,
+        log_every=1,
+        test_tasks=2,
+        threads=1,
+        out=str(tmp_path),
+    )
+    lrs = [r["meta_lr"] for r in train(run, progress=False)["curves"]["steps"]]
+    assert lrs == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(4)])
 
 
 def test_eval_command_reads_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

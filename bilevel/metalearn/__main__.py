@@ -52,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
         "--meta-batch", type=int, default=None, help=f"tasks per meta-step (default {d.meta_batch})"
     )
     t.add_argument("--meta-lr", type=float, default=None, help=f"Adam learning rate (default {d.meta_lr})")
+    t.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine"),
+        default=None,
+        help="Adam step size: constant, or cosine decay to 0 over --meta-steps or --time-limit, "
+        "whichever runs out first (default constant)",
+    )
     t.add_argument("--inner-steps", type=int, default=None, help=f"inner GD steps (default {d.inner_steps})")
     t.add_argument("--inner-lr", type=float, default=None, help=f"inner GD step size (default {d.inner_lr})")
     t.add_argument(

@@ -70,6 +70,11 @@ class TrainConfig:
         dataset: ``omniglot``, ``sinusoid``, ``miniimagenet`` or ``folder``.
         ways, shots, queries: the task format (queries per class; for sinusoid, points).
         meta_steps, meta_batch, meta_lr: outer loop (Adam).
+        lr_schedule: ``constant`` or ``cosine``: Adam's step size decays as
+            ``meta_lr * (1 + cos(pi * p)) / 2`` where ``p`` is the fraction of the budget used,
+            ``step / meta_steps`` or, with a ``time_limit``, the larger of that and
+            ``clock / time_limit`` (so a time-limited run ends with a small step size whatever its
+            speed; the schedule then depends on the machine's speed, not only on the seed).
         inner_steps, inner_lr: inner GD (train time).
         eval_inner_steps: inner GD steps when adapting at evaluation (None: ``inner_steps``).
         lam: proximal weight of G for the iMAML variants.
@@ -114,6 +119,7 @@ class TrainConfig:
     meta_steps: int = 1000
     meta_batch: int = 16
     meta_lr: float = 1e-3
+    lr_schedule: str = "constant"
     inner_steps: int = 16
     inner_lr: float = 0.1
     eval_inner_steps: int | None = None
@@ -161,6 +167,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig(clock={self.clock!r}): wall or cpu")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"TrainConfig(dtype={self.dtype!r}): float32 or float64")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"TrainConfig(lr_schedule={self.lr_schedule!r}): constant or cosine")
         if self.init not in ("glorot", "torch"):
             raise ValueError(f"TrainConfig(init={self.init!r}): glorot or torch")
         self.algorithm()  # the algorithm's own checks (e.g. maml with backtrack)
@@ -427,6 +435,16 @@ def _lam_value(cfg: TrainConfig, log_lam: dict[str, torch.Tensor]) -> Any:
     return {k: v.exp() for k, v in log_lam.items()}
 
 
+def _scheduled_lr(cfg: TrainConfig, step: int, elapsed: float) -> float:
+    """Adam's step size at meta-step ``step`` after ``elapsed`` seconds of the training clock."""
+    if cfg.lr_schedule == "constant":
+        return cfg.meta_lr
+    p = step / max(cfg.meta_steps, 1)
+    if cfg.time_limit is not None:
+        p = max(p, elapsed / (cfg.time_limit * 60))
+    return cfg.meta_lr * 0.5 * (1.0 + math.cos(math.pi * min(p, 1.0)))
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Meta-train with Adam (Algorithm 1), then evaluate on the fixed test tasks.
 
@@ -555,7 +573,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
                     lv = lam_now if cfg.learn_lam == "scalar" else lam_now[k]
                     gk = lam_g[k] if (lam_g is not None and k in lam_g) else torch.zeros((), device=device)
                     grads.append((gk * lv).detach().reshape(()) * n_local)
-            scal = torch.zeros(3, device=device, dtype=torch.float64)
+            scal = torch.zeros(4, device=device, dtype=torch.float64)
+            # rank 0's clock, summed with zeros: every rank then takes the same scheduled step
+            scal[3] = clock() if d.main else 0.0
             if stats is not None:
                 scal[0] = stats.query_loss.double().sum()
                 scal[1] = stats.query_acc.double().nan_to_num(0.0).sum()
@@ -563,6 +583,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
             _allreduce_([*grads, scal], d)
             for leaf, gr in zip(leaves, grads):
                 leaf.grad = (gr / cfg.meta_batch).to(leaf.dtype)
+            lr_now = _scheduled_lr(cfg, step, float(scal[3]))
+            for group in opt.param_groups:
+                group["lr"] = lr_now
             opt.step()
             opt.zero_grad(set_to_none=True)
             loss_mean = float(scal[0]) / cfg.meta_batch
@@ -577,6 +600,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
                     "step": step,
                     "time": clock(),
                     "wall_time": time.perf_counter() - wall0,
+                    "meta_lr": lr_now,
                     "query_loss": loss_mean,
                     "query_acc": acc_mean if prob.classification else None,
                     "support_loss": float(stats.support_loss.mean()),
