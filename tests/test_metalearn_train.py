@@ -378,6 +378,40 @@ def test_two_gloo_ranks_equal_one_process(tmp_path: Path) -> None:
     # only rank 0 wrote files
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
 
+    # A time limit stops every rank at the same step although their clocks differ: rank 0's
+    # clock leaves out its evaluations (every step here), which the other rank spends waiting.
+    timed = tmp_path / "timed"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={_free_port()}",
+            "-m",
+            "bilevel.metalearn",
+            *[a if a != "3" or i != args.index("--meta-steps") + 1 else "100000" for i, a in enumerate(args)],
+            "--eval-every",
+            "1",
+            "--eval-tasks",
+            "20",
+            "--time-limit",
+            "0.05",
+            "--clock",
+            "wall",
+            "--out",
+            str(timed),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((timed / "metrics.json").read_text())
+    assert metrics["stopped_early"] and metrics["meta_steps_done"] >= 1
+
 
 def test_sigterm_stops_after_the_step_and_still_evaluates(tmp_path: Path) -> None:
     import signal

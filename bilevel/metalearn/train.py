@@ -505,6 +505,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         return now() - t0 - eval_seconds
 
     steps_done = start
+    halt = cfg.time_limit is not None and elapsed0 > cfg.time_limit * 60
     run_loss = run_acc = float("nan")
     # SIGTERM (or SIGINT) ends meta-training after the current step; the run is then
     # checkpointed and evaluated as if it had reached meta_steps.
@@ -538,7 +539,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
 
     try:
         for step in range(start, cfg.meta_steps):
-            if stop["requested"] or (cfg.time_limit is not None and clock() > cfg.time_limit * 60):
+            if halt:
                 break
             if local:
                 batch = prob.train.meta_batch(step, local, device=device)
@@ -573,9 +574,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
                     lv = lam_now if cfg.learn_lam == "scalar" else lam_now[k]
                     gk = lam_g[k] if (lam_g is not None and k in lam_g) else torch.zeros((), device=device)
                     grads.append((gk * lv).detach().reshape(()) * n_local)
-            scal = torch.zeros(4, device=device, dtype=torch.float64)
+            scal = torch.zeros(5, device=device, dtype=torch.float64)
             # rank 0's clock, summed with zeros: every rank then takes the same scheduled step
             scal[3] = clock() if d.main else 0.0
+            # the decision to stop is all-reduced too: ranks' clocks differ (rank 0 evaluates while
+            # the others wait), and a rank leaving the loop alone would hang or break the others
+            over_time = cfg.time_limit is not None and clock() > cfg.time_limit * 60
+            scal[4] = 1.0 if (stop["requested"] or over_time) else 0.0
             if stats is not None:
                 scal[0] = stats.query_loss.double().sum()
                 scal[1] = stats.query_acc.double().nan_to_num(0.0).sum()
@@ -584,6 +589,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
             for leaf, gr in zip(leaves, grads):
                 leaf.grad = (gr / cfg.meta_batch).to(leaf.dtype)
             lr_now = _scheduled_lr(cfg, step, float(scal[3]))
+            halt = bool(scal[4] > 0)
             for group in opt.param_groups:
                 group["lr"] = lr_now
             opt.step()
