@@ -207,6 +207,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 class _Dist:
     rank: int = 0
     world: int = 1
+    owned: bool = False  # the process group was created by `train`, which then destroys it
 
     @property
     def main(self) -> bool:
@@ -219,10 +220,11 @@ def _init_distributed(device: torch.device) -> _Dist:
         return _Dist()
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    owned = not dist.is_initialized()
+    if owned:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
-    return _Dist(dist.get_rank(), dist.get_world_size())
+    return _Dist(dist.get_rank(), dist.get_world_size(), owned)
 
 
 def _allreduce_(tensors: list[torch.Tensor], d: _Dist) -> None:
@@ -662,4 +664,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         if log_lam:
             metrics["lam"] = {k: float(v.detach().exp()) for k, v in log_lam.items()}
         _atomic_json(metrics, out / "metrics.json")
+    if d.world > 1:
+        import torch.distributed as dist
+
+        # the other ranks wait here while rank 0 evaluates: a rank that exits while its peers
+        # still hold gloo connections can abort in the teardown ("terminate called without an
+        # active exception")
+        dist.barrier()
+        if d.owned:
+            dist.destroy_process_group()
     return metrics
