@@ -309,6 +309,27 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _torchrun(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``python -m bilevel.metalearn ARGS`` under torchrun with 2 local ranks."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={_free_port()}",
+            "-m",
+            "bilevel.metalearn",
+            *args,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def test_two_gloo_ranks_equal_one_process(tmp_path: Path) -> None:
     """torchrun with 2 CPU ranks = 1 process with the same total meta-batch, to 1e-6 (float64)."""
     args = [
@@ -349,25 +370,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path: Path) -> None:
         timeout=300,
     )
     two = tmp_path / "two"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            "--master_addr=127.0.0.1",
-            f"--master_port={_free_port()}",
-            "-m",
-            "bilevel.metalearn",
-            *args,
-            "--out",
-            str(two),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r = _torchrun([*args, "--out", str(two)], env)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = load_checkpoint(one / "checkpoint.pt"), load_checkpoint(two / "checkpoint.pt")
     assert a["step"] == b["step"] == 3
@@ -381,17 +384,11 @@ def test_two_gloo_ranks_equal_one_process(tmp_path: Path) -> None:
     # A time limit stops every rank at the same step although their clocks differ: rank 0's
     # clock leaves out its evaluations (every step here), which the other rank spends waiting.
     timed = tmp_path / "timed"
-    r = subprocess.run(
+    r = _torchrun(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            "--master_addr=127.0.0.1",
-            f"--master_port={_free_port()}",
-            "-m",
-            "bilevel.metalearn",
-            *[a if a != "3" or i != args.index("--meta-steps") + 1 else "100000" for i, a in enumerate(args)],
+            *args,
+            "--meta-steps",  # the later flag wins: until the time limit
+            "100000",
             "--eval-every",
             "1",
             "--eval-tasks",
@@ -403,10 +400,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path: Path) -> None:
             "--out",
             str(timed),
         ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        env,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((timed / "metrics.json").read_text())

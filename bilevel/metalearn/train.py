@@ -437,6 +437,11 @@ def _lam_value(cfg: TrainConfig, log_lam: dict[str, torch.Tensor]) -> Any:
     return {k: v.exp() for k, v in log_lam.items()}
 
 
+def _past_time_limit(cfg: TrainConfig, elapsed: float) -> bool:
+    """Whether ``elapsed`` seconds of the training clock exceed ``cfg.time_limit`` minutes."""
+    return cfg.time_limit is not None and elapsed > cfg.time_limit * 60
+
+
 def _scheduled_lr(cfg: TrainConfig, step: int, elapsed: float) -> float:
     """Adam's step size at meta-step ``step`` after ``elapsed`` seconds of the training clock."""
     if cfg.lr_schedule == "constant":
@@ -507,7 +512,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         return now() - t0 - eval_seconds
 
     steps_done = start
-    halt = cfg.time_limit is not None and elapsed0 > cfg.time_limit * 60
+    halt = _past_time_limit(cfg, elapsed0)
     run_loss = run_acc = float("nan")
     # SIGTERM (or SIGINT) ends meta-training after the current step; the run is then
     # checkpointed and evaluated as if it had reached meta_steps.
@@ -577,12 +582,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
                     gk = lam_g[k] if (lam_g is not None and k in lam_g) else torch.zeros((), device=device)
                     grads.append((gk * lv).detach().reshape(()) * n_local)
             scal = torch.zeros(5, device=device, dtype=torch.float64)
-            # rank 0's clock, summed with zeros: every rank then takes the same scheduled step
+            # Rank 0's clock (summed with zeros) and any rank's SIGTERM: every rank then takes the
+            # same scheduled step and stops after the same step.  Ranks' own clocks differ (rank 0
+            # leaves out the evaluations the others wait for), and a rank leaving the loop alone
+            # would break the others' next all-reduce.
             scal[3] = clock() if d.main else 0.0
-            # the decision to stop is all-reduced too: ranks' clocks differ (rank 0 evaluates while
-            # the others wait), and a rank leaving the loop alone would hang or break the others
-            over_time = cfg.time_limit is not None and clock() > cfg.time_limit * 60
-            scal[4] = 1.0 if (stop["requested"] or over_time) else 0.0
+            scal[4] = 1.0 if stop["requested"] else 0.0
             if stats is not None:
                 scal[0] = stats.query_loss.double().sum()
                 scal[1] = stats.query_acc.double().nan_to_num(0.0).sum()
@@ -591,7 +596,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
             for leaf, gr in zip(leaves, grads):
                 leaf.grad = (gr / cfg.meta_batch).to(leaf.dtype)
             lr_now = _scheduled_lr(cfg, step, float(scal[3]))
-            halt = bool(scal[4] > 0)
+            halt = bool(scal[4] > 0) or _past_time_limit(cfg, float(scal[3]))
             for group in opt.param_groups:
                 group["lr"] = lr_now
             opt.step()
