@@ -10,6 +10,7 @@ from . import hyperopt as hyperopt
 from . import layers as layers
 from . import solvers as solvers
 from . import theory as theory
+from . import tree as tree
 from ._errors import BilevelError as BilevelError
 from ._errors import BilevelWarning as BilevelWarning
 from ._errors import ConvergenceError as ConvergenceError
@@ -88,4 +89,5 @@ __all__ = [
     "layers",
     "solvers",
     "theory",
+    "tree",
 ]

@@ -36,7 +36,7 @@ import torch.func
 
 from ._errors import BilevelWarning, StructureError
 from ._linear_solve import dense_matrix
-from ._tree import check_like, leaves, unflatten
+from .tree import check_like, leaves, unflatten
 from ._types import HVPFn, Objective, TensorTree
 
 __all__ = [

@@ -38,7 +38,7 @@ from ._hvp import HVPLike, Linearization, Point, as_oracle, call_scalar, gradien
 from ._linear_solve import CG, GMRES
 from ._results import LinearSolveResult, SolverResult
 from ._status import LinearStatus, SolverStatus
-from ._tree import check_finite, check_like, leaves, unflatten
+from .tree import check_finite, check_like, leaves, unflatten
 from ._types import LinearSolver, Objective, RootFn, TensorTree
 
 __all__ = ["ImplicitArgmin", "ImplicitInfo", "fixed_point", "implicit_argmin", "implicit_root"]

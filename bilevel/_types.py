@@ -20,8 +20,9 @@ __all__ = [
     "TensorTree",
 ]
 
-#: A Tensor or a tuple of Tensors (the structures `implicit_argmin` accepts for phi and theta).
-TensorTree = Union[torch.Tensor, tuple[torch.Tensor, ...]]
+#: A Tensor, a tuple of Tensors or a dict str -> Tensor (the structures every entry point accepts;
+#: see `bilevel.tree`).
+TensorTree = Union[torch.Tensor, tuple[torch.Tensor, ...], dict[str, torch.Tensor]]
 
 #: G(phi, theta) -> scalar Tensor.  ``Callable[..., Tensor]`` so that user functions typed
 #: ``(phi: Tensor, theta: Tensor)`` type-check (parameters are contravariant).

@@ -47,7 +47,7 @@ from ._errors import NonFiniteError, StructureError
 from ._hvp import HVPLike
 from ._implicit import ImplicitInfo, implicit_argmin
 from ._status import LinearStatus, SolverStatus
-from ._tree import check_finite, leaves, unflatten
+from .tree import check_finite, leaves, unflatten
 from ._types import LinearSolver, Objective, TensorTree
 
 __all__ = [

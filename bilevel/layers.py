@@ -56,7 +56,7 @@ from torch import nn
 
 from ._hvp import HVPLike
 from ._implicit import ImplicitInfo, fixed_point, implicit_argmin, implicit_root
-from ._tree import leaves, unflatten
+from .tree import leaves, unflatten
 from ._types import LinearSolver, Objective, RootFn, TensorTree
 
 __all__ = ["ArgminLayer", "FixedPointLayer", "Init", "RootLayer"]

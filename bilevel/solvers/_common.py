@@ -34,7 +34,7 @@ import torch.func
 from .._errors import StructureError
 from .._results import SolverResult
 from .._status import SolverStatus
-from .._tree import check_finite, leaves, unflatten
+from ..tree import check_finite, leaves, unflatten
 from .._types import Objective, TensorTree
 
 __all__ = [
@@ -87,11 +87,16 @@ def lazy_import(module: str, extra: str, who: str) -> ModuleType:
 
 
 def detach_tree(tree: TensorTree) -> TensorTree:
-    """The tree with every leaf detached (solvers never differentiate through theta)."""
+    """The tree with every leaf detached (solvers never differentiate through theta).
+
+    Leaves that are not tensors (a theta holding other values) pass through unchanged.
+    """
     if isinstance(tree, torch.Tensor):
         return tree.detach()
     if isinstance(tree, (tuple, list)):
         return tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in tree)
+    if isinstance(tree, dict):
+        return {k: t.detach() if isinstance(t, torch.Tensor) else t for k, t in tree.items()}
     return tree
 
 

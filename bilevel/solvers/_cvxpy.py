@@ -11,7 +11,7 @@ from typing import Any
 from .._errors import StructureError
 from .._results import SolverResult
 from .._status import SolverStatus
-from .._tree import leaves
+from ..tree import leaves
 from .._types import Objective, TensorTree
 from ._common import all_finite, lazy_import, tree_from_arrays, tree_to_arrays
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from .._errors import StructureError
 from .._results import SolverResult
 from .._status import SolverStatus
-from .._tree import leaves
+from ..tree import leaves
 from .._types import Objective, TensorTree
 from ._common import all_finite, lazy_import, measure, tree_from_arrays
 

@@ -49,7 +49,7 @@ import numpy as np
 from .._errors import StructureError
 from .._results import SolverResult
 from .._status import SolverStatus
-from .._tree import leaves
+from ..tree import leaves
 from .._types import Objective, TensorTree
 from ._common import all_finite, check_positive, measure, tree_from_arrays, tree_to_arrays
 

@@ -1,0 +1,209 @@
+"""The one tree type of the library and its operations.
+
+A *tree* is a Tensor, a tuple (or list) of Tensors, or a dict ``str -> Tensor`` (what
+``nn.Module.named_parameters`` and ``torch.func.functional_call`` use).  Every public
+entry point (`bilevel.implicit_argmin`, the solvers, the layers, meta-learning) accepts
+each of the three, and returns answers in the structure it was given.  A dict's leaves
+are taken in its insertion order.
+
+Batched trees (a leading problem dimension B on every leaf) have per-problem
+operations: `batch_dot`, `batch_norm_sq`, `batch_axpy`, and `ravel_batch` /
+`unravel_batch` between a tree and a (B, n) matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from ._errors import NonFiniteError, StructureError
+from ._types import TensorTree
+
+__all__ = [
+    "batch_axpy",
+    "batch_dot",
+    "batch_norm_sq",
+    "batch_scale",
+    "check_finite",
+    "check_like",
+    "is_tuple",
+    "leaves",
+    "ravel",
+    "ravel_batch",
+    "tree_dot",
+    "tree_map",
+    "tree_norm",
+    "unflatten",
+    "unravel_batch",
+    "unravel_like",
+]
+
+
+def is_tuple(tree: TensorTree) -> bool:
+    return isinstance(tree, tuple)
+
+
+def leaves(tree: TensorTree, *, name: str = "tree") -> tuple[torch.Tensor, ...]:
+    """The tensors of ``tree`` as a tuple (a dict's in insertion order).
+
+    Raises:
+        TypeError: ``tree`` is not a Tensor, a tuple/list of Tensors or a dict str -> Tensor.
+    """
+    if isinstance(tree, torch.Tensor):
+        return (tree,)
+    if isinstance(tree, (tuple, list)):
+        for i, t in enumerate(tree):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}[{i}] is a {type(t).__name__}; expected a torch.Tensor")
+        return tuple(tree)
+    if isinstance(tree, Mapping):
+        for k, t in tree.items():
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}[{k!r}] is a {type(t).__name__}; expected a torch.Tensor")
+        return tuple(tree.values())
+    raise TypeError(
+        f"{name} is a {type(tree).__name__}; expected a Tensor, a tuple of Tensors or a dict of Tensors"
+    )
+
+
+def unflatten(like: TensorTree, flat: Sequence[torch.Tensor]) -> TensorTree:
+    """Put ``flat`` (a sequence of tensors) back into the structure of ``like``."""
+    if isinstance(like, torch.Tensor):
+        (only,) = flat
+        return only
+    if isinstance(like, Mapping):
+        return dict(zip(like.keys(), flat))
+    return tuple(flat)
+
+
+def _label(tree: TensorTree, what: str, i: int) -> str:
+    if isinstance(tree, torch.Tensor):
+        return what
+    if isinstance(tree, Mapping):
+        return f"{what}[{list(tree.keys())[i]!r}]"
+    return f"{what}[{i}]"
+
+
+def ravel(tree: TensorTree) -> torch.Tensor:
+    """Concatenate the tensors of ``tree`` into one 1-D tensor."""
+    ts = leaves(tree)
+    if len(ts) == 1:
+        return ts[0].reshape(-1)
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+def unravel_like(flat: torch.Tensor, like: TensorTree) -> TensorTree:
+    """Inverse of `ravel`: split a 1-D tensor into tensors shaped like ``like``."""
+    ts = leaves(like)
+    sizes = [t.numel() for t in ts]
+    parts = torch.split(flat, sizes)
+    return unflatten(like, [p.view_as(t) for p, t in zip(parts, ts)])
+
+
+def ravel_batch(tree: TensorTree) -> torch.Tensor:
+    """A batched tree (leading dim B on every leaf) as a (B, n) matrix, row b = problem b."""
+    ts = leaves(tree)
+    B = ts[0].shape[0]
+    if len(ts) == 1:
+        return ts[0].reshape(B, -1)
+    return torch.cat([t.reshape(B, -1) for t in ts], dim=1)
+
+
+def unravel_batch(X: torch.Tensor, like: TensorTree) -> TensorTree:
+    """Inverse of `ravel_batch`: (B, n) -> views shaped like the batched tree ``like``."""
+    ts = leaves(like)
+    sizes = [t[0].numel() for t in ts]
+    parts = torch.split(X, sizes, dim=1)
+    return unflatten(like, [p.reshape(t.shape) for p, t in zip(parts, ts)])
+
+
+def tree_dot(a: TensorTree, b: TensorTree) -> torch.Tensor:
+    return sum((x * y).sum() for x, y in zip(leaves(a), leaves(b)))  # type: ignore[return-value]
+
+
+def tree_norm(tree: TensorTree) -> float:
+    ts = leaves(tree)
+    return float(torch.sqrt(sum((t.detach().double() ** 2).sum() for t in ts)))  # type: ignore[arg-type]
+
+
+def tree_map(fn: Callable[..., torch.Tensor], tree: TensorTree, *rest: TensorTree) -> TensorTree:
+    """``fn`` applied leaf by leaf to ``tree`` and the trees ``rest`` (same structure)."""
+    ls = [leaves(t) for t in rest]
+    return unflatten(tree, [fn(x, *ys) for x, *ys in zip(leaves(tree), *ls)])
+
+
+def _per_row(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return s.view(-1, *([1] * (t.ndim - 1)))
+
+
+def batch_dot(a: TensorTree, b: TensorTree) -> torch.Tensor:
+    """Per-problem inner products of two batched trees, shape (B,)."""
+    out = None
+    for x, y in zip(leaves(a), leaves(b)):
+        d = (x * y).reshape(x.shape[0], -1).sum(1)
+        out = d if out is None else out + d
+    assert out is not None
+    return out
+
+
+def batch_norm_sq(a: TensorTree) -> torch.Tensor:
+    """Per-problem squared Euclidean norms of a batched tree, shape (B,)."""
+    return batch_dot(a, a)
+
+
+def batch_scale(s: torch.Tensor, a: TensorTree) -> TensorTree:
+    """Each problem's slice of a batched tree times s[b] (s of shape (B,))."""
+    return tree_map(lambda t: t * _per_row(s, t), a)
+
+
+def batch_axpy(a: TensorTree, s: torch.Tensor, b: TensorTree) -> TensorTree:
+    """a + s[b] * b per problem (s of shape (B,))."""
+    return tree_map(lambda x, y: x + _per_row(s, x) * y, a, b)
+
+
+def check_finite(tree: TensorTree, what: str) -> None:
+    """Raise `NonFiniteError` if any entry of ``tree`` is NaN or infinite."""
+    for i, t in enumerate(leaves(tree, name=what)):
+        if t.is_floating_point() or t.is_complex():
+            if not bool(torch.isfinite(t).all()):
+                raise NonFiniteError(
+                    f"{_label(tree, what, i)} contains NaN or infinity: check the inputs, lower the inner "
+                    "step size, or solve the inner problem more carefully"
+                )
+
+
+def _kind(tree: object) -> str:
+    if isinstance(tree, torch.Tensor):
+        return "Tensor"
+    if isinstance(tree, Mapping):
+        return "dict"
+    return "tuple"
+
+
+def check_like(tree: TensorTree, like: TensorTree, what: str, like_name: str = "init") -> None:
+    """Raise `StructureError` unless ``tree`` matches ``like`` leaf by leaf.
+
+    Compares structure (Tensor, tuple or dict; length; a dict's keys), shape, dtype and device.
+    """
+    if _kind(tree) != _kind(like):
+        raise StructureError(
+            f"{what} is a {type(tree).__name__} but {like_name} is a {type(like).__name__}: "
+            f"return the solution with the structure of {like_name}"
+        )
+    if isinstance(like, Mapping) and isinstance(tree, Mapping) and list(tree.keys()) != list(like.keys()):
+        raise StructureError(
+            f"{what} has keys {list(tree.keys())} but {like_name} has {list(like.keys())} "
+            "(same names, same order)"
+        )
+    a, b = leaves(tree, name=what), leaves(like, name=like_name)
+    if len(a) != len(b):
+        raise StructureError(f"{what} has {len(a)} tensors but {like_name} has {len(b)}")
+    for i, (x, y) in enumerate(zip(a, b)):
+        tag = _label(like, what, i)
+        if x.shape != y.shape:
+            raise StructureError(f"{tag} has shape {tuple(x.shape)}, {like_name} has {tuple(y.shape)}")
+        if x.dtype != y.dtype:
+            raise StructureError(f"{tag} has dtype {x.dtype}, {like_name} has {y.dtype}")
+        if x.device != y.device:
+            raise StructureError(f"{tag} is on {x.device}, {like_name} is on {y.device}")
