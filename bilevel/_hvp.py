@@ -36,8 +36,8 @@ import torch.func
 
 from ._errors import BilevelWarning, StructureError
 from ._linear_solve import dense_matrix
-from .tree import check_like, leaves, unflatten
 from ._types import HVPFn, Objective, TensorTree
+from .tree import check_like, leaves, unflatten
 
 __all__ = [
     "DenseHessian",

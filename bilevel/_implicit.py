@@ -22,7 +22,7 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Union
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -33,17 +33,21 @@ from ._errors import (
     NegativeCurvatureError,
     NonFiniteError,
     OptimalityError,
+    StructureError,
 )
 from ._hvp import HVPLike, Linearization, Point, as_oracle, call_scalar, gradient_condition
 from ._linear_solve import CG, GMRES
 from ._results import LinearSolveResult, SolverResult
 from ._status import LinearStatus, SolverStatus
-from .tree import check_finite, check_like, leaves, unflatten
 from ._types import LinearSolver, Objective, RootFn, TensorTree
+from .tree import check_finite, check_like, leaves, unflatten
 
 __all__ = ["ImplicitArgmin", "ImplicitInfo", "fixed_point", "implicit_argmin", "implicit_root"]
 
 Leaves = tuple[torch.Tensor, ...]
+_QUIET = (SolverStatus.CONVERGED, SolverStatus.UNKNOWN)
+#: A warm start of the backward solve: a flat tensor, a function of the right-hand side, or None.
+BackwardX0 = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], None]
 
 
 @dataclasses.dataclass
@@ -60,12 +64,27 @@ class ImplicitInfo:
         residual_norm: ||F(x, theta)|| at the returned x, measured by the layer
             (||grad_phi G(phi, theta)|| for an argmin), in the objective's units per
             unit of phi.
-        backward: the `LinearSolveResult` of each backward pass, in order.
+        backward: the `LinearSolveResult` of each backward pass, in order (in batched
+            mode with per-problem status, iterations and residuals).
+        problem_residual_norm: batched mode: ||F_b(x_b, theta)|| per problem, shape (B,)
+            (``None`` otherwise).
+
+    Under ``torch.func.vmap`` the layer runs once per vmapped problem: ``solver_result``
+    and the residuals are then the last problem's, and ``backward`` collects every solve.
     """
 
     solver_result: SolverResult | None = None
     residual_norm: float = math.nan
     backward: list[LinearSolveResult] = dataclasses.field(default_factory=list)
+    problem_residual_norm: torch.Tensor | None = None
+
+    def __repr__(self) -> str:
+        solver = "None" if self.solver_result is None else self.solver_result.status.name
+        last = "None" if not self.backward else repr(self.backward[-1])
+        return (
+            f"ImplicitInfo(solver={solver}, residual_norm={self.residual_norm:.3e}, "
+            f"backward_solves={len(self.backward)}, last_backward={last})"
+        )
 
     @property
     def last_backward(self) -> LinearSolveResult | None:
@@ -89,8 +108,12 @@ class _Problem:
         linear_solver: LinearSolver,
         optimality_tol: float | None,
         throw: bool,
-        backward_x0: torch.Tensor | None,
+        backward_x0: BackwardX0,
         info: ImplicitInfo,
+        batched: bool = False,
+        warn: bool = True,
+        measure_residual: bool = True,
+        symmetric: bool = True,
     ) -> None:
         self.name = name
         self.condition = condition
@@ -105,45 +128,91 @@ class _Problem:
         self.throw = throw
         self.backward_x0 = backward_x0
         self.info = info
+        self.batched = batched
+        self.warn = warn
+        self.measure_residual = measure_residual
+        self.symmetric = symmetric
 
     def _fail(self, err: Exception) -> None:
         if self.throw:
             raise err
-        warnings.warn(f"{err} (throw=False: continuing)", BilevelWarning, stacklevel=4)
+        if self.warn:
+            warnings.warn(f"{err} (throw=False: continuing)", BilevelWarning, stacklevel=4)
 
-    def solve(self, theta: Leaves) -> Leaves:
+    def _where(self, failed: list[int]) -> str:
+        """' in problems [i, j]' for a batched call, '' otherwise."""
+        if not self.batched:
+            return ""
+        shown = failed[:10]
+        more = f" and {len(failed) - 10} more" if len(failed) > 10 else ""
+        return f" in problem(s) {shown}{more} of the batch"
+
+    def _flat(self, ts: Leaves, dtype: torch.dtype) -> torch.Tensor:
+        """Leaves like x as one vector (n,), or as a (B, n) matrix in batched mode."""
+        if self.batched:
+            B = ts[0].shape[0]
+            return torch.cat([t.reshape(B, -1).to(dtype) for t in ts], dim=1)
+        return torch.cat([t.reshape(-1).to(dtype) for t in ts])
+
+    def _unflat(self, flat: torch.Tensor, like: Leaves) -> Leaves:
+        if self.batched:
+            parts = torch.split(flat, [t[0].numel() for t in like], dim=1)
+        else:
+            parts = torch.split(flat, [t.numel() for t in like])
+        return tuple(c.reshape(t.shape).to(t.dtype) for c, t in zip(parts, like))
+
+    def _norms(self, ts: Leaves) -> torch.Tensor:
+        """Per-problem Euclidean norms (B,) in float64 (shape (1,) when not batched)."""
+        flat = self._flat(tuple(t.detach() for t in ts), torch.float64)
+        return torch.linalg.vector_norm(flat.reshape(flat.shape[0] if self.batched else 1, -1), dim=1)
+
+    def solve(self, theta: Leaves, init_leaves: Leaves) -> Leaves:
         theta_tree = unflatten(self.theta_like, list(theta))
         check_finite(theta_tree, "theta")
-        init = unflatten(self.init, [t.detach() for t in leaves(self.init, name="init")])
+        init = unflatten(self.init, [t.detach() for t in init_leaves])
         check_finite(init, "init")
         with torch.no_grad():
             out = self.solver(self.objective, init, theta_tree)
         result = out if isinstance(out, SolverResult) else SolverResult(x=out, status=SolverStatus.UNKNOWN)
-        check_like(result.x, self.init, "the solver's answer", "init")
+        check_like(result.x, init, "the solver's answer", "init")
         check_finite(result.x, "the solver's answer")
         x = leaves(result.x)
 
-        # The residual is measured here, independently of what the solver claims.
-        theta_det = unflatten(self.theta_like, [t.detach() for t in theta])
-        with torch.enable_grad():
-            xs = tuple(t.detach().requires_grad_(True) for t in x)
-            F = leaves(self.residual(unflatten(self.init, list(xs)), theta_det))
-        residual = math.sqrt(sum(float((f.detach().double() ** 2).sum()) for f in F))
         self.info.solver_result = result
+        if self.measure_residual:
+            # The residual is measured here, independently of what the solver claims.
+            theta_det = unflatten(self.theta_like, [t.detach() for t in theta])
+            with torch.enable_grad():
+                xs = tuple(t.detach().requires_grad_(True) for t in x)
+                F = leaves(self.residual(unflatten(self.init, list(xs)), theta_det))
+            per = self._norms(F)
+        elif self.batched and result.problem_grad_norm is not None:
+            per = result.problem_grad_norm.double()
+        else:
+            per = torch.tensor([result.grad_norm], dtype=torch.float64)
+        residual = float(torch.linalg.vector_norm(per))
         self.info.residual_norm = residual
-        if not math.isfinite(residual):
-            raise NonFiniteError(f"{self.name}: the optimality residual at the solver's answer is {residual}")
+        self.info.problem_residual_norm = per if self.batched else None
+        if self.measure_residual and not math.isfinite(residual):
+            bad = torch.nonzero(~torch.isfinite(per)).flatten().tolist()
+            raise NonFiniteError(
+                f"{self.name}: the optimality residual at the solver's answer is {residual}{self._where(bad)}"
+            )
         tol = self.optimality_tol
-        if tol is not None and residual > tol:
+        failed = torch.nonzero(per > tol).flatten().tolist() if tol is not None else []
+        if failed:
+            worst = float(per.max())
             self._fail(
                 OptimalityError(
-                    f"{self.name}: optimality residual ||F(x, theta)|| = {residual:.3e} at the solver's "
-                    f"answer exceeds optimality_tol={tol:g} (solver status: {result.status.name}: "
-                    f"{result.status.message}); the implicit gradient is only valid at a solution: "
-                    "solve the inner problem more accurately or raise optimality_tol"
+                    f"{self.name}: optimality residual ||F(x, theta)|| = {worst:.3e} at the solver's "
+                    f"answer exceeds optimality_tol={tol:g}{self._where(failed)} (solver status: "
+                    f"{result.status.name}: {result.status.message}); the implicit gradient is only "
+                    "valid at a solution: solve the inner problem more accurately or raise optimality_tol"
                 )
             )
-        elif tol is None and result.status not in (SolverStatus.CONVERGED, SolverStatus.UNKNOWN):
+        elif (
+            tol is None and self.warn and result.status not in (SolverStatus.CONVERGED, SolverStatus.UNKNOWN)
+        ):
             warnings.warn(
                 f"{self.name}: the inner solver did not converge ({result.status.message}); "
                 f"residual {residual:.3e}. Set optimality_tol to turn this into a check.",
@@ -151,53 +220,69 @@ class _Problem:
                 stacklevel=4,
             )
         # An output must not alias an input of the Function.
-        return tuple(t.clone() if any(t is s for s in theta) else t.detach() for t in x)
+        inputs = (*theta, *init_leaves)
+        return tuple(t.clone() if any(t is s for s in inputs) else t.detach() for t in x)
 
-    def backward(self, x: Leaves, theta: Leaves, v: Leaves, wrt: tuple[bool, ...]) -> tuple[Any, ...]:
-        if not any(wrt):
-            return tuple(None for _ in theta)
-        point = Point(self.condition, self.init, self.theta_like, x, theta, wrt)
-        lin = self.linearize(point)
-        sizes = [t.numel() for t in x]
+    def linear_solve(self, lin: Linearization, x: Leaves, rhs: Leaves) -> Leaves:
+        """Solve (dF/dx)^T u = rhs (in batched mode B independent systems) and check the solve."""
         dtype = x[0].dtype
-
-        def to_leaves(flat: torch.Tensor) -> Leaves:
-            parts = torch.split(flat, sizes)
-            return tuple(c.view(t.shape).to(t.dtype) for c, t in zip(parts, x))
-
-        def to_flat(ts: Leaves) -> torch.Tensor:
-            return torch.cat([t.reshape(-1).to(dtype) for t in ts])
 
         def matvec(u: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                return to_flat(tuple(t.detach() for t in lin.matvec(to_leaves(u))))
+                return self._flat(tuple(t.detach() for t in lin.matvec(self._unflat(u, x))), dtype)
 
-        b = to_flat(v)
-        x0 = self.backward_x0
-        if x0 is not None and (x0.shape != b.shape or x0.dtype != b.dtype):
+        b = self._flat(rhs, dtype)
+        x0 = self.backward_x0(b) if callable(self.backward_x0) else self.backward_x0
+        if x0 is not None and (
+            not isinstance(x0, torch.Tensor) or x0.shape != b.shape or x0.dtype != b.dtype
+        ):
             raise ValueError(
-                f"{self.name}: backward_x0 has shape {tuple(x0.shape)} and dtype {x0.dtype}; "
-                f"expected {tuple(b.shape)} and {b.dtype} (the flattened phi)"
+                f"{self.name}: backward_x0 is {_describe(x0)}; expected a tensor of shape "
+                f"{tuple(b.shape)} and dtype {b.dtype} (the flattened phi"
+                f"{', one row per problem' if self.batched else ''})"
             )
         res = self.linear_solver(matvec, b, x0)
+        if not isinstance(res, LinearSolveResult):
+            raise TypeError(
+                f"{self.name}: linear_solver returned {_describe(res)}; it must return a "
+                "bilevel.LinearSolveResult(x, status, n_iter, n_matvec, residual_norm, b_norm) "
+                "(wrap a bare solution x as LinearSolveResult(x, LinearStatus.CONVERGED, ...) "
+                "only if you have checked its residual)"
+            )
+        if res.x.shape != b.shape:
+            raise StructureError(
+                f"{self.name}: linear_solver returned x of shape {tuple(res.x.shape)}; expected "
+                f"{tuple(b.shape)} like its right-hand side"
+            )
         self.info.backward.append(res)
         if res.status is LinearStatus.NONFINITE or not bool(torch.isfinite(res.x).all()):
-            raise NonFiniteError(f"{self.name}: the backward linear solve produced NaN or infinity")
+            raise NonFiniteError(
+                f"{self.name}: the backward linear solve produced NaN or infinity"
+                f"{self._where(res.failed_problems())}"
+            )
         if res.status is LinearStatus.NEGATIVE_CURVATURE:
             self._fail(
                 NegativeCurvatureError(
                     f"{self.name}: backward solve: {res.status.message} (after {res.n_iter} iterations)"
+                    f"{self._where(_with_status(res, LinearStatus.NEGATIVE_CURVATURE))}"
                 )
             )
         elif not res.converged:
             self._fail(
                 LinearSolveError(
                     f"{self.name}: backward solve stopped with status {res.status.name} after "
-                    f"{res.n_iter} iterations, relative residual {res.relative_residual:.3e}: "
-                    f"{res.status.message}"
+                    f"{res.n_iter} iterations, relative residual {res.relative_residual:.3e}"
+                    f"{self._where(res.failed_problems())}: {res.status.message}"
                 )
             )
-        u = to_leaves(res.x)
+        return self._unflat(res.x, x)
+
+    def backward(self, x: Leaves, theta: Leaves, v: Leaves, wrt: tuple[bool, ...]) -> tuple[Any, ...]:
+        if not any(wrt):
+            return tuple(None for _ in theta)
+        point = Point(self.condition, self.init, self.theta_like, x, theta, wrt)
+        lin = self.linearize(point)
+        u = self.linear_solve(lin, x, v)
         with torch.no_grad():
             cross = lin.cross(u)
         grads = tuple(None if g is None else -g.detach() for g in cross)
@@ -206,50 +291,169 @@ class _Problem:
                 raise NonFiniteError(f"{self.name}: the gradient with respect to theta has NaN or infinity")
         return grads
 
+    def jvp(self, x: Leaves, theta: Leaves, tangents: tuple[torch.Tensor | None, ...]) -> Leaves:
+        """Forward mode: dx = -(dF/dx)^-1 (dF/dtheta) t, for an argmin (symmetric dF/dx)."""
+        if not self.symmetric:
+            raise NotImplementedError(
+                f"{self.name}: forward-mode differentiation (torch.func.jvp) is supported for "
+                "implicit_argmin only, whose dF/dx is symmetric; use reverse mode (backward, "
+                "torch.func.grad or vjp) here"
+            )
+        wrt = tuple(t is not None for t in tangents)
+        if not any(wrt):
+            return tuple(torch.zeros_like(t) for t in x)
+        point = Point(self.condition, self.init, self.theta_like, x, theta, wrt)
+        lin = self.linearize(point)
+        idx = [i for i, w in enumerate(wrt) if w]
+        with torch.enable_grad():
+            F = point.F()
+            # (dF/dtheta) t by the double-vjp trick: differentiate u -> (dF/dtheta)^T u . t in u.
+            us = tuple(torch.zeros_like(f).requires_grad_(True) for f in F)
+            g = torch.autograd.grad(
+                F, [point.theta[i] for i in idx], us, create_graph=True, allow_unused=True
+            )
+            pairs = [(gi, t) for gi, i in zip(g, idx) if gi is not None and (t := tangents[i]) is not None]
+            if not pairs:
+                return tuple(torch.zeros_like(t) for t in x)
+            s = torch.stack([(gi * ti).sum() for gi, ti in pairs]).sum()
+            Jt = torch.autograd.grad(s, us, allow_unused=True)
+        rhs = tuple(torch.zeros_like(t) if j is None else -j.detach() for j, t in zip(Jt, x))
+        return self.linear_solve(lin, x, rhs)
+
+
+def _with_status(res: LinearSolveResult, status: LinearStatus) -> list[int]:
+    if res.problem_status is None:
+        return [0] if res.status is status else []
+    return [i for i, s in enumerate(res.problem_status) if s is status]
+
+
+def _describe(obj: object) -> str:
+    if isinstance(obj, torch.Tensor):
+        return f"a Tensor of shape {tuple(obj.shape)} and dtype {obj.dtype}"
+    return f"a {type(obj).__name__}"
+
 
 class ImplicitArgmin(torch.autograd.Function):
     """The autograd Function under `implicit_argmin`, `implicit_root` and `fixed_point`.
 
-    ``forward(problem, *theta_leaves) -> x_leaves`` runs the black-box solver without
+    ``forward(problem, n_theta, *theta_leaves, *init_leaves) -> x_leaves`` runs the black-box solver without
     autograd; ``backward`` solves (dF/dx)^T u = dL/dx and returns -(dF/dtheta)^T u.
+    Written with ``setup_context``: ``torch.func.vmap`` runs the layer once per vmapped
+    problem (a loop, equal to calling it problem by problem; for speed pass
+    ``batched=True``), and ``torch.autograd`` then differentiates the vmapped result.
+    Forward mode (``torch.autograd.forward_ad``, argmin only) solves (dF/dx) dx =
+    -(dF/dtheta) t.  ``torch.func.grad`` / ``vjp`` / ``jvp`` cannot wrap the layer,
+    whose backward pass uses torch.autograd: they raise a `NotImplementedError`
+    saying so.
     Double backward is not supported.  Use the wrappers, which handle structures.
     """
 
     @staticmethod
-    def forward(ctx: Any, problem: _Problem, *theta: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        x = problem.solve(theta)
+    def forward(problem: _Problem, n_theta: int, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return problem.solve(args[:n_theta], args[n_theta:])
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+        problem, n_theta, *args = inputs
         ctx.problem = problem
-        ctx.n_x = len(x)
-        ctx.save_for_backward(*x, *theta)
-        return x
+        ctx.n_x = len(output)
+        ctx.n_theta = n_theta
+        theta = args[:n_theta]
+        ctx.save_for_backward(*output, *theta)
+        ctx.save_for_forward(*output, *theta)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
         saved = ctx.saved_tensors
         x, theta = saved[: ctx.n_x], saved[ctx.n_x :]
-        wrt = tuple(bool(w) for w in ctx.needs_input_grad[1:])
-        return (None, *ctx.problem.backward(x, theta, grads, wrt))
+        wrt = tuple(bool(w) for w in ctx.needs_input_grad[2 : 2 + ctx.n_theta])
+        n_init = len(ctx.needs_input_grad) - 2 - ctx.n_theta
+        # The backward pass differentiates G with plain autograd on the saved (unwrapped)
+        # tensors; under torch.func.grad / vjp that must not be seen by the transforms.
+        try:
+            out = ctx.problem.backward(x, theta, grads, wrt)
+        except RuntimeError as err:
+            _refuse_transform(ctx.problem.name, err)
+            raise
+        # init is where the solver starts, not a variable of phi*(theta): no gradient.
+        return (None, None, *out, *([None] * n_init))
+
+    @staticmethod
+    def jvp(ctx: Any, _problem: Any, _n: Any, *tangents: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        saved = ctx.saved_tensors
+        x, theta = saved[: ctx.n_x], saved[ctx.n_x :]
+        try:
+            return ctx.problem.jvp(x, theta, tangents[: ctx.n_theta])
+        except RuntimeError as err:
+            _refuse_transform(ctx.problem.name, err)
+            raise
+
+    @staticmethod
+    def vmap(
+        info: Any, in_dims: tuple[Any, ...], problem: _Problem, n_theta: int, *args: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[int, ...]]:
+        outs = []
+        for i in range(info.batch_size):
+            sliced = tuple(t if d is None else t.select(d, i) for t, d in zip(args, in_dims[2:]))
+            outs.append(ImplicitArgmin.apply(problem, n_theta, *sliced))
+        stacked = tuple(torch.stack([o[j] for o in outs]) for j in range(len(outs[0])))
+        return stacked, tuple(0 for _ in stacked)
+
+
+def _refuse_transform(name: str, err: RuntimeError) -> None:
+    """Turn functorch's refusal of autograd inside a transform into a clear error."""
+    text = str(err)
+    if "functorch" in text or "vmap" in text or "transform" in text:
+        raise NotImplementedError(
+            f"{name}: the backward pass differentiates G with torch.autograd, which cannot run "
+            "inside torch.func.grad / vjp / jvp or under vmap of them.  Supported: torch.func.vmap "
+            "of the layer's forward, then torch.autograd.grad or .backward(); or batched=True for "
+            "B problems in one call"
+        ) from err
 
 
 def _run(problem: _Problem, theta: TensorTree, return_info: bool) -> Any:
     theta_leaves = leaves(theta, name="theta")
-    out = ImplicitArgmin.apply(problem, *theta_leaves)
+    init_leaves = tuple(t.detach() for t in leaves(problem.init, name="init"))
+    out = ImplicitArgmin.apply(problem, len(theta_leaves), *theta_leaves, *init_leaves)
     x = unflatten(problem.init, list(out))
     return (x, problem.info) if return_info else x
 
 
-def _check_common(name: str, solver: Any, optimality_tol: float | None, init: TensorTree) -> None:
+def _check_common(
+    name: str, solver: Any, optimality_tol: float | None, init: TensorTree, batched: bool, measure: bool
+) -> None:
+    if isinstance(solver, type):
+        raise TypeError(
+            f"{name}: solver is the class {solver.__name__}; pass an instance, e.g. {solver.__name__}(...)"
+        )
     if not callable(solver):
         raise TypeError(f"{name}: solver must be a callable solver(objective, init, theta); got {solver!r}")
     if optimality_tol is not None and not optimality_tol >= 0:
         raise ValueError(f"{name}(optimality_tol={optimality_tol}): must be >= 0 or None")
+    if not measure and optimality_tol is not None:
+        raise ValueError(
+            f"{name}(measure_residual=False): the optimality check needs the measured residual; "
+            "pass optimality_tol=None too"
+        )
     ls = leaves(init, name="init")
     if not ls:
         raise ValueError(f"{name}: init holds no tensors")
     for t in ls:
         if not t.is_floating_point():
             raise TypeError(f"{name}: init has dtype {t.dtype}; the unknowns must be floating point")
+    if batched:
+        if any(t.ndim == 0 or t.shape[0] != ls[0].shape[0] for t in ls) or ls[0].shape[0] == 0:
+            raise StructureError(
+                f"{name}(batched=True): every leaf of init needs the same leading batch dimension B >= 1; "
+                f"got shapes {[tuple(t.shape) for t in ls]}"
+            )
+        if getattr(solver, "batched", None) is False:
+            raise ValueError(
+                f"{name}(batched=True): the solver {type(solver).__name__} is not in batched mode; "
+                f"pass {type(solver).__name__}(..., batched=True) so that each problem stops on its own"
+            )
 
 
 def implicit_argmin(
@@ -260,9 +464,12 @@ def implicit_argmin(
     hvp: HVPLike = None,
     linear_solver: LinearSolver | None = None,
     *,
+    batched: bool = False,
     optimality_tol: float | None = 1e-3,
     throw: bool = True,
-    backward_x0: torch.Tensor | None = None,
+    warn: bool = True,
+    measure_residual: bool = True,
+    backward_x0: BackwardX0 = None,
     return_info: bool = False,
 ) -> Any:
     """phi*(theta) = argmin_phi G(phi, theta), differentiable in theta by implicit differentiation.
@@ -272,27 +479,58 @@ def implicit_argmin(
 
         dL/dtheta = -(d2G/dtheta dphi)^T w,   where  (d2G/dphi2) w = dL/dphi.
 
+    **The objective is evaluated again during ``backward()``** (to linearize the
+    optimality condition at the answer), so it must still compute the same G then:
+    a ``lambda`` defined in a loop that closes over the loop variable (``lambda phi,
+    th: loss(phi, th, x)`` with ``x`` rebound by the next iteration) would silently
+    differentiate the last iteration's problem.  Bind such values as default arguments
+    (``lambda phi, th, x=x: ...``) or build the objective in a function.
+
     Args:
         objective: ``G(phi, theta) -> scalar Tensor``; phi and theta arrive in the
             structures of ``init`` and ``theta``.  Must be differentiable twice by
             autograd unless ``hvp`` is a `FiniteDifferenceHVP` or a user callable.
-        init: starting point, a Tensor or a tuple of Tensors (floating point).
-        theta: the outer variables, a Tensor or a tuple of Tensors.  Gradients flow
-            to every leaf that requires grad, however it enters G.
+            With ``batched=True``: the per-problem losses, shape (B,) (or a
+            `bilevel.solvers.BatchedObjective`), problem b depending on phi[b] only.
+        init: starting point, a Tensor, a tuple of Tensors or a dict of Tensors
+            (floating point); with ``batched=True`` every leaf has the leading dim B.
+        theta: the outer variables, a Tensor, tuple or dict of Tensors.  Gradients
+            flow to every leaf that requires grad, however it enters G.  In batched
+            mode theta may be shared by the B problems (iMAML's meta-parameters) or
+            carry its own batch dimension.
         solver: ``solver(objective, init, theta) -> SolverResult | solution``,
             called without autograd; may leave PyTorch (NumPy, SciPy, a subprocess).
+            An instance, not a class; with ``batched=True`` a solver in batched mode
+            (``GradientDescent(..., batched=True)``, `Nesterov`, `NewtonCG`).
         hvp: ``None`` (reverse-over-reverse through one retained graph, the fastest
             in eager PyTorch), an oracle (`ReverseOverReverse`, `ForwardOverReverse`,
             `FiniteDifferenceHVP`, `DenseHessian`) or ``hvp(phi, theta, v)``.
         linear_solver: solves the Hessian system; default ``CG()`` (1e-10 relative
-            residual in float64, 1e-5 in float32).
-        optimality_tol: largest acceptable ||grad_phi G|| at the solver's answer;
-            ``None`` skips the check (a non-converged `SolverResult` then warns).
+            residual in float64, 1e-5 in float32).  Called as
+            ``linear_solver(matvec, b, x0)`` and must return a `LinearSolveResult`;
+            with ``batched=True``, ``b`` has shape (B, n) (B independent systems).
+        batched: B independent problems along the leading dimension of every leaf of
+            ``init``: one call solves them all (the solver's batched mode), one
+            backward solves the B Hessian systems at once with per-problem stopping
+            and status (``info.last_backward.problem_status``), and failures name the
+            problems that failed.
+        optimality_tol: largest acceptable ||grad_phi G|| at the solver's answer (per
+            problem in batched mode); ``None`` skips the check (a non-converged
+            `SolverResult` then warns).
         throw: raise on a failed check (optimality residual, linear solve that missed
             its tolerance, negative curvature); ``False`` warns with `BilevelWarning`
             and returns the gradient anyway.  Non-finite values always raise.
-        backward_x0: warm start of the backward linear solve, a flat vector of
-            phi's size (e.g. ``info.last_backward.x`` of a previous call).
+        warn: with ``throw=False``, whether failed checks warn; ``False`` only records
+            them in the `ImplicitInfo` (for callers that read and report every
+            solve's status themselves, like meta-learning's per-task statistics).
+        measure_residual: measure ||grad_phi G|| at the answer (one more gradient).
+            ``False`` takes the solver's own ``grad_norm`` / ``problem_grad_norm``
+            instead (the library's torch solvers compute it at the answer); needs
+            ``optimality_tol=None``.
+        backward_x0: warm start of the backward linear solve: a flat vector of phi's
+            size ((B, n) in batched mode), e.g. ``info.last_backward.x`` of a previous
+            call, or a function ``b -> x0`` of the right-hand side (e.g.
+            ``lambda b: b / lam`` for a proximal objective).
         return_info: also return an `ImplicitInfo` with the diagnostics.
 
     Returns:
@@ -304,13 +542,15 @@ def implicit_argmin(
     Raises:
         NonFiniteError: NaN or infinity in theta, init, the answer or the gradient.
         StructureError: the answer's structure, shape, dtype or device differs from
-            ``init``, or the objective is not scalar.
+            ``init``, or the objective is not scalar (not (B,) in batched mode).
         OptimalityError: the residual exceeds ``optimality_tol`` (with ``throw``).
         LinearSolveError, NegativeCurvatureError: the backward solve failed (with ``throw``).
+        TypeError: a solver class instead of an instance, or a ``linear_solver`` that
+            returns something other than a `LinearSolveResult`.
     """
-    _check_common("implicit_argmin", solver, optimality_tol, init)
+    _check_common("implicit_argmin", solver, optimality_tol, init, batched, measure_residual)
     oracle = as_oracle(hvp)
-    checked = _scalar_checked(objective)
+    checked = _scalar_checked(objective, batched)
     return _run(
         _Problem(
             name="implicit_argmin",
@@ -326,21 +566,51 @@ def implicit_argmin(
             throw=throw,
             backward_x0=backward_x0,
             info=ImplicitInfo(),
+            batched=batched,
+            warn=warn,
+            measure_residual=measure_residual,
         ),
         theta,
         return_info,
     )
 
 
-def _scalar_checked(objective: Objective) -> Objective:
-    def checked(phi: TensorTree, theta: TensorTree) -> torch.Tensor:
-        return call_scalar(objective, phi, theta)
+def _scalar_checked(objective: Objective, batched: bool) -> Objective:
+    """G as a scalar: in batched mode the sum of the per-problem losses (a block-diagonal Hessian)."""
+    if not batched:
 
-    return checked
+        def checked(phi: TensorTree, theta: TensorTree) -> torch.Tensor:
+            return call_scalar(objective, phi, theta)
+
+        return checked
+    per_problem = getattr(objective, "per_problem", None)
+    fn = per_problem if callable(per_problem) else objective
+
+    def summed(phi: TensorTree, theta: TensorTree) -> torch.Tensor:
+        return call_scalar(lambda p, t: _as_sum(fn(p, t)), phi, theta)
+
+    return summed
+
+
+def _as_sum(out: Any) -> Any:
+    if isinstance(out, torch.Tensor) and out.ndim == 1:
+        return out.sum()
+    return out
 
 
 def _root_linearization(point: Point) -> Linearization:
     return Linearization(point.vjp_phi, point.vjp_theta)
+
+
+@dataclasses.dataclass(frozen=True)
+class _RootOptions:
+    linear_solver: LinearSolver | None
+    batched: bool
+    optimality_tol: float | None
+    throw: bool
+    warn: bool
+    backward_x0: BackwardX0
+    return_info: bool
 
 
 def _run_root(
@@ -350,14 +620,10 @@ def _run_root(
     init: TensorTree,
     theta: TensorTree,
     solver: Callable[..., Any],
-    linear_solver: LinearSolver | None,
-    optimality_tol: float | None,
-    throw: bool,
-    backward_x0: torch.Tensor | None,
-    return_info: bool,
+    opts: _RootOptions,
 ) -> Any:
     """`implicit_root` and `fixed_point`: F(x, theta) = 0, reverse-mode products, GMRES default."""
-    _check_common(name, solver, optimality_tol, init)
+    _check_common(name, solver, opts.optimality_tol, init, opts.batched, True)
     problem = _Problem(
         name=name,
         condition=F,
@@ -367,13 +633,16 @@ def _run_root(
         theta_like=theta,
         solver=solver,
         linearize=_root_linearization,
-        linear_solver=linear_solver if linear_solver is not None else GMRES(),
-        optimality_tol=optimality_tol,
-        throw=throw,
-        backward_x0=backward_x0,
+        linear_solver=opts.linear_solver if opts.linear_solver is not None else GMRES(),
+        optimality_tol=opts.optimality_tol,
+        throw=opts.throw,
+        backward_x0=opts.backward_x0,
         info=ImplicitInfo(),
+        batched=opts.batched,
+        warn=opts.warn,
+        symmetric=False,
     )
-    return _run(problem, theta, return_info)
+    return _run(problem, theta, opts.return_info)
 
 
 def implicit_root(
@@ -383,9 +652,11 @@ def implicit_root(
     solver: Callable[..., Any],
     linear_solver: LinearSolver | None = None,
     *,
+    batched: bool = False,
     optimality_tol: float | None = 1e-3,
     throw: bool = True,
-    backward_x0: torch.Tensor | None = None,
+    warn: bool = True,
+    backward_x0: BackwardX0 = None,
     return_info: bool = False,
 ) -> Any:
     """x*(theta) with F(x*, theta) = 0, differentiable in theta by the implicit function theorem.
@@ -393,32 +664,24 @@ def implicit_root(
     Backward: solve (dF/dx)^T u = dL/dx with ``linear_solver`` (reverse-mode
     products only), then dL/dtheta = -(dF/dtheta)^T u.  For constrained problems,
     pass a KKT system or a projected-gradient condition as F (or use `fixed_point`).
+    F is evaluated again during ``backward()`` (see `implicit_argmin` on closures).
 
     Args:
         F: ``F(x, theta) -> tree like x``, differentiable by autograd in x and theta.
-        init, theta, optimality_tol, throw, backward_x0, return_info: as in
+        init, theta, optimality_tol, throw, warn, backward_x0, return_info: as in
             `implicit_argmin` (the residual is ||F(x, theta)||).
         solver: ``solver(F, init, theta) -> SolverResult | solution``; it may
             ignore ``F`` and solve its own formulation (cvxpy, a subprocess).
         linear_solver: default ``GMRES()`` since dF/dx need not be symmetric; pass
             ``CG()`` when it is symmetric positive definite.
+        batched: B independent problems along the leading dimension of every leaf of
+            ``init`` (F_b depends on x_b only); per-problem residuals and solves.
 
     Returns:
         x with the structure of ``init`` (and the `ImplicitInfo` if ``return_info``).
     """
-    return _run_root(
-        "implicit_root",
-        F,
-        F,
-        init,
-        theta,
-        solver,
-        linear_solver,
-        optimality_tol,
-        throw,
-        backward_x0,
-        return_info,
-    )
+    opts = _RootOptions(linear_solver, batched, optimality_tol, throw, warn, backward_x0, return_info)
+    return _run_root("implicit_root", F, F, init, theta, solver, opts)
 
 
 def fixed_point(
@@ -428,9 +691,11 @@ def fixed_point(
     solver: Callable[..., Any],
     linear_solver: LinearSolver | None = None,
     *,
+    batched: bool = False,
     optimality_tol: float | None = 1e-3,
     throw: bool = True,
-    backward_x0: torch.Tensor | None = None,
+    warn: bool = True,
+    backward_x0: BackwardX0 = None,
     return_info: bool = False,
 ) -> Any:
     """x*(theta) with x* = T(x*, theta), differentiable in theta.
@@ -449,16 +714,5 @@ def fixed_point(
     def F(x: TensorTree, th: TensorTree) -> TensorTree:
         return unflatten(x, [a - b for a, b in zip(leaves(T(x, th)), leaves(x))])
 
-    return _run_root(
-        "fixed_point",
-        F,
-        T,
-        init,
-        theta,
-        solver,
-        linear_solver,
-        optimality_tol,
-        throw,
-        backward_x0,
-        return_info,
-    )
+    opts = _RootOptions(linear_solver, batched, optimality_tol, throw, warn, backward_x0, return_info)
+    return _run_root("fixed_point", F, T, init, theta, solver, opts)

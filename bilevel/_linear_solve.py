@@ -36,7 +36,7 @@ from ._results import LinearSolveResult
 from ._status import LinearStatus
 from ._types import Matvec
 
-__all__ = ["CG", "GMRES", "MINRES", "BiCGStab", "DenseSolve", "Neumann", "default_rtol"]
+__all__ = ["CG", "GMRES", "MINRES", "BiCGStab", "DenseSolve", "Neumann", "cg_solve", "default_rtol"]
 
 
 def default_rtol(dtype: torch.dtype) -> float:
@@ -58,8 +58,11 @@ def _check_config(name: str, max_iter: int | None, rtol: float | None, atol: flo
 
 
 def _check_b(name: str, b: torch.Tensor, x0: torch.Tensor | None) -> None:
-    if not isinstance(b, torch.Tensor) or b.ndim != 1:
-        raise ValueError(f"{name}: b must be a 1-D tensor, got {getattr(b, 'shape', type(b))}")
+    if not isinstance(b, torch.Tensor) or b.ndim not in (1, 2):
+        raise ValueError(
+            f"{name}: b must be a 1-D tensor (one system) or a 2-D tensor (B, n) of B systems, "
+            f"got {getattr(b, 'shape', type(b))}"
+        )
     if x0 is not None and (x0.shape != b.shape or x0.dtype != b.dtype):
         raise ValueError(
             f"{name}: x0 has shape {tuple(x0.shape)} and dtype {x0.dtype}; "
@@ -109,20 +112,229 @@ def _finish(
     return LinearSolveResult(x, status, n_iter, A.calls, r_norm, b_norm)
 
 
+# Severity order used to summarize a batch in one status (the worst problem wins).
+_SEVERITY = (
+    LinearStatus.CONVERGED,
+    LinearStatus.MAX_ITER,
+    LinearStatus.NEGATIVE_CURVATURE,
+    LinearStatus.BREAKDOWN,
+    LinearStatus.NONFINITE,
+)
+_CODE = {s: i for i, s in enumerate(_SEVERITY)}
+
+
+def _rownorm(X: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(X, dim=1)
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum(dim=1)
+
+
+def cg_solve(
+    matvec: Matvec,
+    b: torch.Tensor,
+    x0: torch.Tensor | None = None,
+    *,
+    max_iter: int,
+    tol: torch.Tensor,
+    preconditioner: Matvec | None = None,
+    check_residual: bool = True,
+    name: str = "CG",
+) -> LinearSolveResult:
+    """Preconditioned CG on B independent systems at once, each stopping on its own.
+
+    The one CG loop of the library: `CG` calls it, and so do `bilevel.solvers.NewtonCG`
+    (with per-problem forcing tolerances) and the meta-learning engine (through the
+    implicit layer).
+
+    Args:
+        matvec: ``(B, n) -> (B, n)``, row b the product of problem b's matrix with row b.
+        b: right-hand sides, shape (B, n).
+        x0: starting points (B, n), or ``None`` for zeros.
+        max_iter: iteration cap (each iteration is one matvec for every running problem).
+        tol: per-problem absolute tolerances on ||A_b x_b - b_b||, shape (B,).
+        preconditioner: ``(B, n) -> (B, n)``, symmetric positive definite per problem.
+        check_residual: recompute the true residual b - A x at the end (one more matvec) and
+            settle each status on it; ``False`` reports the recursively updated residual.
+        name: for error messages.
+
+    Returns:
+        `LinearSolveResult` with ``x`` of shape (B, n) and every per-problem field set.
+        A problem that meets p'Ap <= 0 (or NaN) stops there with its last iterate and
+        status ``NEGATIVE_CURVATURE`` (``NONFINITE``), the curvature in
+        ``problem_curvature``.  Stopped problems are frozen by masks; the loop ends when
+        none is running.
+    """
+    A = _Counted(matvec, b, name)
+    M = preconditioner if preconditioner is not None else (lambda r: r)
+    B = b.shape[0]
+    codes = torch.full((B,), _CODE[LinearStatus.MAX_ITER], dtype=torch.int8, device=b.device)
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    r = b.clone() if x0 is None else b - A(x0)
+    z = M(r)
+    p = z.clone()
+    rz = _rowdot(r, z)
+    r_norm = _rownorm(r)
+    b_norm = _rownorm(b)
+    tol = tol.to(dtype=r_norm.dtype, device=b.device)
+    alive = r_norm > tol
+    codes = torch.where(alive, codes, _CODE[LinearStatus.CONVERGED])
+    # Below this the recursive residual is rounding noise: iterating on would let r and p
+    # underflow and pAp round to 0, which would read as (spurious) negative curvature.
+    floor = 1e-3 * torch.finfo(b.dtype).eps * b_norm
+    iters = torch.zeros(B, dtype=torch.int64, device=b.device)
+    curvature = torch.full((B,), math.nan, dtype=b.dtype, device=b.device)
+    k = 0
+    while k < max_iter and bool(alive.any()):
+        Ap = A(p)
+        pAp = _rowdot(p, Ap)
+        k += 1
+        iters += alive.long()
+        nonfinite = alive & ~torch.isfinite(pAp)
+        negative = alive & ~nonfinite & (pAp <= 0)
+        codes = torch.where(nonfinite, _CODE[LinearStatus.NONFINITE], codes)
+        codes = torch.where(negative, _CODE[LinearStatus.NEGATIVE_CURVATURE], codes)
+        curvature = torch.where(negative, pAp, curvature)
+        alive = alive & ~nonfinite & ~negative
+        alpha = torch.where(alive, rz / torch.where(alive, pAp, torch.ones_like(pAp)), torch.zeros_like(rz))
+        x = x + alpha[:, None] * p
+        r = r - alpha[:, None] * Ap
+        r_new = _rownorm(r)
+        r_norm = torch.where(alive, r_new, r_norm)
+        converged = alive & (r_new <= tol)
+        codes = torch.where(converged, _CODE[LinearStatus.CONVERGED], codes)
+        # stagnated at machine precision: stop, the true residual below judges it
+        alive = alive & ~converged & ~(r_new <= floor)
+        z = M(r)
+        rz_new = _rowdot(r, z)
+        beta = torch.where(
+            alive, rz_new / torch.where(rz != 0, rz, torch.ones_like(rz)), torch.zeros_like(rz)
+        )
+        p = torch.where(alive[:, None], z + beta[:, None] * p, p)
+        rz = torch.where(alive, rz_new, rz)
+    x_finite = torch.isfinite(x).all(dim=1)
+    codes = torch.where(x_finite, codes, _CODE[LinearStatus.NONFINITE])
+    if check_residual:
+        true = _rownorm(b - A(x))
+        true = torch.where(x_finite, true, torch.full_like(true, math.inf))
+        conv_code, max_code = _CODE[LinearStatus.CONVERGED], _CODE[LinearStatus.MAX_ITER]
+        # The recursive residual said converged; rounding may say otherwise (and vice versa).
+        codes = torch.where((codes == conv_code) & (true > tol), max_code, codes)
+        codes = torch.where((codes == max_code) & (true <= tol), conv_code, codes)
+        codes = torch.where(torch.isfinite(true), codes, _CODE[LinearStatus.NONFINITE])
+        r_norm = true
+    return _batch_result(x, codes, k, A.calls, r_norm, b_norm, iters, curvature)
+
+
+def _batch_result(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    n_iter: int,
+    n_matvec: int,
+    r_norm: torch.Tensor,
+    b_norm: torch.Tensor,
+    iters: torch.Tensor,
+    curvature: torch.Tensor | None = None,
+) -> LinearSolveResult:
+    """The `LinearSolveResult` of a batched solve from per-problem status codes and norms."""
+    statuses = tuple(_SEVERITY[c] for c in codes.tolist())
+    return LinearSolveResult(
+        x=x,
+        status=max(statuses, key=_SEVERITY.index),
+        n_iter=n_iter,
+        n_matvec=n_matvec,
+        residual_norm=float(torch.linalg.vector_norm(r_norm.double())),
+        b_norm=float(torch.linalg.vector_norm(b_norm.double())),
+        problem_status=statuses,
+        problem_n_iter=iters.cpu(),
+        problem_residual_norm=r_norm,
+        problem_b_norm=b_norm,
+        problem_curvature=curvature,
+    )
+
+
+def _single(res: LinearSolveResult) -> LinearSolveResult:
+    """A batched result of one problem as the result of a 1-D solve."""
+    assert res.problem_status is not None
+    return LinearSolveResult(
+        x=res.x[0],
+        status=res.problem_status[0],
+        n_iter=res.n_iter,
+        n_matvec=res.n_matvec,
+        residual_norm=res.residual_norm,
+        b_norm=res.b_norm,
+        problem_curvature=res.problem_curvature,
+    )
+
+
+def _as_rows(matvec: Matvec) -> Matvec:
+    """A matvec on 1-D vectors as one on (1, n) matrices."""
+    return lambda V: matvec(V[0]).unsqueeze(0)
+
+
+def _block_diagonal(
+    solver: Callable[..., LinearSolveResult],
+    matvec: Matvec,
+    b: torch.Tensor,
+    x0: torch.Tensor | None,
+    rtol: float | None,
+    atol: float,
+) -> LinearSolveResult:
+    """Batched mode of a solver without one: solve the block-diagonal system of all B problems
+    as one system of size B n, then judge each problem on its own true residual (one matvec)."""
+    B, n = b.shape
+    b_norm = _rownorm(b)
+    tol = torch.clamp(rtol_or_default(rtol, b.dtype) * b_norm, min=atol)
+    if dataclasses.is_dataclass(solver) and hasattr(solver, "rtol"):
+        # One global tolerance that meets every problem's own: the smallest positive one.
+        positive = tol[tol > 0]
+        if positive.numel():
+            solver = dataclasses.replace(solver, rtol=0.0, atol=float(positive.min()))  # type: ignore[type-var,assignment]
+    flat = solver(
+        lambda v: matvec(v.view(B, n)).reshape(-1),
+        b.reshape(-1),
+        None if x0 is None else x0.reshape(-1),
+    )
+    x = flat.x.view(B, n)
+    r = _rownorm(b - matvec(x))
+    # A problem that misses its own tolerance inherits the whole solve's reason, or MAX_ITER
+    # where the whole solve met its (global) tolerance.
+    missed = LinearStatus.MAX_ITER if flat.status is LinearStatus.CONVERGED else flat.status
+    codes = torch.where(r <= tol, _CODE[LinearStatus.CONVERGED], _CODE[missed])
+    codes = torch.where(torch.isfinite(r), codes, _CODE[LinearStatus.NONFINITE]).to(torch.int8)
+    iters = torch.full((B,), flat.n_iter, dtype=torch.int64)
+    return _batch_result(x, codes, flat.n_iter, flat.n_matvec + 1, r, b_norm, iters)
+
+
+def rtol_or_default(rtol: float | None, dtype: torch.dtype) -> float:
+    return rtol if rtol is not None else default_rtol(dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class CG:
-    """Conjugate gradient for symmetric positive definite A.
+    """Conjugate gradient for symmetric positive definite A, on one system or B at once.
 
     Args:
         max_iter: iteration cap; ``None`` means ``min(2 n, 1000)`` for n unknowns.
         rtol: relative tolerance on ||A x - b|| / ||b||; ``None`` picks it from the dtype.
         atol: absolute tolerance on ||A x - b||.
         preconditioner: ``M(r) ~ A^-1 r``, symmetric positive definite; ``None`` for none.
+            In batched mode it maps (B, n) to (B, n).
+        check_residual: recompute the true residual ||b - A x|| with one more matvec
+            at the end (the recursively updated one drifts in floating point) and settle
+            the status on it.  ``False`` saves that matvec and reports the recursive
+            residual: for fixed-budget solves whose diagnostics are only logged.
 
-    A warm start is the ``x0`` argument of the call.  With ``x0=None`` a solve of k
-    iterations costs k + 1 matvecs (the last one recomputes the true residual).
+    Call:
+        ``CG(...)(matvec, b, x0=None)``.  ``b`` of shape (n,): one system, ``matvec``
+        maps (n,) to (n,).  ``b`` of shape (B, n): B independent systems (batched mode),
+        ``matvec`` maps (B, n) to (B, n) row by row; each problem stops on its own
+        tolerance (masks) and the result has per-problem status, iterations and true
+        residuals of shape (B,).  A solve of k iterations costs k + 1 matvecs with
+        ``x0=None`` (k + 2 with a warm start ``x0``; k without ``check_residual``).
 
-    Non-positive curvature p'Ap <= 0 stops the iteration with status
+    Non-positive curvature p'Ap <= 0 stops the iteration (of that problem) with status
     ``NEGATIVE_CURVATURE`` and returns the last iterate: A is not positive definite
     (for a Hessian: the point is not a strict local minimum).
 
@@ -134,60 +346,30 @@ class CG:
     rtol: float | None = None
     atol: float = 0.0
     preconditioner: Matvec | None = None
+    check_residual: bool = True
 
     def __post_init__(self) -> None:
         _check_config("CG", self.max_iter, self.rtol, self.atol)
 
     def __call__(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None = None) -> LinearSolveResult:
         _check_b("CG", b, x0)
-        A = _Counted(matvec, b, "CG")
-        M = self.preconditioner if self.preconditioner is not None else (lambda r: r)
-        n = b.numel()
+        batched = b.ndim == 2
+        rows = b if batched else b.unsqueeze(0)
+        n = rows.shape[1]
         max_iter = self.max_iter if self.max_iter is not None else min(2 * n, 1000)
-        rtol = self.rtol if self.rtol is not None else default_rtol(b.dtype)
-        tol = max(rtol * _norm(b), self.atol)
-
-        x = torch.zeros_like(b) if x0 is None else x0.clone()
-        r = b.clone() if x0 is None else b - A(x0)
-        z = M(r)
-        p = z.clone()
-        rz = torch.dot(r, z)
-        status = LinearStatus.MAX_ITER
-        k = 0
-        if _norm(r) <= tol:
-            status = LinearStatus.CONVERGED
-        # Below this the recursive residual is rounding noise: iterating on would let r and p
-        # underflow and pAp round to 0, which would read as (spurious) negative curvature.
-        floor = 1e-3 * torch.finfo(b.dtype).eps * _norm(b)
-        while k < max_iter and status is LinearStatus.MAX_ITER:
-            Ap = A(p)
-            pAp = torch.dot(p, Ap)
-            k += 1
-            pAp_f = float(pAp)
-            if not math.isfinite(pAp_f):
-                status = LinearStatus.NONFINITE
-                break
-            if pAp_f <= 0.0:
-                status = LinearStatus.NEGATIVE_CURVATURE
-                break
-            alpha = rz / pAp
-            x = x + alpha * p
-            r = r - alpha * Ap
-            r_norm = _norm(r)
-            if r_norm <= tol:
-                status = LinearStatus.CONVERGED
-                break
-            if r_norm <= floor:
-                break  # stagnated at machine precision; _finish judges the true residual
-            z = M(r)
-            rz_new = torch.dot(r, z)
-            p = z + (rz_new / rz) * p
-            rz = rz_new
-        if status is LinearStatus.NEGATIVE_CURVATURE:
-            b_norm = _norm(b)
-            r_norm = _norm(b - A(x))
-            return LinearSolveResult(x, status, k, A.calls, r_norm, b_norm)
-        return _finish(A, b, x, status, k, tol)
+        rtol = rtol_or_default(self.rtol, b.dtype)
+        tol = torch.clamp(rtol * _rownorm(rows), min=self.atol)
+        M = self.preconditioner
+        res = cg_solve(
+            matvec if batched else _as_rows(matvec),
+            rows,
+            None if x0 is None else (x0 if batched else x0.unsqueeze(0)),
+            max_iter=max_iter,
+            tol=tol,
+            preconditioner=None if M is None else (M if batched else _as_rows(M)),
+            check_residual=self.check_residual,
+        )
+        return res if batched else _single(res)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +395,8 @@ class MINRES:
 
     def __call__(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None = None) -> LinearSolveResult:
         _check_b("MINRES", b, x0)
+        if b.ndim == 2:
+            return _block_diagonal(self, matvec, b, x0, self.rtol, self.atol)
         A = _Counted(matvec, b, "MINRES")
         n = b.numel()
         max_iter = self.max_iter if self.max_iter is not None else min(2 * n, 1000)
@@ -293,6 +477,8 @@ class GMRES:
 
     def __call__(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None = None) -> LinearSolveResult:
         _check_b("GMRES", b, x0)
+        if b.ndim == 2:
+            return _block_diagonal(self, matvec, b, x0, self.rtol, self.atol)
         A = _Counted(matvec, b, "GMRES")
         n = b.numel()
         max_iter = self.max_iter if self.max_iter is not None else min(10 * n, 1000)
@@ -377,6 +563,8 @@ class BiCGStab:
 
     def __call__(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None = None) -> LinearSolveResult:
         _check_b("BiCGStab", b, x0)
+        if b.ndim == 2:
+            return _block_diagonal(self, matvec, b, x0, self.rtol, self.atol)
         A = _Counted(matvec, b, "BiCGStab")
         n = b.numel()
         max_iter = self.max_iter if self.max_iter is not None else min(2 * n, 1000)
@@ -454,6 +642,8 @@ class Neumann:
 
     def __call__(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None = None) -> LinearSolveResult:
         _check_b("Neumann", b, x0)
+        if b.ndim == 2:
+            return _block_diagonal(self, matvec, b, x0, self.rtol, self.atol)
         A = _Counted(matvec, b, "Neumann")
         rtol = self.rtol if self.rtol is not None else default_rtol(b.dtype)
         tol = max(rtol * _norm(b), self.atol)
@@ -489,6 +679,8 @@ class DenseSolve:
 
     def __call__(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None = None) -> LinearSolveResult:
         _check_b("DenseSolve", b, x0)
+        if b.ndim == 2:
+            return _block_diagonal(self, matvec, b, x0, None, 0.0)
         A = _Counted(matvec, b, "DenseSolve")
         M = dense_matrix(A, b)
         b_norm = _norm(b)

@@ -28,8 +28,16 @@ class SolverResult:
         n_gev: gradient evaluations.
         n_hvp: Hessian-vector products.
         fun: objective value at ``x`` (NaN if unknown).
-        info: solver-specific extras (a SciPy message, a per-problem batch of
-            diagnostics, ...).  Read-only mapping.
+        info: solver-specific extras (a SciPy message, the HVP backend, ...).
+            Read-only mapping.
+        problem_status: batched mode only (``None`` otherwise): each problem's status,
+            a tuple of B `SolverStatus`; ``status`` is then the worst of them.
+        problem_n_iter: batched mode: iterations per problem, int64 (B,); ``n_iter`` is
+            their maximum.
+        problem_grad_norm: batched mode: ||grad_phi G_b|| per problem, float64 (B,);
+            ``grad_norm`` is the norm of the whole gradient.
+        problem_fun: batched mode: objective value per problem, float64 (B,) (NaN where
+            the objective returned only the sum); ``fun`` is their sum.
     """
 
     x: TensorTree
@@ -41,10 +49,28 @@ class SolverResult:
     n_hvp: int = 0
     fun: float = float("nan")
     info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    problem_status: tuple[SolverStatus, ...] | None = None
+    problem_n_iter: torch.Tensor | None = None
+    problem_grad_norm: torch.Tensor | None = None
+    problem_fun: torch.Tensor | None = None
 
     @property
     def converged(self) -> bool:
         return self.status is SolverStatus.CONVERGED
+
+    @property
+    def problem_converged(self) -> torch.Tensor | None:
+        """Batched mode: bool (B,), True where that problem converged; ``None`` otherwise."""
+        if self.problem_status is None:
+            return None
+        return torch.tensor([s is SolverStatus.CONVERGED for s in self.problem_status])
+
+    def __repr__(self) -> str:
+        batch = "" if self.problem_status is None else f", B={len(self.problem_status)}"
+        return (
+            f"SolverResult(status={self.status.name}, n_iter={self.n_iter}, "
+            f"grad_norm={self.grad_norm:.3e}, fun={self.fun:.6g}{batch})"
+        )
 
     @property
     def gradient_equivalents(self) -> float:
@@ -65,8 +91,17 @@ class LinearSolveResult:
         status: why the solve stopped.
         n_iter: iterations taken.
         n_matvec: matrix-vector products (HVPs) spent, the final residual check included.
-        residual_norm: ||A x - b|| at the returned ``x``.
+        residual_norm: ||A x - b|| at the returned ``x`` (in batched mode over all problems).
         b_norm: ||b||, so the relative residual is ``residual_norm / b_norm``.
+        problem_status: batched mode only (``b`` of shape (B, n); ``None`` otherwise): each
+            problem's status, a tuple of B `LinearStatus`; ``status`` is the worst of them.
+        problem_n_iter: batched mode: iterations per problem, int64 (B,) (each problem
+            stops on its own; ``n_iter`` is the largest).
+        problem_residual_norm: batched mode: ||A_b x_b - b_b|| per problem, shape (B,).
+        problem_b_norm: batched mode: ||b_b|| per problem, shape (B,).
+        problem_curvature: CG only: p'Ap of the direction on which a problem met
+            non-positive curvature, NaN for the others; shape (B,) in batched mode, (1,)
+            otherwise; ``None`` for other solvers.
     """
 
     x: torch.Tensor
@@ -75,6 +110,11 @@ class LinearSolveResult:
     n_matvec: int
     residual_norm: float
     b_norm: float
+    problem_status: tuple[LinearStatus, ...] | None = None
+    problem_n_iter: torch.Tensor | None = None
+    problem_residual_norm: torch.Tensor | None = None
+    problem_b_norm: torch.Tensor | None = None
+    problem_curvature: torch.Tensor | None = None
 
     @property
     def converged(self) -> bool:
@@ -83,3 +123,16 @@ class LinearSolveResult:
     @property
     def relative_residual(self) -> float:
         return self.residual_norm / self.b_norm if self.b_norm > 0 else self.residual_norm
+
+    def failed_problems(self) -> list[int]:
+        """Indices of the problems that did not converge (batched mode; ``[0]`` or ``[]`` otherwise)."""
+        if self.problem_status is None:
+            return [] if self.converged else [0]
+        return [i for i, s in enumerate(self.problem_status) if s is not LinearStatus.CONVERGED]
+
+    def __repr__(self) -> str:
+        batch = "" if self.problem_status is None else f", B={len(self.problem_status)}"
+        return (
+            f"LinearSolveResult(status={self.status.name}, n_iter={self.n_iter}, n_matvec={self.n_matvec}, "
+            f"residual_norm={self.residual_norm:.3e}, b_norm={self.b_norm:.3e}{batch})"
+        )

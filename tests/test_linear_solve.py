@@ -150,6 +150,81 @@ def test_bad_configuration(make_solver, match: str) -> None:  # type: ignore[no-
 
 def test_bad_shapes() -> None:
     with pytest.raises(ValueError, match="b must be a 1-D tensor"):
-        bl.CG()(lambda v: v, torch.ones(2, 2, dtype=D))
+        bl.CG()(lambda v: v, torch.ones(2, 2, 2, dtype=D))
     with pytest.raises(ValueError, match="matvec returned shape"):
         bl.CG()(lambda v: v[:2], torch.ones(3, dtype=D))
+
+
+# ---------------------------------------------------------------------------------- batched mode
+def _blocks(kind, B: int, n: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    return torch.stack([make(kind, n, seed=10 + i) for i in range(B)])
+
+
+@pytest.mark.parametrize(("solver", "kind"), CASES, ids=lambda c: getattr(c, "__name__", type(c).__name__))
+def test_batched_equals_single_solves_and_dense(solver, kind) -> None:  # type: ignore[no-untyped-def]
+    B, n = 4, 7
+    As = _blocks(kind, B, n)
+    b = torch.randn(B, n, dtype=D, generator=torch.Generator().manual_seed(3))
+    res = solver(lambda V: torch.einsum("bij,bj->bi", As, V), b)
+    assert res.x.shape == (B, n)
+    assert res.problem_status is not None and len(res.problem_status) == B
+    assert res.problem_residual_norm is not None and res.problem_residual_norm.shape == (B,)
+    assert res.problem_n_iter is not None and res.problem_n_iter.shape == (B,)
+    assert res.converged and res.failed_problems() == []
+    ref = torch.linalg.solve(As, b)
+    for i in range(B):
+        single = solver(lambda v, A=As[i]: A @ v, b[i])
+        assert single.converged
+        torch.testing.assert_close(res.x[i], ref[i], rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(res.x[i], single.x, rtol=1e-7, atol=1e-9)
+        true = torch.linalg.vector_norm(As[i] @ res.x[i] - b[i])
+        assert float(res.problem_residual_norm[i]) == pytest.approx(float(true), rel=1e-6, abs=1e-13)
+
+
+def test_batched_cg_iterates_equal_single_cg() -> None:
+    """Same iterations per problem as B separate CG calls: each problem stops on its own."""
+    B, n = 3, 12
+    As = torch.stack([spd(n, cond, seed=i) for i, cond in enumerate([2.0, 50.0, 1e4])])
+    b = torch.randn(B, n, dtype=D, generator=torch.Generator().manual_seed(0))
+    for cg in (bl.CG(), bl.CG(max_iter=4, rtol=0.0), bl.CG(check_residual=False)):
+        # the same products row by row as in the single solves, so that rounding agrees too
+        res = cg(lambda V: torch.stack([A @ v for A, v in zip(As, V)]), b)
+        for i in range(B):
+            single = cg(lambda v, A=As[i]: A @ v, b[i])
+            assert int(res.problem_n_iter[i]) == single.n_iter  # type: ignore[index]
+            assert res.problem_status[i] is single.status  # type: ignore[index]
+            torch.testing.assert_close(res.x[i], single.x, rtol=1e-9, atol=1e-12)
+    # the easy problem stops first
+    res = bl.CG()(lambda V: torch.einsum("bij,bj->bi", As, V), b)
+    assert int(res.problem_n_iter[0]) < int(res.problem_n_iter[2])  # type: ignore[index]
+
+
+def test_batched_cg_reports_each_failing_problem() -> None:
+    """An indefinite block and a capped block do not hide behind the converged ones."""
+    n = 6
+    good, bad = spd(n, 10.0, seed=1), sym_indefinite(n, seed=2)
+    As = torch.stack([good, bad, good])
+    b = torch.randn(3, n, dtype=D, generator=torch.Generator().manual_seed(0))
+    res = bl.CG()(lambda V: torch.einsum("bij,bj->bi", As, V), b)
+    assert res.problem_status == (
+        bl.LinearStatus.CONVERGED,
+        bl.LinearStatus.NEGATIVE_CURVATURE,
+        bl.LinearStatus.CONVERGED,
+    )
+    assert res.status is bl.LinearStatus.NEGATIVE_CURVATURE
+    assert res.failed_problems() == [1]
+    assert res.problem_curvature is not None
+    assert float(res.problem_curvature[1]) <= 0 and torch.isnan(res.problem_curvature[[0, 2]]).all()
+    capped = bl.CG(max_iter=2)(lambda V: torch.einsum("bij,bj->bi", As[[0, 2]], V), b[[0, 2]])
+    assert capped.problem_status == (bl.LinearStatus.MAX_ITER, bl.LinearStatus.MAX_ITER)
+
+
+def test_batched_block_diagonal_fallback_judges_each_problem() -> None:
+    """Solvers without a batched loop solve the block-diagonal system and judge each block."""
+    n = 5
+    As = torch.stack([spd(n, 5.0, seed=1), spd(n, 5.0, seed=2)])
+    b = torch.randn(2, n, dtype=D, generator=torch.Generator().manual_seed(0))
+    b[1] = 0.0
+    res = bl.GMRES()(lambda V: torch.einsum("bij,bj->bi", As, V), b)
+    assert res.problem_status == (bl.LinearStatus.CONVERGED, bl.LinearStatus.CONVERGED)
+    torch.testing.assert_close(res.x[1], torch.zeros(n, dtype=D))

@@ -335,20 +335,19 @@ def test_batched_matches_per_problem_solves(kind: str) -> None:
     init = torch.zeros_like(q.theta)
     res = BATCHED[kind](q)(q.per_problem, init, q.theta)
     assert res.converged and res.status is bl.SolverStatus.CONVERGED
-    info = res.info
-    assert info["converged"].tolist() == [True] * B
-    assert (info["grad_norm"] <= 1e-9).all()
+    assert res.problem_converged.tolist() == [True] * B
+    assert (res.problem_grad_norm <= 1e-9).all()
     torch.testing.assert_close(res.x, q.solution, rtol=0, atol=1e-9 / float(q.mu.min()))
     # Per-problem stopping: each problem takes exactly the iterations it takes alone.
     single_solver = dataclasses.replace(BATCHED[kind](q), batched=False)
     for b in range(B):
         single = single_solver(q.single(b), init[b], q.theta[b])
-        assert int(info["n_iter"][b]) == single.n_iter
+        assert int(res.problem_n_iter[b]) == single.n_iter
         torch.testing.assert_close(res.x[b], single.x, rtol=0, atol=1e-12)  # type: ignore[index]
     # Better-conditioned problems stop earlier.
-    assert int(info["n_iter"][0]) < int(info["n_iter"][-1])
-    assert res.n_iter == int(info["n_iter"].max())
-    assert res.grad_norm == pytest.approx(float(info["grad_norm"].norm()))
+    assert int(res.problem_n_iter[0]) < int(res.problem_n_iter[-1])
+    assert res.n_iter == int(res.problem_n_iter.max())
+    assert res.grad_norm == pytest.approx(float(res.problem_grad_norm.norm()))
 
 
 def test_batched_per_problem_cap_and_status() -> None:
@@ -356,11 +355,11 @@ def test_batched_per_problem_cap_and_status() -> None:
     res = GradientDescent(lr=1 / q.L, max_iter=200, tol=1e-9, batched=True)(
         q.per_problem, torch.zeros_like(q.theta), q.theta
     )
-    statuses = res.info["status"]
+    statuses = res.problem_status
     assert statuses[0] is bl.SolverStatus.CONVERGED  # kappa 2
     assert statuses[-1] is bl.SolverStatus.MAX_ITER  # kappa 200
     assert res.status is bl.SolverStatus.MAX_ITER  # the worst problem's status
-    assert res.info["converged"].tolist() == [s is bl.SolverStatus.CONVERGED for s in statuses]
+    assert res.problem_converged.tolist() == [s is bl.SolverStatus.CONVERGED for s in statuses]
 
 
 def test_batched_failure_of_one_problem_leaves_the_others() -> None:
@@ -377,7 +376,7 @@ def test_batched_failure_of_one_problem_leaves_the_others() -> None:
     res = NewtonCG(newton_iters=100, cg_iters=6, tol=1e-9, batched=True)(
         per_problem, torch.zeros_like(q.theta), q.theta
     )
-    statuses = res.info["status"]
+    statuses = res.problem_status
     assert float(q.solution[1].norm()) > 0.5
     assert statuses[1] in (bl.SolverStatus.NONFINITE, bl.SolverStatus.LINE_SEARCH_FAILED)
     for b in (0, 2, 3):
@@ -391,13 +390,13 @@ def test_batched_objective_wrapper_and_scalar_sum() -> None:
     wrapped = BatchedObjective(q.per_problem)
     assert wrapped(init, q.theta).shape == ()
     r1 = NewtonCG(newton_iters=100, cg_iters=6, tol=1e-9, batched=True)(wrapped, init, q.theta)
-    assert r1.converged and r1.info["fun"].shape == (4,)
+    assert r1.converged and r1.problem_fun.shape == (4,)
     # Gradient-only methods accept the plain sum; per-problem values are then unknown.
     summed = lambda phi, theta: q.per_problem(phi, theta).sum()  # noqa: E731
     r2 = Nesterov(lr=1 / q.L, max_iter=20_000, tol=1e-9, batched=True)(summed, init, q.theta)
     assert r2.converged
     torch.testing.assert_close(r2.x, q.solution, rtol=0, atol=1e-8)
-    assert bool(torch.isnan(r2.info["fun"]).all())
+    assert bool(torch.isnan(r2.problem_fun).all())
     with pytest.raises(bl.StructureError, match=r"per-problem losses of shape \(4,\)"):
         NewtonCG(batched=True)(summed, init, q.theta)
 

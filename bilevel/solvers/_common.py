@@ -34,8 +34,8 @@ import torch.func
 from .._errors import StructureError
 from .._results import SolverResult
 from .._status import SolverStatus
-from ..tree import check_finite, leaves, unflatten
 from .._types import Objective, TensorTree
+from ..tree import check_finite, leaves, unflatten
 
 __all__ = [
     "BatchedObjective",
@@ -402,9 +402,9 @@ def iterate(
         `SolverResult` with ``x`` like ``init``.  Single problem: ``n_iter``,
         ``grad_norm`` and ``fun`` of that problem.  Batched: ``n_iter`` is the largest
         per-problem count, ``grad_norm`` the Euclidean norm of the whole gradient,
-        ``fun`` the sum of the losses, ``status`` the worst per-problem status; ``info``
-        holds per-problem ``status`` (tuple), ``converged`` (bool (B,)), ``grad_norm``,
-        ``fun`` (float64 (B,)) and ``n_iter`` (int64 (B,)).
+        ``fun`` the sum of the losses, ``status`` the worst per-problem status; the
+        per-problem values are in ``problem_status``, ``problem_n_iter``,
+        ``problem_grad_norm`` and ``problem_fun``.
     """
     x = oracle.x0
     f, g = oracle.value_and_grad(x)
@@ -454,13 +454,6 @@ def iterate(
     if getattr(method, "reports_negative_curvature", False):
         info["n_negative_curvature"] = n_negcurv if oracle.batched else int(n_negcurv[0])
     if oracle.batched:
-        info.update(
-            status=tuple(final),
-            converged=torch.tensor([st is SolverStatus.CONVERGED for st in final]),
-            grad_norm=gn.cpu(),
-            fun=fun_rows,
-            n_iter=n_iter,
-        )
         total_fun = float(fun_rows.sum()) if oracle.values_known else float(f[0].double() * B)
         return SolverResult(
             x=oracle.answer(x),
@@ -472,6 +465,10 @@ def iterate(
             n_hvp=oracle.n_hvp,
             fun=total_fun,
             info=info,
+            problem_status=tuple(final),
+            problem_n_iter=n_iter,
+            problem_grad_norm=gn.cpu(),
+            problem_fun=fun_rows,
         )
     return SolverResult(
         x=oracle.answer(x),

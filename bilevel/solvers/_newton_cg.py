@@ -6,7 +6,9 @@ import dataclasses
 
 import torch
 
+from .._linear_solve import cg_solve
 from .._results import SolverResult
+from .._status import LinearStatus
 from .._types import Objective, TensorTree
 from ._common import Oracle, Step, check_int, check_positive, iterate, rowdot, rownorm
 from ._line_search import Armijo
@@ -88,6 +90,9 @@ def truncated_cg(
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Approximate Newton directions d ~ -H^-1 g, per problem (Nocedal & Wright, Alg. 7.1).
 
+    The library's one CG (`bilevel._linear_solve.cg_solve`) on H d = -g from d = 0, each
+    problem stopping on the forcing rule ||H d + g|| <= min(0.5, sqrt(||g||)) ||g||.
+
     Args:
         oracle: provides Hessian-vector products at ``x``.
         x: points, shape (B, n).
@@ -101,39 +106,27 @@ def truncated_cg(
     """
     gnorm = rownorm(g).to(g.dtype)
     forcing = torch.minimum(torch.full_like(gnorm, 0.5), gnorm.sqrt()) * gnorm
-    z = torch.zeros_like(g)
-    r = g.clone()  # residual of H z + g = 0
-    p = -r
-    rr = rowdot(r, r)
-    done = ~active
-    negcurv = torch.zeros_like(active)
-    j = 0
-    while j < max_iter and not bool(done.all()):
-        run = ~done
-        Hp = oracle.hvp(x, p * run[:, None])
-        pHp = rowdot(p, Hp)
-        nc = run & ~(pHp > 0)
-        if bool(nc.any()):
-            # Truncate: keep the last iterate, or use steepest descent if none yet.  The
-            # steepest-descent step is scaled by ||g||^2 / |g'Hg| (as SciPy's newton-cg
-            # does) rather than taken unscaled (Nocedal & Wright), so the line search
-            # starts near the step a quadratic model of |curvature| would take.
-            if j == 0:
-                scale = torch.where(pHp < 0, rr / pHp.abs().clamp_min(torch.finfo(pHp.dtype).tiny), 1.0)
-                z = torch.where(nc[:, None], scale[:, None] * p, z)
-            negcurv |= nc
-            done |= nc
-            run = ~done
-        alpha = torch.where(run, rr / torch.where(run, pHp, torch.ones_like(pHp)), torch.zeros_like(rr))
-        z = z + alpha[:, None] * p
-        r = r + alpha[:, None] * Hp
-        rr_new = rowdot(r, r)
-        done |= run & (rr_new.sqrt() <= forcing)
-        beta = torch.where(run, rr_new / torch.where(rr > 0, rr, torch.ones_like(rr)), torch.zeros_like(rr))
-        p = torch.where(run[:, None], -r + beta[:, None] * p, p)
-        rr = torch.where(run, rr_new, rr)
-        j += 1
-    return z * active[:, None], negcurv, j
+    res = cg_solve(
+        lambda V: oracle.hvp(x, V),
+        -g * active[:, None],
+        max_iter=max_iter,
+        tol=forcing,
+        check_residual=False,
+        name="NewtonCG",
+    )
+    assert res.problem_status is not None and res.problem_curvature is not None
+    negcurv = torch.tensor(
+        [s is LinearStatus.NEGATIVE_CURVATURE for s in res.problem_status], device=g.device
+    )
+    # Truncated at the first iteration (no iterate yet): steepest descent, scaled by
+    # ||g||^2 / |g'Hg| (as SciPy's newton-cg does) rather than taken unscaled (Nocedal &
+    # Wright), so that the line search starts near the step a quadratic model of
+    # |curvature| would take.
+    first = negcurv & (res.problem_n_iter.to(g.device) == 1)  # type: ignore[union-attr]
+    curv = res.problem_curvature.abs().clamp_min(torch.finfo(g.dtype).tiny)
+    scale = torch.where(res.problem_curvature < 0, gnorm * gnorm / curv, torch.ones_like(curv))
+    d = torch.where(first[:, None], -scale[:, None] * g, res.x)
+    return d * active[:, None], negcurv & active, res.n_iter
 
 
 class _NewtonMethod:

@@ -1,0 +1,277 @@
+"""The batched implicit layer (B problems in one call) and torch.func transforms through it.
+
+References: the closed-form hypergradients of `problems.batched_quadratic`, B single-problem
+calls of the same layer, and dense float64 solves.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import problems as P
+import pytest
+import torch
+import torch.func
+
+import bilevel as bl
+from bilevel.solvers import GradientDescent, Nesterov, NewtonCG
+
+D = torch.float64
+
+SOLVERS = {
+    "gd": lambda q: GradientDescent(lr=1 / q.L, max_iter=20_000, tol=1e-11, batched=True),
+    "nesterov": lambda q: Nesterov(lr=1 / q.L, max_iter=20_000, tol=1e-11, batched=True),
+    "newton": lambda q: NewtonCG(newton_iters=100, cg_iters=10, tol=1e-11, batched=True),
+}
+LINEAR = {
+    "cg": bl.CG(),
+    "cg-no-check": bl.CG(check_residual=False),
+    "minres": bl.MINRES(),
+    "gmres": bl.GMRES(),
+    "dense": bl.DenseSolve(),
+}
+
+
+@pytest.mark.parametrize("linear", list(LINEAR))
+@pytest.mark.parametrize("solver", list(SOLVERS))
+def test_batched_layer_equals_closed_form_and_single_calls(solver: str, linear: str) -> None:
+    q = P.batched_quadratic()
+    B = q.theta.shape[0]
+    theta = q.theta.clone().requires_grad_(True)
+    phi, info = bl.implicit_argmin(
+        q.per_problem,
+        torch.zeros_like(q.theta),
+        theta,
+        SOLVERS[solver](q),
+        linear_solver=LINEAR[linear],
+        batched=True,
+        return_info=True,
+    )
+    torch.testing.assert_close(phi.detach(), q.solution, rtol=0, atol=1e-9)
+    (grad,) = torch.autograd.grad(q.outer(phi), theta)
+    torch.testing.assert_close(grad, q.hypergrad, rtol=1e-7, atol=1e-9)
+    assert info.problem_residual_norm is not None and info.problem_residual_norm.shape == (B,)
+    last = info.last_backward
+    assert last is not None and last.problem_status == (bl.LinearStatus.CONVERGED,) * B
+    # B single-problem calls of the same layer
+    single_solver = SOLVERS[solver](q).__class__(**{**SOLVERS[solver](q).__dict__, "batched": False})
+    for b in range(B):
+        th = q.theta[b].clone().requires_grad_(True)
+        ph = bl.implicit_argmin(
+            q.single(b), torch.zeros_like(th), th, single_solver, linear_solver=LINEAR[linear]
+        )
+        (g,) = torch.autograd.grad(0.5 * ((ph - q.target[b]) ** 2).sum(), th)
+        torch.testing.assert_close(grad[b], g, rtol=1e-7, atol=1e-9)
+
+
+def test_batched_layer_with_dict_trees_and_a_shared_theta() -> None:
+    """iMAML's shape: B task answers (a dict with a leading B) of one shared theta (a dict)."""
+    q = P.batched_quadratic()
+    B, n = q.theta.shape
+    shared = {
+        "a": q.theta[0, :3].clone().requires_grad_(True),
+        "b": q.theta[0, 3:].clone().requires_grad_(True),
+    }
+
+    def per_problem(phi: dict, th: dict) -> torch.Tensor:
+        full = torch.cat([phi["a"], phi["b"]], dim=1)
+        t = torch.cat([th["a"], th["b"]]).expand(B, n)
+        return q.per_problem(full, t)
+
+    init = {"a": torch.zeros(B, 3, dtype=D), "b": torch.zeros(B, n - 3, dtype=D)}
+    phi = bl.implicit_argmin(
+        per_problem, init, shared, NewtonCG(newton_iters=50, tol=1e-11, batched=True), batched=True
+    )
+    assert isinstance(phi, dict) and list(phi) == ["a", "b"] and phi["a"].shape == (B, 3)
+    full = torch.cat([phi["a"], phi["b"]], dim=1)
+    ga, gb = torch.autograd.grad(q.outer(full), [shared["a"], shared["b"]])
+    # Closed form: H_b phi_b = lam theta - c_b, so d phi_b / d theta = lam H_b^-1 and the
+    # gradient of the shared theta sums the B problems'.
+    H = q.A + q.lam * torch.eye(n, dtype=D)
+    sol = torch.linalg.solve(H, q.lam * torch.cat([shared["a"], shared["b"]]).detach() - q.c)
+    ref = (q.lam * torch.linalg.solve(H, sol - q.target)).sum(0)
+    torch.testing.assert_close(torch.cat([ga, gb]), ref, rtol=1e-7, atol=1e-9)
+
+
+def _indefinite_batch() -> tuple[P.BatchedQuadratic, torch.Tensor]:
+    q = P.batched_quadratic()
+    A = q.A.clone()
+    A[2] = A[2] - 30.0 * torch.eye(A.shape[1], dtype=D)  # problem 2: a saddle, not a minimum
+    return q, A
+
+
+def test_one_failing_problem_is_named_not_hidden() -> None:
+    q, A = _indefinite_batch()
+    # The solver is a black box that returns the stationary points (exact solves).
+    H = A + q.lam * torch.eye(A.shape[1], dtype=D)
+
+    def per_problem(phi: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        quad = 0.5 * torch.einsum("bi,bij,bj->b", phi, A, phi)
+        return quad + (q.c * phi).sum(1) + 0.5 * q.lam * ((phi - theta) ** 2).sum(1)
+
+    def exact(objective, init, theta):  # type: ignore[no-untyped-def]
+        return torch.linalg.solve(H, q.lam * theta - q.c)
+
+    theta = q.theta.clone().requires_grad_(True)
+    phi = bl.implicit_argmin(per_problem, torch.zeros_like(theta), theta, exact, batched=True)
+    with pytest.raises(bl.NegativeCurvatureError, match=r"problem\(s\) \[2\]"):
+        q.outer(phi).backward()
+    # throw=False, warn=False: recorded per problem, no warning
+    phi, info = bl.implicit_argmin(
+        per_problem,
+        torch.zeros_like(theta),
+        theta,
+        exact,
+        batched=True,
+        throw=False,
+        warn=False,
+        return_info=True,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q.outer(phi).backward()
+    st = info.last_backward.problem_status  # type: ignore[union-attr]
+    assert st[2] is bl.LinearStatus.NEGATIVE_CURVATURE
+    assert all(s is bl.LinearStatus.CONVERGED for i, s in enumerate(st) if i != 2)
+
+
+def test_batched_optimality_check_names_problems() -> None:
+    q = P.batched_quadratic()
+    capped = GradientDescent(lr=1 / q.L, max_iter=30, tol=0.0, batched=True)
+    with pytest.raises(bl.OptimalityError, match=r"problem\(s\) \[.*3\]"):
+        bl.implicit_argmin(
+            q.per_problem, torch.zeros_like(q.theta), q.theta, capped, batched=True, optimality_tol=1e-8
+        )
+
+
+def test_batched_guards() -> None:
+    q = P.batched_quadratic()
+    with pytest.raises(ValueError, match=r"not in batched mode.*batched=True"):
+        bl.implicit_argmin(
+            q.per_problem, torch.zeros_like(q.theta), q.theta, GradientDescent(lr=0.1), batched=True
+        )
+    with pytest.raises(bl.StructureError, match="same leading batch dimension"):
+        bl.implicit_argmin(
+            q.per_problem,
+            (torch.zeros(4, 2, dtype=D), torch.zeros(3, 2, dtype=D)),
+            q.theta,
+            GradientDescent(lr=0.1, batched=True),
+            batched=True,
+        )
+    with pytest.raises(TypeError, match="pass an instance"):
+        bl.implicit_argmin(q.per_problem, torch.zeros_like(q.theta), q.theta, GradientDescent, batched=True)
+
+
+def test_measure_residual_false_trusts_the_solver_and_saves_a_gradient() -> None:
+    q = P.batched_quadratic()
+    solver = GradientDescent(lr=1 / q.L, max_iter=5000, tol=1e-10, batched=True)
+    _, info = bl.implicit_argmin(
+        q.per_problem,
+        torch.zeros_like(q.theta),
+        q.theta,
+        solver,
+        batched=True,
+        optimality_tol=None,
+        measure_residual=False,
+        return_info=True,
+    )
+    res = info.solver_result
+    assert res is not None and res.problem_grad_norm is not None
+    torch.testing.assert_close(info.problem_residual_norm, res.problem_grad_norm.double())
+    with pytest.raises(ValueError, match="measure_residual=False"):
+        bl.implicit_argmin(
+            q.per_problem, torch.zeros_like(q.theta), q.theta, solver, batched=True, measure_residual=False
+        )
+
+
+def test_backward_x0_callable_and_bad_linear_solver() -> None:
+    q = P.batched_quadratic()
+    theta = q.theta.clone().requires_grad_(True)
+    solver = NewtonCG(newton_iters=50, tol=1e-11, batched=True)
+    seen = []
+
+    def x0(b: torch.Tensor) -> torch.Tensor:
+        seen.append(b.shape)
+        return b / q.lam
+
+    phi = bl.implicit_argmin(
+        q.per_problem, torch.zeros_like(theta), theta, solver, batched=True, backward_x0=x0
+    )
+    (g,) = torch.autograd.grad(q.outer(phi), theta)
+    assert seen == [q.theta.shape]
+    torch.testing.assert_close(g, q.hypergrad, rtol=1e-7, atol=1e-9)
+    phi = bl.implicit_argmin(
+        q.per_problem,
+        torch.zeros_like(theta),
+        theta,
+        solver,
+        batched=True,
+        linear_solver=lambda mv, b, x0=None: b,
+    )
+    with pytest.raises(TypeError, match=r"must return a bilevel\.LinearSolveResult"):
+        q.outer(phi).backward()
+
+
+# ------------------------------------------------------------------------------------ torch.func
+def _layer(q: P.BatchedQuadratic, b: int):  # type: ignore[no-untyped-def]
+    solver = NewtonCG(newton_iters=50, cg_iters=10, tol=1e-12)
+
+    def f(theta: torch.Tensor) -> torch.Tensor:
+        return bl.implicit_argmin(q.single(b), torch.zeros_like(theta), theta, solver)
+
+    return f
+
+
+def test_vmap_over_the_layer_equals_a_loop() -> None:
+    q = P.batched_quadratic()
+    f = _layer(q, 0)  # one objective, B different thetas
+    thetas = q.theta.clone()
+    out = torch.func.vmap(f)(thetas)
+    loop = torch.stack([f(t) for t in thetas])
+    torch.testing.assert_close(out, loop, rtol=0, atol=1e-12)
+
+    # reverse mode through the vmapped layer (torch.autograd) equals the loop's gradients
+    th = thetas.clone().requires_grad_(True)
+    (g_vmap,) = torch.autograd.grad(0.5 * ((torch.func.vmap(f)(th) - q.target[0]) ** 2).sum(), th)
+    for b in range(thetas.shape[0]):
+        t = thetas[b].clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(0.5 * ((f(t) - q.target[0]) ** 2).sum(), t)
+        torch.testing.assert_close(g_vmap[b], g, rtol=1e-9, atol=1e-12)
+
+
+def test_forward_mode_matches_the_closed_form_and_func_transforms_are_refused() -> None:
+    q = P.batched_quadratic()
+    f = _layer(q, 1)
+    theta = q.theta[1].clone()
+    n = theta.shape[0]
+    H = q.A[1] + q.lam * torch.eye(n, dtype=D)
+    J = q.lam * torch.linalg.inv(H)  # d phi* / d theta
+    t = torch.randn(n, dtype=D, generator=torch.Generator().manual_seed(0))
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        out = f(fwAD.make_dual(theta, t))
+        tangent = fwAD.unpack_dual(out).tangent
+    torch.testing.assert_close(tangent, J @ t, rtol=1e-7, atol=1e-9)
+
+    def outer(th: torch.Tensor) -> torch.Tensor:
+        return 0.5 * ((f(th) - q.target[1]) ** 2).sum()
+
+    with pytest.raises(NotImplementedError, match=r"torch\.func\.grad"):
+        torch.func.grad(outer)(theta)
+
+
+def test_forward_mode_of_a_root_problem_is_refused_clearly() -> None:
+    def F(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        return x - theta
+
+    import torch.autograd.forward_ad as fwAD
+
+    theta = torch.ones(3, dtype=D)
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="implicit_argmin only"):
+        bl.implicit_root(
+            F,
+            torch.zeros(3, dtype=D),
+            fwAD.make_dual(theta, torch.ones(3, dtype=D)),
+            lambda F_, init, th: th.clone(),
+        )
