@@ -184,7 +184,9 @@ class _Problem:
             theta_det = unflatten(self.theta_like, [t.detach() for t in theta])
             with torch.enable_grad():
                 xs = tuple(t.detach().requires_grad_(True) for t in x)
-                F = leaves(self.residual(unflatten(self.init, list(xs)), theta_det))
+                out_F = self.residual(unflatten(init, list(xs)), theta_det)
+            check_like(out_F, init, "optimality condition F(x, theta)", "x")
+            F = leaves(out_F)
             per = self._norms(F)
         elif self.batched and result.problem_grad_norm is not None:
             per = result.problem_grad_norm.double()
@@ -712,7 +714,9 @@ def fixed_point(
     """
 
     def F(x: TensorTree, th: TensorTree) -> TensorTree:
-        return unflatten(x, [a - b for a, b in zip(leaves(T(x, th)), leaves(x))])
+        Tx = T(x, th)
+        check_like(Tx, x, "fixed-point map T(x, theta)", "x")
+        return unflatten(x, [a - b for a, b in zip(leaves(Tx), leaves(x))])
 
     opts = _RootOptions(linear_solver, batched, optimality_tol, throw, warn, backward_x0, return_info)
     return _run_root("fixed_point", F, T, init, theta, solver, opts)

@@ -47,8 +47,8 @@ from ._errors import NonFiniteError, StructureError
 from ._hvp import HVPLike
 from ._implicit import ImplicitInfo, implicit_argmin
 from ._status import LinearStatus, SolverStatus
-from .tree import check_finite, leaves, unflatten
 from ._types import LinearSolver, Objective, TensorTree
+from .tree import check_finite, leaves, unflatten
 
 __all__ = [
     "HyperEvaluation",
@@ -133,7 +133,8 @@ class HyperProblem:
         """Solve the inner problem at ``hyper`` (from ``params_init``) and compute the outer loss.
 
         Args:
-            hyper: the hyperparameters, a Tensor or tuple of Tensors; gradients flow to
+            hyper: the hyperparameters, a tree (Tensor, tuple or dict of Tensors; see
+                `bilevel.tree`), passed to both objectives as is; gradients flow to
                 the leaves that require grad.
             params_init: the inner solver's starting point.
             backward_x0: warm start of the backward linear solve (a flat vector of the
@@ -341,7 +342,8 @@ def minimize_hyper(
 
     Args:
         problem: the `HyperProblem`.
-        hyper_init: initial hyperparameters (a Tensor or tuple of Tensors); copied,
+        hyper_init: initial hyperparameters (a Tensor, tuple or dict of Tensors; the
+            result's ``hyper`` and ``last_hyper`` have its structure); copied,
             never modified.
         params_init: the first inner solve's starting point.
         outer: ``outer(hyper_leaves) -> torch.optim.Optimizer``; default

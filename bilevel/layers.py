@@ -20,9 +20,11 @@ the multipliers among the unknowns.  The condition must be differentiable at the
 solution (a projection is piecewise smooth: fine away from the kinks).
 
 Inputs.  ``layer(theta)`` or ``layer(theta_1, ..., theta_k)``: one input is passed to
-the objective as a Tensor, several as a tuple.  Gradients flow to every input that
-requires grad.  Parameters learned inside the layer (say a matrix A of a QP) must be
-passed as inputs, ``layer(z, self.A)``, so that the layer sees them.
+the objective as it is (a Tensor, or a dict str -> Tensor such as
+``dict(module.named_parameters())``), several Tensors as a tuple.  Gradients flow to
+every input tensor that requires grad.  Parameters learned inside the layer (say a
+matrix A of a QP) must be passed as inputs, ``layer(z, self.A)``, so that the layer
+sees them.
 
 Batches.  Give the inputs a leading batch dimension and write the objective (or
 condition) as a sum (or stack) of independent per-example problems: the Hessian (or
@@ -48,7 +50,7 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Union
 
 import torch
@@ -56,14 +58,22 @@ from torch import nn
 
 from ._hvp import HVPLike
 from ._implicit import ImplicitInfo, fixed_point, implicit_argmin, implicit_root
-from .tree import leaves, unflatten
 from ._types import LinearSolver, Objective, RootFn, TensorTree
+from .tree import leaves, unflatten
 
 __all__ = ["ArgminLayer", "FixedPointLayer", "Init", "RootLayer"]
 
-#: How a layer starts its solver: ``None`` (zeros shaped like the first input), a
-#: Tensor or tuple of Tensors (registered as buffers), or ``init(theta) -> TensorTree``.
-Init = Union[None, torch.Tensor, tuple[torch.Tensor, ...], Callable[[TensorTree], TensorTree]]
+#: How a layer starts its solver: ``None`` (zeros shaped like the first input tensor), a
+#: tree (a Tensor, a tuple or list of Tensors or a dict str -> Tensor, registered as
+#: buffers), or ``init(theta) -> TensorTree``.
+Init = Union[
+    None,
+    torch.Tensor,
+    tuple[torch.Tensor, ...],
+    list[torch.Tensor],
+    dict[str, torch.Tensor],
+    Callable[[TensorTree], TensorTree],
+]
 
 
 class _ImplicitLayer(nn.Module):
@@ -105,40 +115,65 @@ class _ImplicitLayer(nn.Module):
         self.last_info: ImplicitInfo | None = None
         self._last_x: TensorTree | None = None
         self._init_fn: Callable[[TensorTree], TensorTree] | None = None
-        self._init_tuple = False
+        # The structure of a given init, without its tensors (those are buffers init_0, ...,
+        # so that layer.to(device) moves them): a Tensor, a tuple, or a dict's keys.
+        self._init_kind = "none"
+        self._init_keys: tuple[str, ...] = ()
         self._n_init = 0
         if init is None:
             pass
-        elif isinstance(init, torch.Tensor) or isinstance(init, tuple):
-            ls = leaves(init, name=f"{who}: init")
+        elif isinstance(init, (torch.Tensor, tuple, list, Mapping)):
+            tree: TensorTree = tuple(init) if isinstance(init, list) else init
+            try:
+                ls = leaves(tree, name="init")
+            except TypeError as err:
+                raise TypeError(f"{who}: init must be a tree of Tensors: {err}") from err
             if not ls:
                 raise ValueError(f"{who}: init holds no tensors")
             for i, t in enumerate(ls):
                 if not t.is_floating_point():
                     raise TypeError(f"{who}: init has dtype {t.dtype}; the unknowns must be floating point")
                 self.register_buffer(f"init_{i}", t.detach().clone())
-            self._init_tuple = isinstance(init, tuple)
+            if isinstance(init, Mapping):
+                self._init_kind, self._init_keys = "dict", tuple(init.keys())
+            else:
+                self._init_kind = "tensor" if isinstance(init, torch.Tensor) else "tuple"
             self._n_init = len(ls)
         elif callable(init):
             self._init_fn = init
         else:
             raise TypeError(
-                f"{who}: init must be None, a Tensor, a tuple of Tensors or a callable init(theta); "
-                f"got {type(init).__name__}"
+                f"{who}: init must be None, a Tensor, a tuple or dict of Tensors or a callable "
+                f"init(theta); got {type(init).__name__}"
             )
 
-    def _theta(self, inputs: tuple[torch.Tensor, ...]) -> TensorTree:
+    def _theta(self, inputs: tuple[Any, ...]) -> TensorTree:
         if not inputs:
             raise TypeError(f"{self._who}: call the layer with at least one input tensor")
+        if len(inputs) == 1 and isinstance(inputs[0], Mapping):
+            theta = dict(inputs[0])
+            leaves(theta, name=f"{self._who}: input")  # a TypeError naming a non-tensor entry
+            if not theta:
+                raise TypeError(f"{self._who}: the input dict holds no tensors")
+            return theta
         for i, t in enumerate(inputs):
             if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{self._who}: input {i} is a {type(t).__name__}; expected a Tensor")
+                raise TypeError(
+                    f"{self._who}: input {i} is a {type(t).__name__}; expected a Tensor (or one "
+                    "dict of Tensors as the only input)"
+                )
         return inputs[0] if len(inputs) == 1 else tuple(inputs)
 
     def _init(self, theta: TensorTree) -> TensorTree:
         if self._n_init:
             ls = [getattr(self, f"init_{i}") for i in range(self._n_init)]
-            init: TensorTree = tuple(ls) if self._init_tuple else ls[0]
+            init: TensorTree
+            if self._init_kind == "dict":
+                init = dict(zip(self._init_keys, ls))
+            elif self._init_kind == "tuple":
+                init = tuple(ls)
+            else:
+                init = ls[0]
         elif self._init_fn is not None:
             init = self._init_fn(theta)
         else:
@@ -157,8 +192,13 @@ class _ImplicitLayer(nn.Module):
     def _solve(self, init: TensorTree, theta: TensorTree) -> tuple[TensorTree, ImplicitInfo]:
         raise NotImplementedError
 
-    def forward(self, *inputs: torch.Tensor) -> Any:
-        """The solution for the given inputs (structured like ``init``), differentiable in them."""
+    def forward(self, *inputs: Any) -> Any:
+        """The solution for the given inputs (structured like ``init``), differentiable in them.
+
+        Args:
+            inputs: Tensors (one is passed to the objective as is, several as a tuple),
+                or a single dict str -> Tensor (passed as the dict).
+        """
         theta = self._theta(inputs)
         x, info = self._solve(self._init(theta), theta)
         self.last_info = info
@@ -171,7 +211,12 @@ class _ImplicitLayer(nn.Module):
 
 
 def _same_layout(a: TensorTree, b: TensorTree) -> bool:
+    """Same structure (kind, a dict's keys in order), shapes, dtypes and devices."""
     if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):
+        return False
+    if isinstance(a, Mapping) != isinstance(b, Mapping):
+        return False
+    if isinstance(a, Mapping) and isinstance(b, Mapping) and list(a.keys()) != list(b.keys()):
         return False
     la, lb = leaves(a), leaves(b)
     return len(la) == len(lb) and all(
@@ -191,11 +236,13 @@ class ArgminLayer(_ImplicitLayer):
 
     Args:
         objective: ``G(x, theta) -> scalar Tensor``; theta is the layer's input (a
-            Tensor) or inputs (a tuple).  For a batch, the sum of per-example objectives.
+            Tensor or a dict) or inputs (a tuple).  For a batch, the sum of per-example
+            objectives.
         solver: ``solver(objective, init, theta) -> SolverResult | solution``, e.g.
             ``bilevel.solvers.ScipyLBFGS()``.
-        init: the solver's starting point: ``None`` (zeros like the first input), a
-            Tensor or tuple of Tensors (registered as buffers), or ``init(theta)``.
+        init: the solver's starting point: ``None`` (zeros like the first input
+            tensor), a Tensor, tuple or dict of Tensors (registered as buffers; the
+            answer has its structure), or ``init(theta)``.
         hvp: Hessian-vector products (see `bilevel.implicit_argmin`).
         linear_solver: for the Hessian system; default ``bilevel.CG()``.
         optimality_tol: largest accepted ||grad_x G|| at the solver's answer.

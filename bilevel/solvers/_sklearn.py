@@ -17,6 +17,11 @@ Use the adapter for both arguments so they agree::
 
     inner = SklearnRidge(X_train, y_train)
     w, b = bl.implicit_argmin(inner.objective, (w0, b0), alpha, solver=inner)
+
+phi is the tuple ``(w, b)`` (or ``w`` without an intercept), or a dict read by name,
+``{"w": w0, "b": b0}`` in any order (``{"w": w0}`` without an intercept); the answer has
+the structure of ``init``.  theta is one one-entry tensor, bare or as the only leaf of a
+tuple or dict.
 """
 
 from __future__ import annotations
@@ -35,8 +40,8 @@ import torch.nn.functional as F
 from .._errors import StructureError
 from .._results import SolverResult
 from .._status import SolverStatus
-from ..tree import leaves
 from .._types import Objective, TensorTree
+from ..tree import leaves
 from ._common import all_finite, lazy_import, measure, tree_from_arrays
 
 __all__ = [
@@ -85,7 +90,31 @@ def _scalar_theta(theta: TensorTree, who: str, name: str) -> torch.Tensor:
     return ls[0].reshape(())
 
 
+def _phi_keys(fit_intercept: bool) -> tuple[str, ...]:
+    return ("w", "b") if fit_intercept else ("w",)
+
+
+def _check_phi_keys(phi: Mapping[str, Any], fit_intercept: bool, who: str, name: str = "phi") -> None:
+    """A dict phi is read by name: exactly the keys "w" (and "b" with an intercept), in any order."""
+    want = _phi_keys(fit_intercept)
+    if set(phi.keys()) != set(want):
+        missing = [k for k in want if k not in phi]
+        extra = [k for k in phi if k not in want]
+        raise StructureError(
+            f"{who}(fit_intercept={fit_intercept}): {name} is a dict with keys {list(phi.keys())}; "
+            f"expected the keys {list(want)}"
+            + (f" (missing {missing})" if missing else "")
+            + (f" (unexpected {extra})" if extra else "")
+        )
+
+
 def _split_phi(phi: TensorTree, fit_intercept: bool, who: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(phi, Mapping):
+        _check_phi_keys(phi, fit_intercept, who)
+        leaves(phi, name="phi")  # a TypeError naming a non-tensor entry
+        if fit_intercept and phi["b"].numel() != 1:
+            raise StructureError(f"{who}(fit_intercept=True): phi['b'] must have one entry")
+        return phi["w"].reshape(-1), phi["b"].reshape(()) if fit_intercept else None
     ls = leaves(phi, name="phi")
     if fit_intercept:
         if len(ls) != 2 or ls[1].numel() != 1:
@@ -99,9 +128,10 @@ def _split_phi(phi: TensorTree, fit_intercept: bool, who: str) -> tuple[torch.Te
 def sklearn_ridge_objective(X: Any, y: Any, fit_intercept: bool = True) -> Objective:
     """The objective scikit-learn's ``Ridge(alpha)`` minimizes, in torch.
 
-    ``G(phi, alpha) = ||y - X w - b||^2 + alpha * ||w||^2`` with phi = (w, b), or phi = w
-    and b = 0 when ``fit_intercept`` is False.  No 1/n and no 1/2 (scikit-learn's
-    scaling); the intercept is not penalized.
+    ``G(phi, alpha) = ||y - X w - b||^2 + alpha * ||w||^2`` with phi = (w, b) (or the
+    dict ``{"w": w, "b": b}``), or phi = w (``{"w": w}``) and b = 0 when
+    ``fit_intercept`` is False.  No 1/n and no 1/2 (scikit-learn's scaling); the
+    intercept is not penalized.
 
     Args:
         X: design matrix, shape (n, d) (NumPy or torch).
@@ -129,8 +159,9 @@ def sklearn_logistic_objective(X: Any, y: Any, fit_intercept: bool = True) -> Ob
     """The objective scikit-learn's binary ``LogisticRegression(C)`` (L2) minimizes, in torch.
 
     ``G(phi, C) = C * sum_i log(1 + exp(-s_i (x_i'w + b))) + 1/2 ||w||^2``, with
-    s_i = +1 where y_i is the larger of the two labels, -1 elsewhere; phi = (w, b), or
-    phi = w and b = 0 when ``fit_intercept`` is False.  The intercept is not penalized.
+    s_i = +1 where y_i is the larger of the two labels, -1 elsewhere; phi = (w, b) (or
+    ``{"w": w, "b": b}``), or phi = w (``{"w": w}``) and b = 0 when ``fit_intercept`` is
+    False.  The intercept is not penalized.
 
     Args:
         X: design matrix, shape (n, d).
@@ -175,10 +206,15 @@ def _finish(
     measure_grad: bool,
     who: str,
 ) -> SolverResult:
-    coef = np.asarray(estimator.coef_, dtype=np.float64).reshape(-1)
-    arrays: list[Any] = [coef]
+    named: dict[str, Any] = {"w": np.asarray(estimator.coef_, dtype=np.float64).reshape(-1)}
     if fit_intercept:
-        arrays.append(np.asarray(estimator.intercept_, dtype=np.float64).reshape(-1))
+        named["b"] = np.asarray(estimator.intercept_, dtype=np.float64).reshape(-1)
+    if isinstance(init, Mapping):
+        # A dict phi is placed by name, in init's key order.
+        _check_phi_keys(init, fit_intercept, who, "init")
+        arrays: list[Any] = [named[k] for k in init]
+    else:
+        arrays = list(named.values())
     x = tree_from_arrays(arrays, init, who, "the fitted (coef_, intercept_)")
     n_iter_raw = getattr(estimator, "n_iter_", None)
     n_iter = int(np.max(n_iter_raw)) if n_iter_raw is not None else 0
@@ -206,7 +242,8 @@ class SklearnRidge:
 
     Minimizes ``||y - X w - b||^2 + alpha ||w||^2`` (see `sklearn_ridge_objective`,
     available as ``self.objective``): theta is alpha (one entry), phi is ``(w, b)``
-    (w of shape (d,), b one entry) or ``w`` when ``fit_intercept`` is False.
+    or ``{"w": w, "b": b}`` (w of shape (d,), b one entry), or ``w`` (``{"w": w}``)
+    when ``fit_intercept`` is False.
 
     Args:
         X: training inputs, shape (n, d).
@@ -273,7 +310,8 @@ class SklearnLogisticRegression:
 
     Minimizes ``C * sum_i log(1 + exp(-s_i (x_i'w + b))) + 1/2 ||w||^2`` (see
     `sklearn_logistic_objective`, available as ``self.objective``): theta is C (one
-    entry, > 0), phi is ``(w, b)`` or ``w`` when ``fit_intercept`` is False.
+    entry, > 0), phi is ``(w, b)`` or ``{"w": w, "b": b}``, or ``w`` (``{"w": w}``)
+    when ``fit_intercept`` is False.
 
     The defaults ``tol=1e-10, max_iter=10000`` replace scikit-learn's (1e-4, 100):
     the implicit gradient is exact only at the argmin, so the inner solve must be

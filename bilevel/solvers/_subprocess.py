@@ -9,6 +9,8 @@ condition of the same problem (the objective's gradient, a fixed point, a KKT sy
    appended to ``command``).  ``REQUEST`` is an ``.npz`` archive with float64 arrays
    ``init_0 ... init_{k-1}`` (the leaves of ``init``, their shapes), ``theta_0 ...
    theta_{m-1}`` (the leaves of theta) and the ints ``n_init = k`` and ``n_theta = m``.
+   A dict ``init`` (or theta) is sent in its key order, with its keys as a string array
+   ``init_keys`` (``theta_keys``): ``init_i`` is the leaf named ``init_keys[i]``.
    It writes ``ANSWER`` as an ``.npz`` with ``x_0 ... x_{k-1}`` (as many entries as the
    corresponding ``init_i``) and, optionally, ``status`` (a string: ``converged``,
    ``max_iter``, ``line_search_failed``, ``nonfinite``, ``negative_curvature``,
@@ -49,8 +51,8 @@ import numpy as np
 from .._errors import StructureError
 from .._results import SolverResult
 from .._status import SolverStatus
-from ..tree import leaves
 from .._types import Objective, TensorTree
+from ..tree import leaves
 from ._common import all_finite, check_positive, measure, tree_from_arrays, tree_to_arrays
 
 __all__ = ["Subprocess"]
@@ -121,6 +123,10 @@ class Subprocess:
             payload: dict[str, Any] = {"n_init": len(init_arrays), "n_theta": len(theta_arrays)}
             payload.update({f"init_{i}": a for i, a in enumerate(init_arrays)})
             payload.update({f"theta_{j}": a for j, a in enumerate(theta_arrays)})
+            # Names of a dict's leaves, so that the program need not rely on their order.
+            for name, tree in (("init", init), ("theta", theta)):
+                if isinstance(tree, Mapping):
+                    payload[f"{name}_keys"] = np.array([str(k) for k in tree.keys()], dtype=np.str_)
             np.savez(request, **payload)
             try:
                 proc = subprocess.run(
