@@ -26,10 +26,8 @@ from pathlib import Path
 
 import torch
 
-from bilevel.metalearn.algorithms import adapt
-from bilevel.metalearn.models import make_functional, mse, sinusoid_mlp
-from bilevel.metalearn.tasks import SinusoidTasks
-from bilevel.metalearn.train import TrainConfig, load_checkpoint, train
+from bilevel.metalearn import SinusoidTasks, TrainConfig, adapt, load_checkpoint, make_functional, mse, train
+from bilevel.metalearn.models import sinusoid_mlp
 
 #: Per-algorithm inner settings, shared by training and evaluation; the rest is common.
 SETTINGS = {

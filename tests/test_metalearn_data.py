@@ -20,17 +20,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-import bilevel.metalearn.datasets as ds
-from bilevel.metalearn.datasets import (
-    ClassPool,
-    ClassSplit,
-    DatasetError,
-    DatasetFormatError,
-    DatasetNotFoundError,
-    ImageCollection,
-    split_classes,
-)
+import bilevel.metalearn.sources as sources
+from bilevel.metalearn.datasets import DatasetError, DatasetFormatError, DatasetNotFoundError
 from bilevel.metalearn.folder import load_image_folder
+from bilevel.metalearn.images import ClassPool, ImageCollection
 from bilevel.metalearn.miniimagenet import load_miniimagenet
 from bilevel.metalearn.omniglot import (
     lake_split,
@@ -38,6 +31,7 @@ from bilevel.metalearn.omniglot import (
     omniglot_class_ids,
     vinyals_split,
 )
+from bilevel.metalearn.splits import ClassSplit, split_classes
 from bilevel.metalearn.tasks import SinusoidTasks, Task, TaskSampler, stack_tasks, task_rng
 
 REAL_OMNIGLOT = Path("/work/shared/data/omniglot")
@@ -297,7 +291,7 @@ def test_cache_second_load_does_not_decode(
     def no_decoding(*args: object, **kwargs: object) -> np.ndarray:
         raise AssertionError("decode_image called although the cache is warm")
 
-    monkeypatch.setattr(ds, "decode_image", no_decoding)
+    monkeypatch.setattr(sources, "decode_image", no_decoding)
     second = load_omniglot(omni_zip, n_train=8, seed=5, cache_dir=tmp_path)
     assert isinstance(second.collection.images, np.memmap)
     assert np.array_equal(first.collection.images, second.collection.images)

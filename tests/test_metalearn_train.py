@@ -16,9 +16,9 @@ import torch
 from test_metalearn_data import make_omniglot  # generated images in the official layout
 
 import bilevel as bl
+from bilevel.metalearn import DatasetNotFoundError, TrainConfig, build_experiment, load_checkpoint, train
 from bilevel.metalearn.__main__ import main
-from bilevel.metalearn.datasets import DatasetNotFoundError
-from bilevel.metalearn.train import TrainConfig, load_checkpoint, train
+from bilevel.metalearn.models import omniglot_cnn
 
 FAST = ["--meta-batch", "2", "--test-tasks", "4", "--eval-batch", "2", "--no-progress", "--threads", "1"]
 
@@ -67,9 +67,7 @@ def test_cli_train_writes_metrics_split_and_checkpoint(omni: Path, tmp_path: Pat
     assert not set(split["train_classes"]) & set(split["test_classes"])
     assert all(c.startswith("images_background") for c in split["train_classes"])
     ck = load_checkpoint(out / "checkpoint.pt")
-    from bilevel.metalearn.models import omniglot_cnn
-
-    assert ck["step"] == 3
+    assert ck["step"] == 3 and ck["image_shape"] == [1, 28, 28]
     assert list(ck["theta"]) == [n for n, _ in omniglot_cnn(3).named_parameters()]
     lines = (out / "log.jsonl").read_text().splitlines()
     assert json.loads(lines[0])["step"] == 0
@@ -165,11 +163,9 @@ def test_batched_and_vmap_training_agree(batched: bool, tmp_path: Path) -> None:
 
 
 def test_torch_init_is_seeded_and_differs_from_glorot() -> None:
-    from bilevel.metalearn.train import _build
-
     def theta(init: str, seed: int) -> dict[str, torch.Tensor]:
         cfg = TrainConfig(algo="fomaml", dataset="sinusoid", init=init, seed=seed)
-        return _build(cfg, torch.device("cpu"), torch.float32).theta
+        return build_experiment(cfg, device="cpu", dtype=torch.float32).theta
 
     a, b, c, g = theta("torch", 0), theta("torch", 0), theta("torch", 1), theta("glorot", 0)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -205,17 +201,16 @@ def test_learned_lambda_moves_and_is_saved(tmp_path: Path) -> None:
 
 
 def test_cosine_schedule_decays_to_zero_and_is_logged(tmp_path: Path) -> None:
-    from bilevel.metalearn.train import _scheduled_lr
-
     cfg = TrainConfig(meta_steps=100, meta_lr=1e-3, lr_schedule="cosine")
-    assert _scheduled_lr(cfg, 0, 0.0) == pytest.approx(1e-3)
-    assert _scheduled_lr(cfg, 50, 0.0) == pytest.approx(5e-4)
-    assert _scheduled_lr(cfg, 100, 0.0) == pytest.approx(0.0, abs=1e-18)
+    assert cfg.scheduled_lr(0, 0.0) == pytest.approx(1e-3)
+    assert cfg.scheduled_lr(50, 0.0) == pytest.approx(5e-4)
+    assert cfg.scheduled_lr(100, 0.0) == pytest.approx(0.0, abs=1e-18)
     # with a time limit the schedule follows whichever budget is used up faster
     timed = dataclasses.replace(cfg, time_limit=10.0)
-    assert _scheduled_lr(timed, 10, 300.0) == pytest.approx(5e-4)
-    assert _scheduled_lr(timed, 10, 10_000.0) == pytest.approx(0.0, abs=1e-18)
-    assert _scheduled_lr(dataclasses.replace(cfg, lr_schedule="constant"), 99, 0.0) == 1e-3
+    assert timed.scheduled_lr(10, 300.0) == pytest.approx(5e-4)
+    assert timed.scheduled_lr(10, 10_000.0) == pytest.approx(0.0, abs=1e-18)
+    assert timed.past_time_limit(601.0) and not timed.past_time_limit(599.0) and not cfg.past_time_limit(1e9)
+    assert dataclasses.replace(cfg, lr_schedule="constant").scheduled_lr(99, 0.0) == 1e-3
     with pytest.raises(ValueError, match="constant or cosine"):
         TrainConfig(lr_schedule="step")
     run = dataclasses.replace(

@@ -3,6 +3,16 @@
 Command line: ``python -m bilevel.metalearn {train,eval} --help``.  Library use::
 
     from bilevel.metalearn import TrainConfig, train, make_algorithm, meta_gradient
+
+    exp = build_experiment(cfg)        # a run's data, samplers, model, initial theta and algorithms
+    metrics = train(cfg)               # meta-train, evaluate, write OUT/checkpoint.pt
+    run = load_run("OUT/checkpoint.pt")            # model function, theta, algorithm, lambda
+    res = evaluate_tasks(run, tasks)   # adapt to your tasks: res.predictions, res.query_acc
+
+Modules: `config` (TrainConfig, PRESETS), `experiment` (build_experiment, load_run), `evaluation`
+(Run, evaluate_tasks), `train` (the loop), `distributed`, `checkpoint`; `algorithms`, `models`,
+`tasks`; the data pipeline `datasets`, `splits`, `sources`, `locations`, `cache`, `images` and the
+loaders `omniglot`, `miniimagenet`, `folder`.
 """
 
 from .algorithms import FirstOrder as FirstOrder
@@ -17,11 +27,21 @@ from .algorithms import adapt as adapt
 from .algorithms import evaluate_batch as evaluate_batch
 from .algorithms import make_algorithm as make_algorithm
 from .algorithms import meta_gradient as meta_gradient
-from .datasets import ClassSplit as ClassSplit
+from .checkpoint import load_checkpoint as load_checkpoint
+from .config import PRESETS as PRESETS
+from .config import TrainConfig as TrainConfig
 from .datasets import DatasetError as DatasetError
 from .datasets import DatasetFormatError as DatasetFormatError
 from .datasets import DatasetNotFoundError as DatasetNotFoundError
 from .datasets import FewShotData as FewShotData
+from .evaluation import EvalResult as EvalResult
+from .evaluation import Run as Run
+from .evaluation import evaluate as evaluate
+from .evaluation import evaluate_fixed as evaluate_fixed
+from .evaluation import evaluate_tasks as evaluate_tasks
+from .experiment import Experiment as Experiment
+from .experiment import build_experiment as build_experiment
+from .experiment import load_run as load_run
 from .folder import load_image_folder as load_image_folder
 from .miniimagenet import load_miniimagenet as load_miniimagenet
 from .models import BatchedModel as BatchedModel
@@ -31,14 +51,11 @@ from .models import init_params as init_params
 from .models import make_functional as make_functional
 from .models import mse as mse
 from .omniglot import load_omniglot as load_omniglot
+from .splits import ClassSplit as ClassSplit
 from .tasks import SinusoidTasks as SinusoidTasks
 from .tasks import Task as Task
 from .tasks import TaskSampler as TaskSampler
-from .train import PRESETS as PRESETS
-from .train import TrainConfig as TrainConfig
-from .train import evaluate as evaluate
-from .train import load_checkpoint as load_checkpoint
-from .train import train as train
+from .train import train as train  # the function; the module stays importable as bilevel.metalearn.train
 
 __all__ = [
     "PRESETS",
@@ -47,6 +64,8 @@ __all__ = [
     "DatasetError",
     "DatasetFormatError",
     "DatasetNotFoundError",
+    "EvalResult",
+    "Experiment",
     "FewShotData",
     "FirstOrder",
     "Implicit",
@@ -55,6 +74,7 @@ __all__ = [
     "MetaAlgorithm",
     "MetaStats",
     "ReptileStep",
+    "Run",
     "SinusoidTasks",
     "Task",
     "TaskSampler",
@@ -62,14 +82,18 @@ __all__ = [
     "Unrolled",
     "adapt",
     "batched_model",
+    "build_experiment",
     "default_model",
     "evaluate",
     "evaluate_batch",
+    "evaluate_fixed",
+    "evaluate_tasks",
     "init_params",
     "load_checkpoint",
     "load_image_folder",
     "load_miniimagenet",
     "load_omniglot",
+    "load_run",
     "make_algorithm",
     "make_functional",
     "meta_gradient",

@@ -17,7 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .train import ALGOS, DATASETS, PRESETS, TrainConfig, load_checkpoint, train
+from .config import ALGOS, DATASETS, PRESETS, TrainConfig
+from .evaluation import evaluate_fixed
+from .experiment import build_experiment, load_run
+from .train import train
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
@@ -191,28 +194,17 @@ def main(argv: list[str] | None = None) -> int:
                 f"wrote {Path(cfg.out) / 'metrics.json'}"
             )
         return 0
-    ck = load_checkpoint(args.checkpoint, args.device or "cpu")
-    saved = json.loads(ck["config"])
-    if args.data_root is not None:
-        saved["data_root"] = args.data_root
-    if args.test_tasks is not None:
-        saved["test_tasks"] = args.test_tasks
-    if args.eval_inner_steps is not None:
-        saved["eval_inner_steps"] = args.eval_inner_steps
-    saved["device"] = args.device or "cpu"
-    cfg = TrainConfig(**saved)
-    import torch
-
-    from .train import _build, _evaluate_problem, _lam_value
-
-    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
-    device = torch.device(cfg.device or "cpu")
-    prob = _build(cfg, device, dtype)
-    theta = {k: v.to(device) for k, v in ck["theta"].items()}
-    lam = _lam_value(cfg, {k: v.to(device) for k, v in ck["log_lam"].items()})
-    res: dict[str, Any] = _evaluate_problem(cfg, prob, theta, cfg.test_tasks, device, lam)
+    overrides: dict[str, Any] = {}
+    for name in ("data_root", "test_tasks", "eval_inner_steps"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    device = args.device or "cpu"
+    run = load_run(args.checkpoint, device, **overrides)
+    assert run.config is not None  # load_run always records the configuration
+    test_tasks = build_experiment(run.config, device=device).test_sampler
+    res: dict[str, Any] = evaluate_fixed(run, test_tasks, run.config.test_tasks).summary()
     res["checkpoint"] = str(args.checkpoint)
-    res["step"] = int(ck["step"])
+    res["step"] = run.step
     print(json.dumps(res, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2))

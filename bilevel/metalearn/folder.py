@@ -6,29 +6,20 @@ Usage::
     data.split.save_json(run_dir / "split.json")
 
 Layout: ``<root>/<class>/<image>`` with any image size and any format Pillow reads (suffixes in
-`bilevel.metalearn.datasets.IMAGE_SUFFIXES`); hidden files and folders (``.name``) are skipped, so
+`bilevel.metalearn.sources.IMAGE_SUFFIXES`); hidden files and folders (``.name``) are skipped, so
 a ``<root>/.bilevel_cache`` does not become a class.  Classes are split deterministically by
-`bilevel.metalearn.datasets.split_classes` (sorted names, seeded permutation).
+`bilevel.metalearn.splits.split_classes` (sorted names, seeded permutation).
 """
 
 from __future__ import annotations
 
 import os
 
-from .datasets import (
-    ClassSplit,
-    DatasetFormatError,
-    FewShotData,
-    ImageSource,
-    Resample,
-    _hash_json,
-    file_reader,
-    list_class_folders,
-    load_image_collection,
-    make_few_shot_data,
-    resolve_data_root,
-    split_classes,
-)
+from .cache import load_image_collection
+from .datasets import DatasetFormatError, FewShotData, make_few_shot_data
+from .locations import resolve_data_root
+from .sources import ImageSource, Resample, file_reader, hash_json, list_class_folders
+from .splits import ClassSplit, split_classes
 
 __all__ = ["FOLDER_HELP", "image_folder_source", "load_image_folder"]
 
@@ -68,7 +59,7 @@ def image_folder_source(
         )
     class_ids = tuple(sorted(listing))
     members = tuple(tuple(e[0] for e in listing[c]) for c in class_ids)
-    fingerprint = _hash_json([listing[c] for c in class_ids])
+    fingerprint = hash_json([listing[c] for c in class_ids])
     return ImageSource("folder", class_ids, members, fingerprint, file_reader(root))
 
 
@@ -102,7 +93,7 @@ def load_image_folder(
         invert: store ``255 - pixel`` (dark strokes on a light background become bright).
         rotations: make each class four classes (0/90/180/270 degrees) in every part; needs square images.
         resample: Pillow resize filter.
-        cache_dir: see `bilevel.metalearn.datasets.resolve_cache_dir`.
+        cache_dir: see `bilevel.metalearn.locations.resolve_cache_dir`.
         cache: ``False`` decodes into memory and writes nothing.
         workers: decoding threads.
         progress: tqdm progress bar during the one-time decode.

@@ -17,20 +17,11 @@ import csv
 import os
 from pathlib import Path
 
-from .datasets import (
-    ClassSplit,
-    DatasetFormatError,
-    DatasetNotFoundError,
-    FewShotData,
-    ImageSource,
-    Resample,
-    _hash_json,
-    file_reader,
-    list_class_folders,
-    load_image_collection,
-    make_few_shot_data,
-    resolve_data_root,
-)
+from .cache import load_image_collection
+from .datasets import DatasetFormatError, DatasetNotFoundError, FewShotData, make_few_shot_data
+from .locations import resolve_data_root
+from .sources import ImageSource, Resample, file_reader, hash_json, list_class_folders
+from .splits import ClassSplit
 
 __all__ = ["MINIIMAGENET_HELP", "load_miniimagenet", "miniimagenet_source"]
 
@@ -163,7 +154,7 @@ def miniimagenet_source(data_root: str | os.PathLike[str] | None = None) -> tupl
     class_ids = split.all_classes
     owner = {c: p for p in PARTS for c in parts[p]}
     members = tuple(tuple(e[0] for e in parts[owner[c]][c]) for c in class_ids)
-    fingerprint = _hash_json([layout, [parts[owner[c]][c] for c in class_ids]])
+    fingerprint = hash_json([layout, [parts[owner[c]][c] for c in class_ids]])
     return ImageSource("miniimagenet", class_ids, members, fingerprint, file_reader(base)), split
 
 
@@ -183,7 +174,7 @@ def load_miniimagenet(
         data_root: see `miniimagenet_source`.
         image_size: side of the square images (84 in the literature).
         resample: Pillow filter for images of another size.
-        cache_dir: see `bilevel.metalearn.datasets.resolve_cache_dir`.
+        cache_dir: see `bilevel.metalearn.locations.resolve_cache_dir`.
         cache: ``False`` decodes into memory and writes nothing.
         workers: decoding threads.
         progress: tqdm progress bar during the one-time decode.

@@ -37,23 +37,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
-from .datasets import (
-    ClassSplit,
-    DatasetFormatError,
-    DatasetNotFoundError,
-    FewShotData,
-    ImageSource,
-    Reader,
-    Resample,
-    _hash_json,
-    file_reader,
-    list_class_folders,
-    load_image_collection,
-    make_few_shot_data,
-    resolve_data_root,
-    split_classes,
-    zip_reader,
-)
+from .cache import load_image_collection
+from .datasets import DatasetFormatError, DatasetNotFoundError, FewShotData, make_few_shot_data
+from .locations import resolve_data_root
+from .sources import ImageSource, Reader, Resample, file_reader, hash_json, list_class_folders, zip_reader
+from .splits import ClassSplit, split_classes
 
 __all__ = [
     "OMNIGLOT_HELP",
@@ -172,7 +160,7 @@ def omniglot_source(data_root: str | os.PathLike[str] | None = None) -> ImageSou
             factories[s] = file_reader(base)
     class_ids = tuple(sorted(listing))
     members = tuple(tuple(sorted(e[0] for e in listing[c])) for c in class_ids)
-    fingerprint = _hash_json([sorted(listing[c]) for c in class_ids])
+    fingerprint = hash_json([sorted(listing[c]) for c in class_ids])
 
     @contextlib.contextmanager
     def opener() -> Iterator[Reader]:
@@ -262,7 +250,7 @@ def load_omniglot(
         test_rotations: the same for validation and test characters.
         image_size: side of the square images (28 in the literature).
         resample: Pillow filter for the 105 -> ``image_size`` reduction.
-        cache_dir: see `bilevel.metalearn.datasets.resolve_cache_dir`.
+        cache_dir: see `bilevel.metalearn.locations.resolve_cache_dir`.
         cache: ``False`` decodes into memory and writes nothing.
         workers: decoding threads.
         progress: tqdm progress bar during the one-time decode.

@@ -33,7 +33,8 @@ from typing import NamedTuple, Protocol
 import numpy as np
 import torch
 
-from .datasets import ClassPool, DatasetFormatError
+from .datasets import DatasetFormatError
+from .images import ClassPool
 
 __all__ = [
     "EVAL_STREAM",

@@ -1,0 +1,309 @@
+"""A run's problem, built from its `TrainConfig` (`build_experiment`) or its checkpoint (`load_run`).
+
+The configuration fixes everything: the dataset and its class split, the task samplers (meta-training
+stream and fixed test tasks), the model and its initialization, the loss, and the algorithm::
+
+    exp = build_experiment(TrainConfig(dataset="sinusoid", algo="imaml-gd", shots=5))
+    batch = exp.train_sampler.meta_batch(0, range(exp.config.meta_batch))
+    g, _, stats = meta_gradient(exp.algorithm, exp.model_fn, exp.loss, exp.theta, batch,
+                                classification=exp.classification, batched=exp.batched)
+
+    run = load_run("runs/imaml/checkpoint.pt")   # the trained theta, ready for evaluate_tasks
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .algorithms import MetaAlgorithm
+from .checkpoint import load_checkpoint
+from .config import TrainConfig
+from .datasets import FewShotData
+from .evaluation import LamValue, Run, evaluate_fixed
+from .models import (
+    BatchedModel,
+    Params,
+    batched_model,
+    default_model,
+    make_functional,
+    miniimagenet_conv4,
+    mse,
+    omniglot_cnn,
+    sinusoid_mlp,
+)
+from .splits import ClassSplit
+from .tasks import SinusoidTasks, TaskSampler
+
+__all__ = ["Experiment", "build_experiment", "learned_lam", "load_run"]
+
+ModelFn = Callable[[Params, torch.Tensor], torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Experiment:
+    """Everything a run of ``config`` computes with, before any meta-training.
+
+    Attributes:
+        config: the run's configuration.
+        device, dtype: where and in which dtype the parameters and tasks live.
+        model: the module (its own parameters are never read; see `make_functional`).
+        model_fn: ``model_fn(params, x) -> out`` for one task: images ``(N, C, H, W)`` to logits
+            ``(N, ways)``, or sinusoid inputs ``(N, 1)`` to outputs ``(N, 1)``.
+        theta: the initial meta-parameters by name (by ``config.init`` and ``config.seed``).
+        batched: the `BatchedModel` of ``model`` where ``config.batched`` and the model has one.
+        loss: ``F.cross_entropy`` (classification) or `mse` (sinusoid).
+        classification: whether tasks are scored by accuracy.
+        train_sampler: the meta-training task stream (``meta_batch(step, indices)``).
+        test_sampler: the fixed test tasks (``fixed_batch(indices)``).
+        data: the image dataset (``None`` for sinusoid).
+        algorithm: the `MetaAlgorithm` of meta-training (``config.algorithm()``).
+        eval_algorithm: the one that adapts at evaluation (``config.algorithm(evaluation=True)``).
+    """
+
+    config: TrainConfig
+    device: torch.device
+    dtype: torch.dtype
+    model: nn.Module
+    model_fn: ModelFn
+    theta: Params
+    batched: BatchedModel | None
+    loss: LossFn
+    classification: bool
+    train_sampler: TaskSampler | SinusoidTasks
+    test_sampler: TaskSampler | SinusoidTasks
+    data: FewShotData | None
+    algorithm: MetaAlgorithm
+    eval_algorithm: MetaAlgorithm
+
+    @property
+    def split(self) -> ClassSplit | None:
+        """The class split of an image dataset (saved as ``split.json``); ``None`` for sinusoid."""
+        return None if self.data is None else self.data.split
+
+    def run(self, params: Params | None = None, lam: LamValue | None = None) -> Run:
+        """A `Run` of this experiment's model with ``params`` (default: the initial theta).
+
+        Args:
+            params: meta-parameters by name (e.g. the current theta of training).
+            lam: a learned lambda (``None``: the evaluation algorithm's own).
+        """
+        return Run(
+            model_fn=self.model_fn,
+            params=self.theta if params is None else params,
+            algorithm=self.eval_algorithm,
+            loss=self.loss,
+            classification=self.classification,
+            lam=lam,
+            batched=self.batched,
+            config=self.config,
+        )
+
+    def evaluate(self, params: Params, n_tasks: int, lam: LamValue | None = None) -> dict[str, float]:
+        """`evaluate_fixed` of ``params`` on the first ``n_tasks`` fixed test tasks, summarized.
+
+        Returns:
+            ``accuracy``, ``ci95`` (percent; NaN for regression), ``loss``, ``loss_ci95``, ``n_tasks``.
+        """
+        return evaluate_fixed(self.run(params, lam), self.test_sampler, n_tasks, device=self.device).summary()
+
+
+def _architecture(cfg: TrainConfig, image_shape: tuple[int, int, int] | None) -> nn.Module:
+    """The model of ``cfg``; only an image folder's model depends on the data (its image shape)."""
+    if cfg.dataset == "sinusoid":
+        return sinusoid_mlp()
+    if cfg.dataset == "omniglot":
+        return omniglot_cnn(cfg.ways)
+    if cfg.dataset == "miniimagenet":
+        return miniimagenet_conv4(cfg.ways)
+    if image_shape is None:
+        raise ValueError(f"TrainConfig(dataset={cfg.dataset!r}): the model needs the images' shape")
+    return default_model(image_shape, cfg.ways)
+
+
+def _loss(cfg: TrainConfig) -> tuple[LossFn, bool]:
+    """The task loss of ``cfg`` and whether it is a classification."""
+    if cfg.dataset == "sinusoid":
+        return mse, False
+    return F.cross_entropy, True
+
+
+def _functional(
+    model: nn.Module, cfg: TrainConfig, gen: torch.Generator, dtype: torch.dtype, device: torch.device
+) -> tuple[ModelFn, Params]:
+    """The model's function and initial parameters, by ``cfg.init``."""
+    if cfg.init == "glorot":
+        return make_functional(model, gen, dtype=dtype, device=device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        for m in model.modules():
+            reset = getattr(m, "reset_parameters", None)
+            if m is not model and callable(reset):
+                reset()
+        return make_functional(model, None, dtype=dtype, device=device)
+
+
+def _load_data(cfg: TrainConfig) -> FewShotData:
+    if cfg.dataset == "omniglot":
+        from .omniglot import load_omniglot
+
+        split = cfg.split if cfg.split in ("vinyals", "lake") else "vinyals"
+        return load_omniglot(cfg.data_root, split=split, seed=cfg.seed, n_val=cfg.n_val)  # type: ignore[arg-type]
+    if cfg.dataset == "miniimagenet":
+        from .miniimagenet import load_miniimagenet
+
+        return load_miniimagenet(cfg.data_root)
+    from .folder import load_image_folder
+
+    return load_image_folder(cfg.data_root, seed=cfg.seed)
+
+
+def build_experiment(
+    cfg: TrainConfig, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> Experiment:
+    """Build the problem of the run ``cfg`` describes: data, samplers, model, initial theta, algorithms.
+
+    Loads (and on first use decodes into the cache) the image dataset; draws no task.
+
+    Args:
+        cfg: the run's configuration.
+        device: where parameters and tasks go (default: ``cfg.device``, else CUDA if available).
+        dtype: parameter and input dtype (default: ``cfg.dtype``).
+
+    Returns:
+        The `Experiment`; ``theta`` is the deterministic initialization of ``cfg.init`` and ``cfg.seed``.
+
+    Raises:
+        DatasetNotFoundError: the dataset is not under ``cfg.data_root`` (or ``BILEVEL_DATA_ROOT``).
+        DatasetFormatError: the data is malformed or has too few classes or images for the task format.
+    """
+    dev = torch.device(
+        device if device is not None else (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    )
+    dt = cfg.torch_dtype if dtype is None else dtype
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train: TaskSampler | SinusoidTasks
+    test: TaskSampler | SinusoidTasks
+    data: FewShotData | None = None
+    if cfg.dataset == "sinusoid":
+        train = SinusoidTasks(cfg.shots, cfg.queries, seed=cfg.seed, dtype=dt)
+        test = SinusoidTasks(cfg.shots, cfg.queries, seed=cfg.seed, eval_seed=cfg.seed + 10_000, dtype=dt)
+        model = _architecture(cfg, None)
+        fn, theta = _functional(model, cfg, gen, dt, dev)
+    else:
+        data = _load_data(cfg)
+        model = _architecture(cfg, data.image_shape)
+        fn, theta = _functional(model, cfg, gen, dt, dev)
+        train = TaskSampler(data.train, cfg.ways, cfg.shots, cfg.queries, seed=cfg.seed, dtype=dt)
+        test = TaskSampler(
+            data.test, cfg.ways, cfg.shots, cfg.queries, seed=cfg.seed, eval_seed=cfg.seed + 1, dtype=dt
+        )
+    loss, classification = _loss(cfg)
+    return Experiment(
+        config=cfg,
+        device=dev,
+        dtype=dt,
+        model=model,
+        model_fn=fn,
+        theta=theta,
+        batched=batched_model(model) if cfg.batched else None,
+        loss=loss,
+        classification=classification,
+        train_sampler=train,
+        test_sampler=test,
+        data=data,
+        algorithm=cfg.algorithm(),
+        eval_algorithm=cfg.algorithm(evaluation=True),
+    )
+
+
+def learned_lam(cfg: TrainConfig, log_lam: Mapping[str, torch.Tensor]) -> LamValue | None:
+    """lambda = exp(log lambda) of a learned lambda, as `adapt` takes it; ``None`` where it is fixed.
+
+    Args:
+        cfg: ``learn_lam`` says the form: ``scalar`` (one leaf ``"lam"``) or ``per-tensor``.
+        log_lam: the learned log-lambda leaves by name (empty for a fixed lambda).
+
+    Returns:
+        A 0-d tensor (``scalar``), a dict name -> 0-d tensor (``per-tensor``), or ``None``.
+    """
+    if not log_lam:
+        return None
+    if cfg.learn_lam == "scalar":
+        return log_lam["lam"].exp()
+    return {k: v.exp() for k, v in log_lam.items()}
+
+
+_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def load_run(
+    checkpoint_path: str | os.PathLike[str], device: str | torch.device = "cpu", **overrides: Any
+) -> Run:
+    """Read a checkpoint written by `train` into a `Run`: model function, theta, algorithm and lambda.
+
+    Needs no data, except for an image-folder run whose checkpoint predates ``image_shape`` (its
+    images are then loaded to learn their shape).
+
+    Args:
+        checkpoint_path: the run's ``checkpoint.pt``.
+        device: where the parameters go (also recorded as the configuration's ``device``).
+        **overrides: `TrainConfig` fields replacing the saved ones, e.g. ``eval_inner_steps=20`` (the
+            adaptation of ``run.algorithm``), ``eval_batch``, ``data_root``.
+
+    Returns:
+        `Run` with ``params`` the checkpoint's theta, ``algorithm`` equal to
+        ``config.algorithm(evaluation=True)``, ``lam`` the learned lambda or the algorithm's own
+        (a float), ``config`` the saved configuration with the overrides, and ``step``.
+
+    Raises:
+        FileNotFoundError: no file at ``checkpoint_path``.
+        TypeError: an override is not a `TrainConfig` field.
+        ValueError: the checkpoint's parameters do not fit the model of its configuration.
+    """
+    unknown = sorted(set(overrides) - _CONFIG_FIELDS)
+    if unknown:
+        raise TypeError(f"load_run: {unknown} are not TrainConfig fields")
+    ck = load_checkpoint(checkpoint_path, device)
+    saved = json.loads(ck["config"])
+    saved.update(overrides)
+    saved["device"] = str(device)
+    cfg = TrainConfig(**saved)
+    shape = ck.get("image_shape")
+    if shape is None and cfg.dataset == "folder":
+        from .folder import load_image_folder
+
+        shape = load_image_folder(cfg.data_root, seed=cfg.seed).image_shape
+    with torch.random.fork_rng(devices=[]):  # building the module draws from the global generator
+        model = _architecture(cfg, None if shape is None else (int(shape[0]), int(shape[1]), int(shape[2])))
+    names = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    theta: dict[str, torch.Tensor] = ck["theta"]
+    found = {n: tuple(v.shape) for n, v in theta.items()}
+    if found != names:
+        diff = sorted(set(names) ^ set(found)) or sorted(n for n in names if names[n] != found[n])
+        raise ValueError(
+            f"load_run({str(checkpoint_path)!r}): the checkpoint's parameters do not fit the "
+            f"{cfg.dataset} model of its configuration ({cfg.ways}-way); they differ at {diff[:3]}"
+        )
+    algorithm = cfg.algorithm(evaluation=True)
+    lam = learned_lam(cfg, ck["log_lam"])
+    loss, classification = _loss(cfg)
+    return Run(
+        model_fn=make_functional(model)[0],
+        params={n: theta[n] for n in names},
+        algorithm=algorithm,
+        loss=loss,
+        classification=classification,
+        lam=algorithm.lam if lam is None else lam,
+        batched=batched_model(model) if cfg.batched else None,
+        config=cfg,
+        step=int(ck["step"]),
+    )
