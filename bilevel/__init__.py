@@ -19,6 +19,7 @@ from ._errors import NegativeCurvatureError as NegativeCurvatureError
 from ._errors import NonFiniteError as NonFiniteError
 from ._errors import OptimalityError as OptimalityError
 from ._errors import StructureError as StructureError
+from ._hvp import Damped as Damped
 from ._hvp import DenseHessian as DenseHessian
 from ._hvp import FiniteDifferenceHVP as FiniteDifferenceHVP
 from ._hvp import ForwardOverReverse as ForwardOverReverse
@@ -57,6 +58,7 @@ __all__ = [
     "BilevelError",
     "BilevelWarning",
     "ConvergenceError",
+    "Damped",
     "DenseHessian",
     "DenseSolve",
     "FiniteDifferenceHVP",

@@ -19,6 +19,7 @@ An oracle turns an objective and a point into these two maps.  Offered:
 `FiniteDifferenceHVP`       central differences of gradients: for objectives whose second
                             derivatives are unavailable (the cross term too).
 `DenseHessian`              the full Hessian once (n HVPs), then matrix products.
+`Damped`                    another oracle plus a shift: (H + shift) v (damping).
 a callable                  ``hvp(phi, theta, v)`` written by the user.
 =========================  ===========================================================
 """
@@ -28,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol, Union, runtime_checkable
 
 import torch
@@ -40,6 +41,7 @@ from ._types import HVPFn, Objective, TensorTree
 from .tree import check_like, leaves, unflatten
 
 __all__ = [
+    "Damped",
     "DenseHessian",
     "FiniteDifferenceHVP",
     "ForwardOverReverse",
@@ -346,6 +348,46 @@ class UserHVP:
             return leaves(out)
 
         return Linearization(matvec, point.vjp_theta)
+
+
+@dataclasses.dataclass(frozen=True)
+class Damped:
+    """Tikhonov (Levenberg) damping of the backward system: (d2G/dphi2 + shift) w = v.
+
+    The implicit gradient is then that of a damped system, not the exact one: a named
+    option for Hessians that are indefinite or badly conditioned at an inexact inner
+    answer (iMAML's released code solves ((1 + d) I + H/lam) g = v, i.e. ``shift = d lam``).
+
+    Args:
+        shift: a number, or per-leaf numbers in phi's structure (a tuple or dict of
+            floats or 0-d tensors, broadcast over each leaf), added times v to every
+            Hessian-vector product.
+        oracle: the HVP oracle to damp; ``None`` means the default (`ReverseOverReverse`).
+    """
+
+    shift: float | TensorTree | Mapping[str, float] | tuple[float, ...]
+    oracle: HVPOracle | None = None
+
+    def linearize(self, objective: Objective, point: Point) -> Linearization:
+        base = (self.oracle if self.oracle is not None else ReverseOverReverse()).linearize(objective, point)
+        shift = self.shift
+        shifts: tuple[float | torch.Tensor, ...] | None
+        if isinstance(shift, (int, float)):
+            shifts = None
+        elif isinstance(shift, Mapping):
+            shifts = tuple(shift.values())
+        elif isinstance(shift, (tuple, list)):
+            shifts = tuple(shift)
+        else:
+            shifts = (shift,)
+
+        def matvec(v: Leaves) -> Leaves:
+            hv = base.matvec(v)
+            if shifts is None:
+                return tuple(h + shift * x for h, x in zip(hv, v))  # type: ignore[operator]
+            return tuple(h + s * x for h, s, x in zip(hv, shifts, v))
+
+        return Linearization(matvec, base.cross)
 
 
 HVPLike = Union[HVPOracle, HVPFn, None]

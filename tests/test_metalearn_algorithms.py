@@ -308,8 +308,9 @@ def test_backtracking_gd_cannot_diverge(batched: bool) -> None:
 
     start = G({k: v.unsqueeze(0).expand(4, *v.shape) for k, v in theta.items()})
     fixed = make_algorithm("imaml-gd", inner_steps=30, inner_lr=10.0, lam=lam)
-    phi = adapt(fixed, fn, mse, theta, xs, ys, batched=bm)
-    assert not bool(torch.isfinite(G(phi)).all())
+    # the diverging inner loop is refused, not returned as its last finite iterate
+    with pytest.raises(bl.NonFiniteError, match=r"task\(s\) \[0, 1, 2, 3\].*lower --inner-lr"):
+        adapt(fixed, fn, mse, theta, xs, ys, batched=bm)
     bt = make_algorithm("imaml-gd", inner_steps=30, inner_lr=10.0, lam=lam, backtrack=True)
     values = []
     for steps in (1, 5, 10, 30):

@@ -27,6 +27,7 @@ from .algorithms import adapt as adapt
 from .algorithms import evaluate_batch as evaluate_batch
 from .algorithms import make_algorithm as make_algorithm
 from .algorithms import meta_gradient as meta_gradient
+from .algorithms import predict_batch as predict_batch
 from .checkpoint import load_checkpoint as load_checkpoint
 from .config import PRESETS as PRESETS
 from .config import TrainConfig as TrainConfig
@@ -98,5 +99,6 @@ __all__ = [
     "make_functional",
     "meta_gradient",
     "mse",
+    "predict_batch",
     "train",
 ]

@@ -1,25 +1,27 @@
-"""Meta-gradients of iMAML, MAML, first-order MAML and Reptile, from one code path.
+"""Meta-gradients of iMAML, MAML, first-order MAML and Reptile: applications of the core.
 
-Every algorithm runs the same inner solver on the same inner objective
+Every algorithm solves the same B inner problems of a meta-batch at once,
 
     G_i(phi, theta) = Lhat_i(phi) + lam/2 ||phi - theta||^2          (Eq. 4 of iMAML)
 
-(``lam = 0`` gives the plain support loss of MAML, FOMAML and Reptile) and differs
-only in how the task meta-gradient g_i is formed from the inner answer phi_i,
-chosen by one value, like Optimistix's ``adjoint=``:
+(``lam = 0`` gives the plain support loss of MAML, FOMAML and Reptile), with a batched
+inner solver of `bilevel.solvers` (`GradientDescent`, optionally with `Armijo`
+backtracking, or `NewtonCG`), and forms the task meta-gradient g_i with a value whose
+``apply`` method says how, like Optimistix's ``adjoint.apply``:
 
 ===============  =================================================================
-`Implicit`        iMAML (Algorithm 2): solve (I + Lhat''(phi_i)/lam) g_i = grad L_i(phi_i)
-                  with ``cg_iters`` CG steps on Hessian-vector products.  The path of
-                  the inner solver is not stored.
-`Unrolled`        MAML: backpropagate through every inner step (memory grows with steps).
-`FirstOrder`      first-order MAML: g_i = grad L_i(phi_i).
-`ReptileStep`     Reptile: g_i = theta - phi_i.
+`Implicit`        iMAML: `bilevel.implicit_argmin` with ``batched=True``: the B Hessian
+                  systems (I + Lhat''(phi_i)/lam) g_i = grad L_i(phi_i) are solved by the
+                  library's batched `bilevel.CG` (``cg_iters`` steps, per-task status).
+                  The inner solver's path is not stored.
+`Unrolled`        MAML: `GradientDescent(differentiable=True)`: autograd through every
+                  inner step (memory grows with steps).
+`FirstOrder`      first-order MAML: the inner solve alone; g_i = grad L_i(phi_i).
+`ReptileStep`     Reptile: the inner solve alone; g_i = theta - phi_i.
 ===============  =================================================================
 
-Tasks of a meta-batch are independent, so every per-task computation is written for
-one task and mapped over the batch with ``torch.func.vmap`` (``vectorize=True``) or a
-Python loop (``vectorize=False``, for models or ops without batching rules).
+The B per-task models run through one `BatchedModel` (the seam): built from the model's
+structure (`batched_model`) or from the per-task function (vmap or a loop).
 
 Deviations from the paper, each measured and switchable:
 
@@ -31,21 +33,22 @@ Deviations from the paper, each measured and switchable:
   I + Lhat''/lam can be indefinite and CG can meet negative curvature.  CG then stops
   for that task and keeps its last iterate (truncated CG, as in Steihaug's method);
   the event is counted in `MetaStats.negative_curvature`, never hidden.
-* ``Implicit(damping=d)`` solves ((1 + d) I + Lhat''/lam) g = v, the damped system of
-  the authors' released code; the paper's system is ``d = 0`` (the default).
+* ``Implicit(damping=d)`` solves ((1 + d) I + Lhat''/lam) g = v (`bilevel.Damped`), the
+  damped system of the authors' released code; the paper's system is ``d = 0``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any, ClassVar, Union
 
 import torch
-import torch.func as tf
 
-from .._status import SolverStatus
-from .models import BatchedModel
+import bilevel as bl
+from bilevel.solvers import Armijo, GradientDescent, NewtonCG
+
+from .models import BatchedModel, as_batched, task_losses
 from .tasks import Task
 
 __all__ = [
@@ -61,6 +64,7 @@ __all__ = [
     "evaluate_batch",
     "make_algorithm",
     "meta_gradient",
+    "predict_batch",
 ]
 
 Params = dict[str, torch.Tensor]
@@ -69,29 +73,36 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: lam as a float, a 0-d tensor, or one 0-d tensor per parameter name.
 Lam = Union[float, torch.Tensor, dict[str, torch.Tensor]]
 
+# Keys of learned lam values in the theta tree given to the implicit layer.
+_LAM = "lam:"
 
-# ---------------------------------------------------------------------------------- configuration
+
+# ---------------------------------------------------------------------------------- inner solvers
 @dataclasses.dataclass(frozen=True)
 class InnerGD:
     """Gradient descent on G for ``steps`` steps (or until ||grad G|| <= ``tol`` per task).
+
+    Runs `bilevel.solvers.GradientDescent` on the meta-batch in its batched mode.
 
     Args:
         steps: number of GD steps (16 and 25 in the paper's Omniglot settings).
         lr: step size.
         tol: per-task gradient-norm tolerance; a task that reaches it stops moving.
             ``None`` runs exactly ``steps`` steps (needed by `Unrolled`).
-        backtrack: a per-task step size that starts at ``lr`` and halves whenever a step
-            would not decrease G by the Armijo amount 1e-4 s ||grad G||^2 (the step is then
-            not taken; it still counts as one of ``steps``).  One more evaluation of G per
-            step.  Fixed-step GD diverges once meta-training sharpens the support loss
-            beyond 2 / lr (measured on the sinusoid: NaN after 200-900 meta-steps at lr
-            0.005-0.02); backtracking cannot.  Not with `Unrolled`.
+        backtrack: an Armijo backtracking line search per task (`bilevel.solvers.Armijo`):
+            each step halves the step size, starting from the last accepted one (first
+            ``lr``), until G decreases by the Armijo amount.  Fixed-step GD diverges once
+            meta-training sharpens the support loss beyond 2 / lr (measured on the
+            sinusoid: NaN after 200-900 meta-steps at lr 0.005-0.02); backtracking cannot.
+            One more gradient per rejected trial.  Not with `Unrolled`.
     """
 
     steps: int = 16
     lr: float = 0.1
     tol: float | None = None
     backtrack: bool = False
+    #: whether the solver takes second derivatives of G (then through the exact model)
+    second_order: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -100,6 +111,17 @@ class InnerGD:
             raise ValueError(f"InnerGD(lr={self.lr}): lr must be > 0")
         if self.tol is not None and not self.tol >= 0:
             raise ValueError(f"InnerGD(tol={self.tol}): tol must be >= 0 or None")
+
+    def solver(self, *, differentiable: bool = False) -> GradientDescent:
+        """The batched `GradientDescent` this configuration stands for."""
+        return GradientDescent(
+            lr=self.lr,
+            max_iter=self.steps,
+            tol=0.0 if self.tol is None else self.tol,
+            line_search=Armijo() if self.backtrack else None,
+            batched=True,
+            differentiable=differentiable,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,11 +134,146 @@ class InnerNewtonCG:
 
     newton_iters: int = 3
     cg_iters: int = 5
+    second_order: ClassVar[bool] = True
+
+    def solver(self, *, differentiable: bool = False) -> NewtonCG:
+        if differentiable:
+            raise ValueError("InnerNewtonCG: a line search cannot be unrolled")
+        return NewtonCG(newton_iters=self.newton_iters, cg_iters=self.cg_iters, batched=True)
 
 
+InnerSolver = Union[InnerGD, InnerNewtonCG]
+
+
+# ---------------------------------------------------------------------------------- one meta-batch
+@dataclasses.dataclass
+class _Outcome:
+    """What a meta-gradient kind returns: per-task sums of gradients and the inner answers."""
+
+    grad: Params  # sum over tasks
+    lam_grad: dict[str, torch.Tensor] | None  # sum over tasks
+    phi: Params  # (B, ...) detached
+    query_loss: torch.Tensor  # (B,)
+    query_acc: torch.Tensor  # (B,)
+    inner: bl.SolverResult
+    cg: bl.LinearSolveResult | None = None
+
+
+class _MetaBatch:
+    """The B inner problems of a meta-batch, written once for every algorithm.
+
+    ``theta`` (no task dimension) and the fixed or learned ``lam`` define G_i; the
+    objectives take phi with a leading B and a theta tree that may carry learned lam
+    values under ``"lam:<name>"`` (per tensor) or ``"lam:"`` (shared).
+    """
+
+    def __init__(
+        self, bm: BatchedModel, loss: LossFn, classification: bool, batch: Task, theta: Params, lam: Lam
+    ) -> None:
+        self.bm = bm
+        self.loss = loss
+        self.classification = classification
+        self.batch = batch
+        self.theta = {k: v.detach() for k, v in theta.items()}
+        self.B = batch.support_x.shape[0]
+        self.lam = lam
+        self.learned = isinstance(lam, (torch.Tensor, dict))
+
+    # -- lam
+    def lam_tree(self) -> dict[str, torch.Tensor]:
+        """Learned lam values as theta-tree entries, each a fresh leaf that requires grad."""
+        lam = self.lam
+        if isinstance(lam, dict):
+            return {_LAM + k: v.detach().requires_grad_(True) for k, v in lam.items()}
+        if isinstance(lam, torch.Tensor):
+            return {_LAM: lam.detach().requires_grad_(True)}
+        return {}
+
+    def lam_of(self, k: str, th: Params) -> torch.Tensor | float:
+        if _LAM + k in th:
+            return th[_LAM + k]
+        if _LAM in th:
+            return th[_LAM]
+        lam = self.lam
+        if isinstance(lam, dict):
+            return lam[k].detach()
+        return lam.detach() if isinstance(lam, torch.Tensor) else lam
+
+    # -- objectives
+    def prox(self, phi: Params, th: Params) -> torch.Tensor:
+        """sum_k lam_k/2 ||phi_k - theta_k||^2 per task, shape (B,)."""
+        out = torch.zeros(self.B, dtype=self.batch.support_x.dtype, device=self.batch.support_x.device)
+        for k, p in phi.items():
+            lam = self.lam_of(k, th)
+            if isinstance(lam, float) and lam == 0.0:
+                continue
+            out = out + 0.5 * lam * (p - th[k]).square().reshape(self.B, -1).sum(1)
+        return out
+
+    def objective(self, *, exact: bool) -> Callable[[Params, Params], torch.Tensor]:
+        """G_i(phi_i, theta) per task, shape (B,); ``exact`` for second derivatives."""
+        x, y = self.batch.support_x, self.batch.support_y
+        forward = self.bm.exact if exact else self.bm.fast
+
+        def G(phi: Params, th: Params) -> torch.Tensor:
+            return task_losses(self.loss, forward(phi, x), y) + self.prox(phi, th)
+
+        return G
+
+    def init(self, theta: Params | None = None) -> Params:
+        """phi = theta for every task (expanded views of ``theta``, attached if it is)."""
+        th = self.theta if theta is None else theta
+        return {k: v.unsqueeze(0).expand(self.B, *v.shape) for k, v in th.items()}
+
+    def solve(self, inner: InnerSolver) -> bl.SolverResult:
+        """The inner answers of the B tasks (no graph), with the solver's per-task diagnostics."""
+        G = self.objective(exact=inner.second_order)
+        return _checked(inner.solver()(G, self.init(), self._theta_values()))
+
+    def _theta_values(self) -> Params:
+        return {**self.theta, **{k: v.detach() for k, v in self.lam_tree().items()}}
+
+    # -- query
+    def query(self, phi: Params) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query losses (B,) (differentiable in phi) and accuracies (B,) of the adapted models."""
+        out = self.bm.outputs(phi, self.batch.query_x)
+        return task_losses(self.loss, out, self.batch.query_y), self.accuracy(out, self.batch.query_y)
+
+    def accuracy(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.classification:
+            return (out.detach().argmax(-1) == y).float().mean(-1)
+        return torch.full(out.shape[:1], float("nan"), dtype=out.dtype, device=out.device)
+
+    def query_gradients(self, phi: Params) -> tuple[Params, torch.Tensor, torch.Tensor]:
+        """Per-task query gradients grad L_i(phi_i) (B, ...), losses and accuracies."""
+        leaves = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
+        with torch.enable_grad():
+            ql, qa = self.query(leaves)
+            gs = torch.autograd.grad(ql.sum(), list(leaves.values()), allow_unused=True)
+        return _or_zeros(leaves, gs), ql.detach(), qa
+
+
+def _or_zeros(like: Params, grads: tuple[torch.Tensor | None, ...]) -> Params:
+    """Gradients by name, zeros where autograd returned None (an unused parameter)."""
+    return {k: torch.zeros_like(t) if g is None else g for (k, t), g in zip(like.items(), grads)}
+
+
+def _checked(res: bl.SolverResult) -> bl.SolverResult:
+    """Stop on a diverged inner solve: its NaN would otherwise be frozen out of the answer silently."""
+    statuses = res.problem_status or (res.status,)
+    bad = [i for i, s in enumerate(statuses) if s is bl.SolverStatus.NONFINITE]
+    if bad:
+        raise bl.NonFiniteError(
+            f"the inner solve produced NaN or infinity in task(s) {bad[:10]} of the meta-batch: the inner "
+            "loop diverged; lower --inner-lr (InnerGD(lr=...)), raise --lam, or use --backtrack"
+        )
+    return res
+
+
+# ---------------------------------------------------------------------------------- meta-gradient kinds
 @dataclasses.dataclass(frozen=True)
 class Implicit:
-    """iMAML's meta-gradient: CG on (I + Lhat''/lam) g = grad L(phi).
+    """iMAML's meta-gradient: CG on (I + Lhat''/lam) g = grad L(phi), through `bilevel.implicit_argmin`.
 
     Args:
         cg_iters: CG iterations (5 in the paper).
@@ -135,20 +292,109 @@ class Implicit:
         if not self.damping >= 0:
             raise ValueError(f"Implicit(damping={self.damping}): damping must be >= 0")
 
+    def apply(self, inner: InnerSolver, mb: _MetaBatch) -> _Outcome:
+        theta = {k: v.detach().requires_grad_(True) for k, v in mb.theta.items()}
+        tree = {**theta, **mb.lam_tree()}
+        fast = mb.objective(exact=inner.second_order)
+        solver = inner.solver()
+
+        def solve(_exact: Any, init: Params, th: Params) -> bl.SolverResult:
+            # The inner steps use the fast model; the layer linearizes the exact one.
+            return _checked(solver(fast, init, th))
+
+        d = 1.0 + self.damping
+        lam_flat = self._lam_flat(mb, tree)
+        shift = None
+        if self.damping > 0:
+            shift = {k: self.damping * mb.lam_of(k, tree) for k in theta}
+            shift = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in shift.items()}
+        with torch.enable_grad():
+            phi, info = bl.implicit_argmin(
+                mb.objective(exact=True),
+                mb.init(),
+                tree,
+                solve,
+                hvp=None if shift is None else bl.Damped(shift),  # type: ignore[arg-type]
+                linear_solver=bl.CG(max_iter=self.cg_iters, rtol=0.0, atol=0.0, check_residual=False),
+                batched=True,
+                optimality_tol=None,
+                throw=False,
+                warn=False,
+                measure_residual=False,
+                backward_x0=(lambda b: b / (d * lam_flat)) if self.warm_start else None,
+                return_info=True,
+            )
+            ql, qa = mb.query(phi)
+            # The sum of the task losses: each task's right-hand side is its own query
+            # gradient v_i, so the CG residuals are in the units of grad L_i.
+            grads = torch.autograd.grad(ql.sum(), list(tree.values()), allow_unused=True)
+        g = _or_zeros(tree, grads)
+        assert info.solver_result is not None and info.last_backward is not None
+        lam_grad = None
+        if mb.learned:
+            lam_grad = {(k[len(_LAM) :] or "lam"): g[k] for k in tree if k.startswith(_LAM)}
+        return _Outcome(
+            {k: g[k] for k in theta},
+            lam_grad,
+            {k: v.detach() for k, v in phi.items()},
+            ql.detach(),
+            qa,
+            info.solver_result,
+            info.last_backward,
+        )
+
+    @staticmethod
+    def _lam_flat(mb: _MetaBatch, tree: Params) -> torch.Tensor | float:
+        """lam per coordinate of a task's flattened phi (a number when lam is shared)."""
+        per = [mb.lam_of(k, tree) for k in mb.theta]
+        if all(not isinstance(v, torch.Tensor) for v in per):
+            return float(per[0])
+        return torch.cat(
+            [
+                torch.as_tensor(v, dtype=t.dtype, device=t.device).detach().expand(t.numel())
+                for v, t in zip(per, mb.theta.values())
+            ]
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class Unrolled:
-    """MAML: differentiate through the inner GD path (second order)."""
+    """MAML: differentiate through the inner GD path (`GradientDescent(differentiable=True)`)."""
+
+    def apply(self, inner: InnerSolver, mb: _MetaBatch) -> _Outcome:
+        theta = {k: v.detach().requires_grad_(True) for k, v in mb.theta.items()}
+        with torch.enable_grad():
+            res = _checked(inner.solver(differentiable=True)(mb.objective(exact=True), mb.init(theta), theta))
+            phi: Params = res.x  # type: ignore[assignment]
+            ql, qa = mb.query(phi)
+            grads = torch.autograd.grad(ql.sum(), list(theta.values()), allow_unused=True)
+        return _Outcome(
+            _or_zeros(theta, grads), None, {k: v.detach() for k, v in phi.items()}, ql.detach(), qa, res
+        )
 
 
 @dataclasses.dataclass(frozen=True)
 class FirstOrder:
     """First-order MAML: the query gradient at phi_i, taken as the meta-gradient."""
 
+    def apply(self, inner: InnerSolver, mb: _MetaBatch) -> _Outcome:
+        res = mb.solve(inner)
+        phi: Params = res.x  # type: ignore[assignment]
+        v, ql, qa = mb.query_gradients(phi)
+        return _Outcome({k: t.sum(0) for k, t in v.items()}, None, phi, ql, qa, res)
+
 
 @dataclasses.dataclass(frozen=True)
 class ReptileStep:
     """Reptile: theta - phi_i, taken as the meta-gradient (Nichol et al. 2018)."""
+
+    def apply(self, inner: InnerSolver, mb: _MetaBatch) -> _Outcome:
+        res = mb.solve(inner)
+        phi: Params = res.x  # type: ignore[assignment]
+        with torch.no_grad():
+            ql, qa = mb.query(phi)
+        grad = {k: (mb.theta[k].unsqueeze(0) - phi[k]).sum(0) for k in phi}
+        return _Outcome(grad, None, phi, ql, qa, res)
 
 
 MetaGradientKind = Union[Implicit, Unrolled, FirstOrder, ReptileStep]
@@ -158,21 +404,22 @@ MetaGradientKind = Union[Implicit, Unrolled, FirstOrder, ReptileStep]
 class MetaAlgorithm:
     """An inner solver, a proximal weight and a way to form the meta-gradient."""
 
-    inner: InnerGD | InnerNewtonCG
+    inner: InnerSolver
     meta_gradient: MetaGradientKind
     lam: float = 2.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.meta_gradient, Unrolled) and not isinstance(self.inner, InnerGD):
-            raise ValueError("MetaAlgorithm: Unrolled (MAML) needs InnerGD; a line search cannot be unrolled")
-        if isinstance(self.meta_gradient, Unrolled) and isinstance(self.inner, InnerGD) and self.inner.tol:
-            raise ValueError("MetaAlgorithm: Unrolled (MAML) needs InnerGD(tol=None): a fixed path")
-        if (
-            isinstance(self.meta_gradient, Unrolled)
-            and isinstance(self.inner, InnerGD)
-            and self.inner.backtrack
-        ):
-            raise ValueError("MetaAlgorithm: Unrolled (MAML) needs InnerGD(backtrack=False): a fixed path")
+        if isinstance(self.meta_gradient, Unrolled):
+            if not isinstance(self.inner, InnerGD):
+                raise ValueError(
+                    "MetaAlgorithm: Unrolled (MAML) needs InnerGD; a line search cannot be unrolled"
+                )
+            if self.inner.tol:
+                raise ValueError("MetaAlgorithm: Unrolled (MAML) needs InnerGD(tol=None): a fixed path")
+            if self.inner.backtrack:
+                raise ValueError(
+                    "MetaAlgorithm: Unrolled (MAML) needs InnerGD(backtrack=False): a fixed path"
+                )
         if isinstance(self.meta_gradient, Implicit) and not self.lam > 0:
             raise ValueError(f"MetaAlgorithm(lam={self.lam}): Implicit needs lam > 0")
         if not self.lam >= 0:
@@ -220,12 +467,13 @@ class MetaStats:
     Attributes:
         query_loss, query_acc: query loss and accuracy (accuracy NaN for regression)
             at phi_i, i.e. after adaptation.
-        support_loss: Lhat_i(phi_i).
-        inner_grad_norm: ||grad_phi G_i(phi_i, theta)|| at the inner answer.
-        cg_residual: ||(I + Lhat''/lam) g_i - v_i|| (recursively updated) for `Implicit`,
-            NaN otherwise.
+        support_loss: Lhat_i(phi_i) (from the inner solver's last evaluation).
+        inner_grad_norm: ||grad_phi G_i(phi_i, theta)|| at the inner answer, as measured
+            by the inner solver there.
+        cg_residual: ||(I + Lhat''/lam) g_i - v_i|| in the units of v_i (recursively
+            updated, CG's own estimate) for `Implicit`, NaN otherwise.
         negative_curvature: True where CG met p'Ap <= 0 and stopped early.
-        cg_iters: CG iterations done per task.
+        cg_iters: CG iterations done per task (the one that met negative curvature included).
     """
 
     query_loss: torch.Tensor
@@ -237,312 +485,29 @@ class MetaStats:
     cg_iters: torch.Tensor
 
 
-# ---------------------------------------------------------------------------------- tree helpers
-def _lam_of(lam: Lam, name: str) -> torch.Tensor | float:
-    return lam[name] if isinstance(lam, dict) else lam
-
-
-def _bdot(a: Params, b: Params) -> torch.Tensor:
-    """Per-task inner product of two batched trees: shape (B,)."""
-    return sum((a[k] * b[k]).flatten(1).sum(1) for k in a)  # type: ignore[return-value]
-
-
-def _bnorm(a: Params) -> torch.Tensor:
-    return _bdot(a, a).sqrt()
-
-
-def _bscale(s: torch.Tensor, a: Params) -> Params:
-    """Multiply each task's slice of a batched tree by s[task]."""
-    return {k: v * s.view(-1, *([1] * (v.ndim - 1))) for k, v in a.items()}
-
-
-def _axpy(a: Params, s: torch.Tensor, b: Params) -> Params:
-    """a + s[task] * b."""
-    return {k: a[k] + s.view(-1, *([1] * (a[k].ndim - 1))) * b[k] for k in a}
-
-
-def _batch_map(
-    fn: Callable[..., Any], vectorize: bool, in_dims: tuple[int | None, ...]
-) -> Callable[..., Any]:
-    """vmap, or the same per-task function in a Python loop with stacked outputs."""
-    if vectorize:
-        return tf.vmap(fn, in_dims=in_dims)
-
-    def looped(*args: Any) -> Any:
-        B = next(_leading(a) for a, d in zip(args, in_dims) if d is not None)
-        outs = []
-        for i in range(B):
-            sliced = [_index(a, i) if d is not None else a for a, d in zip(args, in_dims)]
-            outs.append(fn(*sliced))
-        return _stack(outs)
-
-    return looped
-
-
-def _leading(a: object) -> int:
-    if isinstance(a, torch.Tensor):
-        return a.shape[0]
-    if isinstance(a, dict):
-        return next(iter(a.values())).shape[0]
-    return _leading(a[0])  # type: ignore[index]
-
-
-def _index(a: object, i: int) -> object:
-    if isinstance(a, torch.Tensor):
-        return a[i]
-    if isinstance(a, dict):
-        return {k: v[i] for k, v in a.items()}
-    return type(a)(_index(x, i) for x in a)  # type: ignore[call-arg, attr-defined]
-
-
-def _stack(outs: list) -> object:
-    first = outs[0]
-    if isinstance(first, torch.Tensor):
-        return torch.stack(outs)
-    if isinstance(first, dict):
-        return {k: torch.stack([o[k] for o in outs]) for k in first}
-    return type(first)(_stack([o[j] for o in outs]) for j in range(len(first)))
-
-
-# ---------------------------------------------------------------------------------- the engine
-class _Task:
-    """The per-task functions of one (model, loss) pair, written for a single task."""
-
-    def __init__(self, model: ModelFn, loss: LossFn, classification: bool) -> None:
-        self.model = model
-        self.loss = loss
-        self.classification = classification
-
-    def support_loss(self, phi: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.loss(self.model(phi, x), y)
-
-    def G(self, phi: Params, theta: Params, lam: Lam, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        prox = sum(0.5 * _lam_of(lam, k) * ((phi[k] - theta[k]) ** 2).sum() for k in phi)
-        return self.support_loss(phi, x, y) + prox
-
-    def query(self, phi: Params, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.score(self.model(phi, x), y)
-
-    def score(self, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss, accuracy) of one task's outputs."""
-        return self.loss(out, y), self.accuracy(out, y)
-
-    def accuracy(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Accuracy over the second-to-last dimension of ``out`` (one task, or (B, N, ...) for B
-        tasks); NaN for regression."""
-        if self.classification:
-            return (out.detach().argmax(-1) == y).float().mean(-1)
-        return torch.full(out.shape[:-2], float("nan"), dtype=out.dtype, device=out.device)
-
-
-def _inner_gd(
-    task: _Task, cfg: InnerGD, theta: Params, lam: Lam, x: torch.Tensor, y: torch.Tensor, vectorize: bool
-) -> Params:
-    """GD on G for a meta-batch, from phi = theta.  Differentiable if called under autograd."""
-    if cfg.backtrack:
-        grad_value = _batch_map(tf.grad_and_value(task.G), vectorize, (0, None, None, 0, 0))
-        value = _batch_map(task.G, vectorize, (0, None, None, 0, 0))
-        return _backtracking_gd(
-            cfg,
-            theta,
-            x.shape[0],
-            lambda p: grad_value(p, theta, lam, x, y),
-            lambda p: value(p, theta, lam, x, y),
+def _stats(mb: _MetaBatch, out: _Outcome, diagnostics: bool) -> MetaStats:
+    B, device = mb.B, out.query_loss.device
+    nan = torch.full((B,), float("nan"), dtype=out.query_loss.dtype, device=device)
+    cg = out.cg
+    if cg is not None and cg.problem_status is not None:
+        assert cg.problem_residual_norm is not None and cg.problem_n_iter is not None
+        residual = cg.problem_residual_norm.to(device)
+        negative = torch.tensor(
+            [s is bl.LinearStatus.NEGATIVE_CURVATURE for s in cg.problem_status], device=device
         )
-    gradG = _batch_map(tf.grad(task.G), vectorize, (0, None, None, 0, 0))
-    return _fixed_step_gd(cfg, theta, x.shape[0], lambda p: gradG(p, theta, lam, x, y))
-
-
-def _fixed_step_gd(cfg: InnerGD, theta: Params, B: int, grad: Callable[[Params], Params]) -> Params:
-    """``cfg.steps`` steps of size ``cfg.lr`` from theta, a task frozen once ||grad G|| <= ``cfg.tol``.
-
-    No in-place updates: differentiable through the path when ``grad`` is (`Unrolled`).
-    """
-    phi = {k: v.unsqueeze(0).expand(B, *v.shape) for k, v in theta.items()}
-    active = torch.ones(B, dtype=torch.bool, device=next(iter(theta.values())).device)
-    for _ in range(cfg.steps):
-        g = grad(phi)
-        if cfg.tol is not None:
-            active = active & (_bnorm(g) > cfg.tol)
-            if not bool(active.any()):
-                break
-            g = _bscale(active.to(next(iter(g.values())).dtype), g)
-        phi = {k: phi[k] - cfg.lr * g[k] for k in phi}
-    return phi
-
-
-def _backtracking_gd(
-    cfg: InnerGD,
-    theta: Params,
-    B: int,
-    grad_value: Callable[[Params], tuple[Params, torch.Tensor]],
-    value: Callable[[Params], torch.Tensor],
-) -> Params:
-    """GD with a per-task step size halved on every failed Armijo test (see `InnerGD.backtrack`)."""
-    phi = {k: v.unsqueeze(0).expand(B, *v.shape).clone() for k, v in theta.items()}
-    first = next(iter(theta.values()))
-    step = torch.full((B,), cfg.lr, dtype=first.dtype, device=first.device)
-    active = torch.ones(B, dtype=torch.bool, device=first.device)
-    for _ in range(cfg.steps):
-        g, G0 = grad_value(phi)
-        gg = _bdot(g, g)
-        if cfg.tol is not None:
-            active = active & (gg.sqrt() > cfg.tol)
-            if not bool(active.any()):
-                break
-        trial = _axpy(phi, -step, g)
-        ok = active & (value(trial) <= G0 - 1e-4 * step * gg)
-        phi = {k: torch.where(ok.view(-1, *([1] * (t.ndim - 1))), trial[k], t) for k, t in phi.items()}
-        step = torch.where(ok | ~active, step, 0.5 * step)
-    return phi
-
-
-def _solve_inner(
-    task: _Task,
-    inner: InnerGD | InnerNewtonCG,
-    theta: Params,
-    lam: Lam,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    vectorize: bool,
-    batched: BatchedModel | None,
-) -> Params:
-    """The inner answers phi of a meta-batch (leading dimension B), without an autograd graph."""
-    with torch.no_grad():
-        if isinstance(inner, InnerNewtonCG):
-            return _inner_newton(task, inner, theta, lam, x, y)
-        if batched is not None:
-            return _inner_gd_batched(batched, task.loss, inner, theta, lam, x, y)
-        return _inner_gd(task, inner, theta, lam, x, y, vectorize)
-
-
-def _inner_newton(
-    task: _Task, cfg: InnerNewtonCG, theta: Params, lam: Lam, x: torch.Tensor, y: torch.Tensor
-) -> Params:
-    from ..solvers import NewtonCG
-
-    names = list(theta)
-    B = x.shape[0]
-
-    def objective(phi: tuple[torch.Tensor, ...], th: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        p = dict(zip(names, phi))
-        t = dict(zip(names, th))
-        return tf.vmap(task.G, in_dims=(0, None, None, 0, 0))(p, t, lam, x, y)
-
-    init = tuple(theta[k].unsqueeze(0).expand(B, *theta[k].shape).clone() for k in names)
-    solver = NewtonCG(newton_iters=cfg.newton_iters, cg_iters=cfg.cg_iters, batched=True)
-    res = solver(objective, init, tuple(theta[k] for k in names))
-    if res.status is SolverStatus.NONFINITE:
-        raise FloatingPointError("imaml-hf: Newton-CG produced NaN or infinity in the inner solve")
-    return dict(zip(names, res.x))
-
-
-# ---------------------------------------------------------------------------------- batched path
-# With a `BatchedModel`, B per-task models run in one call and one torch.autograd.grad of the
-# summed task losses gives every task's gradient (the tasks share no parameters and batch
-# statistics are per task).  Same quantities as the vmap path, tested to 1e-10 in float64.
-def _task_losses(loss: LossFn, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return torch.stack([loss(out[i], y[i]) for i in range(out.shape[0])])
-
-
-def _or_zeros(like: Params, grads: tuple[torch.Tensor | None, ...]) -> Params:
-    """Gradients by name, zeros where autograd returned None (an unused parameter)."""
-    return {k: torch.zeros_like(t) if g is None else g for (k, t), g in zip(like.items(), grads)}
-
-
-def _grads(
-    f: Callable[[Params, torch.Tensor], torch.Tensor],
-    loss: LossFn,
-    phi: Params,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    create_graph: bool = False,
-) -> tuple[Params, Params, torch.Tensor, torch.Tensor]:
-    """(per-task gradients, the leaves they are taken at, per-task losses (B,), outputs (detached))."""
-    leaves = {k: t.detach().requires_grad_(True) for k, t in phi.items()}
-    with torch.enable_grad():
-        out = f(leaves, x)
-        per = _task_losses(loss, out, y)
-        gs = torch.autograd.grad(
-            per.sum(), list(leaves.values()), create_graph=create_graph, allow_unused=True
-        )
-    return _or_zeros(leaves, gs), leaves, per.detach(), out.detach()
-
-
-def _grad_G_batched(
-    bm: BatchedModel, loss: LossFn, phi: Params, theta: Params, lam: Lam, x: torch.Tensor, y: torch.Tensor
-) -> tuple[Params, torch.Tensor]:
-    g, _, per, _ = _grads(bm.fast, loss, phi, x, y)
-    return {k: g[k] + _lam_of(lam, k) * (phi[k] - theta[k].unsqueeze(0)) for k in g}, per
-
-
-def _inner_gd_batched(
-    bm: BatchedModel, loss: LossFn, cfg: InnerGD, theta: Params, lam: Lam, x: torch.Tensor, y: torch.Tensor
-) -> Params:
-    """`_inner_gd` with the batched model (no autograd graph is kept)."""
-    B = x.shape[0]
-    if cfg.backtrack:
-
-        def prox(p: Params) -> torch.Tensor:
-            return sum(  # type: ignore[return-value]
-                0.5 * _lam_of(lam, k) * ((p[k] - theta[k].unsqueeze(0)) ** 2).flatten(1).sum(1) for k in p
-            )
-
-        def grad_value(p: Params) -> tuple[Params, torch.Tensor]:
-            g, per = _grad_G_batched(bm, loss, p, theta, lam, x, y)
-            return g, per + prox(p)
-
-        def value(p: Params) -> torch.Tensor:
-            with torch.no_grad():
-                return _task_losses(loss, bm.fast(p, x), y) + prox(p)
-
-        return _backtracking_gd(cfg, theta, B, grad_value, value)
-    return _fixed_step_gd(cfg, theta, B, lambda p: _grad_G_batched(bm, loss, p, theta, lam, x, y)[0])
-
-
-def _query_batched(
-    bm: BatchedModel, task: _Task, phi: Params, x: torch.Tensor, y: torch.Tensor, grad: bool
-) -> tuple[Params | None, torch.Tensor, torch.Tensor]:
-    """Query gradients (if ``grad``), losses and accuracies per task, first order (fused ops)."""
-    if not bm.loop_large:
-        if grad:
-            g, _, per, out = _grads(bm.fast, task.loss, phi, x, y)
-        else:
-            g = None
-            with torch.no_grad():
-                out = bm.fast(phi, x)
-                per = _task_losses(task.loss, out, y)
-        return g, per, task.accuracy(out, y)
-    grads: list[Params] = []
-    losses, accs = [], []
-    for i in range(x.shape[0]):
-        p = {k: t[i].detach().requires_grad_(grad) for k, t in phi.items()}
-        with torch.set_grad_enabled(grad):
-            lq, acc = task.score(bm.single(p, x[i]), y[i])
-        if grad:
-            grads.append(_or_zeros(p, torch.autograd.grad(lq, list(p.values()), allow_unused=True)))
-        losses.append(lq.detach())
-        accs.append(acc)
-    g_out = {k: torch.stack([gi[k] for gi in grads]) for k in phi} if grad else None
-    return g_out, torch.stack(losses), torch.stack(accs)
-
-
-def _support_hvp_batched(
-    bm: BatchedModel, loss: LossFn, phi: Params, x: torch.Tensor, y: torch.Tensor
-) -> Callable[[Params], Params]:
-    """u -> Lhat''(phi) u per task: one retained graph of the gradient (exact norm), one backward per u."""
-    g, leaves, _, _ = _grads(bm.exact, loss, phi, x, y, create_graph=True)
-    names = [k for k in g if g[k].requires_grad]
-    outs = [g[k] for k in names]
-    ins = list(leaves.values())
-
-    def hvp(u: Params) -> Params:
-        if not outs:
-            return {k: torch.zeros_like(t) for k, t in u.items()}
-        hs = torch.autograd.grad(outs, ins, [u[k] for k in names], retain_graph=True, allow_unused=True)
-        return _or_zeros(leaves, hs)
-
-    return hvp
+        iters = cg.problem_n_iter.to(device=device, dtype=nan.dtype)
+    else:
+        negative = torch.zeros(B, dtype=torch.bool, device=device)
+        residual, iters = nan, torch.zeros_like(nan)
+    res = out.inner
+    if diagnostics and res.problem_grad_norm is not None and res.problem_fun is not None:
+        with torch.no_grad():
+            prox = mb.prox(out.phi, mb._theta_values())
+        grad_norm = res.problem_grad_norm.to(device=device, dtype=nan.dtype)
+        support = res.problem_fun.to(device=device, dtype=nan.dtype) - prox.to(nan.dtype)
+    else:
+        grad_norm, support = nan, nan
+    return MetaStats(out.query_loss, out.query_acc, support, grad_norm, residual, negative, iters)
 
 
 def meta_gradient(
@@ -569,219 +534,33 @@ def meta_gradient(
         lam: overrides ``algo.lam``: a float, or learned 0-d tensors (one shared or
             one per parameter name) whose gradient is returned too.
         classification: whether to report query accuracy.
-        vectorize: vmap over tasks (``True``) or loop.
-        diagnostics: measure ||grad G|| and the support loss at phi (one more gradient
-            per task); ``False`` reports them as NaN.
+        vectorize: without ``batched``, run the per-task model under ``torch.func.vmap``
+            (``True``) or in a Python loop (for models or ops without batching rules).
+        diagnostics: report the support loss and ||grad G|| at phi in the stats (the
+            inner solver measures them at its answer, so they cost nothing more);
+            ``False`` reports them as NaN.
         batched: the `BatchedModel` of ``model`` (`bilevel.metalearn.batched_model`): the
-            inner steps, query gradients and HVPs then run the B tasks' models in one call
-            with plain autograd, not ``torch.func``; same result, faster on CPU.  For
-            `Unrolled` (MAML) the inner steps stay in the autograd graph (``create_graph``).
+            B tasks' models then run in one call with plain autograd (faster on CPU than
+            vmap); same result.
 
     Returns:
         ``(grad, lam_grad, stats)``: the mean meta-gradient by name (like ``theta``),
         the gradient with respect to a learned ``lam`` (``None`` if ``lam`` is not a
-        tensor or dict of tensors) and the per-task `MetaStats`.
+        tensor or dict of tensors; keys ``"lam"`` or the parameter names) and the
+        per-task `MetaStats`.
+
+    Raises:
+        NonFiniteError: the inner solve diverged in some task.
+        ValueError: a learned lam with a kind other than `Implicit`.
     """
-    task = _Task(model, loss, classification)
     lam_v: Lam = algo.lam if lam is None else lam
-    learn_lam = isinstance(lam_v, torch.Tensor) or isinstance(lam_v, dict)
-    if learn_lam and not isinstance(algo.meta_gradient, Implicit):
+    mb = _MetaBatch(as_batched(model, batched, vectorize), loss, classification, batch, theta, lam_v)
+    if mb.learned and not isinstance(algo.meta_gradient, Implicit):
         raise ValueError("a learned lam needs the Implicit meta-gradient (iMAML)")
-    xs, ys, xq, yq = batch.support_x, batch.support_y, batch.query_x, batch.query_y
-    B = xs.shape[0]
-    query = _batch_map(task.query, vectorize, (0, 0, 0))
-    lam_det: Lam = (
-        {k: v.detach() for k, v in lam_v.items()}
-        if isinstance(lam_v, dict)
-        else (lam_v.detach() if isinstance(lam_v, torch.Tensor) else lam_v)
-    )
-
-    if isinstance(algo.meta_gradient, Unrolled):
-        assert isinstance(algo.inner, InnerGD)  # guaranteed by MetaAlgorithm
-
-        def meta_loss(th: Params) -> tuple[torch.Tensor, tuple[Params, torch.Tensor, torch.Tensor]]:
-            phi = _inner_gd(task, algo.inner, th, lam_det, xs, ys, vectorize)  # type: ignore[arg-type]
-            ql, qa = query(phi, xq, yq)
-            return ql.mean(), (phi, ql.detach(), qa.detach())
-
-        th = {k: v.detach() for k, v in theta.items()}
-        if batched is not None:
-            grads, (phi, ql, qa) = _unrolled_batched(batched, task, algo.inner, th, lam_det, batch)
-        else:
-            grads, (phi, ql, qa) = tf.grad(meta_loss, has_aux=True)(th)
-        phi = {k: v.detach() for k, v in phi.items()}
-        stats_extra = (torch.full((B,), float("nan")), torch.zeros(B, dtype=torch.bool), torch.zeros(B))
-        stats = _stats(task, phi, th, lam_det, batch, ql, qa, stats_extra, vectorize, diagnostics, batched)
-        return grads, None, stats
-
-    theta_d = {k: v.detach() for k, v in theta.items()}
-    phi = _solve_inner(task, algo.inner, theta_d, lam_det, xs, ys, vectorize, batched)
-    phi = {k: v.detach() for k, v in phi.items()}
-
-    if batched is not None:
-        v, ql, qa = _query_batched(batched, task, phi, xq, yq, grad=True)
-        assert v is not None
-    else:
-
-        def query_grad(
-            p: Params, x: torch.Tensor, y: torch.Tensor
-        ) -> tuple[Params, tuple[torch.Tensor, torch.Tensor]]:
-            lq, acc = task.query(p, x, y)
-            return lq, (lq, acc)  # type: ignore[return-value]
-
-        v, (ql, qa) = _batch_map(tf.grad(query_grad, has_aux=True), vectorize, (0, 0, 0))(phi, xq, yq)
-    nan = torch.full((B,), float("nan"), device=xs.device)
-    no = torch.zeros(B, dtype=torch.bool, device=xs.device)
-    zero = torch.zeros(B, device=xs.device)
-    lam_grad: dict[str, torch.Tensor] | None = None
-
-    if isinstance(algo.meta_gradient, FirstOrder):
-        g, extra = v, (nan, no, zero)
-    elif isinstance(algo.meta_gradient, ReptileStep):
-        g, extra = {k: theta_d[k].unsqueeze(0) - phi[k] for k in phi}, (nan, no, zero)
-    else:
-        hvp = (
-            _support_hvp_batched(batched, loss, phi, xs, ys)
-            if batched is not None
-            else _support_hvp(task, phi, xs, ys, vectorize)
-        )
-        g, extra = _cg(algo.meta_gradient, lam_det, v, hvp)
-        if learn_lam:
-            lam_grad = _lam_gradient(phi, theta_d, g, lam_det, not isinstance(lam_v, dict))
-    mean_g = {k: t.mean(0) for k, t in g.items()}
-    stats = _stats(task, phi, theta_d, lam_det, batch, ql, qa, extra, vectorize, diagnostics, batched)
-    return mean_g, lam_grad, stats
-
-
-def _lam_gradient(phi: Params, theta: Params, g: Params, lam: Lam, shared: bool) -> dict[str, torch.Tensor]:
-    # d phi*/d lam_k = -H_G^-1 (phi_k - theta_k) restricted to block k, so
-    # dL/dlam_k = -(phi_k - theta_k) . w_k with w = H_G^-1 v = g / lam.
-    out: dict[str, torch.Tensor] = {}
-    for k in phi:
-        contrib = -((phi[k] - theta[k].unsqueeze(0)) * g[k]).flatten(1).sum(1).mean() / _lam_of(lam, k)
-        key = "lam" if shared else k
-        out[key] = out.get(key, 0.0) + contrib
-    return out
-
-
-def _unrolled_batched(
-    bm: BatchedModel, task: _Task, cfg: InnerGD, theta: Params, lam: Lam, batch: Task
-) -> tuple[Params, tuple[Params, torch.Tensor, torch.Tensor]]:
-    """MAML with plain autograd: inner GD steps kept in the graph (``create_graph``) through the exact
-    batched model, query losses through the fused per-task model (differentiated once), one backward."""
-    names = list(theta)
-    th = {k: theta[k].detach().requires_grad_(True) for k in names}
-    B = batch.support_x.shape[0]
-
-    def grad_G(p: Params) -> Params:
-        per = _task_losses(task.loss, bm.exact(p, batch.support_x), batch.support_y)
-        gs = torch.autograd.grad(per.sum(), list(p.values()), create_graph=True)
-        return {k: g + _lam_of(lam, k) * (p[k] - th[k]) for k, g in zip(names, gs)}
-
-    with torch.enable_grad():
-        phi = _fixed_step_gd(cfg, th, B, grad_G)
-        scores = [
-            task.score(bm.single({k: t[i] for k, t in phi.items()}, batch.query_x[i]), batch.query_y[i])
-            for i in range(B)
-        ]
-        ql = torch.stack([lq for lq, _ in scores])
-        grads = torch.autograd.grad(ql.mean(), list(th.values()), allow_unused=True)
-    qa = torch.stack([acc for _, acc in scores])
-    return _or_zeros(th, grads), ({k: t.detach() for k, t in phi.items()}, ql.detach(), qa)
-
-
-def _support_hvp(
-    task: _Task, phi: Params, xs: torch.Tensor, ys: torch.Tensor, vectorize: bool
-) -> Callable[[Params], Params]:
-    """u -> Lhat''(phi) u per task, by the per-task model (vmap or loop).
-
-    The forward pass and the first backward pass of grad Lhat are computed once
-    (``torch.func.vjp``) and reused by every HVP: each CG step costs one extra backward pass.
-    """
-    grad_support = _batch_map(tf.grad(task.support_loss), vectorize, (0, 0, 0))
-    _, vjp = tf.vjp(lambda p: grad_support(p, xs, ys), phi)[:2]
-    return lambda u: vjp(u)[0]
-
-
-def _cg(
-    cfg: Implicit, lam: Lam, v: Params, hvp_support: Callable[[Params], Params]
-) -> tuple[Params, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Per-task CG on H_G w = v with H_G = Lhat'' + (1 + damping) Lam, batched; returns g = Lam w.
-
-    Solving in w (the Hessian of G itself) keeps the system symmetric for a per-tensor lam;
-    g = lam w is the task meta-gradient.  Diagnostics: (residual norm, negative curvature met,
-    iterations), each of shape (B,).
-    """
-    first = next(iter(v.values()))
-    B = first.shape[0]
-    d = 1.0 + cfg.damping
-
-    def H(u: Params) -> Params:
-        hu = hvp_support(u)
-        return {k: hu[k] + d * _lam_of(lam, k) * u[k] for k in u}
-
-    x = (
-        {k: v[k] / (d * _lam_of(lam, k)) for k in v}
-        if cfg.warm_start
-        else {k: torch.zeros_like(t) for k, t in v.items()}
-    )
-    r = {k: v[k] - t for k, t in H(x).items()} if cfg.warm_start else dict(v)
-    p = dict(r)
-    rr = _bdot(r, r)
-    alive = torch.ones(B, dtype=torch.bool, device=first.device)
-    neg = torch.zeros(B, dtype=torch.bool, device=first.device)
-    iters = torch.zeros(B, device=first.device)
-    # Below this the residual is rounding noise: stop that task (no spurious negative curvature
-    # from an underflowing p'Hp).
-    floor = (1e-3 * torch.finfo(rr.dtype).eps) ** 2 * _bdot(v, v) + torch.finfo(rr.dtype).tiny
-    for _ in range(cfg.cg_iters):
-        Hp = H(p)
-        pHp = _bdot(p, Hp)
-        neg_now = alive & (pHp <= 0)
-        neg |= neg_now
-        alive = alive & ~neg_now & (rr > floor)
-        if not bool(alive.any()):
-            break
-        alpha = torch.where(alive, rr / torch.where(alive, pHp, torch.ones_like(pHp)), torch.zeros_like(rr))
-        x = _axpy(x, alpha, p)
-        r = _axpy(r, -alpha, Hp)
-        rr_new = _bdot(r, r)
-        beta = torch.where(alive, rr_new / torch.where(rr > 0, rr, torch.ones_like(rr)), torch.zeros_like(rr))
-        p = _axpy(r, beta, p)
-        rr = torch.where(alive, rr_new, rr)
-        iters += alive.float()
-    g = {k: _lam_of(lam, k) * x[k] for k in x}  # g = lam w: the meta-gradient
-    return g, (rr.sqrt(), neg, iters)
-
-
-def _stats(
-    task: _Task,
-    phi: Params,
-    theta: Params,
-    lam: Lam,
-    batch: Task,
-    ql: torch.Tensor,
-    qa: torch.Tensor,
-    extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    vectorize: bool,
-    diagnostics: bool,
-    batched: BatchedModel | None,
-) -> MetaStats:
-    res, neg, iters = extra
-    B = ql.shape[0]
-    if not diagnostics:
-        nan = torch.full((B,), float("nan"), device=ql.device)
-        return MetaStats(ql, qa, nan, nan, res, neg, iters)
-    th = {k: v.detach() for k, v in theta.items()}
-    xs, ys = batch.support_x, batch.support_y
-    if batched is not None:
-        gG, sl = _grad_G_batched(batched, task.loss, phi, th, lam, xs, ys)
-        return MetaStats(ql, qa, sl, _bnorm(gG), res, neg, iters)
-    with torch.no_grad():
-        gradG = _batch_map(tf.grad(task.G), vectorize, (0, None, None, 0, 0))
-        gn = _bnorm(gradG(phi, th, lam, xs, ys))
-        sl = _batch_map(task.support_loss, vectorize, (0, 0, 0))(phi, xs, ys)
-    return MetaStats(ql, qa, sl, gn, res, neg, iters)
+    out = algo.meta_gradient.apply(algo.inner, mb)
+    mean = {k: t / mb.B for k, t in out.grad.items()}
+    lam_grad = None if out.lam_grad is None else {k: t / mb.B for k, t in out.lam_grad.items()}
+    return mean, lam_grad, _stats(mb, out, diagnostics)
 
 
 def adapt(
@@ -800,19 +579,44 @@ def adapt(
 
     Args:
         support_x, support_y: support sets with a leading task dimension B.
-        batched: run inner GD with this `BatchedModel` of ``model`` (see `meta_gradient`).
+        batched: run the inner solver with this `BatchedModel` of ``model`` (see `meta_gradient`).
 
     Returns:
         phi by name, every tensor with the leading dimension B.
     """
-    task = _Task(model, loss, True)
     lam_v: Lam = algo.lam if lam is None else lam
-    if isinstance(lam_v, dict):
-        lam_v = {k: v.detach() for k, v in lam_v.items()}
-    elif isinstance(lam_v, torch.Tensor):
-        lam_v = lam_v.detach()
-    theta_d = {k: v.detach() for k, v in theta.items()}
-    return _solve_inner(task, algo.inner, theta_d, lam_v, support_x, support_y, vectorize, batched)
+    empty = support_x[:, :0]
+    batch = Task(support_x, support_y, empty, support_y[:, :0])
+    mb = _MetaBatch(as_batched(model, batched, vectorize), loss, True, batch, theta, lam_v)
+    with torch.no_grad():
+        return mb.solve(algo.inner).x  # type: ignore[return-value]
+
+
+def predict_batch(
+    algo: MetaAlgorithm,
+    model: ModelFn,
+    loss: LossFn,
+    theta: Params,
+    batch: Task,
+    *,
+    lam: Lam | None = None,
+    classification: bool = True,
+    vectorize: bool = True,
+    batched: BatchedModel | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Adapt to each task with the algorithm's inner solver and predict its query set (no gradient).
+
+    Returns:
+        ``(query_loss, query_acc, outputs)``: per-task losses and accuracies, shape (B,) each
+        (accuracy NaN for regression), and the adapted models' outputs on the query inputs,
+        shape (B, Nq, ...) (logits for classification).
+    """
+    lam_v: Lam = algo.lam if lam is None else lam
+    mb = _MetaBatch(as_batched(model, batched, vectorize), loss, classification, batch, theta, lam_v)
+    with torch.no_grad():
+        phi: Params = mb.solve(algo.inner).x  # type: ignore[assignment]
+        out = mb.bm.outputs(phi, batch.query_x)
+        return task_losses(loss, out, batch.query_y), mb.accuracy(out, batch.query_y), out
 
 
 def evaluate_batch(
@@ -835,21 +639,15 @@ def evaluate_batch(
     Returns:
         ``(query_loss, query_acc)`` per task, shape (B,) each.
     """
-    task = _Task(model, loss, classification)
-    phi = adapt(
+    ql, qa, _ = predict_batch(
         algo,
         model,
         loss,
         theta,
-        batch.support_x,
-        batch.support_y,
+        batch,
         lam=lam,
+        classification=classification,
         vectorize=vectorize,
         batched=batched,
     )
-    if batched is not None:
-        _, ql, qa = _query_batched(batched, task, phi, batch.query_x, batch.query_y, grad=False)
-        return ql, qa
-    with torch.no_grad():
-        ql, qa = _batch_map(task.query, vectorize, (0, 0, 0))(phi, batch.query_x, batch.query_y)
     return ql, qa

@@ -23,7 +23,7 @@ from typing import Any, Union
 
 import torch
 
-from .algorithms import MetaAlgorithm, adapt
+from .algorithms import MetaAlgorithm, predict_batch
 from .config import TrainConfig
 from .models import BatchedModel, Params
 from .tasks import SinusoidTasks, Task, TaskSampler, stack_tasks
@@ -246,41 +246,18 @@ def _check_batch(batch: Task, run: Run) -> None:
 
 
 # ------------------------------------------------------------------------------------- evaluation
-def _outputs(run: Run, phi: Params, x: torch.Tensor, vectorize: bool) -> torch.Tensor:
-    """Each adapted model on its inputs, ``(B, N, out)``, by the model path of `evaluate_batch`."""
-    bm = run.batched
-    B = x.shape[0]
-    if bm is not None and not bm.loop_large:
-        return bm.fast(phi, x)
-    if bm is not None or not vectorize:
-        single = bm.single if bm is not None else run.model_fn
-        return torch.stack([single({k: v[i] for k, v in phi.items()}, x[i]) for i in range(B)])
-    out: torch.Tensor = torch.func.vmap(run.model_fn)(phi, x)
-    return out
-
-
 def _evaluate_batch(run: Run, batch: Task, vectorize: bool) -> EvalResult:
-    phi = adapt(
+    losses, acc, out = predict_batch(
         run.algorithm,
         run.model_fn,
         run.loss,
         run.params,
-        batch.support_x,
-        batch.support_y,
+        batch,
         lam=run.lam,
+        classification=run.classification,
         vectorize=vectorize,
         batched=run.batched,
     )
-    with torch.no_grad():
-        out = _outputs(run, phi, batch.query_x, vectorize)
-        if run.batched is None and vectorize:
-            losses: torch.Tensor = torch.func.vmap(run.loss)(out, batch.query_y)
-        else:
-            losses = torch.stack([run.loss(out[i], batch.query_y[i]) for i in range(out.shape[0])])
-        if run.classification:
-            acc = (out.argmax(-1) == batch.query_y).float().mean(-1)
-        else:
-            acc = torch.full(out.shape[:-2], float("nan"), dtype=out.dtype, device=out.device)
     return EvalResult(losses, acc, out)
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "BatchedModel",
     "ConvNet",
     "Params",
+    "as_batched",
     "batched_model",
     "default_model",
     "init_params",
@@ -57,6 +58,7 @@ __all__ = [
     "n_params",
     "omniglot_cnn",
     "sinusoid_mlp",
+    "task_losses",
 ]
 
 
@@ -322,11 +324,15 @@ def make_functional(
 class BatchedModel:
     """B per-task copies of a model evaluated in one call: ``exact(params_B, x_B) -> out_B``.
 
+    The one seam between the meta-learning algorithms and the model: every algorithm runs its
+    per-task models through a `BatchedModel`, built either from the model's structure
+    (`batched_model`: grouped convolutions, no ``torch.func``) or from any per-task function
+    (`BatchedModel.from_function`: ``torch.func.vmap`` of it, or a Python loop).
+
     ``params_B`` has a leading task dimension B on every tensor, ``x_B`` is ``(B, N, ...)`` and the
     output ``(B, N, ...)``; task b's output is ``fn(params_B[b], x_B[b])`` (batch statistics per task).
     Task losses are then independent, so one ``torch.autograd.grad`` of their sum returns every
-    task's gradient: no ``torch.func.vmap``, whose batching rules turn a convolution with per-task
-    weights into a slower grouped convolution plus bookkeeping.
+    task's gradient.
 
     Attributes:
         exact: the batched forward in plain tensor ops; exact under double backward (HVPs).
@@ -342,6 +348,47 @@ class BatchedModel:
     fast: Callable[[Params, torch.Tensor], torch.Tensor]
     single: Callable[[Params, torch.Tensor], torch.Tensor]
     loop_large: bool = False
+
+    @classmethod
+    def from_function(
+        cls, fn: Callable[[Params, torch.Tensor], torch.Tensor], *, vectorize: bool = True
+    ) -> BatchedModel:
+        """The `BatchedModel` of any per-task ``fn(params, x)``: ``torch.func.vmap`` over the task
+        dimension (``vectorize=True``), or a Python loop over tasks with stacked outputs (for
+        models or ops without batching rules)."""
+        if vectorize:
+            mapped = torch.func.vmap(fn)
+            return cls(mapped, mapped, fn)
+
+        def looped(p: Params, x: torch.Tensor) -> torch.Tensor:
+            return torch.stack([fn({k: v[i] for k, v in p.items()}, x[i]) for i in range(x.shape[0])])
+
+        return cls(looped, looped, fn)
+
+    def outputs(self, params: Params, x: torch.Tensor, *, exact: bool = False) -> torch.Tensor:
+        """Outputs (B, N, ...) of the B task models, task by task with ``single`` where
+        ``loop_large`` says that is faster (never for ``exact``)."""
+        if exact:
+            return self.exact(params, x)
+        if self.loop_large:
+            return torch.stack(
+                [self.single({k: v[i] for k, v in params.items()}, x[i]) for i in range(x.shape[0])]
+            )
+        return self.fast(params, x)
+
+
+def task_losses(
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], out: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
+    """Per-task losses (B,) of outputs (B, N, ...) against targets (B, N, ...), ``loss`` per task."""
+    return torch.stack([loss(out[i], y[i]) for i in range(out.shape[0])])
+
+
+def as_batched(
+    model: Callable[[Params, torch.Tensor], torch.Tensor], batched: BatchedModel | None, vectorize: bool
+) -> BatchedModel:
+    """``batched`` if given, else the `BatchedModel` of the per-task function ``model``."""
+    return batched if batched is not None else BatchedModel.from_function(model, vectorize=vectorize)
 
 
 def batched_model(model: nn.Module) -> BatchedModel | None:

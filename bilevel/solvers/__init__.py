@@ -20,7 +20,8 @@ raise on non-convergence: they say so in ``status``.
 Batched mode (``batched=True``): a meta-batch of B independent problems, every leaf
 of ``init`` with the leading dimension B and the objective returning the B losses (or
 a `BatchedObjective`, whose call returns their sum for the implicit layer).  Each
-problem stops on its own criterion; per-problem diagnostics are in ``info``.
+problem stops on its own criterion; per-problem diagnostics are the ``problem_*`` fields of
+the `SolverResult`.
 """
 
 from ._common import BatchedObjective as BatchedObjective

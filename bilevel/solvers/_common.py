@@ -100,6 +100,10 @@ def detach_tree(tree: TensorTree) -> TensorTree:
     return tree
 
 
+def _maybe_detach(t: torch.Tensor, keep: bool) -> torch.Tensor:
+    return t if keep else t.detach()
+
+
 # --------------------------------------------------------------------------- batched objectives
 
 
@@ -153,6 +157,10 @@ class Oracle:
         batched: whether ``init`` holds a batch of independent problems.
         who: the solver's name, for error messages.
         need_values: the method needs per-problem objective values (line searches).
+        differentiable: keep the autograd graph of the whole path (unrolled
+            differentiation): ``init`` and ``theta`` are not detached, gradients are taken
+            with ``create_graph=True`` and the answer is not detached, so that it can be
+            differentiated in theta and init (MAML).  Memory grows with the iterations.
 
     Raises:
         TypeError: ``init`` is not floating point.
@@ -169,6 +177,7 @@ class Oracle:
         batched: bool,
         who: str,
         need_values: bool,
+        differentiable: bool = False,
     ) -> None:
         if not callable(objective):
             raise TypeError(f"{who}: objective must be callable objective(phi, theta), got {objective!r}")
@@ -201,12 +210,15 @@ class Oracle:
             if self.B == 0:
                 raise StructureError(f"{who}(batched=True): init has an empty batch")
             self.sizes = [int(t[0].numel()) for t in ls]
-            self.x0 = torch.cat([t.detach().reshape(self.B, -1) for t in ls], dim=1).clone()
+            self.x0 = torch.cat([_maybe_detach(t, differentiable).reshape(self.B, -1) for t in ls], dim=1)
         else:
             self.B = 1
             self.sizes = [int(t.numel()) for t in ls]
-            self.x0 = torch.cat([t.detach().reshape(1, -1) for t in ls], dim=1).clone()
-        self.theta = detach_tree(theta)
+            self.x0 = torch.cat([_maybe_detach(t, differentiable).reshape(1, -1) for t in ls], dim=1)
+        if not differentiable:
+            self.x0 = self.x0.clone()
+        self.differentiable = differentiable
+        self.theta = theta if differentiable else detach_tree(theta)
         self.need_values = need_values
         per_problem = getattr(objective, "per_problem", None)
         self._fn: Callable[[TensorTree, TensorTree], torch.Tensor] = (
@@ -227,7 +239,10 @@ class Oracle:
         return unflatten(self.like, [p.reshape(s) for p, s in zip(parts, self.shapes)])
 
     def answer(self, X: torch.Tensor) -> TensorTree:
-        """The solution tree at ``X``: fresh contiguous tensors, detached."""
+        """The solution tree at ``X``: fresh contiguous tensors, detached (in differentiable
+        mode: attached to the path's graph)."""
+        if self.differentiable:
+            return unflatten(self.like, [t.contiguous() for t in leaves(self.unflat(X))])
         return unflatten(self.like, [t.detach().clone() for t in leaves(self.unflat(X))])
 
     # -- evaluations
@@ -262,9 +277,18 @@ class Oracle:
         """Values (B,) and gradients (B, n) at ``X`` (counts one n_gev).
 
         Problems are independent, so the gradient of the summed losses holds each
-        problem's gradient in its own row.
+        problem's gradient in its own row.  In differentiable mode both stay attached to
+        the graph (``create_graph``).
         """
         self.n_gev += 1
+        if self.differentiable:
+            with torch.enable_grad():
+                Xr = X if X.requires_grad else X.detach().requires_grad_(True)
+                f = self._losses(Xr)
+                (g,) = torch.autograd.grad(
+                    f.sum(), Xr, create_graph=True, allow_unused=True, materialize_grads=True
+                )
+            return f, g
         with torch.enable_grad():
             Xr = X.detach().requires_grad_(True)
             f = self._losses(Xr)
@@ -409,7 +433,7 @@ def iterate(
     x = oracle.x0
     f, g = oracle.value_and_grad(x)
     B = oracle.B
-    gn = rownorm(g)
+    gn = rownorm(g.detach())
     status: list[SolverStatus | None] = [None] * B
     finite = rows_finite(f, g) if oracle.values_known else rows_finite(g)
     conv = finite & (gn <= tol)
@@ -433,11 +457,16 @@ def iterate(
             nc = (active & s.negative_curvature).cpu()
             n_negcurv += nc.long()
             last_negcurv = torch.where(active.cpu(), nc, last_negcurv)
-        a = accept[:, None]
-        x = torch.where(a, s.x, x)
-        g = torch.where(a, s.g, g)
-        f = torch.where(accept, s.f, f)
-        gn = torch.where(accept, rownorm(s.g), gn)
+        if bool(accept.all()):
+            # every problem moved (the common case): no masked copies, one iterate alive less
+            x, g, f, gn = s.x, s.g, s.f, rownorm(s.g.detach())
+        else:
+            a = accept[:, None]
+            x = torch.where(a, s.x, x)
+            g = torch.where(a, s.g, g)
+            f = torch.where(accept, s.f, f)
+            gn = torch.where(accept, rownorm(s.g.detach()), gn)
+        del s
         newly_conv = accept & (gn <= tol)
         for b in torch.nonzero(active & ~accept).flatten().tolist():
             status[b] = SolverStatus.LINE_SEARCH_FAILED if bool(failed[b]) else SolverStatus.NONFINITE
@@ -449,12 +478,13 @@ def iterate(
         if status[b] is None:
             status[b] = SolverStatus.NEGATIVE_CURVATURE if bool(last_negcurv[b]) else SolverStatus.MAX_ITER
     final: list[SolverStatus] = [s for s in status if s is not None]
-    fun_rows = f.double().cpu() if oracle.values_known else torch.full((B,), math.nan, dtype=torch.float64)
+    nan_rows = torch.full((B,), math.nan, dtype=torch.float64)
+    fun_rows = f.detach().double().cpu() if oracle.values_known else nan_rows
     info = {**info, **oracle.info()}
     if getattr(method, "reports_negative_curvature", False):
         info["n_negative_curvature"] = n_negcurv if oracle.batched else int(n_negcurv[0])
     if oracle.batched:
-        total_fun = float(fun_rows.sum()) if oracle.values_known else float(f[0].double() * B)
+        total_fun = float(fun_rows.sum()) if oracle.values_known else float(f[0].detach().double() * B)
         return SolverResult(
             x=oracle.answer(x),
             status=worst_status(final),

@@ -36,15 +36,22 @@ class GradientDescent:
         batched: ``init`` holds B independent problems along the leading dimension
             of every leaf and the objective returns their losses, shape (B,) (or a
             `BatchedObjective`; without a line search a scalar sum works too).
-            Every problem stops on its own criterion; see `SolverResult.info`.
+            Every problem stops on its own criterion; see the ``problem_*`` fields of
+            `SolverResult`.
+        differentiable: run under autograd and keep the graph of every step
+            (``create_graph=True``), so that the answer is differentiable in ``theta``
+            and ``init``: unrolled differentiation (MAML), the alternative to
+            `bilevel.implicit_argmin`.  Memory and backward time grow with ``max_iter``.
+            Not with a line search (its accepted steps are data-dependent).
 
     Call:
         ``solver(objective, init, theta) -> SolverResult`` with ``x`` like ``init``.
         Cost per step: one gradient (``n_gev``); with a line search, one gradient
-        per trial.  In batched mode ``info`` holds per-problem ``status``
-        (tuple), ``converged`` (bool (B,)), ``grad_norm``, ``fun`` (float64 (B,)) and
-        ``n_iter`` (int64 (B,)); ``status`` is the worst problem's, ``grad_norm`` the
-        norm of the whole gradient.
+        per trial.  ``max_iter`` steps cost ``max_iter + 1`` gradients (the last one
+        measures ||grad|| at the answer).  In batched mode the per-problem values are
+        in ``problem_status``, ``problem_n_iter``, ``problem_grad_norm`` and
+        ``problem_fun``; ``status`` is the worst problem's, ``grad_norm`` the norm of
+        the whole gradient.
     """
 
     lr: float
@@ -52,6 +59,7 @@ class GradientDescent:
     tol: float = 1e-6
     line_search: Armijo | None = None
     batched: bool = False
+    differentiable: bool = False
 
     def __post_init__(self) -> None:
         check_positive("GradientDescent", "lr", self.lr)
@@ -59,6 +67,11 @@ class GradientDescent:
         check_positive("GradientDescent", "tol", self.tol, allow_zero=True)
         if self.line_search is not None and not isinstance(self.line_search, Armijo):
             raise TypeError(f"GradientDescent(line_search={self.line_search!r}): expected Armijo or None")
+        if self.differentiable and self.line_search is not None:
+            raise ValueError(
+                "GradientDescent(differentiable=True, line_search=...): a line search's accepted steps "
+                "are data-dependent and cannot be unrolled; use a fixed lr, or implicit differentiation"
+            )
 
     def __call__(self, objective: Objective, init: TensorTree, theta: TensorTree) -> SolverResult:
         oracle = Oracle(
@@ -68,6 +81,7 @@ class GradientDescent:
             batched=self.batched,
             who="GradientDescent",
             need_values=self.line_search is not None,
+            differentiable=self.differentiable,
         )
         return iterate(oracle, _GDMethod(self, oracle), max_iter=self.max_iter, tol=self.tol, info={})
 

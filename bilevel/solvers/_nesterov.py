@@ -54,7 +54,7 @@ class Nesterov:
     Call:
         ``solver(objective, init, theta) -> SolverResult``; one gradient per iteration.
         ``info``: ``momentum`` (the constant, or ``"k/(k+3)"``), ``n_restarts``
-        (int, or a (B,) tensor in batched mode), plus the per-problem entries of
+        (int, or a (B,) tensor in batched mode), plus the ``problem_*`` fields of
         batched mode.
 
     References:

@@ -51,7 +51,7 @@ class NewtonCG:
         (B,) tensor in batched mode), ``cg_iters_per_step`` (CG iterations of each
         Newton step, the most over the batch), ``hvp_backend`` (``"torch.func"``, or
         ``"autograd"`` after a fallback, with ``hvp_fallback_reason``), plus the
-        per-problem entries of batched mode.
+        ``problem_*`` fields of batched mode.
 
     References:
         Nocedal & Wright, Numerical Optimization, 2nd ed., Algorithm 7.1.
