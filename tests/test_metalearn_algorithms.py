@@ -50,18 +50,26 @@ def _one(batch: Task, i: int) -> Task:
     return Task(*(t[i : i + 1] for t in batch))
 
 
+# The two ways the B task models run (the BatchedModel seam): vmap of the per-task function, and
+# the model's structure (grouped convolutions).
+ENGINES = pytest.mark.parametrize(
+    "engine", [None, batched_model(omniglot_cnn(WAYS, hidden=2, image_size=8))], ids=["vmap", "structure"]
+)
+
+
 def flat(d: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([v.reshape(-1) for v in d.values()])
 
 
-def test_imaml_equals_dense_implicit_gradient(setup) -> None:  # type: ignore[no-untyped-def]
+@ENGINES
+def test_imaml_equals_dense_implicit_gradient(setup, engine) -> None:  # type: ignore[no-untyped-def]
     """One task: g = (I + H/lam)^-1 grad L(phi) with H the dense support-loss Hessian at phi."""
     fn, theta, batch = setup
     lam = 20.0  # large enough that I + H/lam is positive definite for this tiny net
     n = flat(theta).numel()
     algo = MetaAlgorithm(InnerGD(steps=60, lr=0.02), Implicit(cg_iters=4 * n), lam)
     task = _one(batch, 0)
-    g, _, stats = meta_gradient(algo, fn, F.cross_entropy, theta, task)
+    g, _, stats = meta_gradient(algo, fn, F.cross_entropy, theta, task, batched=engine)
     # The reference is computed at the same inner answer phi, independently of the engine.
     phi = dict(theta)
     for _ in range(60):
@@ -123,10 +131,11 @@ def test_imaml_engine_agrees_with_implicit_argmin(setup) -> None:  # type: ignor
     torch.testing.assert_close(flat(g), torch.cat([r.reshape(-1) for r in ref]), rtol=1e-7, atol=1e-10)
 
 
-def test_maml_equals_autograd_through_the_unrolled_path(setup) -> None:  # type: ignore[no-untyped-def]
+@ENGINES
+def test_maml_equals_autograd_through_the_unrolled_path(setup, engine) -> None:  # type: ignore[no-untyped-def]
     fn, theta, batch = setup
     algo = make_algorithm("maml", inner_steps=3, inner_lr=0.1)
-    g, _, _ = meta_gradient(algo, fn, F.cross_entropy, theta, batch)
+    g, _, _ = meta_gradient(algo, fn, F.cross_entropy, theta, batch, batched=engine)
     th = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
     total = 0.0
     for i in range(B):
@@ -140,20 +149,24 @@ def test_maml_equals_autograd_through_the_unrolled_path(setup) -> None:  # type:
     torch.testing.assert_close(flat(g), torch.cat([r.reshape(-1) for r in ref]), rtol=1e-9, atol=1e-12)
 
 
-def test_fomaml_is_imaml_with_zero_cg_steps(setup) -> None:  # type: ignore[no-untyped-def]
+@ENGINES
+def test_fomaml_is_imaml_with_zero_cg_steps(setup, engine) -> None:  # type: ignore[no-untyped-def]
     fn, theta, batch = setup
     inner = InnerGD(steps=5, lr=0.1)
-    fo, _, _ = meta_gradient(MetaAlgorithm(inner, FirstOrder(), 2.0), fn, F.cross_entropy, theta, batch)
+    fo, _, _ = meta_gradient(
+        MetaAlgorithm(inner, FirstOrder(), 2.0), fn, F.cross_entropy, theta, batch, batched=engine
+    )
     im, _, _ = meta_gradient(
-        MetaAlgorithm(inner, Implicit(cg_iters=0), 2.0), fn, F.cross_entropy, theta, batch
+        MetaAlgorithm(inner, Implicit(cg_iters=0), 2.0), fn, F.cross_entropy, theta, batch, batched=engine
     )
     torch.testing.assert_close(flat(fo), flat(im), rtol=1e-12, atol=0)
 
 
-def test_reptile_direction_is_theta_minus_phi(setup) -> None:  # type: ignore[no-untyped-def]
+@ENGINES
+def test_reptile_direction_is_theta_minus_phi(setup, engine) -> None:  # type: ignore[no-untyped-def]
     fn, theta, batch = setup
     algo = MetaAlgorithm(InnerGD(steps=4, lr=0.1), ReptileStep(), 0.0)
-    g, _, _ = meta_gradient(algo, fn, F.cross_entropy, theta, batch)
+    g, _, _ = meta_gradient(algo, fn, F.cross_entropy, theta, batch, batched=engine)
     phis = []
     for i in range(B):
         phi = dict(theta)

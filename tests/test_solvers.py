@@ -540,3 +540,39 @@ def test_status_is_truthful_on_random_quadratics(
         assert res.status in (bl.SolverStatus.MAX_ITER, bl.SolverStatus.LINE_SEARCH_FAILED)
     # Strong convexity turns the measured gradient into a distance bound.
     assert P.distance(res.x, p.solution) <= measured / p.mu * (1 + 1e-6) + 1e-12
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_differentiable_gd_equals_autograd_through_a_hand_unrolled_loop(batched: bool) -> None:
+    """GradientDescent(differentiable=True) is unrolled differentiation: d phi_K / d theta by autograd
+    through the K steps, equal to a hand-written loop (float64); a dict tree for phi and theta."""
+    q = P.batched_quadratic()
+    K, lr = 7, 1 / q.L
+    b = slice(None) if batched else 0
+    theta = {"t": q.theta[b].clone().requires_grad_(True)}
+    per = q.per_problem if batched else q.single(0)
+
+    def objective(phi: dict, th: dict) -> torch.Tensor:
+        return per(phi["t"], th["t"])
+
+    init = {"t": theta["t"] * 0.5}  # attached: gradients also flow through the start
+    res = GradientDescent(lr=lr, max_iter=K, tol=0.0, batched=batched, differentiable=True)(
+        objective, init, theta
+    )
+    (g,) = torch.autograd.grad(
+        q.outer(res.x["t"]) if batched else 0.5 * ((res.x["t"] - q.target[0]) ** 2).sum(), theta["t"]
+    )
+    th = q.theta[b].clone().requires_grad_(True)
+    x = th * 0.5
+    for _ in range(K):
+        (gx,) = torch.autograd.grad(per(x, th).sum(), x, create_graph=True)
+        x = x - lr * gx
+    ref_loss = q.outer(x) if batched else 0.5 * ((x - q.target[0]) ** 2).sum()
+    (ref,) = torch.autograd.grad(ref_loss, th)
+    torch.testing.assert_close(g, ref, rtol=1e-12, atol=1e-14)
+    assert res.n_gev == K + 1
+
+
+def test_differentiable_gd_refuses_a_line_search() -> None:
+    with pytest.raises(ValueError, match="cannot be unrolled"):
+        GradientDescent(lr=0.1, line_search=bl.solvers.Armijo(), differentiable=True)
