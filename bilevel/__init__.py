@@ -13,11 +13,13 @@ from . import theory as theory
 from . import tree as tree
 from ._errors import BilevelError as BilevelError
 from ._errors import BilevelWarning as BilevelWarning
+from ._errors import CheckpointError as CheckpointError
 from ._errors import ConvergenceError as ConvergenceError
 from ._errors import LinearSolveError as LinearSolveError
 from ._errors import NegativeCurvatureError as NegativeCurvatureError
 from ._errors import NonFiniteError as NonFiniteError
 from ._errors import OptimalityError as OptimalityError
+from ._errors import StaleObjectiveError as StaleObjectiveError
 from ._errors import StructureError as StructureError
 from ._hvp import Damped as Damped
 from ._hvp import DenseHessian as DenseHessian
@@ -57,6 +59,7 @@ __all__ = [
     "BiCGStab",
     "BilevelError",
     "BilevelWarning",
+    "CheckpointError",
     "ConvergenceError",
     "Damped",
     "DenseHessian",
@@ -82,6 +85,7 @@ __all__ = [
     "Solver",
     "SolverResult",
     "SolverStatus",
+    "StaleObjectiveError",
     "StructureError",
     "TensorTree",
     "fixed_point",

@@ -7,20 +7,36 @@ the offending value and what to do about it.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "BilevelError",
     "BilevelWarning",
+    "CheckpointError",
     "ConvergenceError",
     "LinearSolveError",
     "NegativeCurvatureError",
     "NonFiniteError",
     "OptimalityError",
+    "StaleObjectiveError",
     "StructureError",
 ]
 
 
 class BilevelError(RuntimeError):
-    """Base class of every error raised by `bilevel` at run time."""
+    """Base class of every error raised by `bilevel` at run time.
+
+    Args:
+        *args: the message (as for any exception).
+        info: diagnostics of the failed call, reachable from the error where the call raised
+            before it could return them: for the implicit layers the `bilevel.ImplicitInfo`,
+            whose ``solver_result`` holds the inner solver's status, ``reason`` and ``info``.
+            ``None`` where there are none.
+    """
+
+    def __init__(self, *args: object, info: Any = None) -> None:
+        super().__init__(*args)
+        self.info = info
 
 
 class NonFiniteError(BilevelError, FloatingPointError):
@@ -49,6 +65,22 @@ class LinearSolveError(BilevelError):
 
 class NegativeCurvatureError(LinearSolveError):
     """CG met a direction of non-positive curvature: the system is not positive definite."""
+
+
+class StaleObjectiveError(BilevelError):
+    """The objective gave another value at the same point in ``backward()`` than in the forward pass.
+
+    The implicit layers evaluate the objective again in ``backward()``; a closure over a
+    variable rebound in between (a lambda defined in a loop) silently changes the problem.
+    """
+
+
+class CheckpointError(BilevelError, ValueError):
+    """A checkpoint cannot be used: missing, damaged, not written by this library, or of another run.
+
+    The message names the file and what is wrong with it (truncated, empty, a foreign
+    ``state_dict``, a configuration that differs from the run being resumed, ...).
+    """
 
 
 class BilevelWarning(UserWarning):

@@ -102,6 +102,8 @@ class Point:
         self.theta = tuple(t.detach().requires_grad_(w) for t, w in zip(theta, wrt))
         self.wrt = wrt
         self._F: Leaves | None = None
+        #: set by `vjp_theta`: True when F depends on none of the theta leaves differentiated
+        self.theta_unused = False
 
     def tree(self, like: TensorTree, xs: Leaves) -> TensorTree:
         return unflatten(like, list(xs))
@@ -133,6 +135,7 @@ class Point:
         """(dF/dtheta)^T w for the theta leaves in ``wrt`` (None elsewhere)."""
         idx = [i for i, want in enumerate(self.wrt) if want]
         got = self._vjp(tuple(self.theta[i] for i in idx), w)
+        self.theta_unused = bool(idx) and all(g is None for g in got)
         out: list[torch.Tensor | None] = [None] * len(self.theta)
         for i, g in zip(idx, got):
             out[i] = torch.zeros_like(self.theta[i]) if g is None else g

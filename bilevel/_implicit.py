@@ -18,6 +18,7 @@ measures the optimality residual ||F(x, theta)|| at the returned x and refuses
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import warnings
@@ -33,6 +34,7 @@ from ._errors import (
     NegativeCurvatureError,
     NonFiniteError,
     OptimalityError,
+    StaleObjectiveError,
     StructureError,
 )
 from ._hvp import HVPLike, Linearization, Point, as_oracle, call_scalar, gradient_condition
@@ -91,6 +93,24 @@ class ImplicitInfo:
         return self.backward[-1] if self.backward else None
 
 
+class _ValueRecorder:
+    """The objective, remembering the value of its last evaluation (detached).
+
+    The forward pass evaluates G at the answer to measure the residual and the backward pass
+    evaluates it there again to linearize: the two values must agree, or the objective changed
+    in between (a closure over a variable that was rebound, e.g. in a loop over tasks).
+    """
+
+    def __init__(self, objective: Objective) -> None:
+        self.objective = objective
+        self.last: torch.Tensor | None = None
+
+    def __call__(self, phi: TensorTree, theta: TensorTree) -> torch.Tensor:
+        out = self.objective(phi, theta)
+        self.last = out.detach()
+        return out
+
+
 class _Problem:
     """Everything the autograd Function needs besides tensors (not a tensor, so not saved)."""
 
@@ -114,6 +134,7 @@ class _Problem:
         warn: bool = True,
         measure_residual: bool = True,
         symmetric: bool = True,
+        recorder: _ValueRecorder | None = None,
     ) -> None:
         self.name = name
         self.condition = condition
@@ -132,6 +153,8 @@ class _Problem:
         self.warn = warn
         self.measure_residual = measure_residual
         self.symmetric = symmetric
+        self.recorder = recorder
+        self.value_at_answer: torch.Tensor | None = None
 
     def _fail(self, err: Exception) -> None:
         if self.throw:
@@ -188,6 +211,14 @@ class _Problem:
             check_like(out_F, init, "optimality condition F(x, theta)", "x")
             F = leaves(out_F)
             per = self._norms(F)
+            if self.recorder is not None and self.recorder.last is not None:
+                value = self.recorder.last
+                if not bool(torch.isfinite(value).all()):
+                    raise NonFiniteError(
+                        f"{self.name}: the objective is {value.tolist()} at the solver's answer: "
+                        "the implicit gradient needs a finite objective there"
+                    )
+                self.value_at_answer = value
         elif self.batched and result.problem_grad_norm is not None:
             per = result.problem_grad_norm.double()
         else:
@@ -284,14 +315,43 @@ class _Problem:
             return tuple(None for _ in theta)
         point = Point(self.condition, self.init, self.theta_like, x, theta, wrt)
         lin = self.linearize(point)
+        self._check_same_objective(point)
         u = self.linear_solve(lin, x, v)
         with torch.no_grad():
             cross = lin.cross(u)
+        if point.theta_unused:
+            warnings.warn(
+                f"{self.name}: the optimality condition does not depend on theta, so the gradient "
+                "with respect to theta is zero.  If the objective should depend on theta, it may use "
+                "a detached copy of it (theta.detach(), .data, a tensor created before the call): use "
+                "the theta argument the objective receives",
+                BilevelWarning,
+                stacklevel=4,
+            )
         grads = tuple(None if g is None else -g.detach() for g in cross)
         for g in grads:
             if g is not None and not bool(torch.isfinite(g).all()):
                 raise NonFiniteError(f"{self.name}: the gradient with respect to theta has NaN or infinity")
         return grads
+
+    def _check_same_objective(self, point: Point) -> None:
+        """Raise if G at the answer differs between the forward and the backward pass."""
+        if self.recorder is None or self.value_at_answer is None:
+            return
+        point.F()  # evaluates the objective at the saved answer
+        before, now = self.value_at_answer, self.recorder.last
+        if now is None or before.shape != now.shape:
+            return
+        eps = torch.finfo(before.dtype).eps
+        tol = 1e3 * eps * torch.maximum(before.abs(), now.abs()) + 1e3 * eps
+        if bool(((now - before).abs() > tol).any()):
+            raise StaleObjectiveError(
+                f"{self.name}: the objective gives {before.tolist()} at the answer in the forward pass and "
+                f"{now.tolist()} at the same point in backward(): it changed in between.  The objective is "
+                "evaluated again in backward(); a closure over a variable that was rebound since (a "
+                "lambda defined in a loop over tasks) sees the new value.  Bind such values when you "
+                "define the objective (lambda phi, th, x=x: ...) or build it in a function"
+            )
 
     def jvp(self, x: Leaves, theta: Leaves, tangents: tuple[torch.Tensor | None, ...]) -> Leaves:
         """Forward mode: dx = -(dF/dx)^-1 (dF/dtheta) t, for an argmin (symmetric dF/dx)."""
@@ -365,8 +425,22 @@ class ImplicitArgmin(torch.autograd.Function):
         ctx.save_for_forward(*output, *theta)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
+        if torch.is_grad_enabled():
+            # create_graph=True: the result would be differentiated again, and the implicit part
+            # of a second derivative (which needs third derivatives of G) would be silently lost.
+            raise NotImplementedError(
+                f"{ctx.problem.name}: the gradient through the implicit layer cannot be differentiated "
+                "again: double backward (create_graph=True, torch.autograd.functional.hessian) and "
+                "torch.func.grad / vjp / jacrev through the layer are not supported (the implicit part "
+                "of a second derivative would be lost).  Use torch.autograd.grad or .backward() "
+                "without create_graph; for second derivatives, finite differences of the gradient"
+            )
+        return ImplicitArgmin._backward(ctx, *grads)
+
+    @staticmethod
+    @once_differentiable
+    def _backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
         saved = ctx.saved_tensors
         x, theta = saved[: ctx.n_x], saved[ctx.n_x :]
         wrt = tuple(bool(w) for w in ctx.needs_input_grad[2 : 2 + ctx.n_theta])
@@ -398,7 +472,9 @@ class ImplicitArgmin(torch.autograd.Function):
         outs = []
         for i in range(info.batch_size):
             sliced = tuple(t if d is None else t.select(d, i) for t, d in zip(args, in_dims[2:]))
-            outs.append(ImplicitArgmin.apply(problem, n_theta, *sliced))
+            # a copy per problem: each keeps its own value of G at its answer (the diagnostics
+            # object and the objective are shared)
+            outs.append(ImplicitArgmin.apply(copy.copy(problem), n_theta, *sliced))
         stacked = tuple(torch.stack([o[j] for o in outs]) for j in range(len(outs[0])))
         return stacked, tuple(0 for _ in stacked)
 
@@ -552,7 +628,8 @@ def implicit_argmin(
     """
     _check_common("implicit_argmin", solver, optimality_tol, init, batched, measure_residual)
     oracle = as_oracle(hvp)
-    checked = _scalar_checked(objective, batched)
+    recorder = _ValueRecorder(_scalar_checked(objective, batched))
+    checked: Objective = recorder
     return _run(
         _Problem(
             name="implicit_argmin",
@@ -571,6 +648,7 @@ def implicit_argmin(
             batched=batched,
             warn=warn,
             measure_residual=measure_residual,
+            recorder=recorder,
         ),
         theta,
         return_info,

@@ -1,0 +1,75 @@
+"""Failures that used to pass silently through the implicit layer (issue 18): each raises or warns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bilevel as bl
+
+D = torch.float64
+
+
+def _exact(objective, init, theta):  # type: ignore[no-untyped-def]
+    """argmin of 1/2 ||phi - a theta||^2 + ...: a black box that knows the answer a * theta."""
+    return 2.0 * theta
+
+
+def _G(phi: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    return 0.5 * ((phi - 2.0 * theta) ** 2).sum()
+
+
+def test_double_backward_is_refused_not_silently_wrong() -> None:
+    theta = torch.tensor([0.7, -0.3], dtype=D, requires_grad=True)
+    phi = bl.implicit_argmin(_G, torch.zeros(2, dtype=D), theta, _exact)
+    # L = ||phi||^2 theta_0 + theta_0^3: its second derivative has an implicit part
+    L = (phi**2).sum() * theta[0] + theta[0] ** 3
+    with pytest.raises(NotImplementedError, match="cannot be differentiated again"):
+        torch.autograd.grad(L, theta, create_graph=True)
+    # the first derivative is right (against the closed form phi = 2 theta)
+    phi = bl.implicit_argmin(_G, torch.zeros(2, dtype=D), theta, _exact)
+    (g,) = torch.autograd.grad((phi**2).sum() * theta[0] + theta[0] ** 3, theta)
+    t = theta.detach()
+    ref = torch.tensor([8 * t[0] * t[0] + 4 * (t**2).sum() + 3 * t[0] ** 2, 8 * t[1] * t[0]], dtype=D)
+    torch.testing.assert_close(g, ref)
+
+
+def test_a_closure_rebound_in_a_loop_is_detected() -> None:
+    theta = torch.tensor([0.5, 1.0], dtype=D, requires_grad=True)
+    outs = []
+    for shift in (torch.tensor([1.0, 0.0], dtype=D), torch.tensor([0.0, 3.0], dtype=D)):
+        data = shift
+
+        def solver(objective, init, th):  # type: ignore[no-untyped-def]
+            return th.detach() + data  # noqa: B023 (called at once, in the loop)
+
+        outs.append(
+            bl.implicit_argmin(
+                lambda p, th: 0.5 * ((p - th - data) ** 2).sum(),  # noqa: B023 (the mistake under test)
+                torch.zeros(2, dtype=D),
+                theta,
+                solver,
+            )
+        )
+    with pytest.raises(bl.StaleObjectiveError, match=r"changed in between.*x=x"):
+        (outs[0].sum() + outs[1].sum()).backward()
+
+
+def test_an_objective_that_ignores_theta_warns() -> None:
+    theta = torch.tensor([0.5, 1.0], dtype=D, requires_grad=True)
+    frozen = theta.detach().clone()
+    phi = bl.implicit_argmin(
+        lambda p, th: 0.5 * ((p - frozen) ** 2).sum(), torch.zeros(2, dtype=D), theta, lambda o, i, t: frozen
+    )
+    with pytest.warns(bl.BilevelWarning, match="does not depend on theta.*detached copy"):
+        phi.sum().backward()
+
+
+def test_an_infinite_objective_at_the_answer_raises() -> None:
+    theta = torch.tensor([0.5, 1.0], dtype=D, requires_grad=True)
+
+    def G(p: torch.Tensor, th: torch.Tensor) -> torch.Tensor:
+        return _G(p, th) - torch.log(torch.zeros((), dtype=D))  # + inf, with a finite gradient
+
+    with pytest.raises(bl.NonFiniteError, match=r"objective is inf at the solver's answer"):
+        bl.implicit_argmin(G, torch.zeros(2, dtype=D), theta, _exact)
