@@ -339,3 +339,40 @@ def test_maml_cannot_backtrack() -> None:
         make_algorithm("maml", backtrack=True)
     with pytest.raises(ValueError, match="backtrack=False"):
         MetaAlgorithm(InnerGD(3, 0.1, backtrack=True), Unrolled(), 0.0)
+
+
+@pytest.mark.filterwarnings("ignore::bilevel.BilevelWarning")  # 16 steps do not converge; CG may meet p'Ap <= 0
+def test_readme_imaml_as_the_core_layer_equals_meta_gradient() -> None:
+    """The README's meta-learning snippet: iMAML written directly with bl.implicit_argmin on a
+    meta-batch equals meta_gradient's (paper CG from 0), float64."""
+    model = omniglot_cnn(WAYS, hidden=2, image_size=8)
+    fn, theta = make_functional(model, torch.Generator().manual_seed(0), dtype=D, requires_grad=True)
+    batch = _images(3)
+    # --- the README's code
+    bm = batched_model(model)  # the B task models in one call
+    B, lam = batch.support_x.shape[0], 2.0
+    assert bm is not None
+
+    def G(phi: dict, th: dict) -> torch.Tensor:  # the B inner objectives, shape (B,)
+        out = bm.exact(phi, batch.support_x)
+        support = torch.stack([F.cross_entropy(out[i], batch.support_y[i]) for i in range(B)])
+        return support + sum(0.5 * lam * (phi[k] - th[k]).square().flatten(1).sum(1) for k in phi)
+
+    init = {k: v.detach().expand(B, *v.shape) for k, v in theta.items()}  # phi = theta per task
+    phi = bl.implicit_argmin(
+        G,
+        init,
+        theta,
+        bl.solvers.GradientDescent(lr=0.1, max_iter=16, tol=0.0, batched=True),
+        linear_solver=bl.CG(max_iter=5, rtol=0.0, atol=0.0),
+        batched=True,
+        optimality_tol=None,
+        throw=False,
+    )
+    query = bm.exact(phi, batch.query_x)
+    loss = sum(F.cross_entropy(query[i], batch.query_y[i]) for i in range(B)) / B
+    loss.backward()  # theta[k].grad is the iMAML meta-gradient
+    # --- the engine
+    algo = MetaAlgorithm(InnerGD(16, 0.1), Implicit(cg_iters=5, warm_start=False), lam)
+    g, _, _ = meta_gradient(algo, fn, F.cross_entropy, theta, batch, batched=bm)
+    torch.testing.assert_close(flat({k: v.grad for k, v in theta.items()}), flat(g), rtol=1e-9, atol=1e-12)
