@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 OUT ?= results/demo
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint docs clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,9 +23,17 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest
 
+# The documentation site (docs/, mkdocs.yml) into site/; any warning fails the build.
+$(BIN)/.docs-installed: pyproject.toml $(BIN)/.installed
+	$(BIN)/pip install -q -e ".[docs]"
+	touch $@
+
+docs: $(BIN)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 lint: setup
 	$(BIN)/ruff check bilevel tests examples benchmarks
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) results .pytest_cache .mypy_cache
+	rm -rf $(VENV) results site .pytest_cache .mypy_cache

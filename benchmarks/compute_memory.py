@@ -263,7 +263,12 @@ def write_csv(rows: Sequence[dict[str, Any]], out: Path) -> None:
 
 
 def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit(
+            "plotting needs matplotlib, which is not installed: pip install 'bilevel[plot]'"
+        ) from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -19,7 +19,6 @@ from ._errors import LinearSolveError as LinearSolveError
 from ._errors import NegativeCurvatureError as NegativeCurvatureError
 from ._errors import NonFiniteError as NonFiniteError
 from ._errors import OptimalityError as OptimalityError
-from ._errors import StaleObjectiveError as StaleObjectiveError
 from ._errors import StructureError as StructureError
 from ._hvp import Damped as Damped
 from ._hvp import DenseHessian as DenseHessian
@@ -85,7 +84,6 @@ __all__ = [
     "Solver",
     "SolverResult",
     "SolverStatus",
-    "StaleObjectiveError",
     "StructureError",
     "TensorTree",
     "fixed_point",

@@ -18,7 +18,6 @@ __all__ = [
     "NegativeCurvatureError",
     "NonFiniteError",
     "OptimalityError",
-    "StaleObjectiveError",
     "StructureError",
 ]
 
@@ -65,14 +64,6 @@ class LinearSolveError(BilevelError):
 
 class NegativeCurvatureError(LinearSolveError):
     """CG met a direction of non-positive curvature: the system is not positive definite."""
-
-
-class StaleObjectiveError(BilevelError):
-    """The objective gave another value at the same point in ``backward()`` than in the forward pass.
-
-    The implicit layers evaluate the objective again in ``backward()``; a closure over a
-    variable rebound in between (a lambda defined in a loop) silently changes the problem.
-    """
 
 
 class CheckpointError(BilevelError, ValueError):

@@ -30,11 +30,11 @@ from torch.autograd.function import once_differentiable
 
 from ._errors import (
     BilevelWarning,
+    ConvergenceError,
     LinearSolveError,
     NegativeCurvatureError,
     NonFiniteError,
     OptimalityError,
-    StaleObjectiveError,
     StructureError,
 )
 from ._hvp import HVPLike, Linearization, Point, as_oracle, call_scalar, gradient_condition
@@ -42,12 +42,13 @@ from ._linear_solve import CG, GMRES
 from ._results import LinearSolveResult, SolverResult
 from ._status import LinearStatus, SolverStatus
 from ._types import LinearSolver, Objective, RootFn, TensorTree
-from .tree import check_finite, check_like, leaves, unflatten
+from .tree import all_finite, check_finite, check_like, leaves, unflatten
 
 __all__ = ["ImplicitArgmin", "ImplicitInfo", "fixed_point", "implicit_argmin", "implicit_root"]
 
 Leaves = tuple[torch.Tensor, ...]
-_QUIET = (SolverStatus.CONVERGED, SolverStatus.UNKNOWN)
+# Statuses that say the solver did what it was asked (no warning without optimality_tol).
+_QUIET = (SolverStatus.CONVERGED, SolverStatus.UNKNOWN, SolverStatus.BUDGET)
 #: A warm start of the backward solve: a flat tensor, a function of the right-hand side, or None.
 BackwardX0 = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], None]
 
@@ -94,12 +95,8 @@ class ImplicitInfo:
 
 
 class _ValueRecorder:
-    """The objective, remembering the value of its last evaluation (detached).
-
-    The forward pass evaluates G at the answer to measure the residual and the backward pass
-    evaluates it there again to linearize: the two values must agree, or the objective changed
-    in between (a closure over a variable that was rebound, e.g. in a loop over tasks).
-    """
+    """The objective, remembering the value of its last evaluation (detached), so that the
+    forward pass can check that G is finite at the answer."""
 
     def __init__(self, objective: Objective) -> None:
         self.objective = objective
@@ -154,7 +151,9 @@ class _Problem:
         self.measure_residual = measure_residual
         self.symmetric = symmetric
         self.recorder = recorder
-        self.value_at_answer: torch.Tensor | None = None
+        #: build F's graph in the forward pass and keep it for backward (set by `_run`)
+        self.keep_graph = False
+        self.point: Point | None = None
 
     def _fail(self, err: Exception) -> None:
         if self.throw:
@@ -202,52 +201,66 @@ class _Problem:
         x = leaves(result.x)
 
         self.info.solver_result = result
-        if self.measure_residual:
+        wrt = tuple(t.requires_grad for t in theta)
+        if self.keep_graph and any(wrt):
+            # A backward pass may follow: F is built here with its graph and kept, so that
+            # backward() linearizes this very graph (no second evaluation of the objective,
+            # which might have changed by then) and the residual below costs nothing more.
+            self.point = Point(self.condition, init, self.theta_like, x, theta, wrt)
+            per = self._norms(self.point.F())
+        elif self.measure_residual:
             # The residual is measured here, independently of what the solver claims.
             theta_det = unflatten(self.theta_like, [t.detach() for t in theta])
             with torch.enable_grad():
                 xs = tuple(t.detach().requires_grad_(True) for t in x)
                 out_F = self.residual(unflatten(init, list(xs)), theta_det)
             check_like(out_F, init, "optimality condition F(x, theta)", "x")
-            F = leaves(out_F)
-            per = self._norms(F)
-            if self.recorder is not None and self.recorder.last is not None:
-                value = self.recorder.last
-                if not bool(torch.isfinite(value).all()):
-                    raise NonFiniteError(
-                        f"{self.name}: the objective is {value.tolist()} at the solver's answer: "
-                        "the implicit gradient needs a finite objective there"
-                    )
-                self.value_at_answer = value
+            per = self._norms(leaves(out_F))
         elif self.batched and result.problem_grad_norm is not None:
             per = result.problem_grad_norm.double()
         else:
             per = torch.tensor([result.grad_norm], dtype=torch.float64)
+        measured = self.point is not None or self.measure_residual
+        if measured and self.recorder is not None and self.recorder.last is not None:
+            value = self.recorder.last
+            if not bool(torch.isfinite(value).all()):
+                raise NonFiniteError(
+                    f"{self.name}: the objective is {value.tolist()} at the solver's answer: "
+                    "the implicit gradient needs a finite objective there"
+                )
         residual = float(torch.linalg.vector_norm(per))
         self.info.residual_norm = residual
         self.info.problem_residual_norm = per if self.batched else None
-        if self.measure_residual and not math.isfinite(residual):
+        if measured and not math.isfinite(residual):
             bad = torch.nonzero(~torch.isfinite(per)).flatten().tolist()
             raise NonFiniteError(
                 f"{self.name}: the optimality residual at the solver's answer is {residual}{self._where(bad)}"
             )
         tol = self.optimality_tol
         failed = torch.nonzero(per > tol).flatten().tolist() if tol is not None else []
-        if failed:
+        if result.status is SolverStatus.FAILED:
+            # The solver says its answer is no answer: whatever the residual, say why.
+            self._fail(
+                ConvergenceError(
+                    f"{self.name}: the inner solver failed: {result.reason} (residual {residual:.3e} at "
+                    "what it returned)",
+                    info=self.info,
+                )
+            )
+        elif failed:
             worst = float(per.max())
             self._fail(
                 OptimalityError(
                     f"{self.name}: optimality residual ||F(x, theta)|| = {worst:.3e} at the solver's "
                     f"answer exceeds optimality_tol={tol:g}{self._where(failed)} (solver status: "
-                    f"{result.status.name}: {result.status.message}); the implicit gradient is only "
-                    "valid at a solution: solve the inner problem more accurately or raise optimality_tol"
+                    f"{result.status.name}: {result.reason}); the implicit gradient is only "
+                    "valid at a solution: solve the inner problem more accurately or raise optimality_tol",
+                    info=self.info,
                 )
             )
-        elif (
-            tol is None and self.warn and result.status not in (SolverStatus.CONVERGED, SolverStatus.UNKNOWN)
-        ):
+        elif tol is None and self.warn and result.status not in _QUIET:
             warnings.warn(
-                f"{self.name}: the inner solver did not converge ({result.status.message}); "
+                f"{self.name}: the inner solver did not converge ({result.reason}); "
                 f"residual {residual:.3e}. Set optimality_tol to turn this into a check.",
                 BilevelWarning,
                 stacklevel=4,
@@ -300,7 +313,8 @@ class _Problem:
                     f"{self._where(_with_status(res, LinearStatus.NEGATIVE_CURVATURE))}"
                 )
             )
-        elif not res.converged:
+        elif res.status is not LinearStatus.CONVERGED and res.status is not LinearStatus.BUDGET:
+            # BUDGET: a fixed number of iterations (rtol = atol = 0) was asked for and run.
             self._fail(
                 LinearSolveError(
                     f"{self.name}: backward solve stopped with status {res.status.name} after "
@@ -313,9 +327,10 @@ class _Problem:
     def backward(self, x: Leaves, theta: Leaves, v: Leaves, wrt: tuple[bool, ...]) -> tuple[Any, ...]:
         if not any(wrt):
             return tuple(None for _ in theta)
-        point = Point(self.condition, self.init, self.theta_like, x, theta, wrt)
+        point = self.point
+        if point is None or point.wrt != wrt:
+            point = Point(self.condition, self.init, self.theta_like, x, theta, wrt)
         lin = self.linearize(point)
-        self._check_same_objective(point)
         u = self.linear_solve(lin, x, v)
         with torch.no_grad():
             cross = lin.cross(u)
@@ -329,29 +344,10 @@ class _Problem:
                 stacklevel=4,
             )
         grads = tuple(None if g is None else -g.detach() for g in cross)
-        for g in grads:
-            if g is not None and not bool(torch.isfinite(g).all()):
-                raise NonFiniteError(f"{self.name}: the gradient with respect to theta has NaN or infinity")
+        present = [g for g in grads if g is not None]
+        if present and not bool(all_finite(present).all()):
+            raise NonFiniteError(f"{self.name}: the gradient with respect to theta has NaN or infinity")
         return grads
-
-    def _check_same_objective(self, point: Point) -> None:
-        """Raise if G at the answer differs between the forward and the backward pass."""
-        if self.recorder is None or self.value_at_answer is None:
-            return
-        point.F()  # evaluates the objective at the saved answer
-        before, now = self.value_at_answer, self.recorder.last
-        if now is None or before.shape != now.shape:
-            return
-        eps = torch.finfo(before.dtype).eps
-        tol = 1e3 * eps * torch.maximum(before.abs(), now.abs()) + 1e3 * eps
-        if bool(((now - before).abs() > tol).any()):
-            raise StaleObjectiveError(
-                f"{self.name}: the objective gives {before.tolist()} at the answer in the forward pass and "
-                f"{now.tolist()} at the same point in backward(): it changed in between.  The objective is "
-                "evaluated again in backward(); a closure over a variable that was rebound since (a "
-                "lambda defined in a loop over tasks) sees the new value.  Bind such values when you "
-                "define the objective (lambda phi, th, x=x: ...) or build it in a function"
-            )
 
     def jvp(self, x: Leaves, theta: Leaves, tangents: tuple[torch.Tensor | None, ...]) -> Leaves:
         """Forward mode: dx = -(dF/dx)^-1 (dF/dtheta) t, for an argmin (symmetric dF/dx)."""
@@ -494,6 +490,7 @@ def _refuse_transform(name: str, err: RuntimeError) -> None:
 def _run(problem: _Problem, theta: TensorTree, return_info: bool) -> Any:
     theta_leaves = leaves(theta, name="theta")
     init_leaves = tuple(t.detach() for t in leaves(problem.init, name="init"))
+    problem.keep_graph = torch.is_grad_enabled() and any(t.requires_grad for t in theta_leaves)
     out = ImplicitArgmin.apply(problem, len(theta_leaves), *theta_leaves, *init_leaves)
     x = unflatten(problem.init, list(out))
     return (x, problem.info) if return_info else x
@@ -557,12 +554,15 @@ def implicit_argmin(
 
         dL/dtheta = -(d2G/dtheta dphi)^T w,   where  (d2G/dphi2) w = dL/dphi.
 
-    **The objective is evaluated again during ``backward()``** (to linearize the
-    optimality condition at the answer), so it must still compute the same G then:
-    a ``lambda`` defined in a loop that closes over the loop variable (``lambda phi,
-    th: loss(phi, th, x)`` with ``x`` rebound by the next iteration) would silently
-    differentiate the last iteration's problem.  Bind such values as default arguments
-    (``lambda phi, th, x=x: ...``) or build the objective in a function.
+    **When the objective is evaluated.**  By the solver, then once more at its answer in
+    this call: the optimality condition grad_phi G is built there with its autograd graph,
+    which gives the measured residual and is kept for ``backward()`` (reverse-over-reverse
+    HVPs and the cross term reuse it).  ``backward()`` does not call the objective again,
+    so a ``lambda`` that closes over a loop variable is differentiated with the value the
+    variable had at this call.  Without autograd (``torch.no_grad()``, or no theta leaf
+    requiring grad) no graph is kept.  Other HVP oracles (`ForwardOverReverse`,
+    `FiniteDifferenceHVP`, a user ``hvp``) call the objective during ``backward()``: bind
+    closed-over values as default arguments (``lambda phi, th, x=x: ...``) with those.
 
     Args:
         objective: ``G(phi, theta) -> scalar Tensor``; phi and theta arrive in the
@@ -601,9 +601,10 @@ def implicit_argmin(
         warn: with ``throw=False``, whether failed checks warn; ``False`` only records
             them in the `ImplicitInfo` (for callers that read and report every
             solve's status themselves, like meta-learning's per-task statistics).
-        measure_residual: measure ||grad_phi G|| at the answer (one more gradient).
-            ``False`` takes the solver's own ``grad_norm`` / ``problem_grad_norm``
-            instead (the library's torch solvers compute it at the answer); needs
+        measure_residual: measure ||grad_phi G|| at the answer where no graph is kept
+            for backward (one more gradient; with a backward pass ahead the measurement
+            is free).  ``False`` then takes the solver's own ``grad_norm`` /
+            ``problem_grad_norm`` (NaN where the solver did not evaluate it); needs
             ``optimality_tol=None``.
         backward_x0: warm start of the backward linear solve: a flat vector of phi's
             size ((B, n) in batched mode), e.g. ``info.last_backward.x`` of a previous

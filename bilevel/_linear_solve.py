@@ -1,10 +1,12 @@
 """Matrix-free linear solvers for the backward pass: A x = b with A given as a matvec.
 
 Every solver is a frozen dataclass called as ``solver(matvec, b, x0=None)`` on flat
-1-D tensors and returns a `LinearSolveResult` with the solution, the status, the
-iterations, the matvecs spent and the *true* residual ||A x - b|| at the returned
-``x`` (recomputed with one extra matvec, never the recursively updated estimate,
-which drifts from the truth in floating point).
+1-D tensors (or (B, n) for B independent systems) and returns a `LinearSolveResult`
+with the solution, the status, the iterations, the matvecs spent and the residual
+||A x - b|| at the returned ``x``.  A claim of convergence is always checked on the
+*true* residual (recomputed with one extra matvec, never the recursively updated
+estimate, which drifts from the truth in floating point); `CG` reports its recursive
+residual for solves that stop without claiming convergence.
 
 Which solver for which matrix:
 
@@ -115,6 +117,7 @@ def _finish(
 # Severity order used to summarize a batch in one status (the worst problem wins).
 _SEVERITY = (
     LinearStatus.CONVERGED,
+    LinearStatus.BUDGET,
     LinearStatus.MAX_ITER,
     LinearStatus.NEGATIVE_CURVATURE,
     LinearStatus.BREAKDOWN,
@@ -155,8 +158,9 @@ def cg_solve(
         max_iter: iteration cap (each iteration is one matvec for every running problem).
         tol: per-problem absolute tolerances on ||A_b x_b - b_b||, shape (B,).
         preconditioner: ``(B, n) -> (B, n)``, symmetric positive definite per problem.
-        check_residual: recompute the true residual b - A x at the end (one more matvec) and
-            settle each status on it; ``False`` reports the recursively updated residual.
+        check_residual: where some problem claims convergence, recompute the true residual
+            b - A x (one more matvec) and settle each status on it; otherwise, and with
+            ``False``, report the recursively updated residual.
         name: for error messages.
 
     Returns:
@@ -215,15 +219,20 @@ def cg_solve(
         rz = torch.where(alive, rz_new, rz)
     x_finite = torch.isfinite(x).all(dim=1)
     codes = torch.where(x_finite, codes, _CODE[LinearStatus.NONFINITE])
-    if check_residual:
+    conv_code, max_code = _CODE[LinearStatus.CONVERGED], _CODE[LinearStatus.MAX_ITER]
+    if check_residual and bool((codes == conv_code).any()):
+        # A claim of convergence rests on the recursive residual, which drifts from the true
+        # one in floating point: recompute the truth (one matvec) and settle every status on it.
         true = _rownorm(b - A(x))
         true = torch.where(x_finite, true, torch.full_like(true, math.inf))
-        conv_code, max_code = _CODE[LinearStatus.CONVERGED], _CODE[LinearStatus.MAX_ITER]
-        # The recursive residual said converged; rounding may say otherwise (and vice versa).
         codes = torch.where((codes == conv_code) & (true > tol), max_code, codes)
         codes = torch.where((codes == max_code) & (true <= tol), conv_code, codes)
         codes = torch.where(torch.isfinite(true), codes, _CODE[LinearStatus.NONFINITE])
         r_norm = true
+    else:
+        r_norm = torch.where(x_finite, r_norm, torch.full_like(r_norm, math.inf))
+    # No tolerance (rtol = atol = 0): running the whole budget is what was asked for.
+    codes = torch.where((codes == max_code) & (tol == 0), _CODE[LinearStatus.BUDGET], codes)
     return _batch_result(x, codes, k, A.calls, r_norm, b_norm, iters, curvature)
 
 
@@ -321,18 +330,21 @@ class CG:
         atol: absolute tolerance on ||A x - b||.
         preconditioner: ``M(r) ~ A^-1 r``, symmetric positive definite; ``None`` for none.
             In batched mode it maps (B, n) to (B, n).
-        check_residual: recompute the true residual ||b - A x|| with one more matvec
-            at the end (the recursively updated one drifts in floating point) and settle
-            the status on it.  ``False`` saves that matvec and reports the recursive
-            residual: for fixed-budget solves whose diagnostics are only logged.
+        check_residual: before reporting ``CONVERGED``, recompute the true residual
+            ||b - A x|| with one more matvec (the recursively updated one drifts in floating
+            point) and settle the status on it.  Solves that stop without claiming
+            convergence report the recursive residual and spend no extra matvec.
+            ``False`` never spends it.
 
     Call:
         ``CG(...)(matvec, b, x0=None)``.  ``b`` of shape (n,): one system, ``matvec``
         maps (n,) to (n,).  ``b`` of shape (B, n): B independent systems (batched mode),
         ``matvec`` maps (B, n) to (B, n) row by row; each problem stops on its own
         tolerance (masks) and the result has per-problem status, iterations and true
-        residuals of shape (B,).  A solve of k iterations costs k + 1 matvecs with
-        ``x0=None`` (k + 2 with a warm start ``x0``; k without ``check_residual``).
+        residuals of shape (B,).  A solve of k iterations costs k matvecs with
+        ``x0=None``, one more for a warm start ``x0`` and one more to verify a
+        convergence claim.  With ``rtol = atol = 0`` the solve runs ``max_iter``
+        iterations and reports ``BUDGET`` (what was asked for; not a failure).
 
     Non-positive curvature p'Ap <= 0 stops the iteration (of that problem) with status
     ``NEGATIVE_CURVATURE`` and returns the last iterate: A is not positive definite

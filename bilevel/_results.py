@@ -38,6 +38,11 @@ class SolverResult:
             ``grad_norm`` is the norm of the whole gradient.
         problem_fun: batched mode: objective value per problem, float64 (B,) (NaN where
             the objective returned only the sum); ``fun`` is their sum.
+        message: the solver's own account of why it stopped and what to do, in terms of
+            its settings ("NewtonCG stopped at newton_iters=3 with ||grad|| = ...: raise
+            newton_iters ..."), or the cause of a failure (an external program that could
+            not start); ``""`` where the generic ``status.message`` says it all.  Read
+            `reason`, which falls back to ``status.message``.
     """
 
     x: TensorTree
@@ -53,10 +58,23 @@ class SolverResult:
     problem_n_iter: torch.Tensor | None = None
     problem_grad_norm: torch.Tensor | None = None
     problem_fun: torch.Tensor | None = None
+    message: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.status, SolverStatus):
+            raise TypeError(f"SolverResult(status={self.status!r}): expected a SolverStatus")
+        if not isinstance(self.message, str):
+            raise TypeError(f"SolverResult(message={self.message!r}): expected a str")
 
     @property
     def converged(self) -> bool:
         return self.status is SolverStatus.CONVERGED
+
+    @property
+    def reason(self) -> str:
+        """Why the solver stopped and what to do: `message` where the solver gave one, else
+        ``status.message``.  What error messages and warnings about this result should quote."""
+        return self.message or self.status.message
 
     @property
     def problem_converged(self) -> torch.Tensor | None:

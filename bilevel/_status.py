@@ -8,20 +8,28 @@ __all__ = ["LinearStatus", "SolverStatus"]
 
 
 class SolverStatus(enum.Enum):
-    """Why an inner solver stopped.  `message` says what to do about it."""
+    """Why an inner solver stopped.  `message` says what to do about it, in general terms.
+
+    A solver's own account, naming its settings (``newton_iters`` rather than ``max_iter``)
+    and the cause of a failure, is `bilevel.SolverResult.reason`.
+    """
 
     CONVERGED = "converged: gradient norm below tol"
-    MAX_ITER = "inner solver hit max_iter: raise max_iter or loosen tol"
+    BUDGET = (
+        "ran the fixed number of iterations it was given (tol = 0: no convergence test was asked "
+        "for); set tol > 0 (or optimality_tol in the implicit layers) to have convergence checked"
+    )
+    MAX_ITER = "inner solver hit its iteration cap (max_iter): raise the cap or loosen tol"
     LINE_SEARCH_FAILED = (
         "line search found no step with sufficient decrease: the objective may be "
-        "non-smooth or badly scaled; try a smaller initial step or more backtracking steps"
+        "non-smooth, or tol is below what the rounding of the objective's values allows"
     )
     NONFINITE = "a NaN or infinity appeared: lower the step size or check the objective"
     NEGATIVE_CURVATURE = (
         "negative curvature met: the objective is not convex here; use a solver with a "
         "line search or add regularization"
     )
-    FAILED = "the external solver reported failure: see its message in `info`"
+    FAILED = "the solver reported failure and returned no answer: its cause is the result's `reason`"
     UNKNOWN = "the solver reported no status: convergence was not checked by the solver"
 
     @property
@@ -33,6 +41,10 @@ class LinearStatus(enum.Enum):
     """Why a linear solve stopped.  `message` says what to do about it."""
 
     CONVERGED = "converged: residual below max(rtol * ||b||, atol)"
+    BUDGET = (
+        "ran the fixed number of iterations it was given (rtol = atol = 0: no tolerance to meet); "
+        "its residual is in the result"
+    )
     MAX_ITER = "linear solve hit max_iter before its tolerance: raise max_iter or loosen rtol/atol"
     NEGATIVE_CURVATURE = (
         "CG met non-positive curvature p'Ap <= 0: the Hessian is not positive definite at "

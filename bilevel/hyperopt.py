@@ -106,7 +106,8 @@ class HyperProblem:
         throw: raise on a failed check (``False`` warns and continues).
 
     Raises:
-        TypeError: an objective or the solver is not callable.
+        TypeError: an objective or the solver is not callable, or the solver is a class (pass an
+            instance).
         ValueError: ``optimality_tol`` is negative.
     """
 
@@ -123,6 +124,11 @@ class HyperProblem:
             value = getattr(self, name)
             if not callable(value):
                 raise TypeError(f"HyperProblem({name}={value!r}): expected a callable")
+        if isinstance(self.solver, type):
+            raise TypeError(
+                f"HyperProblem(solver={self.solver.__name__}): a solver class; pass an instance, e.g. "
+                f"{self.solver.__name__}(...)"
+            )
         tol = self.optimality_tol
         if tol is not None and not tol >= 0:
             raise ValueError(f"HyperProblem(optimality_tol={tol}): must be >= 0 or None")
@@ -257,6 +263,31 @@ class HyperResult:
         """Inner-solver iterations summed over the run."""
         return sum(r.inner_iters for r in self.history)
 
+    def __repr__(self) -> str:
+        # The history holds one record per inner solve (tens of kilobytes printed): counts only.
+        return (
+            f"HyperResult(outer_loss={self.outer_loss:.6g}, best_solve={self.best_solve}, "
+            f"n_solves={self.n_solves}, inner_iters={self.inner_iters}, hyper={_describe(self.hyper)}, "
+            f"params={_describe(self.params)})"
+        )
+
+
+def _describe(tree: TensorTree) -> str:
+    """A tree in a few words: small tensors by value, larger ones by shape and dtype."""
+    if isinstance(tree, torch.Tensor):
+        dtype = str(tree.dtype).replace("torch.", "")
+        if tree.numel() <= 4:
+            values = ", ".join(f"{v:.4g}" for v in tree.detach().double().cpu().reshape(-1).tolist())
+            return f"tensor([{values}], {dtype})" if tree.ndim else f"tensor({values}, {dtype})"
+        return f"Tensor{tuple(tree.shape)} {dtype}"
+    if isinstance(tree, (dict, tuple, list)) and len(tree) > 6:
+        return f"{type(tree).__name__} of {len(tree)} entries"
+    if isinstance(tree, dict):
+        return "{" + ", ".join(f"{k!r}: {_describe(v)}" for k, v in tree.items()) + "}"
+    if isinstance(tree, (tuple, list)):
+        return "(" + ", ".join(_describe(v) for v in tree) + ")"
+    return type(tree).__name__
+
 
 class _Tracker:
     """Records evaluations and keeps the best one (shared by the two drivers)."""
@@ -359,8 +390,9 @@ def minimize_hyper(
 
     Raises:
         TypeError, ValueError: bad arguments.
-        Whatever ``problem.evaluate`` raises (`bilevel.OptimalityError` when the
-        inner solver misses ``optimality_tol``, ...).
+        OptimalityError, LinearSolveError, NonFiniteError: whatever ``problem.evaluate``
+            raises (`bilevel.OptimalityError` when the inner solver misses
+            ``optimality_tol``, ...).
     """
     if not isinstance(problem, HyperProblem):
         raise TypeError(f"minimize_hyper: problem must be a HyperProblem, got {type(problem).__name__}")

@@ -94,6 +94,10 @@ class _ImplicitLayer(nn.Module):
         super().__init__()
         if not callable(fn):
             raise TypeError(f"{who}: the objective/condition must be callable, got {fn!r}")
+        if isinstance(solver, type):
+            raise TypeError(
+                f"{who}: solver is the class {solver.__name__}; pass an instance, e.g. {solver.__name__}(...)"
+            )
         if not callable(solver):
             raise TypeError(f"{who}: solver must be a callable solver(fn, init, theta), got {solver!r}")
         if optimality_tol is not None and not optimality_tol >= 0:

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     print("Hypergradient through SciPy L-BFGS-B (implicit differentiation) vs central finite differences")
     print(f"  inner solve: {res.status.name}, {res.n_iter} iterations, ||grad G|| = {info.residual_norm:.2e}")
     if not res.converged:
-        print(f"    ({res.status.message}; the layer's own check, ||grad G|| <= optimality_tol=1e-3, passed)")
+        print(f"    ({res.reason}; the layer's own check, ||grad G|| <= optimality_tol=1e-3, passed)")
     lin = info.last_backward
     print(
         f"  backward: CG {lin.status.name} in {lin.n_iter} iterations, "

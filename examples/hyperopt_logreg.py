@@ -224,7 +224,7 @@ def main() -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib not installed: no plot")
+        print("matplotlib is not installed: no plot (pip install 'bilevel[plot]')")
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, (res, _) in results.items():

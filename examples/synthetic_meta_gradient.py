@@ -297,7 +297,12 @@ def write_csv(rows: Sequence[tuple[str, int, float]], path: Path) -> None:
 
 
 def plot(rows: Sequence[tuple[str, int, float]], path: Path, title: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit(
+            "plotting needs matplotlib, which is not installed: pip install 'bilevel[plot]'"
+        ) from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -308,18 +313,28 @@ def plot(rows: Sequence[tuple[str, int, float]], path: Path, title: str) -> None
         "imaml-cg5": "iMAML, 5 CG steps",
         "fomaml": "first-order MAML",
     }
+    short = {"maml": "MAML", "imaml-cg2": "iMAML-CG2", "imaml-cg5": "iMAML-CG5", "fomaml": "FOMAML"}
     styles = {"maml": "o-", "imaml-cg2": "s--", "imaml-cg5": "^-", "fomaml": "x:"}
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    fig, ax = plt.subplots(figsize=(7.2, 5.0), layout="constrained")
+    k_max = max(k for _, k, _ in rows)
+    finals = []
     for m in METHODS:
         pts = [(k, e) for mm, k, e in rows if mm == m]
+        last = dict(pts)[k_max]
+        finals.append(f"{short[m]} {last:.1e}")
         # a relative error of exactly 0 cannot be drawn on a log axis; rounding keeps it > 0 here
-        ax.loglog([k for k, _ in pts], [max(e, 1e-16) for _, e in pts], styles[m], label=labels[m], ms=4)
+        ax.loglog(
+            [k for k, _ in pts],
+            [max(e, 1e-16) for _, e in pts],
+            styles[m],
+            label=f"{labels[m]}: {last:.1e} at {k_max} steps",
+            ms=4,
+        )
     ax.set_xlabel("inner GD steps")
     ax.set_ylabel(r"relative error $\|g - g^*\| \,/\, \|g^*\|$")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(f"{title}\nrelative error at {k_max} inner steps:\n" + ", ".join(finals), fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -328,3 +328,11 @@ def test_inexact_inner_solve_is_refused() -> None:
     p = HyperProblem(ridge, val_mse, bl.solvers.GradientDescent(lr=1e-4, max_iter=1), optimality_tol=1e-6)
     with pytest.raises(bl.OptimalityError, match="optimality_tol"):
         minimize_hyper(p, torch.zeros(6, dtype=D), torch.zeros(6, dtype=D), steps=1)
+
+
+def test_result_repr_is_short() -> None:
+    """The history (one record per solve) is counted, not printed."""
+    res = minimize_hyper(ridge_problem(), torch.zeros(6, dtype=D), torch.zeros(6, dtype=D), steps=30)
+    r = repr(res)
+    assert r.startswith("HyperResult(outer_loss=") and "n_solves=30" in r and len(r) < 250, r
+    assert "Tensor(6,) float64" in r

@@ -8,6 +8,8 @@ tests depend on the core alone.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import scipy.optimize
@@ -286,13 +288,25 @@ def test_backward_costs_at_most_k_plus_one_hvps() -> None:
             solve,
             hvp=hvp,
             linear_solver=bl.CG(max_iter=k, rtol=0.0),
-            throw=False,
             return_info=True,
         )
-        with pytest.warns(bl.BilevelWarning, match="hit max_iter"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a fixed budget (rtol = atol = 0) is no failure
             phi.sum().backward()
-        assert info.last_backward.n_iter == k
-        assert calls == info.last_backward.n_matvec <= k + 1
+        assert info.last_backward.n_iter == k and info.last_backward.status is bl.LinearStatus.BUDGET
+        assert calls == info.last_backward.n_matvec == k
+    for k in (1, 3):  # a tolerance missed at the cap is a failure: raised, or warned with throw=False
+        phi, info = bl.implicit_argmin(
+            G,
+            torch.zeros(n, dtype=D),
+            theta,
+            solve,
+            hvp=hvp,
+            linear_solver=bl.CG(max_iter=k),
+            return_info=True,
+        )
+        with pytest.raises(bl.LinearSolveError, match="MAX_ITER"):
+            phi.sum().backward()
     calls = 0
     phi, info = bl.implicit_argmin(G, torch.zeros(n, dtype=D), theta, solve, hvp=hvp, return_info=True)
     phi.sum().backward()

@@ -24,7 +24,7 @@ def project_simplex(y: torch.Tensor) -> torch.Tensor:
     """Sort-based projection of each row onto the probability simplex (the layer's solver)."""
     u, _ = torch.sort(y, dim=-1, descending=True)
     css = u.cumsum(dim=-1) - 1.0
-    k = torch.arange(1, y.shape[-1] + 1, dtype=y.dtype)
+    k = torch.arange(1, y.shape[-1] + 1, dtype=y.dtype, device=y.device)
     rho = (u - css / k > 0).sum(dim=-1, keepdim=True)
     tau = css.gather(-1, rho - 1) / rho.to(y.dtype)
     return (y - tau).clamp_min(0.0)

@@ -97,8 +97,17 @@ def test_cg_counts_matvecs_and_warm_start() -> None:
         return A @ v
 
     res = bl.CG(max_iter=5, rtol=0.0)(mv, b)
-    assert res.n_iter == 5 and res.status is bl.LinearStatus.MAX_ITER
-    assert calls == res.n_matvec == 6  # k iterations + one true-residual check
+    # no tolerance: the fixed budget was asked for, and no convergence claim needs checking
+    assert res.n_iter == 5 and res.status is bl.LinearStatus.BUDGET and not res.converged
+    assert calls == res.n_matvec == 5
+    true = float(torch.linalg.vector_norm(A @ res.x - b))
+    assert res.residual_norm == pytest.approx(true, rel=1e-8)  # the recursive residual, exact enough
+    calls = 0
+    capped = bl.CG(max_iter=5, rtol=1e-12)(mv, b)  # a tolerance it cannot meet in 5 steps
+    assert capped.status is bl.LinearStatus.MAX_ITER and calls == capped.n_matvec == 5
+    calls = 0
+    done = bl.CG(rtol=1e-10)(mv, b)  # converges: the claim is checked with one more matvec
+    assert done.converged and calls == done.n_matvec == done.n_iter + 1
     exact = torch.linalg.solve(A, b)
     warm = bl.CG()(lambda v: A @ v, b, x0=exact)
     assert warm.converged and warm.n_iter == 0

@@ -341,7 +341,9 @@ def test_maml_cannot_backtrack() -> None:
         MetaAlgorithm(InnerGD(3, 0.1, backtrack=True), Unrolled(), 0.0)
 
 
-@pytest.mark.filterwarnings("ignore::bilevel.BilevelWarning")  # 16 steps do not converge; CG may meet p'Ap <= 0
+@pytest.mark.filterwarnings(
+    "ignore::bilevel.BilevelWarning"
+)  # 16 steps do not converge; CG may meet p'Ap <= 0
 def test_readme_imaml_as_the_core_layer_equals_meta_gradient() -> None:
     """The README's meta-learning snippet: iMAML written directly with bl.implicit_argmin on a
     meta-batch equals meta_gradient's (paper CG from 0), float64."""

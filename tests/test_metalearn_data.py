@@ -653,3 +653,27 @@ def test_image_folder_errors(tmp_path: Path) -> None:
     with pytest.raises(DatasetNotFoundError):
         load_image_folder(tmp_path / "nowhere", cache_dir=tmp_path / "c")
     assert not os.path.exists(tmp_path / "nowhere")
+
+
+def test_dataset_reprs_are_short(omni_zip: Path, tmp_path: Path) -> None:
+    """Printing a dataset shows counts and shapes, never the class ids or the images."""
+    data = load_omniglot(omni_zip, n_train=8, n_val=2, cache_dir=tmp_path)
+    r = repr(data)
+    assert r == (
+        "FewShotData('omniglot', 240 images 1x28x28, split 'omniglot/vinyals': "
+        "24 train / 8 val / 16 test classes)"
+    ), r
+    assert repr(data.collection) == "ImageCollection(240 images of 1x28x28 uint8, 12 classes)"
+    assert repr(data.train) == "ClassPool('train', 24 classes (6 x 4 rotations), images 1x28x28)"
+    assert repr(data.split).startswith("ClassSplit('omniglot/vinyals', 6 train / 2 val / 4 test classes")
+
+
+def test_decoding_without_pillow_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "PIL", None)  # as if Pillow were not installed
+    monkeypatch.setitem(sys.modules, "PIL.Image", None)
+    with pytest.raises(
+        ImportError, match=r"needs Pillow, which is not installed: pip install 'bilevel\[images\]'"
+    ):
+        sources.decode_image(b"\x89PNG", size=(28, 28), channels=1)

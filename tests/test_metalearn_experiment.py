@@ -295,3 +295,18 @@ def test_labels_and_runs_are_checked(tmp_path: Path) -> None:
         dataclasses.replace(exp.run(), params={})
     with pytest.raises(ValueError, match="both must be >= 1"):
         evaluate_fixed(exp.run(), exp.test_sampler, 0)
+
+
+def test_reprs_are_short() -> None:
+    """Run, Experiment and EvalResult print counts and settings, not tensors."""
+    exp = build_experiment(TrainConfig(**SINE), device="cpu")  # type: ignore[arg-type]
+    run = exp.run()
+    res = evaluate_tasks(run, exp.test_sampler.fixed_batch(range(3)))
+    for obj, head in (
+        (exp, "Experiment(imaml-gd on sinusoid, model=MLP (1,761 parameters)"),
+        (run, "Run(theta: 1,761 parameters, float32 on cpu, algorithm=MetaAlgorithm("),
+        (res, "EvalResult(3 tasks, loss "),
+    ):
+        r = repr(obj)
+        assert r.startswith(head) and len(r) < 600 and "tensor(" not in r, r
+    assert "accuracy" not in repr(res) and "predictions (3, 4, 1)" in repr(res)

@@ -261,11 +261,17 @@ def test_eval_command_reads_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureF
     assert json.loads((tmp_path / "eval.json").read_text())["loss"] == res["loss"]
 
 
-def test_missing_data_says_where_to_get_omniglot(tmp_path: Path) -> None:
+def test_missing_data_says_where_to_get_omniglot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # the library raises; the command line says it in one line (exit code 1) and writes nothing
     with pytest.raises(DatasetNotFoundError, match="brendenlake/omniglot"):
-        main(["train", "--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), *FAST])
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(TrainConfig(data_root=str(tmp_path / "nowhere"), out=str(tmp_path / "o")), progress=False)
+    assert main(["train", "--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), *FAST]) == 1
+    err = capsys.readouterr().err
+    assert "error: Omniglot: data root" in err and "brendenlake/omniglot" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()  # no empty output folder left behind
+    with pytest.raises(SystemExit) as exit_:
         main(["eval", "--checkpoint", str(tmp_path / "none.pt")])
+    assert exit_.value.code == 2 and "no checkpoint at" in capsys.readouterr().err
 
 
 def test_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
@@ -449,3 +455,19 @@ def test_sigterm_stops_after_the_step_and_still_evaluates(tmp_path: Path) -> Non
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["stopped_early"] and 2 <= metrics["meta_steps_done"] < 1000000
     assert load_checkpoint(out / "checkpoint.pt")["step"] == metrics["meta_steps_done"]
+
+
+def test_more_cuda_ranks_than_gpus_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    # torchrun --nproc_per_node=2 on a one-GPU machine: nccl would fail with "invalid device ordinal"
+    from bilevel.metalearn.distributed import Dist, init_distributed, rank_device
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    for local_rank in ("0", "1"):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        with pytest.raises(bl.BilevelError, match=r"2 ranks on this node .* 1 GPU\(s\); nccl needs one GPU"):
+            init_distributed(torch.device("cuda"))
+    with pytest.raises(bl.BilevelError, match="--nproc_per_node=1 or fewer, or train on the CPU"):
+        rank_device(torch.device("cuda"), Dist(rank=1, world=2))
+    assert rank_device(torch.device("cpu"), Dist(rank=1, world=2)) == torch.device("cpu")

@@ -356,6 +356,17 @@ EXTERNAL = textwrap.dedent(
         time.sleep(30)
     if mode == "nofile":
         sys.exit(0)
+    if mode == "pickle":  # not an .npz archive
+        import pickle
+        with open(answer, "wb") as f:
+            pickle.dump({"x_0": w}, f)
+        sys.exit(0)
+    if mode == "objects":  # an .npz with an object array, which is never unpickled
+        np.savez(answer, x_0=np.array([w, "x"], dtype=object))
+        sys.exit(0)
+    if mode == "reports-failure":
+        np.savez(answer, x_0=w, status="failed", message="license server unreachable")
+        sys.exit(0)
     fun = float(((y - X @ w) ** 2).sum() + alpha * w @ w)
     if mode == "badshape":
         w = np.append(w, 0.0)
@@ -431,3 +442,34 @@ def test_subprocess_rejects_bad_configuration() -> None:
         Subprocess([])
     with pytest.raises(ValueError, match=r"Subprocess\(timeout=0\): timeout must be > 0"):
         Subprocess(["x"], timeout=0)
+
+
+def test_subprocess_failure_causes_reach_the_user(external, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    init, theta = torch.zeros(4, dtype=D), torch.tensor(2.0, dtype=D)
+    res = Subprocess([str(tmp_path / "no-such-solver")])(None, init, theta)  # type: ignore[arg-type]
+    assert res.status is bl.SolverStatus.FAILED
+    assert "could not start" in res.reason and "check command[0]" in res.reason and "x is init" in res.reason
+    res = external_solver(external, "fail")(None, init, theta)  # type: ignore[arg-type]
+    assert "exited with code 3" in res.reason and "singular matrix" in res.reason
+    res = external_solver(external, "nofile")(None, init, theta)  # type: ignore[arg-type]
+    assert "wrote no answer file" in res.reason
+    res = external_solver(external, "reports-failure")(None, init, theta)  # type: ignore[arg-type]
+    assert res.status is bl.SolverStatus.FAILED and "license server unreachable" in res.reason
+    with pytest.raises(bl.StructureError, match=r"is not an \.npz archive: the answer must be"):
+        external_solver(external, "pickle")(None, init, theta)  # type: ignore[arg-type]
+    with pytest.raises(bl.StructureError, match=r"object array \(a pickle\), which is not read"):
+        external_solver(external, "objects")(None, init, theta)  # type: ignore[arg-type]
+
+
+def test_implicit_argmin_quotes_the_subprocess_failure(external, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # Needs the layer to raise ConvergenceError(result.reason, info=...) on status FAILED (lead's change).
+    X, y, _, _ = external[2]
+    obj = sklearn_ridge_objective(X, y, fit_intercept=False)
+    alpha = torch.tensor(2.0, dtype=D, requires_grad=True)
+    solver = Subprocess([str(tmp_path / "no-such-solver")])
+    for tol in (1e-3, 1e6):  # a failed solver returned init: no optimality_tol makes that an answer
+        with pytest.raises(bl.ConvergenceError, match="could not start") as err:
+            bl.implicit_argmin(obj, torch.zeros(4, dtype=D), alpha, solver=solver, optimality_tol=tol)
+        # the diagnostics travel with the error: the solver's result, its status and reason
+        result = err.value.info.solver_result
+        assert result.status is bl.SolverStatus.FAILED and "could not start" in result.reason

@@ -1,6 +1,13 @@
 """Meta-learning with implicit gradients (iMAML), MAML, first-order MAML and Reptile.
 
-Command line: ``python -m bilevel.metalearn {train,eval} --help``.  Library use::
+Command line: ``python -m bilevel.metalearn {train,eval,report} --help``.  With your own module and
+optimizer (`learner`)::
+
+    learner = IMAML(model, lam=2.0, inner=InnerGD(steps=10, lr=0.05), cg_iters=5)
+    optimizer.zero_grad(); loss = learner.step(meta_batch); optimizer.step()   # fills p.grad
+    adapted = learner.adapt(tasks); predictions = adapted(tasks.query_x)
+
+The package's own training loop and its run seam::
 
     from bilevel.metalearn import TrainConfig, train, make_algorithm, meta_gradient
 
@@ -10,11 +17,13 @@ Command line: ``python -m bilevel.metalearn {train,eval} --help``.  Library use:
     res = evaluate_tasks(run, tasks)   # adapt to your tasks: res.predictions, res.query_acc
 
 Modules: `config` (TrainConfig, PRESETS), `experiment` (build_experiment, load_run), `evaluation`
-(Run, evaluate_tasks), `train` (the loop), `distributed`, `checkpoint`; `algorithms`, `models`,
-`tasks`; the data pipeline `datasets`, `splits`, `sources`, `locations`, `cache`, `images` and the
-loaders `omniglot`, `miniimagenet`, `folder`.
+(Run, evaluate_tasks), `train` (the loop), `console` (progress), `distributed`, `checkpoint`,
+`report` (plots of run folders); `algorithms`, `learner` (IMAML, MAML, FOMAML, Reptile on any
+module), `models`, `tasks`; the data pipeline `datasets`, `splits`, `sources`, `locations`,
+`cache`, `images` and the loaders `omniglot`, `miniimagenet`, `folder`.
 """
 
+from .. import CheckpointError as CheckpointError
 from .algorithms import FirstOrder as FirstOrder
 from .algorithms import Implicit as Implicit
 from .algorithms import InnerGD as InnerGD
@@ -30,6 +39,7 @@ from .algorithms import meta_gradient as meta_gradient
 from .algorithms import predict_batch as predict_batch
 from .checkpoint import load_checkpoint as load_checkpoint
 from .config import PRESETS as PRESETS
+from .config import ConfigError as ConfigError
 from .config import TrainConfig as TrainConfig
 from .datasets import DatasetError as DatasetError
 from .datasets import DatasetFormatError as DatasetFormatError
@@ -44,6 +54,12 @@ from .experiment import Experiment as Experiment
 from .experiment import build_experiment as build_experiment
 from .experiment import load_run as load_run
 from .folder import load_image_folder as load_image_folder
+from .learner import FOMAML as FOMAML
+from .learner import IMAML as IMAML
+from .learner import MAML as MAML
+from .learner import AdaptedModel as AdaptedModel
+from .learner import MetaLearner as MetaLearner
+from .learner import Reptile as Reptile
 from .miniimagenet import load_miniimagenet as load_miniimagenet
 from .models import BatchedModel as BatchedModel
 from .models import batched_model as batched_model
@@ -59,9 +75,15 @@ from .tasks import TaskSampler as TaskSampler
 from .train import train as train  # the function; the module stays importable as bilevel.metalearn.train
 
 __all__ = [
+    "FOMAML",
+    "IMAML",
+    "MAML",
     "PRESETS",
+    "AdaptedModel",
     "BatchedModel",
+    "CheckpointError",
     "ClassSplit",
+    "ConfigError",
     "DatasetError",
     "DatasetFormatError",
     "DatasetNotFoundError",
@@ -73,7 +95,9 @@ __all__ = [
     "InnerGD",
     "InnerNewtonCG",
     "MetaAlgorithm",
+    "MetaLearner",
     "MetaStats",
+    "Reptile",
     "ReptileStep",
     "Run",
     "SinusoidTasks",

@@ -467,9 +467,8 @@ class MetaStats:
     Attributes:
         query_loss, query_acc: query loss and accuracy (accuracy NaN for regression)
             at phi_i, i.e. after adaptation.
-        support_loss: Lhat_i(phi_i) (from the inner solver's last evaluation).
-        inner_grad_norm: ||grad_phi G_i(phi_i, theta)|| at the inner answer, as measured
-            by the inner solver there.
+        support_loss: Lhat_i(phi_i).
+        inner_grad_norm: ||grad_phi G_i(phi_i, theta)|| at the inner answer.
         cg_residual: ||(I + Lhat''/lam) g_i - v_i|| in the units of v_i (recursively
             updated, CG's own estimate) for `Implicit`, NaN otherwise.
         negative_curvature: True where CG met p'Ap <= 0 and stopped early.
@@ -499,12 +498,16 @@ def _stats(mb: _MetaBatch, out: _Outcome, diagnostics: bool) -> MetaStats:
     else:
         negative = torch.zeros(B, dtype=torch.bool, device=device)
         residual, iters = nan, torch.zeros_like(nan)
-    res = out.inner
-    if diagnostics and res.problem_grad_norm is not None and res.problem_fun is not None:
+    if diagnostics:
+        # One gradient of G at the answers (the fixed-budget inner solver takes none there).
+        phi = {k: v.detach().requires_grad_(True) for k, v in out.phi.items()}
+        th = mb._theta_values()
+        with torch.enable_grad():
+            values = mb.objective(exact=False)(phi, th)
+            grads = torch.autograd.grad(values.sum(), list(phi.values()), allow_unused=True)
+        grad_norm = bl.tree.batch_norm_sq(_or_zeros(phi, grads)).sqrt().detach().to(nan.dtype)
         with torch.no_grad():
-            prox = mb.prox(out.phi, mb._theta_values())
-        grad_norm = res.problem_grad_norm.to(device=device, dtype=nan.dtype)
-        support = res.problem_fun.to(device=device, dtype=nan.dtype) - prox.to(nan.dtype)
+            support = (values.detach() - mb.prox(out.phi, th)).to(nan.dtype)
     else:
         grad_norm, support = nan, nan
     return MetaStats(out.query_loss, out.query_acc, support, grad_norm, residual, negative, iters)
@@ -536,9 +539,8 @@ def meta_gradient(
         classification: whether to report query accuracy.
         vectorize: without ``batched``, run the per-task model under ``torch.func.vmap``
             (``True``) or in a Python loop (for models or ops without batching rules).
-        diagnostics: report the support loss and ||grad G|| at phi in the stats (the
-            inner solver measures them at its answer, so they cost nothing more);
-            ``False`` reports them as NaN.
+        diagnostics: measure the support loss and ||grad G|| at phi for the stats (one
+            more gradient per task); ``False`` reports them as NaN.
         batched: the `BatchedModel` of ``model`` (`bilevel.metalearn.batched_model`): the
             B tasks' models then run in one call with plain autograd (faster on CPU than
             vmap); same result.

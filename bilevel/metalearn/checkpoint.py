@@ -1,4 +1,4 @@
-"""A run's files on disk: atomic writes and the checkpoint `train` writes.
+"""A run's files on disk: atomic writes, the checkpoint `train` writes, and reading it back safely.
 
 ``checkpoint.pt`` is a dict of tensors and strings, read back with ``torch.load(...,
 weights_only=True)`` (no code is unpickled):
@@ -10,6 +10,10 @@ weights_only=True)`` (no code is unpickled):
 * ``image_shape``: ``[C, H, W]`` of an image dataset's images, ``None`` for sinusoid (absent from
   checkpoints written before it was added).
 
+`load_checkpoint` is the one reader: every way a file can be unusable (missing, empty, truncated,
+not a checkpoint, a model's ``state_dict``, a damaged configuration) is a `bilevel.CheckpointError`
+that names the file and the damage.  `saved_config` reads the run's `TrainConfig` back, and
+`keep_earlier` moves an earlier result aside instead of overwriting it.
 `bilevel.metalearn.load_run` turns a checkpoint into a model function, parameters and algorithm.
 """
 
@@ -17,12 +21,21 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["atomic_json", "atomic_save", "load_checkpoint"]
+from .. import CheckpointError
+from .config import TrainConfig
+
+__all__ = ["atomic_json", "atomic_save", "keep_earlier", "load_checkpoint", "saved_config"]
+
+#: Keys every checkpoint written by `train` has (``image_shape`` is optional: older checkpoints lack it).
+REQUIRED_KEYS = ("theta", "log_lam", "optimizer", "step", "history", "elapsed", "config")
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -39,21 +52,130 @@ def atomic_json(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _damage(p: Path, err: BaseException) -> str:
+    """What is wrong with a file ``torch.load`` could not read."""
+    size = p.stat().st_size
+    said = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}" if str(err) else type(err).__name__
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    if isinstance(err, pickle.UnpicklingError) and zipfile.is_zipfile(p):
+        # torch's own message advises weights_only=False, i.e. running the file's code: never.
+        return (
+            "it holds Python objects other than tensors, numbers and strings, which are never "
+            "unpickled (a file of another program, or a model saved whole)"
+        )
+    if not zipfile.is_zipfile(p):
+        return (
+            f"it is not a torch.save archive ({size} bytes; truncated by an interrupted copy, or "
+            f"another kind of file): {said}"
+        )
+    return f"the archive is damaged ({size} bytes): {said}"
+
+
 def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by `train` (``weights_only=True``: no code is unpickled).
+    """Read a checkpoint written by `train` (``weights_only=True``: no code is unpickled), checked.
 
     Args:
-        path: the ``checkpoint.pt`` of a run.
+        path: the ``checkpoint.pt`` of a run (or the run's folder, which holds it).
         device: where to put its tensors.
 
     Returns:
-        The checkpoint's dict (see the module docstring for its keys).
+        The checkpoint's dict (see the module docstring for its keys), with ``theta`` and
+        ``log_lam`` dicts of tensors, ``step`` an int and ``config`` a JSON object string.
 
     Raises:
         FileNotFoundError: no file at ``path``.
+        CheckpointError: the file is empty, truncated or damaged, holds Python objects, or is not a
+            checkpoint of `train` (e.g. a model's ``state_dict``): the message names the file and
+            what is wrong.
     """
     p = Path(path)
+    if p.is_dir() and (p / "checkpoint.pt").is_file():
+        p = p / "checkpoint.pt"
     if not p.is_file():
         raise FileNotFoundError(f"no checkpoint at {p}: pass the checkpoint.pt written by `train`")
-    ck: dict[str, Any] = torch.load(p, map_location=device, weights_only=True)
-    return ck
+    try:
+        ck: Any = torch.load(p, map_location=device, weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, OSError, KeyError...
+        raise CheckpointError(f"cannot read the checkpoint {p}: {_damage(p, err)}") from err
+    hint = f"{p} is not a checkpoint written by `python -m bilevel.metalearn train`"
+    if not isinstance(ck, Mapping):
+        raise CheckpointError(f"{hint}: it holds a {type(ck).__name__}, not a dict")
+    missing = [k for k in REQUIRED_KEYS if k not in ck]
+    if missing:
+        keys = sorted(str(k) for k in ck)[:8]
+        raise CheckpointError(
+            f"{hint}: it lacks {missing} (its keys are {keys}{', ...' if len(ck) > 8 else ''}; a model's "
+            "state_dict is read with torch.load, not as a run)"
+        )
+    for name in ("theta", "log_lam"):
+        leaves = ck[name]
+        if not isinstance(leaves, Mapping) or not all(isinstance(v, torch.Tensor) for v in leaves.values()):
+            raise CheckpointError(f"{hint}: its {name!r} is not a dict of tensors")
+    if not ck["theta"]:
+        raise CheckpointError(f"{hint}: its 'theta' holds no parameters")
+    if isinstance(ck["step"], bool) or not isinstance(ck["step"], int) or ck["step"] < 0:
+        raise CheckpointError(f"{hint}: its 'step' is {ck['step']!r}, not a count of meta-steps")
+    for name in ("config", "history"):
+        try:
+            ok = isinstance(json.loads(ck[name]), dict)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise CheckpointError(f"{hint}: its {name!r} is not a JSON object")
+    return dict(ck)
+
+
+def saved_config(ck: Mapping[str, Any], path: str | os.PathLike[str], **overrides: Any) -> TrainConfig:
+    """The `TrainConfig` saved in a checkpoint (`load_checkpoint`), with ``overrides`` applied.
+
+    Args:
+        ck: the checkpoint's dict.
+        path: its file, for messages.
+        **overrides: fields to replace (their values are checked as any `TrainConfig`'s).
+
+    Returns:
+        The configuration.
+
+    Raises:
+        CheckpointError: the saved configuration has fields this version does not know, or values
+            it refuses.
+        ConfigError: an override has a value no run can use (or contradicts the saved fields).
+    """
+    saved = json.loads(ck["config"])
+    known = {f for f in TrainConfig.__dataclass_fields__}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        raise CheckpointError(
+            f"the checkpoint {path} has configuration fields {unknown} that this version of bilevel does "
+            "not know: it was written by another version"
+        )
+    try:
+        TrainConfig(**saved)
+    except ValueError as err:
+        raise CheckpointError(f"the checkpoint {path} holds a configuration that is refused: {err}") from err
+    return TrainConfig(**{**saved, **overrides})
+
+
+def keep_earlier(path: Path) -> Path | None:
+    """Move an earlier result at ``path`` aside, to ``<stem>.step<N><suffix>``, before it is rewritten.
+
+    ``N`` is the earlier result's ``meta_steps_done`` (where it is a JSON object that has one); a
+    name already taken gets a counter.
+
+    Returns:
+        Where the earlier file now is, or ``None`` if there was none.
+    """
+    if not path.is_file():
+        return None
+    try:
+        step = json.loads(path.read_text()).get("meta_steps_done", "earlier")
+    except (ValueError, AttributeError, OSError):
+        step = "earlier"
+    target = path.with_name(f"{path.stem}.step{step}{path.suffix}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.stem}.step{step}-{n}{path.suffix}")
+    os.replace(path, target)
+    return target

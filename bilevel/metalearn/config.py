@@ -15,12 +15,93 @@ import torch
 
 from .algorithms import MetaAlgorithm, make_algorithm
 
-__all__ = ["ALGOS", "DATASETS", "PRESETS", "TrainConfig"]
+__all__ = ["ALGOS", "DATASETS", "PRESETS", "ConfigError", "TrainConfig"]
 
 #: Names of ``TrainConfig.algo`` (and ``--algo``).
 ALGOS = ("imaml-gd", "imaml-hf", "maml", "fomaml", "reptile")
 #: Names of ``TrainConfig.dataset`` (and ``--dataset``).
 DATASETS = ("omniglot", "sinusoid", "miniimagenet", "folder")
+#: The iMAML algorithms: those with a proximal weight ``lam``, CG steps and damping.
+IMAML_ALGOS = ("imaml-gd", "imaml-hf")
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "algo": ALGOS,
+    "dataset": DATASETS,
+    "learn_lam": ("none", "scalar", "per-tensor"),
+    "lr_schedule": ("constant", "cosine"),
+    "split": ("vinyals", "lake"),
+    "init": ("glorot", "torch"),
+    "dtype": ("float32", "float64"),
+    "clock": ("wall", "cpu"),
+}
+# integer fields: the smallest value and what the field is, for the message
+_INTS: dict[str, tuple[int, str]] = {
+    "ways": (1, "classes per task"),
+    "shots": (1, "support examples per class"),
+    "queries": (1, "query examples per class"),
+    "meta_steps": (0, "outer Adam steps"),
+    "meta_batch": (1, "tasks per meta-step"),
+    "inner_steps": (0, "inner GD steps"),
+    "cg_iters": (0, "CG steps of the meta-gradient (0: first-order)"),
+    "newton_iters": (1, "Newton steps of imaml-hf"),
+    "n_val": (0, "validation characters"),
+    "seed": (0, "the seed of the init and the task streams"),
+    "test_tasks": (1, "fixed test tasks of the final evaluation"),
+    "eval_every": (0, "steps between periodic evaluations (0: never)"),
+    "eval_tasks": (1, "tasks per periodic evaluation"),
+    "eval_batch": (1, "tasks per evaluation call"),
+    "log_every": (1, "steps between log records"),
+    "checkpoint_every": (0, "steps between checkpoints (0: only at the end)"),
+}
+_OPTIONAL_INTS: dict[str, tuple[int, str]] = {
+    "eval_inner_steps": (0, "inner steps at evaluation"),
+    "threads": (1, "torch intra-op threads"),
+}
+# float fields: whether 0 is allowed, and what the field is
+_FLOATS: dict[str, tuple[bool, str]] = {
+    "meta_lr": (False, "Adam's learning rate"),
+    "inner_lr": (False, "the inner GD step size"),
+    "lam": (False, "iMAML's proximal weight"),
+    "damping": (True, "the damping of the meta-gradient system"),
+}
+#: Fields a resumed run may change: they do not alter the meta-training trajectory (the
+#: evaluation, logging, checkpointing, where the data and outputs are, how the work is run).
+#: ``meta_steps`` and ``time_limit`` set a cosine schedule, so they may change only with
+#: ``lr_schedule="constant"``.
+RESUMABLE = frozenset(
+    {
+        "meta_steps",
+        "time_limit",
+        "eval_inner_steps",
+        "test_tasks",
+        "eval_every",
+        "eval_tasks",
+        "eval_batch",
+        "log_every",
+        "checkpoint_every",
+        "vectorize",
+        "batched",
+        "device",
+        "threads",
+        "data_root",
+        "out",
+    }
+)
+
+
+class ConfigError(ValueError):
+    """A `TrainConfig` field has a value that no run can use.
+
+    Attributes:
+        field: the offending field's name (``log_every``; the command line's ``--log-every``).
+        value: its value.
+    """
+
+    def __init__(self, field: str, value: Any, problem: str) -> None:
+        super().__init__(f"TrainConfig({field}={value!r}): {problem}")
+        self.field = field
+        self.value = value
+        self.problem = problem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +152,12 @@ class TrainConfig:
             machine, ``cpu`` is the time the run would take on a dedicated core; ``wall`` is
             also logged either way (``wall_time``).
         out: output folder.
+
+    Raises:
+        ConfigError: a field has the wrong type or a value no run can use (the message names the
+            field, the value and the allowed values), or fields contradict each other (a learned
+            lambda or ``backtrack`` with an algorithm that has none).
+        ValueError: the algorithm's own checks (`make_algorithm`).
     """
 
     algo: str = "imaml-gd"
@@ -112,28 +199,73 @@ class TrainConfig:
     out: str = "runs/default"
 
     def __post_init__(self) -> None:
-        if self.algo not in ALGOS:
-            raise ValueError(f"TrainConfig(algo={self.algo!r}): choose one of {', '.join(ALGOS)}")
-        if self.dataset not in DATASETS:
-            raise ValueError(f"TrainConfig(dataset={self.dataset!r}): choose one of {', '.join(DATASETS)}")
-        if self.learn_lam not in ("none", "scalar", "per-tensor"):
-            raise ValueError(f"TrainConfig(learn_lam={self.learn_lam!r}): none, scalar or per-tensor")
-        if self.learn_lam != "none" and not self.algo.startswith("imaml"):
-            raise ValueError("TrainConfig: a learned lambda needs an iMAML algorithm")
-        for name in ("ways", "shots", "queries", "meta_batch", "eval_batch", "test_tasks"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig({name}={getattr(self, name)}): must be >= 1")
-        if self.meta_steps < 0:
-            raise ValueError(f"TrainConfig(meta_steps={self.meta_steps}): must be >= 0")
-        if self.clock not in ("wall", "cpu"):
-            raise ValueError(f"TrainConfig(clock={self.clock!r}): wall or cpu")
-        if self.dtype not in ("float32", "float64"):
-            raise ValueError(f"TrainConfig(dtype={self.dtype!r}): float32 or float64")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"TrainConfig(lr_schedule={self.lr_schedule!r}): constant or cosine")
-        if self.init not in ("glorot", "torch"):
-            raise ValueError(f"TrainConfig(init={self.init!r}): glorot or torch")
-        self.algorithm()  # the algorithm's own checks (e.g. maml with backtrack)
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ConfigError(
+                    name, getattr(self, name), f"choose one of {', '.join(choices[:-1])} or {choices[-1]}"
+                )
+        for name, (lo, what) in _INTS.items():
+            _check_int(name, getattr(self, name), lo, what)
+        for name, (lo, what) in _OPTIONAL_INTS.items():
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), lo, what)
+        for name, (zero, what) in _FLOATS.items():
+            _check_float(name, getattr(self, name), zero, what)
+        if self.time_limit is not None:
+            _check_float("time_limit", self.time_limit, False, "minutes of meta-training (None: no limit)")
+        for name in ("backtrack", "vectorize", "batched"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, getattr(self, name), "must be True or False")
+        for name in ("data_root", "device"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ConfigError(name, getattr(self, name), "must be a string or None")
+        if not isinstance(self.out, str) or not self.out:
+            raise ConfigError("out", self.out, "must name an output folder")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError) as err:
+                raise ConfigError(
+                    "device", self.device, f"not a device ({err}): cpu, cuda, cuda:1, ..."
+                ) from err
+        if self.dataset != "sinusoid" and self.ways < 2:
+            raise ConfigError(
+                "ways", self.ways, f"a {self.dataset} task needs ways >= 2 (1-way is always right)"
+            )
+        if self.learn_lam != "none" and self.algo not in IMAML_ALGOS:
+            raise ConfigError(
+                "learn_lam",
+                self.learn_lam,
+                f"a learned lambda needs an iMAML algorithm (imaml-gd or imaml-hf), not {self.algo}",
+            )
+        if self.backtrack and self.algo == "imaml-hf":
+            raise ConfigError(
+                "backtrack", True, "imaml-hf's Newton steps have their own line search: drop backtrack"
+            )
+        if self.backtrack and self.algo == "maml":
+            raise ConfigError(
+                "backtrack", True, "maml differentiates through a fixed inner path: drop backtrack"
+            )
+        self.algorithm()  # the algorithm's own checks
+
+    def resume_conflicts(self, saved: TrainConfig) -> list[str]:
+        """How this configuration differs from ``saved`` in fields that a resumed run must keep.
+
+        Args:
+            saved: the configuration of the run being resumed (from its checkpoint).
+
+        Returns:
+            ``"name: saved X, now Y"`` for each field outside `RESUMABLE` that differs (with a
+            cosine schedule, also ``meta_steps`` and ``time_limit``); empty if the run can resume.
+        """
+        fixed = set(_field_names()) - RESUMABLE
+        if self.lr_schedule == "cosine" or saved.lr_schedule == "cosine":
+            fixed |= {"meta_steps", "time_limit"}
+        return [
+            f"{name}: saved {getattr(saved, name)!r}, now {getattr(self, name)!r}"
+            for name in _field_names()
+            if name in fixed and getattr(saved, name) != getattr(self, name)
+        ]
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -178,6 +310,24 @@ class TrainConfig:
         if self.time_limit is not None:
             p = max(p, elapsed / (self.time_limit * 60))
         return self.meta_lr * 0.5 * (1.0 + math.cos(math.pi * min(p, 1.0)))
+
+
+def _field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def _check_int(name: str, value: Any, lo: int, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(name, value, f"must be an integer ({what})")
+    if value < lo:
+        raise ConfigError(name, value, f"must be >= {lo} ({what})")
+
+
+def _check_float(name: str, value: Any, zero: bool, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(name, value, f"must be a number ({what})")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        raise ConfigError(name, value, f"must be finite and {'>= 0' if zero else '> 0'} ({what})")
 
 
 #: The paper's settings (Appendix F.2).  Keys are ``--preset`` names.

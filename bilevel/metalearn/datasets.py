@@ -90,6 +90,15 @@ class FewShotData:
         """``(C, H, W)`` of the images tasks are made of."""
         return self.collection.image_shape
 
+    def __repr__(self) -> str:
+        c, h, w = self.image_shape
+        val = f"{self.val.n_classes:,}" if self.val is not None else "no"
+        return (
+            f"FewShotData({self.name!r}, {self.collection.images.shape[0]:,} images {c}x{h}x{w}, "
+            f"split {self.split.name!r}: {self.train.n_classes:,} train / {val} val / "
+            f"{self.test.n_classes:,} test classes)"
+        )
+
 
 def make_few_shot_data(
     name: str,

@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from .. import BilevelError
+
 __all__ = ["Dist", "allreduce_", "broadcast_", "finish", "init_distributed", "rank_device"]
 
 
@@ -45,10 +47,16 @@ def init_distributed(device: torch.device) -> Dist:
 
     Returns:
         `Dist` of this process; ``Dist()`` (one rank) where ``WORLD_SIZE`` is unset or 1.
+
+    Raises:
+        BilevelError: on CUDA, this node runs more ranks than it has GPUs (``nccl`` needs a GPU
+            per rank; two ranks cannot share one).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
+    if device.type == "cuda":
+        _check_gpus_per_rank()
     import torch.distributed as dist
 
     owned = not dist.is_initialized()
@@ -58,9 +66,27 @@ def init_distributed(device: torch.device) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), owned)
 
 
+def _check_gpus_per_rank() -> None:
+    """Refuse more ranks on this node than GPUs, before ``nccl`` fails with 'invalid device ordinal'."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(local_rank + 1)))
+    n = torch.cuda.device_count()
+    if local_rank >= n or local_world > n:
+        raise BilevelError(
+            f"torchrun started {local_world} ranks on this node (this is local rank {local_rank}) but it has "
+            f"{n} GPU(s); nccl needs one GPU per rank: use --nproc_per_node={max(n, 1)} or fewer, or train "
+            "on the CPU with --device cpu (gloo)"
+        )
+
+
 def rank_device(device: torch.device, d: Dist) -> torch.device:
-    """``device``, or this rank's GPU (``LOCAL_RANK``) where several ranks train on CUDA."""
+    """``device``, or this rank's GPU (``LOCAL_RANK``) where several ranks train on CUDA.
+
+    Raises:
+        BilevelError: ``LOCAL_RANK`` names a GPU this node does not have.
+    """
     if d.world > 1 and device.type == "cuda":
+        _check_gpus_per_rank()
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
 

@@ -96,6 +96,24 @@ class Run:
         """The parameters' dtype (task inputs must have it)."""
         return next(iter(self.params.values())).dtype
 
+    def __repr__(self) -> str:
+        n = sum(v.numel() for v in self.params.values())
+        lam = self.lam
+        if isinstance(lam, torch.Tensor):
+            lam_s = f"{float(lam):.4g} (learned)" if lam.numel() == 1 else f"tensor {tuple(lam.shape)}"
+        elif isinstance(lam, dict):
+            lam_s = f"{len(lam)} learned values"
+        else:
+            lam_s = repr(lam)
+        cfg = self.config
+        what = f", config={cfg.algo} on {cfg.dataset}" if cfg is not None else ""
+        step = f", step={self.step}" if self.step is not None else ""
+        return (
+            f"Run(theta: {n:,} parameters, {str(self.dtype).replace('torch.', '')} on {self.device}, "
+            f"algorithm={self.algorithm!r}, lam={lam_s}, "
+            f"{'classification' if self.classification else 'regression'}{what}{step})"
+        )
+
 
 def _ci95(x: torch.Tensor) -> float:
     """Half-width of the normal 95% interval of the mean of ``x`` (NaN for fewer than 2 values)."""
@@ -142,6 +160,14 @@ class EvalResult:
     def loss_ci95(self) -> float:
         """Half-width of the 95% interval of `mean_loss`."""
         return _ci95(self.query_loss.double().cpu())
+
+    def __repr__(self) -> str:
+        scored = bool(self.query_acc.isfinite().any())
+        acc = f"accuracy {self.mean_accuracy:.2f} ± {self.ci95:.2f}%, " if scored else ""
+        return (
+            f"EvalResult({self.n_tasks} tasks, {acc}loss {self.mean_loss:.4g} ± {self.loss_ci95:.2g}, "
+            f"predictions {tuple(self.predictions.shape)})"
+        )
 
     def summary(self) -> dict[str, float]:
         """``accuracy``, ``ci95`` (percent), ``loss``, ``loss_ci95``, ``n_tasks``: what `evaluate` returns."""
@@ -324,6 +350,7 @@ def evaluate_fixed(
     *,
     batch_size: int | None = None,
     device: torch.device | str | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> EvalResult:
     """`evaluate_tasks` on the first ``n_tasks`` fixed evaluation tasks of ``sampler``.
 
@@ -336,6 +363,8 @@ def evaluate_fixed(
         n_tasks: how many (600 in the Omniglot protocol).
         batch_size: tasks per call (default: the run's ``eval_batch``, else 25).
         device: where to draw the tasks (default: the parameters' device).
+        progress: called with the number of tasks just evaluated, after each batch (a progress bar's
+            ``update``).
 
     Raises:
         ValueError: ``n_tasks < 1`` or ``batch_size < 1``.
@@ -345,12 +374,12 @@ def evaluate_fixed(
     if n_tasks < 1 or size < 1:
         raise ValueError(f"evaluate_fixed(n_tasks={n_tasks}, batch_size={size}): both must be >= 1")
     dev = run.device if device is None else device
-    results = [
-        evaluate_tasks(
-            run, sampler.fixed_batch(range(s, min(n_tasks, s + size)), device=dev), batch_size=size
-        )
-        for s in range(0, n_tasks, size)
-    ]
+    results = []
+    for s in range(0, n_tasks, size):
+        idx = range(s, min(n_tasks, s + size))
+        results.append(evaluate_tasks(run, sampler.fixed_batch(idx, device=dev), batch_size=size))
+        if progress is not None:
+            progress(len(idx))
     return EvalResult.concat(results)
 
 

@@ -14,7 +14,6 @@ stream and fixed test tasks), the model and its initialization, the loss, and th
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -23,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import CheckpointError
 from .algorithms import MetaAlgorithm
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, saved_config
 from .config import TrainConfig
 from .datasets import FewShotData
 from .evaluation import LamValue, Run, evaluate_fixed
@@ -84,6 +84,15 @@ class Experiment:
     algorithm: MetaAlgorithm
     eval_algorithm: MetaAlgorithm
 
+    def __repr__(self) -> str:
+        n = sum(v.numel() for v in self.theta.values())
+        c = self.config
+        return (
+            f"Experiment({c.algo} on {c.dataset}, model={type(self.model).__name__} ({n:,} parameters), "
+            f"{str(self.dtype).replace('torch.', '')} on {self.device}, "
+            f"train_sampler={self.train_sampler!r}, data={self.data!r})"
+        )
+
     @property
     def split(self) -> ClassSplit | None:
         """The class split of an image dataset (saved as ``split.json``); ``None`` for sinusoid."""
@@ -107,13 +116,29 @@ class Experiment:
             config=self.config,
         )
 
-    def evaluate(self, params: Params, n_tasks: int, lam: LamValue | None = None) -> dict[str, float]:
+    def evaluate(
+        self,
+        params: Params,
+        n_tasks: int,
+        lam: LamValue | None = None,
+        *,
+        progress: Callable[[int], None] | None = None,
+    ) -> dict[str, float]:
         """`evaluate_fixed` of ``params`` on the first ``n_tasks`` fixed test tasks, summarized.
+
+        Args:
+            params: meta-parameters by name.
+            n_tasks: how many fixed test tasks.
+            lam: a learned lambda (``None``: the evaluation algorithm's own).
+            progress: called with the number of tasks done after each batch (`evaluate_fixed`).
 
         Returns:
             ``accuracy``, ``ci95`` (percent; NaN for regression), ``loss``, ``loss_ci95``, ``n_tasks``.
         """
-        return evaluate_fixed(self.run(params, lam), self.test_sampler, n_tasks, device=self.device).summary()
+        run = self.run(params, lam)
+        return evaluate_fixed(
+            run, self.test_sampler, n_tasks, device=self.device, progress=progress
+        ).summary()
 
 
 def _architecture(cfg: TrainConfig, image_shape: tuple[int, int, int] | None) -> nn.Module:
@@ -266,17 +291,16 @@ def load_run(
 
     Raises:
         FileNotFoundError: no file at ``checkpoint_path``.
+        CheckpointError: the file is not a readable checkpoint of `train` (`load_checkpoint`), or
+            its parameters do not fit the model of its configuration.
         TypeError: an override is not a `TrainConfig` field.
-        ValueError: the checkpoint's parameters do not fit the model of its configuration.
+        ConfigError: an override has a value no run can use.
     """
     unknown = sorted(set(overrides) - _CONFIG_FIELDS)
     if unknown:
         raise TypeError(f"load_run: {unknown} are not TrainConfig fields")
     ck = load_checkpoint(checkpoint_path, device)
-    saved = json.loads(ck["config"])
-    saved.update(overrides)
-    saved["device"] = str(device)
-    cfg = TrainConfig(**saved)
+    cfg = saved_config(ck, checkpoint_path, **overrides, device=str(device))
     shape = ck.get("image_shape")
     if shape is None and cfg.dataset == "folder":
         from .folder import load_image_folder
@@ -289,7 +313,7 @@ def load_run(
     found = {n: tuple(v.shape) for n, v in theta.items()}
     if found != names:
         diff = sorted(set(names) ^ set(found)) or sorted(n for n in names if names[n] != found[n])
-        raise ValueError(
+        raise CheckpointError(
             f"load_run({str(checkpoint_path)!r}): the checkpoint's parameters do not fit the "
             f"{cfg.dataset} model of its configuration ({cfg.ways}-way); they differ at {diff[:3]}"
         )

@@ -84,6 +84,13 @@ class ImageCollection:
         i = self.class_index(class_id)
         return self.images[self.offsets[i] : self.offsets[i + 1]]
 
+    def __repr__(self) -> str:
+        c, h, w = self.image_shape
+        return (
+            f"ImageCollection({self.images.shape[0]:,} images of {c}x{h}x{w} {self.images.dtype}, "
+            f"{len(self.class_ids):,} classes)"
+        )
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ClassPool:
@@ -163,6 +170,12 @@ class ClassPool:
     def class_ids(self) -> tuple[str, ...]:
         """Distinct underlying class ids (rotations dropped), in pool order."""
         return tuple(dict.fromkeys(self.collection.class_ids[int(i)] for i in self.classes))
+
+    def __repr__(self) -> str:
+        c, h, w = self.image_shape
+        n_rot = len(np.unique(self.rotations))
+        rot = f" ({len(self.class_ids):,} x {n_rot} rotations)" if n_rot > 1 else ""
+        return f"ClassPool({self.name!r}, {self.n_classes:,} classes{rot}, images {c}x{h}x{w})"
 
     def label(self, k: int) -> str:
         """Readable name of pool class ``k``, e.g. ``"images_background/Greek/character01@rot90"``."""

@@ -117,8 +117,20 @@ def zip_reader(
     return opener
 
 
+def _pillow() -> Any:
+    """The ``PIL`` package, or an ImportError that says how to install it."""
+    try:
+        import PIL.Image
+    except ImportError as err:
+        raise ImportError(
+            "decoding the dataset's images needs Pillow, which is not installed: "
+            "pip install 'bilevel[images]'"
+        ) from err
+    return PIL.Image
+
+
 def _resample_filter(resample: str) -> int:
-    from PIL import Image
+    Image = _pillow()
 
     table = {
         "lanczos": Image.Resampling.LANCZOS,
@@ -156,8 +168,10 @@ def decode_image(
 
     Raises:
         DatasetFormatError: Pillow cannot read the bytes.
+        ImportError: Pillow is not installed (``pip install 'bilevel[images]'``).
     """
-    from PIL import Image, UnidentifiedImageError
+    Image = _pillow()
+    from PIL import UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as raw:
@@ -246,7 +260,9 @@ def decode_source(
 
     Raises:
         DatasetFormatError: an image cannot be read or decoded (the message names it).
+        ImportError: Pillow is not installed (``pip install 'bilevel[images]'``).
     """
+    _pillow()  # before any work: say what to install, not a bare ModuleNotFoundError
     workers = max(1, workers if workers is not None else _default_workers())
     refs = [r for m in source.members for r in m]
     bar: Any = None

@@ -81,6 +81,13 @@ class ClassSplit:
         """Train, then val, then test class ids."""
         return self.train_classes + self.val_classes + self.test_classes
 
+    def __repr__(self) -> str:
+        # The class ids themselves run to thousands of strings: counts only (see `to_dict`).
+        return (
+            f"ClassSplit({self.name!r}, {len(self.train_classes):,} train / {len(self.val_classes):,} val / "
+            f"{len(self.test_classes):,} test classes, seed={self.seed})"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict: ``name``, ``seed``, ``train_classes``, ``val_classes``, ``test_classes``."""
         return {

@@ -13,6 +13,16 @@ with Adam, evaluates on the fixed test tasks (`Experiment.evaluate`) and writes,
 * ``log.jsonl``: one JSON record per logged step (losses, accuracies, inner-solver
   and CG diagnostics, wall time).
 
+Nothing is overwritten without a word: a resumed run must have the configuration of its
+checkpoint (up to the fields of `bilevel.metalearn.config.RESUMABLE`, e.g. more meta-steps), a
+new run refuses a folder that holds one (unless ``overwrite``), and an earlier ``metrics.json``
+is kept as ``metrics.step<N>.json``.  A resumed run drops the log records after its checkpoint's
+step (a killed run logged steps its checkpoint does not hold) and redoes those steps.
+
+Progress goes to standard error (`bilevel.metalearn.console.Console`): a banner (configuration,
+device, data, output folder, resumed step), a bar or plain lines for meta-training and the final
+evaluation, and the periodic evaluations' results.
+
 Distributed (``torchrun --nproc_per_node=N``): rank r computes tasks
 ``range(r, B, N)`` of every meta-batch of B tasks, the per-task gradient sums are
 all-reduced (`bilevel.metalearn.distributed`), and every rank takes the same Adam step from the
@@ -27,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import platform
 import signal
 import sys
@@ -37,12 +48,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import NonFiniteError
+from .. import CheckpointError, NonFiniteError
 from .algorithms import meta_gradient
-from .checkpoint import atomic_json, atomic_save, load_checkpoint
-from .config import TrainConfig
+from .checkpoint import atomic_json, atomic_save, keep_earlier, load_checkpoint, saved_config
+from .config import IMAML_ALGOS, ConfigError, TrainConfig
+from .console import Console, ProgressMode
 from .distributed import Dist, allreduce_, broadcast_, finish, init_distributed, rank_device
-from .experiment import build_experiment, learned_lam
+from .experiment import Experiment, build_experiment, learned_lam
 from .models import Params
 
 __all__ = ["train"]
@@ -75,22 +87,180 @@ def _environment(device: torch.device, d: Dist) -> dict[str, Any]:
     return env
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def _device(cfg: TrainConfig) -> torch.device:
+    """The training device of ``cfg``, checked against this machine."""
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "device",
+                cfg.device,
+                "CUDA is not available here (torch.cuda.is_available() is False): use cpu",
+            )
+        n = torch.cuda.device_count()
+        if device.index is not None and device.index >= n:
+            raise ConfigError("device", cfg.device, f"this machine has {n} GPU(s): cuda:0 to cuda:{n - 1}")
+    return device
+
+
+def _open_run(cfg: TrainConfig, resume: bool, overwrite: bool, device: torch.device) -> dict[str, Any] | None:
+    """Check ``cfg.out`` against the request: the checkpoint to resume from, or ``None`` for a new run.
+
+    Raises:
+        CheckpointError: ``resume`` without a checkpoint, a damaged one or one of another
+            configuration; or a new run over an existing one without ``overwrite``.
+    """
+    path = Path(cfg.out) / "checkpoint.pt"
+    if not resume:
+        if path.is_file() and not overwrite:
+            raise CheckpointError(
+                f"{cfg.out} already holds a run ({path}): resume it (--resume, resume=True), start over "
+                "there (--overwrite, overwrite=True; its metrics.json is kept), or choose another --out"
+            )
+        return None
+    if not path.is_file():
+        raise CheckpointError(
+            f"nothing to resume: no checkpoint at {path}; drop --resume (resume=False) to start a new run, "
+            "or pass the --out of the run to continue"
+        )
+    ck = load_checkpoint(path, device)
+    conflicts = cfg.resume_conflicts(saved_config(ck, path))
+    if conflicts:
+        raise CheckpointError(
+            f"cannot resume {path}: the run was started with another configuration ({'; '.join(conflicts)}); "
+            "resume with the run's settings (see its config.json), or start a new run in another --out"
+        )
+    return ck
+
+
+def _restore(ck: dict[str, Any], path: Path, theta: Params, log_lam: dict[str, torch.Tensor]) -> None:
+    """Copy a checkpoint's parameters into ``theta`` and ``log_lam``, checking that they fit."""
+    for what, mine, saved in (("theta", theta, ck["theta"]), ("log_lam", log_lam, ck["log_lam"])):
+        want = {k: tuple(v.shape) for k, v in mine.items()}
+        found = {k: tuple(v.shape) for k, v in saved.items()}
+        if want != found:
+            diff = sorted(set(want) ^ set(found)) or sorted(k for k in want if want[k] != found[k])
+            raise CheckpointError(
+                f"cannot resume {path}: its {what} does not fit the model of the configuration "
+                f"(they differ at {diff[:3]})"
+            )
+    with torch.no_grad():
+        for k, v in ck["theta"].items():
+            theta[k].copy_(v)
+        for k, v in ck["log_lam"].items():
+            log_lam[k].copy_(v)
+
+
+def _trim_log(path: Path, start: int) -> None:
+    """Keep the log records of the steps a resumed run does not redo (``step < start``)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line cut short by a killed process
+            continue
+        if not isinstance(rec, dict):
+            continue
+        ev = rec.get("eval")
+        step = ev.get("step") if isinstance(ev, dict) else rec.get("step")
+        # a step record is written after step `step` (steps_done = step + 1), an eval after steps_done
+        if isinstance(step, int) and (step <= start if isinstance(ev, dict) else step < start):
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def _describe(cfg: TrainConfig, exp: Experiment, device: torch.device, d: Dist) -> list[str]:
+    """The banner: what this run is, where it runs, what it reads and writes."""
+    if cfg.dataset == "sinusoid":
+        task = f"sinusoid regression, {cfg.shots} support and {cfg.queries} query points"
+    else:
+        task = f"{cfg.dataset} {cfg.ways}-way {cfg.shots}-shot, {cfg.queries} queries per class"
+    if cfg.algo == "imaml-hf":
+        inner = f"{cfg.newton_iters} Newton steps of {cfg.cg_iters} CG"
+    else:
+        inner = f"{cfg.inner_steps} GD steps of {cfg.inner_lr:g}" + (
+            " (backtracking)" if cfg.backtrack else ""
+        )
+    if cfg.algo in IMAML_ALGOS:
+        lam = "learned " + cfg.learn_lam + f" from {cfg.lam:g}" if cfg.learn_lam != "none" else f"{cfg.lam:g}"
+        inner += f", lambda {lam}, {cfg.cg_iters} CG steps" + (
+            f", damping {cfg.damping:g}" if cfg.damping else ""
+        )
+    limit = f", at most {cfg.time_limit:g} min" if cfg.time_limit is not None else ""
+    lines = [
+        f"bilevel.metalearn train: {cfg.algo} on {task}",
+        f"  meta-training: {cfg.meta_steps} steps of {cfg.meta_batch} tasks{limit}, Adam {cfg.meta_lr:g} "
+        f"({cfg.lr_schedule}); inner: {inner}",
+        f"  device {device} ({cfg.dtype}, {torch.get_num_threads()} threads, {d.world} rank(s)); "
+        f"seed {cfg.seed}",
+    ]
+    if exp.data is not None:
+        root = cfg.data_root or os.environ.get("BILEVEL_DATA_ROOT", "")
+        lines.append(
+            f"  data {root}: {len(exp.data.train.classes)} training and {len(exp.data.test.classes)} test "
+            f"classes (images {'x'.join(str(n) for n in exp.data.image_shape)})"
+        )
+    periodic = f"every {cfg.eval_every} steps on {cfg.eval_tasks} test tasks, " if cfg.eval_every else ""
+    lines.append(
+        f"  evaluation: {periodic}final on {cfg.test_tasks} test tasks; output {Path(cfg.out).resolve()}"
+    )
+    return lines
+
+
+def _score(ev: dict[str, float], classification: bool) -> str:
+    """An evaluation's result in words: accuracy for classification, MSE for regression."""
+    if classification:
+        return f"accuracy {ev['accuracy']:.2f} +- {ev['ci95']:.2f} % (loss {ev['loss']:.4f})"
+    return f"query MSE {ev['loss']:.4f} +- {ev['loss_ci95']:.4f}"
+
+
+def train(
+    cfg: TrainConfig, *, resume: bool = False, progress: ProgressMode = True, overwrite: bool = False
+) -> dict[str, Any]:
     """Meta-train with Adam (Algorithm 1), then evaluate on the fixed test tasks.
+
+    Args:
+        cfg: the run.
+        resume: continue the run in ``cfg.out`` from its ``checkpoint.pt``; ``cfg`` must equal the
+            saved configuration except in the fields of `bilevel.metalearn.config.RESUMABLE` (e.g.
+            more ``meta_steps``, another ``test_tasks``).
+        progress: what to show on standard error (`bilevel.metalearn.console.ProgressMode`): ``True``
+            a banner, then a bar on a terminal or plain lines elsewhere, and periodic results;
+            ``"lines"`` plain lines; ``False`` nothing.
+        overwrite: start a new run in ``cfg.out`` although it holds one (its checkpoint and log are
+            replaced, its ``metrics.json`` is kept as ``metrics.step<N>.json``).
 
     Returns:
         The metrics dictionary also written to ``metrics.json`` (on rank 0).
+
+    Raises:
+        CheckpointError: ``resume`` without a checkpoint in ``cfg.out``, a damaged one, or one of
+            another configuration (the differing fields are listed); a new run in a folder that
+            holds one, without ``overwrite``.
+        ConfigError: ``cfg.device`` is not on this machine.
+        DatasetNotFoundError, DatasetFormatError: the data cannot be read (nothing is written then).
+        NonFiniteError: a meta-gradient has NaN or infinity (the inner solver diverged).
     """
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    console = Console(progress)
+    device = _device(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dtype = cfg.torch_dtype
     d = init_distributed(device)
     device = rank_device(device, d)
+    if not d.main:
+        console = Console(False)
     out = Path(cfg.out)
+    ckpt_path = out / "checkpoint.pt"
+    # Every check that can refuse the run comes before the first file is written.
+    ck = _open_run(cfg, resume, overwrite, device)
+    exp = build_experiment(cfg, device=device, dtype=dtype)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
-    exp = build_experiment(cfg, device=device, dtype=dtype)
     theta = {k: v.detach().clone().requires_grad_(True) for k, v in exp.theta.items()}
     log_lam = _lam_params(cfg, theta, device, dtype)
     leaves = list(theta.values()) + list(log_lam.values())
@@ -99,32 +269,28 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     algo = exp.algorithm
     history: dict[str, list[dict[str, Any]]] = {"steps": [], "eval": []}
     start, elapsed0 = 0, 0.0
-    ckpt_path = out / "checkpoint.pt"
-    if resume and ckpt_path.is_file():
-        ck = load_checkpoint(ckpt_path, device)
-        with torch.no_grad():
-            for k, v in ck["theta"].items():
-                theta[k].copy_(v)
-            for k, v in ck["log_lam"].items():
-                log_lam[k].copy_(v)
+    if ck is not None:
+        _restore(ck, ckpt_path, theta, log_lam)
         opt.load_state_dict(ck["optimizer"])
         start = int(ck["step"])
         history = json.loads(ck["history"])
         elapsed0 = float(ck["elapsed"])
     if d.main:
+        for text in _describe(cfg, exp, device, d):
+            console.line(text)
+        if ck is not None:
+            console.line(f"  resuming from step {start} ({elapsed0 / 60:.1f} min of training) of {ckpt_path}")
+        if console.hint:
+            console.line(console.hint)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         if exp.split is not None:
             atomic_json(exp.split.to_dict(), out / "split.json")
+        if ck is not None:
+            _trim_log(out / "log.jsonl", start)
     local = list(range(d.rank, cfg.meta_batch, d.world))
-    log_f = open(out / "log.jsonl", "a") if d.main else None
-    bar = None
-    if progress and d.main:
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=cfg.meta_steps, initial=start, desc=cfg.algo, dynamic_ncols=True)
-        except ImportError:
-            bar = None
+    # a new run starts its log afresh (an overwritten run's records would mix with its own)
+    log_f = open(out / "log.jsonl", "a" if ck is not None else "w") if d.main else None
+    bar = console.progress(cfg.meta_steps, cfg.algo, unit="step", initial=start, every=cfg.log_every)
     now = time.process_time if cfg.clock == "cpu" else time.perf_counter
     t0 = now() - elapsed0
     wall0 = time.perf_counter()
@@ -171,6 +337,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         for step in range(start, cfg.meta_steps):
             if halt:
                 break
+            logged = step % cfg.log_every == 0 or step == cfg.meta_steps - 1
             if local:
                 batch = exp.train_sampler.meta_batch(step, local, device=device)
                 g, lam_g, stats = meta_gradient(
@@ -183,7 +350,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
                     classification=exp.classification,
                     vectorize=cfg.vectorize,
                     batched=exp.batched,
-                    diagnostics=step % cfg.log_every == 0 or step == cfg.meta_steps - 1,
+                    diagnostics=logged,
                 )
                 n_local = len(local)
                 # one device sync for the whole meta-gradient
@@ -227,10 +394,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
             acc_mean = float(scal[1]) / cfg.meta_batch * 100
             run_loss = loss_mean if math.isnan(run_loss) else 0.95 * run_loss + 0.05 * loss_mean
             run_acc = acc_mean if math.isnan(run_acc) else 0.95 * run_acc + 0.05 * acc_mean
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{run_loss:.3f}", acc=f"{run_acc:.1f}" if exp.classification else "-")
-            if d.main and stats is not None and not math.isnan(float(stats.inner_grad_norm[0])):
+            if exp.classification:
+                bar.update(1, loss=f"{run_loss:.3f}", acc=f"{run_acc:.1f}%")
+            else:
+                bar.update(1, mse=f"{run_loss:.4f}")
+            if d.main and stats is not None and logged:
                 rec: dict[str, Any] = {
                     "step": step,
                     "time": clock(),
@@ -255,6 +423,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
                 ev = exp.evaluate(theta, cfg.eval_tasks, learned_lam(cfg, log_lam))
                 eval_seconds += now() - t_ev
                 ev.update(step=steps_done, time=clock())
+                console.line(
+                    f"step {steps_done}: {_score(ev, exp.classification)} on {cfg.eval_tasks} test tasks "
+                    f"[{now() - t_ev:.0f} s]"
+                )
                 history["eval"].append(ev)
                 if log_f is not None:
                     log_f.write(json.dumps({"eval": ev}) + "\n")
@@ -265,14 +437,26 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if bar is not None:
-            bar.close()
+        bar.close()
         if log_f is not None:
             log_f.close()
     train_time = clock()
+    if steps_done < cfg.meta_steps:
+        if stop["requested"]:
+            why = "stop requested (SIGTERM or Ctrl-C)"
+        elif cfg.time_limit is not None:
+            why = f"time limit of {cfg.time_limit:g} min reached"
+        else:
+            why = "another rank was asked to stop"
+        console.line(f"stopped after {steps_done} of {cfg.meta_steps} meta-steps: {why}")
+    elif start >= cfg.meta_steps and ck is not None:
+        console.line(f"the checkpoint is at step {start} >= meta_steps={cfg.meta_steps}: nothing to train")
     metrics: dict[str, Any] = {}
     if d.main:
-        final = exp.evaluate(theta, cfg.test_tasks, learned_lam(cfg, log_lam))
+        with console.progress(
+            cfg.test_tasks, "final evaluation", unit="task", every=cfg.eval_batch
+        ) as ev_bar:
+            final = exp.evaluate(theta, cfg.test_tasks, learned_lam(cfg, log_lam), progress=ev_bar.update)
         metrics = {
             "test_accuracy": final["accuracy"],
             "test_ci95": final["ci95"],
@@ -290,6 +474,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         }
         if log_lam:
             metrics["lam"] = {k: float(v.detach().exp()) for k, v in log_lam.items()}
+        kept = keep_earlier(out / "metrics.json")
+        if kept is not None:
+            metrics["earlier_metrics"] = kept.name
+            console.line(f"kept the earlier metrics.json as {kept}")
         atomic_json(metrics, out / "metrics.json")
     finish(d)  # the other ranks wait here while rank 0 evaluates
     return metrics

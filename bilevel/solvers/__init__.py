@@ -4,7 +4,11 @@ Every solver is a frozen dataclass (its configuration, validated at construction
 and returns a `bilevel.SolverResult` with the solution (structure, shapes, dtypes
 and devices of ``init``), the status, the iterations, the final gradient norm and
 the objective, gradient and Hessian-vector-product counts.  The solvers never
-raise on non-convergence: they say so in ``status``.
+raise on non-convergence: they say so in ``status``, and ``reason`` says why in
+terms of the solver's own settings (``newton_iters`` of `NewtonCG`, ``tol`` and the
+rounding of f for `ScipyLBFGS`) or gives the cause of a failure (`Subprocess`).
+A solver is an instance: ``ScipyLBFGS(objective, init, theta)`` (the class called
+as a solver) is refused with a `TypeError` that says so.
 
 =================================  ==========================================================
 `GradientDescent`                  fixed step or `Armijo` backtracking; batched mode

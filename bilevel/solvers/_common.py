@@ -342,8 +342,8 @@ def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def rownorm(a: torch.Tensor) -> torch.Tensor:
-    """Per-problem Euclidean norms in float64, shape (B,)."""
-    return torch.linalg.vector_norm(a.double(), dim=1)
+    """Per-problem Euclidean norms, accumulated in float64 (no float64 copy), shape (B,)."""
+    return torch.linalg.vector_norm(a, dim=1, dtype=torch.float64)
 
 
 def rows_finite(*ts: torch.Tensor) -> torch.Tensor:
@@ -363,14 +363,16 @@ class Step:
     """A method's proposal for every problem (rows of frozen problems are ignored).
 
     Attributes:
-        x, f, g: the next point (B, n), its values (B,) and gradients (B, n).
+        x, f, g: the next point (B, n), its values (B,) and gradients (B, n); ``f`` and ``g``
+            ``None`` after the last step of a fixed budget (tol = 0), whose gradient nothing
+            would read (the result's ``grad_norm`` and ``fun`` are then NaN).
         failed: problems for which the method found no acceptable step (line search).
         negative_curvature: problems whose inner CG met non-positive curvature.
     """
 
     x: torch.Tensor
-    f: torch.Tensor
-    g: torch.Tensor
+    f: torch.Tensor | None
+    g: torch.Tensor | None
     failed: torch.Tensor | None = None
     negative_curvature: torch.Tensor | None = None
 
@@ -390,6 +392,7 @@ class Method(Protocol):
 # Severity order used to summarize a batch in one status (the worst problem wins).
 _SEVERITY = [
     SolverStatus.CONVERGED,
+    SolverStatus.BUDGET,
     SolverStatus.UNKNOWN,
     SolverStatus.MAX_ITER,
     SolverStatus.NEGATIVE_CURVATURE,
@@ -450,33 +453,53 @@ def iterate(
     while k < max_iter and bool(active.any()):
         s = method.step(k, x, f, g, active)
         failed = s.failed if s.failed is not None else torch.zeros_like(active)
-        ok = rows_finite(s.x, s.g, s.f) if oracle.values_known else rows_finite(s.x, s.g)
-        accept = active & ok & ~failed
         n_iter += active.cpu().long()
         if s.negative_curvature is not None:
             nc = (active & s.negative_curvature).cpu()
             n_negcurv += nc.long()
             last_negcurv = torch.where(active.cpu(), nc, last_negcurv)
+        # Finiteness from norms (one float64 reduction, no copies): a NaN or infinity anywhere
+        # in a row makes its norm non-finite.  x_{k+1} = x_k + step is finite wherever x_k and
+        # the gradient there are, so x is checked only where no gradient follows it.
+        if s.g is None:
+            # The method's last step of a fixed budget: no gradient at the answer was taken.
+            gn_new = torch.full_like(gn, math.nan)
+            ok = torch.isfinite(rownorm(s.x))
+            s_f = s_g = None
+        else:
+            gn_new = rownorm(s.g.detach())
+            ok = torch.isfinite(gn_new)
+            if oracle.values_known:
+                ok &= torch.isfinite(s.f.detach())  # type: ignore[union-attr]
+            s_f, s_g = s.f, s.g
+        accept = active & ok & ~failed
         if bool(accept.all()):
             # every problem moved (the common case): no masked copies, one iterate alive less
-            x, g, f, gn = s.x, s.g, s.f, rownorm(s.g.detach())
+            x, gn = s.x, gn_new
+            f = s_f if s_f is not None else torch.full_like(f, math.nan)
+            g = s_g if s_g is not None else g
         else:
             a = accept[:, None]
             x = torch.where(a, s.x, x)
-            g = torch.where(a, s.g, g)
-            f = torch.where(accept, s.f, f)
-            gn = torch.where(accept, rownorm(s.g.detach()), gn)
+            gn = torch.where(accept, gn_new, gn)
+            f = torch.where(accept, s_f, f) if s_f is not None else torch.where(accept, math.nan, f)
+            g = torch.where(a, s_g, g) if s_g is not None else g
+            for b in torch.nonzero(active & ~accept).flatten().tolist():
+                status[b] = SolverStatus.LINE_SEARCH_FAILED if bool(failed[b]) else SolverStatus.NONFINITE
         del s
-        newly_conv = accept & (gn <= tol)
-        for b in torch.nonzero(active & ~accept).flatten().tolist():
-            status[b] = SolverStatus.LINE_SEARCH_FAILED if bool(failed[b]) else SolverStatus.NONFINITE
-        for b in torch.nonzero(newly_conv).flatten().tolist():
-            status[b] = SolverStatus.CONVERGED
-        active = accept & ~newly_conv
+        if tol > 0:
+            newly_conv = accept & (gn <= tol)
+            for b in torch.nonzero(newly_conv).flatten().tolist():
+                status[b] = SolverStatus.CONVERGED
+            active = accept & ~newly_conv
+        else:  # tol = 0: a fixed budget; only an exactly zero gradient could stop a problem
+            active = accept & ~(gn == 0)
         k += 1
+    # Without a tolerance (tol = 0), running every iteration is what was asked for.
+    capped = SolverStatus.BUDGET if tol == 0 else SolverStatus.MAX_ITER
     for b in range(B):
         if status[b] is None:
-            status[b] = SolverStatus.NEGATIVE_CURVATURE if bool(last_negcurv[b]) else SolverStatus.MAX_ITER
+            status[b] = SolverStatus.NEGATIVE_CURVATURE if bool(last_negcurv[b]) else capped
     final: list[SolverStatus] = [s for s in status if s is not None]
     nan_rows = torch.full((B,), math.nan, dtype=torch.float64)
     fun_rows = f.detach().double().cpu() if oracle.values_known else nan_rows

@@ -14,6 +14,7 @@ from .._status import SolverStatus
 from .._types import Objective, TensorTree
 from ..tree import leaves
 from ._common import all_finite, lazy_import, tree_from_arrays, tree_to_arrays
+from ._messages import check_setting
 
 __all__ = ["Cvxpy"]
 
@@ -88,6 +89,7 @@ class Cvxpy:
     warm_start: bool = False
 
     def __post_init__(self) -> None:
+        check_setting("Cvxpy", "problem", self.problem)
         cp = lazy_import("cvxpy", "cvxpy", "Cvxpy")
         if not isinstance(self.problem, cp.Problem):
             raise TypeError(f"Cvxpy(problem={type(self.problem).__name__}): expected a cvxpy.Problem")
@@ -182,7 +184,12 @@ class Cvxpy:
                 status = SolverStatus.FAILED
                 info["message"] = "cvxpy reported a solution but some variables have no value"
             x = tree_from_arrays(tree_to_arrays(init, "init"), init, "Cvxpy", "init")
-            return SolverResult(x=x, status=status, n_iter=n_iter, info=info)
+            said = f": {info['message']}" if "message" in info else ""
+            why = (
+                f"Cvxpy returned no solution (x is init): cvxpy status {cvx_status!r}{said}; check the "
+                "problem's feasibility and boundedness at this theta, or pass another solver="
+            )
+            return SolverResult(x=x, status=status, n_iter=n_iter, info=info, message=why)
         x = tree_from_arrays(values, init, "Cvxpy", "the variables' values")
         if not all_finite(x):
             status = SolverStatus.NONFINITE

@@ -10,6 +10,7 @@ from .._results import SolverResult
 from .._types import Objective, TensorTree
 from ._common import Oracle, Step, check_int, check_positive, iterate
 from ._line_search import Armijo
+from ._messages import check_setting, explain
 
 __all__ = ["GradientDescent"]
 
@@ -48,10 +49,18 @@ class GradientDescent:
         ``solver(objective, init, theta) -> SolverResult`` with ``x`` like ``init``.
         Cost per step: one gradient (``n_gev``); with a line search, one gradient
         per trial.  ``max_iter`` steps cost ``max_iter + 1`` gradients (the last one
-        measures ||grad|| at the answer).  In batched mode the per-problem values are
+        measures ||grad|| at the answer), except with ``tol=0`` and no line search: a
+        fixed budget of ``max_iter`` gradients, status ``BUDGET``, and ``grad_norm`` /
+        ``fun`` NaN (nothing measured at the answer; the implicit layers measure it).
+        In batched mode the per-problem values are
         in ``problem_status``, ``problem_n_iter``, ``problem_grad_norm`` and
         ``problem_fun``; ``status`` is the worst problem's, ``grad_norm`` the norm of
-        the whole gradient.
+        the whole gradient.  Unless it converged, ``message`` (`SolverResult.reason`) says
+        why it stopped in terms of ``max_iter``, ``lr``, ``tol`` and the line search.
+
+    Raises:
+        TypeError: a setting is not a number, or is a function or tensor (the class called
+            as if it were a solver: create it first, ``GradientDescent(lr=...)``).
     """
 
     lr: float
@@ -62,6 +71,8 @@ class GradientDescent:
     differentiable: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("lr", "max_iter", "tol"):
+            check_setting("GradientDescent", name, getattr(self, name))
         check_positive("GradientDescent", "lr", self.lr)
         check_int("GradientDescent", "max_iter", self.max_iter, 0)
         check_positive("GradientDescent", "tol", self.tol, allow_zero=True)
@@ -83,7 +94,15 @@ class GradientDescent:
             need_values=self.line_search is not None,
             differentiable=self.differentiable,
         )
-        return iterate(oracle, _GDMethod(self, oracle), max_iter=self.max_iter, tol=self.tol, info={})
+        result = iterate(oracle, _GDMethod(self, oracle), max_iter=self.max_iter, tol=self.tol, info={})
+        return explain(
+            result,
+            "GradientDescent",
+            cap=("max_iter", self.max_iter),
+            tol=self.tol,
+            step=("lr", self.lr),
+            line_search=self.line_search,
+        )
 
 
 class _GDMethod:
@@ -93,12 +112,21 @@ class _GDMethod:
         self.t = torch.full((oracle.B,), cfg.lr, dtype=oracle.dtype, device=oracle.device)
 
     def step(self, k: int, x: torch.Tensor, f: torch.Tensor, g: torch.Tensor, active: torch.Tensor) -> Step:
-        d = -g * active[:, None]
         ls = self.cfg.line_search
         if ls is None:
-            x_new = x + self.cfg.lr * d
+            # every problem active (always so for one problem): one fused update, no mask
+            x_new = (
+                x - self.cfg.lr * g
+                if k == 0 or bool(active.all())
+                else x - self.cfg.lr * (g * active[:, None])
+            )
+            if self.cfg.tol == 0 and k == self.cfg.max_iter - 1:
+                # The last step of a fixed budget: the gradient there could not stop the
+                # solver and nothing reads it (grad_norm and fun are reported as NaN).
+                return Step(x_new, None, None)
             f_new, g_new = self.oracle.value_and_grad(x_new)
             return Step(x_new, f_new, g_new)
+        d = -g * active[:, None]
         t, ok, x_new, f_new, g_new = ls.search(self.oracle, x, f, g, d, self.t, active)
         self.t = torch.where(ok, t, self.t)
         return Step(x_new, f_new, g_new, failed=active & ~ok)

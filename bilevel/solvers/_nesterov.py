@@ -10,6 +10,7 @@ import torch
 from .._results import SolverResult
 from .._types import Objective, TensorTree
 from ._common import Oracle, Step, check_int, check_positive, iterate, rowdot
+from ._messages import check_setting, explain
 
 __all__ = ["Nesterov"]
 
@@ -55,7 +56,12 @@ class Nesterov:
         ``solver(objective, init, theta) -> SolverResult``; one gradient per iteration.
         ``info``: ``momentum`` (the constant, or ``"k/(k+3)"``), ``n_restarts``
         (int, or a (B,) tensor in batched mode), plus the ``problem_*`` fields of
-        batched mode.
+        batched mode.  Unless it converged, ``message`` (`SolverResult.reason`) says why
+        in terms of ``max_iter``, ``lr`` and ``tol``.
+
+    Raises:
+        TypeError: a setting is not a number, or is a function or tensor (the class called
+            as if it were a solver: create it first, ``Nesterov(lr=...)``).
 
     References:
         Nesterov, Introductory Lectures on Convex Optimization (2004), scheme 2.2.19.
@@ -73,6 +79,8 @@ class Nesterov:
     batched: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("lr", "momentum", "mu"):
+            check_setting("Nesterov", name, getattr(self, name))
         check_positive("Nesterov", "lr", self.lr)
         check_int("Nesterov", "max_iter", self.max_iter, 0)
         check_positive("Nesterov", "tol", self.tol, allow_zero=True)
@@ -106,7 +114,10 @@ class Nesterov:
         info = {"momentum": self.constant_momentum if self.constant_momentum is not None else "k/(k+3)"}
         result = iterate(oracle, method, max_iter=self.max_iter, tol=self.tol, info=info)
         restarts = method.restarts if oracle.batched else int(method.restarts[0])
-        return dataclasses.replace(result, info={**result.info, "n_restarts": restarts})
+        result = dataclasses.replace(result, info={**result.info, "n_restarts": restarts})
+        return explain(
+            result, "Nesterov", cap=("max_iter", self.max_iter), tol=self.tol, step=("lr", self.lr)
+        )
 
 
 class _NesterovMethod:

@@ -12,6 +12,7 @@ from .._status import LinearStatus
 from .._types import Objective, TensorTree
 from ._common import Oracle, Step, check_int, check_positive, iterate, rowdot, rownorm
 from ._line_search import Armijo
+from ._messages import check_setting, explain
 
 __all__ = ["NewtonCG"]
 
@@ -51,7 +52,13 @@ class NewtonCG:
         (B,) tensor in batched mode), ``cg_iters_per_step`` (CG iterations of each
         Newton step, the most over the batch), ``hvp_backend`` (``"torch.func"``, or
         ``"autograd"`` after a fallback, with ``hvp_fallback_reason``), plus the
-        ``problem_*`` fields of batched mode.
+        ``problem_*`` fields of batched mode.  Unless it converged, ``message``
+        (`SolverResult.reason`) says why in terms of ``newton_iters``, ``tol`` and the line
+        search (the cap is ``newton_iters``, not ``max_iter``).
+
+    Raises:
+        TypeError: a setting is not a number, or is a function or tensor (the class called
+            as if it were a solver: create it first, ``NewtonCG(...)``).
 
     References:
         Nocedal & Wright, Numerical Optimization, 2nd ed., Algorithm 7.1.
@@ -65,6 +72,8 @@ class NewtonCG:
     batched: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("newton_iters", "cg_iters", "line_search"):
+            check_setting("NewtonCG", name, getattr(self, name))
         check_int("NewtonCG", "newton_iters", self.newton_iters, 0)
         check_int("NewtonCG", "cg_iters", self.cg_iters, 1)
         check_positive("NewtonCG", "tol", self.tol, allow_zero=True)
@@ -82,7 +91,16 @@ class NewtonCG:
         )
         method = _NewtonMethod(self, oracle)
         result = iterate(oracle, method, max_iter=self.newton_iters, tol=self.tol, info={})
-        return dataclasses.replace(result, info={**result.info, "cg_iters_per_step": tuple(method.cg_counts)})
+        result = dataclasses.replace(
+            result, info={**result.info, "cg_iters_per_step": tuple(method.cg_counts)}
+        )
+        return explain(
+            result,
+            "NewtonCG",
+            cap=("newton_iters", self.newton_iters),
+            tol=self.tol,
+            line_search=self.line_search,
+        )
 
 
 def truncated_cg(

@@ -14,6 +14,7 @@ from .._results import SolverResult
 from .._status import SolverStatus
 from .._types import Objective, TensorTree
 from ._common import Oracle, check_int, check_positive
+from ._messages import check_setting
 
 __all__ = ["ScipyLBFGS"]
 
@@ -53,7 +54,13 @@ class ScipyLBFGS:
     Call:
         ``solver(objective, init, theta) -> SolverResult``; every SciPy evaluation is
         one gradient (``n_gev``); a last one is added if SciPy's final point was not
-        the last evaluated.
+        the last evaluated.  Unless it converged, ``message`` (`SolverResult.reason`,
+        also ``info["reason"]``) says why in terms of ``tol``, ``max_iter``, ``max_fun``
+        and ``ftol``; for ``LINE_SEARCH_FAILED`` it gives the rounding of f at the answer.
+
+    Raises:
+        TypeError: a setting is not a number, or is a function or tensor (the class called
+            as if it were a solver: create it first, ``ScipyLBFGS(tol=...)``).
     """
 
     tol: float = 1e-6
@@ -63,6 +70,8 @@ class ScipyLBFGS:
     ftol: float = 0.0
 
     def __post_init__(self) -> None:
+        for name in ("tol", "max_iter", "max_fun"):
+            check_setting("ScipyLBFGS", name, getattr(self, name))
         check_positive("ScipyLBFGS", "tol", self.tol)
         check_int("ScipyLBFGS", "max_iter", self.max_iter, 1)
         if self.max_fun is not None:
@@ -125,11 +134,9 @@ class ScipyLBFGS:
             "scipy_status": int(res.status),
             "scipy_nfev": int(res.nfev),
         }
-        if status in (SolverStatus.FAILED, SolverStatus.LINE_SEARCH_FAILED):
-            info["reason"] = (
-                f"SciPy stopped ({message}) with ||grad|| = {gn:.3e} > tol = {self.tol:g}: if f no longer "
-                "decreases in floating point, tol is below what its rounding allows"
-            )
+        why = self._explain(status, message, gn, fv, n_fev=int(res.nfev), max_fun=max_fun, dtype=oracle.dtype)
+        if why:
+            info["reason"] = why
         return SolverResult(
             x=oracle.answer(X),
             status=status,
@@ -140,7 +147,42 @@ class ScipyLBFGS:
             n_hvp=0,
             fun=fv,
             info=info,
+            message=why,
         )
+
+    def _explain(self, status: SolverStatus, scipy_message: str, gn: float, fv: float, **kw: Any) -> str:
+        """Why SciPy stopped, in terms of this solver's settings ('' when it converged)."""
+        if status is SolverStatus.CONVERGED:
+            return ""
+        where = f"||grad|| = {gn:.3e} > tol={self.tol:g} (SciPy: {scipy_message})"
+        if status is SolverStatus.MAX_ITER:
+            cap = f"max_fun={kw['max_fun']}" if kw["n_fev"] >= kw["max_fun"] else f"max_iter={self.max_iter}"
+            return f"ScipyLBFGS stopped at {cap} with {where}: raise max_iter and max_fun, or loosen tol"
+        if status is SolverStatus.LINE_SEARCH_FAILED:
+            # Near a minimizer the decrease along a step, about ||g||^2 / L, falls below the rounding
+            # of f, eps * |f|: SciPy's line search then sees no decrease.  No step size or number of
+            # backtracking steps helps there; only tol or the objective's scale does.
+            eps = torch.finfo(kw["dtype"]).eps
+            dtype = str(kw["dtype"]).replace("torch.", "")
+            return (
+                f"ScipyLBFGS: no decrease found at {where}: f = {fv:.6g} is resolved only to "
+                f"eps * |f| = {eps * abs(fv):.1e} ({dtype}), less than a step can gain this close to the "
+                f"minimizer, so tol is likely below what f's rounding allows: loosen tol (to about "
+                f"{2 * gn:.0e}), scale f to "
+                "|f| ~ 1 near the minimizer (a mean instead of a sum), or use NewtonCG or "
+                "GradientDescent(line_search=Armijo()), whose line search reads slopes"
+            )
+        if status is SolverStatus.NONFINITE:
+            return (
+                f"ScipyLBFGS: the objective or its gradient is NaN or infinite at SciPy's point ({where}): "
+                "check the objective's domain (log, sqrt, division) or bound phi"
+            )
+        if self.ftol > 0 and "REDUCTION OF F" in scipy_message.upper():
+            return (
+                f"ScipyLBFGS stopped on ftol={self.ftol:g} (relative decrease of f) with {where}: "
+                "set ftol=0 (the default) so that SciPy stops on the gradient"
+            )
+        return f"ScipyLBFGS: SciPy stopped before tol with {where}"
 
 
 def _one_blas_thread() -> Any:

@@ -43,6 +43,7 @@ from .._status import SolverStatus
 from .._types import Objective, TensorTree
 from ..tree import leaves
 from ._common import all_finite, lazy_import, measure, tree_from_arrays
+from ._messages import check_setting
 
 __all__ = [
     "SklearnLogisticRegression",
@@ -222,9 +223,17 @@ def _finish(
     if message:
         info["message"] = message
     if not all_finite(x):
-        return SolverResult(x=x, status=SolverStatus.NONFINITE, n_iter=n_iter, info=info)
+        why = f"{who}: the fitted coefficients hold NaN or infinity: check the data and theta"
+        return SolverResult(x=x, status=SolverStatus.NONFINITE, n_iter=n_iter, info=info, message=why)
     fun, gn, n_gev = measure(objective, x, theta, who) if measure_grad else (math.nan, math.nan, 0)
-    return SolverResult(x=x, status=status, n_iter=n_iter, grad_norm=gn, n_gev=n_gev, fun=fun, info=info)
+    why = (
+        f"{who}: scikit-learn warned: {message}; raise max_iter or loosen tol in estimator_kwargs"
+        if status is SolverStatus.MAX_ITER
+        else ""
+    )
+    return SolverResult(
+        x=x, status=status, n_iter=n_iter, grad_norm=gn, n_gev=n_gev, fun=fun, info=info, message=why
+    )
 
 
 def _check_kwargs(kwargs: Mapping[str, Any], reserved: tuple[str, ...], who: str) -> None:
@@ -271,6 +280,7 @@ class SklearnRidge:
     _objective: Objective = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        check_setting("SklearnRidge", "X", self.X, allow_tensor=True)
         lazy_import("sklearn.linear_model", "sklearn", "SklearnRidge")
         X, y = _check_data(self.X, self.y, "SklearnRidge")
         _check_kwargs(self.estimator_kwargs, ("alpha", "fit_intercept"), "SklearnRidge")
@@ -342,6 +352,7 @@ class SklearnLogisticRegression:
     _objective: Objective = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        check_setting("SklearnLogisticRegression", "X", self.X, allow_tensor=True)
         lazy_import("sklearn.linear_model", "sklearn", "SklearnLogisticRegression")
         X, y = _check_data(self.X, self.y, "SklearnLogisticRegression")
         _signs(y, "SklearnLogisticRegression")

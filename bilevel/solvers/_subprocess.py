@@ -43,6 +43,7 @@ import os
 import subprocess
 import tempfile
 import types
+import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -54,6 +55,7 @@ from .._status import SolverStatus
 from .._types import Objective, TensorTree
 from ..tree import leaves
 from ._common import all_finite, check_positive, measure, tree_from_arrays, tree_to_arrays
+from ._messages import check_setting
 
 __all__ = ["Subprocess"]
 
@@ -88,9 +90,16 @@ class Subprocess:
         tail of stderr) in ``info["message"]``; the status the program wrote is
         reported as is (``UNKNOWN`` if none).
 
+    The cause of a failure (the program not found, its exit code and stderr tail, a
+    timeout, no answer file), or the program's own message with a non-converged status,
+    is also `SolverResult.reason` (``message``), which the implicit layer quotes.
+
     Raises:
-        StructureError: the answer misses ``x_i`` or has the wrong number of entries,
-            or its ``status`` is not one of the names above.
+        StructureError: the answer file is not an ``.npz`` archive of numeric arrays, misses
+            ``x_i`` or has the wrong number of entries, or its ``status`` is not one of the
+            names above.
+        TypeError: ``command`` is a string, a function or a tensor (a solver class is
+            created with its settings, then called).
     """
 
     command: Sequence[str]
@@ -100,6 +109,7 @@ class Subprocess:
     measure_grad: bool = False
 
     def __post_init__(self) -> None:
+        check_setting("Subprocess", "command", self.command)
         if isinstance(self.command, (str, bytes)):
             raise TypeError(
                 f"Subprocess(command={self.command!r}): give the program and its arguments as a "
@@ -138,28 +148,48 @@ class Subprocess:
                     cwd=self.cwd,
                     check=False,
                 )
-            except subprocess.TimeoutExpired:
-                return self._failed(init, f"the process timed out after {self.timeout} s")
+            except subprocess.TimeoutExpired as err:
+                return self._failed(
+                    init,
+                    f"the process timed out after {self.timeout} s (raise timeout, or make the program "
+                    "faster)",
+                    stderr=_text(err.stderr),
+                )
             except OSError as err:
-                return self._failed(init, f"the process could not start: {err}")
+                return self._failed(
+                    init,
+                    f"the process could not start: {err} (check command[0] = {self.command[0]!r}: an "
+                    "executable on PATH or a path to one, e.g. sys.executable for a Python script)",
+                )
             if proc.returncode != 0:
                 return self._failed(
                     init,
-                    f"the process exited with code {proc.returncode}; stderr tail: {proc.stderr[-2000:]}",
+                    f"the process exited with code {proc.returncode}",
+                    stderr=proc.stderr,
                     returncode=proc.returncode,
                 )
             if not os.path.exists(answer):
-                return self._failed(init, "the process exited normally but wrote no answer file")
-            with np.load(answer, allow_pickle=False) as data:
-                fields = {k: np.asarray(data[k]) for k in data.files}
+                return self._failed(
+                    init,
+                    "the process exited normally but wrote no answer file (it must write an .npz "
+                    "archive to the path given as its last argument)",
+                    stderr=proc.stderr,
+                )
+            fields = _read_answer(answer)
         return self._result(fields, objective, init, theta, proc.stdout)
 
-    def _failed(self, init: TensorTree, message: str, returncode: int | None = None) -> SolverResult:
+    def _failed(
+        self, init: TensorTree, cause: str, *, stderr: str = "", returncode: int | None = None
+    ) -> SolverResult:
         x = tree_from_arrays(tree_to_arrays(init, "init"), init, "Subprocess", "init")
+        tail = stderr.strip()[-2000:]
+        message = f"Subprocess({list(self.command)!r}) returned no answer (x is init): {cause}"
+        if tail:
+            message += f"; stderr tail: {tail}"
         info: dict[str, Any] = {"message": message, "command": self.command}
         if returncode is not None:
             info["returncode"] = returncode
-        return SolverResult(x=x, status=SolverStatus.FAILED, info=info)
+        return SolverResult(x=x, status=SolverStatus.FAILED, info=info, message=message)
 
     def _result(
         self,
@@ -190,14 +220,58 @@ class Subprocess:
             info["message"] = str(fields["message"])
         if stdout:
             info["stdout"] = stdout[-2000:]
+        message = ""
+        if status not in (SolverStatus.CONVERGED, SolverStatus.UNKNOWN):
+            said = f": {info['message']}" if "message" in info else " (no message in the answer file)"
+            message = f"Subprocess({list(self.command)!r}): the program reported {status.name.lower()}{said}"
         n_iter = int(fields["n_iter"]) if "n_iter" in fields else 0
         fun = float(fields["fun"]) if "fun" in fields else math.nan
         grad_norm = float(fields["grad_norm"]) if "grad_norm" in fields else math.nan
         n_gev = 0
         if not all_finite(x):
             status = SolverStatus.NONFINITE
+            message = f"Subprocess({list(self.command)!r}): the program's answer x holds NaN or infinity"
         elif self.measure_grad:
             fun, grad_norm, n_gev = measure(objective, x, theta, "Subprocess")
         return SolverResult(
-            x=x, status=status, n_iter=n_iter, grad_norm=grad_norm, n_gev=n_gev, fun=fun, info=info
+            x=x,
+            status=status,
+            n_iter=n_iter,
+            grad_norm=grad_norm,
+            n_gev=n_gev,
+            fun=fun,
+            info=info,
+            message=message,
         )
+
+
+def _text(out: str | bytes | None) -> str:
+    """A captured stream as text (``TimeoutExpired`` may hold bytes or ``None``)."""
+    if out is None:
+        return ""
+    return out.decode(errors="replace") if isinstance(out, bytes) else out
+
+
+def _read_answer(path: str) -> dict[str, np.ndarray]:
+    """The arrays of the answer file, or a `StructureError` that says what the file should be.
+
+    Raises:
+        StructureError: the file is not an ``.npz`` archive (``np.savez``), is damaged, or holds
+            object arrays (pickles are never loaded).
+    """
+    fmt = (
+        "the answer must be an .npz archive written with np.savez(path, x_0=..., ...) holding "
+        "numeric arrays and strings"
+    )
+    if not zipfile.is_zipfile(path):
+        size = os.path.getsize(path)
+        raise StructureError(f"Subprocess: the answer file ({size} bytes) is not an .npz archive: {fmt}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: np.asarray(data[k]) for k in data.files}
+    except ValueError as err:  # object arrays: numpy would suggest allow_pickle=True, which we never do
+        raise StructureError(
+            f"Subprocess: the answer file holds an object array (a pickle), which is not read: {fmt}"
+        ) from err
+    except (OSError, zipfile.BadZipFile, EOFError) as err:
+        raise StructureError(f"Subprocess: the answer file is damaged ({err}): {fmt}") from err

@@ -1,0 +1,546 @@
+"""Meta-learning for any ``nn.Module`` with any ``torch.optim`` optimizer: IMAML, MAML, FOMAML, Reptile.
+
+The ``nn.Module`` workflow of learn2learn and higher, on the engine of `meta_gradient`: a learner
+holds the model and a `MetaAlgorithm`; `MetaLearner.step` computes the meta-gradient of a
+meta-batch and adds it to the ``.grad`` of the model's parameters, so any optimizer can step::
+
+    model = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 1))
+    learner = IMAML(model, lam=2.0, inner=InnerGD(steps=10, lr=0.05), cg_iters=5)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for step in range(1000):
+        opt.zero_grad()
+        loss = learner.step(tasks.meta_batch(step, 16))   # mean query loss after adaptation
+        opt.step()
+    adapted = learner.adapt(test_batch)                    # the B adapted models
+    pred = adapted(test_batch.query_x)                     # (B, Nq, 1)
+    res = learner.evaluate(test_batch)                     # an EvalResult: losses, accuracies
+
+Classification or regression is read from the labels' dtype: integer ``support_y`` means
+classification (cross-entropy on logits, accuracy reported), floating ``support_y`` regression
+(mean squared error, `mse`; accuracy NaN).  ``task_type=`` fixes it, and a batch of the other kind
+is then refused.  Regression targets of shape ``(K,)`` per task are compared with model outputs of
+shape ``(K, 1)`` as ``(K, 1)`` (never broadcast to ``(K, K)``).
+
+Nothing here re-implements an algorithm: `step` is `meta_gradient`, `MetaLearner.adapt` is
+`bilevel.metalearn.adapt`, and the B task models run through `batched_model` (the `ConvNet` and
+`MLP` of `bilevel.metalearn.models`) or ``torch.func.vmap`` of `make_functional` (any other module).
+Parameters with ``requires_grad=False`` are neither adapted nor given a gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import ClassVar, Literal, Union, cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .algorithms import (
+    FirstOrder,
+    Implicit,
+    InnerGD,
+    InnerNewtonCG,
+    MetaAlgorithm,
+    MetaStats,
+    ReptileStep,
+    Unrolled,
+    adapt,
+    meta_gradient,
+)
+from .evaluation import EvalResult, Run, evaluate_tasks
+from .models import BatchedModel, Params, batched_model, make_functional, mse
+from .tasks import Task, stack_tasks
+
+__all__ = ["FOMAML", "IMAML", "MAML", "AdaptedModel", "MetaLearner", "Reptile", "TaskType"]
+
+#: ``"classification"`` (integer labels, cross-entropy) or ``"regression"`` (floating targets, MSE).
+TaskType = Literal["classification", "regression"]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Tasks = Union[Task, Sequence[Task]]
+
+_TASK_TYPES = ("classification", "regression")
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``F.cross_entropy`` of one task's logits ``(N, C)`` and labels ``(N,)``, shapes checked."""
+    if out.ndim != y.ndim + 1 or out.shape[: y.ndim] != y.shape:
+        raise ValueError(
+            f"classification: the model returned {tuple(out.shape)} for labels {tuple(y.shape)}; "
+            "expected logits (N, classes) for labels (N,) per task"
+        )
+    return F.cross_entropy(out, y)
+
+
+def _squared_error(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """`mse` of one task's outputs and targets, where ``(K, 1)`` and ``(K,)`` meet as ``(K, 1)``."""
+    if out.shape != y.shape:
+        if out.shape == (*y.shape, 1):
+            y = y.unsqueeze(-1)
+        elif y.shape == (*out.shape, 1):
+            y = y.squeeze(-1)
+        else:
+            raise ValueError(
+                f"regression: the model returned {tuple(out.shape)} for targets {tuple(y.shape)} per task; "
+                "shapes must be equal (a trailing 1 may be missing on either side)"
+            )
+    return mse(out, y)
+
+
+def _label_kind(y: torch.Tensor, who: str, field: str) -> TaskType:
+    if y.dtype == torch.bool or y.is_complex():
+        raise TypeError(
+            f"{who}: {field} is {y.dtype}; use integer class labels (int64) or floating regression targets"
+        )
+    return "regression" if y.is_floating_point() else "classification"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AdaptedModel:
+    """The B models of a meta-batch after adaptation: ``adapted(x)`` runs task b's model on ``x[b]``.
+
+    Attributes:
+        params: the adapted parameters phi by name, each with a leading task dimension B (the
+            trainable parameters only; frozen ones are read from the module).
+        batched: the `BatchedModel` that evaluates them.
+    """
+
+    params: Params
+    batched: BatchedModel
+
+    def __len__(self) -> int:
+        """B, the number of adapted tasks."""
+        return int(next(iter(self.params.values())).shape[0])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Outputs ``(B, N, ...)`` of the B adapted models on inputs ``x`` of shape ``(B, N, ...)``.
+
+        Raises:
+            ValueError: ``x`` does not have B as its leading dimension.
+        """
+        if x.ndim < 2 or x.shape[0] != len(self):
+            raise ValueError(
+                f"AdaptedModel: inputs have shape {tuple(x.shape)}; expected (B, N, ...) with "
+                f"B = {len(self)} (one set of inputs per adapted task; use .task(i)(x) for one task)"
+            )
+        return self.batched.outputs(self.params, x)
+
+    def task(self, i: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Task ``i``'s adapted model alone: ``f(x)`` with ``x`` ``(N, ...)`` returns ``(N, ...)``."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"AdaptedModel.task({i}): {len(self)} tasks")
+        phi = {k: v[i] for k, v in self.params.items()}
+        single = self.batched.single
+        return lambda x: single(phi, x)
+
+    def __repr__(self) -> str:
+        n = sum(v[0].numel() for v in self.params.values())
+        return f"AdaptedModel({len(self)} tasks, {n:,} adapted parameters each)"
+
+
+class MetaLearner:
+    """A model and a `MetaAlgorithm`: meta-gradients into ``.grad``, adaptation, evaluation.
+
+    `IMAML`, `MAML`, `FOMAML` and `Reptile` build the algorithm from keyword arguments; this class
+    takes any `MetaAlgorithm` (e.g. ``make_algorithm("imaml-hf")``).
+
+    Args:
+        model: any module mapping one task's inputs ``(N, ...)`` to outputs ``(N, classes)`` (logits)
+            or ``(N, ...)`` (regression).  Batch-norm layers must not track running statistics
+            (``track_running_stats=False``): the B task models run as one function of the parameters.
+        algorithm: how to adapt and how to form the meta-gradient.
+        task_type: ``"classification"`` or ``"regression"``; ``None`` reads it from each batch's
+            ``support_y`` dtype (integer: classification, floating: regression).
+        loss: ``loss(outputs, y) -> scalar`` for one task, replacing cross-entropy / `mse`.
+        vectorize: run models other than the package's `ConvNet` / `MLP` under ``torch.func.vmap``
+            (``True``) or in a loop over tasks (for ops without batching rules).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, ``algorithm`` not a `MetaAlgorithm`, ``loss``
+            not callable.
+        ValueError: an unknown ``task_type``; a model without parameters; a batch norm that
+            tracks running statistics.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        algorithm: MetaAlgorithm,
+        *,
+        task_type: TaskType | None = None,
+        loss: LossFn | None = None,
+        vectorize: bool = True,
+    ) -> None:
+        who = type(self).__name__
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{who}(model={type(model).__name__}): expected a torch.nn.Module")
+        if not isinstance(algorithm, MetaAlgorithm):
+            raise TypeError(f"{who}(algorithm={algorithm!r}): expected a MetaAlgorithm (make_algorithm)")
+        if task_type is not None and task_type not in _TASK_TYPES:
+            raise ValueError(f"{who}(task_type={task_type!r}): use 'classification', 'regression' or None")
+        if loss is not None and not callable(loss):
+            raise TypeError(f"{who}(loss={loss!r}): expected a callable loss(outputs, y) -> scalar")
+        if not any(True for _ in model.parameters()):
+            raise ValueError(f"{who}: the model has no parameters")
+        for name, m in model.named_modules():
+            if isinstance(m, _BATCH_NORMS) and m.track_running_stats:
+                raise ValueError(
+                    f"{who}: {type(m).__name__} {name!r} tracks running statistics, which the B task "
+                    "models cannot share; build it with track_running_stats=False (batch statistics, "
+                    "as in MAML and iMAML)"
+                )
+        self._model = model
+        self._algorithm = algorithm
+        self._task_type: TaskType | None = task_type
+        self._loss = loss
+        self._vectorize = bool(vectorize)
+        self._fn = make_functional(model)[0]
+        self._structured = batched_model(model)
+
+    # -- configuration, read-only
+    @property
+    def model(self) -> nn.Module:
+        """The module whose parameters are meta-learned (theta)."""
+        return self._model
+
+    @property
+    def algorithm(self) -> MetaAlgorithm:
+        """The `MetaAlgorithm` of `step` and `adapt`."""
+        return self._algorithm
+
+    @property
+    def task_type(self) -> TaskType | None:
+        """The fixed task type, or ``None`` (read from each batch's labels)."""
+        return self._task_type
+
+    # -- the engine's inputs
+    def _theta(self) -> dict[str, nn.Parameter]:
+        theta = {n: p for n, p in self._model.named_parameters() if p.requires_grad}
+        if not theta:
+            raise ValueError(
+                f"{type(self).__name__}: every parameter has requires_grad=False; nothing to learn"
+            )
+        return theta
+
+    def _batched(self, theta: dict[str, nn.Parameter]) -> BatchedModel:
+        """The model's structure where every parameter is learned, else vmap (or a loop) of ``fn``."""
+        if self._structured is not None and len(theta) == sum(1 for _ in self._model.parameters()):
+            return self._structured
+        return BatchedModel.from_function(self._fn, vectorize=self._vectorize)
+
+    def _batch(self, tasks: Tasks, who: str, like: torch.Tensor) -> Task:
+        """``tasks`` as one meta-batch on ``like``'s device, checked against ``like``'s dtype."""
+        if isinstance(tasks, Task):
+            batch = tasks
+        elif isinstance(tasks, Sequence) and not isinstance(tasks, (str, bytes)):
+            if not tasks or not all(isinstance(t, Task) for t in tasks):
+                raise TypeError(f"{who}: expected a Task with a leading task dimension, or a list of Tasks")
+            shapes = {tuple(tuple(x.shape) for x in t) for t in tasks}
+            if len(shapes) > 1:
+                raise ValueError(
+                    f"{who}: the tasks have different shapes {sorted(shapes)[:2]}; a meta-batch holds tasks "
+                    "of one format"
+                )
+            batch = stack_tasks(list(cast(Sequence[Task], tasks)))
+        else:
+            raise TypeError(f"{who}: expected a Task or a list of Tasks, got {type(tasks).__name__}")
+        for name, t in zip(Task._fields, batch):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{who}: {name} is a {type(t).__name__}, not a tensor")
+        sx, sy, qx, qy = batch
+        if sx.ndim < 3 or sy.ndim < 2:
+            raise ValueError(
+                f"{who}: support_x has shape {tuple(sx.shape)} and support_y {tuple(sy.shape)}; expected "
+                "(B, N, ...) and (B, N, ...) with a leading task dimension B: pass a list of single tasks, "
+                "or stack_tasks([...])"
+            )
+        if not (sy.shape[:2] == sx.shape[:2] and qy.shape[:2] == qx.shape[:2] and qx.shape[0] == sx.shape[0]):
+            raise ValueError(
+                f"{who}: shapes support_x {tuple(sx.shape)}, support_y {tuple(sy.shape)}, query_x "
+                f"{tuple(qx.shape)}, query_y {tuple(qy.shape)} disagree; expected (B, N, ...) inputs and "
+                "(B, N, ...) labels or targets"
+            )
+        for name, x in (("support_x", sx), ("query_x", qx)):
+            if x.dtype != like.dtype:
+                raise ValueError(
+                    f"{who}: {name} is {x.dtype} but the model's parameters are {like.dtype}: convert the "
+                    f"tasks (Task(*(t.to({like.dtype}) if t.is_floating_point() else t for t in task))) "
+                    "or the model"
+                )
+        return batch.to(like.device)
+
+    def _kind(self, batch: Task, who: str) -> TaskType:
+        kind = _label_kind(batch.support_y, who, "support_y")
+        if batch.query_y.numel() and _label_kind(batch.query_y, who, "query_y") != kind:
+            raise ValueError(
+                f"{who}: support_y is {batch.support_y.dtype} but query_y is {batch.query_y.dtype}: "
+                "labels must be integers in both, or targets floating in both"
+            )
+        if self._task_type is not None and kind != self._task_type:
+            have = "integer labels" if kind == "classification" else "floating targets"
+            fix = "y.float()" if self._task_type == "regression" else "y.long()"
+            raise ValueError(
+                f"{who}: task_type={self._task_type!r} but support_y is {batch.support_y.dtype} ({have}); "
+                f"convert the labels ({fix}) or use task_type={kind!r} (or None to infer it)"
+            )
+        return kind
+
+    def _loss_of(self, kind: TaskType) -> LossFn:
+        if self._loss is not None:
+            return self._loss
+        return _cross_entropy if kind == "classification" else _squared_error
+
+    # -- the API
+    def step(
+        self, tasks: Tasks, *, return_stats: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, MetaStats]:
+        """Meta-gradient of a meta-batch, added to ``p.grad`` of every trainable ``p`` of the model.
+
+        ``.grad`` accumulates like ``loss.backward()``: call ``optimizer.zero_grad()`` before each
+        step (or not, to accumulate several meta-batches).  The value added is the mean over the B
+        tasks of the algorithm's task meta-gradient, exactly ``meta_gradient(...)[0]``; for `Reptile`
+        it is the mean of ``theta - phi_i`` (an SGD step of size 1 moves theta to the mean phi).
+
+        Args:
+            tasks: a `Task` whose tensors have a leading task dimension B, or a list of single
+                tasks of one format (stacked with `stack_tasks`).  Moved to the model's device;
+                inputs must have the parameters' dtype.
+            return_stats: also return the per-task `MetaStats` (losses, inner-solver and CG
+                diagnostics).
+
+        Returns:
+            The mean query loss after adaptation (a detached 0-d tensor), and the `MetaStats` if
+            ``return_stats``.
+
+        Raises:
+            TypeError: ``tasks`` is not a Task or a list of Tasks; boolean or complex labels.
+            ValueError: no leading task dimension, disagreeing shapes, inputs of another dtype than
+                the parameters, labels of the other kind than ``task_type``, model outputs that do
+                not fit the labels.
+            NonFiniteError: the inner solve diverged (lower the inner step size or raise lam).
+        """
+        who = f"{type(self).__name__}.step"
+        theta = self._theta()
+        first = next(iter(theta.values()))
+        batch = self._batch(tasks, who, first)
+        kind = self._kind(batch, who)
+        g, _, stats = meta_gradient(
+            self._algorithm,
+            self._fn,
+            self._loss_of(kind),
+            {n: p.detach() for n, p in theta.items()},
+            batch,
+            classification=kind == "classification",
+            vectorize=self._vectorize,
+            batched=self._batched(theta),
+        )
+        with torch.no_grad():
+            for n, p in theta.items():
+                if p.grad is None:
+                    p.grad = g[n].detach().clone()
+                else:
+                    p.grad.add_(g[n])
+        loss = stats.query_loss.mean().detach()
+        return (loss, stats) if return_stats else loss
+
+    def adapt(self, tasks: Tasks, *, inner: InnerGD | InnerNewtonCG | None = None) -> AdaptedModel:
+        """Adapt theta to each task's support set with the algorithm's inner solver (no gradient kept).
+
+        Args:
+            tasks: as in `step` (the query sets are not used and may be empty).
+            inner: adapt with this inner solver instead of the algorithm's (e.g. more steps at test
+                time, as MAML does).
+
+        Returns:
+            The `AdaptedModel` of the B tasks.
+        """
+        who = f"{type(self).__name__}.adapt"
+        theta = self._theta()
+        batch = self._batch(tasks, who, next(iter(theta.values())))
+        kind = self._kind(batch, who)
+        bm = self._batched(theta)
+        phi = adapt(
+            self._algorithm_for(inner),
+            self._fn,
+            self._loss_of(kind),
+            {n: p.detach() for n, p in theta.items()},
+            batch.support_x,
+            batch.support_y,
+            vectorize=self._vectorize,
+            batched=bm,
+        )
+        return AdaptedModel(phi, bm)
+
+    def evaluate(
+        self,
+        tasks: Tasks,
+        *,
+        inner: InnerGD | InnerNewtonCG | None = None,
+        batch_size: int | None = None,
+    ) -> EvalResult:
+        """Adapt to each task and score its query set (`evaluate_tasks` of `as_run`).
+
+        Returns:
+            `EvalResult`: per-task ``query_loss`` and ``query_acc`` (NaN for regression),
+            ``predictions``, and ``mean_accuracy`` / ``ci95`` in percent.
+        """
+        who = f"{type(self).__name__}.evaluate"
+        theta = self._theta()
+        batch = self._batch(tasks, who, next(iter(theta.values())))
+        return evaluate_tasks(self.as_run(self._kind(batch, who), inner=inner), batch, batch_size=batch_size)
+
+    def as_run(
+        self, task_type: TaskType | None = None, *, inner: InnerGD | InnerNewtonCG | None = None
+    ) -> Run:
+        """The current theta as a `Run` (for `evaluate_tasks`, `evaluate_fixed`).
+
+        Args:
+            task_type: the run's task type (default: the learner's; required when it infers).
+
+        Raises:
+            ValueError: no task type given or fixed.
+        """
+        kind = task_type or self._task_type
+        if kind not in _TASK_TYPES:
+            raise ValueError(
+                f"{type(self).__name__}.as_run: give task_type='classification' or 'regression' "
+                "(the learner infers it from each batch)"
+            )
+        theta = self._theta()
+        return Run(
+            model_fn=self._fn,
+            params={n: p.detach() for n, p in theta.items()},
+            algorithm=self._algorithm_for(inner),
+            loss=self._loss_of(kind),
+            classification=kind == "classification",
+            batched=self._batched(theta),
+        )
+
+    def _algorithm_for(self, inner: InnerGD | InnerNewtonCG | None) -> MetaAlgorithm:
+        return self._algorithm if inner is None else dataclasses.replace(self._algorithm, inner=inner)
+
+    def _config(self) -> str:
+        return f"algorithm={self._algorithm!r}"
+
+    def __repr__(self) -> str:
+        n = sum(p.numel() for p in self._model.parameters())
+        model = f"{type(self._model).__name__} ({n:,} parameters)"
+        return f"{type(self).__name__}(model={model}, {self._config()}, task_type={self._task_type!r})"
+
+
+class IMAML(MetaLearner):
+    """iMAML (Rajeswaran et al. 2019): the implicit meta-gradient of G = Lhat + lam/2 ||phi - theta||^2.
+
+    The task meta-gradient solves ``(I + Lhat''(phi)/lam) g = grad L(phi)`` with ``cg_iters`` CG steps
+    at the inner answer phi (`Implicit`); the inner solver's path is not stored.
+
+    Args:
+        model: as in `MetaLearner`.
+        lam: proximal weight (> 0; 2 in the paper's Omniglot settings).
+        inner: the inner solver: `InnerGD` (iMAML-GD; ``backtrack=True`` recommended) or
+            `InnerNewtonCG` (iMAML-HF).
+        cg_iters: CG steps of the backward solve.
+        damping: solve ``((1 + damping) I + Lhat''/lam) g = v`` (the authors' code); 0 is the paper's.
+        task_type, loss, vectorize: as in `MetaLearner`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        lam: float = 2.0,
+        inner: InnerGD | InnerNewtonCG = InnerGD(),  # noqa: B008 - frozen, immutable
+        cg_iters: int = 5,
+        damping: float = 0.0,
+        task_type: TaskType | None = None,
+        loss: LossFn | None = None,
+        vectorize: bool = True,
+    ) -> None:
+        algo = MetaAlgorithm(inner, Implicit(cg_iters=cg_iters, damping=damping), lam)
+        super().__init__(model, algo, task_type=task_type, loss=loss, vectorize=vectorize)
+
+    def _config(self) -> str:
+        mg = self.algorithm.meta_gradient
+        assert isinstance(mg, Implicit)
+        a = self.algorithm
+        return f"lam={a.lam}, inner={a.inner!r}, cg_iters={mg.cg_iters}, damping={mg.damping}"
+
+
+class MAML(MetaLearner):
+    """MAML (Finn et al. 2017): backpropagation through ``inner.steps`` steps of GD on the support loss.
+
+    Memory grows with the inner steps (`Unrolled`).
+
+    Args:
+        model: as in `MetaLearner`.
+        inner: fixed-step gradient descent (``tol=None``, ``backtrack=False``: a fixed path).
+        task_type, loss, vectorize: as in `MetaLearner`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        inner: InnerGD = InnerGD(),  # noqa: B008 - frozen, immutable
+        task_type: TaskType | None = None,
+        loss: LossFn | None = None,
+        vectorize: bool = True,
+    ) -> None:
+        super().__init__(
+            model, MetaAlgorithm(inner, Unrolled(), 0.0), task_type=task_type, loss=loss, vectorize=vectorize
+        )
+
+    def _config(self) -> str:
+        return f"inner={self.algorithm.inner!r}"
+
+
+class _SolveOnly(MetaLearner):
+    """A meta-gradient formed from the inner solve alone (no second derivatives, lam = 0)."""
+
+    kind: ClassVar[FirstOrder | ReptileStep]
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        inner: InnerGD | InnerNewtonCG = InnerGD(),  # noqa: B008 - frozen, immutable
+        task_type: TaskType | None = None,
+        loss: LossFn | None = None,
+        vectorize: bool = True,
+    ) -> None:
+        super().__init__(
+            model,
+            MetaAlgorithm(inner, self.kind, 0.0),
+            task_type=task_type,
+            loss=loss,
+            vectorize=vectorize,
+        )
+
+    def _config(self) -> str:
+        return f"inner={self.algorithm.inner!r}"
+
+
+class FOMAML(_SolveOnly):
+    """First-order MAML: the query gradient at the adapted parameters, taken as the meta-gradient.
+
+    Args:
+        model: as in `MetaLearner`.
+        inner: the inner solver on the support loss.
+        task_type, loss, vectorize: as in `MetaLearner`.
+    """
+
+    kind = FirstOrder()
+
+
+class Reptile(_SolveOnly):
+    """Reptile (Nichol et al. 2018): ``theta - phi_i`` taken as the meta-gradient.
+
+    Args:
+        model: as in `MetaLearner`.
+        inner: the inner solver on the support loss (whose answer is phi_i).
+        task_type, loss, vectorize: as in `MetaLearner`.
+    """
+
+    kind = ReptileStep()

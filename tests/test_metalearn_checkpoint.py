@@ -1,0 +1,146 @@
+"""Checkpoints: one loader that names the file and the damage, and resumes that refuse a different run.
+
+Every unusable file (empty, truncated, garbage, a pickle of objects, a model's state_dict) is a
+`bilevel.CheckpointError` naming the file; a resume checks the saved configuration; an earlier
+result is never overwritten without a word.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import bilevel as bl
+from bilevel.metalearn import TrainConfig, load_checkpoint, load_run, train
+from bilevel.metalearn.models import sinusoid_mlp
+
+
+def tiny(out: Path, **kw: object) -> TrainConfig:
+    """A sinusoid run of a few meta-steps that trains and evaluates in about a second."""
+    base: dict[str, object] = dict(
+        algo="fomaml",
+        dataset="sinusoid",
+        shots=5,
+        queries=5,
+        meta_batch=2,
+        meta_steps=2,
+        inner_steps=2,
+        inner_lr=0.01,
+        test_tasks=3,
+        eval_batch=3,
+        dtype="float64",
+        threads=1,
+        out=str(out),
+    )
+    base.update(kw)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("good")
+    train(tiny(out), progress=False)
+    return out / "checkpoint.pt"
+
+
+class Foo:
+    """A class whose instances torch.load(weights_only=True) refuses to unpickle."""
+
+
+def test_every_kind_of_damage_is_named(good: Path, tmp_path: Path) -> None:
+    data = good.read_bytes()
+    cases: dict[str, tuple[bytes | object, str]] = {
+        "empty.pt": (b"", r"the file is empty \(0 bytes\)"),
+        "truncated.pt": (data[: len(data) // 2], "not a torch.save archive .* truncated"),
+        "garbage.pt": (bytes(range(256)) * 4, "not a torch.save archive"),
+        "objects.pt": ({"x": Foo()}, "never unpickled"),
+        "state_dict.pt": (sinusoid_mlp().state_dict(), r"lacks \['theta', 'log_lam'"),
+        "tensor.pt": (torch.zeros(3), "holds a Tensor, not a dict"),
+    }
+    for name, (content, match) in cases.items():
+        path = tmp_path / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            torch.save(content, path)
+        with pytest.raises(bl.CheckpointError, match=match) as err:
+            load_checkpoint(path)
+        assert str(path) in str(err.value)
+        assert "weights_only=False" not in str(err.value)  # never advise running a file's code
+        with pytest.raises(bl.CheckpointError, match=match):
+            load_run(path)
+    broken = torch.load(good, weights_only=True)
+    broken["config"] = "{not json"
+    torch.save(broken, tmp_path / "config.pt")
+    with pytest.raises(bl.CheckpointError, match="'config' is not a JSON object"):
+        load_checkpoint(tmp_path / "config.pt")
+    broken["config"] = json.dumps({**json.loads(torch.load(good)["config"]), "future_field": 1})
+    torch.save(broken, tmp_path / "future.pt")
+    with pytest.raises(bl.CheckpointError, match=r"fields \['future_field'\] that this version"):
+        load_run(tmp_path / "future.pt")
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "none.pt")
+    assert load_checkpoint(good.parent)["step"] == 2  # the run's folder works too
+
+
+def test_resume_needs_a_checkpoint_and_a_new_run_needs_an_empty_folder(tmp_path: Path) -> None:
+    with pytest.raises(bl.CheckpointError, match="nothing to resume: no checkpoint at"):
+        train(tiny(tmp_path / "none"), resume=True, progress=False)
+    assert not (tmp_path / "none").exists()
+    out = tmp_path / "run"
+    train(tiny(out), progress=False)
+    with pytest.raises(bl.CheckpointError, match=r"already holds a run .* \(--resume, .* \(--overwrite,"):
+        train(tiny(out), progress=False)
+    first = json.loads((out / "metrics.json").read_text())
+    again = train(tiny(out, seed=1), progress=False, overwrite=True)
+    assert again["earlier_metrics"] == "metrics.step2.json"
+    assert json.loads((out / "metrics.step2.json").read_text()) == first
+    assert [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()] == [0, 1]
+
+
+def test_resume_refuses_another_configuration_and_lists_the_fields(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train(tiny(out), progress=False)
+    saved = (out / "config.json").read_text()
+    other = tiny(out, algo="reptile", meta_batch=3, inner_lr=0.02, ways=3)
+    with pytest.raises(bl.CheckpointError, match="another configuration") as err:
+        train(other, resume=True, progress=False)
+    for field in ("algo: saved 'fomaml', now 'reptile'", "ways: saved 5, now 3", "meta_batch", "inner_lr"):
+        assert field in str(err.value)
+    assert (out / "config.json").read_text() == saved  # untouched
+    # a cosine schedule is shaped by meta_steps: a longer run would change the trajectory
+    cos = tmp_path / "cos"
+    train(tiny(cos, lr_schedule="cosine"), progress=False)
+    with pytest.raises(bl.CheckpointError, match="meta_steps: saved 2, now 4"):
+        train(tiny(cos, lr_schedule="cosine", meta_steps=4), resume=True, progress=False)
+
+
+def test_a_resumed_run_keeps_the_earlier_result(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train(tiny(out, test_tasks=6), progress=False)
+    first = json.loads((out / "metrics.json").read_text())
+    # more steps, a smaller final evaluation and other evaluation settings may change on resume
+    m = train(tiny(out, meta_steps=3, test_tasks=3, eval_batch=2), resume=True, progress=False)
+    assert m["test_tasks"] == 3 and m["meta_steps_done"] == 3
+    assert json.loads((out / "metrics.step2.json").read_text()) == first  # the 6-task result survives
+    assert json.loads((out / "config.json").read_text())["meta_steps"] == 3
+    steps = [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2]
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_is_refused(good: Path, tmp_path: Path) -> None:
+    ck = torch.load(good, weights_only=True)
+    ck["theta"] = {k: v[..., :1] for k, v in ck["theta"].items()}
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save(ck, out / "checkpoint.pt")
+    cfg = TrainConfig(**{**json.loads(ck["config"]), "out": str(out)})
+    with pytest.raises(bl.CheckpointError, match="does not fit the model"):
+        train(cfg, resume=True, progress=False)
+    with pytest.raises(bl.CheckpointError, match="do not fit the"):
+        load_run(out / "checkpoint.pt")
+    assert dataclasses.asdict(cfg)["out"] == str(out)

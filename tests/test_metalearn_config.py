@@ -1,0 +1,63 @@
+"""TrainConfig checks every field at construction, with a typed error that names it."""
+
+from __future__ import annotations
+
+import pytest
+
+from bilevel.metalearn import ConfigError, TrainConfig
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("log_every", 0, "must be >= 1 .steps between log records"),
+        ("eval_tasks", 0, "must be >= 1"),
+        ("eval_every", -1, "must be >= 0"),
+        ("checkpoint_every", -5, "must be >= 0"),
+        ("time_limit", -1.0, "must be finite and > 0"),
+        ("time_limit", float("inf"), "must be finite and > 0"),
+        ("meta_lr", 0.0, "must be finite and > 0"),
+        ("inner_lr", float("nan"), "must be finite and > 0"),
+        ("lam", -2.0, "must be finite and > 0"),
+        ("damping", -0.1, "must be finite and >= 0"),
+        ("seed", -1, "must be >= 0"),
+        ("threads", 0, "must be >= 1"),
+        ("newton_iters", 0, "must be >= 1"),
+        ("meta_batch", 2.5, "must be an integer"),
+        ("ways", True, "must be an integer"),
+        ("meta_lr", "fast", "must be a number"),
+        ("split", "random", "choose one of vinyals or lake"),
+        ("batched", "yes", "must be True or False"),
+        ("out", "", "must name an output folder"),
+        ("device", "gpu0", "not a device"),
+        ("ways", 1, "needs ways >= 2"),
+    ],
+)
+def test_every_field_is_checked(field: str, value: object, match: str) -> None:
+    with pytest.raises(ConfigError, match=match) as err:
+        TrainConfig(**{field: value})  # type: ignore[arg-type]
+    assert err.value.field == field and str(err.value).startswith(f"TrainConfig({field}=")
+
+
+def test_contradictions_are_refused() -> None:
+    with pytest.raises(ConfigError, match="own line search: drop backtrack"):
+        TrainConfig(algo="imaml-hf", backtrack=True)
+    with pytest.raises(ConfigError, match="fixed inner path: drop backtrack"):
+        TrainConfig(algo="maml", backtrack=True)
+    assert TrainConfig(dataset="sinusoid", ways=1).ways == 1  # a sinusoid task has no classes
+
+
+def test_resume_conflicts_list_the_fields_that_shape_the_run() -> None:
+    saved = TrainConfig(algo="fomaml", meta_steps=100)
+    assert saved.resume_conflicts(saved) == []
+    more = TrainConfig(algo="fomaml", meta_steps=200, test_tasks=10, device="cpu", log_every=1)
+    assert more.resume_conflicts(saved) == []
+    other = TrainConfig(algo="maml", meta_steps=200, inner_lr=0.5)
+    assert other.resume_conflicts(saved) == [
+        "algo: saved 'fomaml', now 'maml'",
+        "inner_lr: saved 0.1, now 0.5",
+    ]
+    cos = TrainConfig(algo="fomaml", meta_steps=200, lr_schedule="cosine")
+    assert "meta_steps: saved 100, now 200" in cos.resume_conflicts(
+        TrainConfig(algo="fomaml", lr_schedule="cosine", meta_steps=100)
+    )
