@@ -185,8 +185,10 @@ class _Problem:
 
     def _norms(self, ts: Leaves) -> torch.Tensor:
         """Per-problem Euclidean norms (B,) in float64 (shape (1,) when not batched)."""
-        flat = self._flat(tuple(t.detach() for t in ts), torch.float64)
-        return torch.linalg.vector_norm(flat.reshape(flat.shape[0] if self.batched else 1, -1), dim=1)
+        B = ts[0].shape[0] if self.batched else 1
+        # leaf by leaf (no concatenated float64 copy), squares summed in float64
+        sq = [torch.linalg.vector_norm(t.detach().reshape(B, -1), dim=1).double().square() for t in ts]
+        return torch.stack(sq).sum(0).sqrt()
 
     def solve(self, theta: Leaves, init_leaves: Leaves) -> Leaves:
         theta_tree = unflatten(self.theta_like, list(theta))

@@ -202,20 +202,25 @@ def cg_solve(
         curvature = torch.where(negative, pAp, curvature)
         alive = alive & ~nonfinite & ~negative
         alpha = torch.where(alive, rz / torch.where(alive, pAp, torch.ones_like(pAp)), torch.zeros_like(rz))
-        x = x + alpha[:, None] * p
-        r = r - alpha[:, None] * Ap
+        # fused multiply-adds: one pass over each vector (stopped problems have alpha = 0)
+        x = torch.addcmul(x, alpha[:, None], p)
+        r = torch.addcmul(r, alpha[:, None], Ap, value=-1.0)
         r_new = _rownorm(r)
         r_norm = torch.where(alive, r_new, r_norm)
         converged = alive & (r_new <= tol)
         codes = torch.where(converged, _CODE[LinearStatus.CONVERGED], codes)
         # stagnated at machine precision: stop, the true residual below judges it
         alive = alive & ~converged & ~(r_new <= floor)
-        z = M(r)
-        rz_new = _rowdot(r, z)
+        if preconditioner is None:
+            z, rz_new = r, r_new * r_new  # z = r: r'z is the squared norm just computed
+        else:
+            z = M(r)
+            rz_new = _rowdot(r, z)
         beta = torch.where(
             alive, rz_new / torch.where(rz != 0, rz, torch.ones_like(rz)), torch.zeros_like(rz)
         )
-        p = torch.where(alive[:, None], z + beta[:, None] * p, p)
+        p_new = torch.addcmul(z, beta[:, None], p)
+        p = p_new if bool(alive.all()) else torch.where(alive[:, None], p_new, p)
         rz = torch.where(alive, rz_new, rz)
     x_finite = torch.isfinite(x).all(dim=1)
     codes = torch.where(x_finite, codes, _CODE[LinearStatus.NONFINITE])

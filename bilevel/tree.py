@@ -172,8 +172,16 @@ def all_finite(ts: Sequence[torch.Tensor]) -> torch.Tensor:
     floats = [t for t in ts if t.is_floating_point()]
     if len(floats) != len(ts) or len({t.device for t in ts}) > 1 or not ts:
         return torch.stack([torch.isfinite(t).all() for t in ts]) if ts else torch.ones(0, dtype=torch.bool)
-    peaks = torch._foreach_norm([t.detach() for t in ts], float("inf"))
+    peaks = torch._foreach_norm([_unexpanded(t.detach()) for t in ts], float("inf"))
     return torch.isfinite(torch.stack(peaks))
+
+
+def _unexpanded(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without the repeats of an ``expand`` (stride-0 dimensions narrowed to one entry)."""
+    for dim, stride in enumerate(t.stride()):
+        if stride == 0 and t.shape[dim] > 1:
+            t = t.narrow(dim, 0, 1)
+    return t
 
 
 def check_finite(tree: TensorTree, what: str) -> None:

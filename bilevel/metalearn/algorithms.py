@@ -44,6 +44,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar, Union
 
 import torch
+from torch.autograd.function import once_differentiable
 
 import bilevel as bl
 from bilevel.solvers import Armijo, GradientDescent, NewtonCG
@@ -201,13 +202,23 @@ class _MetaBatch:
 
     # -- objectives
     def prox(self, phi: Params, th: Params) -> torch.Tensor:
-        """sum_k lam_k/2 ||phi_k - theta_k||^2 per task, shape (B,)."""
-        out = torch.zeros(self.B, dtype=self.batch.support_x.dtype, device=self.batch.support_x.device)
+        """sum_k lam_k/2 ||phi_k - theta_k||^2 per task, shape (B,).
+
+        Tensor by tensor, without concatenating phi (a copy of every parameter per evaluation):
+        one subtraction, one square and one row sum per tensor.
+        """
+        out: torch.Tensor | None = None
         for k, p in phi.items():
             lam = self.lam_of(k, th)
             if isinstance(lam, float) and lam == 0.0:
                 continue
-            out = out + 0.5 * lam * (p - th[k]).square().reshape(self.B, -1).sum(1)
+            # d.square().sum, not norm(d)**2, whose second derivative is wrong where d = 0; and
+            # not d * d, whose double backward takes twice the passes over the parameters
+            d = (p - th[k]).reshape(self.B, -1)
+            term = (0.5 * lam) * d.square().sum(1)
+            out = term if out is None else out + term
+        if out is None:
+            return torch.zeros(self.B, dtype=self.batch.support_x.dtype, device=self.batch.support_x.device)
         return out
 
     def objective(self, *, exact: bool) -> Callable[[Params, Params], torch.Tensor]:
@@ -216,7 +227,16 @@ class _MetaBatch:
         forward = self.bm.exact if exact else self.bm.fast
 
         def G(phi: Params, th: Params) -> torch.Tensor:
-            return task_losses(self.loss, forward(phi, x), y) + self.prox(phi, th)
+            support = task_losses(self.loss, forward(phi, x), y)
+            if exact or any(t.requires_grad for t in th.values()):
+                return support + self.prox(phi, th)
+            # The inner solver's objective: differentiated once, in phi only.
+            names = [k for k in phi if not (isinstance(lam := self.lam_of(k, th), float) and lam == 0.0)]
+            if not names:
+                return support
+            lams = tuple(self.lam_of(k, th) for k in names)
+            thetas = tuple(th[k] for k in names)
+            return support + _ProxFirstOrder.apply(lams, thetas, *(phi[k] for k in names))
 
         return G
 
@@ -245,12 +265,66 @@ class _MetaBatch:
         return torch.full(out.shape[:1], float("nan"), dtype=out.dtype, device=out.device)
 
     def query_gradients(self, phi: Params) -> tuple[Params, torch.Tensor, torch.Tensor]:
-        """Per-task query gradients grad L_i(phi_i) (B, ...), losses and accuracies."""
-        leaves = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
-        with torch.enable_grad():
-            ql, qa = self.query(leaves)
-            gs = torch.autograd.grad(ql.sum(), list(leaves.values()), allow_unused=True)
-        return _or_zeros(leaves, gs), ql.detach(), qa
+        """Per-task query gradients grad L_i(phi_i) (B, ...), losses (B,) and accuracies (B,).
+
+        First order, through the fast model.  Where ``loop_large`` runs the query sets task by
+        task, each task's gradient is taken at its own detached copy of phi_i: no gradient is
+        scattered back into a (B, ...) tensor per task and parameter.
+        """
+        if not self.bm.loop_large:
+            leaves = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
+            with torch.enable_grad():
+                ql, qa = self.query(leaves)
+                gs = torch.autograd.grad(ql.sum(), list(leaves.values()), allow_unused=True)
+            return _or_zeros(leaves, gs), ql.detach(), qa
+        x, y = self.batch.query_x, self.batch.query_y
+        grads, losses, outs = [], [], []
+        for i in range(self.B):
+            p = {k: v[i].detach().requires_grad_(True) for k, v in phi.items()}
+            with torch.enable_grad():
+                out = self.bm.single(p, x[i])
+                loss = self.loss(out, y[i])
+                grads.append(_or_zeros(p, torch.autograd.grad(loss, list(p.values()), allow_unused=True)))
+            losses.append(loss.detach())
+            outs.append(out.detach())
+        out_b = torch.stack(outs)
+        g = {k: torch.stack([gi[k] for gi in grads]) for k in phi}
+        return g, torch.stack(losses), self.accuracy(out_b, y)
+
+
+class _ProxFirstOrder(torch.autograd.Function):
+    """sum_k lam_k/2 ||phi_k - theta_k||^2 per task (B,), differentiable once and in phi only.
+
+    The proximal term of the inner solver's objective: its gradient lam_k (phi_k - theta_k) is
+    one fused product per tensor here, where autograd through (d * d).sum would take three
+    passes over every parameter per step.  Second derivatives (HVPs) go through `_MetaBatch.prox`.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, lams: tuple[float | torch.Tensor, ...], thetas: tuple[torch.Tensor, ...], *phi: torch.Tensor
+    ) -> torch.Tensor:
+        B = phi[0].shape[0]
+        diffs = [(p - t).reshape(B, -1) for p, t in zip(phi, thetas)]
+        out = None
+        for d, lam in zip(diffs, lams):
+            # one fused pass: the row-wise inner product as a batched matrix product
+            term = (0.5 * lam) * torch.bmm(d.unsqueeze(1), d.unsqueeze(2)).reshape(B)
+            out = term if out is None else out + term
+        ctx.lams = lams
+        ctx.shapes = [p.shape for p in phi]
+        ctx.save_for_backward(*diffs)
+        assert out is not None  # at least one tensor: the caller drops the prox term otherwise
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, go: torch.Tensor) -> tuple[Any, ...]:
+        grads = [
+            d.mul(go[:, None] * lam).reshape(shape)
+            for d, lam, shape in zip(ctx.saved_tensors, ctx.lams, ctx.shapes)
+        ]
+        return (None, None, *grads)
 
 
 def _or_zeros(like: Params, grads: tuple[torch.Tensor | None, ...]) -> Params:
@@ -324,10 +398,12 @@ class Implicit:
                 backward_x0=(lambda b: b / (d * lam_flat)) if self.warm_start else None,
                 return_info=True,
             )
-            ql, qa = mb.query(phi)
-            # The sum of the task losses: each task's right-hand side is its own query
-            # gradient v_i, so the CG residuals are in the units of grad L_i.
-            grads = torch.autograd.grad(ql.sum(), list(tree.values()), allow_unused=True)
+            # v_i = grad L_i(phi_i), first order, then back through the layer: each task's
+            # right-hand side is its own query gradient, so the CG residuals are in its units.
+            v, ql, qa = mb.query_gradients(phi)
+            grads = torch.autograd.grad(
+                list(phi.values()), list(tree.values()), grad_outputs=list(v.values()), allow_unused=True
+            )
         g = _or_zeros(tree, grads)
         assert info.solver_result is not None and info.last_backward is not None
         lam_grad = None
@@ -337,7 +413,7 @@ class Implicit:
             {k: g[k] for k in theta},
             lam_grad,
             {k: v.detach() for k, v in phi.items()},
-            ql.detach(),
+            ql,
             qa,
             info.solver_result,
             info.last_backward,

@@ -342,8 +342,14 @@ def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def rownorm(a: torch.Tensor) -> torch.Tensor:
-    """Per-problem Euclidean norms, accumulated in float64 (no float64 copy), shape (B,)."""
-    return torch.linalg.vector_norm(a, dim=1, dtype=torch.float64)
+    """Per-problem Euclidean norms as float64, shape (B,).
+
+    Computed in the input's precision (at least float32): an accumulation in float64 reads the
+    input several times slower (measured 7 ms against about 1 ms for 16 x 113k float32 entries),
+    and float32 norms overflow only for entries beyond 1e19, where the solve has diverged anyway.
+    """
+    low = a.dtype in (torch.float16, torch.bfloat16)
+    return torch.linalg.vector_norm(a, dim=1, dtype=torch.float32 if low else None).double()
 
 
 def rows_finite(*ts: torch.Tensor) -> torch.Tensor:
