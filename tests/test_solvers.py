@@ -650,3 +650,22 @@ def test_solver_result_checks_its_fields() -> None:
         bl.SolverResult(torch.zeros(1), "converged")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="expected a str"):
         bl.SolverResult(torch.zeros(1), bl.SolverStatus.FAILED, message=None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_fixed_budget_keeps_the_last_finite_iterate(batched: bool) -> None:
+    """With tol = 0 no gradient norm is taken per step: a divergence is caught from the values (or,
+    after the last step, from the iterate) and the problem keeps its last finite iterate."""
+    q = P.batched_quadratic()
+    b = slice(None) if batched else 0
+    per = q.per_problem if batched else q.single(0)
+    res = GradientDescent(lr=100 / q.L, max_iter=2000, tol=0.0, batched=batched)(
+        per, torch.zeros_like(q.theta[b]), q.theta[b]
+    )
+    statuses = res.problem_status if batched else (res.status,)
+    assert all(s is bl.SolverStatus.NONFINITE for s in statuses)
+    assert bool(torch.isfinite(res.x).all())  # type: ignore[arg-type]
+    ok = GradientDescent(lr=1 / q.L, max_iter=50, tol=0.0, batched=batched)(
+        per, torch.zeros_like(q.theta[b]), q.theta[b]
+    )
+    assert ok.status is bl.SolverStatus.BUDGET and ok.n_iter == 50 and ok.n_gev == 50
