@@ -669,3 +669,28 @@ def test_fixed_budget_keeps_the_last_finite_iterate(batched: bool) -> None:
         per, torch.zeros_like(q.theta[b]), q.theta[b]
     )
     assert ok.status is bl.SolverStatus.BUDGET and ok.n_iter == 50 and ok.n_gev == 50
+
+
+def test_step_halving_takes_one_evaluation_per_step_and_never_increases_the_objective() -> None:
+    """StepHalving: one trial per iteration (n_gev = max_iter + 1), a failed trial halves that
+    problem's step and leaves it in place; where fixed steps diverge it decreases every problem."""
+    q = P.batched_quadratic()
+    x0 = torch.zeros_like(q.theta)
+    lr = 30 / q.L  # far beyond 2/L: fixed steps diverge
+    fixed = GradientDescent(lr=lr, max_iter=40, tol=0.0, batched=True)(q.per_problem, x0, q.theta)
+    assert fixed.status is bl.SolverStatus.NONFINITE or not bool(
+        (q.per_problem(fixed.x, q.theta) < q.per_problem(x0, q.theta)).all()
+    )
+    start = q.per_problem(x0, q.theta)
+    prev = start
+    for k in (5, 10, 20, 40):
+        res = GradientDescent(lr=lr, max_iter=k, tol=0.0, line_search=bl.solvers.StepHalving(), batched=True)(
+            q.per_problem, x0, q.theta
+        )
+        assert res.n_gev == k + 1  # one evaluation of the batch per step
+        now = q.per_problem(res.x, q.theta)
+        assert bool((now <= prev + 1e-12).all())
+        prev = now
+    assert bool((prev < start).all())
+    with pytest.raises(ValueError, match=r"StepHalving\(shrink=1.5\)"):
+        bl.solvers.StepHalving(shrink=1.5)

@@ -32,6 +32,7 @@ from ._common import BatchedObjective as BatchedObjective
 from ._cvxpy import Cvxpy as Cvxpy
 from ._gradient_descent import GradientDescent as GradientDescent
 from ._line_search import Armijo as Armijo
+from ._line_search import StepHalving as StepHalving
 from ._nesterov import Nesterov as Nesterov
 from ._newton_cg import NewtonCG as NewtonCG
 from ._scipy import ScipyLBFGS as ScipyLBFGS
@@ -51,6 +52,7 @@ __all__ = [
     "ScipyLBFGS",
     "SklearnLogisticRegression",
     "SklearnRidge",
+    "StepHalving",
     "Subprocess",
     "sklearn_logistic_objective",
     "sklearn_ridge_objective",

@@ -9,7 +9,7 @@ import torch
 from .._results import SolverResult
 from .._types import Objective, TensorTree
 from ._common import Oracle, Step, check_int, check_positive, iterate
-from ._line_search import Armijo
+from ._line_search import Armijo, StepHalving
 from ._messages import check_setting, explain
 
 __all__ = ["GradientDescent"]
@@ -33,7 +33,10 @@ class GradientDescent:
             iterates would drift there instead of converging.
         max_iter: iteration cap (>= 0).
         tol: gradient-norm tolerance (>= 0), Euclidean norm over all leaves of phi.
-        line_search: ``None`` for fixed steps, or e.g. `Armijo()` to backtrack.
+        line_search: ``None`` for fixed steps, `Armijo()` to backtrack until each step
+            decreases G enough, or `StepHalving()` for one trial per step (a failed trial
+            halves that problem's step and leaves it in place): one evaluation of a batch
+            per step.
         batched: ``init`` holds B independent problems along the leading dimension
             of every leaf and the objective returns their losses, shape (B,) (or a
             `BatchedObjective`; without a line search a scalar sum works too).
@@ -66,7 +69,7 @@ class GradientDescent:
     lr: float
     max_iter: int = 1000
     tol: float = 1e-6
-    line_search: Armijo | None = None
+    line_search: Armijo | StepHalving | None = None
     batched: bool = False
     differentiable: bool = False
 
@@ -76,8 +79,10 @@ class GradientDescent:
         check_positive("GradientDescent", "lr", self.lr)
         check_int("GradientDescent", "max_iter", self.max_iter, 0)
         check_positive("GradientDescent", "tol", self.tol, allow_zero=True)
-        if self.line_search is not None and not isinstance(self.line_search, Armijo):
-            raise TypeError(f"GradientDescent(line_search={self.line_search!r}): expected Armijo or None")
+        if self.line_search is not None and not isinstance(self.line_search, (Armijo, StepHalving)):
+            raise TypeError(
+                f"GradientDescent(line_search={self.line_search!r}): expected Armijo, StepHalving or None"
+            )
         if self.differentiable and self.line_search is not None:
             raise ValueError(
                 "GradientDescent(differentiable=True, line_search=...): a line search's accepted steps "
@@ -126,5 +131,8 @@ class _GDMethod:
             return Step(x_new, f_new, g_new)
         d = -g * active[:, None]
         t, ok, x_new, f_new, g_new = ls.search(self.oracle, x, f, g, d, self.t, active)
+        if not ls.stops_on_failure:  # StepHalving: a failed trial shrinks the step, nothing stops
+            self.t = t
+            return Step(x_new, f_new, g_new)
         self.t = torch.where(ok, t, self.t)
         return Step(x_new, f_new, g_new, failed=active & ~ok)

@@ -17,7 +17,7 @@ import torch
 
 from .._results import SolverResult
 from .._status import SolverStatus
-from ._line_search import Armijo
+from ._line_search import Armijo, StepHalving
 
 __all__ = ["check_setting", "explain"]
 
@@ -63,7 +63,7 @@ def explain(
     cap: tuple[str, int],
     tol: float,
     step: tuple[str, float] | None = None,
-    line_search: Armijo | None = None,
+    line_search: Armijo | StepHalving | None = None,
 ) -> SolverResult:
     """``result`` with `SolverResult.message` saying why it stopped, naming the solver's settings.
 
@@ -101,7 +101,7 @@ def explain(
         trials = (
             f"{line_search.max_steps} trials (Armijo(max_steps={line_search.max_steps}, "
             f"shrink={line_search.shrink:g}))"
-            if line_search is not None
+            if isinstance(line_search, Armijo)
             else "its trials"
         )
         msg = (
