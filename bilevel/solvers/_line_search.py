@@ -11,6 +11,32 @@ from ._common import Oracle, check_int, rowdot, rows_finite
 __all__ = ["Armijo", "StepHalving"]
 
 
+def _check_constants(who: str, c1: float, shrink: float) -> None:
+    """``c1`` in (0, 1/2) and ``shrink`` in (0, 1), as numbers."""
+    for name, v, hi in (("c1", c1, 0.5), ("shrink", shrink, 1.0)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v < hi:
+            raise ValueError(f"{who}({name}={v!r}): {name} must be in (0, {hi:g})")
+
+
+def _trial(
+    oracle: Oracle,
+    x: torch.Tensor,
+    f: torch.Tensor,
+    d: torch.Tensor,
+    gd: torch.Tensor,
+    t: torch.Tensor,
+    run: torch.Tensor,
+    c1: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One trial x + t d for the ``run`` problems: ``(trial, f there, g there, passed)``, where a
+    trial passes on Armijo's test or its approximate form (see `Armijo`) with finite values."""
+    trial = x + torch.where(run, t, torch.zeros_like(t))[:, None] * d
+    ft, gt = oracle.value_and_grad(trial)
+    armijo = ft <= f + c1 * t * gd
+    approx = (ft <= f + 1e-6 * f.abs()) & (rowdot(gt, d) <= (1.0 - 2.0 * c1) * gd.abs())
+    return trial, ft, gt, run & rows_finite(ft, gt) & (armijo | approx)
+
+
 @dataclasses.dataclass(frozen=True)
 class Armijo:
     """Backtracking (Armijo) line search, per problem.
@@ -50,10 +76,7 @@ class Armijo:
     stops_on_failure = True
 
     def __post_init__(self) -> None:
-        for name, hi in (("c1", 0.5), ("shrink", 1.0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v < hi:
-                raise ValueError(f"Armijo({name}={v!r}): {name} must be in (0, {hi:g})")
+        _check_constants("Armijo", self.c1, self.shrink)
         check_int("Armijo", "max_steps", self.max_steps, 1)
 
     def search(
@@ -91,12 +114,7 @@ class Armijo:
         for _ in range(self.max_steps):
             if bool(done.all()):
                 break
-            run = ~done
-            trial = x + torch.where(run, t, torch.zeros_like(t))[:, None] * d
-            ft, gt = oracle.value_and_grad(trial)
-            armijo = ft <= f + self.c1 * t * gd
-            approx = (ft <= f + 1e-6 * f.abs()) & (rowdot(gt, d) <= (1.0 - 2.0 * self.c1) * gd.abs())
-            good = run & rows_finite(ft, gt) & (armijo | approx)
+            trial, ft, gt, good = _trial(oracle, x, f, d, gd, t, ~done, self.c1)
             x_new = torch.where(good[:, None], trial, x_new)
             f_new = torch.where(good, ft, f_new)
             g_new = torch.where(good[:, None], gt, g_new)
@@ -129,10 +147,7 @@ class StepHalving:
     stops_on_failure = False
 
     def __post_init__(self) -> None:
-        for name, hi in (("c1", 0.5), ("shrink", 1.0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v < hi:
-                raise ValueError(f"StepHalving({name}={v!r}): {name} must be in (0, {hi:g})")
+        _check_constants("StepHalving", self.c1, self.shrink)
 
     def search(
         self,
@@ -153,11 +168,7 @@ class StepHalving:
         """
         gd = rowdot(g, d)
         run = active & (gd < 0)
-        trial = x + torch.where(run, t0, torch.zeros_like(t0))[:, None] * d
-        ft, gt = oracle.value_and_grad(trial)
-        armijo = ft <= f + self.c1 * t0 * gd
-        approx = (ft <= f + 1e-6 * f.abs()) & (rowdot(gt, d) <= (1.0 - 2.0 * self.c1) * gd.abs())
-        good = run & rows_finite(ft, gt) & (armijo | approx)
+        trial, ft, gt, good = _trial(oracle, x, f, d, gd, t0, run, self.c1)
         t = torch.where(good | ~run, t0, t0 * self.shrink)
         if bool(good.all()):
             return t, good, trial, ft, gt
