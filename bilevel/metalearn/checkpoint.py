@@ -32,10 +32,19 @@ import torch
 from .. import CheckpointError
 from .config import TrainConfig
 
-__all__ = ["atomic_json", "atomic_save", "keep_earlier", "load_checkpoint", "saved_config"]
+__all__ = ["atomic_json", "atomic_save", "keep_earlier", "load_checkpoint", "saved_config", "shape_mismatch"]
 
 #: Keys every checkpoint written by `train` has (``image_shape`` is optional: older checkpoints lack it).
 REQUIRED_KEYS = ("theta", "log_lam", "optimizer", "step", "history", "elapsed", "config")
+
+
+def shape_mismatch(want: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names at which two parameter dicts differ (missing on one side, or of another shape); [] if none."""
+    a = {k: tuple(v.shape) for k, v in want.items()}
+    b = {k: tuple(v.shape) for k, v in found.items()}
+    if a == b:
+        return []
+    return sorted(set(a) ^ set(b)) or sorted(k for k in a if a[k] != b[k])
 
 
 def atomic_save(obj: Any, path: Path) -> None:

@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import CheckpointError
 from .algorithms import MetaAlgorithm
-from .checkpoint import load_checkpoint, saved_config
+from .checkpoint import load_checkpoint, saved_config, shape_mismatch
 from .config import TrainConfig
 from .datasets import FewShotData
 from .evaluation import LamValue, Run, evaluate_fixed
@@ -308,11 +308,9 @@ def load_run(
         shape = load_image_folder(cfg.data_root, seed=cfg.seed).image_shape
     with torch.random.fork_rng(devices=[]):  # building the module draws from the global generator
         model = _architecture(cfg, None if shape is None else (int(shape[0]), int(shape[1]), int(shape[2])))
-    names = {n: tuple(p.shape) for n, p in model.named_parameters()}
     theta: dict[str, torch.Tensor] = ck["theta"]
-    found = {n: tuple(v.shape) for n, v in theta.items()}
-    if found != names:
-        diff = sorted(set(names) ^ set(found)) or sorted(n for n in names if names[n] != found[n])
+    diff = shape_mismatch(dict(model.named_parameters()), theta)
+    if diff:
         raise CheckpointError(
             f"load_run({str(checkpoint_path)!r}): the checkpoint's parameters do not fit the "
             f"{cfg.dataset} model of its configuration ({cfg.ways}-way); they differ at {diff[:3]}"
@@ -322,7 +320,7 @@ def load_run(
     loss, classification = _loss(cfg)
     return Run(
         model_fn=make_functional(model)[0],
-        params={n: theta[n] for n in names},
+        params={n: theta[n] for n, _ in model.named_parameters()},
         algorithm=algorithm,
         loss=loss,
         classification=classification,

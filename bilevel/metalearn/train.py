@@ -50,7 +50,7 @@ import torch
 
 from .. import CheckpointError, NonFiniteError
 from .algorithms import meta_gradient
-from .checkpoint import atomic_json, atomic_save, keep_earlier, load_checkpoint, saved_config
+from .checkpoint import atomic_json, atomic_save, keep_earlier, load_checkpoint, saved_config, shape_mismatch
 from .config import IMAML_ALGOS, ConfigError, TrainConfig
 from .console import Console, ProgressMode
 from .distributed import Dist, allreduce_, broadcast_, finish, init_distributed, rank_device
@@ -136,10 +136,8 @@ def _open_run(cfg: TrainConfig, resume: bool, overwrite: bool, device: torch.dev
 def _restore(ck: dict[str, Any], path: Path, theta: Params, log_lam: dict[str, torch.Tensor]) -> None:
     """Copy a checkpoint's parameters into ``theta`` and ``log_lam``, checking that they fit."""
     for what, mine, saved in (("theta", theta, ck["theta"]), ("log_lam", log_lam, ck["log_lam"])):
-        want = {k: tuple(v.shape) for k, v in mine.items()}
-        found = {k: tuple(v.shape) for k, v in saved.items()}
-        if want != found:
-            diff = sorted(set(want) ^ set(found)) or sorted(k for k in want if want[k] != found[k])
+        diff = shape_mismatch(mine, saved)
+        if diff:
             raise CheckpointError(
                 f"cannot resume {path}: its {what} does not fit the model of the configuration "
                 f"(they differ at {diff[:3]})"
