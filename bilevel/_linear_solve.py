@@ -36,6 +36,7 @@ import torch
 
 from ._results import LinearSolveResult
 from ._status import LinearStatus
+from ._sync import host_checks
 from ._types import Matvec
 
 __all__ = ["CG", "GMRES", "MINRES", "BiCGStab", "DenseSolve", "Neumann", "cg_solve", "default_rtol"]
@@ -143,6 +144,7 @@ def cg_solve(
     tol: torch.Tensor,
     preconditioner: Matvec | None = None,
     check_residual: bool = True,
+    budget: bool = False,
     name: str = "CG",
 ) -> LinearSolveResult:
     """Preconditioned CG on B independent systems at once, each stopping on its own.
@@ -161,6 +163,9 @@ def cg_solve(
         check_residual: where some problem claims convergence, recompute the true residual
             b - A x (one more matvec) and settle each status on it; otherwise, and with
             ``False``, report the recursively updated residual.
+        budget: every ``tol`` is 0 (a fixed budget, ``rtol = atol = 0``): off the CPU the
+            loop then runs ``max_iter`` steps without reading whether any problem still runs
+            (stopped problems are frozen by their masks), so it never waits for the device.
         name: for error messages.
 
     Returns:
@@ -190,7 +195,11 @@ def cg_solve(
     iters = torch.zeros(B, dtype=torch.int64, device=b.device)
     curvature = torch.full((B,), math.nan, dtype=b.dtype, device=b.device)
     k = 0
-    while k < max_iter and bool(alive.any()):
+    # Reading `alive` on the host ends the loop early once every problem stopped; it is free on
+    # the CPU, and a budget without tolerances (all tol 0) cannot end early but by negative
+    # curvature, so on an accelerator that budget runs without waiting for the device.
+    sync = host_checks(b)
+    while k < max_iter and ((budget and not sync) or bool(alive.any())):
         Ap = A(p)
         pAp = _rowdot(p, Ap)
         k += 1
@@ -220,7 +229,7 @@ def cg_solve(
             alive, rz_new / torch.where(rz != 0, rz, torch.ones_like(rz)), torch.zeros_like(rz)
         )
         p_new = torch.addcmul(z, beta[:, None], p)
-        p = p_new if bool(alive.all()) else torch.where(alive[:, None], p_new, p)
+        p = p_new if sync and bool(alive.all()) else torch.where(alive[:, None], p_new, p)
         rz = torch.where(alive, rz_new, rz)
     x_finite = torch.isfinite(x).all(dim=1)
     codes = torch.where(x_finite, codes, _CODE[LinearStatus.NONFINITE])
@@ -385,6 +394,7 @@ class CG:
             tol=tol,
             preconditioner=None if M is None else (M if batched else _as_rows(M)),
             check_residual=self.check_residual,
+            budget=rtol == 0 and self.atol == 0,
         )
         return res if batched else _single(res)
 

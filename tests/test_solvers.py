@@ -694,3 +694,48 @@ def test_step_halving_takes_one_evaluation_per_step_and_never_increases_the_obje
     assert bool((prev < start).all())
     with pytest.raises(ValueError, match=r"StepHalving\(shrink=1.5\)"):
         bl.solvers.StepHalving(shrink=1.5)
+
+
+@pytest.fixture
+def no_host_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run the loops as on an accelerator: nothing read on the host until they return."""
+    import bilevel._linear_solve as ls
+    import bilevel.solvers._common as common
+
+    monkeypatch.setattr(common, "host_checks", lambda x: False)
+    monkeypatch.setattr(ls, "host_checks", lambda x: False)
+
+
+@pytest.mark.parametrize("tol", [0.0, 1e-9])
+def test_loops_without_host_reads_equal_the_cpu_loops(tol: float, request: pytest.FixtureRequest) -> None:
+    """The masked, read-free loops (accelerators, torch.compile) give the CPU loops' answers and
+    per-problem statuses, a diverging problem included (it keeps its last finite iterate)."""
+    q = P.batched_quadratic()
+
+    def per_problem(phi: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        losses = q.per_problem(phi, theta)
+        bad = torch.where(phi[1].norm() > 0.5, torch.nan, 0.0)  # problem 1 fails away from 0
+        return losses + torch.stack([torch.zeros((), dtype=D), bad, *[torch.zeros((), dtype=D)] * 2])
+
+    def run() -> tuple[bl.SolverResult, bl.LinearSolveResult]:
+        res = GradientDescent(lr=1 / q.L, max_iter=300, tol=tol, batched=True)(
+            per_problem, torch.zeros_like(q.theta), q.theta
+        )
+        A = torch.stack([torch.diag(torch.arange(1.0, 6.0, dtype=D) * (b + 1)) for b in range(4)])
+        A[2, 0, 0] = -1.0  # indefinite: CG meets negative curvature in problem 2
+        lin = bl.CG(max_iter=8, rtol=0.0, atol=0.0)(
+            lambda V: torch.einsum("bij,bj->bi", A, V), torch.ones(4, 5, dtype=D)
+        )
+        return res, lin
+
+    ref_res, ref_lin = run()
+    request.getfixturevalue("no_host_checks")
+    res, lin = run()
+    assert res.problem_status == ref_res.problem_status
+    assert res.problem_status[1] is bl.SolverStatus.NONFINITE
+    assert res.problem_n_iter.tolist() == ref_res.problem_n_iter.tolist()
+    torch.testing.assert_close(res.x, ref_res.x, rtol=0, atol=0)  # type: ignore[arg-type]
+    assert bool(torch.isfinite(res.x).all())  # type: ignore[arg-type]
+    assert lin.problem_status == ref_lin.problem_status
+    assert lin.problem_status[2] is bl.LinearStatus.NEGATIVE_CURVATURE
+    torch.testing.assert_close(lin.x, ref_lin.x, rtol=0, atol=0)

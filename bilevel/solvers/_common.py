@@ -34,6 +34,7 @@ import torch.func
 from .._errors import StructureError
 from .._results import SolverResult
 from .._status import SolverStatus
+from .._sync import host_checks
 from .._types import Objective, TensorTree
 from ..tree import check_finite, leaves, unflatten
 
@@ -210,13 +211,15 @@ class Oracle:
             if self.B == 0:
                 raise StructureError(f"{who}(batched=True): init has an empty batch")
             self.sizes = [int(t[0].numel()) for t in ls]
-            self.x0 = torch.cat([_maybe_detach(t, differentiable).reshape(self.B, -1) for t in ls], dim=1)
+            self.x0 = _rows([_maybe_detach(t, differentiable).reshape(self.B, -1) for t in ls])
         else:
             self.B = 1
             self.sizes = [int(t.numel()) for t in ls]
-            self.x0 = torch.cat([_maybe_detach(t, differentiable).reshape(1, -1) for t in ls], dim=1)
+            self.x0 = _rows([_maybe_detach(t, differentiable).reshape(1, -1) for t in ls])
         if not differentiable:
             self.x0 = self.x0.clone()
+        # an init that is already the (B, n) matrix (batched) is its own flat form: no split, no views
+        self._is_flat = isinstance(init, torch.Tensor) and batched and init.ndim == 2
         self.differentiable = differentiable
         self.theta = theta if differentiable else detach_tree(theta)
         self.need_values = need_values
@@ -235,6 +238,8 @@ class Oracle:
 
     def unflat(self, X: torch.Tensor) -> TensorTree:
         """The tree of ``init``'s structure at the flat point ``X`` (views of ``X``)."""
+        if self._is_flat:
+            return X
         parts = torch.split(X, self.sizes, dim=1)
         return unflatten(self.like, [p.reshape(s) for p, s in zip(parts, self.shapes)])
 
@@ -336,6 +341,11 @@ class Oracle:
         return out
 
 
+def _rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """(B, n_k) blocks side by side as one (B, n) matrix (the block itself when there is one)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
 def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-problem inner products of (B, n) matrices, shape (B,)."""
     return (a * b).sum(dim=1)
@@ -395,6 +405,15 @@ class Method(Protocol):
         ...
 
 
+# Per-problem stop codes kept on the device while a solver runs (0: still running).
+_CONVERGED, _NONFINITE, _LS_FAILED = 1, 2, 3
+_CODES = {
+    _CONVERGED: SolverStatus.CONVERGED,
+    _NONFINITE: SolverStatus.NONFINITE,
+    _LS_FAILED: SolverStatus.LINE_SEARCH_FAILED,
+}
+
+
 # Severity order used to summarize a batch in one status (the worst problem wins).
 _SEVERITY = [
     SolverStatus.CONVERGED,
@@ -441,30 +460,30 @@ def iterate(
     """
     x = oracle.x0
     f, g = oracle.value_and_grad(x)
-    B = oracle.B
+    B, dev = oracle.B, x.device
     gn = rownorm(g.detach())
-    status: list[SolverStatus | None] = [None] * B
+    # Per-problem stops as codes on the device (0: running), read once at the end: nothing in the
+    # loop waits for the device unless a tolerance can stop it early (tol > 0).
+    code = torch.zeros(B, dtype=torch.int8, device=dev)
     finite = rows_finite(f, g) if oracle.values_known else rows_finite(g)
     conv = finite & (gn <= tol)
-    for b in range(B):
-        if not bool(finite[b]):
-            status[b] = SolverStatus.NONFINITE
-        elif bool(conv[b]):
-            status[b] = SolverStatus.CONVERGED
+    code = torch.where(~finite, _NONFINITE, torch.where(conv, _CONVERGED, code))
     active = finite & ~conv
+    sync = host_checks(x)
     g_at_x = True  # whether g is the gradient at x (not after a fixed budget's last step)
-    n_iter = torch.zeros(B, dtype=torch.int64)
-    n_negcurv = torch.zeros(B, dtype=torch.int64)
-    last_negcurv = torch.zeros(B, dtype=torch.bool)
+    n_iter = torch.zeros(B, dtype=torch.int64, device=dev)
+    n_negcurv = torch.zeros(B, dtype=torch.int64, device=dev)
+    last_negcurv = torch.zeros(B, dtype=torch.bool, device=dev)
+    nan_rows_dev: torch.Tensor | None = None  # the (B,) NaNs reported where no norm is measured
     k = 0
-    while k < max_iter and bool(active.any()):
+    # a fixed budget (tol = 0) runs every step; stopped problems are frozen by the masks
+    while k < max_iter and (tol == 0 or bool(active.any())):
         s = method.step(k, x, f, g, active)
-        failed = s.failed if s.failed is not None else torch.zeros_like(active)
-        n_iter += active.cpu().long()
+        n_iter += active
         if s.negative_curvature is not None:
-            nc = (active & s.negative_curvature).cpu()
-            n_negcurv += nc.long()
-            last_negcurv = torch.where(active.cpu(), nc, last_negcurv)
+            nc = active & s.negative_curvature
+            n_negcurv += nc
+            last_negcurv = torch.where(active, nc, last_negcurv)
         # Finiteness from norms (one float64 reduction, no copies): a NaN or infinity anywhere
         # in a row makes its norm non-finite.  x_{k+1} = x_k + step is finite wherever x_k and
         # the gradient there are, so x is checked only where no gradient follows it.
@@ -479,7 +498,8 @@ def iterate(
             # iterate's value (or in the final iterate's norm above), which is then rejected,
             # keeping this finite iterate: one pass over g per step saved.
             assert s.f is not None
-            gn_new = torch.full_like(gn, math.nan)
+            gn_new = nan_rows_dev if nan_rows_dev is not None else torch.full_like(gn, math.nan)
+            nan_rows_dev = gn_new
             ok = torch.isfinite(s.f.detach())
             s_f, s_g = s.f, s.g
         else:
@@ -488,9 +508,10 @@ def iterate(
             if oracle.values_known:
                 ok &= torch.isfinite(s.f.detach())  # type: ignore[union-attr]
             s_f, s_g = s.f, s.g
-        accept = active & ok & ~failed
-        if bool(accept.all()):
-            # every problem moved (the common case): no masked copies, one iterate alive less
+        accept = active & ok if s.failed is None else active & ok & ~s.failed
+        if sync and bool(accept.all()):
+            # every problem moved (the common case; checked where a check is free, on the host):
+            # no masked copies, one iterate alive less
             x, gn = s.x, gn_new
             f = s_f if s_f is not None else torch.full_like(f, math.nan)
             g = s_g if s_g is not None else g
@@ -500,24 +521,34 @@ def iterate(
             gn = torch.where(accept, gn_new, gn)
             f = torch.where(accept, s_f, f) if s_f is not None else torch.where(accept, math.nan, f)
             g = torch.where(a, s_g, g) if s_g is not None else g
-            for b in torch.nonzero(active & ~accept).flatten().tolist():
-                status[b] = SolverStatus.LINE_SEARCH_FAILED if bool(failed[b]) else SolverStatus.NONFINITE
+            rejected = active & ~accept
+            bad = _NONFINITE if s.failed is None else torch.where(s.failed, _LS_FAILED, _NONFINITE)
+            code = torch.where(rejected, bad, code)
         del s
         if tol > 0:
             newly_conv = accept & (gn <= tol)
-            for b in torch.nonzero(newly_conv).flatten().tolist():
-                status[b] = SolverStatus.CONVERGED
+            code = torch.where(newly_conv, _CONVERGED, code)
             active = accept & ~newly_conv
+        elif gn_new is nan_rows_dev:  # tol = 0, no norm measured: nothing but a failure stops
+            active = accept
         else:  # tol = 0: a fixed budget; only an exactly zero gradient could stop a problem
             active = accept & ~(gn == 0)
         k += 1
     if tol == 0 and g_at_x:
         gn = torch.where(torch.isnan(gn), rownorm(g.detach()), gn)  # measured once, at the end
+    # The one read of the per-problem state: codes, counts and norms in one transfer.
+    code_l, n_iter, last_negcurv, n_negcurv = (
+        code.tolist(),
+        n_iter.cpu(),
+        last_negcurv.cpu(),
+        n_negcurv.cpu(),
+    )
+    status: list[SolverStatus | None] = [_CODES.get(c) for c in code_l]
     # Without a tolerance (tol = 0), running every iteration is what was asked for.
     capped = SolverStatus.BUDGET if tol == 0 else SolverStatus.MAX_ITER
-    for b in range(B):
+    for b, neg in enumerate(last_negcurv.tolist()):
         if status[b] is None:
-            status[b] = SolverStatus.NEGATIVE_CURVATURE if bool(last_negcurv[b]) else capped
+            status[b] = SolverStatus.NEGATIVE_CURVATURE if neg else capped
     final: list[SolverStatus] = [s for s in status if s is not None]
     nan_rows = torch.full((B,), math.nan, dtype=torch.float64)
     fun_rows = f.detach().double().cpu() if oracle.values_known else nan_rows

@@ -119,10 +119,9 @@ class _GDMethod:
     def step(self, k: int, x: torch.Tensor, f: torch.Tensor, g: torch.Tensor, active: torch.Tensor) -> Step:
         ls = self.cfg.line_search
         if ls is None:
-            # inactive problems must not move; with every problem active (always so for one
-            # problem) no mask is needed, and the update is one fused pass
-            step = g if bool(active.all()) else g * active[:, None]
-            x_new = torch.add(x, step, alpha=-self.cfg.lr)
+            # inactive problems must not move: the mask rides in the one fused pass of the update
+            # (their g is finite: a rejected step keeps the last finite gradient)
+            x_new = torch.addcmul(x, g, active[:, None].to(g.dtype), value=-self.cfg.lr)
             if self.cfg.tol == 0 and k == self.cfg.max_iter - 1:
                 # The last step of a fixed budget: the gradient there could not stop the
                 # solver and nothing reads it (grad_norm and fun are reported as NaN).
