@@ -250,12 +250,21 @@ def test_cached_batched_hvp_through_the_cnn_equals_per_task_hvp() -> None:
 
     _, vjp_fn = torch.func.vjp(lambda p: vmap(grad(loss))(p, x, y), phi)
     (batched,) = vjp_fn(u)
-    for i in range(B):
+    _assert_per_task_hvps(batched, fn, phi, u, x, y, tol=1e-10)
+
+
+def _assert_per_task_hvps(hv, fn, phi, u, x, y, *, tol: float) -> None:  # type: ignore[no-untyped-def]
+    """Each task's HVP against forward-over-reverse through the per-task model alone."""
+
+    def loss(p, xx, yy):  # type: ignore[no-untyped-def]
+        return F.cross_entropy(fn(p, xx), yy)
+
+    for i in range(x.shape[0]):
         pi = {k: v[i] for k, v in phi.items()}
         ui = {k: v[i] for k, v in u.items()}
         _, ref = jvp(lambda p, i=i: grad(loss)(p, x[i], y[i]), (pi,), (ui,))
         for k in ref:
-            torch.testing.assert_close(batched[k][i], ref[k], rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(hv[k][i], ref[k], rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize(
@@ -291,3 +300,102 @@ def test_batched_model_equals_the_per_task_model(model: torch.nn.Module) -> None
 
 def test_batched_model_is_none_for_other_modules() -> None:
     assert batched_model(torch.nn.Linear(2, 2)) is None
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        omniglot_cnn(3, hidden=4, image_size=12),
+        ConvNet(3, in_channels=2, hidden=4, image_size=(11, 9), conv_bias=True),
+        ConvNet(2, in_channels=3, hidden=3, image_size=16, pool=True),
+    ],
+    ids=["omniglot", "bias-nonsquare", "pool"],
+)
+@pytest.mark.parametrize("which", ["exact", "fast"])
+def test_batched_model_hvp_by_double_backward_equals_per_task_hvp(model: ConvNet, which: str) -> None:
+    """Autograd's double backward through the batched model (the implicit layer's HVPs; MAML)
+    against per-task forward-over-reverse through the module (BatchStatNorm2d), float64."""
+    fn, params = make_functional(model, _gen(0), dtype=torch.float64)
+    bm = batched_model(model)
+    assert bm is not None
+    forward = getattr(bm, which)
+    B = 3
+    x = torch.rand(B, 6, model.in_channels, *model.image_size, dtype=torch.float64, generator=_gen(1))
+    y = torch.arange(3).repeat(2)[:6].remainder(model.ways).expand(B, -1)
+    phi = {k: v + 0.1 * torch.randn(B, *v.shape, dtype=v.dtype, generator=_gen(2)) for k, v in params.items()}
+    u = {k: torch.randn(v.shape, dtype=v.dtype, generator=_gen(3)) for k, v in phi.items()}
+    leaves = {k: v.clone().requires_grad_(True) for k, v in phi.items()}
+    out = forward(leaves, x)
+    total = sum(F.cross_entropy(out[i], y[i]) for i in range(B))
+    g = torch.autograd.grad(total, list(leaves.values()), create_graph=True)
+    hv = dict(zip(leaves, torch.autograd.grad(g, list(leaves.values()), grad_outputs=list(u.values()))))
+    _assert_per_task_hvps(hv, fn, phi, u, x, y, tol=1e-9)
+
+
+@pytest.mark.parametrize("stride,padding,size", [(2, 1, 9), (1, 1, 7), (2, 0, 8), (2, 1, 6)])
+def test_grouped_conv_function_gradgradcheck(stride: int, padding: int, size: int) -> None:
+    """The exact model's convolution: values of F.conv2d, first and second derivatives by gradcheck."""
+    from bilevel.metalearn.models import _GroupedConv2d
+
+    G = 3
+    x = torch.randn(2, G * 2, size, size, dtype=torch.float64, generator=_gen(0), requires_grad=True)
+    w = torch.randn(G * 3, 2, 3, 3, dtype=torch.float64, generator=_gen(1), requires_grad=True)
+
+    def f(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return _GroupedConv2d.apply(x, w, stride, padding, G)
+
+    torch.testing.assert_close(f(x, w), F.conv2d(x, w, None, stride, padding, 1, G), rtol=0, atol=1e-13)
+    assert torch.autograd.gradcheck(f, (x, w))
+    assert torch.autograd.gradgradcheck(f, (x, w))
+
+
+def test_batch_norm_function_gradgradcheck() -> None:
+    """The exact model's batch norm: values of F.batch_norm, derivatives by gradcheck."""
+    from bilevel.metalearn.models import _BatchNorm
+
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64, generator=_gen(0), requires_grad=True)
+    gamma = torch.rand(4, dtype=torch.float64, generator=_gen(1)).add(0.5).requires_grad_(True)
+    beta = torch.randn(4, dtype=torch.float64, generator=_gen(2), requires_grad=True)
+
+    def f(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        return _BatchNorm.apply(x, gamma, beta, 1e-5)
+
+    ref = F.batch_norm(x, None, None, gamma, beta, True, 0.0, 1e-5)
+    torch.testing.assert_close(f(x, gamma, beta), ref, rtol=0, atol=1e-13)
+    assert torch.autograd.gradcheck(f, (x, gamma, beta))
+    assert torch.autograd.gradgradcheck(f, (x, gamma, beta))
+
+
+def test_outputs_in_chunks_equal_one_call() -> None:
+    """Large per-task batches on CPU run in chunks of `cpu_chunk` tasks: same outputs (float64)."""
+    import dataclasses
+
+    model = omniglot_cnn(3, hidden=4, image_size=12)
+    fn, p = make_functional(model, _gen(0), dtype=torch.float64)
+    default = batched_model(model)
+    assert default is not None and default.cpu_chunk == 8
+    bm = dataclasses.replace(default, cpu_chunk=4)
+    B = 6
+    pb = {k: v + 0.1 * torch.randn(B, *v.shape, generator=_gen(1), dtype=v.dtype) for k, v in p.items()}
+    x = torch.randn(B, 24, 1, 12, 12, generator=_gen(2), dtype=torch.float64)
+    assert bm.chunk(x) == 4 and bm.chunk(x[:, :5]) == B  # small support sets: all at once
+    whole = dataclasses.replace(bm, cpu_chunk=None)
+    torch.testing.assert_close(bm.outputs(pb, x), whole.outputs(pb, x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(bm.outputs(pb, x), torch.func.vmap(fn)(pb, x), rtol=1e-12, atol=1e-12)
+
+
+def test_task_losses_falls_back_to_a_loop_for_losses_vmap_cannot_batch() -> None:
+    from bilevel.metalearn.models import task_losses
+
+    out = torch.randn(3, 4, 2, generator=_gen(0), dtype=torch.float64)
+    y = torch.randint(0, 2, (3, 4), generator=_gen(1))
+
+    def data_dependent(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        # Python control flow on a value: vmap cannot batch it
+        return F.cross_entropy(o, t) * (2.0 if float(o.sum()) > 0 else 1.0)
+
+    ref = torch.stack([data_dependent(out[i], y[i]) for i in range(3)])
+    torch.testing.assert_close(task_losses(data_dependent, out, y), ref, rtol=0, atol=0)
+    torch.testing.assert_close(
+        task_losses(F.cross_entropy, out, y), torch.stack([F.cross_entropy(out[i], y[i]) for i in range(3)])
+    )

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, ClassVar, Union
+from typing import Any, Union
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -104,8 +104,6 @@ class InnerGD:
     lr: float = 0.1
     tol: float | None = None
     backtrack: bool = False
-    #: whether the solver takes second derivatives of G (then through the exact model)
-    second_order: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -137,7 +135,6 @@ class InnerNewtonCG:
 
     newton_iters: int = 3
     cg_iters: int = 5
-    second_order: ClassVar[bool] = True
 
     def solver(self, *, differentiable: bool = False) -> NewtonCG:
         if differentiable:
@@ -155,7 +152,7 @@ class _Outcome:
 
     grad: Params  # sum over tasks
     lam_grad: dict[str, torch.Tensor] | None  # sum over tasks
-    phi: Params  # (B, ...) detached
+    phi: torch.Tensor  # (B, n) flat, detached
     query_loss: torch.Tensor  # (B,)
     query_acc: torch.Tensor  # (B,)
     inner: bl.SolverResult
@@ -165,9 +162,12 @@ class _Outcome:
 class _MetaBatch:
     """The B inner problems of a meta-batch, written once for every algorithm.
 
-    ``theta`` (no task dimension) and the fixed or learned ``lam`` define G_i; the
-    objectives take phi with a leading B and a theta tree that may carry learned lam
-    values under ``"lam:<name>"`` (per tensor) or ``"lam:"`` (shared).
+    ``theta`` (no task dimension) and the fixed or learned ``lam`` define G_i.  The inner
+    unknowns are one flat matrix ``X`` of shape (B, n) (row b: task b's parameters, raveled
+    in ``theta``'s order): the solvers update it in one op per step, the proximal term is one
+    row-wise product, and the model reads per-tensor views of it (`unflat`).  The objectives
+    take ``X`` and a theta tree that may carry learned lam values under ``"lam:<name>"`` (per
+    tensor) or ``"lam:"`` (shared).
     """
 
     def __init__(
@@ -178,9 +178,44 @@ class _MetaBatch:
         self.classification = classification
         self.batch = batch
         self.theta = {k: v.detach() for k, v in theta.items()}
+        self.names = list(self.theta)
+        self.shapes = [tuple(v.shape) for v in self.theta.values()]
+        self.sizes = [v.numel() for v in self.theta.values()]
+        self.theta_flat = self.flat(self.theta)
         self.B = batch.support_x.shape[0]
         self.lam = lam
         self.learned = isinstance(lam, (torch.Tensor, dict))
+        # lam per coordinate for the solver's objective (no gradient): a number when shared
+        self.lam_fixed = _detached(self.lam_vec(self._theta_values()))
+
+    # -- the flat layout
+    def flat(self, tree: Params) -> torch.Tensor:
+        """The tensors of ``tree`` (theta's names, no task dimension) raveled into one (n,) tensor."""
+        return torch.cat([tree[k].reshape(-1) for k in self.names])
+
+    def flat_theta(self, th: Params) -> torch.Tensor:
+        """`flat` of a theta tree; no copy where ``th`` holds this meta-batch's theta (the
+        solvers pass it on detached, as new tensors over the same memory)."""
+        same = all(
+            th[k].data_ptr() == t.data_ptr() and th[k].shape == t.shape and th[k].stride() == t.stride()
+            for k, t in self.theta.items()
+        )
+        return self.theta_flat if same else self.flat(th)
+
+    def unflat(self, X: torch.Tensor) -> Params:
+        """Per-tensor views (b, *shape) of a flat (b, n) matrix, by name."""
+        b = X.shape[0]
+        return {
+            k: part.view(b, *shape) for k, part, shape in zip(self.names, X.split(self.sizes, 1), self.shapes)
+        }
+
+    def tree(self, x: torch.Tensor) -> Params:
+        """A flat (n,) vector as tensors shaped like theta's, by name (views)."""
+        return {k: part.view(shape) for k, part, shape in zip(self.names, x.split(self.sizes), self.shapes)}
+
+    def params(self, X: torch.Tensor) -> Params:
+        """Fresh contiguous per-tensor copies (B, *shape) of a flat (B, n) matrix, by name."""
+        return {k: v.contiguous() for k, v in self.unflat(X.detach()).items()}
 
     # -- lam
     def lam_tree(self) -> dict[str, torch.Tensor]:
@@ -192,73 +227,71 @@ class _MetaBatch:
             return {_LAM: lam.detach().requires_grad_(True)}
         return {}
 
-    def lam_of(self, k: str, th: Params) -> torch.Tensor | float:
-        if _LAM + k in th:
-            return th[_LAM + k]
+    def lam_vec(self, th: Params) -> torch.Tensor | float:
+        """lam per coordinate of a task's flat parameters, (n,), differentiable in the learned
+        values of ``th``; a number (or 0-d tensor) when one lam is shared."""
         if _LAM in th:
             return th[_LAM]
         lam = self.lam
         if isinstance(lam, dict):
-            return lam[k].detach()
-        return lam.detach() if isinstance(lam, torch.Tensor) else lam
+            t = self.theta_flat
+            return torch.cat(
+                [
+                    torch.as_tensor(th.get(_LAM + k, lam[k]), dtype=t.dtype, device=t.device).expand(size)
+                    for k, size in zip(self.names, self.sizes)
+                ]
+            )
+        return lam.detach() if isinstance(lam, torch.Tensor) else float(lam)
 
     # -- objectives
-    def prox(self, phi: Params, th: Params) -> torch.Tensor:
-        """sum_k lam_k/2 ||phi_k - theta_k||^2 per task, shape (B,).
+    def prox(self, X: torch.Tensor, th: Params) -> torch.Tensor:
+        """lam/2 ||phi_i - theta||^2 per task (B,), differentiable in X, theta and learned lam."""
+        lam = self.lam_vec(th)
+        d = X - self.flat(th)
+        # d.square().sum, not norm(d)**2, whose second derivative is wrong where d = 0
+        if isinstance(lam, torch.Tensor) and lam.ndim == 1:
+            return 0.5 * (d.square() * lam).sum(1)
+        return (0.5 * lam) * d.square().sum(1)
 
-        Tensor by tensor, without concatenating phi (a copy of every parameter per evaluation):
-        one subtraction, one square and one row sum per tensor.
+    def objective(self, *, exact: bool) -> Callable[[torch.Tensor, Params], torch.Tensor]:
+        """G_i(phi_i, theta) per task, shape (B,), of the flat X (B, n).
+
+        ``exact``: through `BatchedModel.exact`, for autograd's double backward (the implicit
+        layer's HVPs, MAML's unrolled path) and derivatives in theta.  Otherwise through
+        `BatchedModel.fast`, for the inner solvers (gradients in X; NewtonCG's HVPs by
+        ``torch.func``, exact there too).
         """
-        out: torch.Tensor | None = None
-        for k, p in phi.items():
-            lam = self.lam_of(k, th)
-            if isinstance(lam, float) and lam == 0.0:
-                continue
-            # d.square().sum, not norm(d)**2, whose second derivative is wrong where d = 0; and
-            # not d * d, whose double backward takes twice the passes over the parameters
-            d = (p - th[k]).reshape(self.B, -1)
-            term = (0.5 * lam) * d.square().sum(1)
-            out = term if out is None else out + term
-        if out is None:
-            return torch.zeros(self.B, dtype=self.batch.support_x.dtype, device=self.batch.support_x.device)
-        return out
-
-    def objective(self, *, exact: bool) -> Callable[[Params, Params], torch.Tensor]:
-        """G_i(phi_i, theta) per task, shape (B,); ``exact`` for second derivatives."""
         x, y = self.batch.support_x, self.batch.support_y
         forward = self.bm.exact if exact else self.bm.fast
+        zero = isinstance(self.lam_fixed, float) and self.lam_fixed == 0.0
 
-        def G(phi: Params, th: Params) -> torch.Tensor:
-            support = task_losses(self.loss, forward(phi, x), y)
-            if exact or any(t.requires_grad for t in th.values()):
-                return support + self.prox(phi, th)
-            # The inner solver's objective: differentiated once, in phi only.
-            names = [k for k in phi if not (isinstance(lam := self.lam_of(k, th), float) and lam == 0.0)]
-            if not names:
+        def G(X: torch.Tensor, th: Params) -> torch.Tensor:
+            support = task_losses(self.loss, forward(self.unflat(X), x), y)
+            if zero:
                 return support
-            lams = tuple(self.lam_of(k, th) for k in names)
-            thetas = tuple(th[k] for k in names)
-            return support + _ProxFirstOrder.apply(lams, thetas, *(phi[k] for k in names))
+            if exact or any(t.requires_grad for t in th.values()):
+                return support + self.prox(X, th)
+            return support + _ProxFirstOrder.apply(self.lam_fixed, self.flat_theta(th), X)
 
         return G
 
-    def init(self, theta: Params | None = None) -> Params:
-        """phi = theta for every task (expanded views of ``theta``, attached if it is)."""
-        th = self.theta if theta is None else theta
-        return {k: v.unsqueeze(0).expand(self.B, *v.shape) for k, v in th.items()}
+    def init(self, theta: Params | None = None) -> torch.Tensor:
+        """X = theta for every task: an expanded (B, n) view (attached to ``theta`` if it is)."""
+        t = self.theta_flat if theta is None else self.flat(theta)
+        return t.unsqueeze(0).expand(self.B, -1)
 
     def solve(self, inner: InnerSolver) -> bl.SolverResult:
-        """The inner answers of the B tasks (no graph), with the solver's per-task diagnostics."""
-        G = self.objective(exact=inner.second_order)
+        """The inner answers X (B, n) of the B tasks (no graph), with per-task diagnostics."""
+        G = self.objective(exact=False)
         return _checked(inner.solver()(G, self.init(), self._theta_values()))
 
     def _theta_values(self) -> Params:
         return {**self.theta, **{k: v.detach() for k, v in self.lam_tree().items()}}
 
     # -- query
-    def query(self, phi: Params) -> tuple[torch.Tensor, torch.Tensor]:
-        """Query losses (B,) (differentiable in phi) and accuracies (B,) of the adapted models."""
-        out = self.bm.outputs(phi, self.batch.query_x)
+    def query(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query losses (B,) (differentiable in X) and accuracies (B,) of the adapted models."""
+        out = self.bm.outputs(self.unflat(X), self.batch.query_x)
         return task_losses(self.loss, out, self.batch.query_y), self.accuracy(out, self.batch.query_y)
 
     def accuracy(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -266,67 +299,56 @@ class _MetaBatch:
             return (out.detach().argmax(-1) == y).float().mean(-1)
         return torch.full(out.shape[:1], float("nan"), dtype=out.dtype, device=out.device)
 
-    def query_gradients(self, phi: Params) -> tuple[Params, torch.Tensor, torch.Tensor]:
-        """Per-task query gradients grad L_i(phi_i) (B, ...), losses (B,) and accuracies (B,).
+    def query_gradients(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-task query gradients grad L_i(phi_i), flat (B, n), losses (B,) and accuracies (B,).
 
-        First order, through the fast model.  Where ``loop_large`` runs the query sets task by
-        task, each task's gradient is taken at its own detached copy of phi_i: no gradient is
-        scattered back into a (B, ...) tensor per task and parameter.
+        First order, through the fast model, in chunks of tasks where `BatchedModel.chunk` says
+        so; each chunk is its own leaf, so no gradient is scattered into a (B, n) tensor per chunk.
         """
-        if not self.bm.loop_large:
-            leaves = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
-            with torch.enable_grad():
-                ql, qa = self.query(leaves)
-                gs = torch.autograd.grad(ql.sum(), list(leaves.values()), allow_unused=True)
-            return _or_zeros(leaves, gs), ql.detach(), qa
         x, y = self.batch.query_x, self.batch.query_y
-        grads, losses, outs = [], [], []
-        for i in range(self.B):
-            p = {k: v[i].detach().requires_grad_(True) for k, v in phi.items()}
-            with torch.enable_grad():
-                out = self.bm.single(p, x[i])
-                loss = self.loss(out, y[i])
-                grads.append(_or_zeros(p, torch.autograd.grad(loss, list(p.values()), allow_unused=True)))
-            losses.append(loss.detach())
-            outs.append(out.detach())
-        out_b = torch.stack(outs)
-        g = {k: torch.stack([gi[k] for gi in grads]) for k in phi}
-        return g, torch.stack(losses), self.accuracy(out_b, y)
+        chunks = [c.detach().requires_grad_(True) for c in X.detach().split(self.bm.chunk(x))]
+        c = chunks[0].shape[0]
+        with torch.enable_grad():
+            outs = [self.bm.fast(self.unflat(Xc), xc) for Xc, xc in zip(chunks, x.split(c))]
+            out = outs[0] if len(outs) == 1 else torch.cat(outs)
+            ql = task_losses(self.loss, out, y)
+            gs = torch.autograd.grad(ql.sum(), chunks, allow_unused=True, materialize_grads=True)
+        g = gs[0] if len(gs) == 1 else torch.cat(gs)
+        return g, ql.detach(), self.accuracy(out, y)
+
+
+def _detached(v: torch.Tensor | float) -> torch.Tensor | float:
+    return v.detach() if isinstance(v, torch.Tensor) else v
 
 
 class _ProxFirstOrder(torch.autograd.Function):
-    """sum_k lam_k/2 ||phi_k - theta_k||^2 per task (B,), differentiable once and in phi only.
+    """lam/2 ||X_i - theta||^2 per task (B,) of the flat X (B, n), differentiable once and in X only.
 
-    The proximal term of the inner solver's objective: its gradient lam_k (phi_k - theta_k) is
-    one fused product per tensor here, where autograd through (d * d).sum would take three
-    passes over every parameter per step.  Second derivatives (HVPs) go through `_MetaBatch.prox`.
+    The proximal term of the inner solver's objective: its gradient lam (X - theta) is one
+    fused product here, where autograd through (d * d).sum would take three passes over the
+    parameters per step.  Second derivatives (HVPs) go through `_MetaBatch.prox`.
     """
 
     @staticmethod
-    def forward(
-        ctx: Any, lams: tuple[float | torch.Tensor, ...], thetas: tuple[torch.Tensor, ...], *phi: torch.Tensor
-    ) -> torch.Tensor:
-        B = phi[0].shape[0]
-        diffs = [(p - t).reshape(B, -1) for p, t in zip(phi, thetas)]
-        out = None
-        for d, lam in zip(diffs, lams):
-            # one fused pass: the row-wise inner product as a batched matrix product
-            term = (0.5 * lam) * torch.bmm(d.unsqueeze(1), d.unsqueeze(2)).reshape(B)
-            out = term if out is None else out + term
-        ctx.lams = lams
-        ctx.shapes = [p.shape for p in phi]
-        ctx.save_for_backward(*diffs)
-        assert out is not None  # at least one tensor: the caller drops the prox term otherwise
+    def forward(ctx: Any, lam: float | torch.Tensor, theta: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+        d = X - theta
+        # the row-wise inner product in one fused pass, as a batched matrix product
+        vec = isinstance(lam, torch.Tensor) and lam.ndim == 1
+        dl = d * lam if vec else d
+        out = torch.bmm(dl.unsqueeze(1), d.unsqueeze(2)).reshape(X.shape[0])
+        out = out * 0.5 if vec else out * (0.5 * lam)
+        ctx.lam = lam
+        ctx.save_for_backward(d)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, go: torch.Tensor) -> tuple[Any, ...]:
-        grads = [
-            d.mul(go[:, None] * lam).reshape(shape)
-            for d, lam, shape in zip(ctx.saved_tensors, ctx.lams, ctx.shapes)
-        ]
-        return (None, None, *grads)
+        (d,) = ctx.saved_tensors
+        lam = ctx.lam
+        if isinstance(lam, torch.Tensor) and lam.ndim == 1:
+            return None, None, d * lam * go[:, None]
+        return None, None, d * (go * lam)[:, None]
 
 
 def _or_zeros(like: Params, grads: tuple[torch.Tensor | None, ...]) -> Params:
@@ -371,67 +393,45 @@ class Implicit:
     def apply(self, inner: InnerSolver, mb: _MetaBatch) -> _Outcome:
         theta = {k: v.detach().requires_grad_(True) for k, v in mb.theta.items()}
         tree = {**theta, **mb.lam_tree()}
-        fast = mb.objective(exact=inner.second_order)
+        fast = mb.objective(exact=False)
         solver = inner.solver()
 
-        def solve(_exact: Any, init: Params, th: Params) -> bl.SolverResult:
+        def solve(_exact: Any, init: torch.Tensor, th: Params) -> bl.SolverResult:
             # The inner steps use the fast model; the layer linearizes the exact one.
             return _checked(solver(fast, init, th))
 
         d = 1.0 + self.damping
-        lam_flat = self._lam_flat(mb, tree)
-        shift = None
+        lam_vec = mb.lam_fixed
+        hvp = None
         if self.damping > 0:
-            shift = {k: self.damping * mb.lam_of(k, tree) for k in theta}
-            shift = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in shift.items()}
+            hvp = bl.Damped(self.damping * lam_vec)
         with torch.enable_grad():
-            phi, info = bl.implicit_argmin(
+            X, info = bl.implicit_argmin(
                 mb.objective(exact=True),
                 mb.init(),
                 tree,
                 solve,
-                hvp=None if shift is None else bl.Damped(shift),  # type: ignore[arg-type]
+                hvp=hvp,
                 linear_solver=bl.CG(max_iter=self.cg_iters, rtol=0.0, atol=0.0, check_residual=False),
                 batched=True,
                 optimality_tol=None,
                 throw=False,
                 warn=False,
                 measure_residual=False,
-                backward_x0=(lambda b: b / (d * lam_flat)) if self.warm_start else None,
+                backward_x0=(lambda b: b / (d * lam_vec)) if self.warm_start else None,
                 return_info=True,
             )
             # v_i = grad L_i(phi_i), first order, then back through the layer: each task's
             # right-hand side is its own query gradient, so the CG residuals are in its units.
-            v, ql, qa = mb.query_gradients(phi)
-            grads = torch.autograd.grad(
-                list(phi.values()), list(tree.values()), grad_outputs=list(v.values()), allow_unused=True
-            )
+            v, ql, qa = mb.query_gradients(X)
+            grads = torch.autograd.grad(X, list(tree.values()), grad_outputs=v, allow_unused=True)
         g = _or_zeros(tree, grads)
         assert info.solver_result is not None and info.last_backward is not None
         lam_grad = None
         if mb.learned:
             lam_grad = {(k[len(_LAM) :] or "lam"): g[k] for k in tree if k.startswith(_LAM)}
         return _Outcome(
-            {k: g[k] for k in theta},
-            lam_grad,
-            {k: v.detach() for k, v in phi.items()},
-            ql,
-            qa,
-            info.solver_result,
-            info.last_backward,
-        )
-
-    @staticmethod
-    def _lam_flat(mb: _MetaBatch, tree: Params) -> torch.Tensor | float:
-        """lam per coordinate of a task's flattened phi (a number when lam is shared)."""
-        per = [mb.lam_of(k, tree) for k in mb.theta]
-        if all(not isinstance(v, torch.Tensor) for v in per):
-            return float(per[0])
-        return torch.cat(
-            [
-                torch.as_tensor(v, dtype=t.dtype, device=t.device).detach().expand(t.numel())
-                for v, t in zip(per, mb.theta.values())
-            ]
+            {k: g[k] for k in theta}, lam_grad, X.detach(), ql, qa, info.solver_result, info.last_backward
         )
 
 
@@ -443,12 +443,10 @@ class Unrolled:
         theta = {k: v.detach().requires_grad_(True) for k, v in mb.theta.items()}
         with torch.enable_grad():
             res = _checked(inner.solver(differentiable=True)(mb.objective(exact=True), mb.init(theta), theta))
-            phi: Params = res.x  # type: ignore[assignment]
-            ql, qa = mb.query(phi)
+            X: torch.Tensor = res.x  # type: ignore[assignment]
+            ql, qa = mb.query(X)
             grads = torch.autograd.grad(ql.sum(), list(theta.values()), allow_unused=True)
-        return _Outcome(
-            _or_zeros(theta, grads), None, {k: v.detach() for k, v in phi.items()}, ql.detach(), qa, res
-        )
+        return _Outcome(_or_zeros(theta, grads), None, X.detach(), ql.detach(), qa, res)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -457,9 +455,9 @@ class FirstOrder:
 
     def apply(self, inner: InnerSolver, mb: _MetaBatch) -> _Outcome:
         res = mb.solve(inner)
-        phi: Params = res.x  # type: ignore[assignment]
-        v, ql, qa = mb.query_gradients(phi)
-        return _Outcome({k: t.sum(0) for k, t in v.items()}, None, phi, ql, qa, res)
+        X: torch.Tensor = res.x  # type: ignore[assignment]
+        v, ql, qa = mb.query_gradients(X)
+        return _Outcome(mb.tree(v.sum(0)), None, X, ql, qa, res)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -468,11 +466,11 @@ class ReptileStep:
 
     def apply(self, inner: InnerSolver, mb: _MetaBatch) -> _Outcome:
         res = mb.solve(inner)
-        phi: Params = res.x  # type: ignore[assignment]
+        X: torch.Tensor = res.x  # type: ignore[assignment]
         with torch.no_grad():
-            ql, qa = mb.query(phi)
-        grad = {k: (mb.theta[k].unsqueeze(0) - phi[k]).sum(0) for k in phi}
-        return _Outcome(grad, None, phi, ql, qa, res)
+            ql, qa = mb.query(X)
+        grad = mb.tree(mb.B * mb.theta_flat - X.sum(0))
+        return _Outcome(grad, None, X, ql, qa, res)
 
 
 MetaGradientKind = Union[Implicit, Unrolled, FirstOrder, ReptileStep]
@@ -578,12 +576,12 @@ def _stats(mb: _MetaBatch, out: _Outcome, diagnostics: bool) -> MetaStats:
         residual, iters = nan, torch.zeros_like(nan)
     if diagnostics:
         # One gradient of G at the answers (the fixed-budget inner solver takes none there).
-        phi = {k: v.detach().requires_grad_(True) for k, v in out.phi.items()}
+        X = out.phi.detach().requires_grad_(True)
         th = mb._theta_values()
         with torch.enable_grad():
-            values = mb.objective(exact=False)(phi, th)
-            grads = torch.autograd.grad(values.sum(), list(phi.values()), allow_unused=True)
-        grad_norm = bl.tree.batch_norm_sq(_or_zeros(phi, grads)).sqrt().detach().to(nan.dtype)
+            values = mb.objective(exact=False)(X, th)
+            (grad,) = torch.autograd.grad(values.sum(), X, allow_unused=True, materialize_grads=True)
+        grad_norm = torch.linalg.vector_norm(grad, dim=1).detach().to(nan.dtype)
         with torch.no_grad():
             support = (values.detach() - mb.prox(out.phi, th)).to(nan.dtype)
     else:
@@ -669,7 +667,7 @@ def adapt(
     batch = Task(support_x, support_y, empty, support_y[:, :0])
     mb = _MetaBatch(as_batched(model, batched, vectorize), loss, True, batch, theta, lam_v)
     with torch.no_grad():
-        return mb.solve(algo.inner).x  # type: ignore[return-value]
+        return mb.params(mb.solve(algo.inner).x)  # type: ignore[arg-type]
 
 
 def predict_batch(
@@ -694,8 +692,8 @@ def predict_batch(
     lam_v: Lam = algo.lam if lam is None else lam
     mb = _MetaBatch(as_batched(model, batched, vectorize), loss, classification, batch, theta, lam_v)
     with torch.no_grad():
-        phi: Params = mb.solve(algo.inner).x  # type: ignore[assignment]
-        out = mb.bm.outputs(phi, batch.query_x)
+        X: torch.Tensor = mb.solve(algo.inner).x  # type: ignore[assignment]
+        out = mb.bm.outputs(mb.unflat(X), batch.query_x)
         return task_losses(loss, out, batch.query_y), mb.accuracy(out, batch.query_y), out
 
 

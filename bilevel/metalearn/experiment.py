@@ -232,6 +232,10 @@ def build_experiment(
             data.test, cfg.ways, cfg.shots, cfg.queries, seed=cfg.seed, eval_seed=cfg.seed + 1, dtype=dt
         )
     loss, classification = _loss(cfg)
+    batched = batched_model(model) if cfg.batched else None
+    if cfg.compile != "none":
+        base = batched if batched is not None else BatchedModel.from_function(fn, vectorize=cfg.vectorize)
+        batched = base.compiled(None if cfg.compile == "default" else cfg.compile)
     return Experiment(
         config=cfg,
         device=dev,
@@ -239,7 +243,7 @@ def build_experiment(
         model=model,
         model_fn=fn,
         theta=theta,
-        batched=batched_model(model) if cfg.batched else None,
+        batched=batched,
         loss=loss,
         classification=classification,
         train_sampler=train,

@@ -1,0 +1,88 @@
+"""The captured meta-step (`BatchedModel.compiled`, ``--compile``) against eager, on CPU."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bilevel as bl
+from bilevel.metalearn import make_algorithm, meta_gradient
+from bilevel.metalearn.models import BatchedModel, batched_model, make_functional, omniglot_cnn
+from bilevel.metalearn.tasks import Task
+
+
+def _problem(dtype: torch.dtype) -> tuple:  # type: ignore[type-arg]
+    model = omniglot_cnn(3, hidden=4, image_size=12)
+    fn, theta = make_functional(model, torch.Generator().manual_seed(0), dtype=dtype)
+    g = torch.Generator().manual_seed(1)
+    B = 3
+    batch = Task(
+        torch.randn(B, 3, 1, 12, 12, generator=g, dtype=dtype),
+        torch.arange(3).expand(B, -1).contiguous(),
+        torch.randn(B, 6, 1, 12, 12, generator=g, dtype=dtype),
+        torch.arange(3).repeat(2).expand(B, -1).contiguous(),
+    )
+    return model, fn, theta, batch
+
+
+def _rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    num = sum(float(((a[k] - b[k]) ** 2).sum()) for k in b) ** 0.5
+    den = sum(float((b[k] ** 2).sum()) for k in b) ** 0.5
+    return num / den
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+def test_compiled_meta_gradient_equals_eager(dtype: torch.dtype, tol: float) -> None:
+    model, fn, theta, batch = _problem(dtype)
+    eager = batched_model(model)
+    assert eager is not None
+    captured = eager.compiled()
+    for name, kw in (
+        ("imaml-gd", dict(inner_steps=4, inner_lr=0.1, lam=2.0, cg_iters=3)),
+        ("fomaml", dict(inner_steps=3, inner_lr=0.2)),
+        ("maml", dict(inner_steps=1, inner_lr=0.2)),
+    ):
+        algo = make_algorithm(name, **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", bl.BilevelWarning)  # no silent fallback to eager
+            got, _, st = meta_gradient(algo, fn, F.cross_entropy, theta, batch, batched=captured)
+        ref, _, st_ref = meta_gradient(algo, fn, F.cross_entropy, theta, batch, batched=eager)
+        assert _rel(got, ref) <= tol, name
+        torch.testing.assert_close(st.query_loss, st_ref.query_loss, rtol=tol, atol=tol)
+    assert captured.fast.compiled is not None  # type: ignore[attr-defined]
+
+
+def test_compile_failure_warns_and_runs_eagerly() -> None:
+    """A model torch.compile cannot capture (here: the compiled callable raises the compiler's
+    error) runs eagerly, with one warning saying so, and equals eager."""
+    model, fn, theta, batch = _problem(torch.float64)
+    eager = batched_model(model)
+    assert eager is not None
+    captured = eager.compiled()
+
+    def broken(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        raise torch._dynamo.exc.Unsupported("test: cannot capture")
+
+    captured.fast.compiled = broken  # type: ignore[attr-defined]
+    algo = make_algorithm("fomaml", inner_steps=2, inner_lr=0.2)
+    with pytest.warns(bl.BilevelWarning, match="could not capture the model.*running it eagerly"):
+        got, _, _ = meta_gradient(algo, fn, F.cross_entropy, theta, batch, batched=captured)
+    ref, _, _ = meta_gradient(algo, fn, F.cross_entropy, theta, batch, batched=eager)
+    assert _rel(got, ref) == 0.0
+    assert captured.fast.compiled is None  # type: ignore[attr-defined]
+
+
+def test_compile_does_not_swallow_model_errors() -> None:
+    """An error of the model itself (not of the compiler) propagates as eager raises it, with no
+    warning, and the model stays compiled."""
+    bm = BatchedModel.from_function(lambda p, x: x @ p["w"]).compiled()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", bl.BilevelWarning)
+        with pytest.raises(RuntimeError, match="Expected size for first two dimensions"):
+            bm.fast({"w": torch.zeros(2, 3, 4)}, torch.zeros(2, 5, 7))
+    assert bm.fast.compiled is not None  # type: ignore[attr-defined]
+    out = bm.fast({"w": torch.ones(2, 3, 4)}, torch.ones(2, 5, 3))
+    torch.testing.assert_close(out, torch.full((2, 5, 4), 3.0))
