@@ -68,6 +68,7 @@ from .models import init_params as init_params
 from .models import make_functional as make_functional
 from .models import mse as mse
 from .omniglot import load_omniglot as load_omniglot
+from .prefetch import Prefetcher as Prefetcher
 from .splits import ClassSplit as ClassSplit
 from .tasks import SinusoidTasks as SinusoidTasks
 from .tasks import Task as Task
@@ -97,6 +98,7 @@ __all__ = [
     "MetaAlgorithm",
     "MetaLearner",
     "MetaStats",
+    "Prefetcher",
     "Reptile",
     "ReptileStep",
     "Run",

@@ -56,6 +56,7 @@ from .console import Console, ProgressMode
 from .distributed import Dist, allreduce_, broadcast_, finish, init_distributed, rank_device
 from .experiment import Experiment, build_experiment, learned_lam
 from .models import Params
+from .prefetch import Prefetcher
 
 __all__ = ["train"]
 
@@ -331,13 +332,15 @@ def train(
             ckpt_path,
         )
 
+    # the next meta-batch is drawn while this one runs (same tasks as drawing it on the spot)
+    prefetch = Prefetcher(lambda s: exp.train_sampler.meta_batch(s, local), device, cfg.meta_steps - 1)
     try:
         for step in range(start, cfg.meta_steps):
             if halt:
                 break
             logged = step % cfg.log_every == 0 or step == cfg.meta_steps - 1
             if local:
-                batch = exp.train_sampler.meta_batch(step, local, device=device)
+                batch = prefetch.get(step)
                 g, lam_g, stats = meta_gradient(
                     algo,
                     exp.model_fn,
@@ -433,6 +436,7 @@ def train(
                 save(steps_done)
         save(steps_done)
     finally:
+        prefetch.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         bar.close()
