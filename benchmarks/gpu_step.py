@@ -112,11 +112,17 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="CPU intra-op threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--double-backward",
+        default="auto",
+        choices=("auto", "native", "few-ops"),
+        help="batched_model(double_backward=...): few-ops counts on CPU what an accelerator dispatches",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model, fn, theta, batch = problem(device, args.meta_batch, args.ways, args.shots, args.seed)
-    eager = batched_model(model)
+    eager = batched_model(model, double_backward=args.double_backward)
     assert eager is not None
     engines = {
         "eager": eager,
@@ -178,6 +184,7 @@ def main() -> None:
         "meta_batch": args.meta_batch,
         "ways": args.ways,
         "shots": args.shots,
+        "double_backward": args.double_backward,
     }
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     cuda = device.type == "cuda"
@@ -195,7 +202,9 @@ def main() -> None:
         )
     (out / "table.md").write_text(
         f"`{meta['command']}` — {meta['device_name']}, torch {meta['torch']}, {args.ways}-way "
-        f"{args.shots}-shot, meta-batch {args.meta_batch}\n\n" + "\n".join(lines) + "\n"
+        f"{args.shots}-shot, meta-batch {args.meta_batch}, double backward {args.double_backward}\n\n"
+        + "\n".join(lines)
+        + "\n"
     )
     print("\n".join(lines))
 

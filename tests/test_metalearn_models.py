@@ -311,14 +311,15 @@ def test_batched_model_is_none_for_other_modules() -> None:
     ],
     ids=["omniglot", "bias-nonsquare", "pool"],
 )
-@pytest.mark.parametrize("which", ["exact", "fast"])
+@pytest.mark.parametrize("which", ["exact:native", "exact:few-ops", "exact:auto", "fast:auto"])
 def test_batched_model_hvp_by_double_backward_equals_per_task_hvp(model: ConvNet, which: str) -> None:
     """Autograd's double backward through the batched model (the implicit layer's HVPs; MAML)
     against per-task forward-over-reverse through the module (BatchStatNorm2d), float64."""
     fn, params = make_functional(model, _gen(0), dtype=torch.float64)
-    bm = batched_model(model)
+    form, double_backward = which.split(":")
+    bm = batched_model(model, double_backward=double_backward)
     assert bm is not None
-    forward = getattr(bm, which)
+    forward = getattr(bm, form)
     B = 3
     x = torch.rand(B, 6, model.in_channels, *model.image_size, dtype=torch.float64, generator=_gen(1))
     y = torch.arange(3).repeat(2)[:6].remainder(model.ways).expand(B, -1)
@@ -399,3 +400,8 @@ def test_task_losses_falls_back_to_a_loop_for_losses_vmap_cannot_batch() -> None
     torch.testing.assert_close(
         task_losses(F.cross_entropy, out, y), torch.stack([F.cross_entropy(out[i], y[i]) for i in range(3)])
     )
+
+
+def test_batched_model_refuses_an_unknown_double_backward() -> None:
+    with pytest.raises(ValueError, match=r"double_backward='fast'.*choose one of"):
+        batched_model(omniglot_cnn(3), double_backward="fast")

@@ -495,7 +495,11 @@ def as_batched(
     return batched if batched is not None else BatchedModel.from_function(model, vectorize=vectorize)
 
 
-def batched_model(model: nn.Module) -> BatchedModel | None:
+#: How the exact ConvNet's layers are differentiated twice (`batched_model`'s ``double_backward``).
+DOUBLE_BACKWARD = ("auto", "native", "few-ops")
+
+
+def batched_model(model: nn.Module, *, double_backward: str = "auto") -> BatchedModel | None:
     """The `BatchedModel` of a `ConvNet` or an `MLP`; ``None`` for other modules.
 
     A ConvNet's B models run as grouped convolutions over ``B * C`` channels (``groups=B``), its
@@ -503,24 +507,50 @@ def batched_model(model: nn.Module) -> BatchedModel | None:
     Omniglot CNN, 16 tasks of 5-way 1-shot): inner steps and HVPs about 1.3x faster than
     ``torch.func.vmap`` of the per-task model, and the fused norm halves the cost of a norm layer.
     Agreement with the per-task model is tested in float64.
+
+    Args:
+        double_backward: how `BatchedModel.exact` (HVPs, MAML's path) differentiates its layers
+            twice.  ``native``: PyTorch's double backward of ``F.conv2d`` and ``F.batch_norm``,
+            which loops over the B groups of a convolution (863 ops per HVP of the Omniglot CNN
+            at B = 32).  ``few-ops``: the same values through convolutions and norms whose
+            backward passes are a few differentiable ops (`_GroupedConv2d`, `_BatchNorm`: 407 ops
+            per HVP), 10-25% slower per HVP on CPU, where ops cost little, but a fraction of the
+            kernel launches that bound an accelerator.  ``auto``: ``native`` on CPU inputs,
+            ``few-ops`` elsewhere.  All three are exact (tested against per-task HVPs in float64).
+
+    Raises:
+        ValueError: an unknown ``double_backward``.
     """
+    if double_backward not in DOUBLE_BACKWARD:
+        raise ValueError(
+            f"batched_model(double_backward={double_backward!r}): choose one of {DOUBLE_BACKWARD}"
+        )
     if isinstance(model, ConvNet):
         # F.batch_norm is exact under double backward in plain autograd (tested against the
         # written-out norm in float64); only its vmap batching rule is wrong (BatchStatNorm2d).
-        # The exact model's convolutions and norms have backward passes made of few plain ops
-        # (`_GroupedConv2d`, `_BatchNorm`): HVPs (double backward) take a fraction of the ops.
-        return BatchedModel(
-            _convnet_batched(model, conv=_GroupedConv2d.apply, norm=_BatchNorm.apply),
-            _convnet_batched(model, conv=_grouped_conv, norm=_batch_norm),
-            _convnet_single(model),
-            cpu_chunk=8,
-        )
+        native = _convnet_batched(model, conv=_grouped_conv, norm=_batch_norm)
+        few = _convnet_batched(model, conv=_GroupedConv2d.apply, norm=_BatchNorm.apply)
+        exact = {"native": native, "few-ops": few, "auto": _by_device(cpu=native, other=few)}[double_backward]
+        return BatchedModel(exact, native, _convnet_single(model), cpu_chunk=8)
     if isinstance(model, MLP):
         f = _mlp_batched(model)
         return BatchedModel(
             f, f, lambda p, x: f({k: v.unsqueeze(0) for k, v in p.items()}, x.unsqueeze(0))[0]
         )
     return None
+
+
+def _by_device(
+    *,
+    cpu: Callable[[Params, torch.Tensor], torch.Tensor],
+    other: Callable[[Params, torch.Tensor], torch.Tensor],
+) -> Callable[[Params, torch.Tensor], torch.Tensor]:
+    """``cpu(p, x)`` for inputs on the CPU, ``other(p, x)`` elsewhere."""
+
+    def f(p: Params, x: torch.Tensor) -> torch.Tensor:
+        return (cpu if x.device.type == "cpu" else other)(p, x)
+
+    return f
 
 
 def _blocks(model: ConvNet) -> list[tuple[str, int, int, float, bool]]:
