@@ -91,6 +91,18 @@ def test_bad_flags_are_one_line_usage_errors(
     assert not (tmp_path / "o").exists()
 
 
+def test_compile_flag_modes(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Bare --compile is torch.compile's default mode; a mode can be named; others are refused."""
+    from bilevel.metalearn.__main__ import _parser, config_from_args
+
+    assert config_from_args(_parser().parse_args([*SINE])).compile == "none"
+    assert config_from_args(_parser().parse_args([*SINE, "--compile"])).compile == "default"
+    cfg = config_from_args(_parser().parse_args([*SINE, "--compile", "reduce-overhead"]))
+    assert cfg.compile == "reduce-overhead"
+    msg = usage_error(capsys, [*SINE, "--compile", "fast", "--out", str(tmp_path / "o")])
+    assert "argument --compile: invalid choice: 'fast'" in msg
+
+
 def test_the_algorithms_own_flags_are_accepted(tmp_path: Path) -> None:
     # --lam is iMAML's; a preset's values are not flags, so a preset with another algorithm is fine
     from bilevel.metalearn.__main__ import _parser, config_from_args
