@@ -405,3 +405,24 @@ def test_task_losses_falls_back_to_a_loop_for_losses_vmap_cannot_batch() -> None
 def test_batched_model_refuses_an_unknown_double_backward() -> None:
     with pytest.raises(ValueError, match=r"double_backward='fast'.*choose one of"):
         batched_model(omniglot_cnn(3), double_backward="fast")
+
+
+def test_fast_batched_model_forward_over_reverse_hvp_equals_per_task_hvp() -> None:
+    """NewtonCG's inner HVPs (torch.func.jvp of grad) go through the fast model, F.batch_norm
+    included: exact there (only vmap of F.batch_norm's double backward is wrong), float64."""
+    model = omniglot_cnn(3, hidden=4, image_size=12)
+    fn, params = make_functional(model, _gen(0), dtype=torch.float64)
+    bm = batched_model(model)
+    assert bm is not None
+    B = 3
+    x = torch.rand(B, 6, 1, 12, 12, dtype=torch.float64, generator=_gen(1))
+    y = torch.arange(3).repeat(2).expand(B, -1)
+    phi = {k: v + 0.1 * torch.randn(B, *v.shape, dtype=v.dtype, generator=_gen(2)) for k, v in params.items()}
+    u = {k: torch.randn(v.shape, dtype=v.dtype, generator=_gen(3)) for k, v in phi.items()}
+
+    def total(p):  # type: ignore[no-untyped-def]
+        out = bm.fast(p, x)
+        return sum(F.cross_entropy(out[i], y[i]) for i in range(B))
+
+    _, hv = jvp(grad(total), (phi,), (u,))
+    _assert_per_task_hvps(hv, fn, phi, u, x, y, tol=1e-10)
