@@ -48,6 +48,7 @@ from ._types import Objective as Objective
 from ._types import RootFn as RootFn
 from ._types import Solver as Solver
 from ._types import TensorTree as TensorTree
+from .spectrum import lanczos_extremes as lanczos_extremes
 
 __version__ = "0.1.0"
 
@@ -90,6 +91,7 @@ __all__ = [
     "hyperopt",
     "implicit_argmin",
     "implicit_root",
+    "lanczos_extremes",
     "layers",
     "solvers",
     "theory",

@@ -378,3 +378,63 @@ def test_readme_imaml_as_the_core_layer_equals_meta_gradient() -> None:
     algo = MetaAlgorithm(InnerGD(16, 0.1), Implicit(cg_iters=5, warm_start=False), lam)
     g, _, _ = meta_gradient(algo, fn, F.cross_entropy, theta, batch, batched=bm)
     torch.testing.assert_close(flat({k: v.grad for k, v in theta.items()}), flat(g), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("lam", [2.0, "per-tensor"])
+def test_min_eig_equals_the_dense_hessian_at_the_inner_answer(lam: object) -> None:
+    """MetaStats.min_eig (Lanczos on HVPs) against the smallest eigenvalue of the dense
+    I + D^-1/2 Lhat'' D^-1/2 at each task's inner answer, float64, small MLP (n = 10)."""
+    from bilevel.metalearn import adapt
+    from bilevel.metalearn.models import MLP, batched_model, make_functional, mse
+
+    model = MLP(1, (3,), 1)
+    fn, theta = make_functional(model, torch.Generator().manual_seed(0), dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    B = 3
+    batch = Task(
+        torch.randn(B, 5, 1, generator=g, dtype=torch.float64),
+        torch.randn(B, 5, 1, generator=g, dtype=torch.float64),
+        torch.randn(B, 4, 1, generator=g, dtype=torch.float64),
+        torch.randn(B, 4, 1, generator=g, dtype=torch.float64),
+    )
+    lam_v = (
+        2.0 if lam == 2.0 else {k: torch.tensor(0.5 + i, dtype=torch.float64) for i, k in enumerate(theta)}
+    )
+    algo = make_algorithm("imaml-gd", inner_steps=3, inner_lr=0.05, cg_iters=2)
+    bm = batched_model(model)
+    n = sum(v.numel() for v in theta.values())
+    _, _, st = meta_gradient(
+        algo, fn, mse, theta, batch, lam=lam_v, classification=False, batched=bm, lanczos_steps=n
+    )
+    phi = adapt(algo, fn, mse, theta, batch.support_x, batch.support_y, lam=lam_v, batched=bm)
+    names = list(theta)
+    lam_flat = torch.cat(
+        [
+            torch.as_tensor(lam_v if isinstance(lam_v, float) else lam_v[k], dtype=torch.float64).expand(
+                theta[k].numel()
+            )
+            for k in names
+        ]
+    )
+    for i in range(B):
+        flat_i = torch.cat([phi[k][i].reshape(-1) for k in names])
+
+        def support(v: torch.Tensor, i: int = i) -> torch.Tensor:
+            parts = v.split([theta[k].numel() for k in names])
+            p = {k: t.view(theta[k].shape) for k, t in zip(names, parts)}
+            return mse(fn(p, batch.support_x[i]), batch.support_y[i])
+
+        H = torch.func.hessian(support)(flat_i)
+        s = lam_flat.rsqrt()
+        M = torch.eye(n, dtype=torch.float64) + s[:, None] * H * s[None, :]
+        torch.testing.assert_close(
+            st.min_eig[i],
+            torch.linalg.eigvalsh(M)[0],
+            rtol=1e-7,
+            atol=1e-7,  # type: ignore[index]
+        )
+    # off by default and for lam = 0
+    _, _, off = meta_gradient(algo, fn, mse, theta, batch, lam=lam_v, classification=False, batched=bm)
+    assert off.min_eig is not None and bool(torch.isnan(off.min_eig).all())
+    with pytest.raises(ValueError, match="lanczos_steps=-1"):
+        meta_gradient(algo, fn, mse, theta, batch, classification=False, batched=bm, lanczos_steps=-1)

@@ -73,6 +73,7 @@ def usage_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
         (["--seed", "-3"], "argument --seed: -3 is refused: must be >= 0"),
         (["--lam", "0.5"], "argument --lam: iMAML's proximal weight; --algo fomaml does not use it"),
         (["--cg-iters", "3"], "argument --cg-iters: .* --algo fomaml does not use it"),
+        (["--lanczos-steps", "3"], "argument --lanczos-steps: .* --algo fomaml does not use it"),
         (["--ways", "3"], "argument --ways: .* --dataset sinusoid does not use it"),
         (["--split", "lake"], "argument --split: Omniglot's class split; --dataset sinusoid"),
         (["--algo", "maml", "--backtrack"], "argument --backtrack: .* --algo maml does not use it"),

@@ -31,6 +31,8 @@ from bilevel.metalearn import ConfigError, TrainConfig
         ("out", "", "must name an output folder"),
         ("device", "gpu0", "not a device"),
         ("ways", 1, "needs ways >= 2"),
+        ("lanczos_steps", -1, "must be >= 0"),
+        ("compile", "fast", "choose one of none, default, reduce-overhead or max-autotune-no-cudagraphs"),
     ],
 )
 def test_every_field_is_checked(field: str, value: object, match: str) -> None:

@@ -40,6 +40,7 @@ ALGO_FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
     "learn_lam": (IMAML_ALGOS, "iMAML's learned proximal weight"),
     "cg_iters": (IMAML_ALGOS, "the CG steps of iMAML's meta-gradient"),
     "damping": (IMAML_ALGOS, "the damping of iMAML's meta-gradient system"),
+    "lanczos_steps": (IMAML_ALGOS, "the smallest eigenvalue of I + H/lam, iMAML's system"),
     "newton_iters": (("imaml-hf",), "the Newton steps of imaml-hf"),
     "inner_steps": (_GD_ALGOS, "inner GD steps (imaml-hf takes Newton steps)"),
     "inner_lr": (_GD_ALGOS, "the inner GD step size (imaml-hf takes Newton steps)"),
@@ -190,6 +191,13 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help=f"steps between checkpoints (default {d.checkpoint_every})",
+    )
+    t.add_argument(
+        "--lanczos-steps",
+        type=int,
+        default=None,
+        help="log the smallest eigenvalue of I + H/lam at the inner answers, by this many Lanczos "
+        "steps (HVPs) at every logged step (default 0: off; iMAML only)",
     )
     t.add_argument("--no-vmap", action="store_true", help="loop over tasks instead of torch.func.vmap")
     t.add_argument(

@@ -549,6 +549,11 @@ class MetaStats:
             updated, CG's own estimate) for `Implicit`, NaN otherwise.
         negative_curvature: True where CG met p'Ap <= 0 and stopped early.
         cg_iters: CG iterations done per task (the one that met negative curvature included).
+        min_eig: the smallest eigenvalue of I + Lhat''(phi_i)/lam at the inner answer, estimated
+            by ``lanczos_steps`` Lanczos steps (`bilevel.lanczos_extremes`; an upper bound that
+            tightens with the steps), NaN unless asked for.  Negative: phi_i is not a minimum of
+            G_i, so Lemma 1's implicit gradient does not apply there.  With per-tensor lam, of
+            the similar matrix I + D^-1/2 Lhat'' D^-1/2, D = diag(lam).
     """
 
     query_loss: torch.Tensor
@@ -558,9 +563,29 @@ class MetaStats:
     cg_residual: torch.Tensor
     negative_curvature: torch.Tensor
     cg_iters: torch.Tensor
+    min_eig: torch.Tensor | None = None
 
 
-def _stats(mb: _MetaBatch, out: _Outcome, diagnostics: bool) -> MetaStats:
+def _min_eig(mb: _MetaBatch, X: torch.Tensor, steps: int) -> torch.Tensor:
+    """Smallest eigenvalue of I + Lhat''/lam at X per task (B,), by Lanczos on HVPs of G."""
+    Xr = X.detach().requires_grad_(True)
+    th = mb._theta_values()
+    with torch.enable_grad():
+        G = mb.objective(exact=True)(Xr, th)
+        (g,) = torch.autograd.grad(G.sum(), Xr, create_graph=True)
+    lam = _detached(mb.lam_vec(th))
+    scale = lam.rsqrt() if isinstance(lam, torch.Tensor) else lam**-0.5
+
+    def matvec(V: torch.Tensor) -> torch.Tensor:
+        (hv,) = torch.autograd.grad(g, Xr, grad_outputs=V * scale, retain_graph=True)
+        return hv.detach() * scale
+
+    v0 = torch.randn(X.shape, generator=torch.Generator().manual_seed(0), dtype=X.dtype).to(X.device)
+    lo, _ = bl.lanczos_extremes(matvec, v0, steps)
+    return lo
+
+
+def _stats(mb: _MetaBatch, out: _Outcome, diagnostics: bool, lanczos_steps: int = 0) -> MetaStats:
     B, device = mb.B, out.query_loss.device
     nan = torch.full((B,), float("nan"), dtype=out.query_loss.dtype, device=device)
     cg = out.cg
@@ -586,7 +611,11 @@ def _stats(mb: _MetaBatch, out: _Outcome, diagnostics: bool) -> MetaStats:
             support = (values.detach() - mb.prox(out.phi, th)).to(nan.dtype)
     else:
         grad_norm, support = nan, nan
-    return MetaStats(out.query_loss, out.query_acc, support, grad_norm, residual, negative, iters)
+    min_eig = nan
+    no_prox = isinstance(mb.lam_fixed, float) and mb.lam_fixed == 0.0
+    if diagnostics and lanczos_steps > 0 and not no_prox:
+        min_eig = _min_eig(mb, out.phi, lanczos_steps).to(nan.dtype)
+    return MetaStats(out.query_loss, out.query_acc, support, grad_norm, residual, negative, iters, min_eig)
 
 
 def meta_gradient(
@@ -601,6 +630,7 @@ def meta_gradient(
     vectorize: bool = True,
     diagnostics: bool = True,
     batched: BatchedModel | None = None,
+    lanczos_steps: int = 0,
 ) -> tuple[Params, dict[str, torch.Tensor] | None, MetaStats]:
     """The average task meta-gradient of a meta-batch (Algorithm 1's direction).
 
@@ -620,6 +650,9 @@ def meta_gradient(
         batched: the `BatchedModel` of ``model`` (`bilevel.metalearn.batched_model`): the
             B tasks' models then run in one call with plain autograd (faster on CPU than
             vmap); same result.
+        lanczos_steps: with ``diagnostics``, estimate `MetaStats.min_eig` (the smallest
+            eigenvalue of I + Lhat''/lam at each inner answer) with this many Lanczos steps
+            (one HVP each); 0: not estimated (NaN, also for lam = 0).
 
     Returns:
         ``(grad, lam_grad, stats)``: the mean meta-gradient by name (like ``theta``),
@@ -631,6 +664,8 @@ def meta_gradient(
         NonFiniteError: the inner solve diverged in some task.
         ValueError: a learned lam with a kind other than `Implicit`.
     """
+    if lanczos_steps < 0:
+        raise ValueError(f"meta_gradient(lanczos_steps={lanczos_steps}): must be >= 0")
     lam_v: Lam = algo.lam if lam is None else lam
     mb = _MetaBatch(as_batched(model, batched, vectorize), loss, classification, batch, theta, lam_v)
     if mb.learned and not isinstance(algo.meta_gradient, Implicit):
@@ -638,7 +673,7 @@ def meta_gradient(
     out = algo.meta_gradient.apply(algo.inner, mb)
     mean = {k: t / mb.B for k, t in out.grad.items()}
     lam_grad = None if out.lam_grad is None else {k: t / mb.B for k, t in out.lam_grad.items()}
-    return mean, lam_grad, _stats(mb, out, diagnostics)
+    return mean, lam_grad, _stats(mb, out, diagnostics, lanczos_steps)
 
 
 def adapt(

@@ -53,6 +53,7 @@ _INTS: dict[str, tuple[int, str]] = {
     "eval_batch": (1, "tasks per evaluation call"),
     "log_every": (1, "steps between log records"),
     "checkpoint_every": (0, "steps between checkpoints (0: only at the end)"),
+    "lanczos_steps": (0, "Lanczos steps for the logged smallest eigenvalue (0: off)"),
 }
 _OPTIONAL_INTS: dict[str, tuple[int, str]] = {
     "eval_inner_steps": (0, "inner steps at evaluation"),
@@ -80,6 +81,7 @@ RESUMABLE = frozenset(
         "eval_batch",
         "log_every",
         "checkpoint_every",
+        "lanczos_steps",
         "vectorize",
         "batched",
         "compile",
@@ -142,6 +144,10 @@ class TrainConfig:
         time_limit: stop meta-training after this many minutes (None: no limit).
         log_every: steps between log records.
         checkpoint_every: steps between checkpoints.
+        lanczos_steps: at every logged step, estimate the smallest eigenvalue of
+            I + Lhat''/lam at each task's inner answer with this many Lanczos steps (one HVP of
+            the meta-batch each; `MetaStats.min_eig`) and log its minimum and mean over the tasks
+            (``min_eig``, ``min_eig_mean``); 0: off.  iMAML algorithms only (lam > 0).
         vectorize: vmap over tasks (else a loop); for models without a batched form, and for MAML.
         batched: run the meta-batch's per-task models in one call with plain autograd where the
             model has a `BatchedModel` (ConvNet, MLP); measured 1.3-2.5x faster per meta-step on
@@ -195,6 +201,7 @@ class TrainConfig:
     time_limit: float | None = None
     log_every: int = 10
     checkpoint_every: int = 200
+    lanczos_steps: int = 0
     vectorize: bool = True
     batched: bool = True
     compile: str = "none"

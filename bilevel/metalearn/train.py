@@ -352,6 +352,7 @@ def train(
                     vectorize=cfg.vectorize,
                     batched=exp.batched,
                     diagnostics=logged,
+                    lanczos_steps=cfg.lanczos_steps if logged else 0,
                 )
                 n_local = len(local)
                 # one device sync for the whole meta-gradient
@@ -412,6 +413,9 @@ def train(
                     "cg_residual": float(stats.cg_residual.nanmean()) if stats.cg_residual.numel() else None,
                     "negative_curvature": int(scal[2]),
                 }
+                if cfg.lanczos_steps and stats.min_eig is not None:
+                    rec["min_eig"] = float(stats.min_eig.min())
+                    rec["min_eig_mean"] = float(stats.min_eig.mean())
                 if log_lam:
                     rec["lam"] = {k: float(v.detach().exp()) for k, v in log_lam.items()}
                 history["steps"].append(rec)
