@@ -474,7 +474,7 @@ def iterate(
     n_iter = torch.zeros(B, dtype=torch.int64, device=dev)
     n_negcurv = torch.zeros(B, dtype=torch.int64, device=dev)
     last_negcurv = torch.zeros(B, dtype=torch.bool, device=dev)
-    nan_rows_dev: torch.Tensor | None = None  # the (B,) NaNs reported where no norm is measured
+    unmeasured = torch.full_like(gn, math.nan)  # the norms of a step that measures none
     k = 0
     # a fixed budget (tol = 0) runs every step; stopped problems are frozen by the masks
     while k < max_iter and (tol == 0 or bool(active.any())):
@@ -490,7 +490,7 @@ def iterate(
         g_at_x = s.g is not None
         if s.g is None:
             # The method's last step of a fixed budget: no gradient at the answer was taken.
-            gn_new = torch.full_like(gn, math.nan)
+            gn_new, measured = unmeasured, False
             ok = torch.isfinite(rownorm(s.x))
             s_f = s_g = None
         elif tol == 0 and oracle.values_known:
@@ -498,12 +498,11 @@ def iterate(
             # iterate's value (or in the final iterate's norm above), which is then rejected,
             # keeping this finite iterate: one pass over g per step saved.
             assert s.f is not None
-            gn_new = nan_rows_dev if nan_rows_dev is not None else torch.full_like(gn, math.nan)
-            nan_rows_dev = gn_new
+            gn_new, measured = unmeasured, False
             ok = torch.isfinite(s.f.detach())
             s_f, s_g = s.f, s.g
         else:
-            gn_new = rownorm(s.g.detach())
+            gn_new, measured = rownorm(s.g.detach()), True
             ok = torch.isfinite(gn_new)
             if oracle.values_known:
                 ok &= torch.isfinite(s.f.detach())  # type: ignore[union-attr]
@@ -529,14 +528,14 @@ def iterate(
             newly_conv = accept & (gn <= tol)
             code = torch.where(newly_conv, _CONVERGED, code)
             active = accept & ~newly_conv
-        elif gn_new is nan_rows_dev:  # tol = 0, no norm measured: nothing but a failure stops
+        elif not measured:  # tol = 0, no norm measured: nothing but a failure stops
             active = accept
         else:  # tol = 0: a fixed budget; only an exactly zero gradient could stop a problem
             active = accept & ~(gn == 0)
         k += 1
     if tol == 0 and g_at_x:
         gn = torch.where(torch.isnan(gn), rownorm(g.detach()), gn)  # measured once, at the end
-    # The one read of the per-problem state: codes, counts and norms in one transfer.
+    # The per-problem state, read once, when the loop is over.
     code_l, n_iter, last_negcurv, n_negcurv = (
         code.tolist(),
         n_iter.cpu(),
