@@ -13,8 +13,10 @@ from bilevel.metalearn.algorithms import (
     FirstOrder,
     Implicit,
     InnerGD,
+    InnerGDPullBack,
     InnerNewtonCG,
     MetaAlgorithm,
+    ReleasedCG,
     ReptileStep,
     Unrolled,
     adapt,
@@ -209,6 +211,9 @@ BATCHED_CASES = [
     ("fomaml", {}),
     ("reptile", {}),
     ("maml", {}),
+    ("imaml-released", {"damping": 1.0}),
+    ("imaml-gd", {"inner_solver": "nesterov"}),
+    ("fomaml", {"inner_solver": "nesterov"}),
 ]
 
 
@@ -438,3 +443,95 @@ def test_min_eig_equals_the_dense_hessian_at_the_inner_answer(lam: object) -> No
     assert off.min_eig is not None and bool(torch.isnan(off.min_eig).all())
     with pytest.raises(ValueError, match="lanczos_steps=-1"):
         meta_gradient(algo, fn, mse, theta, batch, classification=False, batched=bm, lanczos_steps=-1)
+
+
+# ------------------------------------------------------------------ the released code's recipe (issue 17)
+@ENGINES
+@pytest.mark.parametrize("lam", [2.0, 0.5])
+def test_released_meta_gradient_equals_a_dense_solve_at_the_pulled_back_point(
+    setup, engine, lam: float
+) -> None:  # type: ignore[no-untyped-def]
+    """imaml-released, written out by hand per task: 7 SGD steps on the support loss alone, the
+    pull-back phi <- theta + (1 - lr lam)(phi - theta), then g = ((1 + d) I + H/(lam + 10))^-1 v with
+    H the dense support-loss Hessian and v the query gradient at that phi (CG run to n steps)."""
+    fn, theta, batch = setup
+    n = flat(theta).numel()
+    steps, lr, d = 7, 0.1, 1.0
+    algo = make_algorithm("imaml-released", inner_steps=steps, inner_lr=lr, lam=lam, cg_iters=n, damping=d)
+    g, _, _ = meta_gradient(algo, fn, F.cross_entropy, theta, batch, batched=engine)
+    names = list(theta)
+    shapes = [theta[k].shape for k in names]
+
+    def unflat(z: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(
+            zip(names, (c.view(s) for c, s in zip(torch.split(z, [s.numel() for s in shapes]), shapes)))
+        )
+
+    total = torch.zeros(n, dtype=D)
+    for i in range(B):
+        t = _one(batch, i)
+
+        def support(z: torch.Tensor, t: Task = t) -> torch.Tensor:
+            return F.cross_entropy(fn(unflat(z), t.support_x[0]), t.support_y[0])
+
+        z0 = flat(theta)
+        z = z0.clone()
+        for _ in range(steps):
+            z = z - lr * torch.func.grad(support)(z)
+        z = z - lr * lam * (z - z0)  # one SGD step on lam/2 ||z - theta||^2
+        H = torch.func.hessian(support)(z)
+        v = torch.func.grad(lambda w, t=t: F.cross_entropy(fn(unflat(w), t.query_x[0]), t.query_y[0]))(z)
+        total += torch.linalg.solve((1 + d) * torch.eye(n, dtype=D) + H / (lam + 10.0), v)
+    torch.testing.assert_close(flat(g), total / B, rtol=1e-8, atol=1e-10)
+
+
+def test_released_inner_loop_without_lam_is_plain_gd_on_the_support_loss(setup) -> None:  # type: ignore[no-untyped-def]
+    """How the released code evaluates (lam = 0): adapt = fomaml's plain GD, to rounding."""
+    fn, theta, batch = setup
+    rel = make_algorithm("imaml-released", inner_steps=5, inner_lr=0.1, lam=2.0)
+    fo = make_algorithm("fomaml", inner_steps=5, inner_lr=0.1)
+    a = adapt(rel, fn, F.cross_entropy, theta, batch.support_x, batch.support_y, lam=0.0)
+    b = adapt(fo, fn, F.cross_entropy, theta, batch.support_x, batch.support_y)
+    torch.testing.assert_close(flat(a), flat(b), rtol=1e-13, atol=1e-16)  # theta + 1 (phi - theta)
+    pulled = adapt(rel, fn, F.cross_entropy, theta, batch.support_x, batch.support_y)
+    t = flat({k: v.unsqueeze(0).expand(B, *v.shape) for k, v in theta.items()})
+    torch.testing.assert_close(flat(pulled) - t, 0.8 * (flat(b) - t), rtol=1e-12, atol=1e-14)
+
+
+def test_released_recipe_guards() -> None:
+    with pytest.raises(ValueError, match="backtrack"):
+        make_algorithm("imaml-released", backtrack=True)
+    with pytest.raises(ValueError, match="minimizes G"):
+        MetaAlgorithm(InnerGDPullBack(), Implicit(), 2.0)
+    with pytest.raises(ValueError, match="steps"):
+        InnerGDPullBack(steps=-1)
+    with pytest.raises(ValueError, match="lr"):
+        InnerGDPullBack(lr=0.0)
+    with pytest.raises(ValueError, match="cg_iters"):
+        ReleasedCG(cg_iters=-1)
+    with pytest.raises(ValueError, match="damping"):
+        ReleasedCG(damping=-1.0)
+
+
+@pytest.mark.parametrize("lam", [2.0, 20.0])  # lr lam <= 1 (Theorem 2's momentum), and > 1 (k/(k+3))
+def test_accelerated_inner_solver_equals_nesterov_task_by_task(setup, lam: float) -> None:  # type: ignore[no-untyped-def]
+    """InnerNesterov on the meta-batch = bl.solvers.Nesterov(mu=lam) run on each task alone."""
+    fn, theta, batch = setup
+    algo = make_algorithm("imaml-gd", inner_steps=9, inner_lr=0.1, lam=lam, inner_solver="nesterov")
+    got = adapt(algo, fn, F.cross_entropy, theta, batch.support_x, batch.support_y)
+    mu = lam if lam * 0.1 <= 1 else None
+    solver = bl.solvers.Nesterov(lr=0.1, mu=mu, max_iter=9, tol=0.0, restart=True)
+    for i in range(B):
+
+        def G(p: dict[str, torch.Tensor], t: dict[str, torch.Tensor], i: int = i) -> torch.Tensor:
+            loss = F.cross_entropy(fn(p, batch.support_x[i]), batch.support_y[i])
+            return loss + lam / 2 * sum(((p[k] - t[k]) ** 2).sum() for k in p)
+
+        want = solver(G, dict(theta), dict(theta)).x
+        torch.testing.assert_close(
+            flat({k: v[i] for k, v in got.items()}), flat(want), rtol=1e-10, atol=1e-12
+        )
+    with pytest.raises(ValueError, match="not maml"):
+        make_algorithm("maml", inner_solver="nesterov")
+    with pytest.raises(ValueError, match="'gd' or 'nesterov'"):
+        make_algorithm("imaml-gd", inner_solver="adam")

@@ -77,6 +77,9 @@ def usage_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
         (["--ways", "3"], "argument --ways: .* --dataset sinusoid does not use it"),
         (["--split", "lake"], "argument --split: Omniglot's class split; --dataset sinusoid"),
         (["--algo", "maml", "--backtrack"], "argument --backtrack: .* --algo maml does not use it"),
+        (["--eval-lam", "0"], "argument --eval-lam: .* --algo fomaml does not use it"),
+        (["--algo", "maml", "--inner-solver", "nesterov"], "argument --inner-solver: .* --algo maml"),
+        (["--adam-eps", "0"], "argument --adam-eps: 0.0 is refused: must be finite and > 0"),
         (["--device", "cuda:99"], "argument --device"),
     ],
 )
@@ -114,6 +117,30 @@ def test_the_algorithms_own_flags_are_accepted(tmp_path: Path) -> None:
     assert cfg.lam == 0.5 and cfg.cg_iters == 2
     cfg = config_from_args(_parser().parse_args(["train", "--preset", "sinusoid-5s", "--algo", "maml"]))
     assert cfg.algo == "maml" and cfg.dataset == "sinusoid"
+
+
+def test_the_released_recipe_then_the_preset_then_the_flags() -> None:
+    from bilevel.metalearn.__main__ import _parser, config_from_args
+    from bilevel.metalearn.config import RECIPES
+
+    cfg = config_from_args(_parser().parse_args(["train", "--recipe", "released"]))
+    assert {k: getattr(cfg, k) for k in RECIPES["released"]} == RECIPES["released"]
+    cfg = config_from_args(
+        _parser().parse_args(
+            ["train", "--recipe", "released", "--preset", "omniglot-20w1s", "--meta-batch", "8"]
+        )
+    )
+    assert (cfg.algo, cfg.ways, cfg.inner_steps, cfg.meta_batch, cfg.adam_eps) == (
+        "imaml-released",
+        20,
+        25,
+        8,
+        1e-3,
+    )
+    # an explicit --algo wins over the recipe's (the rest of the recipe stays)
+    cfg = config_from_args(_parser().parse_args(["train", "--recipe", "released", "--algo", "imaml-gd"]))
+    assert cfg.algo == "imaml-gd" and cfg.eval_lam == 0.0 and cfg.init == "released"
+    assert config_from_args(_parser().parse_args(["train"])).algo == "imaml-gd"
 
 
 def test_resume_errors_are_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

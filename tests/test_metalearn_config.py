@@ -32,6 +32,11 @@ from bilevel.metalearn import ConfigError, TrainConfig
         ("device", "gpu0", "not a device"),
         ("ways", 1, "needs ways >= 2"),
         ("lanczos_steps", -1, "must be >= 0"),
+        ("eval_lam", -1.0, "must be finite and >= 0"),
+        ("adam_eps", 0.0, "must be finite and > 0"),
+        ("task_pool", -1, "must be >= 0"),
+        ("inner_solver", "lbfgs", "choose one of gd or nesterov"),
+        ("init", "he", "choose one of glorot, torch or released"),
         ("compile", "fast", "choose one of none, default, reduce-overhead or max-autotune-no-cudagraphs"),
     ],
 )
@@ -46,7 +51,25 @@ def test_contradictions_are_refused() -> None:
         TrainConfig(algo="imaml-hf", backtrack=True)
     with pytest.raises(ConfigError, match="fixed inner path: drop backtrack"):
         TrainConfig(algo="maml", backtrack=True)
+    with pytest.raises(ConfigError, match="released code's fixed-step loop"):
+        TrainConfig(algo="imaml-released", backtrack=True)
+    with pytest.raises(ConfigError, match="implicit iMAML algorithm"):
+        TrainConfig(algo="imaml-released", learn_lam="scalar")
+    with pytest.raises(ValueError, match="no backtrack"):
+        TrainConfig(inner_solver="nesterov", backtrack=True)
     assert TrainConfig(dataset="sinusoid", ways=1).ways == 1  # a sinusoid task has no classes
+
+
+def test_the_released_recipe_is_a_valid_configuration_of_the_released_algorithm() -> None:
+    from bilevel.metalearn.algorithms import InnerGDPullBack, ReleasedCG
+    from bilevel.metalearn.config import RECIPES
+
+    cfg = TrainConfig(**RECIPES["released"])
+    algo = cfg.algorithm()
+    assert algo.inner == InnerGDPullBack(16, 0.1) and algo.meta_gradient == ReleasedCG(5, 1.0, 10.0)
+    assert algo.lam == 2.0 and cfg.meta_batch == 32 and cfg.adam_eps == 1e-3 and cfg.task_pool == 200_000
+    assert cfg.evaluation_lam(2.0) == 0.0 and cfg.algorithm(evaluation=True).inner == InnerGDPullBack(16, 0.1)
+    assert TrainConfig().evaluation_lam(2.0) == 2.0  # as trained unless eval_lam is set
 
 
 def test_resume_conflicts_list_the_fields_that_shape_the_run() -> None:

@@ -677,3 +677,28 @@ def test_decoding_without_pillow_says_what_to_install(monkeypatch: pytest.Monkey
         ImportError, match=r"needs Pillow, which is not installed: pip install 'bilevel\[images\]'"
     ):
         sources.decode_image(b"\x89PNG", size=(28, 28), channels=1)
+
+
+def test_a_task_pool_redraws_the_same_tasks() -> None:
+    """TaskPool: n tasks made once from their own seeds, drawn with replacement at every step."""
+    from bilevel.metalearn.tasks import SinusoidTasks, TaskPool
+
+    src = SinusoidTasks(shots=3, queries=2, seed=4)
+    pool = TaskPool(src, 3)
+    seen: dict[int, object] = {}
+    for step in range(6):
+        for i in range(4):
+            j = pool.pool_index(step, i)
+            assert 0 <= j < 3
+            t = pool.task(step, i)
+            if j in seen:
+                for a, b in zip(t, seen[j]):  # type: ignore[call-overload]
+                    assert torch.equal(a, b)
+            seen[j] = t
+    assert sorted(seen) == [0, 1, 2]  # every pool task drawn at least once in 24 draws
+    assert not torch.equal(seen[0].support_x, seen[1].support_x)  # type: ignore[attr-defined]
+    one = TaskPool(src, 1)
+    assert torch.equal(one.meta_batch(0, 2).support_y[0], one.meta_batch(5, 2).support_y[1])
+    assert torch.equal(pool.fixed_task(3).support_x, src.fixed_task(3).support_x)
+    with pytest.raises(ValueError, match="n >= 1"):
+        TaskPool(src, 0)

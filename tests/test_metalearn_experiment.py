@@ -120,6 +120,14 @@ def test_load_run_gives_back_the_trained_run(tmp_path: Path) -> None:
     # overrides change the configuration, hence the evaluation algorithm
     seven = load_run(tmp_path / "checkpoint.pt", eval_inner_steps=7)
     assert seven.algorithm == dataclasses.replace(cfg, eval_inner_steps=7).algorithm(evaluation=True)
+    # eval_lam adapts with another proximal weight (0: plain GD on the support loss), and the
+    # evaluation from parts (what train reports) uses it too
+    plain = load_run(tmp_path / "checkpoint.pt", eval_lam=0.0)
+    assert plain.lam == 0.0 and plain.algorithm == run.algorithm
+    exp0 = build_experiment(dataclasses.replace(cfg, eval_lam=0.0), device="cpu")
+    direct = evaluate_fixed(plain, exp0.test_sampler, cfg.test_tasks)
+    parts = exp0.evaluate(run.params, cfg.test_tasks, None)
+    assert parts["loss"] == direct.mean_loss != res.mean_loss
     with pytest.raises(TypeError, match="not TrainConfig fields"):
         load_run(tmp_path / "checkpoint.pt", inner_step=7)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):

@@ -426,3 +426,28 @@ def test_fast_batched_model_forward_over_reverse_hvp_equals_per_task_hvp() -> No
 
     _, hv = jvp(grad(total), (phi,), (u,))
     _assert_per_task_hvps(hv, fn, phi, u, x, y, tol=1e-10)
+
+
+def test_the_released_initialization() -> None:
+    """gain 1.73 Glorot-uniform conv/linear weights, their biases uniform in [0, 0.05], norms (1, 0)."""
+    import math
+
+    import torch.nn as nn
+
+    from bilevel.metalearn.models import init_params, omniglot_cnn
+
+    model = omniglot_cnn(5)
+    p = init_params(model, torch.Generator().manual_seed(0), gain=1.73, bias=(0.0, 0.05))
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Conv2d, nn.Linear)):
+            w = p[f"{name}.weight"]
+            fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(w)
+            bound = 1.73 * math.sqrt(6.0 / (fan_in + fan_out))
+            assert float(w.abs().max()) <= bound and float(w.abs().max()) > 0.9 * bound
+            if mod.bias is not None:
+                b = p[f"{name}.bias"]
+                assert float(b.min()) >= 0.0 and float(b.max()) <= 0.05 and float(b.std()) > 0
+    norms = [k for k in p if ".norm." in k]
+    assert norms and all(
+        float(p[k].abs().sum()) == (p[k].numel() if k.endswith("weight") else 0) for k in norms
+    )

@@ -173,8 +173,13 @@ def test_torch_init_is_seeded_and_differs_from_glorot() -> None:
     assert not torch.equal(a["net.fc1.weight"], g["net.fc1.weight"])
     bound = 1 / 40**0.5  # PyTorch's Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
     assert float(a["net.fc1.weight"].abs().max()) <= bound
-    with pytest.raises(ValueError, match="glorot or torch"):
+    with pytest.raises(ValueError, match="glorot, torch or released"):
         TrainConfig(init="he")
+    r = theta("released", 0)  # Glorot gain 1.73, biases in [0, 0.05], seeded like glorot
+    # the first layer draws the same numbers as glorot's, scaled by the gain
+    torch.testing.assert_close(r["net.fc0.weight"], 1.73 * g["net.fc0.weight"])
+    assert float(r["net.fc0.bias"].min()) >= 0 and 0 < float(r["net.fc0.bias"].max()) <= 0.05
+    assert all(torch.equal(r[k], theta("released", 0)[k]) for k in r)
 
 
 def test_learned_lambda_moves_and_is_saved(tmp_path: Path) -> None:
@@ -300,7 +305,7 @@ def test_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
 def test_bad_config() -> None:
     with pytest.raises(ValueError, match="choose one of imaml-gd"):
         TrainConfig(algo="sgd")
-    with pytest.raises(ValueError, match="learned lambda needs an iMAML"):
+    with pytest.raises(ValueError, match="learned lambda needs an implicit iMAML"):
         TrainConfig(algo="maml", learn_lam="scalar")
 
 

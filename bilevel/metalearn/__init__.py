@@ -72,6 +72,7 @@ from .prefetch import Prefetcher as Prefetcher
 from .splits import ClassSplit as ClassSplit
 from .tasks import SinusoidTasks as SinusoidTasks
 from .tasks import Task as Task
+from .tasks import TaskPool as TaskPool
 from .tasks import TaskSampler as TaskSampler
 from .train import train as train  # the function; the module stays importable as bilevel.metalearn.train
 
@@ -104,6 +105,7 @@ __all__ = [
     "Run",
     "SinusoidTasks",
     "Task",
+    "TaskPool",
     "TaskSampler",
     "TrainConfig",
     "Unrolled",

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .. import BilevelError, CheckpointError
-from .config import ALGOS, DATASETS, IMAML_ALGOS, PRESETS, ConfigError, TrainConfig
+from .config import ALGOS, DATASETS, IMAML_ALGOS, IMPLICIT_ALGOS, PRESETS, RECIPES, ConfigError, TrainConfig
 from .console import Console, ProgressMode
 from .evaluation import evaluate_fixed
 from .experiment import build_experiment, load_run
@@ -37,7 +37,7 @@ _GD_ALGOS = tuple(a for a in ALGOS if a != "imaml-hf")
 #: Flags that only some algorithms read: field -> (the algorithms, what the flag is).
 ALGO_FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
     "lam": (IMAML_ALGOS, "iMAML's proximal weight"),
-    "learn_lam": (IMAML_ALGOS, "iMAML's learned proximal weight"),
+    "learn_lam": (IMPLICIT_ALGOS, "iMAML's learned proximal weight"),
     "cg_iters": (IMAML_ALGOS, "the CG steps of iMAML's meta-gradient"),
     "damping": (IMAML_ALGOS, "the damping of iMAML's meta-gradient system"),
     "lanczos_steps": (IMAML_ALGOS, "the smallest eigenvalue of I + H/lam, iMAML's system"),
@@ -45,7 +45,9 @@ ALGO_FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
     "inner_steps": (_GD_ALGOS, "inner GD steps (imaml-hf takes Newton steps)"),
     "inner_lr": (_GD_ALGOS, "the inner GD step size (imaml-hf takes Newton steps)"),
     "eval_inner_steps": (_GD_ALGOS, "inner GD steps at evaluation (imaml-hf takes Newton steps)"),
+    "eval_lam": (IMAML_ALGOS, "iMAML's proximal weight at evaluation"),
     "backtrack": (("imaml-gd", "fomaml", "reptile"), "inner GD's backtracking line search"),
+    "inner_solver": (("imaml-gd", "fomaml", "reptile"), "the inner solver (GD or accelerated GD)"),
 }
 _IMAGE_DATASETS = tuple(x for x in DATASETS if x != "sinusoid")
 #: Flags that only some datasets read: field -> (the datasets, what the flag is).
@@ -77,7 +79,18 @@ def _parser() -> argparse.ArgumentParser:
     t.set_defaults(subparser=t)
     d = TrainConfig()
     t.add_argument(
-        "--algo", choices=ALGOS, default=d.algo, help=f"how the meta-gradient is formed (default {d.algo})"
+        "--algo",
+        choices=ALGOS,
+        default=None,
+        help=f"how the meta-gradient is formed (default: the --recipe's, else {d.algo}); imaml-released "
+        "is the authors' released code, not the paper's method",
+    )
+    t.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default=None,
+        help="every setting of a published procedure (released: the authors' released iMAML code, "
+        "which is not the paper's algorithm); --preset and explicit flags override it",
     )
     t.add_argument(
         "--preset",
@@ -96,6 +109,13 @@ def _parser() -> argparse.ArgumentParser:
         "--meta-batch", type=int, default=None, help=f"tasks per meta-step (default {d.meta_batch})"
     )
     t.add_argument("--meta-lr", type=float, default=None, help=f"Adam learning rate (default {d.meta_lr})")
+    t.add_argument("--adam-eps", type=float, default=None, help=f"Adam's epsilon (default {d.adam_eps:g})")
+    t.add_argument(
+        "--task-pool",
+        type=int,
+        default=None,
+        help="train on a fixed pool of this many tasks, drawn with replacement (default 0: fresh tasks)",
+    )
     t.add_argument(
         "--lr-schedule",
         choices=("constant", "cosine"),
@@ -110,6 +130,13 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="inner steps when adapting at evaluation (default: --inner-steps)",
+    )
+    t.add_argument(
+        "--eval-lam",
+        type=float,
+        default=None,
+        help="iMAML's lambda when adapting at evaluation (default: as trained; 0: plain GD on the "
+        "support loss)",
     )
     t.add_argument(
         "--lam", type=float, default=None, help=f"proximal weight lambda of iMAML (default {d.lam})"
@@ -128,9 +155,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--init",
-        choices=("glorot", "torch"),
+        choices=("glorot", "torch", "released"),
         default=None,
-        help="weight initialization: Glorot uniform (default) or PyTorch's module defaults",
+        help="weight initialization: Glorot uniform (default), PyTorch's module defaults, or the released "
+        "iMAML code's (Glorot gain 1.73, biases in [0, 0.05])",
+    )
+    t.add_argument(
+        "--inner-solver",
+        choices=("gd", "nesterov"),
+        default=None,
+        help="inner GD, or Nesterov's accelerated GD with Theorem 2's momentum (default gd)",
     )
     t.add_argument(
         "--backtrack",
@@ -255,6 +289,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data-root", default=None, help="dataset folder (or env BILEVEL_DATA_ROOT)")
     e.add_argument("--test-tasks", type=int, default=None, help="fixed test tasks (default: as trained)")
     e.add_argument("--eval-inner-steps", type=int, default=None, help="inner steps at adaptation")
+    e.add_argument(
+        "--eval-lam",
+        type=float,
+        default=None,
+        help="iMAML's lambda at adaptation (0: plain GD on the support loss)",
+    )
     e.add_argument("--device", default=None, help="device (default: cpu)")
     e.add_argument("--out", default=None, help="write the metrics as JSON here (default: print only)")
     e.add_argument(
@@ -302,14 +342,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         ConfigError: a value no run can use (`TrainConfig`'s checks).
     """
     values: dict[str, Any] = {}
+    if args.recipe:
+        values.update(RECIPES[args.recipe])
     if args.preset:
         values.update(PRESETS[args.preset])
     for name in FIELDS:
         v = getattr(args, name, None)
         if v is not None:
             values[name] = v
-    values["algo"] = args.algo
-    _check_applies(args, args.algo, values.get("dataset", TrainConfig().dataset))
+    values["algo"] = args.algo or values.get("algo", TrainConfig().algo)
+    _check_applies(args, values["algo"], values.get("dataset", TrainConfig().dataset))
     if args.no_vmap:
         values["vectorize"] = False
     if args.no_batched:
@@ -369,7 +411,7 @@ def _eval(args: argparse.Namespace) -> int:
     parser: argparse.ArgumentParser = args.subparser
     console = Console(_progress(args))
     overrides: dict[str, Any] = {}
-    for name in ("data_root", "test_tasks", "eval_inner_steps"):
+    for name in ("data_root", "test_tasks", "eval_inner_steps", "eval_lam"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     device = args.device or "cpu"

@@ -18,6 +18,9 @@ backtracking, or `NewtonCG`), and forms the task meta-gradient g_i with a value 
                   inner step (memory grows with steps).
 `FirstOrder`      first-order MAML: the inner solve alone; g_i = grad L_i(phi_i).
 `ReptileStep`     Reptile: the inner solve alone; g_i = theta - phi_i.
+`ReleasedCG`      the authors' released iMAML code (``imaml-released``; NOT the paper's
+                  method): with `InnerGDPullBack`'s inner loop, CG from 0 on
+                  ((1 + damping) I + Lhat''(phi_i)/(lam + 10)) g_i = grad L_i(phi_i).
 ===============  =================================================================
 
 The B per-task models run through one `BatchedModel` (the seam): built from the model's
@@ -47,7 +50,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 import bilevel as bl
-from bilevel.solvers import GradientDescent, NewtonCG, StepHalving
+from bilevel.solvers import GradientDescent, Nesterov, NewtonCG, StepHalving
 
 from .models import BatchedModel, as_batched, task_losses
 from .tasks import Task
@@ -56,9 +59,12 @@ __all__ = [
     "FirstOrder",
     "Implicit",
     "InnerGD",
+    "InnerGDPullBack",
+    "InnerNesterov",
     "InnerNewtonCG",
     "MetaAlgorithm",
     "MetaStats",
+    "ReleasedCG",
     "ReptileStep",
     "Unrolled",
     "adapt",
@@ -79,6 +85,13 @@ _LAM = "lam:"
 
 
 # ---------------------------------------------------------------------------------- inner solvers
+def _check_steps_lr(who: str, steps: int, lr: float) -> None:
+    if steps < 0:
+        raise ValueError(f"{who}(steps={steps}): steps must be >= 0")
+    if not lr > 0:
+        raise ValueError(f"{who}(lr={lr}): lr must be > 0")
+
+
 @dataclasses.dataclass(frozen=True)
 class InnerGD:
     """Gradient descent on G for ``steps`` steps (or until ||grad G|| <= ``tol`` per task).
@@ -106,15 +119,12 @@ class InnerGD:
     backtrack: bool = False
 
     def __post_init__(self) -> None:
-        if self.steps < 0:
-            raise ValueError(f"InnerGD(steps={self.steps}): steps must be >= 0")
-        if not self.lr > 0:
-            raise ValueError(f"InnerGD(lr={self.lr}): lr must be > 0")
+        _check_steps_lr("InnerGD", self.steps, self.lr)
         if self.tol is not None and not self.tol >= 0:
             raise ValueError(f"InnerGD(tol={self.tol}): tol must be >= 0 or None")
 
-    def solver(self, *, differentiable: bool = False) -> GradientDescent:
-        """The batched `GradientDescent` this configuration stands for."""
+    def solver(self, *, differentiable: bool = False, lam: Any = None) -> GradientDescent:
+        """The batched `GradientDescent` this configuration stands for (``lam`` is not used)."""
         return GradientDescent(
             lr=self.lr,
             max_iter=self.steps,
@@ -123,6 +133,10 @@ class InnerGD:
             batched=True,
             differentiable=differentiable,
         )
+
+    def run(self, mb: _MetaBatch) -> bl.SolverResult:
+        """The B tasks' answers of G (flat (B, n), no graph), with per-task diagnostics."""
+        return _checked(self.solver()(mb.objective(exact=False), mb.init(), mb._theta_values()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,13 +150,78 @@ class InnerNewtonCG:
     newton_iters: int = 3
     cg_iters: int = 5
 
-    def solver(self, *, differentiable: bool = False) -> NewtonCG:
+    def solver(self, *, differentiable: bool = False, lam: Any = None) -> NewtonCG:
+        """The batched `NewtonCG` this configuration stands for (``lam`` is not used)."""
         if differentiable:
             raise ValueError("InnerNewtonCG: a line search cannot be unrolled")
         return NewtonCG(newton_iters=self.newton_iters, cg_iters=self.cg_iters, batched=True)
 
+    def run(self, mb: _MetaBatch) -> bl.SolverResult:
+        """The B tasks' answers of G (flat (B, n), no graph), with per-task diagnostics."""
+        return _checked(self.solver()(mb.objective(exact=False), mb.init(), mb._theta_values()))
 
-InnerSolver = Union[InnerGD, InnerNewtonCG]
+
+@dataclasses.dataclass(frozen=True)
+class InnerNesterov:
+    """Accelerated GD on G for ``steps`` steps: `bilevel.solvers.Nesterov` in batched mode.
+
+    The scheme of Theorem 2: G is lam-strongly convex where Lhat is convex, so the momentum is
+    (sqrt(kappa) - 1) / (sqrt(kappa) + 1) with kappa = 1 / (lr lam) (``mu = lam``), with
+    adaptive restart per task; where ``lr * lam > 1`` (or lam is learned or 0) the k/(k+3)
+    schedule with restart.  No line search: like fixed-step GD it diverges once the support
+    loss is sharper than about 2 / lr.
+    """
+
+    steps: int = 16
+    lr: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check_steps_lr("InnerNesterov", self.steps, self.lr)
+
+    def solver(self, *, differentiable: bool = False, lam: Any = None) -> Nesterov:
+        """The batched `Nesterov` this configuration stands for at proximal weight ``lam``."""
+        if differentiable:
+            raise ValueError("InnerNesterov: the accelerated path is not unrolled (use InnerGD for MAML)")
+        mu = float(lam) if isinstance(lam, (int, float)) and 0 < lam * self.lr <= 1 else None
+        return Nesterov(lr=self.lr, mu=mu, max_iter=self.steps, tol=0.0, restart=True, batched=True)
+
+    def run(self, mb: _MetaBatch) -> bl.SolverResult:
+        """The B tasks' answers of G (flat (B, n), no graph), with per-task diagnostics."""
+        solver = self.solver(lam=mb.lam_fixed)
+        return _checked(solver(mb.objective(exact=False), mb.init(), mb._theta_values()))
+
+
+@dataclasses.dataclass(frozen=True)
+class InnerGDPullBack:
+    """The inner loop of the authors' released iMAML code; it does NOT minimize G.
+
+    ``steps`` plain GD steps of ``lr`` on the support loss alone (no proximal term), from theta,
+    then one GD step of ``lr`` on the proximal term lam/2 ||phi - theta||^2 alone:
+    phi <- theta + (1 - lr lam) (phi - theta) (0.8 at the released lr 0.1, lam 2).  This is
+    ``learn_task`` followed by the "pull back for regularization" step of aravindr93/imaml_dev,
+    ``examples/omniglot_implicit_maml.py``.  With lam = 0 (how that code evaluates) it is plain GD
+    on the support loss.  Only with `ReleasedCG` or first-order kinds: Lemma 1 needs the argmin.
+    """
+
+    steps: int = 16
+    lr: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check_steps_lr("InnerGDPullBack", self.steps, self.lr)
+
+    def run(self, mb: _MetaBatch) -> bl.SolverResult:
+        """``steps`` GD steps on the support losses, then the pull-back step (flat (B, n), no graph)."""
+        gd = GradientDescent(lr=self.lr, max_iter=self.steps, tol=0.0, batched=True)
+        res = _checked(gd(mb.objective(exact=False, prox=False), mb.init(), mb._theta_values()))
+        lam = mb.lam_fixed
+        X: torch.Tensor = res.x  # type: ignore[assignment]
+        with torch.no_grad():
+            t = mb.theta_flat
+            X = t + (1.0 - self.lr * lam) * (X - t)
+        return dataclasses.replace(res, x=X)
+
+
+InnerSolver = Union[InnerGD, InnerNewtonCG, InnerNesterov, InnerGDPullBack]
 
 
 # ---------------------------------------------------------------------------------- one meta-batch
@@ -253,8 +332,9 @@ class _MetaBatch:
             return 0.5 * (d.square() * lam).sum(1)
         return (0.5 * lam) * d.square().sum(1)
 
-    def objective(self, *, exact: bool) -> Callable[[torch.Tensor, Params], torch.Tensor]:
-        """G_i(phi_i, theta) per task, shape (B,), of the flat X (B, n).
+    def objective(self, *, exact: bool, prox: bool = True) -> Callable[[torch.Tensor, Params], torch.Tensor]:
+        """G_i(phi_i, theta) per task, shape (B,), of the flat X (B, n); with ``prox=False`` the
+        support losses Lhat_i(phi_i) alone.
 
         ``exact``: through `BatchedModel.exact`, for autograd's double backward (the implicit
         layer's HVPs, MAML's unrolled path) and derivatives in theta.  Otherwise through
@@ -263,7 +343,7 @@ class _MetaBatch:
         """
         x, y = self.batch.support_x, self.batch.support_y
         forward = self.bm.exact if exact else self.bm.fast
-        zero = isinstance(self.lam_fixed, float) and self.lam_fixed == 0.0
+        zero = not prox or (isinstance(self.lam_fixed, float) and self.lam_fixed == 0.0)
 
         def G(X: torch.Tensor, th: Params) -> torch.Tensor:
             support = task_losses(self.loss, forward(self.unflat(X), x), y)
@@ -282,8 +362,7 @@ class _MetaBatch:
 
     def solve(self, inner: InnerSolver) -> bl.SolverResult:
         """The inner answers X (B, n) of the B tasks (no graph), with per-task diagnostics."""
-        G = self.objective(exact=False)
-        return _checked(inner.solver()(G, self.init(), self._theta_values()))
+        return inner.run(self)
 
     def _theta_values(self) -> Params:
         return {**self.theta, **{k: v.detach() for k, v in self.lam_tree().items()}}
@@ -394,7 +473,7 @@ class Implicit:
         theta = {k: v.detach().requires_grad_(True) for k, v in mb.theta.items()}
         tree = {**theta, **mb.lam_tree()}
         fast = mb.objective(exact=False)
-        solver = inner.solver()
+        solver = inner.solver(lam=mb.lam_fixed)  # type: ignore[union-attr]  # not InnerGDPullBack (checked)
 
         def solve(_exact: Any, init: torch.Tensor, th: Params) -> bl.SolverResult:
             # The inner steps use the fast model; the layer linearizes the exact one.
@@ -441,6 +520,7 @@ class Unrolled:
 
     def apply(self, inner: InnerSolver, mb: _MetaBatch) -> _Outcome:
         theta = {k: v.detach().requires_grad_(True) for k, v in mb.theta.items()}
+        assert isinstance(inner, InnerGD)  # MetaAlgorithm refuses any other inner solver with Unrolled
         with torch.enable_grad():
             res = _checked(inner.solver(differentiable=True)(mb.objective(exact=True), mb.init(theta), theta))
             X: torch.Tensor = res.x  # type: ignore[assignment]
@@ -473,7 +553,57 @@ class ReptileStep:
         return _Outcome(grad, None, X, ql, qa, res)
 
 
-MetaGradientKind = Union[Implicit, Unrolled, FirstOrder, ReptileStep]
+@dataclasses.dataclass(frozen=True)
+class ReleasedCG:
+    """The meta-gradient of the authors' released iMAML code; NOT the paper's Algorithm 2.
+
+    At the inner answer phi_i (of `InnerGDPullBack`), CG from 0 for ``cg_iters`` steps on
+
+        ((1 + damping) I + Lhat_i''(phi_i) / (lam + lam_damping)) g_i = grad L_i(phi_i),
+
+    Lhat_i'' the Hessian of the support loss alone; g_i is the task meta-gradient (no cross
+    term).  Released defaults: ``damping`` 1 (``--cg_damping``), ``lam_damping`` 10
+    (``Learner.matrix_evaluator``), so at lam 2 the system is (2 I + H / 12) g = v.
+
+    Args:
+        cg_iters: CG steps (5 released).
+        damping: ``regu_coef`` of the released code.
+        lam_damping: added to lam in the Hessian's weight.
+    """
+
+    cg_iters: int = 5
+    damping: float = 1.0
+    lam_damping: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.cg_iters < 0:
+            raise ValueError(f"ReleasedCG(cg_iters={self.cg_iters}): cg_iters must be >= 0")
+        if not (self.damping >= 0 and self.lam_damping >= 0):
+            raise ValueError(
+                f"ReleasedCG: damping {self.damping} and lam_damping {self.lam_damping} must be >= 0"
+            )
+
+    def apply(self, inner: InnerSolver, mb: _MetaBatch) -> _Outcome:
+        res = mb.solve(inner)
+        X: torch.Tensor = res.x  # type: ignore[assignment]
+        v, ql, qa = mb.query_gradients(X)
+        Xr = X.detach().requires_grad_(True)
+        with torch.enable_grad():
+            S = mb.objective(exact=True, prox=False)(Xr, mb._theta_values())
+            (g,) = torch.autograd.grad(S.sum(), Xr, create_graph=True)
+        lam = mb.lam_fixed
+        weight = 1.0 / (lam + self.lam_damping)
+        d = 1.0 + self.damping
+
+        def matvec(V: torch.Tensor) -> torch.Tensor:
+            (hv,) = torch.autograd.grad(g, Xr, grad_outputs=V, retain_graph=True)
+            return torch.add(d * V, hv, alpha=weight) if isinstance(weight, float) else d * V + hv * weight
+
+        cg = bl.CG(max_iter=self.cg_iters, rtol=0.0, atol=0.0, check_residual=False)(matvec, v)
+        return _Outcome(mb.tree(cg.x.sum(0)), None, X, ql, qa, res, cg)
+
+
+MetaGradientKind = Union[Implicit, Unrolled, FirstOrder, ReptileStep, ReleasedCG]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -498,6 +628,11 @@ class MetaAlgorithm:
                 )
         if isinstance(self.meta_gradient, Implicit) and not self.lam > 0:
             raise ValueError(f"MetaAlgorithm(lam={self.lam}): Implicit needs lam > 0")
+        if isinstance(self.meta_gradient, Implicit) and isinstance(self.inner, InnerGDPullBack):
+            raise ValueError(
+                "MetaAlgorithm: Implicit needs an inner solver that minimizes G (Lemma 1); "
+                "InnerGDPullBack (the released code's loop) goes with ReleasedCG"
+            )
         if not self.lam >= 0:
             raise ValueError(f"MetaAlgorithm(lam={self.lam}): lam must be >= 0")
 
@@ -513,14 +648,28 @@ def make_algorithm(
     damping: float = 0.0,
     inner_tol: float | None = None,
     backtrack: bool = False,
+    inner_solver: str = "gd",
 ) -> MetaAlgorithm:
     """The command line's algorithm names, mapped to configurations.
 
     ``imaml-gd``, ``imaml-hf`` minimize G with proximal weight ``lam``; ``maml``,
     ``fomaml`` and ``reptile`` minimize the support loss alone (lam = 0), as
-    published.  Every other setting is shared, for apples-to-apples comparisons.
+    published.  ``inner_solver="nesterov"`` replaces their inner GD by accelerated GD
+    (`InnerNesterov`).  ``imaml-released`` is the authors' released code (`InnerGDPullBack` +
+    `ReleasedCG` with ``damping`` as its ``regu_coef``; the released value is 1), not the
+    paper's method.  Every other setting is shared, for apples-to-apples comparisons.
     """
-    gd = InnerGD(steps=inner_steps, lr=inner_lr, tol=inner_tol, backtrack=backtrack)
+    gd: InnerSolver = InnerGD(steps=inner_steps, lr=inner_lr, tol=inner_tol, backtrack=backtrack)
+    if inner_solver == "nesterov":
+        if backtrack or inner_tol is not None:
+            raise ValueError(
+                "inner_solver='nesterov' runs a fixed number of accelerated steps: no backtrack or inner_tol"
+            )
+        if name not in ("imaml-gd", "fomaml", "reptile"):
+            raise ValueError(f"inner_solver='nesterov' is for imaml-gd, fomaml and reptile, not {name}")
+        gd = InnerNesterov(steps=inner_steps, lr=inner_lr)
+    elif inner_solver != "gd":
+        raise ValueError(f"make_algorithm(inner_solver={inner_solver!r}): choose 'gd' or 'nesterov'")
     if name == "imaml-gd":
         return MetaAlgorithm(gd, Implicit(cg_iters=cg_iters, damping=damping), lam)
     if name == "imaml-hf":
@@ -533,7 +682,15 @@ def make_algorithm(
         return MetaAlgorithm(gd, FirstOrder(), 0.0)
     if name == "reptile":
         return MetaAlgorithm(gd, ReptileStep(), 0.0)
-    raise ValueError(f"unknown algorithm {name!r}: choose imaml-gd, imaml-hf, maml, fomaml or reptile")
+    if name == "imaml-released":
+        if backtrack:
+            raise ValueError(
+                "imaml-released runs the released code's fixed-step loop: backtrack=True is not possible"
+            )
+        return MetaAlgorithm(InnerGDPullBack(inner_steps, inner_lr), ReleasedCG(cg_iters, damping), lam)
+    raise ValueError(
+        f"unknown algorithm {name!r}: choose imaml-gd, imaml-hf, maml, fomaml, reptile or imaml-released"
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,14 +15,16 @@ import torch
 
 from .algorithms import MetaAlgorithm, make_algorithm
 
-__all__ = ["ALGOS", "DATASETS", "PRESETS", "ConfigError", "TrainConfig"]
+__all__ = ["ALGOS", "DATASETS", "PRESETS", "RECIPES", "ConfigError", "TrainConfig"]
 
 #: Names of ``TrainConfig.algo`` (and ``--algo``).
-ALGOS = ("imaml-gd", "imaml-hf", "maml", "fomaml", "reptile")
+ALGOS = ("imaml-gd", "imaml-hf", "maml", "fomaml", "reptile", "imaml-released")
 #: Names of ``TrainConfig.dataset`` (and ``--dataset``).
 DATASETS = ("omniglot", "sinusoid", "miniimagenet", "folder")
 #: The iMAML algorithms: those with a proximal weight ``lam``, CG steps and damping.
-IMAML_ALGOS = ("imaml-gd", "imaml-hf")
+IMAML_ALGOS = ("imaml-gd", "imaml-hf", "imaml-released")
+#: The algorithms whose meta-gradient is the paper's implicit one (a learned lam needs it).
+IMPLICIT_ALGOS = ("imaml-gd", "imaml-hf")
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "algo": ALGOS,
@@ -30,7 +32,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "learn_lam": ("none", "scalar", "per-tensor"),
     "lr_schedule": ("constant", "cosine"),
     "split": ("vinyals", "lake"),
-    "init": ("glorot", "torch"),
+    "init": ("glorot", "torch", "released"),
+    "inner_solver": ("gd", "nesterov"),
     "dtype": ("float32", "float64"),
     "clock": ("wall", "cpu"),
     "compile": ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"),
@@ -53,6 +56,7 @@ _INTS: dict[str, tuple[int, str]] = {
     "eval_batch": (1, "tasks per evaluation call"),
     "log_every": (1, "steps between log records"),
     "checkpoint_every": (0, "steps between checkpoints (0: only at the end)"),
+    "task_pool": (0, "pre-drawn training tasks (0: a fresh task every draw)"),
     "lanczos_steps": (0, "Lanczos steps for the logged smallest eigenvalue (0: off)"),
 }
 _OPTIONAL_INTS: dict[str, tuple[int, str]] = {
@@ -62,6 +66,7 @@ _OPTIONAL_INTS: dict[str, tuple[int, str]] = {
 # float fields: whether 0 is allowed, and what the field is
 _FLOATS: dict[str, tuple[bool, str]] = {
     "meta_lr": (False, "Adam's learning rate"),
+    "adam_eps": (False, "Adam's epsilon"),
     "inner_lr": (False, "the inner GD step size"),
     "lam": (False, "iMAML's proximal weight"),
     "damping": (True, "the damping of the meta-gradient system"),
@@ -75,6 +80,7 @@ RESUMABLE = frozenset(
         "meta_steps",
         "time_limit",
         "eval_inner_steps",
+        "eval_lam",
         "test_tasks",
         "eval_every",
         "eval_tasks",
@@ -117,6 +123,10 @@ class TrainConfig:
         dataset: ``omniglot``, ``sinusoid``, ``miniimagenet`` or ``folder``.
         ways, shots, queries: the task format (queries per class; for sinusoid, points).
         meta_steps, meta_batch, meta_lr: outer loop (Adam).
+        adam_eps: Adam's epsilon (PyTorch's 1e-8; the released iMAML code uses 1e-3).
+        task_pool: draw the meta-batches from a fixed pool of this many training tasks (task ``j``
+            of the pool always has the same classes and images; the released iMAML code pre-draws
+            200,000); 0: a fresh task at every draw.
         lr_schedule: ``constant`` or ``cosine``: Adam's step size decays as
             ``meta_lr * (1 + cos(pi * p)) / 2`` where ``p`` is the fraction of the budget used,
             ``step / meta_steps`` or, with a ``time_limit``, the larger of that and
@@ -124,17 +134,24 @@ class TrainConfig:
             speed; the schedule then depends on the machine's speed, not only on the seed).
         inner_steps, inner_lr: inner GD (train time).
         eval_inner_steps: inner GD steps when adapting at evaluation (None: ``inner_steps``).
+        eval_lam: lambda of the proximal term when adapting at evaluation (None: as trained,
+            the learned lambda where it is learned).  ``0`` adapts by plain GD on the support loss,
+            as the authors' released code evaluates (issue 17 measures both).
         lam: proximal weight of G for the iMAML variants.
         learn_lam: ``none``, ``scalar`` or ``per-tensor``: learn log lam by the implicit gradient.
         cg_iters, newton_iters, damping: iMAML's CG steps, HF's Newton steps, damping of the system.
         backtrack: inner GD with a per-task backtracking step size (`InnerGD.backtrack`); not for maml.
+        inner_solver: ``gd`` or ``nesterov`` (accelerated GD with the momentum of Theorem 2,
+            `InnerNesterov`; imaml-gd, fomaml and reptile, not with ``backtrack``).
         split: ``vinyals`` or ``lake`` (Omniglot).
         n_val: validation characters carved out of the 1200 training ones (vinyals).
         data_root: dataset location (or the BILEVEL_DATA_ROOT environment variable).
         seed: seeds the initialization and the task streams.
         init: ``glorot`` (Glorot-uniform conv and linear weights, Finn et al.'s choice for
-            convolutions; `bilevel.metalearn.init_params`) or ``torch`` (PyTorch's default
-            Kaiming-uniform initialization of the modules, seeded by ``seed``).  Behind batch
+            convolutions; `bilevel.metalearn.init_params`), ``torch`` (PyTorch's default
+            Kaiming-uniform initialization of the modules, seeded by ``seed``) or ``released``
+            (the released iMAML code's: Glorot-uniform with gain 1.73, conv and linear biases
+            uniform in [0, 0.05]).  Behind batch
             norm, the scale of a conv weight sets the effective inner step size (the gradient
             scales as 1 / ||w||): the default ``torch`` weights are about 1.7x smaller.
         test_tasks: fixed test tasks for the final evaluation (600 in the protocol).
@@ -179,16 +196,20 @@ class TrainConfig:
     meta_steps: int = 1000
     meta_batch: int = 16
     meta_lr: float = 1e-3
+    adam_eps: float = 1e-8
+    task_pool: int = 0
     lr_schedule: str = "constant"
     inner_steps: int = 16
     inner_lr: float = 0.1
     eval_inner_steps: int | None = None
+    eval_lam: float | None = None
     lam: float = 2.0
     learn_lam: str = "none"
     cg_iters: int = 5
     newton_iters: int = 3
     damping: float = 0.0
     backtrack: bool = False
+    inner_solver: str = "gd"
     split: str = "vinyals"
     n_val: int = 0
     data_root: str | None = None
@@ -226,6 +247,10 @@ class TrainConfig:
             _check_float(name, getattr(self, name), zero, what)
         if self.time_limit is not None:
             _check_float("time_limit", self.time_limit, False, "minutes of meta-training (None: no limit)")
+        if self.eval_lam is not None:
+            _check_float(
+                "eval_lam", self.eval_lam, True, "lambda when adapting at evaluation (None: as trained)"
+            )
         for name in ("backtrack", "vectorize", "batched"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, getattr(self, name), "must be True or False")
@@ -245,16 +270,18 @@ class TrainConfig:
             raise ConfigError(
                 "ways", self.ways, f"a {self.dataset} task needs ways >= 2 (1-way is always right)"
             )
-        if self.learn_lam != "none" and self.algo not in IMAML_ALGOS:
+        if self.learn_lam != "none" and self.algo not in IMPLICIT_ALGOS:
             raise ConfigError(
                 "learn_lam",
                 self.learn_lam,
-                f"a learned lambda needs an iMAML algorithm (imaml-gd or imaml-hf), not {self.algo}",
+                f"a learned lambda needs an implicit iMAML algorithm (imaml-gd or imaml-hf), not {self.algo}",
             )
         if self.backtrack and self.algo == "imaml-hf":
             raise ConfigError(
                 "backtrack", True, "imaml-hf's Newton steps have their own line search: drop backtrack"
             )
+        if self.backtrack and self.algo == "imaml-released":
+            raise ConfigError("backtrack", True, "imaml-released runs the released code's fixed-step loop")
         if self.backtrack and self.algo == "maml":
             raise ConfigError(
                 "backtrack", True, "maml differentiates through a fixed inner path: drop backtrack"
@@ -304,7 +331,16 @@ class TrainConfig:
             newton_iters=self.newton_iters,
             damping=self.damping,
             backtrack=self.backtrack,
+            inner_solver=self.inner_solver,
         )
+
+    def evaluation_lam(self, trained: Any) -> Any:
+        """lambda of the adaptation at evaluation: ``eval_lam`` where set, else ``trained``.
+
+        Args:
+            trained: the lambda training used (a float, or the learned lambda as `adapt` takes it).
+        """
+        return trained if self.eval_lam is None else float(self.eval_lam)
 
     def past_time_limit(self, elapsed: float) -> bool:
         """Whether ``elapsed`` seconds of the training clock exceed ``time_limit`` minutes."""
@@ -352,5 +388,33 @@ PRESETS: dict[str, dict[str, Any]] = {
     "miniimagenet-5w1s": dict(dataset="miniimagenet", ways=5, shots=1, inner_steps=10, lam=0.5, cg_iters=5),
     "sinusoid-5s": dict(
         dataset="sinusoid", ways=1, shots=5, queries=10, inner_steps=10, inner_lr=0.01, lam=2.0, meta_batch=10
+    ),
+}
+
+
+#: Named recipes (``--recipe``): every setting of a published procedure, applied before the preset
+#: and the flags.  ``released`` is the authors' released iMAML code (aravindr93/imaml_dev,
+#: ``examples/omniglot_implicit_maml.py`` with the settings of its ``examples/README.md``), which is
+#: NOT the paper's algorithm: 16 SGD steps of 0.1 on the support loss without the proximal term,
+#: one step of 0.1 on the proximal term (lam 2), CG from 0 (5 steps) on (2 I + H / 12) g = v,
+#: Adam 1e-3 with eps 1e-3, 32 tasks per meta-step from 200,000 pre-drawn tasks, Glorot-uniform
+#: weights with gain 1.73 and biases in [0, 0.05], evaluation by 16 SGD steps without the proximal
+#: term.  (Its network pads the 7 x 7 map by one zero row and column before the third stride-2
+#: convolution; with padding 1 that gives the same 4 x 4 output as ours, so it needs no flag.)
+RECIPES: dict[str, dict[str, Any]] = {
+    "released": dict(
+        algo="imaml-released",
+        inner_steps=16,
+        inner_lr=0.1,
+        lam=2.0,
+        cg_iters=5,
+        damping=1.0,
+        meta_batch=32,
+        meta_lr=1e-3,
+        adam_eps=1e-3,
+        task_pool=200_000,
+        init="released",
+        eval_inner_steps=16,
+        eval_lam=0.0,
     ),
 }

@@ -414,7 +414,7 @@ def evaluate(
         algorithm=cfg.algorithm(evaluation=True),
         loss=loss,
         classification=classification,
-        lam=lam,
+        lam=cfg.evaluation_lam(lam),
         batched=batched,
         config=cfg,
     )

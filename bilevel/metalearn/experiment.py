@@ -33,6 +33,7 @@ from .models import (
     Params,
     batched_model,
     default_model,
+    init_params,
     make_functional,
     miniimagenet_conv4,
     mse,
@@ -40,7 +41,7 @@ from .models import (
     sinusoid_mlp,
 )
 from .splits import ClassSplit
-from .tasks import SinusoidTasks, TaskSampler
+from .tasks import SinusoidTasks, TaskPool, TaskSampler
 
 __all__ = ["Experiment", "build_experiment", "learned_lam", "load_run"]
 
@@ -78,7 +79,7 @@ class Experiment:
     batched: BatchedModel | None
     loss: LossFn
     classification: bool
-    train_sampler: TaskSampler | SinusoidTasks
+    train_sampler: TaskSampler | SinusoidTasks | TaskPool
     test_sampler: TaskSampler | SinusoidTasks
     data: FewShotData | None
     algorithm: MetaAlgorithm
@@ -103,7 +104,8 @@ class Experiment:
 
         Args:
             params: meta-parameters by name (e.g. the current theta of training).
-            lam: a learned lambda (``None``: the evaluation algorithm's own).
+            lam: a learned lambda (``None``: the evaluation algorithm's own); the configuration's
+                ``eval_lam`` replaces either where it is set.
         """
         return Run(
             model_fn=self.model_fn,
@@ -111,7 +113,7 @@ class Experiment:
             algorithm=self.eval_algorithm,
             loss=self.loss,
             classification=self.classification,
-            lam=lam,
+            lam=self.config.evaluation_lam(lam),
             batched=self.batched,
             config=self.config,
         )
@@ -167,6 +169,9 @@ def _functional(
     """The model's function and initial parameters, by ``cfg.init``."""
     if cfg.init == "glorot":
         return make_functional(model, gen, dtype=dtype, device=device)
+    if cfg.init == "released":
+        theta = init_params(model, gen, dtype=dtype, device=device, gain=1.73, bias=(0.0, 0.05))
+        return make_functional(model, dtype=dtype, device=device)[0], theta
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         for m in model.modules():
@@ -215,7 +220,7 @@ def build_experiment(
     )
     dt = cfg.torch_dtype if dtype is None else dtype
     gen = torch.Generator().manual_seed(cfg.seed)
-    train: TaskSampler | SinusoidTasks
+    train: TaskSampler | SinusoidTasks | TaskPool
     test: TaskSampler | SinusoidTasks
     data: FewShotData | None = None
     if cfg.dataset == "sinusoid":
@@ -231,6 +236,8 @@ def build_experiment(
         test = TaskSampler(
             data.test, cfg.ways, cfg.shots, cfg.queries, seed=cfg.seed, eval_seed=cfg.seed + 1, dtype=dt
         )
+    if cfg.task_pool:
+        train = TaskPool(train, cfg.task_pool)
     loss, classification = _loss(cfg)
     batched = batched_model(model) if cfg.batched else None
     if cfg.compile != "none":
@@ -290,8 +297,9 @@ def load_run(
 
     Returns:
         `Run` with ``params`` the checkpoint's theta, ``algorithm`` equal to
-        ``config.algorithm(evaluation=True)``, ``lam`` the learned lambda or the algorithm's own
-        (a float), ``config`` the saved configuration with the overrides, and ``step``.
+        ``config.algorithm(evaluation=True)``, ``lam`` the configuration's ``eval_lam`` where set,
+        else the learned lambda or the algorithm's own (a float), ``config`` the saved
+        configuration with the overrides, and ``step``.
 
     Raises:
         FileNotFoundError: no file at ``checkpoint_path``.
@@ -328,7 +336,7 @@ def load_run(
         algorithm=algorithm,
         loss=loss,
         classification=classification,
-        lam=algorithm.lam if lam is None else lam,
+        lam=cfg.evaluation_lam(algorithm.lam if lam is None else lam),
         batched=batched_model(model) if cfg.batched else None,
         config=cfg,
         step=int(ck["step"]),

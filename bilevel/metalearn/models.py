@@ -245,12 +245,15 @@ def init_params(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     requires_grad: bool = False,
+    gain: float = 1.0,
+    bias: tuple[float, float] | None = None,
 ) -> Params:
     """Fresh, deterministic parameters for ``model`` (the module itself is left untouched).
 
-    Conv and linear weights: Glorot (Xavier) uniform, as in Finn et al.'s code for convolutions;
-    biases zero; batch-norm scale one and shift zero.  Parameters of other module types keep a
-    copy of their current value.
+    Conv and linear weights: Glorot (Xavier) uniform with ``gain``, as in Finn et al.'s code for
+    convolutions; their biases zero, or uniform in ``bias = (low, high)``; other biases zero;
+    batch-norm scale one.  Parameters of other module types keep a copy of their current value.
+    The released iMAML code's initialization is ``gain=1.73, bias=(0.0, 0.05)``.
 
     Args:
         model: the module (its parameter names are the dict's keys).
@@ -270,8 +273,12 @@ def init_params(
             if isinstance(module, (nn.Conv2d, nn.Linear)) and p_name == "weight":
                 # initialise in float64 on the CPU so that the values do not depend on dtype/device
                 w = torch.empty(p.shape, dtype=torch.float64)
-                nn.init.xavier_uniform_(w, generator=generator)
+                nn.init.xavier_uniform_(w, gain=gain, generator=generator)
                 t.copy_(w)
+            elif isinstance(module, (nn.Conv2d, nn.Linear)) and p_name == "bias" and bias is not None:
+                b = torch.empty(p.shape, dtype=torch.float64)
+                nn.init.uniform_(b, bias[0], bias[1], generator=generator)
+                t.copy_(b)
             elif isinstance(module, _NORMS) and p_name == "weight":
                 t.fill_(1.0)
             elif p_name == "bias":

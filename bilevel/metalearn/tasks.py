@@ -38,9 +38,11 @@ from .images import ClassPool
 
 __all__ = [
     "EVAL_STREAM",
+    "POOL_STREAM",
     "TRAIN_STREAM",
     "SinusoidTasks",
     "Task",
+    "TaskPool",
     "TaskSampler",
     "TaskSource",
     "sample_task",
@@ -52,6 +54,8 @@ __all__ = [
 TRAIN_STREAM = 0
 #: First word after the seed in the ``SeedSequence`` of fixed evaluation tasks.
 EVAL_STREAM = 1
+#: Stream of the tasks of a finite training pool (`TaskPool`).
+POOL_STREAM = 2
 
 
 class Task(NamedTuple):
@@ -353,3 +357,40 @@ class SinusoidTasks(_Streams):
             f"SinusoidTasks(shots={self.shots}, queries={self.queries}, amplitude={self.amplitude}, "
             f"phase={self.phase}, x_range={self.x_range}, seed={self.seed}, eval_seed={self.eval_seed})"
         )
+
+
+class TaskPool(_Streams):
+    """A finite pool of ``n`` training tasks of ``source``, drawn with replacement at every meta-step.
+
+    Pool task ``j`` is ``source.sample_task(SeedSequence([seed, 2, 0, j]))``: the same classes,
+    images and labels whenever it is drawn (made on demand, nothing is stored).  Task ``index`` of
+    meta-step ``step`` is pool task ``j`` drawn uniformly from ``SeedSequence([seed, 0, step,
+    index])``, so ranks and resumed runs see the same tasks (see the module docstring).  The
+    released iMAML code trains on 200,000 pre-drawn tasks this way.  The fixed evaluation tasks
+    are ``source``'s.
+
+    Raises:
+        ValueError: ``n < 1``.
+    """
+
+    def __init__(self, source: TaskSampler | SinusoidTasks, n: int) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"TaskPool(n={n!r}): the pool needs n >= 1 tasks")
+        self.source = source
+        self.n = n
+        self.seed = source.seed
+        self.eval_seed = source.eval_seed
+
+    def __repr__(self) -> str:
+        return f"TaskPool({self.source!r}, n={self.n})"
+
+    def sample_task(self, rng: np.random.Generator) -> Task:
+        return self.source.sample_task(rng)
+
+    def pool_index(self, step: int, index: int) -> int:
+        """Which pool task is task ``index`` of meta-step ``step``."""
+        return int(task_rng(self.seed, step, index, TRAIN_STREAM).integers(self.n))
+
+    def task(self, step: int, index: int) -> Task:
+        """Pool task `pool_index` ``(step, index)``."""
+        return self.source.sample_task(task_rng(self.seed, 0, self.pool_index(step, index), POOL_STREAM))

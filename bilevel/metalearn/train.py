@@ -264,7 +264,7 @@ def train(
     log_lam = _lam_params(cfg, theta, device, dtype)
     leaves = list(theta.values()) + list(log_lam.values())
     broadcast_([t.data for t in leaves], d)
-    opt = torch.optim.Adam(leaves, lr=cfg.meta_lr)
+    opt = torch.optim.Adam(leaves, lr=cfg.meta_lr, eps=cfg.adam_eps)
     algo = exp.algorithm
     history: dict[str, list[dict[str, Any]]] = {"steps": [], "eval": []}
     start, elapsed0 = 0, 0.0
