@@ -136,7 +136,7 @@ class InnerGD:
 
     def run(self, mb: _MetaBatch) -> bl.SolverResult:
         """The B tasks' answers of G (flat (B, n), no graph), with per-task diagnostics."""
-        return _checked(self.solver()(mb.objective(exact=False), mb.init(), mb._theta_values()))
+        return _minimize(self.solver(), mb)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +158,7 @@ class InnerNewtonCG:
 
     def run(self, mb: _MetaBatch) -> bl.SolverResult:
         """The B tasks' answers of G (flat (B, n), no graph), with per-task diagnostics."""
-        return _checked(self.solver()(mb.objective(exact=False), mb.init(), mb._theta_values()))
+        return _minimize(self.solver(), mb)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,8 +187,7 @@ class InnerNesterov:
 
     def run(self, mb: _MetaBatch) -> bl.SolverResult:
         """The B tasks' answers of G (flat (B, n), no graph), with per-task diagnostics."""
-        solver = self.solver(lam=mb.lam_fixed)
-        return _checked(solver(mb.objective(exact=False), mb.init(), mb._theta_values()))
+        return _minimize(self.solver(lam=mb.lam_fixed), mb)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,8 +210,7 @@ class InnerGDPullBack:
 
     def run(self, mb: _MetaBatch) -> bl.SolverResult:
         """``steps`` GD steps on the support losses, then the pull-back step (flat (B, n), no graph)."""
-        gd = GradientDescent(lr=self.lr, max_iter=self.steps, tol=0.0, batched=True)
-        res = _checked(gd(mb.objective(exact=False, prox=False), mb.init(), mb._theta_values()))
+        res = _minimize(InnerGD(self.steps, self.lr).solver(), mb, prox=False)
         lam = mb.lam_fixed
         X: torch.Tensor = res.x  # type: ignore[assignment]
         with torch.no_grad():
@@ -222,6 +220,14 @@ class InnerGDPullBack:
 
 
 InnerSolver = Union[InnerGD, InnerNewtonCG, InnerNesterov, InnerGDPullBack]
+
+
+def _minimize(
+    solver: Callable[..., bl.SolverResult], mb: _MetaBatch, *, prox: bool = True
+) -> bl.SolverResult:
+    """A batched core solver run from theta on the B tasks' G (``prox=False``: support losses
+    alone) through the fast model; stops on a diverged task (`_checked`)."""
+    return _checked(solver(mb.objective(exact=False, prox=prox), mb.init(), mb._theta_values()))
 
 
 # ---------------------------------------------------------------------------------- one meta-batch
@@ -354,6 +360,23 @@ class _MetaBatch:
             return support + _ProxFirstOrder.apply(self.lam_fixed, self.flat_theta(th), X)
 
         return G
+
+    def hvp(self, X: torch.Tensor, *, prox: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+        """V (B, n) -> the B Hessian-vector products of G_i (``prox=False``: of Lhat_i) at X, row by row.
+
+        Through the exact model; the gradient's graph is built once here and every call runs
+        its double backward.
+        """
+        Xr = X.detach().requires_grad_(True)
+        with torch.enable_grad():
+            values = self.objective(exact=True, prox=prox)(Xr, self._theta_values())
+            (g,) = torch.autograd.grad(values.sum(), Xr, create_graph=True)
+
+        def matvec(V: torch.Tensor) -> torch.Tensor:
+            (hv,) = torch.autograd.grad(g, Xr, grad_outputs=V, retain_graph=True)
+            return hv
+
+        return matvec
 
     def init(self, theta: Params | None = None) -> torch.Tensor:
         """X = theta for every task: an expanded (B, n) view (attached to ``theta`` if it is)."""
@@ -587,17 +610,13 @@ class ReleasedCG:
         res = mb.solve(inner)
         X: torch.Tensor = res.x  # type: ignore[assignment]
         v, ql, qa = mb.query_gradients(X)
-        Xr = X.detach().requires_grad_(True)
-        with torch.enable_grad():
-            S = mb.objective(exact=True, prox=False)(Xr, mb._theta_values())
-            (g,) = torch.autograd.grad(S.sum(), Xr, create_graph=True)
-        lam = mb.lam_fixed
-        weight = 1.0 / (lam + self.lam_damping)
+        hvp = mb.hvp(X, prox=False)
+        # lam is a number here: meta_gradient refuses a learned lam with any kind but Implicit
+        weight = 1.0 / (mb.lam_fixed + self.lam_damping)
         d = 1.0 + self.damping
 
         def matvec(V: torch.Tensor) -> torch.Tensor:
-            (hv,) = torch.autograd.grad(g, Xr, grad_outputs=V, retain_graph=True)
-            return torch.add(d * V, hv, alpha=weight) if isinstance(weight, float) else d * V + hv * weight
+            return d * V + weight * hvp(V)
 
         cg = bl.CG(max_iter=self.cg_iters, rtol=0.0, atol=0.0, check_residual=False)(matvec, v)
         return _Outcome(mb.tree(cg.x.sum(0)), None, X, ql, qa, res, cg)
@@ -725,17 +744,12 @@ class MetaStats:
 
 def _min_eig(mb: _MetaBatch, X: torch.Tensor, steps: int) -> torch.Tensor:
     """Smallest eigenvalue of I + Lhat''/lam at X per task (B,), by Lanczos on HVPs of G."""
-    Xr = X.detach().requires_grad_(True)
-    th = mb._theta_values()
-    with torch.enable_grad():
-        G = mb.objective(exact=True)(Xr, th)
-        (g,) = torch.autograd.grad(G.sum(), Xr, create_graph=True)
-    lam = _detached(mb.lam_vec(th))
+    hvp = mb.hvp(X)
+    lam = _detached(mb.lam_vec(mb._theta_values()))
     scale = lam.rsqrt() if isinstance(lam, torch.Tensor) else lam**-0.5
 
     def matvec(V: torch.Tensor) -> torch.Tensor:
-        (hv,) = torch.autograd.grad(g, Xr, grad_outputs=V * scale, retain_graph=True)
-        return hv.detach() * scale
+        return hvp(V * scale) * scale
 
     v0 = torch.randn(X.shape, generator=torch.Generator().manual_seed(0), dtype=X.dtype).to(X.device)
     lo, _ = bl.lanczos_extremes(matvec, v0, steps)
