@@ -350,6 +350,79 @@ def test_grouped_conv_function_gradgradcheck(stride: int, padding: int, size: in
     assert torch.autograd.gradgradcheck(f, (x, w))
 
 
+@pytest.mark.parametrize("stride,padding,size", [(2, 1, 9), (1, 1, 7), (2, 0, 8)])
+def test_conv_weight_grad_function_values_and_gradcheck(stride: int, padding: int, size: int) -> None:
+    """The weight gradient by PyTorch's kernel: equal to autograd's, and its own derivatives (the
+    HVP terms) by gradcheck in float64."""
+    from bilevel.metalearn.models import _ConvWeightGrad
+
+    G = 3
+    x = torch.randn(2, G * 2, size, size, dtype=torch.float64, generator=_gen(0), requires_grad=True)
+    w = torch.randn(G * 3, 2, 3, 3, dtype=torch.float64, generator=_gen(1), requires_grad=True)
+    y = F.conv2d(x, w, None, stride, padding, 1, G)
+    gy = torch.randn(y.shape, dtype=torch.float64, generator=_gen(2), requires_grad=True)
+    (ref,) = torch.autograd.grad(y, w, gy)
+    got = _ConvWeightGrad.apply(x, gy, w.detach(), stride, padding, G)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    wd = w.detach()
+    assert torch.autograd.gradcheck(lambda a, b: _ConvWeightGrad.apply(a, b, wd, stride, padding, G), (x, gy))
+
+
+FUSED_MODELS = [
+    omniglot_cnn(3, hidden=4, image_size=12),
+    ConvNet(3, in_channels=2, hidden=4, image_size=(11, 9), conv_bias=True),
+    ConvNet(2, in_channels=3, hidden=3, image_size=16, pool=True),
+]
+
+
+@pytest.mark.parametrize("model", FUSED_MODELS, ids=["omniglot", "bias-nonsquare", "pool"])
+def test_flat_cross_entropy_equals_the_fast_model_and_autograd(model: ConvNet) -> None:
+    """The fused per-task losses of flat parameters: values, logits and gradients (for a random
+    upstream per task) of `fast` + `task_losses` through autograd, float64."""
+    from bilevel.metalearn.models import task_losses
+
+    _, params = make_functional(model, _gen(0), dtype=torch.float64)
+    bm = batched_model(model)
+    assert bm is not None and bm.flat_cross_entropy is not None
+    names, shapes = list(params), [tuple(v.shape) for v in params.values()]
+    B, N = 3, 6
+    x = torch.rand(B, N, model.in_channels, *model.image_size, dtype=torch.float64, generator=_gen(1))
+    y = torch.randint(0, model.ways, (B, N), generator=_gen(2))
+    X = torch.cat([v.reshape(-1) for v in params.values()]).repeat(B, 1)
+    X = X + 0.1 * torch.randn(X.shape, dtype=X.dtype, generator=_gen(3))
+    go = torch.rand(B, dtype=torch.float64, generator=_gen(4))
+    X1 = X.clone().requires_grad_(True)
+    losses, logits = bm.flat_cross_entropy(names, shapes, x, y)(X1)
+    (g1,) = torch.autograd.grad(losses, X1, go)
+    X2 = X.clone().requires_grad_(True)
+    parts = X2.split([v.numel() for v in params.values()], 1)
+    p = {k: part.view(B, *s) for k, part, s in zip(names, parts, shapes)}
+    out = bm.fast(p, x)
+    ref = task_losses(F.cross_entropy, out, y)
+    (g2,) = torch.autograd.grad(ref, X2, go)
+    torch.testing.assert_close(losses, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(logits, out.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-12)
+    assert not logits.requires_grad
+
+
+def test_flat_cross_entropy_refuses_second_derivatives_and_compiling_drops_it() -> None:
+    """First order only: a second derivative raises rather than returning zeros; `compiled`
+    (whose `fast` is what is captured) has no fused losses."""
+    model = FUSED_MODELS[0]
+    _, params = make_functional(model, _gen(0), dtype=torch.float64)
+    bm = batched_model(model)
+    assert bm is not None and bm.flat_cross_entropy is not None
+    x = torch.rand(2, 3, 1, 12, 12, dtype=torch.float64, generator=_gen(1))
+    y = torch.tensor([[0, 1, 2], [2, 1, 0]])
+    X = torch.cat([v.reshape(-1) for v in params.values()]).repeat(2, 1).requires_grad_(True)
+    f = bm.flat_cross_entropy(list(params), [tuple(v.shape) for v in params.values()], x, y)
+    (g,) = torch.autograd.grad(f(X)[0].sum(), X, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"once_differentiable|does not require grad"):
+        torch.autograd.grad(g.sum(), X)
+    assert bm.compiled().flat_cross_entropy is None
+
+
 def test_batch_norm_function_gradgradcheck() -> None:
     """The exact model's batch norm: values of F.batch_norm, derivatives by gradcheck."""
     from bilevel.metalearn.models import _BatchNorm

@@ -44,9 +44,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any, ClassVar, Union
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 import bilevel as bl
@@ -113,6 +114,9 @@ class InnerGD:
             Not with `Unrolled`.
     """
 
+    #: takes gradients of G only (no HVPs): the model's fused losses may serve it
+    gradients_only: ClassVar[bool] = True
+
     steps: int = 16
     lr: float = 0.1
     tol: float | None = None
@@ -136,7 +140,7 @@ class InnerGD:
 
     def run(self, mb: _MetaBatch) -> bl.SolverResult:
         """The B tasks' answers of G (flat (B, n), no graph), with per-task diagnostics."""
-        return _minimize(self.solver(), mb)
+        return _minimize(self.solver(), mb, gradients_only=self.gradients_only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +150,9 @@ class InnerNewtonCG:
     iMAML-HF of the paper (3 x 5 by default).  Runs `bilevel.solvers.NewtonCG` on the
     meta-batch in its batched mode.  Cannot be unrolled.
     """
+
+    #: takes HVPs of G (torch.func): the model's fused first-order losses cannot serve it
+    gradients_only: ClassVar[bool] = False
 
     newton_iters: int = 3
     cg_iters: int = 5
@@ -158,7 +165,7 @@ class InnerNewtonCG:
 
     def run(self, mb: _MetaBatch) -> bl.SolverResult:
         """The B tasks' answers of G (flat (B, n), no graph), with per-task diagnostics."""
-        return _minimize(self.solver(), mb)
+        return _minimize(self.solver(), mb, gradients_only=self.gradients_only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +178,9 @@ class InnerNesterov:
     schedule with restart.  No line search: like fixed-step GD it diverges once the support
     loss is sharper than about 2 / lr.
     """
+
+    #: takes gradients of G only (no HVPs): the model's fused losses may serve it
+    gradients_only: ClassVar[bool] = True
 
     steps: int = 16
     lr: float = 0.1
@@ -187,7 +197,7 @@ class InnerNesterov:
 
     def run(self, mb: _MetaBatch) -> bl.SolverResult:
         """The B tasks' answers of G (flat (B, n), no graph), with per-task diagnostics."""
-        return _minimize(self.solver(lam=mb.lam_fixed), mb)
+        return _minimize(self.solver(lam=mb.lam_fixed), mb, gradients_only=self.gradients_only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +212,9 @@ class InnerGDPullBack:
     on the support loss.  Only with `ReleasedCG` or first-order kinds: Lemma 1 needs the argmin.
     """
 
+    #: takes gradients of G only (no HVPs): the model's fused losses may serve it
+    gradients_only: ClassVar[bool] = True
+
     steps: int = 16
     lr: float = 0.1
 
@@ -210,7 +223,7 @@ class InnerGDPullBack:
 
     def run(self, mb: _MetaBatch) -> bl.SolverResult:
         """``steps`` GD steps on the support losses, then the pull-back step (flat (B, n), no graph)."""
-        res = _minimize(InnerGD(self.steps, self.lr).solver(), mb, prox=False)
+        res = _minimize(InnerGD(self.steps, self.lr).solver(), mb, prox=False, gradients_only=True)
         lam = mb.lam_fixed
         X: torch.Tensor = res.x  # type: ignore[assignment]
         with torch.no_grad():
@@ -223,11 +236,13 @@ InnerSolver = Union[InnerGD, InnerNewtonCG, InnerNesterov, InnerGDPullBack]
 
 
 def _minimize(
-    solver: Callable[..., bl.SolverResult], mb: _MetaBatch, *, prox: bool = True
+    solver: Callable[..., bl.SolverResult], mb: _MetaBatch, *, prox: bool = True, gradients_only: bool
 ) -> bl.SolverResult:
     """A batched core solver run from theta on the B tasks' G (``prox=False``: support losses
-    alone) through the fast model; stops on a diverged task (`_checked`)."""
-    return _checked(solver(mb.objective(exact=False, prox=prox), mb.init(), mb._theta_values()))
+    alone) through the fast model (fused where ``gradients_only``); stops on a diverged task
+    (`_checked`)."""
+    objective = mb.objective(exact=False, prox=prox, gradients_only=gradients_only)
+    return _checked(solver(objective, mb.init(), mb._theta_values()))
 
 
 # ---------------------------------------------------------------------------------- one meta-batch
@@ -338,21 +353,28 @@ class _MetaBatch:
             return 0.5 * (d.square() * lam).sum(1)
         return (0.5 * lam) * d.square().sum(1)
 
-    def objective(self, *, exact: bool, prox: bool = True) -> Callable[[torch.Tensor, Params], torch.Tensor]:
+    def objective(
+        self, *, exact: bool, prox: bool = True, gradients_only: bool = False
+    ) -> Callable[[torch.Tensor, Params], torch.Tensor]:
         """G_i(phi_i, theta) per task, shape (B,), of the flat X (B, n); with ``prox=False`` the
         support losses Lhat_i(phi_i) alone.
 
         ``exact``: through `BatchedModel.exact`, for autograd's double backward (the implicit
         layer's HVPs, MAML's unrolled path) and derivatives in theta.  Otherwise through
         `BatchedModel.fast`, for the inner solvers (gradients in X; NewtonCG's HVPs by
-        ``torch.func``, exact there too).
+        ``torch.func``, exact there too).  ``gradients_only``: the caller takes first
+        derivatives in X and nothing else (GD, Nesterov), so the support losses may come from
+        the model's fused `BatchedModel.flat_cross_entropy` where it has one.
         """
         x, y = self.batch.support_x, self.batch.support_y
         forward = self.bm.exact if exact else self.bm.fast
         zero = not prox or (isinstance(self.lam_fixed, float) and self.lam_fixed == 0.0)
+        fused = self._flat_loss(x, y) if gradients_only and not exact else None
 
         def G(X: torch.Tensor, th: Params) -> torch.Tensor:
-            support = task_losses(self.loss, forward(self.unflat(X), x), y)
+            support = (
+                fused(X)[0] if fused is not None else task_losses(self.loss, forward(self.unflat(X), x), y)
+            )
             if zero:
                 return support
             if exact or any(t.requires_grad for t in th.values()):
@@ -360,6 +382,21 @@ class _MetaBatch:
             return support + _ProxFirstOrder.apply(self.lam_fixed, self.flat_theta(th), X)
 
         return G
+
+    def _flat_loss(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+        """The model's fused per-task losses of the flat X on (x, y), where it has them for this
+        loss (cross-entropy on class indices), else ``None``."""
+        build = self.bm.flat_cross_entropy
+        if (
+            build is None
+            or self.loss is not F.cross_entropy
+            or y.shape != x.shape[:2]
+            or y.is_floating_point()
+        ):
+            return None
+        return build(self.names, self.shapes, x, y)
 
     def hvp(self, X: torch.Tensor, *, prox: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
         """V (B, n) -> the B Hessian-vector products of G_i (``prox=False``: of Lhat_i) at X, row by row.
@@ -411,12 +448,21 @@ class _MetaBatch:
         chunks = [c.detach().requires_grad_(True) for c in X.detach().split(self.bm.chunk(x))]
         c = chunks[0].shape[0]
         with torch.enable_grad():
-            outs = [self.bm.fast(self.unflat(Xc), xc) for Xc, xc in zip(chunks, x.split(c))]
-            out = outs[0] if len(outs) == 1 else torch.cat(outs)
-            ql = task_losses(self.loss, out, y)
-            gs = torch.autograd.grad(ql.sum(), chunks, allow_unused=True, materialize_grads=True)
+            fused = [self._flat_loss(xc, yc) for xc, yc in zip(x.split(c), y.split(c))]
+            if all(f is not None for f in fused):
+                parts = [f(Xc) for f, Xc in zip(fused, chunks)]  # type: ignore[misc]
+                ql = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])
+                out = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts])
+                gs = torch.autograd.grad(ql.sum(), chunks)
+                acc = self.accuracy(out, y)
+            else:
+                outs = [self.bm.fast(self.unflat(Xc), xc) for Xc, xc in zip(chunks, x.split(c))]
+                out = outs[0] if len(outs) == 1 else torch.cat(outs)
+                ql = task_losses(self.loss, out, y)
+                gs = torch.autograd.grad(ql.sum(), chunks, allow_unused=True, materialize_grads=True)
+                acc = self.accuracy(out, y)
         g = gs[0] if len(gs) == 1 else torch.cat(gs)
-        return g, ql.detach(), self.accuracy(out, y)
+        return g, ql.detach(), acc
 
 
 def _detached(v: torch.Tensor | float) -> torch.Tensor | float:
@@ -495,7 +541,7 @@ class Implicit:
     def apply(self, inner: InnerSolver, mb: _MetaBatch) -> _Outcome:
         theta = {k: v.detach().requires_grad_(True) for k, v in mb.theta.items()}
         tree = {**theta, **mb.lam_tree()}
-        fast = mb.objective(exact=False)
+        fast = mb.objective(exact=False, gradients_only=inner.gradients_only)
         solver = inner.solver(lam=mb.lam_fixed)  # type: ignore[union-attr]  # not InnerGDPullBack (checked)
 
         def solve(_exact: Any, init: torch.Tensor, th: Params) -> bl.SolverResult:
