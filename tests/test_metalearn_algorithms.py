@@ -159,7 +159,12 @@ def test_fomaml_is_imaml_with_zero_cg_steps(setup, engine) -> None:  # type: ign
         MetaAlgorithm(inner, FirstOrder(), 2.0), fn, F.cross_entropy, theta, batch, batched=engine
     )
     im, _, _ = meta_gradient(
-        MetaAlgorithm(inner, Implicit(cg_iters=0), 2.0), fn, F.cross_entropy, theta, batch, batched=engine
+        MetaAlgorithm(inner, Implicit(cg_iters=0, warm_start=True), 2.0),
+        fn,
+        F.cross_entropy,
+        theta,
+        batch,
+        batched=engine,
     )
     torch.testing.assert_close(flat(fo), flat(im), rtol=1e-12, atol=0)
 

@@ -144,3 +144,15 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_refused(good: Path, tmp_pat
     with pytest.raises(bl.CheckpointError, match="do not fit the"):
         load_run(out / "checkpoint.pt")
     assert dataclasses.asdict(cfg)["out"] == str(out)
+
+
+def test_a_checkpoint_from_before_cg_warm_start_keeps_its_warm_start(tmp_path: Path) -> None:
+    """iMAML's CG started from the first-order gradient before the field existed: a checkpoint
+    without it loads with ``cg_warm_start=True``, so a resume continues the same algorithm."""
+    from bilevel.metalearn.checkpoint import saved_config
+
+    cfg = tiny(tmp_path / "run", algo="imaml-gd")
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "cg_warm_start"}
+    assert saved_config({"config": json.dumps(old)}, "old.pt").cg_warm_start is True
+    new = dataclasses.asdict(cfg)
+    assert saved_config({"config": json.dumps(new)}, "new.pt").cg_warm_start is False

@@ -80,6 +80,7 @@ def usage_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
         (["--eval-lam", "0"], "argument --eval-lam: .* --algo fomaml does not use it"),
         (["--algo", "maml", "--inner-solver", "nesterov"], "argument --inner-solver: .* --algo maml"),
         (["--adam-eps", "0"], "argument --adam-eps: 0.0 is refused: must be finite and > 0"),
+        (["--cg-warm-start"], "argument --cg-warm-start: .* --algo fomaml does not use it"),
         (["--device", "cuda:99"], "argument --device"),
     ],
 )
@@ -115,6 +116,9 @@ def test_the_algorithms_own_flags_are_accepted(tmp_path: Path) -> None:
         _parser().parse_args([*SINE, "--algo", "imaml-gd", "--lam", "0.5", "--cg-iters", "2"])
     )
     assert cfg.lam == 0.5 and cfg.cg_iters == 2
+    assert not cfg.cg_warm_start and not cfg.algorithm().meta_gradient.warm_start  # type: ignore[union-attr]
+    cfg = config_from_args(_parser().parse_args([*SINE, "--algo", "imaml-gd", "--cg-warm-start"]))
+    assert cfg.cg_warm_start and cfg.algorithm().meta_gradient.warm_start  # type: ignore[union-attr]
     cfg = config_from_args(_parser().parse_args(["train", "--preset", "sinusoid-5s", "--algo", "maml"]))
     assert cfg.algo == "maml" and cfg.dataset == "sinusoid"
 

@@ -40,6 +40,7 @@ ALGO_FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
     "learn_lam": (IMPLICIT_ALGOS, "iMAML's learned proximal weight"),
     "cg_iters": (IMAML_ALGOS, "the CG steps of iMAML's meta-gradient"),
     "damping": (IMAML_ALGOS, "the damping of iMAML's meta-gradient system"),
+    "cg_warm_start": (IMPLICIT_ALGOS, "the starting point of iMAML's CG"),
     "lanczos_steps": (IMAML_ALGOS, "the smallest eigenvalue of I + H/lam, iMAML's system"),
     "newton_iters": (("imaml-hf",), "the Newton steps of imaml-hf"),
     "inner_steps": (_GD_ALGOS, "inner GD steps (imaml-hf takes Newton steps)"),
@@ -178,6 +179,13 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="solve ((1+damping) I + H/lam) g = v; 0 is the paper's system (default 0)",
+    )
+    t.add_argument(
+        "--cg-warm-start",
+        action="store_true",
+        default=None,
+        help="start CG from the first-order gradient (0 steps = first-order MAML; one more HVP) "
+        "instead of 0 as in the paper",
     )
     t.add_argument(
         "--split", choices=("vinyals", "lake"), default=None, help=f"Omniglot class split (default {d.split})"

@@ -152,6 +152,8 @@ def saved_config(ck: Mapping[str, Any], path: str | os.PathLike[str], **override
         ConfigError: an override has a value no run can use (or contradicts the saved fields).
     """
     saved = json.loads(ck["config"])
+    # written before the field existed, when iMAML's CG always started from the first-order gradient
+    saved.setdefault("cg_warm_start", True)
     known = {f for f in TrainConfig.__dataclass_fields__}
     unknown = sorted(set(saved) - known)
     if unknown:

@@ -140,6 +140,7 @@ class TrainConfig:
         lam: proximal weight of G for the iMAML variants.
         learn_lam: ``none``, ``scalar`` or ``per-tensor``: learn log lam by the implicit gradient.
         cg_iters, newton_iters, damping: iMAML's CG steps, HF's Newton steps, damping of the system.
+        cg_warm_start: start iMAML's CG from the first-order gradient (one more HVP) instead of 0.
         backtrack: inner GD with a per-task backtracking step size (`InnerGD.backtrack`); not for maml.
         inner_solver: ``gd`` or ``nesterov`` (accelerated GD with the momentum of Theorem 2,
             `InnerNesterov`; imaml-gd, fomaml and reptile, not with ``backtrack``).
@@ -208,6 +209,7 @@ class TrainConfig:
     cg_iters: int = 5
     newton_iters: int = 3
     damping: float = 0.0
+    cg_warm_start: bool = False
     backtrack: bool = False
     inner_solver: str = "gd"
     split: str = "vinyals"
@@ -330,6 +332,7 @@ class TrainConfig:
             cg_iters=self.cg_iters,
             newton_iters=self.newton_iters,
             damping=self.damping,
+            cg_warm_start=self.cg_warm_start,
             backtrack=self.backtrack,
             inner_solver=self.inner_solver,
         )
