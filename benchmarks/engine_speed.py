@@ -106,6 +106,11 @@ ALGOS = {
     # name -> keyword arguments of make_algorithm (all exist in the baseline's signature)
     "imaml-gd": dict(inner_steps=16, inner_lr=0.1, lam=2.0, cg_iters=5),
     "fomaml": dict(inner_steps=5, inner_lr=0.4),
+    # the same work in old and new code: CG from the first-order gradient (6 HVPs), the only start
+    # before the flag existed (a version without the keyword gets the rest)
+    "imaml-gd-warm": dict(
+        algo="imaml-gd", inner_steps=16, inner_lr=0.1, lam=2.0, cg_iters=5, cg_warm_start=True
+    ),
 }
 
 
@@ -554,7 +559,10 @@ class _Step:
         fn, theta0 = make_functional(model, torch.Generator().manual_seed(seed), dtype=dtype)
         self.fn = fn
         self.bm = batched_model(model)
-        self.algo = make_algorithm(algo, **ALGOS[algo])  # type: ignore[arg-type]
+        spec = dict(ALGOS[algo])
+        name = str(spec.pop("algo", algo))
+        known = inspect.signature(make_algorithm).parameters
+        self.algo = make_algorithm(name, **{k: v for k, v in spec.items() if k in known})  # type: ignore[arg-type]
         self.theta = {k: v.detach().clone().requires_grad_(True) for k, v in theta0.items()}
         self.opt = torch.optim.Adam(list(self.theta.values()), lr=META_LR)
         g = torch.Generator().manual_seed(seed + 1)
