@@ -423,6 +423,33 @@ def test_flat_cross_entropy_refuses_second_derivatives_and_compiling_drops_it() 
     assert bm.compiled().flat_cross_entropy is None
 
 
+def test_batch_norm_gradient_function_gradcheck() -> None:
+    """The batch-norm gradient node: PyTorch's first derivatives, and its written-out vector-Jacobian
+    product (the second derivatives of batch norm) by gradcheck in float64, at random cotangents."""
+    from bilevel.metalearn.models import _BatchNormGrad
+
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64, generator=_gen(0), requires_grad=True)
+    gamma = torch.rand(4, dtype=torch.float64, generator=_gen(1)).add(0.5).requires_grad_(True)
+    gy = torch.randn(3, 4, 5, 5, dtype=torch.float64, generator=_gen(2), requires_grad=True)
+    var, mean = torch.var_mean(x.detach(), (0, 2, 3), correction=0)
+    invstd = torch.rsqrt(var + 1e-5)
+
+    def f(gy: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # the statistics from x inside f, as the forward saves them: d/dx must see them move
+        v, mu = torch.var_mean(x.detach(), (0, 2, 3), correction=0)
+        out = _BatchNormGrad.apply(gy, x, gamma, mu, torch.rsqrt(v + 1e-5), 1e-5)
+        return tuple(out)
+
+    ref = torch.autograd.grad(
+        F.batch_norm(x, None, None, gamma, torch.zeros_like(gamma), True, 0.0, 1e-5), (x, gamma), gy
+    )
+    got = _BatchNormGrad.apply(gy, x, gamma, mean, invstd, 1e-5)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got[2], gy.sum((0, 2, 3)), rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(f, (gy, x, gamma))
+
+
 def test_batch_norm_function_gradgradcheck() -> None:
     """The exact model's batch norm: values of F.batch_norm, derivatives by gradcheck."""
     from bilevel.metalearn.models import _BatchNorm
