@@ -106,6 +106,7 @@ ALGOS = {
     # name -> keyword arguments of make_algorithm (all exist in the baseline's signature)
     "imaml-gd": dict(inner_steps=16, inner_lr=0.1, lam=2.0, cg_iters=5),
     "fomaml": dict(inner_steps=5, inner_lr=0.4),
+    "maml": dict(inner_steps=1, inner_lr=0.4),
     # the same work in old and new code: CG from the first-order gradient (6 HVPs), the only start
     # before the flag existed (a version without the keyword gets the rest)
     "imaml-gd-warm": dict(
