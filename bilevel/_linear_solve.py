@@ -192,6 +192,7 @@ def cg_solve(
     # Below this the recursive residual is rounding noise: iterating on would let r and p
     # underflow and pAp round to 0, which would read as (spurious) negative curvature.
     floor = 1e-3 * torch.finfo(b.dtype).eps * b_norm
+    stop_at = torch.maximum(tol, floor)  # converged (<= tol) or stagnated (<= floor)
     iters = torch.zeros(B, dtype=torch.int64, device=b.device)
     curvature = torch.full((B,), math.nan, dtype=b.dtype, device=b.device)
     k = 0
@@ -203,31 +204,32 @@ def cg_solve(
         Ap = A(p)
         pAp = _rowdot(p, Ap)
         k += 1
-        iters += alive.long()
-        nonfinite = alive & ~torch.isfinite(pAp)
-        negative = alive & ~nonfinite & (pAp <= 0)
-        codes = torch.where(nonfinite, _CODE[LinearStatus.NONFINITE], codes)
-        codes = torch.where(negative, _CODE[LinearStatus.NEGATIVE_CURVATURE], codes)
-        curvature = torch.where(negative, pAp, curvature)
-        alive = alive & ~nonfinite & ~negative
-        alpha = torch.where(alive, rz / torch.where(alive, pAp, torch.ones_like(pAp)), torch.zeros_like(rz))
+        iters += alive
+        # pAp > 0 is False for NaN too: one test stops both, the status tells them apart
+        finite = torch.isfinite(pAp)
+        halt = alive & ~(pAp > 0)
+        codes = torch.where(
+            halt,
+            torch.where(finite, _CODE[LinearStatus.NEGATIVE_CURVATURE], _CODE[LinearStatus.NONFINITE]),
+            codes,
+        )
+        curvature = torch.where(halt & finite, pAp, curvature)
+        alive = alive & ~halt
+        alpha = torch.where(alive, rz / torch.where(alive, pAp, 1.0), 0.0)
         # fused multiply-adds: one pass over each vector (stopped problems have alpha = 0)
         x = torch.addcmul(x, alpha[:, None], p)
         r = torch.addcmul(r, alpha[:, None], Ap, value=-1.0)
         r_new = _rownorm(r)
         r_norm = torch.where(alive, r_new, r_norm)
-        converged = alive & (r_new <= tol)
-        codes = torch.where(converged, _CODE[LinearStatus.CONVERGED], codes)
-        # stagnated at machine precision: stop, the true residual below judges it
-        alive = alive & ~converged & ~(r_new <= floor)
+        codes = torch.where(alive & (r_new <= tol), _CODE[LinearStatus.CONVERGED], codes)
+        # converged, or stagnated at machine precision (the true residual below judges it): stop
+        alive = alive & ~(r_new <= stop_at)
         if preconditioner is None:
             z, rz_new = r, r_new * r_new  # z = r: r'z is the squared norm just computed
         else:
             z = M(r)
             rz_new = _rowdot(r, z)
-        beta = torch.where(
-            alive, rz_new / torch.where(rz != 0, rz, torch.ones_like(rz)), torch.zeros_like(rz)
-        )
+        beta = torch.where(alive, rz_new / torch.where(rz != 0, rz, 1.0), 0.0)
         p_new = torch.addcmul(z, beta[:, None], p)
         p = p_new if sync and bool(alive.all()) else torch.where(alive[:, None], p_new, p)
         rz = torch.where(alive, rz_new, rz)
