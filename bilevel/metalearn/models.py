@@ -538,7 +538,7 @@ def batched_model(model: nn.Module, *, double_backward: str = "auto") -> Batched
             which loops over the B groups of a convolution (935 ops per HVP of the Omniglot CNN
             at B = 32, 5-way 1-shot).  ``few-ops``: the same values through convolutions and
             norms whose backward passes are a few differentiable ops (`_GroupedConv2d`,
-            `_ConvWeightGrad`, `_BatchNorm`: 454 ops per HVP), as fast as ``native`` on CPU
+            `_ConvWeightGrad`, `_BatchNorm`, `_BatchNormGrad`: 370 ops per HVP), as fast as ``native`` on CPU
             (measured, 1 thread: HVP 0.43-0.52 s vs 0.46-0.54 s, imaml-gd meta-step 0.96x) and a
             fraction of the kernel launches that bound an accelerator.  ``auto``: ``few-ops``
             on every device.  All three are exact (tested against per-task HVPs in float64).
