@@ -148,7 +148,8 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_refused(good: Path, tmp_pat
 
 def test_a_checkpoint_from_before_cg_warm_start_keeps_its_warm_start(tmp_path: Path) -> None:
     """iMAML's CG started from the first-order gradient before the field existed: a checkpoint
-    without it loads with ``cg_warm_start=True``, so a resume continues the same algorithm."""
+    without it loads with ``cg_warm_start=True``, so a resume continues the same algorithm; an
+    older run of an algorithm without CG loads with the default, so its resume is not refused."""
     from bilevel.metalearn.checkpoint import saved_config
 
     cfg = tiny(tmp_path / "run", algo="imaml-gd")
@@ -156,3 +157,7 @@ def test_a_checkpoint_from_before_cg_warm_start_keeps_its_warm_start(tmp_path: P
     assert saved_config({"config": json.dumps(old)}, "old.pt").cg_warm_start is True
     new = dataclasses.asdict(cfg)
     assert saved_config({"config": json.dumps(new)}, "new.pt").cg_warm_start is False
+    fo = tiny(tmp_path / "fo")
+    old_fo = {k: v for k, v in dataclasses.asdict(fo).items() if k != "cg_warm_start"}
+    loaded = saved_config({"config": json.dumps(old_fo)}, "old_fo.pt")
+    assert loaded.cg_warm_start is False and fo.resume_conflicts(loaded) == []

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from .. import CheckpointError
-from .config import TrainConfig
+from .config import IMPLICIT_ALGOS, TrainConfig
 
 __all__ = ["atomic_json", "atomic_save", "keep_earlier", "load_checkpoint", "saved_config", "shape_mismatch"]
 
@@ -152,8 +152,10 @@ def saved_config(ck: Mapping[str, Any], path: str | os.PathLike[str], **override
         ConfigError: an override has a value no run can use (or contradicts the saved fields).
     """
     saved = json.loads(ck["config"])
-    # written before the field existed, when iMAML's CG always started from the first-order gradient
-    saved.setdefault("cg_warm_start", True)
+    if "cg_warm_start" not in saved:
+        # written before the field existed, when iMAML's CG always started from the first-order
+        # gradient; other algorithms have no CG and keep the default (a resume compares it)
+        saved["cg_warm_start"] = saved.get("algo") in IMPLICIT_ALGOS
     known = {f for f in TrainConfig.__dataclass_fields__}
     unknown = sorted(set(saved) - known)
     if unknown:
