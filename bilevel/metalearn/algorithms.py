@@ -26,16 +26,17 @@ backtracking, or `NewtonCG`), and forms the task meta-gradient g_i with a value 
 The B per-task models run through one `BatchedModel` (the seam): built from the model's
 structure (`batched_model`) or from the per-task function (vmap or a loop).
 
+CG starts from 0 as in the paper.  ``Implicit(warm_start=True)`` (``--cg-warm-start``)
+starts from g = grad L_i(phi_i), the first-order gradient, so that 0 CG steps are exactly
+first-order MAML (Appendix A), at the price of one more HVP (the initial residual).  At
+equal HVPs the start from 0 is the more accurate (for a positive definite system CG from 0
+is optimal in the energy norm over a Krylov space that holds the warm start's iterate):
+measured on 16 Omniglot tasks at a trained theta, float64, against a converged solve,
+median relative errors 0.153 (from 0, 6 steps) vs 0.190 (warm, 5 steps) at 6 HVPs and
+0.240 vs 0.272 at 5 (lam 2).  The default was the warm start until 2026-11-29.
+
 Deviations from the paper, each measured and switchable:
 
-* CG starts from 0 as in the paper.  ``Implicit(warm_start=True)`` (``--cg-warm-start``)
-  starts from g = grad L_i(phi_i), the first-order gradient, so that 0 CG steps are exactly
-  first-order MAML (Appendix A), at the price of one more HVP (the initial residual).  At
-  equal HVPs the start from 0 is the more accurate (for a positive definite system CG from 0
-  is optimal in the energy norm over a Krylov space that holds the warm start's iterate):
-  measured on 16 Omniglot tasks at a trained theta, float64, against a converged solve,
-  median relative errors 0.153 (from 0, 6 steps) vs 0.190 (warm, 5 steps) at 6 HVPs and
-  0.240 vs 0.272 at 5 (lam 2).  The default was the warm start until 2026-11-29.
 * Early in meta-training the support loss of a CNN with batch norm on 5 images is far
   from convex (Hessian eigenvalues below -40 at a random theta, measured), so
   I + Lhat''/lam can be indefinite and CG can meet negative curvature.  CG then stops
@@ -456,18 +457,18 @@ class _MetaBatch:
             fused = [self._flat_loss(xc, yc) for xc, yc in zip(x.split(c), y.split(c))]
             if all(f is not None for f in fused):
                 parts = [f(Xc) for f, Xc in zip(fused, chunks)]  # type: ignore[misc]
-                ql = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])
-                out = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts])
-                gs = torch.autograd.grad(ql.sum(), chunks)
-                acc = self.accuracy(out, y)
+                out = _cat([p[1] for p in parts])
+                ql = _cat([p[0] for p in parts])
             else:
-                outs = [self.bm.fast(self.unflat(Xc), xc) for Xc, xc in zip(chunks, x.split(c))]
-                out = outs[0] if len(outs) == 1 else torch.cat(outs)
+                out = _cat([self.bm.fast(self.unflat(Xc), xc) for Xc, xc in zip(chunks, x.split(c))])
                 ql = task_losses(self.loss, out, y)
-                gs = torch.autograd.grad(ql.sum(), chunks, allow_unused=True, materialize_grads=True)
-                acc = self.accuracy(out, y)
-        g = gs[0] if len(gs) == 1 else torch.cat(gs)
-        return g, ql.detach(), acc
+            gs = torch.autograd.grad(ql.sum(), chunks, allow_unused=True, materialize_grads=True)
+        return _cat(list(gs)), ql.detach(), self.accuracy(out, y)
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts)`` without a copy when there is one part (one chunk of tasks)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _detached(v: torch.Tensor | float) -> torch.Tensor | float:
