@@ -119,6 +119,7 @@ def _finish(
 _SEVERITY = (
     LinearStatus.CONVERGED,
     LinearStatus.BUDGET,
+    LinearStatus.BOUNDARY,
     LinearStatus.MAX_ITER,
     LinearStatus.NEGATIVE_CURVATURE,
     LinearStatus.BREAKDOWN,
@@ -145,6 +146,7 @@ def cg_solve(
     preconditioner: Matvec | None = None,
     check_residual: bool = True,
     budget: bool = False,
+    radius: torch.Tensor | None = None,
     name: str = "CG",
 ) -> LinearSolveResult:
     """Preconditioned CG on B independent systems at once, each stopping on its own.
@@ -166,6 +168,12 @@ def cg_solve(
         budget: every ``tol`` is 0 (a fixed budget, ``rtol = atol = 0``): off the CPU the
             loop then runs ``max_iter`` steps without reading whether any problem still runs
             (stopped problems are frozen by their masks), so it never waits for the device.
+        radius: per-problem trust-region radii, shape (B,), > 0: Steihaug's CG (Nocedal &
+            Wright, Algorithm 7.2), from ``x0 = None`` and without preconditioner.  A problem
+            whose next iterate would leave the ball ||x|| <= radius, or that meets p'Ap <= 0,
+            moves along p to the boundary and stops there (status ``BOUNDARY`` or
+            ``NEGATIVE_CURVATURE``), and ``problem_decrease`` holds the decrease of the
+            quadratic model x'Ax/2 - b'x: what a trust-region method needs from its step.
         name: for error messages.
 
     Returns:
@@ -175,6 +183,8 @@ def cg_solve(
         ``problem_curvature``.  Stopped problems are frozen by masks; the loop ends when
         none is running.
     """
+    if radius is not None and (x0 is not None or preconditioner is not None):
+        raise ValueError(f"{name}: a trust-region radius needs x0=None and no preconditioner (Steihaug's CG)")
     A = _Counted(matvec, b, name)
     M = preconditioner if preconditioner is not None else (lambda r: r)
     B = b.shape[0]
@@ -195,6 +205,12 @@ def cg_solve(
     stop_at = torch.maximum(tol, floor)  # converged (<= tol) or stagnated (<= floor)
     iters = torch.zeros(B, dtype=torch.int64, device=b.device)
     curvature = torch.full((B,), math.nan, dtype=b.dtype, device=b.device)
+    decrease: torch.Tensor | None = None
+    if radius is not None:
+        radius = radius.to(dtype=b.dtype, device=b.device)
+        if radius.shape != (B,) or not bool((radius > 0).all()):
+            raise ValueError(f"{name}: radius must be positive and of shape ({B},), got {radius}")
+        decrease = torch.zeros(B, dtype=b.dtype, device=b.device)
     k = 0
     # Reading `alive` on the host ends the loop early once every problem stopped; it is free on
     # the CPU, and a budget without tolerances (all tol 0) cannot end early but by negative
@@ -216,6 +232,10 @@ def cg_solve(
         curvature = torch.where(halt & finite, pAp, curvature)
         alive = alive & ~halt
         alpha = torch.where(alive, rz / torch.where(alive, pAp, 1.0), 0.0)
+        if radius is not None and decrease is not None:
+            alpha, alive, codes, decrease = _steihaug(
+                x, p, pAp, rz, alpha, alive, halt & finite, radius, codes, decrease
+            )
         # fused multiply-adds: one pass over each vector (stopped problems have alpha = 0)
         x = torch.addcmul(x, alpha[:, None], p)
         r = torch.addcmul(r, alpha[:, None], Ap, value=-1.0)
@@ -249,7 +269,38 @@ def cg_solve(
         r_norm = torch.where(x_finite, r_norm, torch.full_like(r_norm, math.inf))
     # No tolerance (rtol = atol = 0): running the whole budget is what was asked for.
     codes = torch.where((codes == max_code) & (tol == 0), _CODE[LinearStatus.BUDGET], codes)
-    return _batch_result(x, codes, k, A.calls, r_norm, b_norm, iters, curvature)
+    return _batch_result(x, codes, k, A.calls, r_norm, b_norm, iters, curvature, decrease)
+
+
+def _steihaug(
+    x: torch.Tensor,
+    p: torch.Tensor,
+    pAp: torch.Tensor,
+    rz: torch.Tensor,
+    alpha: torch.Tensor,
+    alive: torch.Tensor,
+    negative: torch.Tensor,
+    radius: torch.Tensor,
+    codes: torch.Tensor,
+    decrease: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One iteration's trust-region rule: step lengths, running mask, codes and model decrease.
+
+    ``negative`` marks the problems that met finite p'Ap <= 0 in this iteration (already coded
+    NEGATIVE_CURVATURE), ``alive`` those taking the full step ``alpha``.  Both kinds whose step
+    would end outside ||x|| <= radius go to the boundary instead: tau >= 0 with
+    ||x + tau p|| = radius, the positive root (p is a descent direction of the model: p'r > 0).
+    """
+    xx, xp, pp = _rowdot(x, x), _rowdot(x, p), _rowdot(p, p)
+    r2 = radius * radius
+    tau = (torch.sqrt((xp * xp + pp * (r2 - xx)).clamp_min(0.0)) - xp) / torch.where(pp > 0, pp, 1.0)
+    leave = alive & (xx + alpha * (2.0 * xp + alpha * pp) >= r2)
+    alpha = torch.where(leave | negative, tau, alpha)
+    codes = torch.where(leave, _CODE[LinearStatus.BOUNDARY], codes)
+    # q(x + a p) - q(x) = -a p'r + a^2 p'Ap / 2, and p'r = r'z along CG's directions
+    curv = torch.where(torch.isfinite(pAp), pAp, 0.0)
+    decrease = decrease + alpha * rz - 0.5 * alpha * alpha * curv
+    return alpha, alive & ~leave, codes, decrease
 
 
 def _batch_result(
@@ -261,6 +312,7 @@ def _batch_result(
     b_norm: torch.Tensor,
     iters: torch.Tensor,
     curvature: torch.Tensor | None = None,
+    decrease: torch.Tensor | None = None,
 ) -> LinearSolveResult:
     """The `LinearSolveResult` of a batched solve from per-problem status codes and norms."""
     statuses = tuple(_SEVERITY[c] for c in codes.tolist())
@@ -276,6 +328,7 @@ def _batch_result(
         problem_residual_norm=r_norm,
         problem_b_norm=b_norm,
         problem_curvature=curvature,
+        problem_decrease=decrease,
     )
 
 

@@ -120,6 +120,10 @@ class LinearSolveResult:
         problem_curvature: CG only: p'Ap of the direction on which a problem met
             non-positive curvature, NaN for the others; shape (B,) in batched mode, (1,)
             otherwise; ``None`` for other solvers.
+        problem_decrease: CG with a trust-region radius only: the decrease of CG's quadratic
+            model, q(0) - q(x) with q(x) = x'Ax / 2 - b'x, at the returned ``x``, shape (B,),
+            tracked by the recursion (no extra matvec): a trust-region method's predicted
+            reduction; ``None`` otherwise.
     """
 
     x: torch.Tensor
@@ -133,6 +137,7 @@ class LinearSolveResult:
     problem_residual_norm: torch.Tensor | None = None
     problem_b_norm: torch.Tensor | None = None
     problem_curvature: torch.Tensor | None = None
+    problem_decrease: torch.Tensor | None = None
 
     @property
     def converged(self) -> bool:

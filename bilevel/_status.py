@@ -50,6 +50,10 @@ class LinearStatus(enum.Enum):
         "CG met non-positive curvature p'Ap <= 0: the Hessian is not positive definite at "
         "this point (solve the inner problem more accurately, add damping, or use MINRES)"
     )
+    BOUNDARY = (
+        "CG reached the trust-region radius (Steihaug): the step ends on the boundary, as a "
+        "trust-region method asks; not a solution of the system"
+    )
     BREAKDOWN = "the Krylov method broke down (a zero denominator): try another linear solver"
     NONFINITE = "a NaN or infinity appeared in the linear solve: check the HVP and the right-hand side"
 

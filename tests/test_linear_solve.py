@@ -237,3 +237,68 @@ def test_batched_block_diagonal_fallback_judges_each_problem() -> None:
     res = bl.GMRES()(lambda V: torch.einsum("bij,bj->bi", As, V), b)
     assert res.problem_status == (bl.LinearStatus.CONVERGED, bl.LinearStatus.CONVERGED)
     torch.testing.assert_close(res.x[1], torch.zeros(n, dtype=D))
+
+
+# ----------------------------------------------------------------------------- Steihaug's CG (a radius)
+
+
+def _model_decrease(A: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """q(0) - q(x) with q(x) = x'Ax/2 - b'x, per row, by dense algebra."""
+    return (b * x).sum(1) - 0.5 * torch.einsum("bi,bij,bj->b", x, A, x)
+
+
+def _cauchy_decrease(A: torch.Tensor, b: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """The model decrease at the Cauchy point: the best step along b (= -grad q(0)) within the radius."""
+    bAb = torch.einsum("bi,bij,bj->b", b, A, b)
+    bb = (b * b).sum(1)
+    edge = radius / bb.sqrt()
+    t = torch.where(bAb > 0, torch.minimum(bb / bAb.clamp_min(1e-300), edge), edge)
+    return _model_decrease(A, b, t[:, None] * b)
+
+
+@pytest.mark.parametrize("kind", ["spd", "indefinite"])
+def test_cg_with_a_radius_against_dense_algebra(kind: str) -> None:
+    """Steihaug's CG: inside the region it is CG; otherwise it stops on the boundary, with a model
+    decrease (tracked by the recursion) equal to the dense one and at least the Cauchy point's."""
+    from bilevel._linear_solve import cg_solve
+
+    B, n = 4, 8
+    A = torch.stack([spd(n, 50.0, s) if kind == "spd" else sym_indefinite(n, s) for s in range(B)])
+    b = torch.randn(B, n, dtype=D, generator=torch.Generator().manual_seed(7))
+    mv = lambda V: torch.einsum("bij,bj->bi", A, V)  # noqa: E731
+    tol = torch.full((B,), 1e-12, dtype=D)
+    if kind == "spd":
+        free = bl.CG(max_iter=50, rtol=1e-12)(mv, b)
+        big = cg_solve(mv, b, max_iter=50, tol=tol, radius=torch.full((B,), 1e6, dtype=D))
+        torch.testing.assert_close(big.x, free.x, rtol=0, atol=1e-10)
+        assert big.problem_status == free.problem_status
+        torch.testing.assert_close(big.problem_decrease, _model_decrease(A, b, big.x), rtol=1e-9, atol=1e-12)
+        exact = torch.linalg.solve(A, b)
+        radius = 0.5 * torch.linalg.vector_norm(exact, dim=1)
+    else:
+        radius = torch.full((B,), 0.7, dtype=D)
+    res = cg_solve(mv, b, max_iter=50, tol=tol, radius=radius)
+    want = bl.LinearStatus.BOUNDARY if kind == "spd" else bl.LinearStatus.NEGATIVE_CURVATURE
+    assert all(s in (bl.LinearStatus.BOUNDARY, want) for s in res.problem_status)
+    if kind == "indefinite":
+        assert want in res.problem_status
+    torch.testing.assert_close(torch.linalg.vector_norm(res.x, dim=1), radius, rtol=1e-12, atol=0)
+    dense = _model_decrease(A, b, res.x)
+    torch.testing.assert_close(res.problem_decrease, dense, rtol=1e-9, atol=1e-12)
+    assert bool((dense >= _cauchy_decrease(A, b, radius) - 1e-12).all())
+
+
+def test_cg_radius_guards() -> None:
+    from bilevel._linear_solve import cg_solve
+
+    A = spd(4, 10.0, 0)[None]
+    b = torch.ones(1, 4, dtype=D)
+    mv = lambda V: torch.einsum("bij,bj->bi", A, V)  # noqa: E731
+    tol = torch.zeros(1, dtype=D)
+    with pytest.raises(ValueError, match="needs x0=None and no preconditioner"):
+        cg_solve(mv, b, b.clone(), max_iter=3, tol=tol, radius=torch.ones(1, dtype=D))
+    with pytest.raises(ValueError, match="needs x0=None and no preconditioner"):
+        cg_solve(mv, b, max_iter=3, tol=tol, preconditioner=lambda r: r, radius=torch.ones(1, dtype=D))
+    for bad in (torch.zeros(1, dtype=D), torch.ones(2, dtype=D)):
+        with pytest.raises(ValueError, match="radius must be positive and of shape"):
+            cg_solve(mv, b, max_iter=3, tol=tol, radius=bad)

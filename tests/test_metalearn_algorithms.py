@@ -15,6 +15,7 @@ from bilevel.metalearn.algorithms import (
     InnerGD,
     InnerGDPullBack,
     InnerNewtonCG,
+    InnerTrustRegion,
     MetaAlgorithm,
     ReleasedCG,
     ReptileStep,
@@ -202,7 +203,15 @@ def test_vmap_and_loop_agree(setup, name: str) -> None:  # type: ignore[no-untyp
 
 
 def _stats_close(sa, sb) -> None:  # type: ignore[no-untyped-def]
-    for f in ("query_loss", "query_acc", "support_loss", "inner_grad_norm", "cg_residual", "cg_iters"):
+    for f in (
+        "query_loss",
+        "query_acc",
+        "support_loss",
+        "inner_grad_norm",
+        "cg_residual",
+        "cg_iters",
+        "distance",
+    ):
         torch.testing.assert_close(getattr(sa, f), getattr(sb, f), rtol=1e-9, atol=1e-12, equal_nan=True)
     assert torch.equal(sa.negative_curvature, sb.negative_curvature)
 
@@ -219,6 +228,7 @@ BATCHED_CASES = [
     ("imaml-released", {"damping": 1.0}),
     ("imaml-gd", {"inner_solver": "nesterov"}),
     ("fomaml", {"inner_solver": "nesterov"}),
+    ("imaml-hf", {"inner_solver": "trust-region"}),
 ]
 
 
@@ -294,6 +304,26 @@ def test_learned_lambda_gradient_matches_implicit_argmin(setup) -> None:  # type
     torch.testing.assert_close(got, torch.stack(ref), rtol=1e-6, atol=1e-12)
 
 
+@ENGINES
+def test_distance_is_the_inner_step_length(setup, engine) -> None:  # type: ignore[no-untyped-def]
+    """One GD step of lr on G from theta (the proximal gradient is 0 there): ||phi - theta|| is
+    lr ||grad Lhat(theta)||, per task, computed here with torch.func."""
+    fn, theta, batch = setup
+    lr = 0.3
+    algo = MetaAlgorithm(InnerGD(steps=1, lr=lr), Implicit(cg_iters=2), 2.0)
+    _, _, stats = meta_gradient(algo, fn, F.cross_entropy, theta, batch, batched=engine)
+    want = []
+    for i in range(B):
+        gr = torch.func.grad(lambda p, i=i: F.cross_entropy(fn(p, batch.support_x[i]), batch.support_y[i]))(
+            theta
+        )
+        want.append(lr * torch.linalg.vector_norm(flat(gr)))
+    assert stats.distance is not None
+    torch.testing.assert_close(stats.distance, torch.stack(want), rtol=1e-10, atol=1e-14)
+    _, _, quiet = meta_gradient(algo, fn, F.cross_entropy, theta, batch, batched=engine, diagnostics=False)
+    assert quiet.distance is not None and bool(torch.isnan(quiet.distance).all())
+
+
 def test_evaluate_batch_reports_per_task_accuracy(setup) -> None:  # type: ignore[no-untyped-def]
     fn, theta, batch = setup
     ql, qa = evaluate_batch(make_algorithm("fomaml", inner_steps=2), fn, F.cross_entropy, theta, batch)
@@ -310,6 +340,12 @@ def test_bad_configurations() -> None:
         MetaAlgorithm(InnerGD(), Implicit(), 0.0)
     with pytest.raises(ValueError, match="lr must be > 0"):
         InnerGD(lr=0.0)
+    with pytest.raises(ValueError, match="trust-region path cannot be unrolled"):
+        InnerTrustRegion().solver(differentiable=True)
+    with pytest.raises(ValueError, match="replaces imaml-hf's line search"):
+        make_algorithm("imaml-gd", inner_solver="trust-region")
+    hf = make_algorithm("imaml-hf", newton_iters=4, cg_iters=6, inner_solver="trust-region")
+    assert hf.inner == InnerTrustRegion(4, 6) and make_algorithm("imaml-hf").inner == InnerNewtonCG(3, 5)
 
 
 @pytest.mark.parametrize("batched", [False, True])
@@ -538,5 +574,5 @@ def test_accelerated_inner_solver_equals_nesterov_task_by_task(setup, lam: float
         )
     with pytest.raises(ValueError, match="not maml"):
         make_algorithm("maml", inner_solver="nesterov")
-    with pytest.raises(ValueError, match="'gd' or 'nesterov'"):
+    with pytest.raises(ValueError, match="'gd', 'nesterov' or 'trust-region'"):
         make_algorithm("imaml-gd", inner_solver="adam")

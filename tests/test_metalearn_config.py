@@ -35,7 +35,7 @@ from bilevel.metalearn import ConfigError, TrainConfig
         ("eval_lam", -1.0, "must be finite and >= 0"),
         ("adam_eps", 0.0, "must be finite and > 0"),
         ("task_pool", -1, "must be >= 0"),
-        ("inner_solver", "lbfgs", "choose one of gd or nesterov"),
+        ("inner_solver", "lbfgs", "choose one of gd, nesterov or trust-region"),
         ("init", "he", "choose one of glorot, torch or released"),
         ("compile", "fast", "choose one of none, default, reduce-overhead or max-autotune-no-cudagraphs"),
     ],
@@ -57,6 +57,8 @@ def test_contradictions_are_refused() -> None:
         TrainConfig(algo="imaml-released", learn_lam="scalar")
     with pytest.raises(ValueError, match="no backtrack"):
         TrainConfig(inner_solver="nesterov", backtrack=True)
+    with pytest.raises(ConfigError, match="replaces imaml-hf's line search; fomaml takes gd or nesterov"):
+        TrainConfig(algo="fomaml", inner_solver="trust-region")
     assert TrainConfig(dataset="sinusoid", ways=1).ways == 1  # a sinusoid task has no classes
 
 

@@ -27,6 +27,7 @@ from bilevel.solvers import (
     Nesterov,
     NewtonCG,
     ScipyLBFGS,
+    TrustRegionNewtonCG,
 )
 
 D = torch.float64
@@ -62,14 +63,20 @@ def make_solver(kind: str, p: P.Problem, tol: float | None = None):  # type: ign
         return Nesterov(lr=p.step, max_iter=20_000, tol=tol)
     if kind == "newton":
         return NewtonCG(newton_iters=300, cg_iters=10, tol=tol)
+    if kind == "trust_region":
+        return TrustRegionNewtonCG(newton_iters=300, cg_iters=10, tol=tol)
     if kind == "lbfgs":
         return ScipyLBFGS(tol=tol, max_iter=5000)
     raise KeyError(kind)
 
 
 CONVEX = ["quadratic", "ridge", "logistic"]
-CASES = [(k, n) for k in ["gd", "gd_armijo", "nesterov_mu", "nesterov", "newton", "lbfgs"] for n in CONVEX]
-CASES += [("newton", "rosenbrock"), ("lbfgs", "rosenbrock")]
+CASES = [
+    (k, n)
+    for k in ["gd", "gd_armijo", "nesterov_mu", "nesterov", "newton", "trust_region", "lbfgs"]
+    for n in CONVEX
+]
+CASES += [("newton", "rosenbrock"), ("trust_region", "rosenbrock"), ("lbfgs", "rosenbrock")]
 
 
 # ----------------------------------------------------------------------------- minimizers
@@ -91,13 +98,13 @@ def test_reaches_known_minimizer(kind: str, name: str) -> None:
     assert P.distance(res.x, p.solution) <= slack * tol / p.mu + 1e-13
     assert res.fun == pytest.approx(float(p.objective(res.x, p.theta)), rel=1e-12)
     assert res.n_gev >= 1 and res.n_iter >= 1
-    if kind == "newton":
+    if kind in ("newton", "trust_region"):
         assert res.n_hvp >= res.n_iter
     else:
         assert res.n_hvp == 0
 
 
-@pytest.mark.parametrize("kind", ["gd", "nesterov", "newton", "lbfgs"])
+@pytest.mark.parametrize("kind", ["gd", "nesterov", "newton", "trust_region", "lbfgs"])
 def test_answer_has_init_structure(kind: str) -> None:
     p = problem("ridge")  # phi = (w, intercept): a tuple with a 0-d leaf
     res = make_solver(kind, p)(p.objective, p.init, p.theta)
@@ -115,7 +122,7 @@ def test_theta_requiring_grad_is_not_differentiated_through() -> None:
     assert not res.x.requires_grad and res.converged  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("kind", ["gd", "nesterov", "newton", "lbfgs"])
+@pytest.mark.parametrize("kind", ["gd", "nesterov", "newton", "trust_region", "lbfgs"])
 def test_float32(kind: str) -> None:
     p = problem("quadratic").cast(torch.float32)
     tol = 1e-3 if kind == "lbfgs" else 1e-4  # 1e-3: f's float32 rounding hides smaller slopes from SciPy
@@ -217,6 +224,54 @@ def test_capped_right_after_negative_curvature_says_so() -> None:
     )
     assert res.status is bl.SolverStatus.NEGATIVE_CURVATURE
     assert res.info["n_negative_curvature"] == 1
+
+
+def test_trust_region_follows_negative_curvature_to_a_minimizer() -> None:
+    """From near the double well's saddle (H = -I there), the boundary steps along negative
+    curvature reach a local minimizer."""
+    theta = torch.tensor(0.0, dtype=D)
+    init = torch.tensor([0.05, -0.03, 0.01], dtype=D)
+    res = TrustRegionNewtonCG(newton_iters=50, cg_iters=5, radius=0.1, tol=1e-10)(double_well, init, theta)
+    assert res.converged, (res.status, res.grad_norm)
+    assert res.info["n_negative_curvature"] >= 1 and res.info["n_boundary"] >= 1
+    x = res.x
+    assert bool(((3 * x**2 - 1) > 0).all())  # type: ignore[operator]
+    torch.testing.assert_close(x.abs(), torch.ones(3, dtype=D), rtol=0, atol=1e-9)  # type: ignore[union-attr]
+    # the decrease each accepted step was promised is delivered: f fell below f(init)
+    assert res.fun < float(double_well(init, theta)) - 0.7
+
+
+def test_trust_region_step_rejection_shrinks_the_radius() -> None:
+    """A radius far too large for the model: the first steps are rejected and the radius shrinks,
+    then the solve converges; the counts are per problem in batched mode."""
+    p = problem("rosenbrock")
+    res = TrustRegionNewtonCG(newton_iters=500, cg_iters=10, radius=1e3, max_radius=1e3, tol=1e-8)(
+        p.objective, p.init, p.theta
+    )
+    assert res.converged and res.info["n_rejected"] >= 1
+    assert res.info["radius"] < 1e3
+    q = P.batched_quadratic()
+    rb = TrustRegionNewtonCG(newton_iters=100, cg_iters=4, tol=1e-9, batched=True)(
+        q.per_problem, torch.zeros_like(q.theta), q.theta
+    )
+    B = q.theta.shape[0]
+    for key in ("n_negative_curvature", "n_boundary", "n_rejected", "radius"):
+        assert rb.info[key].shape == (B,)
+    assert int(rb.info["n_negative_curvature"].sum()) == 0  # convex: no negative curvature
+
+
+def test_trust_region_failure_names_the_radius() -> None:
+    """A kink at the answer defeats every model: the radius collapses and the status says why."""
+    theta = torch.zeros(2, dtype=D)
+
+    def kink(x: torch.Tensor, th: torch.Tensor) -> torch.Tensor:
+        return (x - th).abs().sum() + 1e-3 * (x**2).sum()
+
+    res = TrustRegionNewtonCG(newton_iters=2000, cg_iters=3, tol=1e-12)(
+        kink, torch.tensor([0.3, -0.2], dtype=D), theta
+    )
+    assert res.status is bl.SolverStatus.LINE_SEARCH_FAILED
+    assert "trust region shrank" in res.reason
 
 
 def test_newton_cg_on_convex_problem_meets_no_negative_curvature() -> None:
@@ -326,6 +381,7 @@ BATCHED = {
     ),
     "nesterov": lambda q: Nesterov(lr=1 / q.L, max_iter=20_000, tol=1e-9, batched=True),
     "newton": lambda q: NewtonCG(newton_iters=100, cg_iters=4, tol=1e-9, batched=True),
+    "trust_region": lambda q: TrustRegionNewtonCG(newton_iters=100, cg_iters=4, tol=1e-9, batched=True),
 }
 
 
@@ -430,6 +486,16 @@ def test_batched_tuple_leaves_need_a_common_batch_dim() -> None:
         (lambda: Nesterov(lr=0.1, mu=0.0), r"Nesterov\(mu=0.0\): mu must be > 0"),
         (lambda: NewtonCG(cg_iters=0), r"NewtonCG\(cg_iters=0\): cg_iters must be >= 1"),
         (lambda: NewtonCG(newton_iters=-2), r"NewtonCG\(newton_iters=-2\): newton_iters must be >= 0"),
+        (lambda: TrustRegionNewtonCG(radius=0.0), r"TrustRegionNewtonCG\(radius=0.0\): radius must be > 0"),
+        (
+            lambda: TrustRegionNewtonCG(eta=0.25),
+            r"TrustRegionNewtonCG\(eta=0.25\): eta must be in \[0, 0.25\)",
+        ),
+        (lambda: TrustRegionNewtonCG(radius=2.0, max_radius=1.0), r"max_radius must be >= radius"),
+        (
+            lambda: TrustRegionNewtonCG(cg_iters=0),
+            r"TrustRegionNewtonCG\(cg_iters=0\): cg_iters must be >= 1",
+        ),
         (lambda: ScipyLBFGS(tol=0.0), r"ScipyLBFGS\(tol=0.0\): tol must be > 0"),
         (lambda: ScipyLBFGS(max_iter=0), r"ScipyLBFGS\(max_iter=0\): max_iter must be >= 1"),
         (lambda: Armijo(c1=0.5), r"Armijo\(c1=0.5\): c1 must be in \(0, 0.5\)"),
@@ -458,7 +524,9 @@ def quad(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return ((x - theta) ** 2).sum()
 
 
-@pytest.mark.parametrize("solver", [GradientDescent(lr=0.1), Nesterov(lr=0.1), NewtonCG(), ScipyLBFGS()])
+@pytest.mark.parametrize(
+    "solver", [GradientDescent(lr=0.1), Nesterov(lr=0.1), NewtonCG(), TrustRegionNewtonCG(), ScipyLBFGS()]
+)
 def test_bad_inputs_raise(solver) -> None:  # type: ignore[no-untyped-def]
     theta = torch.zeros(3, dtype=D)
     with pytest.raises(bl.StructureError, match=r"objective returned shape \(3,\); it must return a scalar"):
@@ -497,7 +565,7 @@ def test_implicit_hypergradient_matches_reference(kind: str, name: str) -> None:
     torch.testing.assert_close(theta.grad, p.hypergrad, rtol=0, atol=atol)
 
 
-@pytest.mark.parametrize("kind", ["gd", "nesterov", "newton"])
+@pytest.mark.parametrize("kind", ["gd", "nesterov", "newton", "trust_region"])
 def test_implicit_hypergradient_of_a_batch(kind: str) -> None:
     q = P.batched_quadratic()
     theta = q.theta.clone().requires_grad_(True)
@@ -517,7 +585,7 @@ def test_implicit_hypergradient_of_a_batch(kind: str) -> None:
     seed=st.integers(0, 2**16),
     n=st.integers(1, 8),
     log_kappa=st.floats(0.0, 3.0),
-    kind=st.sampled_from(["gd", "nesterov_mu", "nesterov", "newton", "lbfgs"]),
+    kind=st.sampled_from(["gd", "nesterov_mu", "nesterov", "newton", "trust_region", "lbfgs"]),
     max_iter=st.integers(1, 60),
 )
 def test_status_is_truthful_on_random_quadratics(
@@ -531,6 +599,7 @@ def test_status_is_truthful_on_random_quadratics(
         "nesterov_mu": Nesterov(lr=p.step, mu=p.mu, max_iter=max_iter, tol=tol),
         "nesterov": Nesterov(lr=p.step, max_iter=max_iter, tol=tol),
         "newton": NewtonCG(newton_iters=max_iter // 10 + 1, cg_iters=3, tol=tol),
+        "trust_region": TrustRegionNewtonCG(newton_iters=max_iter // 10 + 1, cg_iters=3, tol=tol),
         "lbfgs": ScipyLBFGS(max_iter=max_iter, tol=tol),
     }[kind]
     res = solver(p.objective, p.init, p.theta)
@@ -631,7 +700,9 @@ def test_scipy_line_search_failure_blames_tol_not_step_options() -> None:
 
 
 @pytest.mark.parametrize(
-    "cls", [GradientDescent, Nesterov, NewtonCG, ScipyLBFGS, bl.solvers.Subprocess], ids=lambda c: c.__name__
+    "cls",
+    [GradientDescent, Nesterov, NewtonCG, TrustRegionNewtonCG, ScipyLBFGS, bl.solvers.Subprocess],
+    ids=lambda c: c.__name__,
 )
 def test_a_solver_class_called_as_a_solver_is_refused(cls: type) -> None:
     init, theta = torch.zeros(3, dtype=D), torch.ones(3, dtype=D)

@@ -28,6 +28,7 @@ from .algorithms import FirstOrder as FirstOrder
 from .algorithms import Implicit as Implicit
 from .algorithms import InnerGD as InnerGD
 from .algorithms import InnerNewtonCG as InnerNewtonCG
+from .algorithms import InnerTrustRegion as InnerTrustRegion
 from .algorithms import MetaAlgorithm as MetaAlgorithm
 from .algorithms import MetaStats as MetaStats
 from .algorithms import ReptileStep as ReptileStep
@@ -96,6 +97,7 @@ __all__ = [
     "Implicit",
     "InnerGD",
     "InnerNewtonCG",
+    "InnerTrustRegion",
     "MetaAlgorithm",
     "MetaLearner",
     "MetaStats",

@@ -48,7 +48,10 @@ ALGO_FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
     "eval_inner_steps": (_GD_ALGOS, "inner GD steps at evaluation (imaml-hf takes Newton steps)"),
     "eval_lam": (IMAML_ALGOS, "iMAML's proximal weight at evaluation"),
     "backtrack": (("imaml-gd", "fomaml", "reptile"), "inner GD's backtracking line search"),
-    "inner_solver": (("imaml-gd", "fomaml", "reptile"), "the inner solver (GD or accelerated GD)"),
+    "inner_solver": (
+        ("imaml-gd", "fomaml", "reptile", "imaml-hf"),
+        "the inner solver (GD or accelerated GD; imaml-hf: line search or trust region)",
+    ),
 }
 _IMAGE_DATASETS = tuple(x for x in DATASETS if x != "sinusoid")
 #: Flags that only some datasets read: field -> (the datasets, what the flag is).
@@ -163,9 +166,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--inner-solver",
-        choices=("gd", "nesterov"),
+        choices=("gd", "nesterov", "trust-region"),
         default=None,
-        help="inner GD, or Nesterov's accelerated GD with Theorem 2's momentum (default gd)",
+        help="inner GD, or Nesterov's accelerated GD with Theorem 2's momentum (default gd); for "
+        "imaml-hf, trust-region replaces the paper's line-search Newton-CG by Steihaug's trust region",
     )
     t.add_argument(
         "--backtrack",

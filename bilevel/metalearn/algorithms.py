@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 import bilevel as bl
-from bilevel.solvers import GradientDescent, Nesterov, NewtonCG, StepHalving
+from bilevel.solvers import GradientDescent, Nesterov, NewtonCG, StepHalving, TrustRegionNewtonCG
 
 from .models import BatchedModel, as_batched, task_losses
 from .tasks import Task
@@ -69,6 +69,7 @@ __all__ = [
     "InnerGDPullBack",
     "InnerNesterov",
     "InnerNewtonCG",
+    "InnerTrustRegion",
     "MetaAlgorithm",
     "MetaStats",
     "ReleasedCG",
@@ -175,6 +176,38 @@ class InnerNewtonCG:
 
 
 @dataclasses.dataclass(frozen=True)
+class InnerTrustRegion:
+    """Trust-region Newton-CG on G: ``newton_iters`` x ``cg_iters`` Steihaug-CG steps.
+
+    iMAML-HF with the line search replaced by a trust region (`bilevel.solvers.TrustRegionNewtonCG`
+    in batched mode): where I + H/lam is indefinite -- on few-shot tasks, at most inner answers
+    far from the argmin -- the line-search Newton-CG truncates its direction at the first
+    negative curvature and barely moves, whereas the trust-region step follows that direction
+    to the boundary.  ``radius`` is the initial radius in the flat parameters' Euclidean norm,
+    per task.  Cannot be unrolled.
+    """
+
+    #: takes HVPs of G (torch.func): the model's fused first-order losses cannot serve it
+    gradients_only: ClassVar[bool] = False
+
+    newton_iters: int = 3
+    cg_iters: int = 5
+    radius: float = 1.0
+
+    def solver(self, *, differentiable: bool = False, lam: Any = None) -> TrustRegionNewtonCG:
+        """The batched `TrustRegionNewtonCG` this configuration stands for (``lam`` is not used)."""
+        if differentiable:
+            raise ValueError("InnerTrustRegion: a trust-region path cannot be unrolled")
+        return TrustRegionNewtonCG(
+            newton_iters=self.newton_iters, cg_iters=self.cg_iters, radius=self.radius, tol=0.0, batched=True
+        )
+
+    def run(self, mb: _MetaBatch) -> bl.SolverResult:
+        """The B tasks' answers of G (flat (B, n), no graph), with per-task diagnostics."""
+        return _minimize(self.solver(), mb, gradients_only=self.gradients_only)
+
+
+@dataclasses.dataclass(frozen=True)
 class InnerNesterov:
     """Accelerated GD on G for ``steps`` steps: `bilevel.solvers.Nesterov` in batched mode.
 
@@ -238,7 +271,7 @@ class InnerGDPullBack:
         return dataclasses.replace(res, x=X)
 
 
-InnerSolver = Union[InnerGD, InnerNewtonCG, InnerNesterov, InnerGDPullBack]
+InnerSolver = Union[InnerGD, InnerNewtonCG, InnerTrustRegion, InnerNesterov, InnerGDPullBack]
 
 
 def _minimize(
@@ -727,9 +760,11 @@ def make_algorithm(
     ``imaml-gd``, ``imaml-hf`` minimize G with proximal weight ``lam``; ``maml``,
     ``fomaml`` and ``reptile`` minimize the support loss alone (lam = 0), as
     published.  ``inner_solver="nesterov"`` replaces their inner GD by accelerated GD
-    (`InnerNesterov`).  ``imaml-released`` is the authors' released code (`InnerGDPullBack` +
-    `ReleasedCG` with ``damping`` as its ``regu_coef``; the released value is 1), not the
-    paper's method.  Every other setting is shared, for apples-to-apples comparisons.
+    (`InnerNesterov`); ``inner_solver="trust-region"`` replaces imaml-hf's line-search Newton-CG
+    (the paper's) by trust-region Newton-CG (`InnerTrustRegion`).  ``imaml-released`` is the
+    authors' released code (`InnerGDPullBack` + `ReleasedCG` with ``damping`` as its
+    ``regu_coef``; the released value is 1), not the paper's method.  Every other setting is
+    shared, for apples-to-apples comparisons.
     """
     gd: InnerSolver = InnerGD(steps=inner_steps, lr=inner_lr, tol=inner_tol, backtrack=backtrack)
     if inner_solver == "nesterov":
@@ -740,14 +775,25 @@ def make_algorithm(
         if name not in ("imaml-gd", "fomaml", "reptile"):
             raise ValueError(f"inner_solver='nesterov' is for imaml-gd, fomaml and reptile, not {name}")
         gd = InnerNesterov(steps=inner_steps, lr=inner_lr)
+    elif inner_solver == "trust-region":
+        if name != "imaml-hf":
+            raise ValueError(
+                f"inner_solver='trust-region' replaces imaml-hf's line search by a trust region; "
+                f"{name} takes 'gd' or 'nesterov'"
+            )
     elif inner_solver != "gd":
-        raise ValueError(f"make_algorithm(inner_solver={inner_solver!r}): choose 'gd' or 'nesterov'")
+        raise ValueError(
+            f"make_algorithm(inner_solver={inner_solver!r}): choose 'gd', 'nesterov' or 'trust-region'"
+        )
     if name == "imaml-gd":
         return MetaAlgorithm(gd, Implicit(cg_iters, damping, cg_warm_start), lam)
     if name == "imaml-hf":
-        return MetaAlgorithm(
-            InnerNewtonCG(newton_iters, cg_iters), Implicit(cg_iters, damping, cg_warm_start), lam
+        newton: InnerSolver = (
+            InnerTrustRegion(newton_iters, cg_iters)
+            if inner_solver == "trust-region"
+            else InnerNewtonCG(newton_iters, cg_iters)
         )
+        return MetaAlgorithm(newton, Implicit(cg_iters, damping, cg_warm_start), lam)
     if name == "maml":
         if backtrack:
             raise ValueError("maml differentiates through a fixed inner path: backtrack=True is not possible")
@@ -785,6 +831,8 @@ class MetaStats:
             tightens with the steps), NaN unless asked for.  Negative: phi_i is not a minimum of
             G_i, so Lemma 1's implicit gradient does not apply there.  With per-tensor lam, of
             the similar matrix I + D^-1/2 Lhat'' D^-1/2, D = diag(lam).
+        distance: ||phi_i - theta||, the Euclidean norm over every parameter (how far the inner
+            answer moved; NaN without diagnostics).
     """
 
     query_loss: torch.Tensor
@@ -795,6 +843,7 @@ class MetaStats:
     negative_curvature: torch.Tensor
     cg_iters: torch.Tensor
     min_eig: torch.Tensor | None = None
+    distance: torch.Tensor | None = None
 
 
 def _min_eig(mb: _MetaBatch, X: torch.Tensor, steps: int) -> torch.Tensor:
@@ -835,13 +884,16 @@ def _stats(mb: _MetaBatch, out: _Outcome, diagnostics: bool, lanczos_steps: int 
         grad_norm = torch.linalg.vector_norm(grad, dim=1).detach().to(nan.dtype)
         with torch.no_grad():
             support = (values.detach() - mb.prox(out.phi, th)).to(nan.dtype)
+            distance = torch.linalg.vector_norm(out.phi.detach() - mb.theta_flat, dim=1).to(nan.dtype)
     else:
-        grad_norm, support = nan, nan
+        grad_norm, support, distance = nan, nan, nan
     min_eig = nan
     no_prox = isinstance(mb.lam_fixed, float) and mb.lam_fixed == 0.0
     if diagnostics and lanczos_steps > 0 and not no_prox:
         min_eig = _min_eig(mb, out.phi, lanczos_steps).to(nan.dtype)
-    return MetaStats(out.query_loss, out.query_acc, support, grad_norm, residual, negative, iters, min_eig)
+    return MetaStats(
+        out.query_loss, out.query_acc, support, grad_norm, residual, negative, iters, min_eig, distance
+    )
 
 
 def meta_gradient(

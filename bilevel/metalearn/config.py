@@ -33,7 +33,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "lr_schedule": ("constant", "cosine"),
     "split": ("vinyals", "lake"),
     "init": ("glorot", "torch", "released"),
-    "inner_solver": ("gd", "nesterov"),
+    "inner_solver": ("gd", "nesterov", "trust-region"),
     "dtype": ("float32", "float64"),
     "clock": ("wall", "cpu"),
     "compile": ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"),
@@ -143,7 +143,9 @@ class TrainConfig:
         cg_warm_start: start iMAML's CG from the first-order gradient (one more HVP) instead of 0.
         backtrack: inner GD with a per-task backtracking step size (`InnerGD.backtrack`); not for maml.
         inner_solver: ``gd`` or ``nesterov`` (accelerated GD with the momentum of Theorem 2,
-            `InnerNesterov`; imaml-gd, fomaml and reptile, not with ``backtrack``).
+            `InnerNesterov`; imaml-gd, fomaml and reptile, not with ``backtrack``), or, for
+            imaml-hf, ``trust-region`` (Steihaug trust-region Newton-CG, `InnerTrustRegion`, in
+            place of the paper's line-search Newton-CG, which ``gd`` keeps).
         split: ``vinyals`` or ``lake`` (Omniglot).
         n_val: validation characters carved out of the 1200 training ones (vinyals).
         data_root: dataset location (or the BILEVEL_DATA_ROOT environment variable).
@@ -281,6 +283,12 @@ class TrainConfig:
         if self.backtrack and self.algo == "imaml-hf":
             raise ConfigError(
                 "backtrack", True, "imaml-hf's Newton steps have their own line search: drop backtrack"
+            )
+        if self.inner_solver == "trust-region" and self.algo != "imaml-hf":
+            raise ConfigError(
+                "inner_solver",
+                self.inner_solver,
+                f"the trust region replaces imaml-hf's line search; {self.algo} takes gd or nesterov",
             )
         if self.backtrack and self.algo == "imaml-released":
             raise ConfigError("backtrack", True, "imaml-released runs the released code's fixed-step loop")

@@ -179,7 +179,8 @@ def _describe(cfg: TrainConfig, exp: Experiment, device: torch.device, d: Dist) 
     else:
         task = f"{cfg.dataset} {cfg.ways}-way {cfg.shots}-shot, {cfg.queries} queries per class"
     if cfg.algo == "imaml-hf":
-        inner = f"{cfg.newton_iters} Newton steps of {cfg.cg_iters} CG"
+        region = " (trust region)" if cfg.inner_solver == "trust-region" else " (line search)"
+        inner = f"{cfg.newton_iters} Newton steps of {cfg.cg_iters} CG" + region
     else:
         inner = f"{cfg.inner_steps} GD steps of {cfg.inner_lr:g}" + (
             " (backtracking)" if cfg.backtrack else ""
@@ -410,6 +411,7 @@ def train(
                     "query_acc": acc_mean if exp.classification else None,
                     "support_loss": float(stats.support_loss.mean()),
                     "inner_grad_norm": float(stats.inner_grad_norm.mean()),
+                    "distance": float(stats.distance.mean()) if stats.distance is not None else None,
                     "cg_residual": float(stats.cg_residual.nanmean()) if stats.cg_residual.numel() else None,
                     "negative_curvature": int(scal[2]),
                 }

@@ -14,6 +14,7 @@ as a solver) is refused with a `TypeError` that says so.
 `GradientDescent`                  fixed step or `Armijo` backtracking; batched mode
 `Nesterov`                         accelerated gradient (iMAML's Theorem 2); batched mode
 `NewtonCG`                         Hessian-free Newton with a line search (iMAML-HF); batched
+`TrustRegionNewtonCG`              Hessian-free Newton in a trust region (Steihaug CG); batched
 `ScipyLBFGS`                       SciPy's L-BFGS-B in float64, torch gradients, any device
 `Cvxpy`                            a cvxpy problem (constrained problems, with fixed_point)
 `SklearnRidge`,                    scikit-learn estimators, with the torch objectives they
@@ -41,6 +42,7 @@ from ._sklearn import SklearnRidge as SklearnRidge
 from ._sklearn import sklearn_logistic_objective as sklearn_logistic_objective
 from ._sklearn import sklearn_ridge_objective as sklearn_ridge_objective
 from ._subprocess import Subprocess as Subprocess
+from ._trust_region import TrustRegionNewtonCG as TrustRegionNewtonCG
 
 __all__ = [
     "Armijo",
@@ -54,6 +56,7 @@ __all__ = [
     "SklearnRidge",
     "StepHalving",
     "Subprocess",
+    "TrustRegionNewtonCG",
     "sklearn_logistic_objective",
     "sklearn_ridge_objective",
 ]

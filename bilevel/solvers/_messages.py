@@ -64,6 +64,7 @@ def explain(
     tol: float,
     step: tuple[str, float] | None = None,
     line_search: Armijo | StepHalving | None = None,
+    trust_region: bool = False,
 ) -> SolverResult:
     """``result`` with `SolverResult.message` saying why it stopped, naming the solver's settings.
 
@@ -74,6 +75,7 @@ def explain(
         tol: the gradient-norm tolerance.
         step: the name and value of the step size setting, where there is one (``("lr", 0.1)``).
         line_search: the solver's line search, if any.
+        trust_region: the solver is a trust-region method (its failures are of the radius).
 
     Returns:
         ``result`` unchanged if it converged, else with ``message`` set.
@@ -96,6 +98,12 @@ def explain(
             f"{who} stopped at {cap_name}={cap_value}{where} right after a Newton step met negative "
             f"curvature ({gn}): the objective is not convex here; raise {cap_name}, add a proximal or "
             "L2 term, or start closer to a minimizer"
+        )
+    elif status is SolverStatus.LINE_SEARCH_FAILED and trust_region:
+        msg = (
+            f"{who}: the trust region shrank below the rounding of the iterate without an acceptable "
+            f"step{where}, at {gn} > tol={tol:g}: the objective may be non-smooth there, or tol is "
+            "below what the rounding of its values allows (loosen tol)"
         )
     elif status is SolverStatus.LINE_SEARCH_FAILED:
         trials = (
