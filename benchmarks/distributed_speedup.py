@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         "0",
     ]
     if args.data_root:
-        common += ["--preset", "omniglot-5w1s", "--data-root", args.data_root]
+        common += ["--preset", "paper-omniglot-5w1s", "--data-root", args.data_root]
     else:
         common += ["--dataset", "sinusoid", "--shots", "5", "--queries", "10", "--inner-lr", "0.01"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

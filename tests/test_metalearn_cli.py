@@ -123,6 +123,28 @@ def test_the_algorithms_own_flags_are_accepted(tmp_path: Path) -> None:
     assert cfg.algo == "maml" and cfg.dataset == "sinusoid"
 
 
+def test_a_preset_gives_each_algorithm_its_measured_settings() -> None:
+    from bilevel.metalearn.__main__ import _parser, config_from_args
+
+    def cfg(*flags: str) -> TrainConfig:
+        return config_from_args(_parser().parse_args(["train", *flags]))
+
+    gd = cfg("--preset", "omniglot-5w1s", "--algo", "imaml-gd")
+    assert (gd.ways, gd.shots, gd.lam, gd.backtrack, gd.inner_steps, gd.cg_iters) == (5, 1, 0.5, True, 16, 5)
+    assert (gd.meta_batch, gd.meta_lr, gd.lr_schedule, gd.init) == (16, 1e-3, "constant", "torch")
+    fo = cfg("--preset", "omniglot-5w1s", "--algo", "fomaml")
+    assert (fo.inner_steps, fo.inner_lr, fo.eval_inner_steps, fo.backtrack) == (5, 0.4, 10, False)
+    ma = cfg("--preset", "omniglot-5w1s", "--algo", "maml")
+    assert (ma.inner_steps, ma.inner_lr) == (1, 0.4)
+    # no measurement for reptile: the paper's settings, as for every algorithm of paper-omniglot-5w1s
+    re = cfg("--preset", "omniglot-5w1s", "--algo", "reptile")
+    paper = cfg("--preset", "paper-omniglot-5w1s", "--algo", "imaml-gd")
+    for c in (re, paper):
+        assert (c.inner_steps, c.lam, c.cg_iters, c.backtrack, c.init) == (16, 2.0, 5, False, "glorot")
+    # explicit flags still win
+    assert cfg("--preset", "omniglot-5w1s", "--algo", "imaml-gd", "--lam", "2").lam == 2.0
+
+
 def test_the_released_recipe_then_the_preset_then_the_flags() -> None:
     from bilevel.metalearn.__main__ import _parser, config_from_args
     from bilevel.metalearn.config import RECIPES

@@ -41,6 +41,7 @@ from .algorithms import predict_batch as predict_batch
 from .checkpoint import load_checkpoint as load_checkpoint
 from .config import PRESETS as PRESETS
 from .config import ConfigError as ConfigError
+from .config import Preset as Preset
 from .config import TrainConfig as TrainConfig
 from .datasets import DatasetError as DatasetError
 from .datasets import DatasetFormatError as DatasetFormatError
@@ -102,6 +103,7 @@ __all__ = [
     "MetaLearner",
     "MetaStats",
     "Prefetcher",
+    "Preset",
     "Reptile",
     "ReptileStep",
     "Run",

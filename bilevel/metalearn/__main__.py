@@ -100,7 +100,9 @@ def _parser() -> argparse.ArgumentParser:
         "--preset",
         choices=sorted(PRESETS),
         default=None,
-        help="the paper's settings (Appendix F.2); explicit flags override them",
+        help="a task format with each algorithm's settings: measured here where the README says so "
+        "(omniglot-5w1s: imaml-gd, fomaml, maml), else the paper's (Appendix F.2); paper-<name>: the "
+        "paper's for every algorithm; explicit flags override them",
     )
     t.add_argument("--dataset", choices=DATASETS, default=None, help=f"task family (default {d.dataset})")
     t.add_argument("--ways", type=int, default=None, help=f"classes per task (default {d.ways})")
@@ -357,7 +359,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.recipe:
         values.update(RECIPES[args.recipe])
     if args.preset:
-        values.update(PRESETS[args.preset])
+        algo = args.algo or values.get("algo", TrainConfig().algo)
+        values.update(PRESETS[args.preset].values(algo))
     for name in FIELDS:
         v = getattr(args, name, None)
         if v is not None:
