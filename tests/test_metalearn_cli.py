@@ -141,6 +141,9 @@ def test_a_preset_gives_each_algorithm_its_measured_settings() -> None:
     paper = cfg("--preset", "paper-omniglot-5w1s", "--algo", "imaml-gd")
     for c in (re, paper):
         assert (c.inner_steps, c.lam, c.cg_iters, c.backtrack, c.init) == (16, 2.0, 5, False, "glorot")
+    w20 = cfg("--preset", "omniglot-20w1s", "--algo", "imaml-gd")
+    assert (w20.ways, w20.inner_steps, w20.lam, w20.backtrack) == (20, 25, 0.5, True)
+    assert cfg("--preset", "paper-omniglot-20w1s", "--algo", "imaml-gd").lam == 2.0
     # explicit flags still win
     assert cfg("--preset", "omniglot-5w1s", "--algo", "imaml-gd", "--lam", "2").lam == 2.0
 
