@@ -827,7 +827,7 @@ def _flat_convnet_ce(model: ConvNet) -> FlatLossBuilder:
                 for n, stride, padding, eps, pool in blocks
             ],
             head=(at["head.weight"], at["head.bias"]),
-            x=x.transpose(0, 1).reshape(N, B * x.shape[2], *x.shape[3:]).contiguous(),
+            x=x.transpose(0, 1).reshape(N, B * x.shape[2], *x.shape[3:]),
             # scatter, not F.one_hot, which reads y's range on the host (a device sync)
             target=x.new_zeros(B, N, model.ways).scatter_(2, y.unsqueeze(2), -1.0 / N),
         )
