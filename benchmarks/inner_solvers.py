@@ -10,7 +10,8 @@ accuracy, plus the solver's HVP and gradient counts and its CPU time.  Reported:
 tasks, and how many tasks have a negative smallest eigenvalue (an answer that is no minimum).
 
 It runs the meta-learning engine's inner solvers alone, through its private ``_MetaBatch`` (the
-objects `bilevel.metalearn.meta_gradient` builds per meta-batch).
+objects `bilevel.metalearn.meta_gradient` builds per meta-batch) and ``_min_eig`` (what
+``--lanczos-steps`` logs).
 
 Run::
 
@@ -31,7 +32,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import bilevel as bl
 from bilevel.metalearn import algorithms as A
 from bilevel.metalearn.checkpoint import load_checkpoint, saved_config
 from bilevel.metalearn.experiment import build_experiment
@@ -77,9 +77,7 @@ def main() -> None:
             Xr = X.detach().requires_grad_(True)
             g = G(Xr, th)
             (gr,) = torch.autograd.grad(g.sum(), Xr)
-        hv = mb.hvp(X)
-        v0 = torch.randn(X.shape, generator=torch.Generator().manual_seed(0))
-        lo, _ = bl.lanczos_extremes(lambda V, hv=hv: hv(V) / args.lam, v0, args.lanczos)
+        lo = A._min_eig(mb, X, args.lanczos)  # the engine's own estimate (`MetaStats.min_eig`)
         support = mb.objective(exact=False, prox=False)(X, th)
         _, qacc = mb.query(X)
         med = lambda t: statistics.median(t.tolist())  # noqa: E731

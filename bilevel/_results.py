@@ -147,6 +147,12 @@ class LinearSolveResult:
     def relative_residual(self) -> float:
         return self.residual_norm / self.b_norm if self.b_norm > 0 else self.residual_norm
 
+    def status_mask(self, *statuses: LinearStatus) -> torch.Tensor:
+        """Bool mask on ``x``'s device: the problems whose status is one of ``statuses``, shape (B,)
+        in batched mode, (1,) otherwise (one host-built tensor; the statuses are already on the host)."""
+        per = self.problem_status if self.problem_status is not None else (self.status,)
+        return torch.tensor([s in statuses for s in per], dtype=torch.bool, device=self.x.device)
+
     def failed_problems(self) -> list[int]:
         """Indices of the problems that did not converge (batched mode; ``[0]`` or ``[]`` otherwise)."""
         if self.problem_status is None:

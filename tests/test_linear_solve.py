@@ -282,6 +282,9 @@ def test_cg_with_a_radius_against_dense_algebra(kind: str) -> None:
     assert all(s in (bl.LinearStatus.BOUNDARY, want) for s in res.problem_status)
     if kind == "indefinite":
         assert want in res.problem_status
+    mask = res.status_mask(bl.LinearStatus.BOUNDARY)
+    assert mask.dtype == torch.bool
+    assert mask.tolist() == [s is bl.LinearStatus.BOUNDARY for s in res.problem_status]
     torch.testing.assert_close(torch.linalg.vector_norm(res.x, dim=1), radius, rtol=1e-12, atol=0)
     dense = _model_decrease(A, b, res.x)
     torch.testing.assert_close(res.problem_decrease, dense, rtol=1e-9, atol=1e-12)

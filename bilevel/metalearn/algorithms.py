@@ -869,9 +869,7 @@ def _stats(mb: _MetaBatch, out: _Outcome, diagnostics: bool, lanczos_steps: int 
     if cg is not None and cg.problem_status is not None:
         assert cg.problem_residual_norm is not None and cg.problem_n_iter is not None
         residual = cg.problem_residual_norm.to(device)
-        negative = torch.tensor(
-            [s is bl.LinearStatus.NEGATIVE_CURVATURE for s in cg.problem_status], device=device
-        )
+        negative = cg.status_mask(bl.LinearStatus.NEGATIVE_CURVATURE).to(device)
         iters = cg.problem_n_iter.to(device=device, dtype=nan.dtype)
     else:
         negative = torch.zeros(B, dtype=torch.bool, device=device)

@@ -14,7 +14,7 @@ from ._common import Oracle, Step, check_int, check_positive, iterate, rowdot, r
 from ._line_search import Armijo
 from ._messages import check_setting, explain
 
-__all__ = ["NewtonCG"]
+__all__ = ["NewtonCG", "forcing_tolerance"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +103,12 @@ class NewtonCG:
         )
 
 
+def forcing_tolerance(gnorm: torch.Tensor) -> torch.Tensor:
+    """The inexact-Newton forcing rule's tolerance on ||H d + g||: min(0.5, sqrt(||g||)) ||g||, per
+    problem, from the gradient norms (B,) (superlinear local convergence; Nocedal & Wright, 7.1)."""
+    return torch.minimum(torch.full_like(gnorm, 0.5), gnorm.sqrt()) * gnorm
+
+
 def truncated_cg(
     oracle: Oracle, x: torch.Tensor, g: torch.Tensor, active: torch.Tensor, max_iter: int
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -123,19 +129,16 @@ def truncated_cg(
         the problems whose CG met p'Hp <= 0, and the CG iterations run (= HVPs).
     """
     gnorm = rownorm(g).to(g.dtype)
-    forcing = torch.minimum(torch.full_like(gnorm, 0.5), gnorm.sqrt()) * gnorm
     res = cg_solve(
         lambda V: oracle.hvp(x, V),
         -g * active[:, None],
         max_iter=max_iter,
-        tol=forcing,
+        tol=forcing_tolerance(gnorm),
         check_residual=False,
         name="NewtonCG",
     )
     assert res.problem_status is not None and res.problem_curvature is not None
-    negcurv = torch.tensor(
-        [s is LinearStatus.NEGATIVE_CURVATURE for s in res.problem_status], device=g.device
-    )
+    negcurv = res.status_mask(LinearStatus.NEGATIVE_CURVATURE)
     # Truncated at the first iteration (no iterate yet): steepest descent, scaled by
     # ||g||^2 / |g'Hg| (as SciPy's newton-cg does) rather than taken unscaled (Nocedal &
     # Wright), so that the line search starts near the step a quadratic model of

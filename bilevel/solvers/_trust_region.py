@@ -14,6 +14,7 @@ from .._status import LinearStatus
 from .._types import Objective, TensorTree
 from ._common import Oracle, Step, check_int, check_positive, iterate, rownorm, rows_finite
 from ._messages import check_setting, explain
+from ._newton_cg import forcing_tolerance
 
 __all__ = ["TrustRegionNewtonCG"]
 
@@ -125,25 +126,20 @@ class _TrustRegionMethod:
 
     def step(self, k: int, x: torch.Tensor, f: torch.Tensor, g: torch.Tensor, active: torch.Tensor) -> Step:
         cfg, oracle = self.cfg, self.oracle
-        gnorm = rownorm(g).to(g.dtype)
-        forcing = torch.minimum(torch.full_like(gnorm, 0.5), gnorm.sqrt()) * gnorm
+        gn = rownorm(g)
         res = cg_solve(
             lambda V: oracle.hvp(x, V),
             -g * active[:, None],
             max_iter=cfg.cg_iters,
-            tol=forcing,
+            tol=forcing_tolerance(gn.to(g.dtype)),
             check_residual=False,
             radius=self.radius,
             name="TrustRegionNewtonCG",
         )
-        assert res.problem_status is not None and res.problem_decrease is not None
+        assert res.problem_decrease is not None
         self.cg_counts.append(res.n_iter)
-        negcurv = torch.tensor(
-            [s is LinearStatus.NEGATIVE_CURVATURE for s in res.problem_status], device=x.device
-        )
-        boundary = negcurv | torch.tensor(
-            [s is LinearStatus.BOUNDARY for s in res.problem_status], device=x.device
-        )
+        negcurv = res.status_mask(LinearStatus.NEGATIVE_CURVATURE)
+        boundary = res.status_mask(LinearStatus.NEGATIVE_CURVATURE, LinearStatus.BOUNDARY)
         d = res.x * active[:, None]
         pred = res.problem_decrease
         x_new = x + d
@@ -154,7 +150,7 @@ class _TrustRegionMethod:
         # Where the predicted decrease is lost in the rounding of f, differences of f say nothing:
         # judge the step by the gradient norm instead (as Nocedal & Wright advise, rho := 1).
         eps = torch.finfo(x.dtype).eps
-        noise = fine & (pred <= 100.0 * eps * (1.0 + f.abs())) & (rownorm(g_new) < rownorm(g))
+        noise = fine & (pred <= 100.0 * eps * (1.0 + f.abs())) & (rownorm(g_new) < gn)
         rho = torch.where(noise, 1.0, rho)
         accept = active & (rho > cfg.eta)
         dn = rownorm(d).to(x.dtype)
