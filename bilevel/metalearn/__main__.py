@@ -117,6 +117,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--meta-lr", type=float, default=None, help=f"Adam learning rate (default {d.meta_lr})")
     t.add_argument("--adam-eps", type=float, default=None, help=f"Adam's epsilon (default {d.adam_eps:g})")
     t.add_argument(
+        "--clip-grad-norm",
+        type=float,
+        default=None,
+        help="rescale the meta-gradient to at most this norm before Adam's step (default: no clipping)",
+    )
+    t.add_argument(
         "--task-pool",
         type=int,
         default=None,

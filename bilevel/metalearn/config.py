@@ -124,6 +124,10 @@ class TrainConfig:
         ways, shots, queries: the task format (queries per class; for sinusoid, points).
         meta_steps, meta_batch, meta_lr: outer loop (Adam).
         adam_eps: Adam's epsilon (PyTorch's 1e-8; the released iMAML code uses 1e-3).
+        clip_grad_norm: rescale the meta-gradient (theta's and a learned log lambda's, together)
+            to at most this Euclidean norm before Adam's step (None: never).  Issue 17 measured
+            outer-loop instabilities of imaml-gd (a query-loss jump mid-training with a healthy
+            inner solve); the norm before clipping is logged either way (``meta_grad_norm``).
         task_pool: draw the meta-batches from a fixed pool of this many training tasks (task ``j``
             of the pool always has the same classes and images; the released iMAML code pre-draws
             200,000); 0: a fresh task at every draw.
@@ -200,6 +204,7 @@ class TrainConfig:
     meta_batch: int = 16
     meta_lr: float = 1e-3
     adam_eps: float = 1e-8
+    clip_grad_norm: float | None = None
     task_pool: int = 0
     lr_schedule: str = "constant"
     inner_steps: int = 16
@@ -251,6 +256,10 @@ class TrainConfig:
             _check_float(name, getattr(self, name), zero, what)
         if self.time_limit is not None:
             _check_float("time_limit", self.time_limit, False, "minutes of meta-training (None: no limit)")
+        if self.clip_grad_norm is not None:
+            _check_float(
+                "clip_grad_norm", self.clip_grad_norm, False, "the largest meta-gradient norm (None: no clipping)"
+            )
         if self.eval_lam is not None:
             _check_float(
                 "eval_lam", self.eval_lam, True, "lambda when adapting at evaluation (None: as trained)"

@@ -387,6 +387,14 @@ def train(
             allreduce_([*grads, scal], d)
             for leaf, gr in zip(leaves, grads):
                 leaf.grad = (gr / cfg.meta_batch).to(leaf.dtype)
+            grad_norm = None
+            if cfg.clip_grad_norm is not None:
+                # rescales on the device (no host read); the norm is read below on logged steps only
+                grad_norm = torch.nn.utils.clip_grad_norm_(leaves, cfg.clip_grad_norm)
+            elif logged:
+                grad_norm = torch.linalg.vector_norm(
+                    torch.stack([torch.linalg.vector_norm(leaf.grad) for leaf in leaves])
+                )
             lr_now = cfg.scheduled_lr(step, float(scal[3]))
             halt = bool(scal[4] > 0) or cfg.past_time_limit(float(scal[3]))
             for group in opt.param_groups:
@@ -414,6 +422,7 @@ def train(
                     "distance": float(stats.distance.mean()) if stats.distance is not None else None,
                     "cg_residual": float(stats.cg_residual.nanmean()) if stats.cg_residual.numel() else None,
                     "negative_curvature": int(scal[2]),
+                    "meta_grad_norm": float(grad_norm) if grad_norm is not None else None,
                 }
                 if cfg.lanczos_steps and stats.min_eig is not None:
                     rec["min_eig"] = float(stats.min_eig.min())
