@@ -80,6 +80,7 @@ def usage_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
         (["--eval-lam", "0"], "argument --eval-lam: .* --algo fomaml does not use it"),
         (["--algo", "maml", "--inner-solver", "nesterov"], "argument --inner-solver: .* --algo maml"),
         (["--adam-eps", "0"], "argument --adam-eps: 0.0 is refused: must be finite and > 0"),
+        (["--clip-grad-norm", "-1"], "argument --clip-grad-norm: -1.0 is refused: must be finite and > 0"),
         (["--cg-warm-start"], "argument --cg-warm-start: .* --algo fomaml does not use it"),
         (["--device", "cuda:99"], "argument --device"),
     ],

@@ -34,6 +34,8 @@ from bilevel.metalearn import ConfigError, TrainConfig
         ("lanczos_steps", -1, "must be >= 0"),
         ("eval_lam", -1.0, "must be finite and >= 0"),
         ("adam_eps", 0.0, "must be finite and > 0"),
+        ("clip_grad_norm", 0.0, "must be finite and > 0 .the largest meta-gradient norm"),
+        ("clip_grad_norm", float("nan"), "must be finite and > 0"),
         ("task_pool", -1, "must be >= 0"),
         ("inner_solver", "lbfgs", "choose one of gd, nesterov or trust-region"),
         ("init", "he", "choose one of glorot, torch or released"),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from test_metalearn_data import make_omniglot  # generated images in the official layout
 
 import bilevel as bl
@@ -476,3 +477,43 @@ def test_more_cuda_ranks_than_gpus_is_a_clear_error(monkeypatch: pytest.MonkeyPa
     with pytest.raises(bl.BilevelError, match="--nproc_per_node=1 or fewer, or train on the CPU"):
         rank_device(torch.device("cuda"), Dist(rank=1, world=2))
     assert rank_device(torch.device("cpu"), Dist(rank=1, world=2)) == torch.device("cpu")
+
+
+def test_clip_grad_norm_rescales_what_adam_sees_and_logs_the_norm_before(tmp_path: Path) -> None:
+    """Step 0 has the same theta and batch with and without clipping: Adam must receive the
+    unclipped meta-gradient times clip / norm, and both logs the unclipped norm."""
+
+    def run(clip: float | None, out: Path) -> tuple[list[list[torch.Tensor]], list[float]]:
+        seen: list[list[torch.Tensor]] = []
+
+        def hook(opt: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+            seen.append([p.grad.detach().clone() for g in opt.param_groups for p in g["params"]])
+
+        handle = register_optimizer_step_pre_hook(hook)
+        try:
+            cfg = TrainConfig(
+                algo="imaml-gd",
+                dataset="sinusoid",
+                meta_steps=3,
+                meta_batch=2,
+                log_every=1,
+                test_tasks=2,
+                threads=1,
+                clip_grad_norm=clip,
+                out=str(out),
+            )
+            steps = train(cfg, progress=False)["curves"]["steps"]
+        finally:
+            handle.remove()
+        return seen, [r["meta_grad_norm"] for r in steps]
+
+    free, free_norms = run(None, tmp_path / "free")
+    clipped, clip_norms = run(1e-3, tmp_path / "clipped")
+    norm0 = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in free[0]]))
+    assert free_norms[0] == pytest.approx(float(norm0), rel=1e-6)
+    assert clip_norms[0] == pytest.approx(free_norms[0], rel=1e-6) and clip_norms[0] > 1e-3
+    for a, b in zip(free[0], clipped[0]):
+        torch.testing.assert_close(b, a * (1e-3 / norm0), rtol=1e-5, atol=1e-12)
+    for grads in clipped:
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        assert float(total) <= 1e-3 * (1 + 1e-5)
