@@ -37,10 +37,13 @@ from ._linear_solve import MINRES as MINRES
 from ._linear_solve import BiCGStab as BiCGStab
 from ._linear_solve import DenseSolve as DenseSolve
 from ._linear_solve import Neumann as Neumann
+from ._results import HostValues as HostValues
 from ._results import LinearSolveResult as LinearSolveResult
 from ._results import SolverResult as SolverResult
 from ._status import LinearStatus as LinearStatus
 from ._status import SolverStatus as SolverStatus
+from ._sync import defer_check as defer_check
+from ._sync import deferred_checks as deferred_checks
 from ._types import HVPFn as HVPFn
 from ._types import LinearSolver as LinearSolver
 from ._types import Matvec as Matvec
@@ -68,6 +71,7 @@ __all__ = [
     "ForwardOverReverse",
     "HVPFn",
     "HVPOracle",
+    "HostValues",
     "ImplicitArgmin",
     "ImplicitInfo",
     "LinearSolveError",
@@ -87,6 +91,8 @@ __all__ = [
     "SolverStatus",
     "StructureError",
     "TensorTree",
+    "defer_check",
+    "deferred_checks",
     "fixed_point",
     "hyperopt",
     "implicit_argmin",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -41,6 +42,7 @@ from ._hvp import HVPLike, Linearization, Point, as_oracle, call_scalar, gradien
 from ._linear_solve import CG, GMRES
 from ._results import LinearSolveResult, SolverResult
 from ._status import LinearStatus, SolverStatus
+from ._sync import defer_check
 from ._types import LinearSolver, Objective, RootFn, TensorTree
 from .tree import all_finite, check_finite, check_like, leaves, unflatten
 
@@ -74,6 +76,8 @@ class ImplicitInfo:
 
     Under ``torch.func.vmap`` the layer runs once per vmapped problem: ``solver_result``
     and the residuals are then the last problem's, and ``backward`` collects every solve.
+    Inside `bilevel.deferred_checks`, ``residual_norm`` (and ``problem_residual_norm`` where the
+    solver's own gradient norms stand for it) is set when the block ends, with the checks.
     """
 
     solver_result: SolverResult | None = None
@@ -159,7 +163,7 @@ class _Problem:
         if self.throw:
             raise err
         if self.warn:
-            warnings.warn(f"{err} (throw=False: continuing)", BilevelWarning, stacklevel=4)
+            warnings.warn(f"{err} (throw=False: continuing)", BilevelWarning, stacklevel=5)
 
     def _where(self, failed: list[int]) -> str:
         """' in problems [i, j]' for a batched call, '' otherwise."""
@@ -190,49 +194,29 @@ class _Problem:
         sq = [torch.linalg.vector_norm(t.detach().reshape(B, -1), dim=1).double().square() for t in ts]
         return torch.stack(sq).sum(0).sqrt()
 
-    def solve(self, theta: Leaves, init_leaves: Leaves) -> Leaves:
-        theta_tree = unflatten(self.theta_like, list(theta))
-        check_finite(theta_tree, "theta")
-        init = unflatten(self.init, [t.detach() for t in init_leaves])
-        check_finite(init, "init")
-        with torch.no_grad():
-            out = self.solver(self.objective, init, theta_tree)
-        result = out if isinstance(out, SolverResult) else SolverResult(x=out, status=SolverStatus.UNKNOWN)
-        check_like(result.x, init, "the solver's answer", "init")
-        check_finite(result.x, "the solver's answer")
-        x = leaves(result.x)
+    def _settle(self, result: SolverResult, per: torch.Tensor | None, value: torch.Tensor | None) -> None:
+        """The forward pass's checks of the solver's answer (host reads), and its residual in `info`.
 
-        self.info.solver_result = result
-        wrt = tuple(t.requires_grad for t in theta)
-        if self.keep_graph and any(wrt):
-            # A backward pass may follow: F is built here with its graph and kept, so that
-            # backward() linearizes this very graph (no second evaluation of the objective,
-            # which might have changed by then) and the residual below costs nothing more.
-            self.point = Point(self.condition, init, self.theta_like, x, theta, wrt)
-            per = self._norms(self.point.F())
-        elif self.measure_residual:
-            # The residual is measured here, independently of what the solver claims.
-            theta_det = unflatten(self.theta_like, [t.detach() for t in theta])
-            with torch.enable_grad():
-                xs = tuple(t.detach().requires_grad_(True) for t in x)
-                out_F = self.residual(unflatten(init, list(xs)), theta_det)
-            check_like(out_F, init, "optimality condition F(x, theta)", "x")
-            per = self._norms(leaves(out_F))
-        elif self.batched and result.problem_grad_norm is not None:
-            per = result.problem_grad_norm.double()
-        else:
-            per = torch.tensor([result.grad_norm], dtype=torch.float64)
-        measured = self.point is not None or self.measure_residual
-        if measured and self.recorder is not None and self.recorder.last is not None:
-            value = self.recorder.last
-            if not bool(torch.isfinite(value).all()):
-                raise NonFiniteError(
-                    f"{self.name}: the objective is {value.tolist()} at the solver's answer: "
-                    "the implicit gradient needs a finite objective there"
-                )
+        Args:
+            result: what the solver returned.
+            per: the measured per-problem residuals ||F_b||, float64 (B,) or (1,); ``None``: take
+                the solver's own ``problem_grad_norm`` / ``grad_norm`` (not measured).
+            value: the objective's value at the answer where it was recorded with ``per``.
+        """
+        measured = per is not None
+        if per is None:
+            if self.batched and result.problem_grad_norm is not None:
+                per = result.problem_grad_norm.double()
+            else:
+                per = torch.tensor([result.grad_norm], dtype=torch.float64)
+            self.info.problem_residual_norm = per if self.batched else None
+        if value is not None and not bool(torch.isfinite(value).all()):
+            raise NonFiniteError(
+                f"{self.name}: the objective is {value.tolist()} at the solver's answer: "
+                "the implicit gradient needs a finite objective there"
+            )
         residual = float(torch.linalg.vector_norm(per))
         self.info.residual_norm = residual
-        self.info.problem_residual_norm = per if self.batched else None
         if measured and not math.isfinite(residual):
             bad = torch.nonzero(~torch.isfinite(per)).flatten().tolist()
             raise NonFiniteError(
@@ -265,8 +249,42 @@ class _Problem:
                 f"{self.name}: the inner solver did not converge ({result.reason}); "
                 f"residual {residual:.3e}. Set optimality_tol to turn this into a check.",
                 BilevelWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
+
+    def solve(self, theta: Leaves, init_leaves: Leaves) -> Leaves:
+        theta_tree = unflatten(self.theta_like, list(theta))
+        check_finite(theta_tree, "theta")
+        init = unflatten(self.init, [t.detach() for t in init_leaves])
+        check_finite(init, "init")
+        with torch.no_grad():
+            out = self.solver(self.objective, init, theta_tree)
+        result = out if isinstance(out, SolverResult) else SolverResult(x=out, status=SolverStatus.UNKNOWN)
+        check_like(result.x, init, "the solver's answer", "init")
+        check_finite(result.x, "the solver's answer")
+        x = leaves(result.x)
+
+        self.info.solver_result = result
+        wrt = tuple(t.requires_grad for t in theta)
+        per: torch.Tensor | None = None  # None: the solver's own claim (`_settle` reads it)
+        if self.keep_graph and any(wrt):
+            # A backward pass may follow: F is built here with its graph and kept, so that
+            # backward() linearizes this very graph (no second evaluation of the objective,
+            # which might have changed by then) and the residual below costs nothing more.
+            self.point = Point(self.condition, init, self.theta_like, x, theta, wrt)
+            per = self._norms(self.point.F())
+        elif self.measure_residual:
+            # The residual is measured here, independently of what the solver claims.
+            theta_det = unflatten(self.theta_like, [t.detach() for t in theta])
+            with torch.enable_grad():
+                xs = tuple(t.detach().requires_grad_(True) for t in x)
+                out_F = self.residual(unflatten(init, list(xs)), theta_det)
+            check_like(out_F, init, "optimality condition F(x, theta)", "x")
+            per = self._norms(leaves(out_F))
+        value = self.recorder.last if (per is not None and self.recorder is not None) else None
+        self.info.problem_residual_norm = per if self.batched else None
+        # every check below reads the device: now, or at the end of a `deferred_checks` block
+        defer_check(functools.partial(self._settle, result, per, value))
         # An output must not alias an input of the Function.
         inputs = (*theta, *init_leaves)
         return tuple(t.clone() if any(t is s for s in inputs) else t.detach() for t in x)
@@ -303,7 +321,17 @@ class _Problem:
                 f"{tuple(b.shape)} like its right-hand side"
             )
         self.info.backward.append(res)
-        if res.status is LinearStatus.NONFINITE or not bool(torch.isfinite(res.x).all()):
+        defer_check(functools.partial(self._check_backward_solve, res, torch.isfinite(res.x).all()))
+        return self._unflat(res.x, x)
+
+    def _check_backward_solve(self, res: LinearSolveResult, finite: torch.Tensor) -> None:
+        """Raise (or warn) unless the backward solve converged or ran its budget (host reads).
+
+        Args:
+            res: the linear solve's result.
+            finite: whether every entry of ``res.x`` is finite (0-d bool, on its device).
+        """
+        if res.status is LinearStatus.NONFINITE or not bool(finite):
             raise NonFiniteError(
                 f"{self.name}: the backward linear solve produced NaN or infinity"
                 f"{self._where(res.failed_problems())}"
@@ -324,7 +352,6 @@ class _Problem:
                     f"{self._where(res.failed_problems())}: {res.status.message}"
                 )
             )
-        return self._unflat(res.x, x)
 
     def backward(self, x: Leaves, theta: Leaves, v: Leaves, wrt: tuple[bool, ...]) -> tuple[Any, ...]:
         if not any(wrt):
@@ -347,9 +374,13 @@ class _Problem:
             )
         grads = tuple(None if g is None else -g.detach() for g in cross)
         present = [g for g in grads if g is not None]
-        if present and not bool(all_finite(present).all()):
-            raise NonFiniteError(f"{self.name}: the gradient with respect to theta has NaN or infinity")
+        if present:
+            defer_check(functools.partial(self._check_gradient, all_finite(present)))
         return grads
+
+    def _check_gradient(self, finite: torch.Tensor) -> None:
+        if not bool(finite.all()):
+            raise NonFiniteError(f"{self.name}: the gradient with respect to theta has NaN or infinity")
 
     def jvp(self, x: Leaves, theta: Leaves, tangents: tuple[torch.Tensor | None, ...]) -> Leaves:
         """Forward mode: dx = -(dF/dx)^-1 (dF/dtheta) t, for an argmin (symmetric dF/dx)."""

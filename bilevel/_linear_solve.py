@@ -31,10 +31,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from ._results import LinearSolveResult
+from ._results import HostValues, LinearSolveResult
 from ._status import LinearStatus
 from ._sync import host_checks
 from ._types import Matvec
@@ -116,15 +117,7 @@ def _finish(
 
 
 # Severity order used to summarize a batch in one status (the worst problem wins).
-_SEVERITY = (
-    LinearStatus.CONVERGED,
-    LinearStatus.BUDGET,
-    LinearStatus.BOUNDARY,
-    LinearStatus.MAX_ITER,
-    LinearStatus.NEGATIVE_CURVATURE,
-    LinearStatus.BREAKDOWN,
-    LinearStatus.NONFINITE,
-)
+_SEVERITY = LinearSolveResult.CODES
 _CODE = {s: i for i, s in enumerate(_SEVERITY)}
 
 
@@ -314,21 +307,33 @@ def _batch_result(
     curvature: torch.Tensor | None = None,
     decrease: torch.Tensor | None = None,
 ) -> LinearSolveResult:
-    """The `LinearSolveResult` of a batched solve from per-problem status codes and norms."""
-    statuses = tuple(_SEVERITY[c] for c in codes.tolist())
+    """The `LinearSolveResult` of a batched solve from per-problem status codes and norms (read
+    on the host when the first of its host values is)."""
+
+    def read() -> dict[str, Any]:
+        statuses = tuple(_SEVERITY[c] for c in codes.tolist())
+        return dict(
+            status=max(statuses, key=_SEVERITY.index),
+            residual_norm=float(torch.linalg.vector_norm(r_norm.double())),
+            b_norm=float(torch.linalg.vector_norm(b_norm.double())),
+            problem_status=statuses,
+        )
+
+    values = HostValues(read)
     return LinearSolveResult(
         x=x,
-        status=max(statuses, key=_SEVERITY.index),
+        status=values,
         n_iter=n_iter,
         n_matvec=n_matvec,
-        residual_norm=float(torch.linalg.vector_norm(r_norm.double())),
-        b_norm=float(torch.linalg.vector_norm(b_norm.double())),
-        problem_status=statuses,
-        problem_n_iter=iters.cpu(),
+        residual_norm=values,
+        b_norm=values,
+        problem_status=values,
+        problem_n_iter=iters,
         problem_residual_norm=r_norm,
         problem_b_norm=b_norm,
         problem_curvature=curvature,
         problem_decrease=decrease,
+        problem_codes=codes,
     )
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from ._errors import NonFiniteError, StructureError
+from ._sync import defer_check
 from ._types import TensorTree
 
 __all__ = [
@@ -185,9 +186,16 @@ def _unexpanded(t: torch.Tensor) -> torch.Tensor:
 
 
 def check_finite(tree: TensorTree, what: str) -> None:
-    """Raise `NonFiniteError` if any entry of ``tree`` is NaN or infinite (one host sync)."""
-    ts = leaves(tree, name=what)
-    ok = all_finite(ts)
+    """Raise `NonFiniteError` if any entry of ``tree`` is NaN or infinite.
+
+    One host read, now or, inside `bilevel.deferred_checks`, when that block ends (the entries
+    are tested now, so later changes to them do not count).
+    """
+    ok = all_finite(leaves(tree, name=what))
+    defer_check(lambda: _raise_if_not_finite(ok, tree, what))
+
+
+def _raise_if_not_finite(ok: torch.Tensor, tree: TensorTree, what: str) -> None:
     if bool(ok.all()):
         return
     i = int(torch.nonzero(~ok).flatten()[0])

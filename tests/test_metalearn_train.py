@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 from test_metalearn_data import make_omniglot  # generated images in the official layout
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import bilevel as bl
 from bilevel.metalearn import DatasetNotFoundError, TrainConfig, build_experiment, load_checkpoint, train

@@ -49,6 +49,7 @@ Deviations from the paper, each measured and switchable:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, ClassVar, Union
 
@@ -270,7 +271,7 @@ class InnerGDPullBack:
         with torch.no_grad():
             t = mb.theta_flat
             X = t + (1.0 - self.lr * lam) * (X - t)
-        return dataclasses.replace(res, x=X)
+        return res.replace(x=X)
 
 
 InnerSolver = Union[InnerGD, InnerNewtonCG, InnerTrustRegion, InnerNesterov, InnerGDPullBack]
@@ -546,7 +547,13 @@ def _or_zeros(like: Params, grads: tuple[torch.Tensor | None, ...]) -> Params:
 
 
 def _checked(res: bl.SolverResult) -> bl.SolverResult:
-    """Stop on a diverged inner solve: its NaN would otherwise be frozen out of the answer silently."""
+    """Stop on a diverged inner solve: its NaN would otherwise be frozen out of the answer silently
+    (now, or at the end of a `bilevel.deferred_checks` block)."""
+    bl.defer_check(functools.partial(_raise_if_diverged, res))
+    return res
+
+
+def _raise_if_diverged(res: bl.SolverResult) -> None:
     statuses = res.problem_status or (res.status,)
     bad = [i for i, s in enumerate(statuses) if s is bl.SolverStatus.NONFINITE]
     if bad:
@@ -554,7 +561,6 @@ def _checked(res: bl.SolverResult) -> bl.SolverResult:
             f"the inner solve produced NaN or infinity in task(s) {bad[:10]} of the meta-batch: the inner "
             "loop diverged; lower --inner-lr (InnerGD(lr=...)), raise --lam, or use --backtrack"
         )
-    return res
 
 
 # ---------------------------------------------------------------------------------- meta-gradient kinds
@@ -866,8 +872,8 @@ def _stats(mb: _MetaBatch, out: _Outcome, diagnostics: bool, lanczos_steps: int 
     B, device = mb.B, out.query_loss.device
     nan = torch.full((B,), float("nan"), dtype=out.query_loss.dtype, device=device)
     cg = out.cg
-    if cg is not None and cg.problem_status is not None:
-        assert cg.problem_residual_norm is not None and cg.problem_n_iter is not None
+    if cg is not None and cg.problem_residual_norm is not None:  # batched (read nothing)
+        assert cg.problem_n_iter is not None
         residual = cg.problem_residual_norm.to(device)
         negative = cg.status_mask(bl.LinearStatus.NEGATIVE_CURVATURE).to(device)
         iters = cg.problem_n_iter.to(device=device, dtype=nan.dtype)

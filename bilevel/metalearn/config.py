@@ -258,7 +258,10 @@ class TrainConfig:
             _check_float("time_limit", self.time_limit, False, "minutes of meta-training (None: no limit)")
         if self.clip_grad_norm is not None:
             _check_float(
-                "clip_grad_norm", self.clip_grad_norm, False, "the largest meta-gradient norm (None: no clipping)"
+                "clip_grad_norm",
+                self.clip_grad_norm,
+                False,
+                "the largest meta-gradient norm (None: no clipping)",
             )
         if self.eval_lam is not None:
             _check_float(

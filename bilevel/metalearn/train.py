@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import CheckpointError, NonFiniteError
+from .. import CheckpointError, NonFiniteError, deferred_checks
 from .algorithms import meta_gradient
 from .checkpoint import atomic_json, atomic_save, keep_earlier, load_checkpoint, saved_config, shape_mismatch
 from .config import IMAML_ALGOS, ConfigError, TrainConfig
@@ -342,19 +342,21 @@ def train(
             logged = step % cfg.log_every == 0 or step == cfg.meta_steps - 1
             if local:
                 batch = prefetch.get(step)
-                g, lam_g, stats = meta_gradient(
-                    algo,
-                    exp.model_fn,
-                    exp.loss,
-                    theta,
-                    batch,
-                    lam=learned_lam(cfg, log_lam),
-                    classification=exp.classification,
-                    vectorize=cfg.vectorize,
-                    batched=exp.batched,
-                    diagnostics=logged,
-                    lanczos_steps=cfg.lanczos_steps if logged else 0,
-                )
+                # the meta-step's checks read the device once it is queued, not while it is
+                with deferred_checks():
+                    g, lam_g, stats = meta_gradient(
+                        algo,
+                        exp.model_fn,
+                        exp.loss,
+                        theta,
+                        batch,
+                        lam=learned_lam(cfg, log_lam),
+                        classification=exp.classification,
+                        vectorize=cfg.vectorize,
+                        batched=exp.batched,
+                        diagnostics=logged,
+                        lanczos_steps=cfg.lanczos_steps if logged else 0,
+                    )
                 n_local = len(local)
                 # one device sync for the whole meta-gradient
                 if not bool(torch.stack([torch.isfinite(t).all() for t in g.values()]).all()):

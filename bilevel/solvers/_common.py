@@ -32,7 +32,7 @@ import torch
 import torch.func
 
 from .._errors import StructureError
-from .._results import SolverResult
+from .._results import HostValues, SolverResult
 from .._status import SolverStatus
 from .._sync import host_checks
 from .._types import Objective, TensorTree
@@ -535,52 +535,57 @@ def iterate(
         k += 1
     if tol == 0 and g_at_x:
         gn = torch.where(torch.isnan(gn), rownorm(g.detach()), gn)  # measured once, at the end
-    # The per-problem state, read once, when the loop is over.
-    code_l, n_iter, last_negcurv, n_negcurv = (
-        code.tolist(),
-        n_iter.cpu(),
-        last_negcurv.cpu(),
-        n_negcurv.cpu(),
-    )
-    status: list[SolverStatus | None] = [_CODES.get(c) for c in code_l]
-    # Without a tolerance (tol = 0), running every iteration is what was asked for.
-    capped = SolverStatus.BUDGET if tol == 0 else SolverStatus.MAX_ITER
-    for b, neg in enumerate(last_negcurv.tolist()):
-        if status[b] is None:
-            status[b] = SolverStatus.NEGATIVE_CURVATURE if neg else capped
-    final: list[SolverStatus] = [s for s in status if s is not None]
-    nan_rows = torch.full((B,), math.nan, dtype=torch.float64)
-    fun_rows = f.detach().double().cpu() if oracle.values_known else nan_rows
     info = {**info, **oracle.info()}
     if getattr(method, "reports_negative_curvature", False):
-        info["n_negative_curvature"] = n_negcurv if oracle.batched else int(n_negcurv[0])
-    if oracle.batched:
-        total_fun = float(fun_rows.sum()) if oracle.values_known else float(f[0].detach().double() * B)
-        return SolverResult(
-            x=oracle.answer(x),
+        # (Newton methods only; their loops read the device anyway)
+        info["n_negative_curvature"] = n_negcurv.cpu() if oracle.batched else int(n_negcurv[0])
+    values_known = oracle.values_known
+    fun = f.detach()
+
+    def read() -> dict[str, Any]:
+        # The per-problem state, read when the result's first host value is: nothing in the
+        # solve waited for the device.
+        # (one copy each: on the CPU these are free, elsewhere only the first one waits)
+        codes, negs = code.tolist(), last_negcurv.tolist()
+        iters, norms, funs = n_iter.cpu(), gn.double().cpu(), fun.double().cpu()
+        # Without a tolerance (tol = 0), running every iteration is what was asked for.
+        capped = SolverStatus.BUDGET if tol == 0 else SolverStatus.MAX_ITER
+        final = [
+            _CODES.get(int(c)) or (SolverStatus.NEGATIVE_CURVATURE if neg else capped)
+            for c, neg in zip(codes, negs)
+        ]
+        fun_rows = funs if values_known else torch.full((B,), math.nan, dtype=torch.float64)
+        if not oracle.batched:
+            return dict(
+                status=final[0], n_iter=int(iters[0]), grad_norm=float(norms[0]), fun=float(fun_rows[0])
+            )
+        return dict(
             status=worst_status(final),
-            n_iter=int(n_iter.max()),
-            grad_norm=float(torch.linalg.vector_norm(gn)),
-            n_fev=oracle.n_fev,
-            n_gev=oracle.n_gev,
-            n_hvp=oracle.n_hvp,
-            fun=total_fun,
-            info=info,
+            n_iter=int(iters.max()),
+            grad_norm=float(torch.linalg.vector_norm(norms)),
+            fun=float(fun_rows.sum()) if values_known else float(funs[0] * B),
             problem_status=tuple(final),
-            problem_n_iter=n_iter,
-            problem_grad_norm=gn.cpu(),
+            problem_n_iter=iters,
+            problem_grad_norm=norms,
             problem_fun=fun_rows,
         )
+
+    host = HostValues(read)
+    per_problem = host if oracle.batched else None
     return SolverResult(
         x=oracle.answer(x),
-        status=final[0],
-        n_iter=int(n_iter[0]),
-        grad_norm=float(gn[0]),
+        status=host,
+        n_iter=host,
+        grad_norm=host,
         n_fev=oracle.n_fev,
         n_gev=oracle.n_gev,
         n_hvp=oracle.n_hvp,
-        fun=float(fun_rows[0]),
+        fun=host,
         info=info,
+        problem_status=per_problem,
+        problem_n_iter=per_problem,
+        problem_grad_norm=per_problem,
+        problem_fun=per_problem,
     )
 
 

@@ -10,12 +10,11 @@ which would otherwise surface as "tol=<function ...> must be a number".
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
 
-from .._results import SolverResult
+from .._results import HostValues, SolverResult
 from .._status import SolverStatus
 from ._line_search import Armijo, StepHalving
 
@@ -78,11 +77,39 @@ def explain(
         trust_region: the solver is a trust-region method (its failures are of the radius).
 
     Returns:
-        ``result`` unchanged if it converged, else with ``message`` set.
+        ``result`` with ``message`` set ("" if it converged), composed when first read: the
+        result's host values are then read too, not before.
     """
+    return result.replace(
+        message=HostValues(
+            lambda: {
+                "message": _message(
+                    result,
+                    who,
+                    cap=cap,
+                    tol=tol,
+                    step=step,
+                    line_search=line_search,
+                    trust_region=trust_region,
+                )
+            }
+        )
+    )
+
+
+def _message(
+    result: SolverResult,
+    who: str,
+    *,
+    cap: tuple[str, int],
+    tol: float,
+    step: tuple[str, float] | None,
+    line_search: Armijo | StepHalving | None,
+    trust_region: bool,
+) -> str:
     status = result.status
     if status is SolverStatus.CONVERGED:
-        return result
+        return ""
     gn = f"||grad|| = {result.grad_norm:.3e}"
     where = _where(result, status)
     cap_name, cap_value = cap
@@ -124,5 +151,5 @@ def explain(
             "or check the objective where it is evaluated"
         )
     else:
-        return result
-    return dataclasses.replace(result, message=msg)
+        return ""
+    return msg

@@ -114,7 +114,7 @@ class Nesterov:
         info = {"momentum": self.constant_momentum if self.constant_momentum is not None else "k/(k+3)"}
         result = iterate(oracle, method, max_iter=self.max_iter, tol=self.tol, info=info)
         restarts = method.restarts if oracle.batched else int(method.restarts[0])
-        result = dataclasses.replace(result, info={**result.info, "n_restarts": restarts})
+        result = result.replace(info={**result.info, "n_restarts": restarts})
         return explain(
             result, "Nesterov", cap=("max_iter", self.max_iter), tol=self.tol, step=("lr", self.lr)
         )

@@ -91,9 +91,7 @@ class NewtonCG:
         )
         method = _NewtonMethod(self, oracle)
         result = iterate(oracle, method, max_iter=self.newton_iters, tol=self.tol, info={})
-        result = dataclasses.replace(
-            result, info={**result.info, "cg_iters_per_step": tuple(method.cg_counts)}
-        )
+        result = result.replace(info={**result.info, "cg_iters_per_step": tuple(method.cg_counts)})
         return explain(
             result,
             "NewtonCG",

@@ -103,7 +103,7 @@ class TrustRegionNewtonCG:
         )
         method = _TrustRegionMethod(self, oracle)
         result = iterate(oracle, method, max_iter=self.newton_iters, tol=self.tol, info={})
-        result = dataclasses.replace(result, info={**result.info, **method.info()})
+        result = result.replace(info={**result.info, **method.info()})
         return explain(
             result,
             "TrustRegionNewtonCG",

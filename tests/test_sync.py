@@ -1,0 +1,266 @@
+"""Host reads (`bilevel._sync`): deferred checks raise what immediate ones raise, results read their
+host values once and only when asked, and a fixed-budget meta-step reads nothing on the host."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import traceback
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import bilevel as bl
+import bilevel._linear_solve
+import bilevel.solvers._common
+import bilevel.solvers._line_search
+from bilevel.metalearn import make_algorithm, meta_gradient
+from bilevel.metalearn.models import batched_model, make_functional, omniglot_cnn
+from bilevel.metalearn.tasks import Task
+from bilevel.solvers import GradientDescent
+
+D = torch.float64
+
+
+def _quad(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return 0.5 * ((p - 2.0 * t) ** 2).sum()
+
+
+def _exact(objective: Any, init: Any, theta: torch.Tensor) -> torch.Tensor:
+    return 2.0 * theta
+
+
+def _nan_theta() -> None:
+    bl.implicit_argmin(_quad, torch.zeros(2, dtype=D), torch.tensor([1.0, float("nan")], dtype=D), _exact)
+
+
+def _inf_objective() -> None:
+    theta = torch.ones(2, dtype=D, requires_grad=True)
+    bl.implicit_argmin(
+        lambda p, t: _quad(p, t) - torch.log(torch.zeros((), dtype=D)), torch.zeros(2, dtype=D), theta, _exact
+    )
+
+
+def _far_answer() -> None:
+    theta = torch.ones(3, dtype=D, requires_grad=True)
+    bl.implicit_argmin(_quad, torch.zeros(3, dtype=D), theta, lambda o, i, th: 2.0 * th + 0.1)
+
+
+def _saddle() -> None:
+    theta = torch.ones(2, dtype=D, requires_grad=True)
+    G = lambda p, t: 0.5 * (p[0] - t[0]) ** 2 - 0.5 * (p[1] - t[1]) ** 2  # noqa: E731
+    bl.implicit_argmin(G, torch.zeros(2, dtype=D), theta, lambda o, i, th: th).sum().backward()
+
+
+def _cg_budget_short() -> None:
+    A = torch.diag(torch.logspace(0, 3, 10, dtype=D))
+    theta = torch.ones(10, dtype=D, requires_grad=True)
+    phi = bl.implicit_argmin(
+        lambda p, t: 0.5 * p @ A @ p - t @ p,
+        torch.zeros(10, dtype=D),
+        theta,
+        lambda o, i, th: torch.linalg.solve(A, th),
+        linear_solver=bl.CG(max_iter=2),
+    )
+    phi.sum().backward()
+
+
+def _diverged_inner_loop() -> None:
+    fn, theta, batch = _cnn(2)
+    algo = make_algorithm("imaml-gd", inner_steps=20, inner_lr=1e6, lam=1.0)
+    meta_gradient(algo, fn, F.cross_entropy, theta, batch, diagnostics=False)
+
+
+GUARDS = {
+    "nan theta": (_nan_theta, bl.NonFiniteError, r"theta contains NaN"),
+    "infinite objective": (_inf_objective, bl.NonFiniteError, r"objective is inf at the solver's answer"),
+    "optimality residual": (_far_answer, bl.OptimalityError, r"exceeds optimality_tol"),
+    "negative curvature in the backward CG": (_saddle, bl.NegativeCurvatureError, "not positive definite"),
+    "backward CG short of its tolerance": (_cg_budget_short, bl.LinearSolveError, "status MAX_ITER"),
+    "diverged inner loop (engine)": (_diverged_inner_loop, bl.NonFiniteError, r"task\(s\) .* diverged"),
+}
+
+
+@pytest.mark.parametrize("name", list(GUARDS))
+def test_deferred_checks_raise_what_immediate_checks_raise(name: str) -> None:
+    run, error, match = GUARDS[name]
+    with pytest.raises(error, match=match) as now:
+        run()
+    reached = []
+    with pytest.raises(error, match=match) as later:
+        with bl.deferred_checks():
+            run()
+            reached.append(True)  # the computation went on; the check waited for the block's end
+    assert reached == [True]
+    assert str(later.value) == str(now.value)
+
+
+def test_an_exception_in_the_block_is_explained_by_the_failed_check_queued_before_it() -> None:
+    with pytest.raises(bl.NonFiniteError, match="theta contains NaN") as err:
+        with bl.deferred_checks():
+            _nan_theta()
+            raise RuntimeError("a later failure caused by the NaN")
+    assert isinstance(err.value.__cause__, RuntimeError)
+    # with nothing queued that fails, the exception itself propagates
+    with pytest.raises(KeyError):
+        with bl.deferred_checks():
+            bl.implicit_argmin(_quad, torch.zeros(2, dtype=D), torch.ones(2, dtype=D), _exact)
+            raise KeyError("unrelated")
+
+
+def test_nested_blocks_check_at_the_end_of_the_outermost() -> None:
+    order: list[str] = []
+    with bl.deferred_checks():
+        with bl.deferred_checks():
+            bl.defer_check(lambda: order.append("inner"))
+        order.append("inner block ended")
+        bl.defer_check(lambda: order.append("outer"))
+    assert order == ["inner block ended", "inner", "outer"]
+    bl.defer_check(lambda: order.append("now"))  # outside any block: at once
+    assert order[-1] == "now"
+
+
+# --------------------------------------------------------------------------- results read on first access
+
+
+def test_host_values_are_read_once_on_first_access_and_kept_unread_by_replace() -> None:
+    calls: list[int] = []
+
+    def read() -> dict[str, Any]:
+        calls.append(1)
+        return {"status": bl.SolverStatus.BUDGET, "n_iter": 7, "grad_norm": 0.5, "fun": 1.5}
+
+    hv = bl.HostValues(read)
+    res = bl.SolverResult(torch.zeros(2), status=hv, n_iter=hv, grad_norm=hv, fun=hv)
+    copy = res.replace(info={"k": 1})
+    assert calls == [] and copy.info == {"k": 1}
+    assert (copy.status, copy.n_iter, res.grad_norm, res.fun) == (bl.SolverStatus.BUDGET, 7, 0.5, 1.5)
+    assert calls == [1]
+    # dataclasses.replace reads every field (so the values it copies are the read ones)
+    eager = bl.SolverResult(torch.zeros(2), status=bl.HostValues(read), n_iter=3)
+    assert dataclasses.replace(eager, n_iter=4).status is bl.SolverStatus.BUDGET and calls == [1, 1]
+    with pytest.raises(TypeError, match="expected a SolverStatus"):
+        bl.SolverResult(torch.zeros(2), status="budget")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, D])
+def test_a_lazy_batched_result_holds_the_values_of_its_problems(dtype: torch.dtype) -> None:
+    """Per-problem GD on 1/2 a_b ||x - c_b||^2 from 0 after k steps of lr: x = (1 - (1 - lr a_b)^k) c_b
+    (closed form); one problem diverges and is reported NONFINITE."""
+    a = torch.tensor([1.0, 2.0, 300.0], dtype=dtype)
+    c = torch.tensor([[1.0, -1.0], [2.0, 0.5], [1.0, 1.0]], dtype=dtype)
+    G = bl.solvers.BatchedObjective(lambda x, th: 0.5 * a * ((x - th) ** 2).sum(1))
+    res = GradientDescent(lr=0.1, max_iter=400, tol=0.0, batched=True)(G, torch.zeros_like(c), c)
+    assert bl.SolverResult.__dict__["status"].held(res).__class__ is bl.HostValues  # not read yet
+    assert res.problem_status == (bl.SolverStatus.BUDGET, bl.SolverStatus.BUDGET, bl.SolverStatus.NONFINITE)
+    assert res.status is bl.SolverStatus.NONFINITE and res.n_iter == 400
+    iters = res.problem_n_iter.tolist()  # type: ignore[union-attr]
+    assert iters[:2] == [400, 400] and iters[2] < 400  # frozen at its last finite iterate
+    assert bool(torch.isfinite(res.x).all())  # type: ignore[arg-type]
+    closed = (1 - (1 - 0.1 * a[:2, None]) ** 400) * c[:2]
+    torch.testing.assert_close(res.x[:2], closed)  # type: ignore[index]
+    assert "NaN or infinity appeared in 1 of 3 problems ([2])" in res.reason
+
+
+def test_status_mask_from_device_codes_equals_the_read_statuses() -> None:
+    # one problem indefinite: CG meets negative curvature there and nowhere else
+    A = torch.stack([torch.diag(torch.tensor(d, dtype=D)) for d in ([1.0, 2.0], [1.0, -3.0], [4.0, 1.0])])
+    b = torch.ones(3, 2, dtype=D)
+    res = bl.CG(max_iter=5)(lambda X: torch.einsum("bij,bj->bi", A, X), b)
+    assert res.problem_codes is not None
+    for statuses in [
+        (bl.LinearStatus.NEGATIVE_CURVATURE,),
+        (bl.LinearStatus.CONVERGED, bl.LinearStatus.BUDGET),
+    ]:
+        device = res.status_mask(*statuses)
+        host = torch.tensor([s in statuses for s in res.problem_status])  # type: ignore[union-attr]
+        assert torch.equal(device, host)
+    assert res.status_mask(bl.LinearStatus.NEGATIVE_CURVATURE).tolist() == [False, True, False]
+
+
+# --------------------------------------------------------------------------- a meta-step reads nothing
+
+
+def _cnn(b: int, seed: int = 0) -> tuple[Any, dict[str, torch.Tensor], Task]:
+    model = omniglot_cnn(3, hidden=4, image_size=8)
+    fn, theta = make_functional(model, torch.Generator().manual_seed(seed), dtype=D)
+    g = torch.Generator().manual_seed(seed + 1)
+    sx, qx = torch.rand(b, 3, 1, 8, 8, generator=g, dtype=D), torch.rand(b, 6, 1, 8, 8, generator=g, dtype=D)
+    sy = torch.arange(3).expand(b, -1).contiguous()
+    qy = torch.arange(3).repeat_interleave(2).expand(b, -1).contiguous()
+    return fn, theta, Task(sx, sy, qx, qy)
+
+
+_READ_OPS = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "equal"}
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts what waits for a device: scalar reads and data-dependent shapes (dispatched ops), and
+    copies to the host that dispatch nothing when the tensor is already there (`tolist`, `cpu`,
+    `numpy`, patched)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sites: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func.overloadpacket.__name__ in _READ_OPS:
+            self._record(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+    def _record(self, what: str) -> None:
+        frames = [f for f in traceback.extract_stack() if "/bilevel/" in f.filename]
+        self.sites[f"{what} at {frames[-1].filename.split('/bilevel/')[-1]}:{frames[-1].lineno}"] += 1
+
+
+@pytest.fixture
+def on_a_device(monkeypatch: pytest.MonkeyPatch) -> Iterator[_HostReads]:
+    """The solvers' loops as on an accelerator (no read to skip work: `host_checks` is False), and
+    every host read counted."""
+    for module in (bilevel.solvers._common, bilevel.solvers._line_search, bilevel._linear_solve):
+        monkeypatch.setattr(module, "host_checks", lambda x: False)
+    reads = _HostReads()
+    for name in ("tolist", "cpu", "numpy"):
+        original: Callable[..., Any] = getattr(torch.Tensor, name)
+
+        def counted(
+            self: torch.Tensor, *a: Any, _orig: Callable[..., Any] = original, _n: str = name, **k: Any
+        ) -> Any:
+            reads._record(_n)
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    yield reads
+
+
+@pytest.mark.parametrize(
+    ("algo", "settings"),
+    [
+        ("imaml-gd", dict(inner_steps=4, inner_lr=0.1, lam=2.0, cg_iters=3)),
+        ("imaml-gd", dict(inner_steps=4, inner_lr=0.1, lam=0.5, cg_iters=3, backtrack=True)),
+        ("fomaml", dict(inner_steps=3, inner_lr=0.4)),
+        ("maml", dict(inner_steps=2, inner_lr=0.4)),
+    ],
+    ids=["imaml-gd", "imaml-gd-backtrack", "fomaml", "maml"],
+)
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "vmap"])
+def test_a_fixed_budget_meta_step_reads_nothing_until_its_block_ends(
+    on_a_device: _HostReads, algo: str, settings: dict[str, Any], batched: bool
+) -> None:
+    fn, theta, batch = _cnn(3)
+    alg = make_algorithm(algo, **settings)
+    bm = batched_model(omniglot_cnn(3, hidden=4, image_size=8)) if batched else None
+    reference, _, _ = meta_gradient(alg, fn, F.cross_entropy, theta, batch, diagnostics=False, batched=bm)
+    on_a_device.sites.clear()
+    with on_a_device:
+        with bl.deferred_checks():
+            g, _, _ = meta_gradient(alg, fn, F.cross_entropy, theta, batch, diagnostics=False, batched=bm)
+            inside = dict(on_a_device.sites)
+    assert inside == {}
+    assert sum(on_a_device.sites.values()) > 0  # the checks did read, at the end
+    for k in theta:
+        torch.testing.assert_close(g[k], reference[k], rtol=1e-10, atol=1e-12)
