@@ -163,7 +163,9 @@ class _Problem:
         if self.throw:
             raise err
         if self.warn:
-            warnings.warn(f"{err} (throw=False: continuing)", BilevelWarning, stacklevel=5)
+            # the caller of implicit_argmin (forward pass, not deferred): _fail < _settle < defer_check
+            # < solve < forward < Function.apply < _run < implicit_argmin < caller
+            warnings.warn(f"{err} (throw=False: continuing)", BilevelWarning, stacklevel=9)
 
     def _where(self, failed: list[int]) -> str:
         """' in problems [i, j]' for a batched call, '' otherwise."""
@@ -249,7 +251,7 @@ class _Problem:
                 f"{self.name}: the inner solver did not converge ({result.reason}); "
                 f"residual {residual:.3e}. Set optimality_tol to turn this into a check.",
                 BilevelWarning,
-                stacklevel=5,
+                stacklevel=8,  # the caller of implicit_argmin / implicit_root / fixed_point (not deferred)
             )
 
     def solve(self, theta: Leaves, init_leaves: Leaves) -> Leaves:

@@ -75,3 +75,13 @@ def test_an_infinite_objective_at_the_answer_raises() -> None:
 
     with pytest.raises(bl.NonFiniteError, match=r"objective is inf at the solver's answer"):
         bl.implicit_argmin(G, torch.zeros(2, dtype=D), theta, _exact)
+
+
+def test_forward_warnings_point_at_the_callers_line() -> None:
+    theta = torch.ones(2, dtype=D, requires_grad=True)
+    capped = lambda o, i, th: bl.SolverResult(2.0 * th + 0.1, bl.SolverStatus.MAX_ITER, 5)  # noqa: E731
+    with pytest.warns(bl.BilevelWarning, match="did not converge") as rec:
+        bl.implicit_argmin(_G, torch.zeros(2, dtype=D), theta, capped, optimality_tol=None)
+    with pytest.warns(bl.BilevelWarning, match="exceeds optimality_tol") as rec2:
+        bl.implicit_argmin(_G, torch.zeros(2, dtype=D), theta, lambda o, i, th: 2.0 * th + 0.1, throw=False)
+    assert {w.filename for w in [*rec, *rec2]} == {__file__}
