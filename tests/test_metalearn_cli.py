@@ -132,9 +132,11 @@ def test_a_preset_gives_each_algorithm_its_measured_settings() -> None:
 
     gd = cfg("--preset", "omniglot-5w1s", "--algo", "imaml-gd")
     assert (gd.ways, gd.shots, gd.lam, gd.backtrack, gd.inner_steps, gd.cg_iters) == (5, 1, 0.5, True, 16, 5)
-    assert (gd.meta_batch, gd.meta_lr, gd.lr_schedule, gd.init) == (16, 1e-3, "constant", "torch")
+    assert (gd.meta_batch, gd.meta_lr, gd.lr_schedule, gd.init) == (16, 1e-3, "cosine", "torch")
+    assert gd.clip_grad_norm == 1.0
     fo = cfg("--preset", "omniglot-5w1s", "--algo", "fomaml")
     assert (fo.inner_steps, fo.inner_lr, fo.eval_inner_steps, fo.backtrack) == (5, 0.4, 10, False)
+    assert (fo.lr_schedule, fo.clip_grad_norm) == ("constant", None)
     ma = cfg("--preset", "omniglot-5w1s", "--algo", "maml")
     assert (ma.inner_steps, ma.inner_lr) == (1, 0.4)
     # no measurement for reptile: the paper's settings, as for every algorithm of paper-omniglot-5w1s
@@ -143,7 +145,8 @@ def test_a_preset_gives_each_algorithm_its_measured_settings() -> None:
     for c in (re, paper):
         assert (c.inner_steps, c.lam, c.cg_iters, c.backtrack, c.init) == (16, 2.0, 5, False, "glorot")
     w20 = cfg("--preset", "omniglot-20w1s", "--algo", "imaml-gd")
-    assert (w20.ways, w20.inner_steps, w20.lam, w20.backtrack) == (20, 25, 0.5, True)
+    assert (w20.ways, w20.inner_steps, w20.lam, w20.backtrack, w20.clip_grad_norm) == (20, 25, 0.5, True, 1.0)
+    assert w20.lr_schedule == "constant"
     assert cfg("--preset", "paper-omniglot-20w1s", "--algo", "imaml-gd").lam == 2.0
     # explicit flags still win
     assert cfg("--preset", "omniglot-5w1s", "--algo", "imaml-gd", "--lam", "2").lam == 2.0
