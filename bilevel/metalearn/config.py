@@ -465,7 +465,13 @@ _PRESETS: dict[str, Preset] = {
         dict(inner_steps=25, lam=2.0, cg_iters=5),
         {
             "imaml-gd": dict(
-                inner_steps=25, inner_lr=0.1, lam=0.5, backtrack=True, cg_iters=5, **_OUTER, clip_grad_norm=1.0
+                inner_steps=25,
+                inner_lr=0.1,
+                lam=0.5,
+                backtrack=True,
+                cg_iters=5,
+                **_OUTER,
+                clip_grad_norm=1.0,
             ),
             "fomaml": dict(inner_steps=5, inner_lr=0.4, eval_inner_steps=10, **_OUTER),
         },
