@@ -133,12 +133,9 @@ def main() -> None:
     )
     args = p.parse_args()
     if args.as_accelerator:
-        import bilevel._linear_solve as linear_solve
-        import bilevel.solvers._common as common
-        import bilevel.solvers._line_search as line_search
+        import bilevel._sync
 
-        off = lambda x: False  # noqa: E731
-        common.host_checks = linear_solve.host_checks = line_search.host_checks = off  # type: ignore[assignment]
+        bilevel._sync.host_checks = lambda x: False  # type: ignore[assignment]
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model, fn, theta, batch = problem(device, args.meta_batch, args.ways, args.shots, args.seed)

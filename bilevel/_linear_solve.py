@@ -35,9 +35,9 @@ from typing import Any
 
 import torch
 
+from . import _sync
 from ._results import HostValues, LinearSolveResult
 from ._status import LinearStatus
-from ._sync import host_checks
 from ._types import Matvec
 
 __all__ = ["CG", "GMRES", "MINRES", "BiCGStab", "DenseSolve", "Neumann", "cg_solve", "default_rtol"]
@@ -208,7 +208,7 @@ def cg_solve(
     # Reading `alive` on the host ends the loop early once every problem stopped; it is free on
     # the CPU, and a budget without tolerances (all tol 0) cannot end early but by negative
     # curvature, so on an accelerator that budget runs without waiting for the device.
-    sync = host_checks(b)
+    sync = _sync.host_checks(b)
     while k < max_iter and ((budget and not sync) or bool(alive.any())):
         Ap = A(p)
         pAp = _rowdot(p, Ap)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Generic, TypeVar, overload
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 
@@ -61,10 +61,6 @@ class _Lazy(Generic[_T]):
     def __set_name__(self, owner: type, name: str) -> None:
         self._name, self._slot = name, f"_{name}_held"
 
-    @overload
-    def __get__(self, obj: None, owner: type | None = None) -> _T: ...
-    @overload
-    def __get__(self, obj: object, owner: type | None = None) -> _T: ...
     def __get__(self, obj: object | None, owner: type | None = None) -> _T:
         if obj is None:  # the dataclass asks for the field's default
             if self._default is _NO_DEFAULT:

@@ -770,11 +770,9 @@ def test_step_halving_takes_one_evaluation_per_step_and_never_increases_the_obje
 @pytest.fixture
 def no_host_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Run the loops as on an accelerator: nothing read on the host until they return."""
-    import bilevel._linear_solve as ls
-    import bilevel.solvers._common as common
+    import bilevel._sync
 
-    monkeypatch.setattr(common, "host_checks", lambda x: False)
-    monkeypatch.setattr(ls, "host_checks", lambda x: False)
+    monkeypatch.setattr(bilevel._sync, "host_checks", lambda x: False)
 
 
 @pytest.mark.parametrize("tol", [0.0, 1e-9])

@@ -12,15 +12,13 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from test_metalearn_compile import _problem  # a 3-task meta-batch of the Omniglot CNN, random images
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bilevel as bl
-import bilevel._linear_solve
-import bilevel.solvers._common
-import bilevel.solvers._line_search
+import bilevel._sync
 from bilevel.metalearn import make_algorithm, meta_gradient
-from bilevel.metalearn.models import batched_model, make_functional, omniglot_cnn
-from bilevel.metalearn.tasks import Task
+from bilevel.metalearn.models import batched_model
 from bilevel.solvers import GradientDescent
 
 D = torch.float64
@@ -70,7 +68,7 @@ def _cg_budget_short() -> None:
 
 
 def _diverged_inner_loop() -> None:
-    fn, theta, batch = _cnn(2)
+    _, fn, theta, batch = _problem(D)
     algo = make_algorithm("imaml-gd", inner_steps=20, inner_lr=1e6, lam=1.0)
     meta_gradient(algo, fn, F.cross_entropy, theta, batch, diagnostics=False)
 
@@ -185,16 +183,6 @@ def test_status_mask_from_device_codes_equals_the_read_statuses() -> None:
 # --------------------------------------------------------------------------- a meta-step reads nothing
 
 
-def _cnn(b: int, seed: int = 0) -> tuple[Any, dict[str, torch.Tensor], Task]:
-    model = omniglot_cnn(3, hidden=4, image_size=8)
-    fn, theta = make_functional(model, torch.Generator().manual_seed(seed), dtype=D)
-    g = torch.Generator().manual_seed(seed + 1)
-    sx, qx = torch.rand(b, 3, 1, 8, 8, generator=g, dtype=D), torch.rand(b, 6, 1, 8, 8, generator=g, dtype=D)
-    sy = torch.arange(3).expand(b, -1).contiguous()
-    qy = torch.arange(3).repeat_interleave(2).expand(b, -1).contiguous()
-    return fn, theta, Task(sx, sy, qx, qy)
-
-
 _READ_OPS = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "equal"}
 
 
@@ -221,8 +209,7 @@ class _HostReads(TorchDispatchMode):
 def on_a_device(monkeypatch: pytest.MonkeyPatch) -> Iterator[_HostReads]:
     """The solvers' loops as on an accelerator (no read to skip work: `host_checks` is False), and
     every host read counted."""
-    for module in (bilevel.solvers._common, bilevel.solvers._line_search, bilevel._linear_solve):
-        monkeypatch.setattr(module, "host_checks", lambda x: False)
+    monkeypatch.setattr(bilevel._sync, "host_checks", lambda x: False)
     reads = _HostReads()
     for name in ("tolist", "cpu", "numpy"):
         original: Callable[..., Any] = getattr(torch.Tensor, name)
@@ -251,9 +238,9 @@ def on_a_device(monkeypatch: pytest.MonkeyPatch) -> Iterator[_HostReads]:
 def test_a_fixed_budget_meta_step_reads_nothing_until_its_block_ends(
     on_a_device: _HostReads, algo: str, settings: dict[str, Any], batched: bool
 ) -> None:
-    fn, theta, batch = _cnn(3)
+    model, fn, theta, batch = _problem(D)
     alg = make_algorithm(algo, **settings)
-    bm = batched_model(omniglot_cnn(3, hidden=4, image_size=8)) if batched else None
+    bm = batched_model(model) if batched else None
     reference, _, _ = meta_gradient(alg, fn, F.cross_entropy, theta, batch, diagnostics=False, batched=bm)
     on_a_device.sites.clear()
     with on_a_device:

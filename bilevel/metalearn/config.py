@@ -429,6 +429,9 @@ class Preset:
 # The outer loop every measured Omniglot 5-way 1-shot run shared (session 7: imaml-gd, first-order MAML
 # and MAML side by side at equal meta-steps).
 _OUTER = dict(meta_batch=16, meta_lr=1e-3, lr_schedule="constant", init="torch")
+# What the measured imaml-gd (all but its inner step count) and first-order MAML presets share.
+_IMAML_GD = dict(inner_lr=0.1, lam=0.5, backtrack=True, cg_iters=5, clip_grad_norm=1.0, **_OUTER)
+_FOMAML = dict(inner_steps=5, inner_lr=0.4, eval_inner_steps=10, **_OUTER)
 
 #: Keys are ``--preset`` names.  ``omniglot-5w1s`` holds the settings measured best here for imaml-gd
 #: (lam 0.5 with backtracking, against the paper's lam 2 without it, which stalled; Adam 1e-3 on a
@@ -444,16 +447,8 @@ _PRESETS: dict[str, Preset] = {
         dict(dataset="omniglot", ways=5, shots=1),
         dict(inner_steps=16, lam=2.0, cg_iters=5),
         {
-            "imaml-gd": dict(
-                inner_steps=16,
-                inner_lr=0.1,
-                lam=0.5,
-                backtrack=True,
-                cg_iters=5,
-                **{**_OUTER, "lr_schedule": "cosine"},
-                clip_grad_norm=1.0,
-            ),
-            "fomaml": dict(inner_steps=5, inner_lr=0.4, eval_inner_steps=10, **_OUTER),
+            "imaml-gd": {**_IMAML_GD, "inner_steps": 16, "lr_schedule": "cosine"},
+            "fomaml": _FOMAML,
             "maml": dict(inner_steps=1, inner_lr=0.4, **_OUTER),
         },
     ),
@@ -464,16 +459,8 @@ _PRESETS: dict[str, Preset] = {
         dict(dataset="omniglot", ways=20, shots=1),
         dict(inner_steps=25, lam=2.0, cg_iters=5),
         {
-            "imaml-gd": dict(
-                inner_steps=25,
-                inner_lr=0.1,
-                lam=0.5,
-                backtrack=True,
-                cg_iters=5,
-                **_OUTER,
-                clip_grad_norm=1.0,
-            ),
-            "fomaml": dict(inner_steps=5, inner_lr=0.4, eval_inner_steps=10, **_OUTER),
+            "imaml-gd": {**_IMAML_GD, "inner_steps": 25},
+            "fomaml": _FOMAML,
         },
     ),
     "omniglot-20w5s": Preset(

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 import torch.func
 
+from .. import _sync
 from .._errors import StructureError
 from .._results import HostValues, SolverResult
 from .._status import SolverStatus
-from .._sync import host_checks
 from .._types import Objective, TensorTree
 from ..tree import check_finite, leaves, unflatten
 
@@ -469,7 +469,7 @@ def iterate(
     conv = finite & (gn <= tol)
     code = torch.where(~finite, _NONFINITE, torch.where(conv, _CONVERGED, code))
     active = finite & ~conv
-    sync = host_checks(x)
+    sync = _sync.host_checks(x)
     g_at_x = True  # whether g is the gradient at x (not after a fixed budget's last step)
     n_iter = torch.zeros(B, dtype=torch.int64, device=dev)
     n_negcurv = torch.zeros(B, dtype=torch.int64, device=dev)

@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from .._sync import host_checks
+from .. import _sync
 from ._common import Oracle, check_int, rowdot, rows_finite
 
 __all__ = ["Armijo", "StepHalving"]
@@ -171,7 +171,7 @@ class StepHalving:
         run = active & (gd < 0)
         trial, ft, gt, good = _trial(oracle, x, f, d, gd, t0, run, self.c1)
         t = torch.where(good | ~run, t0, t0 * self.shrink)
-        if host_checks(x) and bool(good.all()):  # every trial passed: no masked copies
+        if _sync.host_checks(x) and bool(good.all()):  # every trial passed: no masked copies
             return t, good, trial, ft, gt
         return (
             t,
