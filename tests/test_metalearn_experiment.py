@@ -98,7 +98,7 @@ def test_build_experiment_image_folder(tmp_path: Path) -> None:
     batch = exp.test_sampler.fixed_batch(range(2))
     assert batch.support_x.shape == (2, 3, 1, 28, 28) and batch.query_y.shape == (2, 6)
     assert exp.model_fn(exp.theta, batch.query_x[0]).shape == (6, 3)
-    assert exp.batched is not None and exp.batched.cpu_chunk == 8
+    assert exp.batched is not None and exp.batched.cpu_chunk == 4
 
 
 # ------------------------------------------------------------------------------------- load_run

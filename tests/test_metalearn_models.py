@@ -312,9 +312,17 @@ def test_batched_model_is_none_for_other_modules() -> None:
     ids=["omniglot", "bias-nonsquare", "pool"],
 )
 @pytest.mark.parametrize("which", ["exact:native", "exact:few-ops", "exact:auto", "fast:auto"])
-def test_batched_model_hvp_by_double_backward_equals_per_task_hvp(model: ConvNet, which: str) -> None:
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels-last", "nchw"])
+def test_batched_model_hvp_by_double_backward_equals_per_task_hvp(
+    model: ConvNet, which: str, channels_last: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Autograd's double backward through the batched model (the implicit layer's HVPs; MAML)
-    against per-task forward-over-reverse through the module (BatchStatNorm2d), float64."""
+    against per-task forward-over-reverse through the module (BatchStatNorm2d), float64, in
+    both memory layouts of the grouped activations, and twice through one gradient graph (as
+    CG's matvecs do: the few-op batch norm keeps terms of the first for the next)."""
+    import bilevel.metalearn.models as models
+
+    monkeypatch.setattr(models, "_CPU_CHANNELS_LAST", channels_last)
     fn, params = make_functional(model, _gen(0), dtype=torch.float64)
     form, double_backward = which.split(":")
     bm = batched_model(model, double_backward=double_backward)
@@ -329,6 +337,9 @@ def test_batched_model_hvp_by_double_backward_equals_per_task_hvp(model: ConvNet
     out = forward(leaves, x)
     total = sum(F.cross_entropy(out[i], y[i]) for i in range(B))
     g = torch.autograd.grad(total, list(leaves.values()), create_graph=True)
+    u0 = {k: torch.randn(v.shape, dtype=v.dtype, generator=_gen(4)) for k, v in phi.items()}
+    hv0 = torch.autograd.grad(g, list(leaves.values()), grad_outputs=list(u0.values()), retain_graph=True)
+    _assert_per_task_hvps(dict(zip(leaves, hv0)), fn, phi, u0, x, y, tol=1e-9)
     hv = dict(zip(leaves, torch.autograd.grad(g, list(leaves.values()), grad_outputs=list(u.values()))))
     _assert_per_task_hvps(hv, fn, phi, u, x, y, tol=1e-9)
 
@@ -376,10 +387,18 @@ FUSED_MODELS = [
 
 
 @pytest.mark.parametrize("model", FUSED_MODELS, ids=["omniglot", "bias-nonsquare", "pool"])
-def test_flat_cross_entropy_equals_the_fast_model_and_autograd(model: ConvNet) -> None:
+@pytest.mark.parametrize("chunk", [None, 1, 2], ids=["one-call", "chunk-1", "chunk-2"])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels-last", "nchw"])
+def test_flat_cross_entropy_equals_the_fast_model_and_autograd(
+    model: ConvNet, chunk: int | None, channels_last: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The fused per-task losses of flat parameters: values, logits and gradients (for a random
-    upstream per task) of `fast` + `task_losses` through autograd, float64."""
+    upstream per task) of `fast` + `task_losses` through autograd, float64; all B = 3 tasks at
+    once or in chunks (2 does not divide 3), in both layouts of the grouped activations."""
+    import bilevel.metalearn.models as models
     from bilevel.metalearn.models import task_losses
+
+    monkeypatch.setattr(models, "_CPU_CHANNELS_LAST", channels_last)
 
     _, params = make_functional(model, _gen(0), dtype=torch.float64)
     bm = batched_model(model)
@@ -392,8 +411,11 @@ def test_flat_cross_entropy_equals_the_fast_model_and_autograd(model: ConvNet) -
     X = X + 0.1 * torch.randn(X.shape, dtype=X.dtype, generator=_gen(3))
     go = torch.rand(B, dtype=torch.float64, generator=_gen(4))
     X1 = X.clone().requires_grad_(True)
-    losses, logits = bm.flat_cross_entropy(names, shapes, x, y)(X1)
+    f = bm.flat_cross_entropy(names, shapes, x, y, chunk)
+    losses, logits = f(X1)
     (g1,) = torch.autograd.grad(losses, X1, go)
+    with torch.no_grad():  # no gradient taken: the same values
+        torch.testing.assert_close(f(X)[0], losses.detach(), rtol=0, atol=0)
     X2 = X.clone().requires_grad_(True)
     parts = X2.split([v.numel() for v in params.values()], 1)
     p = {k: part.view(B, *s) for k, part, s in zip(names, parts, shapes)}
@@ -404,6 +426,20 @@ def test_flat_cross_entropy_equals_the_fast_model_and_autograd(model: ConvNet) -
     torch.testing.assert_close(logits, out.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-12)
     assert not logits.requires_grad
+
+
+def test_grouped_activations_are_channels_last_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batched ConvNet's grouped input (N, B C, H, W) is channels-last on CPU (the measured
+    faster layout), plain NCHW when switched off; task b owns channels [b C, (b + 1) C)."""
+    import bilevel.metalearn.models as models
+
+    x = torch.rand(3, 4, 2, 5, 5, generator=_gen(0))
+    h = models._grouped_input(x)
+    assert h.shape == (4, 6, 5, 5) and h.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(h[:, 2:4], x[1].contiguous(), rtol=0, atol=0)
+    monkeypatch.setattr(models, "_CPU_CHANNELS_LAST", False)
+    h = models._grouped_input(x)
+    assert h.is_contiguous() and not h.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_flat_cross_entropy_refuses_second_derivatives_and_compiling_drops_it() -> None:
@@ -474,7 +510,7 @@ def test_outputs_in_chunks_equal_one_call() -> None:
     model = omniglot_cnn(3, hidden=4, image_size=12)
     fn, p = make_functional(model, _gen(0), dtype=torch.float64)
     default = batched_model(model)
-    assert default is not None and default.cpu_chunk == 8
+    assert default is not None and default.cpu_chunk == 4
     bm = dataclasses.replace(default, cpu_chunk=4)
     B = 6
     pb = {k: v + 0.1 * torch.randn(B, *v.shape, generator=_gen(1), dtype=v.dtype) for k, v in p.items()}

@@ -438,7 +438,7 @@ class _MetaBatch:
             or y.is_floating_point()
         ):
             return None
-        return build(self.names, self.shapes, x, y)
+        return build(self.names, self.shapes, x, y, self.bm.chunk(x))
 
     def hvp(self, X: torch.Tensor, *, prox: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
         """V (B, n) -> the B Hessian-vector products of G_i (``prox=False``: of Lhat_i) at X, row by row.
@@ -483,23 +483,30 @@ class _MetaBatch:
     def query_gradients(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-task query gradients grad L_i(phi_i), flat (B, n), losses (B,) and accuracies (B,).
 
-        First order, through the fast model, in chunks of tasks where `BatchedModel.chunk` says
-        so; each chunk is its own leaf, so no gradient is scattered into a (B, n) tensor per chunk.
+        First order, through the model's fused losses where it has them (which take the tasks
+        in chunks themselves), else through the fast model in chunks of tasks where
+        `BatchedModel.chunk` says so, each chunk's gradient taken right after its forward pass
+        while its activations are still in the cache.
         """
         x, y = self.batch.query_x, self.batch.query_y
-        chunks = [c.detach().requires_grad_(True) for c in X.detach().split(self.bm.chunk(x))]
-        c = chunks[0].shape[0]
+        fused = self._flat_loss(x, y)
         with torch.enable_grad():
-            fused = [self._flat_loss(xc, yc) for xc, yc in zip(x.split(c), y.split(c))]
-            if all(f is not None for f in fused):
-                parts = [f(Xc) for f, Xc in zip(fused, chunks)]  # type: ignore[misc]
-                out = _cat([p[1] for p in parts])
-                ql = _cat([p[0] for p in parts])
-            else:
-                out = _cat([self.bm.fast(self.unflat(Xc), xc) for Xc, xc in zip(chunks, x.split(c))])
-                ql = task_losses(self.loss, out, y)
-            gs = torch.autograd.grad(ql.sum(), chunks, allow_unused=True, materialize_grads=True)
-        return _cat(list(gs)), ql.detach(), self.accuracy(out, y)
+            if fused is not None:
+                Xg = X.detach().requires_grad_(True)
+                ql, out = fused(Xg)
+                (g,) = torch.autograd.grad(ql.sum(), Xg)
+                return g, ql.detach(), self.accuracy(out, y)
+            c = self.bm.chunk(x)
+            grads, losses, outs = [], [], []
+            for Xc, xc, yc in zip(X.detach().split(c), x.split(c), y.split(c)):
+                Xc = Xc.requires_grad_(True)
+                out = self.bm.fast(self.unflat(Xc), xc)
+                ql = task_losses(self.loss, out, yc)
+                (g,) = torch.autograd.grad(ql.sum(), Xc, allow_unused=True, materialize_grads=True)
+                grads.append(g)
+                losses.append(ql.detach())
+                outs.append(out.detach())
+        return _cat(grads), _cat(losses), self.accuracy(_cat(outs), y)
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -69,10 +69,10 @@ __all__ = [
 
 #: Parameters by name, as ``torch.func.functional_call`` takes them.
 Params = dict[str, torch.Tensor]
-#: ``(names, shapes, x, y) -> (X (B, n) -> (per-task losses (B,), logits (B, N, ways)))``: see
-#: `BatchedModel.flat_cross_entropy`.
+#: ``(names, shapes, x, y, chunk) -> (X (B, n) -> (per-task losses (B,), logits (B, N, ways)))``:
+#: see `BatchedModel.flat_cross_entropy`.
 FlatLossBuilder = Callable[
-    [Sequence[str], Sequence[tuple[int, ...]], torch.Tensor, torch.Tensor],
+    [Sequence[str], Sequence[tuple[int, ...]], torch.Tensor, torch.Tensor, int],
     Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
 ]
 
@@ -360,20 +360,24 @@ class BatchedModel:
             (forward-over-reverse HVPs); exact there (never through ``F.batch_norm``
             under ``vmap``, whose double backward is wrong in torch 2.13).
         single: ``fast`` for one task, ``single(params, x) -> out`` (no leading B).
-        flat_cross_entropy: ``None``, or a builder ``(names, shapes, x, y) -> f`` where
+        flat_cross_entropy: ``None``, or a builder ``(names, shapes, x, y, chunk) -> f`` where
             ``f(X)`` returns the B tasks' mean cross-entropies (B,) and their logits
             (B, N, ways; not differentiable) of the models whose
             parameters are the rows of the flat ``X`` (B, n) (tensors ``names`` of ``shapes``,
-            raveled in that order), on inputs ``x`` (B, N, ...) and class indices ``y`` (B, N):
-            the `fast` model and `task_losses` in one autograd node whose backward is written
-            out (PyTorch's own backward kernels, about half the ops of autograd through the
-            per-tensor views).  Differentiable once, in ``X`` only, and not by ``torch.func``:
-            for gradient-only solvers and query gradients.  `compiled` drops it.
+            raveled in that order), on inputs ``x`` (B, N, ...) and class indices ``y`` (B, N),
+            ``chunk`` tasks at a time (``None``: all B; `chunk` gives the value to pass):
+            the `fast` model and `task_losses` in one autograd node whose gradient is written
+            out and taken in its forward pass (PyTorch's own backward kernels, about half the
+            ops of autograd through the per-tensor views).  Differentiable once, in ``X`` only,
+            and not by ``torch.func``: for gradient-only solvers and query gradients.
+            `compiled` drops it.
         cpu_chunk: on CPU, evaluate large per-task batches (query sets, `outputs`) this many
             tasks per call; ``None``: all B tasks in one call.  A grouped convolution over B = 32
             tasks of 75 images is 1.6x slower on CPU than 32 separate ones (its tensors leave the
             cache), while one over 4 tasks is faster than 4 separate ones (measured, 1 thread):
-            chunks keep the speed at a fraction of the ops.  Accelerators take all B at once.
+            chunks keep the speed at a fraction of the ops.  First-order MAML's meta-step
+            (meta-batch 32, channels-last, 1 thread) measured 1291 / 1326 / 1484 / 1742 ms with
+            chunks of 2 / 4 / 8 / 16 tasks: 4 is the default.  Accelerators take all B at once.
     """
 
     exact: Callable[[Params, torch.Tensor], torch.Tensor]
@@ -557,7 +561,7 @@ def batched_model(model: nn.Module, *, double_backward: str = "auto") -> Batched
         few = _convnet_batched(model, conv=_GroupedConv2d.apply, norm=_BatchNorm.apply)
         exact = {"native": native, "few-ops": few, "auto": few}[double_backward]
         return BatchedModel(
-            exact, native, _convnet_single(model), cpu_chunk=8, flat_cross_entropy=_flat_convnet_ce(model)
+            exact, native, _convnet_single(model), cpu_chunk=4, flat_cross_entropy=_flat_convnet_ce(model)
         )
     if isinstance(model, MLP):
         f = _mlp_batched(model)
@@ -737,17 +741,20 @@ class _BatchNormGrad(torch.autograd.Function):
     def backward(
         ctx: Any, u: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
-        gy, x, gamma, mean, invstd = ctx.saved_tensors
         dims = (0, 2, 3)
-        m = x.numel() // x.shape[1]
-        r = invstd.view(1, -1, 1, 1)
-        xh = (x - mean.view(1, -1, 1, 1)) * r
-        gr = gamma.view(1, -1, 1, 1) * r
+        if not hasattr(ctx, "fixed"):
+            # the terms that do not depend on the cotangents, kept for the next HVP through this
+            # node (CG's matvecs reuse one gradient graph): 9 ops fewer per layer and HVP
+            gy, x, gamma, mean, invstd = ctx.saved_tensors
+            r = invstd.view(1, -1, 1, 1)
+            xh = (x - mean.view(1, -1, 1, 1)) * r
+            k = (gy * xh).mean(dims, keepdim=True)
+            gyk = gy - gy.mean(dims, keepdim=True) - xh * k
+            ctx.fixed = (gy, xh, k, gyk, r, gamma.view(1, -1, 1, 1) * r, x.numel() // x.shape[1])
+        gy, xh, k, gyk, r, gr, m = ctx.fixed
         a4, b4 = a.view(1, -1, 1, 1), b.view(1, -1, 1, 1)
         u_xh = (u * xh).mean(dims, keepdim=True)  # S / m
-        gy_c = gy - gy.mean(dims, keepdim=True)
-        k = (gy * xh).mean(dims, keepdim=True)
-        dgamma = (u * (gy_c - xh * k)).sum(dims, keepdim=True) * r
+        dgamma = (u * gyk).sum(dims, keepdim=True) * r
         d_gy = gr * (u - u.mean(dims, keepdim=True) - xh * u_xh) + a4 * xh + b4
         w = a4 * gy - gr * (gy * u_xh + k * u)
         d_x = (
@@ -755,6 +762,24 @@ class _BatchNormGrad(torch.autograd.Function):
             - (gr * dgamma / m) * xh
         )
         return d_gy, d_x, dgamma.view(-1), None, None, None
+
+
+# Memory format of the grouped activations on CPU: channels-last convolutions (oneDNN's native
+# layout) skip the reorders of NCHW: 1.5-1.7x faster per grouped 3x3 convolution with its
+# backward (N = 75, 64 channels per task, 1 thread, torch 2.13), and the meta-steps of imaml-gd,
+# first-order MAML and MAML measured faster in `benchmarks/engine_speed.py`.  Accelerators keep
+# NCHW (not measured there).  Patched by the tests, which check both layouts give equal values.
+_CPU_CHANNELS_LAST = True
+
+
+def _grouped_input(x: torch.Tensor) -> torch.Tensor:
+    """Images (B, N, C, H, W) of B tasks as one grouped-convolution input (N, B C, H, W) in which
+    task b owns channels [b C, (b + 1) C); channels-last on CPU (see `_CPU_CHANNELS_LAST`)."""
+    B, N = x.shape[:2]
+    h = x.transpose(0, 1).reshape(N, B * x.shape[2], *x.shape[3:])
+    if _CPU_CHANNELS_LAST and h.device.type == "cpu":
+        return h.contiguous(memory_format=torch.channels_last)
+    return h
 
 
 def _convnet_batched(
@@ -767,8 +792,7 @@ def _convnet_batched(
 
     def bfn(p: Params, x: torch.Tensor) -> torch.Tensor:
         B, N = x.shape[:2]
-        # (B, N, C, H, W) -> (N, B * C, H, W): task b owns channels [b C, (b + 1) C)
-        h = x.transpose(0, 1).reshape(N, B * x.shape[2], *x.shape[3:])
+        h = _grouped_input(x)
         for name, stride, padding, eps, pool in blocks:
             w = p[f"{name}.conv.weight"]
             bias = p.get(f"{name}.conv.bias")
@@ -788,15 +812,17 @@ def _convnet_batched(
 
 @dataclasses.dataclass(frozen=True)
 class _FlatPlan:
-    """Where each tensor of a ConvNet lies in the flat (B, n) parameters, and the fixed inputs."""
+    """Where each tensor of a ConvNet lies in the flat (B, n) parameters, and the fixed inputs in
+    chunks of tasks."""
 
     sizes: list[int]
     shapes: list[tuple[int, ...]]
     # per block: (weight, bias or -1, gamma, beta) indices into sizes, stride, padding, eps, pool
     blocks: list[tuple[tuple[int, int, int, int], int, int, float, bool]]
     head: tuple[int, int]
-    x: torch.Tensor  # (N, B C, H, W): task b owns channels [b C, (b + 1) C)
-    target: torch.Tensor  # (B, N, ways): -onehot(y) / N, so the loss is sum(logp * target)
+    chunk: int  # tasks per chunk
+    xs: list[torch.Tensor]  # per chunk of c tasks: (N, c C, H, W), task b owns channels [b C, (b + 1) C)
+    targets: list[torch.Tensor]  # per chunk: (c, N, ways) = -onehot(y) / N: the loss is sum(logp * target)
 
 
 def _flat_convnet_ce(model: ConvNet) -> FlatLossBuilder:
@@ -804,10 +830,17 @@ def _flat_convnet_ce(model: ConvNet) -> FlatLossBuilder:
     blocks = _blocks(model)
 
     def build(
-        names: Sequence[str], shapes: Sequence[tuple[int, ...]], x: torch.Tensor, y: torch.Tensor
+        names: Sequence[str],
+        shapes: Sequence[tuple[int, ...]],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        chunk: int | None = None,
     ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         at = {k: i for i, k in enumerate(names)}
         B, N = x.shape[:2]
+        c = B if chunk is None else max(1, min(B, chunk))
+        # scatter, not F.one_hot, which reads y's range on the host (a device sync)
+        target = x.new_zeros(B, N, model.ways).scatter_(2, y.unsqueeze(2), -1.0 / N)
         plan = _FlatPlan(
             sizes=[math.prod(s) for s in shapes],
             shapes=[tuple(s) for s in shapes],
@@ -827,9 +860,9 @@ def _flat_convnet_ce(model: ConvNet) -> FlatLossBuilder:
                 for n, stride, padding, eps, pool in blocks
             ],
             head=(at["head.weight"], at["head.bias"]),
-            x=x.transpose(0, 1).reshape(N, B * x.shape[2], *x.shape[3:]),
-            # scatter, not F.one_hot, which reads y's range on the host (a device sync)
-            target=x.new_zeros(B, N, model.ways).scatter_(2, y.unsqueeze(2), -1.0 / N),
+            chunk=c,
+            xs=[_grouped_input(xc) for xc in (x.split(c) if c < B else [x])],
+            targets=list(target.split(c)) if c < B else [target],
         )
         return lambda X: _FlatConvNetCE.apply(X, plan)
 
@@ -838,87 +871,140 @@ def _flat_convnet_ce(model: ConvNet) -> FlatLossBuilder:
 
 class _FlatConvNetCE(torch.autograd.Function):
     """Per-task mean cross-entropies (B,) of a batched ConvNet at flat parameters X (B, n), with
-    the backward written out: first order only.
+    their gradient computed in the forward pass: first order only.
 
     The same values as `BatchedModel.fast` followed by `task_losses` (cross-entropy), and the
     same gradient as autograd through them, computed with the same kernels (``convolution_backward``,
     ``native_batch_norm_backward``, ``threshold_backward``, ``max_pool2d_with_indices_backward``)
     but without autograd's bookkeeping of the per-tensor views of X, their reshapes and
-    gradient accumulation: 95 ops per value and gradient of the Omniglot CNN against 149.
+    gradient accumulation.  The tasks are taken ``plan.chunk`` at a time, each chunk's backward
+    right after its forward while its activations are in the cache (on CPU, B = 32 query sets of
+    75 images in one grouped call, or all forwards before all backwards, measured 1.2-1.6x
+    slower); the parameters are rearranged once for all chunks.  Where X needs no gradient the
+    backward is skipped; ``backward`` scales the stored per-task gradients by the upstream (B,).
     """
 
     @staticmethod
     def forward(ctx: Any, X: torch.Tensor, plan: _FlatPlan) -> tuple[torch.Tensor, torch.Tensor]:
-        B = X.shape[0]
+        B, c = X.shape[0], plan.chunk
+        need = ctx.needs_input_grad[0]
         parts = X.split(plan.sizes, 1)
-        h = plan.x
-        saved: list[Any] = []
+
+        def per_chunk(i: int, n_rows: int) -> tuple[torch.Tensor, ...]:
+            # tensor i for all tasks in the grouped layout (one copy), split into chunks (views)
+            shape = plan.shapes[i]
+            t = parts[i].reshape(B * shape[0], *shape[1:]) if len(shape) > 1 else parts[i].reshape(-1)
+            return (t,) if c >= B else t.split(c * n_rows)
+
+        layers = []
         for (iw, ib, ig, ibeta), stride, padding, eps, pool in plan.blocks:
             cout = plan.shapes[iw][0]
-            w = parts[iw].reshape(B * cout, *plan.shapes[iw][1:])
-            z = F.conv2d(h, w, None, stride, padding, 1, B)
-            if ib >= 0:
-                z = z + parts[ib].reshape(1, -1, 1, 1)
-            gamma = parts[ig].reshape(-1)
-            out, mean, invstd = torch.ops.aten.native_batch_norm(
-                z, gamma, parts[ibeta].reshape(-1), None, None, True, 0.0, eps
+            layers.append(
+                (
+                    per_chunk(iw, cout),
+                    per_chunk(ib, cout) if ib >= 0 else None,
+                    per_chunk(ig, cout),
+                    per_chunk(ibeta, cout),
+                    stride,
+                    padding,
+                    eps,
+                    pool,
+                )
             )
-            a = torch.relu(out)
-            pre, idx = None, None
-            if pool:
-                pre = a
-                a, idx = torch.ops.aten.max_pool2d_with_indices(a, [2, 2], [2, 2])
-            saved.append((h, w, z, gamma, mean, invstd, out, pre, idx, eps, stride, padding))
-            h = a
-        N = h.shape[0]
-        feat = h.reshape(N, B, -1).transpose(0, 1)  # (B, N, C h w), per-task C-major like flatten
-        wh = parts[plan.head[0]].view(B, -1, feat.shape[-1])
-        logits = torch.baddbmm(parts[plan.head[1]].unsqueeze(1), feat, wh.transpose(1, 2))
-        logp = torch.log_softmax(logits, -1)
-        ctx.saved = (saved, feat, wh, logp, h.shape, plan)
+        wh_all = parts[plan.head[0]].view(B, *plan.shapes[plan.head[0]])  # (B, ways, F)
+        hb_all = parts[plan.head[1]]
+        whs, hbs = ((wh_all,), (hb_all,)) if c >= B else (wh_all.split(c), hb_all.split(c))
+        losses, logits_all = [], []
+        grads: list[list[torch.Tensor]] = [[] for _ in plan.sizes]
+        for j, (xj, target) in enumerate(zip(plan.xs, plan.targets)):
+            h = xj
+            saved = []
+            cj = target.shape[0]
+            for ws, bs, gs, betas, stride, padding, eps, pool in layers:
+                w = ws[j]
+                z = F.conv2d(h, w, None, stride, padding, 1, cj)
+                if bs is not None:
+                    z = z + bs[j].view(1, -1, 1, 1)
+                out, mean, invstd = torch.ops.aten.native_batch_norm(
+                    z, gs[j], betas[j], None, None, True, 0.0, eps
+                )
+                a = torch.relu(out)
+                pre, idx = None, None
+                if pool:
+                    pre = a
+                    a, idx = torch.ops.aten.max_pool2d_with_indices(a, [2, 2], [2, 2])
+                saved.append((h, w, z, gs[j], mean, invstd, out, pre, idx, eps, stride, padding))
+                h = a
+            N = h.shape[0]
+            feat = h.reshape(N, cj, -1).transpose(0, 1)  # (c, N, C h w), per-task C-major like flatten
+            wh = whs[j]
+            logits = torch.baddbmm(hbs[j].unsqueeze(1), feat, wh.transpose(1, 2))
+            logp = torch.log_softmax(logits, -1)
+            losses.append((logp * target).sum((1, 2)))
+            logits_all.append(logits)
+            if need:
+                _flat_backward(plan, grads, saved, feat, wh, logp, target, h.shape)
+            del saved
+        loss, logits = _cat_chunks(losses), _cat_chunks(logits_all)
         ctx.mark_non_differentiable(logits)
-        return (logp * plan.target).sum((1, 2)), logits
+        if need:
+            ctx.grad = torch.cat([_cat_chunks(g).reshape(B, -1) for g in grads], 1)
+        return loss, logits
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, go: torch.Tensor, _: Any) -> tuple[torch.Tensor | None, ...]:
-        saved, feat, wh, logp, hshape, plan = ctx.saved
-        del ctx.saved
-        B, N = feat.shape[:2]
-        # d/dlogits of sum(logp * target) per task: softmax * sum(target) - target, sum(target) = -1
-        gl = (logp.exp().mul_(1.0 / N).add_(plan.target)).mul_(go.view(B, 1, 1))
-        grads: dict[int, torch.Tensor] = {
-            plan.head[0]: torch.bmm(gl.transpose(1, 2), feat),
-            plan.head[1]: gl.sum(1),
-        }
-        gh = torch.bmm(gl, wh).transpose(0, 1).reshape(hshape)
-        for k in range(len(saved) - 1, -1, -1):
-            # popped, so that each block's activations are freed once its gradient is taken
-            h, w, z, gamma, mean, invstd, out, pre, idx, eps, stride, padding = saved.pop()
-            (iw, ib, ig, ibeta) = plan.blocks[k][0]
-            # each tensor is dropped once read (as autograd frees a node's saved tensors), which
-            # measured 10% faster on CPU than holding them to the end (allocator reuse, cache)
-            if pre is not None:
-                gh = torch.ops.aten.max_pool2d_with_indices_backward(
-                    gh, pre, [2, 2], [2, 2], [0, 0], [1, 1], False, idx
-                )
-            del pre, idx
-            gh = torch.ops.aten.threshold_backward(gh, out, 0)
-            del out
-            gz, ggamma, gbeta = torch.ops.aten.native_batch_norm_backward(
-                gh, z, gamma, None, None, mean, invstd, True, eps, [True, True, True]
+        grad = ctx.grad
+        del ctx.grad
+        return grad * go.unsqueeze(1), None
+
+
+def _cat_chunks(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _flat_backward(
+    plan: _FlatPlan,
+    grads: list[list[torch.Tensor]],
+    saved: list[Any],
+    feat: torch.Tensor,
+    wh: torch.Tensor,
+    logp: torch.Tensor,
+    target: torch.Tensor,
+    hshape: torch.Size,
+) -> None:
+    """Append one chunk's gradients of sum(per-task losses) to ``grads`` (per tensor of the plan)."""
+    c, N = feat.shape[:2]
+    # d/dlogits of sum(logp * target) per task: softmax * sum(target) - target, sum(target) = -1
+    gl = logp.exp().mul_(1.0 / N).add_(target)
+    grads[plan.head[0]].append(torch.bmm(gl.transpose(1, 2), feat))
+    grads[plan.head[1]].append(gl.sum(1))
+    gh = torch.bmm(gl, wh).transpose(0, 1).reshape(hshape)
+    for k in range(len(saved) - 1, -1, -1):
+        # popped, so that each block's activations are freed once its gradient is taken
+        h, w, z, gamma, mean, invstd, out, pre, idx, eps, stride, padding = saved.pop()
+        (iw, ib, ig, ibeta) = plan.blocks[k][0]
+        if pre is not None:
+            gh = torch.ops.aten.max_pool2d_with_indices_backward(
+                gh, pre, [2, 2], [2, 2], [0, 0], [1, 1], False, idx
             )
-            del z
-            grads[ig], grads[ibeta] = ggamma, gbeta
-            if ib >= 0:
-                grads[ib] = gz.sum((0, 2, 3))
-            gin, gw = _conv_backward(gz, h, w, stride, padding, B, (k > 0, True))
-            del gz, h, w
-            assert gw is not None
-            grads[iw] = gw
-            if gin is not None:
-                gh = gin
-        return torch.cat([grads[i].reshape(B, -1) for i in range(len(plan.sizes))], 1), None
+        del pre, idx
+        gh = torch.ops.aten.threshold_backward(gh, out, 0)
+        del out
+        gz, ggamma, gbeta = torch.ops.aten.native_batch_norm_backward(
+            gh, z, gamma, None, None, mean, invstd, True, eps, [True, True, True]
+        )
+        del z
+        grads[ig].append(ggamma)
+        grads[ibeta].append(gbeta)
+        if ib >= 0:
+            grads[ib].append(gz.sum((0, 2, 3)))
+        gin, gw = _conv_backward(gz, h, w, stride, padding, c, (k > 0, True))
+        del gz, h, w
+        assert gw is not None
+        grads[iw].append(gw)
+        if gin is not None:
+            gh = gin
 
 
 def _convnet_single(model: ConvNet) -> Callable[[Params, torch.Tensor], torch.Tensor]:
