@@ -27,6 +27,7 @@ Writes ``results.json`` and ``table.md`` into ``--out``.  Needs no GPU; uses one
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import statistics
@@ -128,19 +129,24 @@ def main() -> None:
     p.add_argument(
         "--as-accelerator",
         action="store_true",
-        help="run the solver loops as on an accelerator (no host reads to skip masked work), to count "
-        "on CPU the host reads a GPU step would make",
+        help="run as on an accelerator (solver loops without host reads to skip masked work, all B "
+        "query sets in one call, NCHW activations), to count on CPU the ops and host reads a GPU "
+        "step would make",
     )
     args = p.parse_args()
     if args.as_accelerator:
         import bilevel._sync
+        import bilevel.metalearn.models
 
         bilevel._sync.host_checks = lambda x: False  # type: ignore[assignment]
+        bilevel.metalearn.models._CPU_CHANNELS_LAST = False  # type: ignore[attr-defined]
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model, fn, theta, batch = problem(device, args.meta_batch, args.ways, args.shots, args.seed)
     eager = batched_model(model, double_backward=args.double_backward)
     assert eager is not None
+    if args.as_accelerator:
+        eager = dataclasses.replace(eager, cpu_chunk=None)
     engines = {
         "eager": eager,
         "compiled": eager.compiled("reduce-overhead" if device.type == "cuda" else None),
