@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from .. import CheckpointError, NonFiniteError, deferred_checks
+from ..tree import all_finite
 from .algorithms import meta_gradient
 from .checkpoint import atomic_json, atomic_save, keep_earlier, load_checkpoint, saved_config, shape_mismatch
 from .config import IMAML_ALGOS, ConfigError, TrainConfig
@@ -359,7 +360,7 @@ def train(
                     )
                 n_local = len(local)
                 # one device sync for the whole meta-gradient
-                if not bool(torch.stack([torch.isfinite(t).all() for t in g.values()]).all()):
+                if not bool(all_finite(list(g.values())).all()):
                     raise NonFiniteError(
                         f"{cfg.algo}: meta-step {step}: the meta-gradient has NaN or infinity (query loss "
                         f"{stats.query_loss.tolist()}); the inner solver probably diverged: lower "
