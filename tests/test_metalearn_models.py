@@ -443,8 +443,8 @@ def test_grouped_activations_are_channels_last_on_cpu(monkeypatch: pytest.Monkey
 
 
 def test_flat_cross_entropy_refuses_second_derivatives_and_compiling_drops_it() -> None:
-    """First order only: a second derivative raises rather than returning zeros; `compiled`
-    (whose `fast` is what is captured) has no fused losses."""
+    """First order only: a second derivative raises rather than returning zeros; a chunk of no
+    tasks is refused; `compiled` (whose `fast` is what is captured) has no fused losses."""
     model = FUSED_MODELS[0]
     _, params = make_functional(model, _gen(0), dtype=torch.float64)
     bm = batched_model(model)
@@ -456,6 +456,8 @@ def test_flat_cross_entropy_refuses_second_derivatives_and_compiling_drops_it() 
     (g,) = torch.autograd.grad(f(X)[0].sum(), X, create_graph=True)
     with pytest.raises(RuntimeError, match=r"once_differentiable|does not require grad"):
         torch.autograd.grad(g.sum(), X)
+    with pytest.raises(ValueError, match="chunk must be a positive number of tasks, got 0"):
+        bm.flat_cross_entropy(list(params), [tuple(v.shape) for v in params.values()], x, y, 0)
     assert bm.compiled().flat_cross_entropy is None
 
 
