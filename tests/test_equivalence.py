@@ -1,0 +1,72 @@
+"""The meta-learning package computes what its reference version computed (`equivalence_cases`).
+
+``tests/data/equivalence.json.gz`` and ``equivalence-checkpoint.pt`` were written by the package's
+reference version (``tests/equivalence_cases.py --write``): meta-gradients and their diagnostics for
+every algorithm, engine and learned lambda in float64, six 20-step command-line runs (trained
+parameters, learned lambda, console output, metrics, log), their ``eval`` outputs and refusals.
+Numbers must agree to 1e-12 (relative, float64), text exactly.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import equivalence_cases as cases
+from bilevel.metalearn import load_checkpoint, load_run
+
+DATA = Path(__file__).parent / "data"
+RTOL = ATOL = 1e-12
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, Any]:
+    with gzip.open(DATA / "equivalence.json.gz", "rt") as f:
+        return json.load(f)
+
+
+def _assert_same(new: Any, old: Any, where: str) -> None:
+    if isinstance(old, dict):
+        assert isinstance(new, dict) and sorted(new) == sorted(old), (
+            f"{where}: keys {sorted(new)} != {sorted(old)}"
+        )
+        for k in old:
+            _assert_same(new[k], old[k], f"{where}/{k}")
+    elif isinstance(old, list):
+        assert isinstance(new, list) and len(new) == len(old), f"{where}: length differs"
+        for i, (a, b) in enumerate(zip(new, old)):
+            _assert_same(a, b, f"{where}[{i}]")
+    elif isinstance(old, float) and not isinstance(old, bool):
+        assert isinstance(new, (int, float)) and math.isclose(new, old, rel_tol=RTOL, abs_tol=ATOL), (
+            f"{where}: {new!r} != {old!r}"
+        )
+    else:
+        assert new == old, f"{where}: {new!r} != {old!r}"
+
+
+def test_meta_gradients_equal_the_reference(reference: dict[str, Any]) -> None:
+    torch.set_num_threads(1)
+    _assert_same(cases.meta_gradient_cases(), reference["meta_gradient"], "meta_gradient")
+
+
+def test_cli_runs_equal_the_reference(reference: dict[str, Any]) -> None:
+    """Trained parameters, learned lambda, console, metrics, log, eval output and refusals."""
+    torch.set_num_threads(1)
+    _assert_same(cases.run_cases(), reference["runs"], "runs")
+
+
+def test_a_reference_checkpoint_loads_and_evaluates_as_written(reference: dict[str, Any]) -> None:
+    ck = load_checkpoint(DATA / "equivalence-checkpoint.pt")
+    first = reference["runs"][next(iter(cases.RUNS))]  # the run whose checkpoint was kept
+    _assert_same(cases._tensors(ck["theta"]), first["theta"], "checkpoint/theta")
+    run = load_run(DATA / "equivalence-checkpoint.pt")
+    assert run.step == 20
+    _assert_same(cases._tensors(run.params), first["theta"], "load_run/params")
+    _assert_same(cases._tensors(ck["log_lam"]), first["log_lam"], "checkpoint/log_lam")
+    _assert_same(math.log(float(run.lam)), first["log_lam"]["lam"][0], "load_run/lam")
