@@ -172,8 +172,8 @@ def make_task(
 ) -> Task:
     """A meta-batch of one task: Omniglot (meta-training classes) or uniform random images."""
     if data_root is not None:
-        from bilevel.metalearn.omniglot import load_omniglot
-        from bilevel.metalearn.tasks import TaskSampler
+        from bilevel.metalearn.data.omniglot import load_omniglot
+        from bilevel.metalearn.data.samplers import TaskSampler
 
         data = load_omniglot(data_root, seed=seed)
         return TaskSampler(data.train, ways, shots, queries, seed=seed).meta_batch(0, 1, device=device)

@@ -26,7 +26,7 @@ Two sections, each measured side by side in one run of this script:
    Reported ratio: torchopt / ours of the median times (> 1: ours is faster; issue 15's target
    is >= 1.2 at both settings).
 
-2. ``metastep``: one meta-training step of the command line (``bilevel.metalearn.train``),
+2. ``metastep``: one meta-training step of the command line (``bilevel.metalearn.training.train``),
    old code against new code: ``meta_gradient(make_algorithm(name, ...), fn, F.cross_entropy,
    theta, batch, lam=None, classification=True, vectorize=True, batched=batched_model(model),
    diagnostics=(step % 10 == 0))`` (train's default ``log_every=10``), the finiteness check,

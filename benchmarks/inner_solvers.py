@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from bilevel.metalearn import algorithms as A
-from bilevel.metalearn.checkpoint import load_checkpoint, saved_config
-from bilevel.metalearn.experiment import build_experiment
+from bilevel.metalearn.training.checkpoint import load_checkpoint, saved_config
+from bilevel.metalearn.training.experiment import build_experiment
 
 SOLVERS = {
     "GD 16 x 0.1, backtracking": A.InnerGD(steps=16, lr=0.1, backtrack=True),

@@ -3,7 +3,8 @@
     python -m bilevel.metalearn report RUN [RUN...] --out DIR
 
 writes test accuracy (or MSE) with its 95% band against meta-steps and time, the training losses and
-the inner-solver and CG diagnostics, one PNG each, several runs overlaid (`bilevel.metalearn.report`).
+the inner-solver and CG diagnostics, one PNG each, several runs overlaid
+(`bilevel.metalearn.training.report`).
 This script forwards to it; an ``--out`` ending in ``.png`` (the old usage) writes into that file's
 folder.
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bilevel.metalearn.report import main as report
+from bilevel.metalearn.training.report import main as report
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,10 +15,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+import equivalence_cases as cases
 import pytest
 import torch
 
-import equivalence_cases as cases
 from bilevel.metalearn import load_checkpoint, load_run
 
 DATA = Path(__file__).parent / "data"

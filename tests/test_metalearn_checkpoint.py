@@ -150,7 +150,7 @@ def test_a_checkpoint_from_before_cg_warm_start_keeps_its_warm_start(tmp_path: P
     """iMAML's CG started from the first-order gradient before the field existed: a checkpoint
     without it loads with ``cg_warm_start=True``, so a resume continues the same algorithm; an
     older run of an algorithm without CG loads with the default, so its resume is not refused."""
-    from bilevel.metalearn.checkpoint import saved_config
+    from bilevel.metalearn.training.checkpoint import saved_config
 
     cfg = tiny(tmp_path / "run", algo="imaml-gd")
     old = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "cg_warm_start"}

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from bilevel.metalearn import TrainConfig, load_checkpoint, train
-from bilevel.metalearn.__main__ import main
-from bilevel.metalearn.console import Console
+from bilevel.metalearn.training.cli import main
+from bilevel.metalearn.training.console import Console
 
 SINE = [
     "train",
@@ -99,7 +99,7 @@ def test_bad_flags_are_one_line_usage_errors(
 
 def test_compile_flag_modes(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """Bare --compile is torch.compile's default mode; a mode can be named; others are refused."""
-    from bilevel.metalearn.__main__ import _parser, config_from_args
+    from bilevel.metalearn.training.cli import _parser, config_from_args
 
     assert config_from_args(_parser().parse_args([*SINE])).compile == "none"
     assert config_from_args(_parser().parse_args([*SINE, "--compile"])).compile == "default"
@@ -111,7 +111,7 @@ def test_compile_flag_modes(capsys: pytest.CaptureFixture[str], tmp_path: Path) 
 
 def test_the_algorithms_own_flags_are_accepted(tmp_path: Path) -> None:
     # --lam is iMAML's; a preset's values are not flags, so a preset with another algorithm is fine
-    from bilevel.metalearn.__main__ import _parser, config_from_args
+    from bilevel.metalearn.training.cli import _parser, config_from_args
 
     cfg = config_from_args(
         _parser().parse_args([*SINE, "--algo", "imaml-gd", "--lam", "0.5", "--cg-iters", "2"])
@@ -125,7 +125,7 @@ def test_the_algorithms_own_flags_are_accepted(tmp_path: Path) -> None:
 
 
 def test_a_preset_gives_each_algorithm_its_measured_settings() -> None:
-    from bilevel.metalearn.__main__ import _parser, config_from_args
+    from bilevel.metalearn.training.cli import _parser, config_from_args
 
     def cfg(*flags: str) -> TrainConfig:
         return config_from_args(_parser().parse_args(["train", *flags]))
@@ -153,8 +153,8 @@ def test_a_preset_gives_each_algorithm_its_measured_settings() -> None:
 
 
 def test_the_released_recipe_then_the_preset_then_the_flags() -> None:
-    from bilevel.metalearn.__main__ import _parser, config_from_args
-    from bilevel.metalearn.config import RECIPES
+    from bilevel.metalearn.training.cli import _parser, config_from_args
+    from bilevel.metalearn.training.config import RECIPES
 
     cfg = config_from_args(_parser().parse_args(["train", "--recipe", "released"]))
     assert {k: getattr(cfg, k) for k in RECIPES["released"]} == RECIPES["released"]

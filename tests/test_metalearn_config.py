@@ -66,7 +66,7 @@ def test_contradictions_are_refused() -> None:
 
 def test_the_released_recipe_is_a_valid_configuration_of_the_released_algorithm() -> None:
     from bilevel.metalearn.algorithms import InnerGDPullBack, ReleasedCG
-    from bilevel.metalearn.config import RECIPES
+    from bilevel.metalearn.training.config import RECIPES
 
     cfg = TrainConfig(**RECIPES["released"])
     algo = cfg.algorithm()

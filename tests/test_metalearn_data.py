@@ -20,19 +20,20 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-import bilevel.metalearn.sources as sources
-from bilevel.metalearn.datasets import DatasetError, DatasetFormatError, DatasetNotFoundError
-from bilevel.metalearn.folder import load_image_folder
-from bilevel.metalearn.images import ClassPool, ImageCollection
-from bilevel.metalearn.miniimagenet import load_miniimagenet
-from bilevel.metalearn.omniglot import (
+import bilevel.metalearn.data.sources as sources
+from bilevel.metalearn.data.datasets import DatasetError, DatasetFormatError, DatasetNotFoundError
+from bilevel.metalearn.data.folder import load_image_folder
+from bilevel.metalearn.data.images import ClassPool, ImageCollection
+from bilevel.metalearn.data.miniimagenet import load_miniimagenet
+from bilevel.metalearn.data.omniglot import (
     lake_split,
     load_omniglot,
     omniglot_class_ids,
     vinyals_split,
 )
-from bilevel.metalearn.splits import ClassSplit, split_classes
-from bilevel.metalearn.tasks import SinusoidTasks, Task, TaskSampler, stack_tasks, task_rng
+from bilevel.metalearn.data.samplers import SinusoidTasks, TaskSampler, task_rng
+from bilevel.metalearn.data.splits import ClassSplit, split_classes
+from bilevel.metalearn.tasks import Task, stack_tasks
 
 REAL_OMNIGLOT = Path("/work/shared/data/omniglot")
 
@@ -681,7 +682,7 @@ def test_decoding_without_pillow_says_what_to_install(monkeypatch: pytest.Monkey
 
 def test_a_task_pool_redraws_the_same_tasks() -> None:
     """TaskPool: n tasks made once from their own seeds, drawn with replacement at every step."""
-    from bilevel.metalearn.tasks import SinusoidTasks, TaskPool
+    from bilevel.metalearn.data.samplers import SinusoidTasks, TaskPool
 
     src = SinusoidTasks(shots=3, queries=2, seed=4)
     pool = TaskPool(src, 3)

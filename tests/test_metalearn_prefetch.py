@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from bilevel.metalearn.prefetch import Prefetcher
+from bilevel.metalearn.data.prefetch import Prefetcher
 from bilevel.metalearn.tasks import Task
 
 

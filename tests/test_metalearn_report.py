@@ -1,4 +1,4 @@
-"""Run reports (`bilevel.metalearn.report`): reading run folders and writing the plots."""
+"""Run reports (`bilevel.metalearn.training.report`): reading run folders and writing the plots."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bilevel.metalearn import TrainConfig, train
-from bilevel.metalearn.report import RunFormatError, read_run, read_runs, summarize, write_report
+from bilevel.metalearn.training.report import RunFormatError, read_run, read_runs, summarize, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -159,8 +159,8 @@ def test_report_command(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`python -m bilevel.metalearn report RUN... --out DIR`: the table, the figures, clear usage errors."""
-    from bilevel.metalearn import report
-    from bilevel.metalearn.__main__ import main
+    from bilevel.metalearn.training import report
+    from bilevel.metalearn.training.cli import main
 
     drawn: list[tuple[list[str], str]] = []
 

@@ -18,8 +18,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import bilevel as bl
 from bilevel.metalearn import DatasetNotFoundError, TrainConfig, build_experiment, load_checkpoint, train
-from bilevel.metalearn.__main__ import main
 from bilevel.metalearn.models import omniglot_cnn
+from bilevel.metalearn.training.cli import main
 
 FAST = ["--meta-batch", "2", "--test-tasks", "4", "--eval-batch", "2", "--no-progress", "--threads", "1"]
 
@@ -465,7 +465,7 @@ def test_sigterm_stops_after_the_step_and_still_evaluates(tmp_path: Path) -> Non
 
 def test_more_cuda_ranks_than_gpus_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     # torchrun --nproc_per_node=2 on a one-GPU machine: nccl would fail with "invalid device ordinal"
-    from bilevel.metalearn.distributed import Dist, init_distributed, rank_device
+    from bilevel.metalearn.training.distributed import Dist, init_distributed, rank_device
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -38,45 +38,47 @@ from .algorithms import evaluate_batch as evaluate_batch
 from .algorithms import make_algorithm as make_algorithm
 from .algorithms import meta_gradient as meta_gradient
 from .algorithms import predict_batch as predict_batch
-from .checkpoint import load_checkpoint as load_checkpoint
-from .config import PRESETS as PRESETS
-from .config import ConfigError as ConfigError
-from .config import Preset as Preset
-from .config import TrainConfig as TrainConfig
-from .datasets import DatasetError as DatasetError
-from .datasets import DatasetFormatError as DatasetFormatError
-from .datasets import DatasetNotFoundError as DatasetNotFoundError
-from .datasets import FewShotData as FewShotData
+from .data.datasets import DatasetError as DatasetError
+from .data.datasets import DatasetFormatError as DatasetFormatError
+from .data.datasets import DatasetNotFoundError as DatasetNotFoundError
+from .data.datasets import FewShotData as FewShotData
+from .data.folder import load_image_folder as load_image_folder
+from .data.miniimagenet import load_miniimagenet as load_miniimagenet
+from .data.omniglot import load_omniglot as load_omniglot
+from .data.prefetch import Prefetcher as Prefetcher
+from .data.samplers import SinusoidTasks as SinusoidTasks
+from .data.samplers import TaskPool as TaskPool
+from .data.samplers import TaskSampler as TaskSampler
+from .data.splits import ClassSplit as ClassSplit
 from .evaluation import EvalResult as EvalResult
 from .evaluation import Run as Run
 from .evaluation import evaluate as evaluate
 from .evaluation import evaluate_fixed as evaluate_fixed
 from .evaluation import evaluate_tasks as evaluate_tasks
-from .experiment import Experiment as Experiment
-from .experiment import build_experiment as build_experiment
-from .experiment import load_run as load_run
-from .folder import load_image_folder as load_image_folder
 from .learner import FOMAML as FOMAML
 from .learner import IMAML as IMAML
 from .learner import MAML as MAML
 from .learner import AdaptedModel as AdaptedModel
 from .learner import MetaLearner as MetaLearner
 from .learner import Reptile as Reptile
-from .miniimagenet import load_miniimagenet as load_miniimagenet
 from .models import BatchedModel as BatchedModel
 from .models import batched_model as batched_model
 from .models import default_model as default_model
 from .models import init_params as init_params
 from .models import make_functional as make_functional
 from .models import mse as mse
-from .omniglot import load_omniglot as load_omniglot
-from .prefetch import Prefetcher as Prefetcher
-from .splits import ClassSplit as ClassSplit
-from .tasks import SinusoidTasks as SinusoidTasks
 from .tasks import Task as Task
-from .tasks import TaskPool as TaskPool
-from .tasks import TaskSampler as TaskSampler
-from .train import train as train  # the function; the module stays importable as bilevel.metalearn.train
+from .training.checkpoint import load_checkpoint as load_checkpoint
+from .training.config import PRESETS as PRESETS
+from .training.config import ConfigError as ConfigError
+from .training.config import Preset as Preset
+from .training.config import TrainConfig as TrainConfig
+from .training.experiment import Experiment as Experiment
+from .training.experiment import build_experiment as build_experiment
+from .training.experiment import load_run as load_run
+from .training.train import (
+    train as train,  # the function; the module stays importable as bilevel.metalearn.training.train
+)
 
 __all__ = [
     "FOMAML",

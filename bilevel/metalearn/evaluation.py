@@ -24,9 +24,10 @@ from typing import Any, Union
 import torch
 
 from .algorithms import MetaAlgorithm, predict_batch
-from .config import TrainConfig
+from .data.samplers import SinusoidTasks, TaskSampler
 from .models import BatchedModel, Params
-from .tasks import SinusoidTasks, Task, TaskSampler, stack_tasks
+from .tasks import Task, stack_tasks
+from .training.config import TrainConfig
 
 __all__ = ["EvalResult", "Run", "evaluate", "evaluate_fixed", "evaluate_tasks"]
 

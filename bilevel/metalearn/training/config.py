@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .algorithms import MetaAlgorithm, make_algorithm
+from ..algorithms import MetaAlgorithm, make_algorithm
 
 __all__ = ["ALGOS", "DATASETS", "PRESETS", "RECIPES", "ConfigError", "Preset", "TrainConfig"]
 

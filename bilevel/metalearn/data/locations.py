@@ -14,7 +14,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from .. import BilevelWarning
+from ... import BilevelWarning
 from .datasets import DatasetNotFoundError
 
 __all__ = ["CACHE_ENV", "DATA_ROOT_ENV", "resolve_cache_dir", "resolve_data_root"]

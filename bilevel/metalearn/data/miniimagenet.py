@@ -174,7 +174,7 @@ def load_miniimagenet(
         data_root: see `miniimagenet_source`.
         image_size: side of the square images (84 in the literature).
         resample: Pillow filter for images of another size.
-        cache_dir: see `bilevel.metalearn.locations.resolve_cache_dir`.
+        cache_dir: see `bilevel.metalearn.data.locations.resolve_cache_dir`.
         cache: ``False`` decodes into memory and writes nothing.
         workers: decoding threads.
         progress: tqdm progress bar during the one-time decode.

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import BilevelWarning
+from ... import BilevelWarning
 from .images import ImageCollection
 from .locations import resolve_cache_dir
 from .sources import RESAMPLE_NAMES, ImageSource, Resample, decode_source, hash_json

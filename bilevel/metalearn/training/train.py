@@ -8,24 +8,24 @@ with Adam, evaluates on the fixed test tasks (`Experiment.evaluate`) and writes,
 * ``split.json``: ``train_classes``, ``val_classes``, ``test_classes`` (image datasets);
 * ``checkpoint.pt``: theta, a learned lambda, the Adam state and the step, written
   atomically (a temporary file renamed over the old one) and read back with
-  ``torch.load(..., weights_only=True)`` (`bilevel.metalearn.checkpoint`); ``--resume`` continues
+  ``torch.load(..., weights_only=True)`` (`bilevel.metalearn.training.checkpoint`); ``--resume`` continues
   from it, `load_run` turns it into a `Run` for `evaluate_tasks`;
 * ``log.jsonl``: one JSON record per logged step (losses, accuracies, inner-solver
   and CG diagnostics, wall time).
 
 Nothing is overwritten without a word: a resumed run must have the configuration of its
-checkpoint (up to the fields of `bilevel.metalearn.config.RESUMABLE`, e.g. more meta-steps), a
+checkpoint (up to the fields of `bilevel.metalearn.training.config.RESUMABLE`, e.g. more meta-steps), a
 new run refuses a folder that holds one (unless ``overwrite``), and an earlier ``metrics.json``
 is kept as ``metrics.step<N>.json``.  A resumed run drops the log records after its checkpoint's
 step (a killed run logged steps its checkpoint does not hold) and redoes those steps.
 
-Progress goes to standard error (`bilevel.metalearn.console.Console`): a banner (configuration,
+Progress goes to standard error (`bilevel.metalearn.training.console.Console`): a banner (configuration,
 device, data, output folder, resumed step), a bar or plain lines for meta-training and the final
 evaluation, and the periodic evaluations' results.
 
 Distributed (``torchrun --nproc_per_node=N``): rank r computes tasks
 ``range(r, B, N)`` of every meta-batch of B tasks, the per-task gradient sums are
-all-reduced (`bilevel.metalearn.distributed`), and every rank takes the same Adam step from the
+all-reduced (`bilevel.metalearn.training.distributed`), and every rank takes the same Adam step from the
 same state, so the parameters stay identical.  Task i of step t is drawn from
 ``SeedSequence([seed, 0, t, i])`` whatever rank draws it, so N ranks see exactly the
 tasks of one process.  Only rank 0 writes files.  The backend is ``nccl`` on CUDA and
@@ -48,16 +48,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import CheckpointError, NonFiniteError, deferred_checks
-from ..tree import all_finite
-from .algorithms import meta_gradient
+from ... import CheckpointError, NonFiniteError, deferred_checks
+from ...tree import all_finite
+from ..algorithms import meta_gradient
+from ..data.prefetch import Prefetcher
+from ..models import Params
 from .checkpoint import atomic_json, atomic_save, keep_earlier, load_checkpoint, saved_config, shape_mismatch
 from .config import IMAML_ALGOS, ConfigError, TrainConfig
 from .console import Console, ProgressMode
 from .distributed import Dist, allreduce_, broadcast_, finish, init_distributed, rank_device
 from .experiment import Experiment, build_experiment, learned_lam
-from .models import Params
-from .prefetch import Prefetcher
 
 __all__ = ["train"]
 
@@ -227,9 +227,9 @@ def train(
     Args:
         cfg: the run.
         resume: continue the run in ``cfg.out`` from its ``checkpoint.pt``; ``cfg`` must equal the
-            saved configuration except in the fields of `bilevel.metalearn.config.RESUMABLE` (e.g.
+            saved configuration except in the fields of `bilevel.metalearn.training.config.RESUMABLE` (e.g.
             more ``meta_steps``, another ``test_tasks``).
-        progress: what to show on standard error (`bilevel.metalearn.console.ProgressMode`): ``True``
+        progress: what to show on standard error (`bilevel.metalearn.training.console.ProgressMode`): ``True``
             a banner, then a bar on a terminal or plain lines elsewhere, and periodic results;
             ``"lines"`` plain lines; ``False`` nothing.
         overwrite: start a new run in ``cfg.out`` although it holds one (its checkpoint and log are

@@ -1,7 +1,7 @@
 """Decoded images and the pools of classes that tasks are drawn from.
 
 An `ImageCollection` holds every decoded image of a dataset as one class-major ``uint8`` array
-(usually a memory map of the cache, see `bilevel.metalearn.cache`); a `ClassPool` selects the
+(usually a memory map of the cache, see `bilevel.metalearn.data.cache`); a `ClassPool` selects the
 (class, rotation) pairs of one part of a split.  Neither decodes or reads files.
 """
 

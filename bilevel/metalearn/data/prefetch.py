@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from .tasks import Task
+from ..tasks import Task
 
 __all__ = ["Prefetcher"]
 

@@ -6,9 +6,9 @@ Usage::
     data.split.save_json(run_dir / "split.json")
 
 Layout: ``<root>/<class>/<image>`` with any image size and any format Pillow reads (suffixes in
-`bilevel.metalearn.sources.IMAGE_SUFFIXES`); hidden files and folders (``.name``) are skipped, so
+`bilevel.metalearn.data.sources.IMAGE_SUFFIXES`); hidden files and folders (``.name``) are skipped, so
 a ``<root>/.bilevel_cache`` does not become a class.  Classes are split deterministically by
-`bilevel.metalearn.splits.split_classes` (sorted names, seeded permutation).
+`bilevel.metalearn.data.splits.split_classes` (sorted names, seeded permutation).
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def load_image_folder(
         invert: store ``255 - pixel`` (dark strokes on a light background become bright).
         rotations: make each class four classes (0/90/180/270 degrees) in every part; needs square images.
         resample: Pillow resize filter.
-        cache_dir: see `bilevel.metalearn.locations.resolve_cache_dir`.
+        cache_dir: see `bilevel.metalearn.data.locations.resolve_cache_dir`.
         cache: ``False`` decodes into memory and writes nothing.
         workers: decoding threads.
         progress: tqdm progress bar during the one-time decode.

@@ -4,7 +4,7 @@ Command line::
 
     python -m bilevel.metalearn report runs/fomaml runs/imaml --out runs/report
 
-A run folder is what `bilevel.metalearn.train` writes: ``log.jsonl`` (one record per logged
+A run folder is what `bilevel.metalearn.training.train` writes: ``log.jsonl`` (one record per logged
 meta-step, one per periodic evaluation; written as training goes, so a running or stopped run can
 be read), ``metrics.json`` (the final evaluation, once training has ended) and ``config.json``.
 `write_report` draws, for one run or several overlaid (one colour per run throughout):
@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeGuard
 
-from .. import BilevelError
+from ... import BilevelError
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -211,7 +211,7 @@ def _by_step(records: Sequence[Record]) -> tuple[Record, ...]:
 
 
 def read_run(folder: str | Path, name: str | None = None) -> RunLog:
-    """Read a run folder written by `bilevel.metalearn.train`.
+    """Read a run folder written by `bilevel.metalearn.training.train`.
 
     ``log.jsonl`` gives the curves; without it, the curves saved in ``metrics.json`` are used.
 

@@ -12,8 +12,8 @@ The pipeline, one module per step:
 
 Quick start (what a training loop needs)::
 
-    from bilevel.metalearn.omniglot import load_omniglot
-    from bilevel.metalearn.tasks import TaskSampler
+    from bilevel.metalearn.data.omniglot import load_omniglot
+    from bilevel.metalearn.data.samplers import TaskSampler
     from bilevel.metalearn.models import default_model, make_functional
 
     data = load_omniglot(data_root, split="vinyals", seed=0, n_val=100)  # FewShotData
@@ -40,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from .. import BilevelError
+from ... import BilevelError
 from .images import ClassPool, ImageCollection
 from .splits import ClassSplit
 

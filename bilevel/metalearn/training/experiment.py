@@ -22,13 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import CheckpointError
-from .algorithms import MetaAlgorithm
-from .checkpoint import load_checkpoint, saved_config, shape_mismatch
-from .config import TrainConfig
-from .datasets import FewShotData
-from .evaluation import LamValue, Run, evaluate_fixed
-from .models import (
+from ... import CheckpointError
+from ..algorithms import MetaAlgorithm
+from ..data.datasets import FewShotData
+from ..data.samplers import SinusoidTasks, TaskPool, TaskSampler
+from ..data.splits import ClassSplit
+from ..evaluation import LamValue, Run, evaluate_fixed
+from ..models import (
     BatchedModel,
     Params,
     batched_model,
@@ -40,8 +40,8 @@ from .models import (
     omniglot_cnn,
     sinusoid_mlp,
 )
-from .splits import ClassSplit
-from .tasks import SinusoidTasks, TaskPool, TaskSampler
+from .checkpoint import load_checkpoint, saved_config, shape_mismatch
+from .config import TrainConfig
 
 __all__ = ["Experiment", "build_experiment", "learned_lam", "load_run"]
 
@@ -183,15 +183,15 @@ def _functional(
 
 def _load_data(cfg: TrainConfig) -> FewShotData:
     if cfg.dataset == "omniglot":
-        from .omniglot import load_omniglot
+        from ..data.omniglot import load_omniglot
 
         split = cfg.split if cfg.split in ("vinyals", "lake") else "vinyals"
         return load_omniglot(cfg.data_root, split=split, seed=cfg.seed, n_val=cfg.n_val)  # type: ignore[arg-type]
     if cfg.dataset == "miniimagenet":
-        from .miniimagenet import load_miniimagenet
+        from ..data.miniimagenet import load_miniimagenet
 
         return load_miniimagenet(cfg.data_root)
-    from .folder import load_image_folder
+    from ..data.folder import load_image_folder
 
     return load_image_folder(cfg.data_root, seed=cfg.seed)
 
@@ -315,7 +315,7 @@ def load_run(
     cfg = saved_config(ck, checkpoint_path, **overrides, device=str(device))
     shape = ck.get("image_shape")
     if shape is None and cfg.dataset == "folder":
-        from .folder import load_image_folder
+        from ..data.folder import load_image_folder
 
         shape = load_image_folder(cfg.data_root, seed=cfg.seed).image_shape
     with torch.random.fork_rng(devices=[]):  # building the module draws from the global generator

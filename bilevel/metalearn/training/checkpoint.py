@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .. import CheckpointError
+from ... import CheckpointError
 from .config import IMPLICIT_ALGOS, TrainConfig
 
 __all__ = ["atomic_json", "atomic_save", "keep_earlier", "load_checkpoint", "saved_config", "shape_mismatch"]

@@ -3,7 +3,7 @@
 A dataset module (`omniglot`, `miniimagenet`, `folder`) describes its images as an `ImageSource`
 (class ids, per-class file references, a fingerprint of the files and a reader factory for plain
 files or zip archives); `decode_source` decodes all of them into one ``uint8`` array, which
-`bilevel.metalearn.cache` stores and memory-maps.
+`bilevel.metalearn.data.cache` stores and memory-maps.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Usage::
     data.test.n_classes    # 1692 = 423 characters x 4 rotations (test_rotations=True)
     data.split.save_json(run_dir / "split.json")
 
-See `bilevel.metalearn.datasets` for the whole pipeline (tasks, models) and `TaskSampler` in
+See `bilevel.metalearn.data.datasets` for the whole pipeline (tasks, models) and `TaskSampler` in
 `bilevel.metalearn.tasks` for drawing tasks.
 
 Images: the 105x105 1-bit drawings are converted to grayscale, resized to 28x28 (LANCZOS by
@@ -250,7 +250,7 @@ def load_omniglot(
         test_rotations: the same for validation and test characters.
         image_size: side of the square images (28 in the literature).
         resample: Pillow filter for the 105 -> ``image_size`` reduction.
-        cache_dir: see `bilevel.metalearn.locations.resolve_cache_dir`.
+        cache_dir: see `bilevel.metalearn.data.locations.resolve_cache_dir`.
         cache: ``False`` decodes into memory and writes nothing.
         workers: decoding threads.
         progress: tqdm progress bar during the one-time decode.

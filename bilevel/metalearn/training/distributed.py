@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from .. import BilevelError
+from ... import BilevelError
 
 __all__ = ["Dist", "allreduce_", "broadcast_", "finish", "init_distributed", "rank_device"]
 
