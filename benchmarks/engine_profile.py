@@ -1,4 +1,4 @@
-"""Where the time of the new user's iMAML meta-gradient goes, ours against TorchOpt (issue 15).
+"""Where the time of the new user's iMAML meta-gradient goes, ours against TorchOpt.
 
 Profiles the ``newuser`` computation of ``engine_speed.py`` (one task, Omniglot CNN, 16 inner GD
 steps, 5 CG steps, float32) for ``bl.implicit_argmin`` and for TorchOpt's ``custom_root``, phase by

@@ -1,4 +1,4 @@
-"""One meta-step of the Omniglot CNN, counted and timed: ops, launches, busy fraction (issue 16).
+"""One meta-step of the Omniglot CNN, counted and timed: ops, launches, busy fraction.
 
 For each algorithm (the CLI's presets of the paper's Omniglot protocol: imaml-gd 16 inner GD steps
 of 0.1, lam 2, 5 CG steps; fomaml 5 steps of 0.4; maml 1 step of 0.4; imaml-hf 3 x 5 Newton-CG)

@@ -1,4 +1,4 @@
-"""Inner solvers of iMAML's G on real Omniglot tasks: how close each gets to a minimum (issue 17).
+"""Inner solvers of iMAML's G on real Omniglot tasks: how close each gets to a minimum.
 
 One meta-batch of 5-way 1-shot Omniglot training tasks (the run's own sampler), G_i(phi) =
 Lhat_i(phi) + lam/2 ||phi - theta||^2 with theta from a checkpoint (``--theta checkpoint``) or the

@@ -6,12 +6,12 @@ biases), the inner SGD and the Adam outer loop are written out in plain torch, o
 time.  If `python -m bilevel.metalearn train --algo fomaml` learns slower or plateaus lower than
 this script on the same protocol, the difference is a bug in the library, not in the protocol.
 
-Protocol (the one of issue 5): 1200 / 423 characters (sorted ids, ``default_rng(seed)``
+Protocol (the library's Omniglot protocol): 1200 / 423 characters (sorted ids, ``default_rng(seed)``
 permutation), a random quarter-turn per drawn class, 15 queries per class, meta-batch 16, 5 inner
 steps of 0.4 (10 at test), Adam 1e-3; accuracy on 100 fixed test tasks every 250 meta-steps,
 against this process's CPU time (evaluation included), one intra-op thread.
 
-Measured on this 2-core machine (2026-11-23, one process beside another): 85.7 / 89.1 / 90.3 %
+Measured on a 2-core CPU (one process beside another): 85.7 / 89.1 / 90.3 %
 after 250 / 500 / 750 meta-steps (4.9 / 10.0 / 14.8 CPU-minutes); the library's run with
 ``--init torch`` and the same settings gave 84.2 / 88.1 / 88.3 % (the 95% half-width on 100
 tasks is about 1.3 points).

@@ -1,4 +1,4 @@
-"""Side-by-side speed of `bilevel` against TorchOpt, higher and JAXopt on identical problems (issue 9).
+"""Side-by-side speed of `bilevel` against TorchOpt, higher and JAXopt on identical problems.
 
 Five sections, all measured in one run of this script:
 

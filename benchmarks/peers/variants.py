@@ -1,4 +1,4 @@
-"""Prototype iMAML meta-step variants: what each proposed engine change buys (issue 9).
+"""Prototype iMAML meta-step variants: what each proposed engine change buys.
 
 Every variant computes the same quantity as
 ``meta_gradient(MetaAlgorithm(InnerGD(16, lr), Implicit(5, warm_start=False), lam), fn, F.cross_entropy,
