@@ -46,7 +46,8 @@ sys.path.insert(0, str(ROOT))
 
 import bilevel as bl  # noqa: E402
 from bilevel.metalearn import make_algorithm, meta_gradient  # noqa: E402
-from bilevel.metalearn.models import batched_model, make_functional, omniglot_cnn  # noqa: E402
+from bilevel.metalearn.batched import batched_model  # noqa: E402
+from bilevel.metalearn.models import make_functional, omniglot_cnn  # noqa: E402
 from bilevel.metalearn.tasks import Task  # noqa: E402
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -136,10 +137,10 @@ def main() -> None:
     args = p.parse_args()
     if args.as_accelerator:
         import bilevel._sync
-        import bilevel.metalearn.models
+        import bilevel.metalearn.batched
 
         bilevel._sync.host_checks = lambda x: False  # type: ignore[assignment]
-        bilevel.metalearn.models._CPU_CHANNELS_LAST = False  # type: ignore[attr-defined]
+        bilevel.metalearn.batched.CPU_CHANNELS_LAST = False
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model, fn, theta, batch = problem(device, args.meta_batch, args.ways, args.shots, args.seed)

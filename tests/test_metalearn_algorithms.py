@@ -25,7 +25,8 @@ from bilevel.metalearn.algorithms import (
     make_algorithm,
     meta_gradient,
 )
-from bilevel.metalearn.models import ConvNet, batched_model, make_functional, mse, omniglot_cnn, sinusoid_mlp
+from bilevel.metalearn.batched import batched_model
+from bilevel.metalearn.models import ConvNet, make_functional, mse, omniglot_cnn, sinusoid_mlp
 from bilevel.metalearn.tasks import Task
 
 D = torch.float64
@@ -431,7 +432,8 @@ def test_min_eig_equals_the_dense_hessian_at_the_inner_answer(lam: object) -> No
     """MetaStats.min_eig (Lanczos on HVPs) against the smallest eigenvalue of the dense
     I + D^-1/2 Lhat'' D^-1/2 at each task's inner answer, float64, small MLP (n = 10)."""
     from bilevel.metalearn import adapt
-    from bilevel.metalearn.models import MLP, batched_model, make_functional, mse
+    from bilevel.metalearn.batched import batched_model
+    from bilevel.metalearn.models import MLP, make_functional, mse
 
     model = MLP(1, (3,), 1)
     fn, theta = make_functional(model, torch.Generator().manual_seed(0), dtype=torch.float64)

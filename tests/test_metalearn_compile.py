@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 import bilevel as bl
 from bilevel.metalearn import make_algorithm, meta_gradient
-from bilevel.metalearn.models import BatchedModel, batched_model, make_functional, omniglot_cnn
+from bilevel.metalearn.batched import BatchedModel, batched_model
+from bilevel.metalearn.models import make_functional, omniglot_cnn
 from bilevel.metalearn.tasks import Task
 
 

@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
+from bilevel.metalearn.batched import batched_model
 from bilevel.metalearn.models import (
     MLP,
     ConvNet,
     Params,
-    batched_model,
     default_model,
     init_params,
     make_functional,
@@ -320,9 +320,9 @@ def test_batched_model_hvp_by_double_backward_equals_per_task_hvp(
     against per-task forward-over-reverse through the module (BatchStatNorm2d), float64, in
     both memory layouts of the grouped activations, and twice through one gradient graph (as
     CG's matvecs do: the few-op batch norm keeps terms of the first for the next)."""
-    import bilevel.metalearn.models as models
+    import bilevel.metalearn.batched as batched
 
-    monkeypatch.setattr(models, "_CPU_CHANNELS_LAST", channels_last)
+    monkeypatch.setattr(batched, "CPU_CHANNELS_LAST", channels_last)
     fn, params = make_functional(model, _gen(0), dtype=torch.float64)
     form, double_backward = which.split(":")
     bm = batched_model(model, double_backward=double_backward)
@@ -347,14 +347,14 @@ def test_batched_model_hvp_by_double_backward_equals_per_task_hvp(
 @pytest.mark.parametrize("stride,padding,size", [(2, 1, 9), (1, 1, 7), (2, 0, 8), (2, 1, 6)])
 def test_grouped_conv_function_gradgradcheck(stride: int, padding: int, size: int) -> None:
     """The exact model's convolution: values of F.conv2d, first and second derivatives by gradcheck."""
-    from bilevel.metalearn.models import _GroupedConv2d
+    from bilevel.metalearn._kernels import GroupedConv2d
 
     G = 3
     x = torch.randn(2, G * 2, size, size, dtype=torch.float64, generator=_gen(0), requires_grad=True)
     w = torch.randn(G * 3, 2, 3, 3, dtype=torch.float64, generator=_gen(1), requires_grad=True)
 
     def f(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return _GroupedConv2d.apply(x, w, stride, padding, G)
+        return GroupedConv2d.apply(x, w, stride, padding, G)
 
     torch.testing.assert_close(f(x, w), F.conv2d(x, w, None, stride, padding, 1, G), rtol=0, atol=1e-13)
     assert torch.autograd.gradcheck(f, (x, w))
@@ -365,7 +365,7 @@ def test_grouped_conv_function_gradgradcheck(stride: int, padding: int, size: in
 def test_conv_weight_grad_function_values_and_gradcheck(stride: int, padding: int, size: int) -> None:
     """The weight gradient by PyTorch's kernel: equal to autograd's, and its own derivatives (the
     HVP terms) by gradcheck in float64."""
-    from bilevel.metalearn.models import _ConvWeightGrad
+    from bilevel.metalearn._kernels import ConvWeightGrad
 
     G = 3
     x = torch.randn(2, G * 2, size, size, dtype=torch.float64, generator=_gen(0), requires_grad=True)
@@ -373,10 +373,10 @@ def test_conv_weight_grad_function_values_and_gradcheck(stride: int, padding: in
     y = F.conv2d(x, w, None, stride, padding, 1, G)
     gy = torch.randn(y.shape, dtype=torch.float64, generator=_gen(2), requires_grad=True)
     (ref,) = torch.autograd.grad(y, w, gy)
-    got = _ConvWeightGrad.apply(x, gy, w.detach(), stride, padding, G)
+    got = ConvWeightGrad.apply(x, gy, w.detach(), stride, padding, G)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
     wd = w.detach()
-    assert torch.autograd.gradcheck(lambda a, b: _ConvWeightGrad.apply(a, b, wd, stride, padding, G), (x, gy))
+    assert torch.autograd.gradcheck(lambda a, b: ConvWeightGrad.apply(a, b, wd, stride, padding, G), (x, gy))
 
 
 FUSED_MODELS = [
@@ -395,10 +395,10 @@ def test_flat_cross_entropy_equals_the_fast_model_and_autograd(
     """The fused per-task losses of flat parameters: values, logits and gradients (for a random
     upstream per task) of `fast` + `task_losses` through autograd, float64; all B = 3 tasks at
     once or in chunks (2 does not divide 3), in both layouts of the grouped activations."""
-    import bilevel.metalearn.models as models
-    from bilevel.metalearn.models import task_losses
+    import bilevel.metalearn.batched as batched
+    from bilevel.metalearn.batched import task_losses
 
-    monkeypatch.setattr(models, "_CPU_CHANNELS_LAST", channels_last)
+    monkeypatch.setattr(batched, "CPU_CHANNELS_LAST", channels_last)
 
     _, params = make_functional(model, _gen(0), dtype=torch.float64)
     bm = batched_model(model)
@@ -431,14 +431,14 @@ def test_flat_cross_entropy_equals_the_fast_model_and_autograd(
 def test_grouped_activations_are_channels_last_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """The batched ConvNet's grouped input (N, B C, H, W) is channels-last on CPU (the measured
     faster layout), plain NCHW when switched off; task b owns channels [b C, (b + 1) C)."""
-    import bilevel.metalearn.models as models
+    import bilevel.metalearn.batched as batched
 
     x = torch.rand(3, 4, 2, 5, 5, generator=_gen(0))
-    h = models._grouped_input(x)
+    h = batched.grouped_input(x)
     assert h.shape == (4, 6, 5, 5) and h.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(h[:, 2:4], x[1].contiguous(), rtol=0, atol=0)
-    monkeypatch.setattr(models, "_CPU_CHANNELS_LAST", False)
-    h = models._grouped_input(x)
+    monkeypatch.setattr(batched, "CPU_CHANNELS_LAST", False)
+    h = batched.grouped_input(x)
     assert h.is_contiguous() and not h.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -464,7 +464,7 @@ def test_flat_cross_entropy_refuses_second_derivatives_and_compiling_drops_it() 
 def test_batch_norm_gradient_function_gradcheck() -> None:
     """The batch-norm gradient node: PyTorch's first derivatives, and its written-out vector-Jacobian
     product (the second derivatives of batch norm) by gradcheck in float64, at random cotangents."""
-    from bilevel.metalearn.models import _BatchNormGrad
+    from bilevel.metalearn._kernels import BatchNormGrad
 
     x = torch.randn(3, 4, 5, 5, dtype=torch.float64, generator=_gen(0), requires_grad=True)
     gamma = torch.rand(4, dtype=torch.float64, generator=_gen(1)).add(0.5).requires_grad_(True)
@@ -475,13 +475,13 @@ def test_batch_norm_gradient_function_gradcheck() -> None:
     def f(gy: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # the statistics from x inside f, as the forward saves them: d/dx must see them move
         v, mu = torch.var_mean(x.detach(), (0, 2, 3), correction=0)
-        out = _BatchNormGrad.apply(gy, x, gamma, mu, torch.rsqrt(v + 1e-5), 1e-5)
+        out = BatchNormGrad.apply(gy, x, gamma, mu, torch.rsqrt(v + 1e-5), 1e-5)
         return tuple(out)
 
     ref = torch.autograd.grad(
         F.batch_norm(x, None, None, gamma, torch.zeros_like(gamma), True, 0.0, 1e-5), (x, gamma), gy
     )
-    got = _BatchNormGrad.apply(gy, x, gamma, mean, invstd, 1e-5)
+    got = BatchNormGrad.apply(gy, x, gamma, mean, invstd, 1e-5)
     torch.testing.assert_close(got[0], ref[0], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(got[1], ref[1], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(got[2], gy.sum((0, 2, 3)), rtol=1e-10, atol=1e-12)
@@ -490,14 +490,14 @@ def test_batch_norm_gradient_function_gradcheck() -> None:
 
 def test_batch_norm_function_gradgradcheck() -> None:
     """The exact model's batch norm: values of F.batch_norm, derivatives by gradcheck."""
-    from bilevel.metalearn.models import _BatchNorm
+    from bilevel.metalearn._kernels import BatchNorm
 
     x = torch.randn(3, 4, 5, 5, dtype=torch.float64, generator=_gen(0), requires_grad=True)
     gamma = torch.rand(4, dtype=torch.float64, generator=_gen(1)).add(0.5).requires_grad_(True)
     beta = torch.randn(4, dtype=torch.float64, generator=_gen(2), requires_grad=True)
 
     def f(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-        return _BatchNorm.apply(x, gamma, beta, 1e-5)
+        return BatchNorm.apply(x, gamma, beta, 1e-5)
 
     ref = F.batch_norm(x, None, None, gamma, beta, True, 0.0, 1e-5)
     torch.testing.assert_close(f(x, gamma, beta), ref, rtol=0, atol=1e-13)
@@ -524,7 +524,7 @@ def test_outputs_in_chunks_equal_one_call() -> None:
 
 
 def test_task_losses_falls_back_to_a_loop_for_losses_vmap_cannot_batch() -> None:
-    from bilevel.metalearn.models import task_losses
+    from bilevel.metalearn.batched import task_losses
 
     out = torch.randn(3, 4, 2, generator=_gen(0), dtype=torch.float64)
     y = torch.randint(0, 2, (3, 4), generator=_gen(1))

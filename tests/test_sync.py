@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import bilevel as bl
 import bilevel._sync
 from bilevel.metalearn import make_algorithm, meta_gradient
-from bilevel.metalearn.models import batched_model
+from bilevel.metalearn.batched import batched_model
 from bilevel.solvers import GradientDescent
 
 D = torch.float64

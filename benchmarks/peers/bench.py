@@ -69,7 +69,8 @@ import torch.nn.functional as F
 
 import bilevel as bl
 from bilevel.metalearn.algorithms import Implicit, InnerGD, MetaAlgorithm, make_algorithm, meta_gradient
-from bilevel.metalearn.models import BatchedModel, batched_model, make_functional, omniglot_cnn
+from bilevel.metalearn.batched import BatchedModel, batched_model
+from bilevel.metalearn.models import make_functional, omniglot_cnn
 from bilevel.metalearn.tasks import Task
 
 Params = dict[str, torch.Tensor]

@@ -38,6 +38,8 @@ from .algorithms import evaluate_batch as evaluate_batch
 from .algorithms import make_algorithm as make_algorithm
 from .algorithms import meta_gradient as meta_gradient
 from .algorithms import predict_batch as predict_batch
+from .batched import BatchedModel as BatchedModel
+from .batched import batched_model as batched_model
 from .data.datasets import DatasetError as DatasetError
 from .data.datasets import DatasetFormatError as DatasetFormatError
 from .data.datasets import DatasetNotFoundError as DatasetNotFoundError
@@ -61,8 +63,6 @@ from .learner import MAML as MAML
 from .learner import AdaptedModel as AdaptedModel
 from .learner import MetaLearner as MetaLearner
 from .learner import Reptile as Reptile
-from .models import BatchedModel as BatchedModel
-from .models import batched_model as batched_model
 from .models import default_model as default_model
 from .models import init_params as init_params
 from .models import make_functional as make_functional

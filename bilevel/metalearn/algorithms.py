@@ -60,7 +60,7 @@ from torch.autograd.function import once_differentiable
 import bilevel as bl
 from bilevel.solvers import GradientDescent, Nesterov, NewtonCG, StepHalving, TrustRegionNewtonCG
 
-from .models import BatchedModel, as_batched, task_losses
+from .batched import BatchedModel, as_batched, task_losses
 from .tasks import Task
 
 __all__ = [

@@ -24,8 +24,9 @@ from typing import Any, Union
 import torch
 
 from .algorithms import MetaAlgorithm, predict_batch
+from .batched import BatchedModel
 from .data.samplers import SinusoidTasks, TaskSampler
-from .models import BatchedModel, Params
+from .models import Params
 from .tasks import Task, stack_tasks
 from .training.config import TrainConfig
 

@@ -49,8 +49,9 @@ from .algorithms import (
     adapt,
     meta_gradient,
 )
+from .batched import BatchedModel, batched_model
 from .evaluation import EvalResult, Run, evaluate_tasks
-from .models import BatchedModel, Params, batched_model, make_functional, mse
+from .models import Params, make_functional, mse
 from .tasks import Task, stack_tasks
 
 __all__ = ["FOMAML", "IMAML", "MAML", "AdaptedModel", "MetaLearner", "Reptile", "TaskType"]

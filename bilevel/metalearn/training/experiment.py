@@ -24,14 +24,13 @@ from torch import nn
 
 from ... import CheckpointError
 from ..algorithms import MetaAlgorithm
+from ..batched import BatchedModel, batched_model
 from ..data.datasets import FewShotData
 from ..data.samplers import SinusoidTasks, TaskPool, TaskSampler
 from ..data.splits import ClassSplit
 from ..evaluation import LamValue, Run, evaluate_fixed
 from ..models import (
-    BatchedModel,
     Params,
-    batched_model,
     default_model,
     init_params,
     make_functional,
