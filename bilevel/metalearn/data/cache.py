@@ -16,6 +16,7 @@ import logging
 import os
 import uuid
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,19 +74,10 @@ def load_image_collection(
         DatasetFormatError: an image cannot be read or decoded.
         ValueError: bad ``size``, ``channels`` or ``resample``.
     """
-    h, w = (int(size[0]), int(size[1]))
-    if h < 1 or w < 1:
-        raise ValueError(f"load_image_collection(size={size!r}): sizes must be >= 1")
-    if channels not in (1, 3):
-        raise ValueError(f"load_image_collection(channels={channels!r}): must be 1 or 3")
-    if resample not in RESAMPLE_NAMES:
-        raise ValueError(f"load_image_collection(resample={resample!r}): one of {RESAMPLE_NAMES}")
-    if len(source.members) != len(source.class_ids):
-        raise ValueError("ImageSource: one member list per class id")
-    n = source.n_images
+    h, w = _checked_size(source, size, channels, resample)
     counts = [len(m) for m in source.members]
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    shape = (n, channels, h, w)
+    shape = (source.n_images, channels, h, w)
     settings = {
         "format": _CACHE_FORMAT,
         "name": source.name,
@@ -97,20 +89,24 @@ def load_image_collection(
         "classes": hash_json([source.class_ids, source.members]),
     }
     key = hash_json(settings)[:16]
-    decode_kw: dict[str, Any] = dict(
-        size=(h, w),
-        channels=channels,
-        resample=resample,
-        invert=invert,
-        workers=workers,
-        progress=progress,
-    )
+
+    def decode(out: np.ndarray) -> None:
+        decode_source(
+            out,
+            source,
+            size=(h, w),
+            channels=channels,
+            resample=resample,
+            invert=invert,
+            workers=workers,
+            progress=progress,
+        )
 
     cdir = resolve_cache_dir(cache_dir, data_root) if cache else None
     if cdir is None:
-        out = np.empty(shape, dtype=np.uint8)
-        decode_source(out, source, **decode_kw)
-        return ImageCollection(out, offsets, source.class_ids)
+        images = np.empty(shape, dtype=np.uint8)
+        decode(images)
+        return ImageCollection(images, offsets, source.class_ids)
 
     stem = f"{source.name}-{h}x{w}x{channels}-{key}"
     npy, meta = cdir / f"{stem}.npy", cdir / f"{stem}.json"
@@ -119,9 +115,46 @@ def load_image_collection(
         logger.debug("loaded %s from cache %s", source.name, npy)
         return ImageCollection(cached, offsets, source.class_ids)
 
-    logger.info("decoding %d images of %s once into %s", n, source.name, npy)
+    logger.info("decoding %d images of %s once into %s", source.n_images, source.name, npy)
+    record = {
+        "key": key,
+        "settings": settings,
+        "class_ids": list(source.class_ids),
+        "offsets": offsets.tolist(),
+        "shape": list(shape),
+    }
+    images = _write_cache(npy, meta, shape, decode, record)
+    return ImageCollection(images, offsets, source.class_ids)
+
+
+def _checked_size(
+    source: ImageSource, size: tuple[int, int], channels: int, resample: Resample
+) -> tuple[int, int]:
+    """``(H, W)`` of `load_image_collection`'s ``size``, after checking its arguments."""
+    h, w = (int(size[0]), int(size[1]))
+    if h < 1 or w < 1:
+        raise ValueError(f"load_image_collection(size={size!r}): sizes must be >= 1")
+    if channels not in (1, 3):
+        raise ValueError(f"load_image_collection(channels={channels!r}): must be 1 or 3")
+    if resample not in RESAMPLE_NAMES:
+        raise ValueError(f"load_image_collection(resample={resample!r}): one of {RESAMPLE_NAMES}")
+    if len(source.members) != len(source.class_ids):
+        raise ValueError("ImageSource: one member list per class id")
+    return h, w
+
+
+def _write_cache(
+    npy: Path,
+    meta: Path,
+    shape: tuple[int, ...],
+    decode: Callable[[np.ndarray], None],
+    record: dict[str, Any],
+) -> np.ndarray:
+    """Decode into the cache files ``npy`` (the images) and ``meta`` (``record`` as JSON), written
+    atomically, and memory-map the images; where the cache cannot be written, decode into memory
+    (with a warning)."""
     tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp_npy, tmp_meta = cdir / f"{stem}{tag}.npy", cdir / f"{stem}{tag}.json"
+    tmp_npy, tmp_meta = npy.with_name(f"{npy.stem}{tag}.npy"), meta.with_name(f"{meta.stem}{tag}.json")
     try:
         try:
             out = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.uint8, shape=shape)
@@ -129,26 +162,15 @@ def load_image_collection(
             warnings.warn(
                 f"cannot write cache {str(tmp_npy)!r} ({e}); decoding into memory",
                 BilevelWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
             mem = np.empty(shape, dtype=np.uint8)
-            decode_source(mem, source, **decode_kw)
-            return ImageCollection(mem, offsets, source.class_ids)
-        decode_source(out, source, **decode_kw)
+            decode(mem)
+            return mem
+        decode(out)
         out.flush()
         del out
-        tmp_meta.write_text(
-            json.dumps(
-                {
-                    "key": key,
-                    "settings": settings,
-                    "class_ids": list(source.class_ids),
-                    "offsets": offsets.tolist(),
-                    "shape": list(shape),
-                }
-            ),
-            encoding="utf-8",
-        )
+        tmp_meta.write_text(json.dumps(record), encoding="utf-8")
         # images first, metadata last: a cache is valid only once its .json exists
         os.replace(tmp_npy, npy)
         os.replace(tmp_meta, meta)
@@ -156,8 +178,7 @@ def load_image_collection(
         for p in (tmp_npy, tmp_meta):
             with contextlib.suppress(OSError):
                 p.unlink()
-    images = np.load(npy, mmap_mode="r")
-    return ImageCollection(images, offsets, source.class_ids)
+    return np.load(npy, mmap_mode="r")
 
 
 def _open_cache(
