@@ -37,8 +37,9 @@ import torch
 
 from . import _sync
 from ._results import HostValues, LinearSolveResult
-from ._status import LinearStatus
+from ._status import LINEAR_SEVERITY, LinearStatus, worst
 from ._types import Matvec
+from .tree import rowdot, rownorm
 
 __all__ = ["CG", "GMRES", "MINRES", "BiCGStab", "DenseSolve", "Neumann", "cg_solve", "default_rtol"]
 
@@ -116,17 +117,8 @@ def _finish(
     return LinearSolveResult(x, status, n_iter, A.calls, r_norm, b_norm)
 
 
-# Severity order used to summarize a batch in one status (the worst problem wins).
-_SEVERITY = LinearSolveResult.CODES
-_CODE = {s: i for i, s in enumerate(_SEVERITY)}
-
-
-def _rownorm(X: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(X, dim=1)
-
-
-def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a * b).sum(dim=1)
+# Per-problem status codes: a status's index in its severity order (`LinearSolveResult.CODES`).
+_CODE = {s: i for i, s in enumerate(LINEAR_SEVERITY)}
 
 
 def cg_solve(
@@ -179,90 +171,154 @@ def cg_solve(
     if radius is not None and (x0 is not None or preconditioner is not None):
         raise ValueError(f"{name}: a trust-region radius needs x0=None and no preconditioner (Steihaug's CG)")
     A = _Counted(matvec, b, name)
-    M = preconditioner if preconditioner is not None else (lambda r: r)
+    st = _cg_start(A, preconditioner, b, x0, tol, radius, name)
+    k = 0
+    # Reading `alive` on the host ends the loop early once every problem stopped; it is free on
+    # the CPU, and a budget without tolerances (all tol 0) cannot end early but by negative
+    # curvature, so on an accelerator that budget runs without waiting for the device.
+    sync = _sync.host_checks(b)
+    while k < max_iter and ((budget and not sync) or bool(st.alive.any())):
+        _cg_iteration(st, A, preconditioner, sync)
+        k += 1
+    _cg_settle(st, A, b, check_residual)
+    return _batch_result(
+        st.x, st.codes, k, A.calls, st.r_norm, st.b_norm, st.iters, st.curvature, st.decrease
+    )
+
+
+@dataclasses.dataclass
+class _CGState:
+    """CG's per-problem state between iterations, all (B, n) or (B,) tensors on ``b``'s device.
+
+    ``codes`` start at MAX_ITER and change where a problem stops; ``alive`` marks the running
+    problems; ``stop_at`` is max(tol, rounding floor); ``radius`` and ``decrease`` are set for
+    Steihaug's trust-region CG only.
+    """
+
+    x: torch.Tensor
+    r: torch.Tensor
+    p: torch.Tensor
+    rz: torch.Tensor
+    r_norm: torch.Tensor
+    b_norm: torch.Tensor
+    tol: torch.Tensor
+    stop_at: torch.Tensor
+    codes: torch.Tensor
+    alive: torch.Tensor
+    iters: torch.Tensor
+    curvature: torch.Tensor
+    radius: torch.Tensor | None
+    decrease: torch.Tensor | None
+
+
+def _cg_start(
+    A: _Counted,
+    preconditioner: Matvec | None,
+    b: torch.Tensor,
+    x0: torch.Tensor | None,
+    tol: torch.Tensor,
+    radius: torch.Tensor | None,
+    name: str,
+) -> _CGState:
+    """The state before the first iteration: residual, first direction, who already converged."""
     B = b.shape[0]
-    codes = torch.full((B,), _CODE[LinearStatus.MAX_ITER], dtype=torch.int8, device=b.device)
     x = torch.zeros_like(b) if x0 is None else x0.clone()
     r = b.clone() if x0 is None else b - A(x0)
-    z = M(r)
-    p = z.clone()
-    rz = _rowdot(r, z)
-    r_norm = _rownorm(r)
-    b_norm = _rownorm(b)
+    z = r if preconditioner is None else preconditioner(r)
+    r_norm = rownorm(r)
+    b_norm = rownorm(b)
     tol = tol.to(dtype=r_norm.dtype, device=b.device)
     alive = r_norm > tol
+    codes = torch.full((B,), _CODE[LinearStatus.MAX_ITER], dtype=torch.int8, device=b.device)
     codes = torch.where(alive, codes, _CODE[LinearStatus.CONVERGED])
     # Below this the recursive residual is rounding noise: iterating on would let r and p
     # underflow and pAp round to 0, which would read as (spurious) negative curvature.
     floor = 1e-3 * torch.finfo(b.dtype).eps * b_norm
-    stop_at = torch.maximum(tol, floor)  # converged (<= tol) or stagnated (<= floor)
-    iters = torch.zeros(B, dtype=torch.int64, device=b.device)
-    curvature = torch.full((B,), math.nan, dtype=b.dtype, device=b.device)
     decrease: torch.Tensor | None = None
     if radius is not None:
         radius = radius.to(dtype=b.dtype, device=b.device)
         if radius.shape != (B,) or not bool((radius > 0).all()):
             raise ValueError(f"{name}: radius must be positive and of shape ({B},), got {radius}")
         decrease = torch.zeros(B, dtype=b.dtype, device=b.device)
-    k = 0
-    # Reading `alive` on the host ends the loop early once every problem stopped; it is free on
-    # the CPU, and a budget without tolerances (all tol 0) cannot end early but by negative
-    # curvature, so on an accelerator that budget runs without waiting for the device.
-    sync = _sync.host_checks(b)
-    while k < max_iter and ((budget and not sync) or bool(alive.any())):
-        Ap = A(p)
-        pAp = _rowdot(p, Ap)
-        k += 1
-        iters += alive
-        # pAp > 0 is False for NaN too: one test stops both, the status tells them apart
-        finite = torch.isfinite(pAp)
-        halt = alive & ~(pAp > 0)
-        codes = torch.where(
-            halt,
-            torch.where(finite, _CODE[LinearStatus.NEGATIVE_CURVATURE], _CODE[LinearStatus.NONFINITE]),
-            codes,
+    return _CGState(
+        x=x,
+        r=r,
+        p=z.clone(),
+        rz=rowdot(r, z),
+        r_norm=r_norm,
+        b_norm=b_norm,
+        tol=tol,
+        stop_at=torch.maximum(tol, floor),  # converged (<= tol) or stagnated (<= floor)
+        codes=codes,
+        alive=alive,
+        iters=torch.zeros(B, dtype=torch.int64, device=b.device),
+        curvature=torch.full((B,), math.nan, dtype=b.dtype, device=b.device),
+        radius=radius,
+        decrease=decrease,
+    )
+
+
+def _cg_iteration(st: _CGState, A: _Counted, preconditioner: Matvec | None, sync: bool) -> None:
+    """One CG iteration of every running problem (one matvec), stopped problems frozen by masks."""
+    p, alive = st.p, st.alive
+    Ap = A(p)
+    pAp = rowdot(p, Ap)
+    st.iters += alive
+    # pAp > 0 is False for NaN too: one test stops both, the status tells them apart
+    finite = torch.isfinite(pAp)
+    halt = alive & ~(pAp > 0)
+    st.codes = torch.where(
+        halt,
+        torch.where(finite, _CODE[LinearStatus.NEGATIVE_CURVATURE], _CODE[LinearStatus.NONFINITE]),
+        st.codes,
+    )
+    st.curvature = torch.where(halt & finite, pAp, st.curvature)
+    alive = alive & ~halt
+    alpha = torch.where(alive, st.rz / torch.where(alive, pAp, 1.0), 0.0)
+    if st.radius is not None and st.decrease is not None:
+        alpha, alive, st.codes, st.decrease = _steihaug(
+            st.x, p, pAp, st.rz, alpha, alive, halt & finite, st.radius, st.codes, st.decrease
         )
-        curvature = torch.where(halt & finite, pAp, curvature)
-        alive = alive & ~halt
-        alpha = torch.where(alive, rz / torch.where(alive, pAp, 1.0), 0.0)
-        if radius is not None and decrease is not None:
-            alpha, alive, codes, decrease = _steihaug(
-                x, p, pAp, rz, alpha, alive, halt & finite, radius, codes, decrease
-            )
-        # fused multiply-adds: one pass over each vector (stopped problems have alpha = 0)
-        x = torch.addcmul(x, alpha[:, None], p)
-        r = torch.addcmul(r, alpha[:, None], Ap, value=-1.0)
-        r_new = _rownorm(r)
-        r_norm = torch.where(alive, r_new, r_norm)
-        codes = torch.where(alive & (r_new <= tol), _CODE[LinearStatus.CONVERGED], codes)
-        # converged, or stagnated at machine precision (the true residual below judges it): stop
-        alive = alive & ~(r_new <= stop_at)
-        if preconditioner is None:
-            z, rz_new = r, r_new * r_new  # z = r: r'z is the squared norm just computed
-        else:
-            z = M(r)
-            rz_new = _rowdot(r, z)
-        beta = torch.where(alive, rz_new / torch.where(rz != 0, rz, 1.0), 0.0)
-        p_new = torch.addcmul(z, beta[:, None], p)
-        p = p_new if sync and bool(alive.all()) else torch.where(alive[:, None], p_new, p)
-        rz = torch.where(alive, rz_new, rz)
-    x_finite = torch.isfinite(x).all(dim=1)
-    codes = torch.where(x_finite, codes, _CODE[LinearStatus.NONFINITE])
+    # fused multiply-adds: one pass over each vector (stopped problems have alpha = 0)
+    st.x = torch.addcmul(st.x, alpha[:, None], p)
+    r = st.r = torch.addcmul(st.r, alpha[:, None], Ap, value=-1.0)
+    r_new = rownorm(r)
+    st.r_norm = torch.where(alive, r_new, st.r_norm)
+    st.codes = torch.where(alive & (r_new <= st.tol), _CODE[LinearStatus.CONVERGED], st.codes)
+    # converged, or stagnated at machine precision (the true residual below judges it): stop
+    alive = alive & ~(r_new <= st.stop_at)
+    if preconditioner is None:
+        # z = r: r'z is the squared norm just computed (float32 for half precision: back to r's)
+        z, rz_new = r, (r_new * r_new).to(r.dtype)
+    else:
+        z = preconditioner(r)
+        rz_new = rowdot(r, z)
+    beta = torch.where(alive, rz_new / torch.where(st.rz != 0, st.rz, 1.0), 0.0)
+    p_new = torch.addcmul(z, beta[:, None], p)
+    st.p = p_new if sync and bool(alive.all()) else torch.where(alive[:, None], p_new, p)
+    st.rz = torch.where(alive, rz_new, st.rz)
+    st.alive = alive
+
+
+def _cg_settle(st: _CGState, A: _Counted, b: torch.Tensor, check_residual: bool) -> None:
+    """Final statuses and residuals: a non-finite x is NONFINITE; a claim of convergence is
+    settled on the true residual (one matvec) where ``check_residual``; no tolerance is BUDGET."""
+    x_finite = torch.isfinite(st.x).all(dim=1)
+    codes = torch.where(x_finite, st.codes, _CODE[LinearStatus.NONFINITE])
     conv_code, max_code = _CODE[LinearStatus.CONVERGED], _CODE[LinearStatus.MAX_ITER]
     if check_residual and bool((codes == conv_code).any()):
         # A claim of convergence rests on the recursive residual, which drifts from the true
         # one in floating point: recompute the truth (one matvec) and settle every status on it.
-        true = _rownorm(b - A(x))
+        true = rownorm(b - A(st.x))
         true = torch.where(x_finite, true, torch.full_like(true, math.inf))
-        codes = torch.where((codes == conv_code) & (true > tol), max_code, codes)
-        codes = torch.where((codes == max_code) & (true <= tol), conv_code, codes)
+        codes = torch.where((codes == conv_code) & (true > st.tol), max_code, codes)
+        codes = torch.where((codes == max_code) & (true <= st.tol), conv_code, codes)
         codes = torch.where(torch.isfinite(true), codes, _CODE[LinearStatus.NONFINITE])
-        r_norm = true
+        st.r_norm = true
     else:
-        r_norm = torch.where(x_finite, r_norm, torch.full_like(r_norm, math.inf))
+        st.r_norm = torch.where(x_finite, st.r_norm, torch.full_like(st.r_norm, math.inf))
     # No tolerance (rtol = atol = 0): running the whole budget is what was asked for.
-    codes = torch.where((codes == max_code) & (tol == 0), _CODE[LinearStatus.BUDGET], codes)
-    return _batch_result(x, codes, k, A.calls, r_norm, b_norm, iters, curvature, decrease)
+    st.codes = torch.where((codes == max_code) & (st.tol == 0), _CODE[LinearStatus.BUDGET], codes)
 
 
 def _steihaug(
@@ -284,7 +340,7 @@ def _steihaug(
     would end outside ||x|| <= radius go to the boundary instead: tau >= 0 with
     ||x + tau p|| = radius, the positive root (p is a descent direction of the model: p'r > 0).
     """
-    xx, xp, pp = _rowdot(x, x), _rowdot(x, p), _rowdot(p, p)
+    xx, xp, pp = rowdot(x, x), rowdot(x, p), rowdot(p, p)
     r2 = radius * radius
     tau = (torch.sqrt((xp * xp + pp * (r2 - xx)).clamp_min(0.0)) - xp) / torch.where(pp > 0, pp, 1.0)
     leave = alive & (xx + alpha * (2.0 * xp + alpha * pp) >= r2)
@@ -311,9 +367,9 @@ def _batch_result(
     on the host when the first of its host values is)."""
 
     def read() -> dict[str, Any]:
-        statuses = tuple(_SEVERITY[c] for c in codes.tolist())
+        statuses = tuple(LINEAR_SEVERITY[c] for c in codes.tolist())
         return dict(
-            status=max(statuses, key=_SEVERITY.index),
+            status=worst(statuses),
             residual_norm=float(torch.linalg.vector_norm(r_norm.double())),
             b_norm=float(torch.linalg.vector_norm(b_norm.double())),
             problem_status=statuses,
@@ -367,7 +423,7 @@ def _block_diagonal(
     """Batched mode of a solver without one: solve the block-diagonal system of all B problems
     as one system of size B n, then judge each problem on its own true residual (one matvec)."""
     B, n = b.shape
-    b_norm = _rownorm(b)
+    b_norm = rownorm(b)
     tol = torch.clamp(rtol_or_default(rtol, b.dtype) * b_norm, min=atol)
     if dataclasses.is_dataclass(solver) and hasattr(solver, "rtol"):
         # One global tolerance that meets every problem's own: the smallest positive one.
@@ -380,7 +436,7 @@ def _block_diagonal(
         None if x0 is None else x0.reshape(-1),
     )
     x = flat.x.view(B, n)
-    r = _rownorm(b - matvec(x))
+    r = rownorm(b - matvec(x))
     # A problem that misses its own tolerance inherits the whole solve's reason, or MAX_ITER
     # where the whole solve met its (global) tolerance.
     missed = LinearStatus.MAX_ITER if flat.status is LinearStatus.CONVERGED else flat.status
@@ -444,7 +500,7 @@ class CG:
         n = rows.shape[1]
         max_iter = self.max_iter if self.max_iter is not None else min(2 * n, 1000)
         rtol = rtol_or_default(self.rtol, b.dtype)
-        tol = torch.clamp(rtol * _rownorm(rows), min=self.atol)
+        tol = torch.clamp(rtol * rownorm(rows), min=self.atol)
         M = self.preconditioner
         res = cg_solve(
             matvec if batched else _as_rows(matvec),

@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 
-from ._status import LinearStatus, SolverStatus
+from ._status import LINEAR_SEVERITY, LinearStatus, SolverStatus
 from ._types import TensorTree
 
 __all__ = ["HostValues", "LinearSolveResult", "SolverResult"]
@@ -236,15 +236,7 @@ class LinearSolveResult:
     problem_codes: torch.Tensor | None = None
 
     #: ``problem_codes[b]`` is the index of problem b's status here (from the mildest to the worst).
-    CODES: ClassVar[tuple[LinearStatus, ...]] = (
-        LinearStatus.CONVERGED,
-        LinearStatus.BUDGET,
-        LinearStatus.BOUNDARY,
-        LinearStatus.MAX_ITER,
-        LinearStatus.NEGATIVE_CURVATURE,
-        LinearStatus.BREAKDOWN,
-        LinearStatus.NONFINITE,
-    )
+    CODES: ClassVar[tuple[LinearStatus, ...]] = LINEAR_SEVERITY
 
     @property
     def converged(self) -> bool:

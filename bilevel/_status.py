@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
+from typing import TypeVar, Union
 
-__all__ = ["LinearStatus", "SolverStatus"]
+__all__ = ["LINEAR_SEVERITY", "SOLVER_SEVERITY", "LinearStatus", "SolverStatus", "severity", "worst"]
 
 
 class SolverStatus(enum.Enum):
@@ -60,3 +62,46 @@ class LinearStatus(enum.Enum):
     @property
     def message(self) -> str:
         return self.value
+
+
+#: Inner-solver statuses from the mildest to the worst.
+SOLVER_SEVERITY: tuple[SolverStatus, ...] = (
+    SolverStatus.CONVERGED,
+    SolverStatus.BUDGET,
+    SolverStatus.UNKNOWN,
+    SolverStatus.MAX_ITER,
+    SolverStatus.NEGATIVE_CURVATURE,
+    SolverStatus.LINE_SEARCH_FAILED,
+    SolverStatus.FAILED,
+    SolverStatus.NONFINITE,
+)
+
+#: Linear-solve statuses from the mildest to the worst (also the codes of
+#: `bilevel.LinearSolveResult.problem_codes`: a status's index here).
+LINEAR_SEVERITY: tuple[LinearStatus, ...] = (
+    LinearStatus.CONVERGED,
+    LinearStatus.BUDGET,
+    LinearStatus.BOUNDARY,
+    LinearStatus.MAX_ITER,
+    LinearStatus.NEGATIVE_CURVATURE,
+    LinearStatus.BREAKDOWN,
+    LinearStatus.NONFINITE,
+)
+
+# The one severity table: a status's rank within its family.
+_RANK: dict[Union[SolverStatus, LinearStatus], int] = {
+    **{s: i for i, s in enumerate(SOLVER_SEVERITY)},
+    **{s: i for i, s in enumerate(LINEAR_SEVERITY)},
+}
+
+S = TypeVar("S", SolverStatus, LinearStatus)
+
+
+def severity(status: SolverStatus | LinearStatus) -> int:
+    """The rank of ``status`` among its family's statuses, 0 for ``CONVERGED`` (mildest)."""
+    return _RANK[status]
+
+
+def worst(statuses: Iterable[S]) -> S:
+    """The most severe status of a batch: ``CONVERGED`` only if every problem converged."""
+    return max(statuses, key=severity)

@@ -8,7 +8,10 @@ are taken in its insertion order.
 
 Batched trees (a leading problem dimension B on every leaf) have per-problem
 operations: `batch_dot`, `batch_norm_sq`, `batch_axpy`, and `ravel_batch` /
-`unravel_batch` between a tree and a (B, n) matrix.
+`unravel_batch` between a tree and a (B, n) matrix.  The flattened forms are the library's
+one flattener: `ravel` / `unravel_like` for one problem, `ravel_batch` / `unravel_batch` for
+rows.  On such (B, n) matrices, `rowdot`, `rownorm` and `rows_finite` are the per-problem
+reductions every loop (CG, the inner solvers, the line searches) uses.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ __all__ = [
     "leaves",
     "ravel",
     "ravel_batch",
+    "rowdot",
+    "rownorm",
+    "rows_finite",
     "tree_dot",
     "tree_map",
     "tree_norm",
@@ -87,37 +93,88 @@ def _label(tree: TensorTree, what: str, i: int) -> str:
     return f"{what}[{i}]"
 
 
-def ravel(tree: TensorTree) -> torch.Tensor:
-    """Concatenate the tensors of ``tree`` into one 1-D tensor."""
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+
+def ravel(tree: TensorTree, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Concatenate the tensors of ``tree`` into one 1-D tensor (cast to ``dtype`` if given).
+
+    A single leaf comes back as a view of it (no copy).
+    """
     ts = leaves(tree)
     if len(ts) == 1:
-        return ts[0].reshape(-1)
-    return torch.cat([t.reshape(-1) for t in ts])
+        return _cast(ts[0].reshape(-1), dtype)
+    return torch.cat([_cast(t.reshape(-1), dtype) for t in ts])
 
 
 def unravel_like(flat: torch.Tensor, like: TensorTree) -> TensorTree:
-    """Inverse of `ravel`: split a 1-D tensor into tensors shaped like ``like``."""
+    """Inverse of `ravel`: split a 1-D tensor into tensors shaped like ``like``'s leaves (views
+    where the layout allows, in each leaf's dtype)."""
     ts = leaves(like)
-    sizes = [t.numel() for t in ts]
-    parts = torch.split(flat, sizes)
-    return unflatten(like, [p.view_as(t) for p, t in zip(parts, ts)])
-
-
-def ravel_batch(tree: TensorTree) -> torch.Tensor:
-    """A batched tree (leading dim B on every leaf) as a (B, n) matrix, row b = problem b."""
-    ts = leaves(tree)
-    B = ts[0].shape[0]
     if len(ts) == 1:
-        return ts[0].reshape(B, -1)
-    return torch.cat([t.reshape(B, -1) for t in ts], dim=1)
+        return unflatten(like, [_cast(flat.reshape(ts[0].shape), ts[0].dtype)])
+    parts = torch.split(flat, [t.numel() for t in ts])
+    return unflatten(like, [_cast(p.reshape(t.shape), t.dtype) for p, t in zip(parts, ts)])
 
 
-def unravel_batch(X: torch.Tensor, like: TensorTree) -> TensorTree:
-    """Inverse of `ravel_batch`: (B, n) -> views shaped like the batched tree ``like``."""
+def ravel_batch(tree: TensorTree, *, batched: bool = True, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A batched tree (leading dim B on every leaf) as a (B, n) matrix, row b = problem b.
+
+    Args:
+        tree: the tree.
+        batched: ``False``: ``tree`` is one problem (no batch dimension), returned as one row
+            (1, n), the layout of the inner solvers' single-problem mode.
+        dtype: cast to this dtype (leaf by leaf, only where it differs).
+    """
+    ts = leaves(tree)
+    B = ts[0].shape[0] if batched else 1
+    if len(ts) == 1:
+        return _cast(ts[0].reshape(B, -1), dtype)
+    return torch.cat([_cast(t.reshape(B, -1), dtype) for t in ts], dim=1)
+
+
+def unravel_batch(X: torch.Tensor, like: TensorTree, *, batched: bool = True) -> TensorTree:
+    """Inverse of `ravel_batch`: (B, n) -> views shaped like the batched tree ``like``, in each
+    leaf's dtype (``batched=False``: (1, n) -> a tree like the unbatched ``like``).
+
+    A single leaf that is already the (B, n) matrix comes back as ``X`` itself.
+    """
     ts = leaves(like)
-    sizes = [t[0].numel() for t in ts]
+    if len(ts) == 1:
+        t = ts[0]
+        out = X if X.shape == t.shape else X.reshape(t.shape)
+        return unflatten(like, [_cast(out, t.dtype)])
+    sizes = [t[0].numel() for t in ts] if batched else [t.numel() for t in ts]
     parts = torch.split(X, sizes, dim=1)
-    return unflatten(like, [p.reshape(t.shape) for p, t in zip(parts, ts)])
+    return unflatten(like, [_cast(p.reshape(t.shape), t.dtype) for p, t in zip(parts, ts)])
+
+
+def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-problem inner products of (B, n) matrices, shape (B,)."""
+    return (a * b).sum(dim=1)
+
+
+def rownorm(a: torch.Tensor) -> torch.Tensor:
+    """Per-problem Euclidean norms of a (B, n) matrix, shape (B,), in its precision (float32 for
+    half precisions).
+
+    Not accumulated in float64: that reads the input several times slower (measured 7 ms
+    against about 1 ms for 16 x 113k float32 entries), and float32 norms overflow only for
+    entries beyond 1e19, where a solve has diverged anyway.  Take ``.double()`` of the (B,)
+    result where a float64 diagnostic is wanted.
+    """
+    low = a.dtype in (torch.float16, torch.bfloat16)
+    return torch.linalg.vector_norm(a, dim=1, dtype=torch.float32 if low else None)
+
+
+def rows_finite(*ts: torch.Tensor) -> torch.Tensor:
+    """Per-problem mask: every entry of every (B,) or (B, n) tensor is finite, shape (B,)."""
+    ok = torch.ones(ts[0].shape[0], dtype=torch.bool, device=ts[0].device)
+    for t in ts:
+        fin = torch.isfinite(t)
+        ok &= fin.reshape(fin.shape[0], -1).all(dim=1)
+    return ok
 
 
 def tree_dot(a: TensorTree, b: TensorTree) -> torch.Tensor:
@@ -164,12 +221,17 @@ def batch_axpy(a: TensorTree, s: torch.Tensor, b: TensorTree) -> TensorTree:
     return tree_map(lambda x, y: x + _per_row(s, x) * y, a, b)
 
 
-def all_finite(ts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Per tensor, whether every entry is finite: a bool tensor of shape (len(ts),).
+def all_finite(tree: TensorTree | Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per leaf, whether every entry is finite: a bool tensor of shape (number of leaves,), on the
+    leaves' device.  ``bool(all_finite(tree).all())`` is the one host read of "all finite".
 
     One fused reduction over the tensors (the largest magnitude of each, which is finite exactly
     when every entry is), instead of one ``isfinite`` and one host sync per tensor.
+
+    Args:
+        tree: a tree (Tensor, tuple or dict of Tensors) or a list of Tensors.
     """
+    ts = leaves(tree, name="all_finite's argument")  # type: ignore[arg-type]
     floats = [t for t in ts if t.is_floating_point()]
     if len(floats) != len(ts) or len({t.device for t in ts}) > 1 or not ts:
         return torch.stack([torch.isfinite(t).all() for t in ts]) if ts else torch.ones(0, dtype=torch.bool)

@@ -34,16 +34,24 @@ import torch.func
 from .. import _sync
 from .._errors import StructureError
 from .._results import HostValues, SolverResult
-from .._status import SolverStatus
+from .._status import SolverStatus, worst
 from .._types import Objective, TensorTree
-from ..tree import check_finite, leaves, unflatten
+from ..tree import (
+    all_finite,
+    check_finite,
+    leaves,
+    ravel_batch,
+    rownorm,
+    rows_finite,
+    unflatten,
+    unravel_batch,
+)
 
 __all__ = [
     "BatchedObjective",
     "Method",
     "Oracle",
     "Step",
-    "all_finite",
     "check_int",
     "check_positive",
     "detach_tree",
@@ -52,7 +60,6 @@ __all__ = [
     "measure",
     "tree_from_arrays",
     "tree_to_arrays",
-    "worst_status",
 ]
 
 
@@ -197,7 +204,6 @@ class Oracle:
         self.who = who
         self.batched = batched
         self.like = init
-        self.shapes = [t.shape for t in ls]
         self.dtype = ls[0].dtype
         self.device = ls[0].device
         if batched:
@@ -210,16 +216,12 @@ class Oracle:
             self.B = int(ls[0].shape[0])
             if self.B == 0:
                 raise StructureError(f"{who}(batched=True): init has an empty batch")
-            self.sizes = [int(t[0].numel()) for t in ls]
-            self.x0 = _rows([_maybe_detach(t, differentiable).reshape(self.B, -1) for t in ls])
         else:
             self.B = 1
-            self.sizes = [int(t.numel()) for t in ls]
-            self.x0 = _rows([_maybe_detach(t, differentiable).reshape(1, -1) for t in ls])
+        start = init if differentiable else detach_tree(init)
+        self.x0 = ravel_batch(start, batched=batched)
         if not differentiable:
             self.x0 = self.x0.clone()
-        # an init that is already the (B, n) matrix (batched) is its own flat form: no split, no views
-        self._is_flat = isinstance(init, torch.Tensor) and batched and init.ndim == 2
         self.differentiable = differentiable
         self.theta = theta if differentiable else detach_tree(theta)
         self.need_values = need_values
@@ -237,11 +239,9 @@ class Oracle:
     # -- structure
 
     def unflat(self, X: torch.Tensor) -> TensorTree:
-        """The tree of ``init``'s structure at the flat point ``X`` (views of ``X``)."""
-        if self._is_flat:
-            return X
-        parts = torch.split(X, self.sizes, dim=1)
-        return unflatten(self.like, [p.reshape(s) for p, s in zip(parts, self.shapes)])
+        """The tree of ``init``'s structure at the flat point ``X`` (views of ``X``; ``X`` itself
+        for a batched init that is already the (B, n) matrix)."""
+        return unravel_batch(X, self.like, batched=self.batched)
 
     def answer(self, X: torch.Tensor) -> TensorTree:
         """The solution tree at ``X``: fresh contiguous tensors, detached (in differentiable
@@ -341,36 +341,6 @@ class Oracle:
         return out
 
 
-def _rows(parts: list[torch.Tensor]) -> torch.Tensor:
-    """(B, n_k) blocks side by side as one (B, n) matrix (the block itself when there is one)."""
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-
-
-def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-problem inner products of (B, n) matrices, shape (B,)."""
-    return (a * b).sum(dim=1)
-
-
-def rownorm(a: torch.Tensor) -> torch.Tensor:
-    """Per-problem Euclidean norms as float64, shape (B,).
-
-    Computed in the input's precision (at least float32): an accumulation in float64 reads the
-    input several times slower (measured 7 ms against about 1 ms for 16 x 113k float32 entries),
-    and float32 norms overflow only for entries beyond 1e19, where the solve has diverged anyway.
-    """
-    low = a.dtype in (torch.float16, torch.bfloat16)
-    return torch.linalg.vector_norm(a, dim=1, dtype=torch.float32 if low else None).double()
-
-
-def rows_finite(*ts: torch.Tensor) -> torch.Tensor:
-    """Per-problem mask: every entry of every (B,) or (B, n) tensor is finite."""
-    ok = torch.ones(ts[0].shape[0], dtype=torch.bool, device=ts[0].device)
-    for t in ts:
-        fin = torch.isfinite(t)
-        ok &= fin.reshape(fin.shape[0], -1).all(dim=1)
-    return ok
-
-
 # --------------------------------------------------------------------------- the shared loop
 
 
@@ -414,24 +384,6 @@ _CODES = {
 }
 
 
-# Severity order used to summarize a batch in one status (the worst problem wins).
-_SEVERITY = [
-    SolverStatus.CONVERGED,
-    SolverStatus.BUDGET,
-    SolverStatus.UNKNOWN,
-    SolverStatus.MAX_ITER,
-    SolverStatus.NEGATIVE_CURVATURE,
-    SolverStatus.LINE_SEARCH_FAILED,
-    SolverStatus.FAILED,
-    SolverStatus.NONFINITE,
-]
-
-
-def worst_status(statuses: list[SolverStatus]) -> SolverStatus:
-    """The most severe status of a batch (CONVERGED only if every problem converged)."""
-    return max(statuses, key=_SEVERITY.index)
-
-
 def iterate(
     oracle: Oracle, method: Method, *, max_iter: int, tol: float, info: dict[str, Any]
 ) -> SolverResult:
@@ -458,93 +410,149 @@ def iterate(
         per-problem values are in ``problem_status``, ``problem_n_iter``,
         ``problem_grad_norm`` and ``problem_fun``.
     """
+    st = _start(oracle, tol)
+    sync = _sync.host_checks(st.x)
+    unmeasured = torch.full_like(st.gn, math.nan)  # the norms of a step that measures none
+    k = 0
+    # a fixed budget (tol = 0) runs every step; stopped problems are frozen by the masks
+    while k < max_iter and (tol == 0 or bool(st.active.any())):
+        s = method.step(k, st.x, st.f, st.g, st.active)
+        _count(st, s)
+        st.g_at_x = s.g is not None
+        gn_new, measured, ok = _measure(s, oracle.values_known, tol, unmeasured)
+        accept = st.active & ok if s.failed is None else st.active & ok & ~s.failed
+        _accept(st, s, accept, gn_new, sync)
+        del s
+        _stop(st, accept, tol, measured)
+        k += 1
+    if tol == 0 and st.g_at_x:
+        # measured once, at the end
+        st.gn = torch.where(torch.isnan(st.gn), rownorm(st.g.detach()).double(), st.gn)
+    info = {**info, **oracle.info()}
+    if getattr(method, "reports_negative_curvature", False):
+        # (Newton methods only; their loops read the device anyway)
+        info["n_negative_curvature"] = st.n_negcurv.cpu() if oracle.batched else int(st.n_negcurv[0])
+    return _result(oracle, st, tol, info)
+
+
+@dataclasses.dataclass
+class _LoopState:
+    """The shared loop's per-problem state: the iterate (B, n), its values (B,), gradients (B, n)
+    and float64 gradient norms (B,), stop codes (0: running), the running mask and the counts."""
+
+    x: torch.Tensor
+    f: torch.Tensor
+    g: torch.Tensor
+    gn: torch.Tensor
+    code: torch.Tensor
+    active: torch.Tensor
+    n_iter: torch.Tensor
+    n_negcurv: torch.Tensor
+    last_negcurv: torch.Tensor
+    g_at_x: bool = True  # whether g is the gradient at x (not after a fixed budget's last step)
+
+
+def _start(oracle: Oracle, tol: float) -> _LoopState:
+    """The state at ``oracle.x0``: one gradient, and the problems that start converged or broken."""
     x = oracle.x0
     f, g = oracle.value_and_grad(x)
     B, dev = oracle.B, x.device
-    gn = rownorm(g.detach())
+    gn = rownorm(g.detach()).double()
     # Per-problem stops as codes on the device (0: running), read once at the end: nothing in the
     # loop waits for the device unless a tolerance can stop it early (tol > 0).
     code = torch.zeros(B, dtype=torch.int8, device=dev)
     finite = rows_finite(f, g) if oracle.values_known else rows_finite(g)
     conv = finite & (gn <= tol)
     code = torch.where(~finite, _NONFINITE, torch.where(conv, _CONVERGED, code))
-    active = finite & ~conv
-    sync = _sync.host_checks(x)
-    g_at_x = True  # whether g is the gradient at x (not after a fixed budget's last step)
-    n_iter = torch.zeros(B, dtype=torch.int64, device=dev)
-    n_negcurv = torch.zeros(B, dtype=torch.int64, device=dev)
-    last_negcurv = torch.zeros(B, dtype=torch.bool, device=dev)
-    unmeasured = torch.full_like(gn, math.nan)  # the norms of a step that measures none
-    k = 0
-    # a fixed budget (tol = 0) runs every step; stopped problems are frozen by the masks
-    while k < max_iter and (tol == 0 or bool(active.any())):
-        s = method.step(k, x, f, g, active)
-        n_iter += active
-        if s.negative_curvature is not None:
-            nc = active & s.negative_curvature
-            n_negcurv += nc
-            last_negcurv = torch.where(active, nc, last_negcurv)
-        # Finiteness from norms (one float64 reduction, no copies): a NaN or infinity anywhere
-        # in a row makes its norm non-finite.  x_{k+1} = x_k + step is finite wherever x_k and
-        # the gradient there are, so x is checked only where no gradient follows it.
-        g_at_x = s.g is not None
-        if s.g is None:
-            # The method's last step of a fixed budget: no gradient at the answer was taken.
-            gn_new, measured = unmeasured, False
-            ok = torch.isfinite(rownorm(s.x))
-            s_f = s_g = None
-        elif tol == 0 and oracle.values_known:
-            # A fixed budget needs no gradient norm.  A NaN in the gradient shows in the next
-            # iterate's value (or in the final iterate's norm above), which is then rejected,
-            # keeping this finite iterate: one pass over g per step saved.
-            assert s.f is not None
-            gn_new, measured = unmeasured, False
-            ok = torch.isfinite(s.f.detach())
-            s_f, s_g = s.f, s.g
-        else:
-            gn_new, measured = rownorm(s.g.detach()), True
-            ok = torch.isfinite(gn_new)
-            if oracle.values_known:
-                ok &= torch.isfinite(s.f.detach())  # type: ignore[union-attr]
-            s_f, s_g = s.f, s.g
-        accept = active & ok if s.failed is None else active & ok & ~s.failed
-        if sync and bool(accept.all()):
-            # every problem moved (the common case; checked where a check is free, on the host):
-            # no masked copies, one iterate alive less
-            x, gn = s.x, gn_new
-            f = s_f if s_f is not None else torch.full_like(f, math.nan)
-            g = s_g if s_g is not None else g
-        else:
-            a = accept[:, None]
-            x = torch.where(a, s.x, x)
-            gn = torch.where(accept, gn_new, gn)
-            f = torch.where(accept, s_f, f) if s_f is not None else torch.where(accept, math.nan, f)
-            g = torch.where(a, s_g, g) if s_g is not None else g
-            rejected = active & ~accept
-            bad = _NONFINITE if s.failed is None else torch.where(s.failed, _LS_FAILED, _NONFINITE)
-            code = torch.where(rejected, bad, code)
-        del s
-        if tol > 0:
-            newly_conv = accept & (gn <= tol)
-            code = torch.where(newly_conv, _CONVERGED, code)
-            active = accept & ~newly_conv
-        elif not measured:  # tol = 0, no norm measured: nothing but a failure stops
-            active = accept
-        else:  # tol = 0: a fixed budget; only an exactly zero gradient could stop a problem
-            active = accept & ~(gn == 0)
-        k += 1
-    if tol == 0 and g_at_x:
-        gn = torch.where(torch.isnan(gn), rownorm(g.detach()), gn)  # measured once, at the end
-    info = {**info, **oracle.info()}
-    if getattr(method, "reports_negative_curvature", False):
-        # (Newton methods only; their loops read the device anyway)
-        info["n_negative_curvature"] = n_negcurv.cpu() if oracle.batched else int(n_negcurv[0])
-    values_known = oracle.values_known
-    fun = f.detach()
+    return _LoopState(
+        x=x,
+        f=f,
+        g=g,
+        gn=gn,
+        code=code,
+        active=finite & ~conv,
+        n_iter=torch.zeros(B, dtype=torch.int64, device=dev),
+        n_negcurv=torch.zeros(B, dtype=torch.int64, device=dev),
+        last_negcurv=torch.zeros(B, dtype=torch.bool, device=dev),
+    )
+
+
+def _count(st: _LoopState, s: Step) -> None:
+    """Count the step's iteration and negative curvature for the running problems."""
+    st.n_iter += st.active
+    if s.negative_curvature is not None:
+        nc = st.active & s.negative_curvature
+        st.n_negcurv += nc
+        st.last_negcurv = torch.where(st.active, nc, st.last_negcurv)
+
+
+def _measure(
+    s: Step, values_known: bool, tol: float, unmeasured: torch.Tensor
+) -> tuple[torch.Tensor, bool, torch.Tensor]:
+    """The proposal's gradient norms (float64, NaN where not measured), whether they were
+    measured, and which rows are finite.
+
+    Finiteness from norms (one reduction, no copies): a NaN or infinity anywhere in a row makes
+    its norm non-finite.  x_{k+1} = x_k + step is finite wherever x_k and the gradient there
+    are, so x is checked only where no gradient follows it.
+    """
+    if s.g is None:
+        # The method's last step of a fixed budget: no gradient at the answer was taken.
+        return unmeasured, False, torch.isfinite(rownorm(s.x))
+    if tol == 0 and values_known:
+        # A fixed budget needs no gradient norm.  A NaN in the gradient shows in the next
+        # iterate's value (or in the final iterate's norm above), which is then rejected,
+        # keeping this finite iterate: one pass over g per step saved.
+        assert s.f is not None
+        return unmeasured, False, torch.isfinite(s.f.detach())
+    gn_new = rownorm(s.g.detach()).double()
+    ok = torch.isfinite(gn_new)
+    if values_known:
+        ok &= torch.isfinite(s.f.detach())  # type: ignore[union-attr]
+    return gn_new, True, ok
+
+
+def _accept(st: _LoopState, s: Step, accept: torch.Tensor, gn_new: torch.Tensor, sync: bool) -> None:
+    """Move the accepted problems to the proposal; code the rejected ones (non-finite or failed).
+
+    After a fixed budget's last step (no gradient taken) the values are unknown too: NaN.
+    """
+    f_new = s.f if s.g is not None else None
+    if sync and bool(accept.all()):
+        # every problem moved (the common case; checked where a check is free, on the host):
+        # no masked copies, one iterate alive less
+        st.x, st.gn = s.x, gn_new
+        st.f = f_new if f_new is not None else torch.full_like(st.f, math.nan)
+        st.g = s.g if s.g is not None else st.g
+        return
+    a = accept[:, None]
+    st.x = torch.where(a, s.x, st.x)
+    st.gn = torch.where(accept, gn_new, st.gn)
+    st.f = torch.where(accept, f_new, st.f) if f_new is not None else torch.where(accept, math.nan, st.f)
+    st.g = torch.where(a, s.g, st.g) if s.g is not None else st.g
+    rejected = st.active & ~accept
+    bad = _NONFINITE if s.failed is None else torch.where(s.failed, _LS_FAILED, _NONFINITE)
+    st.code = torch.where(rejected, bad, st.code)
+
+
+def _stop(st: _LoopState, accept: torch.Tensor, tol: float, measured: bool) -> None:
+    """The problems that keep running after this step."""
+    if tol > 0:
+        newly_conv = accept & (st.gn <= tol)
+        st.code = torch.where(newly_conv, _CONVERGED, st.code)
+        st.active = accept & ~newly_conv
+    elif not measured:  # tol = 0, no norm measured: nothing but a failure stops
+        st.active = accept
+    else:  # tol = 0: a fixed budget; only an exactly zero gradient could stop a problem
+        st.active = accept & ~(st.gn == 0)
+
+
+def _result(oracle: Oracle, st: _LoopState, tol: float, info: dict[str, Any]) -> SolverResult:
+    """The `SolverResult`, its per-problem fields read on the host when its first host value is."""
+    B, values_known, batched = oracle.B, oracle.values_known, oracle.batched
+    code, last_negcurv, n_iter, gn, fun = st.code, st.last_negcurv, st.n_iter, st.gn, st.f.detach()
 
     def read() -> dict[str, Any]:
-        # The per-problem state, read when the result's first host value is: nothing in the
-        # solve waited for the device.
         # (one copy each: on the CPU these are free, elsewhere only the first one waits)
         codes, negs = code.tolist(), last_negcurv.tolist()
         iters, norms, funs = n_iter.cpu(), gn.double().cpu(), fun.double().cpu()
@@ -555,12 +563,12 @@ def iterate(
             for c, neg in zip(codes, negs)
         ]
         fun_rows = funs if values_known else torch.full((B,), math.nan, dtype=torch.float64)
-        if not oracle.batched:
+        if not batched:
             return dict(
                 status=final[0], n_iter=int(iters[0]), grad_norm=float(norms[0]), fun=float(fun_rows[0])
             )
         return dict(
-            status=worst_status(final),
+            status=worst(final),
             n_iter=int(iters.max()),
             grad_norm=float(torch.linalg.vector_norm(norms)),
             fun=float(fun_rows.sum()) if values_known else float(funs[0] * B),
@@ -571,9 +579,9 @@ def iterate(
         )
 
     host = HostValues(read)
-    per_problem = host if oracle.batched else None
+    per_problem = host if batched else None
     return SolverResult(
-        x=oracle.answer(x),
+        x=oracle.answer(st.x),
         status=host,
         n_iter=host,
         grad_norm=host,
@@ -623,12 +631,8 @@ def measure(objective: Objective, x: TensorTree, theta: TensorTree, who: str) ->
 
     Returns NaNs (and no evaluation) if ``x`` is not finite.
     """
-    if not all(bool(torch.isfinite(t).all()) for t in leaves(x)):
+    if not bool(all_finite(x).all()):
         return math.nan, math.nan, 0
     oracle = Oracle(objective, x, theta, batched=False, who=who, need_values=True)
     f, g = oracle.value_and_grad(oracle.x0)
-    return float(f[0]), float(rownorm(g)[0]), oracle.n_gev
-
-
-def all_finite(tree: TensorTree) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in leaves(tree))
+    return float(f[0]), float(rownorm(g).double()[0]), oracle.n_gev

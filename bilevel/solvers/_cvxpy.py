@@ -12,8 +12,8 @@ from .._errors import StructureError
 from .._results import SolverResult
 from .._status import SolverStatus
 from .._types import Objective, TensorTree
-from ..tree import leaves
-from ._common import all_finite, lazy_import, tree_from_arrays, tree_to_arrays
+from ..tree import all_finite, leaves
+from ._common import lazy_import, tree_from_arrays, tree_to_arrays
 from ._messages import check_setting
 
 __all__ = ["Cvxpy"]
@@ -191,7 +191,7 @@ class Cvxpy:
             )
             return SolverResult(x=x, status=status, n_iter=n_iter, info=info, message=why)
         x = tree_from_arrays(values, init, "Cvxpy", "the variables' values")
-        if not all_finite(x):
+        if not bool(all_finite(x).all()):
             status = SolverStatus.NONFINITE
         value = self.problem.value
         fun = float(value) if value is not None and math.isfinite(float(value)) else math.nan

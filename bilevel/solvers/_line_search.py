@@ -7,7 +7,8 @@ import dataclasses
 import torch
 
 from .. import _sync
-from ._common import Oracle, check_int, rowdot, rows_finite
+from ..tree import rowdot, rows_finite
+from ._common import Oracle, check_int
 
 __all__ = ["Armijo", "StepHalving"]
 

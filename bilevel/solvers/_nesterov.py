@@ -9,7 +9,8 @@ import torch
 
 from .._results import SolverResult
 from .._types import Objective, TensorTree
-from ._common import Oracle, Step, check_int, check_positive, iterate, rowdot
+from ..tree import rowdot
+from ._common import Oracle, Step, check_int, check_positive, iterate
 from ._messages import check_setting, explain
 
 __all__ = ["Nesterov"]

@@ -10,7 +10,8 @@ from .._linear_solve import cg_solve
 from .._results import SolverResult
 from .._status import LinearStatus
 from .._types import Objective, TensorTree
-from ._common import Oracle, Step, check_int, check_positive, iterate, rowdot, rownorm
+from ..tree import rowdot, rownorm
+from ._common import Oracle, Step, check_int, check_positive, iterate
 from ._line_search import Armijo
 from ._messages import check_setting, explain
 

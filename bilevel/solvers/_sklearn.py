@@ -41,8 +41,8 @@ from .._errors import StructureError
 from .._results import SolverResult
 from .._status import SolverStatus
 from .._types import Objective, TensorTree
-from ..tree import leaves
-from ._common import all_finite, lazy_import, measure, tree_from_arrays
+from ..tree import all_finite, leaves
+from ._common import lazy_import, measure, tree_from_arrays
 from ._messages import check_setting
 
 __all__ = [
@@ -222,7 +222,7 @@ def _finish(
     info: dict[str, Any] = {"estimator": repr(estimator)}
     if message:
         info["message"] = message
-    if not all_finite(x):
+    if not bool(all_finite(x).all()):
         why = f"{who}: the fitted coefficients hold NaN or infinity: check the data and theta"
         return SolverResult(x=x, status=SolverStatus.NONFINITE, n_iter=n_iter, info=info, message=why)
     fun, gn, n_gev = measure(objective, x, theta, who) if measure_grad else (math.nan, math.nan, 0)

@@ -53,8 +53,8 @@ from .._errors import StructureError
 from .._results import SolverResult
 from .._status import SolverStatus
 from .._types import Objective, TensorTree
-from ..tree import leaves
-from ._common import all_finite, check_positive, measure, tree_from_arrays, tree_to_arrays
+from ..tree import all_finite, leaves
+from ._common import check_positive, measure, tree_from_arrays, tree_to_arrays
 from ._messages import check_setting
 
 __all__ = ["Subprocess"]
@@ -228,7 +228,7 @@ class Subprocess:
         fun = float(fields["fun"]) if "fun" in fields else math.nan
         grad_norm = float(fields["grad_norm"]) if "grad_norm" in fields else math.nan
         n_gev = 0
-        if not all_finite(x):
+        if not bool(all_finite(x).all()):
             status = SolverStatus.NONFINITE
             message = f"Subprocess({list(self.command)!r}): the program's answer x holds NaN or infinity"
         elif self.measure_grad:

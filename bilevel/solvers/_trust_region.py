@@ -12,7 +12,8 @@ from .._linear_solve import cg_solve
 from .._results import SolverResult
 from .._status import LinearStatus
 from .._types import Objective, TensorTree
-from ._common import Oracle, Step, check_int, check_positive, iterate, rownorm, rows_finite
+from ..tree import rownorm, rows_finite
+from ._common import Oracle, Step, check_int, check_positive, iterate
 from ._messages import check_setting, explain
 from ._newton_cg import forcing_tolerance
 
