@@ -281,7 +281,7 @@ def _blocks(model: ConvNet) -> list[tuple[str, int, int, float, bool]]:
         assert isinstance(conv, nn.Conv2d) and isinstance(norm, BatchStatNorm2d)
         stride, padding = conv.stride[0], conv.padding[0]
         assert isinstance(padding, int)
-        out.append((f"features.block{i}", stride, padding, norm.eps, "pool" in blk._modules))
+        out.append((f"features.block{i}", stride, padding, norm.eps, "pool" in dict(blk.named_children())))
     return out
 
 
