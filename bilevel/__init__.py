@@ -37,6 +37,7 @@ from ._linear_solve import MINRES as MINRES
 from ._linear_solve import BiCGStab as BiCGStab
 from ._linear_solve import DenseSolve as DenseSolve
 from ._linear_solve import Neumann as Neumann
+from ._policy import ImplicitPolicy as ImplicitPolicy
 from ._results import HostValues as HostValues
 from ._results import LinearSolveResult as LinearSolveResult
 from ._results import SolverResult as SolverResult
@@ -74,6 +75,7 @@ __all__ = [
     "HostValues",
     "ImplicitArgmin",
     "ImplicitInfo",
+    "ImplicitPolicy",
     "LinearSolveError",
     "LinearSolveResult",
     "LinearSolver",

@@ -24,7 +24,7 @@ import functools
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -40,19 +40,28 @@ from ._errors import (
 )
 from ._hvp import HVPLike, Linearization, Point, as_oracle, call_scalar, gradient_condition
 from ._linear_solve import CG, GMRES
+from ._policy import UNSET, BackwardX0, ImplicitPolicy, Unset, resolve_policy
 from ._results import LinearSolveResult, SolverResult
 from ._status import LinearStatus, SolverStatus
 from ._sync import defer_check
 from ._types import LinearSolver, Objective, RootFn, TensorTree
-from .tree import all_finite, check_finite, check_like, leaves, unflatten
+from .tree import (
+    all_finite,
+    check_finite,
+    check_like,
+    leaves,
+    ravel,
+    ravel_batch,
+    unflatten,
+    unravel_batch,
+    unravel_like,
+)
 
 __all__ = ["ImplicitArgmin", "ImplicitInfo", "fixed_point", "implicit_argmin", "implicit_root"]
 
 Leaves = tuple[torch.Tensor, ...]
 # Statuses that say the solver did what it was asked (no warning without optimality_tol).
 _QUIET = (SolverStatus.CONVERGED, SolverStatus.UNKNOWN, SolverStatus.BUDGET)
-#: A warm start of the backward solve: a flat tensor, a function of the right-hand side, or None.
-BackwardX0 = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], None]
 
 
 @dataclasses.dataclass
@@ -112,64 +121,63 @@ class _ValueRecorder:
         return out
 
 
+@dataclasses.dataclass(frozen=True)
 class _Problem:
-    """Everything the autograd Function needs besides tensors (not a tensor, so not saved)."""
+    """What one call solves: F(x, theta) = 0 at the answer of ``solver`` started from ``init``.
 
-    def __init__(
-        self,
-        *,
-        name: str,
-        condition: Callable[[TensorTree, TensorTree], TensorTree],
-        residual: Callable[[TensorTree, TensorTree], TensorTree],
-        objective: Callable[..., Any],
-        init: TensorTree,
-        theta_like: TensorTree,
-        solver: Callable[..., Any],
-        linearize: Callable[[Point], Linearization],
-        linear_solver: LinearSolver,
-        optimality_tol: float | None,
-        throw: bool,
-        backward_x0: BackwardX0,
-        info: ImplicitInfo,
-        batched: bool = False,
-        warn: bool = True,
-        measure_residual: bool = True,
-        symmetric: bool = True,
-        recorder: _ValueRecorder | None = None,
-    ) -> None:
-        self.name = name
-        self.condition = condition
-        self.residual = residual
-        self.objective = objective
-        self.init = init
-        self.theta_like = theta_like
-        self.solver = solver
-        self.linearize = linearize
+    Attributes:
+        name: the entry point, for messages.
+        condition: F(x, theta), built with its graph (create_graph) for the backward pass.
+        residual: F(x, theta) for the forward pass's measured residual only.
+        objective: what the solver is given (G for an argmin, F or T for a root or fixed point).
+        init, theta_like: the structures of x and theta.
+        solver: the black-box inner solver.
+        linearize: the products dF/dx and dF/dtheta at a `Point` (HVPs for an argmin).
+        symmetric: dF/dx is symmetric (an argmin): forward mode is supported.
+        recorder: the objective's last value (an argmin), checked for finiteness at the answer.
+    """
+
+    name: str
+    condition: Callable[[TensorTree, TensorTree], TensorTree]
+    residual: Callable[[TensorTree, TensorTree], TensorTree]
+    objective: Callable[..., Any]
+    init: TensorTree
+    theta_like: TensorTree
+    solver: Callable[..., Any]
+    linearize: Callable[[Point], Linearization]
+    symmetric: bool = True
+    recorder: _ValueRecorder | None = None
+
+
+class _Call:
+    """One call of the layer, handed to the autograd Function (not a tensor, so not saved): the
+    problem, the policy, the diagnostics it fills in, and the graph it keeps for backward."""
+
+    def __init__(self, problem: _Problem, policy: ImplicitPolicy, linear_solver: LinearSolver) -> None:
+        self.problem = problem
+        self.policy = policy
+        #: the policy's linear solver, or the problem kind's default
         self.linear_solver = linear_solver
-        self.optimality_tol = optimality_tol
-        self.throw = throw
-        self.backward_x0 = backward_x0
-        self.info = info
-        self.batched = batched
-        self.warn = warn
-        self.measure_residual = measure_residual
-        self.symmetric = symmetric
-        self.recorder = recorder
+        self.info = ImplicitInfo()
         #: build F's graph in the forward pass and keep it for backward (set by `_run`)
         self.keep_graph = False
         self.point: Point | None = None
 
+    @property
+    def name(self) -> str:
+        return self.problem.name
+
     def _fail(self, err: Exception) -> None:
-        if self.throw:
+        if self.policy.throw:
             raise err
-        if self.warn:
+        if self.policy.warn:
             # the caller of implicit_argmin (forward pass, not deferred): _fail < _settle < defer_check
             # < solve < forward < Function.apply < _run < implicit_argmin < caller
             warnings.warn(f"{err} (throw=False: continuing)", BilevelWarning, stacklevel=9)
 
     def _where(self, failed: list[int]) -> str:
         """' in problems [i, j]' for a batched call, '' otherwise."""
-        if not self.batched:
+        if not self.policy.batched:
             return ""
         shown = failed[:10]
         more = f" and {len(failed) - 10} more" if len(failed) > 10 else ""
@@ -177,21 +185,15 @@ class _Problem:
 
     def _flat(self, ts: Leaves, dtype: torch.dtype) -> torch.Tensor:
         """Leaves like x as one vector (n,), or as a (B, n) matrix in batched mode."""
-        if self.batched:
-            B = ts[0].shape[0]
-            return torch.cat([t.reshape(B, -1).to(dtype) for t in ts], dim=1)
-        return torch.cat([t.reshape(-1).to(dtype) for t in ts])
+        return ravel_batch(ts, dtype=dtype) if self.policy.batched else ravel(ts, dtype=dtype)
 
     def _unflat(self, flat: torch.Tensor, like: Leaves) -> Leaves:
-        if self.batched:
-            parts = torch.split(flat, [t[0].numel() for t in like], dim=1)
-        else:
-            parts = torch.split(flat, [t.numel() for t in like])
-        return tuple(c.reshape(t.shape).to(t.dtype) for c, t in zip(parts, like))
+        out = unravel_batch(flat, like) if self.policy.batched else unravel_like(flat, like)
+        return leaves(out)
 
     def _norms(self, ts: Leaves) -> torch.Tensor:
         """Per-problem Euclidean norms (B,) in float64 (shape (1,) when not batched)."""
-        B = ts[0].shape[0] if self.batched else 1
+        B = ts[0].shape[0] if self.policy.batched else 1
         # leaf by leaf (no concatenated float64 copy), squares summed in float64
         sq = [torch.linalg.vector_norm(t.detach().reshape(B, -1), dim=1).double().square() for t in ts]
         return torch.stack(sq).sum(0).sqrt()
@@ -207,11 +209,11 @@ class _Problem:
         """
         measured = per is not None
         if per is None:
-            if self.batched and result.problem_grad_norm is not None:
+            if self.policy.batched and result.problem_grad_norm is not None:
                 per = result.problem_grad_norm.double()
             else:
                 per = torch.tensor([result.grad_norm], dtype=torch.float64)
-            self.info.problem_residual_norm = per if self.batched else None
+            self.info.problem_residual_norm = per if self.policy.batched else None
         if value is not None and not bool(torch.isfinite(value).all()):
             raise NonFiniteError(
                 f"{self.name}: the objective is {value.tolist()} at the solver's answer: "
@@ -224,7 +226,7 @@ class _Problem:
             raise NonFiniteError(
                 f"{self.name}: the optimality residual at the solver's answer is {residual}{self._where(bad)}"
             )
-        tol = self.optimality_tol
+        tol = self.policy.optimality_tol
         failed = torch.nonzero(per > tol).flatten().tolist() if tol is not None else []
         if result.status is SolverStatus.FAILED:
             # The solver says its answer is no answer: whatever the residual, say why.
@@ -246,7 +248,7 @@ class _Problem:
                     info=self.info,
                 )
             )
-        elif tol is None and self.warn and result.status not in _QUIET:
+        elif tol is None and self.policy.warn and result.status not in _QUIET:
             warnings.warn(
                 f"{self.name}: the inner solver did not converge ({result.reason}); "
                 f"residual {residual:.3e}. Set optimality_tol to turn this into a check.",
@@ -255,12 +257,12 @@ class _Problem:
             )
 
     def solve(self, theta: Leaves, init_leaves: Leaves) -> Leaves:
-        theta_tree = unflatten(self.theta_like, list(theta))
+        theta_tree = unflatten(self.problem.theta_like, list(theta))
         check_finite(theta_tree, "theta")
-        init = unflatten(self.init, [t.detach() for t in init_leaves])
+        init = unflatten(self.problem.init, [t.detach() for t in init_leaves])
         check_finite(init, "init")
         with torch.no_grad():
-            out = self.solver(self.objective, init, theta_tree)
+            out = self.problem.solver(self.problem.objective, init, theta_tree)
         result = out if isinstance(out, SolverResult) else SolverResult(x=out, status=SolverStatus.UNKNOWN)
         check_like(result.x, init, "the solver's answer", "init")
         check_finite(result.x, "the solver's answer")
@@ -273,18 +275,20 @@ class _Problem:
             # A backward pass may follow: F is built here with its graph and kept, so that
             # backward() linearizes this very graph (no second evaluation of the objective,
             # which might have changed by then) and the residual below costs nothing more.
-            self.point = Point(self.condition, init, self.theta_like, x, theta, wrt)
+            self.point = Point(self.problem.condition, init, self.problem.theta_like, x, theta, wrt)
             per = self._norms(self.point.F())
-        elif self.measure_residual:
+        elif self.policy.measure_residual:
             # The residual is measured here, independently of what the solver claims.
-            theta_det = unflatten(self.theta_like, [t.detach() for t in theta])
+            theta_det = unflatten(self.problem.theta_like, [t.detach() for t in theta])
             with torch.enable_grad():
                 xs = tuple(t.detach().requires_grad_(True) for t in x)
-                out_F = self.residual(unflatten(init, list(xs)), theta_det)
+                out_F = self.problem.residual(unflatten(init, list(xs)), theta_det)
             check_like(out_F, init, "optimality condition F(x, theta)", "x")
             per = self._norms(leaves(out_F))
-        value = self.recorder.last if (per is not None and self.recorder is not None) else None
-        self.info.problem_residual_norm = per if self.batched else None
+        value = (
+            self.problem.recorder.last if (per is not None and self.problem.recorder is not None) else None
+        )
+        self.info.problem_residual_norm = per if self.policy.batched else None
         # every check below reads the device: now, or at the end of a `deferred_checks` block
         defer_check(functools.partial(self._settle, result, per, value))
         # An output must not alias an input of the Function.
@@ -300,14 +304,15 @@ class _Problem:
                 return self._flat(tuple(t.detach() for t in lin.matvec(self._unflat(u, x))), dtype)
 
         b = self._flat(rhs, dtype)
-        x0 = self.backward_x0(b) if callable(self.backward_x0) else self.backward_x0
+        start = self.policy.backward_x0
+        x0 = start(b) if callable(start) else start
         if x0 is not None and (
             not isinstance(x0, torch.Tensor) or x0.shape != b.shape or x0.dtype != b.dtype
         ):
             raise ValueError(
                 f"{self.name}: backward_x0 is {_describe(x0)}; expected a tensor of shape "
                 f"{tuple(b.shape)} and dtype {b.dtype} (the flattened phi"
-                f"{', one row per problem' if self.batched else ''})"
+                f"{', one row per problem' if self.policy.batched else ''})"
             )
         res = self.linear_solver(matvec, b, x0)
         if not isinstance(res, LinearSolveResult):
@@ -360,8 +365,8 @@ class _Problem:
             return tuple(None for _ in theta)
         point = self.point
         if point is None or point.wrt != wrt:
-            point = Point(self.condition, self.init, self.theta_like, x, theta, wrt)
-        lin = self.linearize(point)
+            point = Point(self.problem.condition, self.problem.init, self.problem.theta_like, x, theta, wrt)
+        lin = self.problem.linearize(point)
         u = self.linear_solve(lin, x, v)
         with torch.no_grad():
             cross = lin.cross(u)
@@ -386,7 +391,7 @@ class _Problem:
 
     def jvp(self, x: Leaves, theta: Leaves, tangents: tuple[torch.Tensor | None, ...]) -> Leaves:
         """Forward mode: dx = -(dF/dx)^-1 (dF/dtheta) t, for an argmin (symmetric dF/dx)."""
-        if not self.symmetric:
+        if not self.problem.symmetric:
             raise NotImplementedError(
                 f"{self.name}: forward-mode differentiation (torch.func.jvp) is supported for "
                 "implicit_argmin only, whose dF/dx is symmetric; use reverse mode (backward, "
@@ -395,8 +400,8 @@ class _Problem:
         wrt = tuple(t is not None for t in tangents)
         if not any(wrt):
             return tuple(torch.zeros_like(t) for t in x)
-        point = Point(self.condition, self.init, self.theta_like, x, theta, wrt)
-        lin = self.linearize(point)
+        point = Point(self.problem.condition, self.problem.init, self.problem.theta_like, x, theta, wrt)
+        lin = self.problem.linearize(point)
         idx = [i for i, w in enumerate(wrt) if w]
         with torch.enable_grad():
             F = point.F()
@@ -429,7 +434,7 @@ def _describe(obj: object) -> str:
 class ImplicitArgmin(torch.autograd.Function):
     """The autograd Function under `implicit_argmin`, `implicit_root` and `fixed_point`.
 
-    ``forward(problem, n_theta, *theta_leaves, *init_leaves) -> x_leaves`` runs the black-box solver without
+    ``forward(call, n_theta, *theta_leaves, *init_leaves) -> x_leaves`` runs the black-box solver without
     autograd; ``backward`` solves (dF/dx)^T u = dL/dx and returns -(dF/dtheta)^T u.
     Written with ``setup_context``: ``torch.func.vmap`` runs the layer once per vmapped
     problem (a loop, equal to calling it problem by problem; for speed pass
@@ -442,13 +447,13 @@ class ImplicitArgmin(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(problem: _Problem, n_theta: int, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return problem.solve(args[:n_theta], args[n_theta:])
+    def forward(call: _Call, n_theta: int, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return call.solve(args[:n_theta], args[n_theta:])
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
-        problem, n_theta, *args = inputs
-        ctx.problem = problem
+        call, n_theta, *args = inputs
+        ctx.call = call
         ctx.n_x = len(output)
         ctx.n_theta = n_theta
         theta = args[:n_theta]
@@ -461,7 +466,7 @@ class ImplicitArgmin(torch.autograd.Function):
             # create_graph=True: the result would be differentiated again, and the implicit part
             # of a second derivative (which needs third derivatives of G) would be silently lost.
             raise NotImplementedError(
-                f"{ctx.problem.name}: the gradient through the implicit layer cannot be differentiated "
+                f"{ctx.call.problem.name}: the gradient through the implicit layer cannot be differentiated "
                 "again: double backward (create_graph=True, torch.autograd.functional.hessian) and "
                 "torch.func.grad / vjp / jacrev through the layer are not supported (the implicit part "
                 "of a second derivative would be lost).  Use torch.autograd.grad or .backward() "
@@ -479,33 +484,33 @@ class ImplicitArgmin(torch.autograd.Function):
         # The backward pass differentiates G with plain autograd on the saved (unwrapped)
         # tensors; under torch.func.grad / vjp that must not be seen by the transforms.
         try:
-            out = ctx.problem.backward(x, theta, grads, wrt)
+            out = ctx.call.backward(x, theta, grads, wrt)
         except RuntimeError as err:
-            _refuse_transform(ctx.problem.name, err)
+            _refuse_transform(ctx.call.problem.name, err)
             raise
         # init is where the solver starts, not a variable of phi*(theta): no gradient.
         return (None, None, *out, *([None] * n_init))
 
     @staticmethod
-    def jvp(ctx: Any, _problem: Any, _n: Any, *tangents: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    def jvp(ctx: Any, _call: Any, _n: Any, *tangents: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         saved = ctx.saved_tensors
         x, theta = saved[: ctx.n_x], saved[ctx.n_x :]
         try:
-            return ctx.problem.jvp(x, theta, tangents[: ctx.n_theta])
+            return ctx.call.jvp(x, theta, tangents[: ctx.n_theta])
         except RuntimeError as err:
-            _refuse_transform(ctx.problem.name, err)
+            _refuse_transform(ctx.call.problem.name, err)
             raise
 
     @staticmethod
     def vmap(
-        info: Any, in_dims: tuple[Any, ...], problem: _Problem, n_theta: int, *args: torch.Tensor
+        info: Any, in_dims: tuple[Any, ...], call: _Call, n_theta: int, *args: torch.Tensor
     ) -> tuple[tuple[torch.Tensor, ...], tuple[int, ...]]:
         outs = []
         for i in range(info.batch_size):
             sliced = tuple(t if d is None else t.select(d, i) for t, d in zip(args, in_dims[2:]))
-            # a copy per problem: each keeps its own value of G at its answer (the diagnostics
-            # object and the objective are shared)
-            outs.append(ImplicitArgmin.apply(copy.copy(problem), n_theta, *sliced))
+            # a copy per problem: each keeps its own graph of F at its answer (the problem, the
+            # policy and the diagnostics object are shared)
+            outs.append(ImplicitArgmin.apply(copy.copy(call), n_theta, *sliced))
         stacked = tuple(torch.stack([o[j] for o in outs]) for j in range(len(outs[0])))
         return stacked, tuple(0 for _ in stacked)
 
@@ -522,31 +527,23 @@ def _refuse_transform(name: str, err: RuntimeError) -> None:
         ) from err
 
 
-def _run(problem: _Problem, theta: TensorTree, return_info: bool) -> Any:
+def _run(call: _Call, theta: TensorTree, return_info: bool) -> Any:
     theta_leaves = leaves(theta, name="theta")
-    init_leaves = tuple(t.detach() for t in leaves(problem.init, name="init"))
-    problem.keep_graph = torch.is_grad_enabled() and any(t.requires_grad for t in theta_leaves)
-    out = ImplicitArgmin.apply(problem, len(theta_leaves), *theta_leaves, *init_leaves)
-    x = unflatten(problem.init, list(out))
-    return (x, problem.info) if return_info else x
+    init_leaves = tuple(t.detach() for t in leaves(call.problem.init, name="init"))
+    call.keep_graph = torch.is_grad_enabled() and any(t.requires_grad for t in theta_leaves)
+    out = ImplicitArgmin.apply(call, len(theta_leaves), *theta_leaves, *init_leaves)
+    x = unflatten(call.problem.init, list(out))
+    return (x, call.info) if return_info else x
 
 
-def _check_common(
-    name: str, solver: Any, optimality_tol: float | None, init: TensorTree, batched: bool, measure: bool
-) -> None:
+def _check_common(name: str, solver: Any, init: TensorTree, batched: bool) -> None:
+    """Entry checks of the solver and init (the policy's fields are checked by `ImplicitPolicy`)."""
     if isinstance(solver, type):
         raise TypeError(
             f"{name}: solver is the class {solver.__name__}; pass an instance, e.g. {solver.__name__}(...)"
         )
     if not callable(solver):
         raise TypeError(f"{name}: solver must be a callable solver(objective, init, theta); got {solver!r}")
-    if optimality_tol is not None and not optimality_tol >= 0:
-        raise ValueError(f"{name}(optimality_tol={optimality_tol}): must be >= 0 or None")
-    if not measure and optimality_tol is not None:
-        raise ValueError(
-            f"{name}(measure_residual=False): the optimality check needs the measured residual; "
-            "pass optimality_tol=None too"
-        )
     ls = leaves(init, name="init")
     if not ls:
         raise ValueError(f"{name}: init holds no tensors")
@@ -571,15 +568,16 @@ def implicit_argmin(
     init: TensorTree,
     theta: TensorTree,
     solver: Callable[..., Any],
-    hvp: HVPLike = None,
-    linear_solver: LinearSolver | None = None,
+    hvp: HVPLike | Unset = UNSET,
+    linear_solver: LinearSolver | Unset | None = UNSET,
     *,
-    batched: bool = False,
-    optimality_tol: float | None = 1e-3,
-    throw: bool = True,
-    warn: bool = True,
-    measure_residual: bool = True,
-    backward_x0: BackwardX0 = None,
+    policy: ImplicitPolicy | None = None,
+    batched: bool | Unset = UNSET,
+    optimality_tol: float | Unset | None = UNSET,
+    throw: bool | Unset = UNSET,
+    warn: bool | Unset = UNSET,
+    measure_residual: bool | Unset = UNSET,
+    backward_x0: BackwardX0 | Unset = UNSET,
     return_info: bool = False,
 ) -> Any:
     """phi*(theta) = argmin_phi G(phi, theta), differentiable in theta by implicit differentiation.
@@ -645,6 +643,9 @@ def implicit_argmin(
             size ((B, n) in batched mode), e.g. ``info.last_backward.x`` of a previous
             call, or a function ``b -> x0`` of the right-hand side (e.g.
             ``lambda b: b / lam`` for a proximal objective).
+        policy: all of the above but the problem (``hvp`` to ``backward_x0``) as one
+            `ImplicitPolicy` value; give it or the keywords, not both.  A keyword not
+            given takes the `ImplicitPolicy` default (written above).
         return_info: also return an `ImplicitInfo` with the diagnostics.
 
     Returns:
@@ -659,36 +660,40 @@ def implicit_argmin(
             ``init``, or the objective is not scalar (not (B,) in batched mode).
         OptimalityError: the residual exceeds ``optimality_tol`` (with ``throw``).
         LinearSolveError, NegativeCurvatureError: the backward solve failed (with ``throw``).
-        TypeError: a solver class instead of an instance, or a ``linear_solver`` that
-            returns something other than a `LinearSolveResult`.
+        TypeError: a solver class instead of an instance, a ``linear_solver`` that
+            returns something other than a `LinearSolveResult`, a policy field of the
+            wrong kind, or ``policy`` together with one of its keywords.
+        ValueError: a policy field out of range (see `ImplicitPolicy`).
     """
-    _check_common("implicit_argmin", solver, optimality_tol, init, batched, measure_residual)
-    oracle = as_oracle(hvp)
-    recorder = _ValueRecorder(_scalar_checked(objective, batched))
-    checked: Objective = recorder
-    return _run(
-        _Problem(
-            name="implicit_argmin",
-            condition=gradient_condition(checked),
-            residual=gradient_condition(checked, create_graph=False),
-            objective=objective,
-            init=init,
-            theta_like=theta,
-            solver=solver,
-            linearize=lambda point: oracle.linearize(checked, point),
-            linear_solver=linear_solver if linear_solver is not None else CG(),
-            optimality_tol=optimality_tol,
-            throw=throw,
-            backward_x0=backward_x0,
-            info=ImplicitInfo(),
-            batched=batched,
-            warn=warn,
-            measure_residual=measure_residual,
-            recorder=recorder,
-        ),
-        theta,
-        return_info,
+    pol = resolve_policy(
+        "implicit_argmin",
+        policy,
+        hvp=hvp,
+        linear_solver=linear_solver,
+        optimality_tol=optimality_tol,
+        throw=throw,
+        warn=warn,
+        measure_residual=measure_residual,
+        backward_x0=backward_x0,
+        batched=batched,
     )
+    _check_common("implicit_argmin", solver, init, pol.batched)
+    oracle = as_oracle(pol.hvp)
+    recorder = _ValueRecorder(_scalar_checked(objective, pol.batched))
+    checked: Objective = recorder
+    problem = _Problem(
+        name="implicit_argmin",
+        condition=gradient_condition(checked),
+        residual=gradient_condition(checked, create_graph=False),
+        objective=objective,
+        init=init,
+        theta_like=theta,
+        solver=solver,
+        linearize=lambda point: oracle.linearize(checked, point),
+        recorder=recorder,
+    )
+    linear_solver = CG() if pol.linear_solver is None else pol.linear_solver
+    return _run(_Call(problem, pol, linear_solver), theta, return_info)
 
 
 def _scalar_checked(objective: Objective, batched: bool) -> Objective:
@@ -718,17 +723,6 @@ def _root_linearization(point: Point) -> Linearization:
     return Linearization(point.vjp_phi, point.vjp_theta)
 
 
-@dataclasses.dataclass(frozen=True)
-class _RootOptions:
-    linear_solver: LinearSolver | None
-    batched: bool
-    optimality_tol: float | None
-    throw: bool
-    warn: bool
-    backward_x0: BackwardX0
-    return_info: bool
-
-
 def _run_root(
     name: str,
     F: RootFn,
@@ -736,10 +730,11 @@ def _run_root(
     init: TensorTree,
     theta: TensorTree,
     solver: Callable[..., Any],
-    opts: _RootOptions,
+    policy: ImplicitPolicy,
+    return_info: bool,
 ) -> Any:
     """`implicit_root` and `fixed_point`: F(x, theta) = 0, reverse-mode products, GMRES default."""
-    _check_common(name, solver, opts.optimality_tol, init, opts.batched, True)
+    _check_common(name, solver, init, policy.batched)
     problem = _Problem(
         name=name,
         condition=F,
@@ -749,16 +744,10 @@ def _run_root(
         theta_like=theta,
         solver=solver,
         linearize=_root_linearization,
-        linear_solver=opts.linear_solver if opts.linear_solver is not None else GMRES(),
-        optimality_tol=opts.optimality_tol,
-        throw=opts.throw,
-        backward_x0=opts.backward_x0,
-        info=ImplicitInfo(),
-        batched=opts.batched,
-        warn=opts.warn,
         symmetric=False,
     )
-    return _run(problem, theta, opts.return_info)
+    linear_solver = GMRES() if policy.linear_solver is None else policy.linear_solver
+    return _run(_Call(problem, policy, linear_solver), theta, return_info)
 
 
 def implicit_root(
@@ -766,13 +755,14 @@ def implicit_root(
     init: TensorTree,
     theta: TensorTree,
     solver: Callable[..., Any],
-    linear_solver: LinearSolver | None = None,
+    linear_solver: LinearSolver | Unset | None = UNSET,
     *,
-    batched: bool = False,
-    optimality_tol: float | None = 1e-3,
-    throw: bool = True,
-    warn: bool = True,
-    backward_x0: BackwardX0 = None,
+    policy: ImplicitPolicy | None = None,
+    batched: bool | Unset = UNSET,
+    optimality_tol: float | Unset | None = UNSET,
+    throw: bool | Unset = UNSET,
+    warn: bool | Unset = UNSET,
+    backward_x0: BackwardX0 | Unset = UNSET,
     return_info: bool = False,
 ) -> Any:
     """x*(theta) with F(x*, theta) = 0, differentiable in theta by the implicit function theorem.
@@ -786,6 +776,8 @@ def implicit_root(
         F: ``F(x, theta) -> tree like x``, differentiable by autograd in x and theta.
         init, theta, optimality_tol, throw, warn, backward_x0, return_info: as in
             `implicit_argmin` (the residual is ||F(x, theta)||).
+        policy: the keywords as one `ImplicitPolicy` (give it or them, not both); its
+            ``hvp`` must be ``None`` and its ``measure_residual`` ``True``.
         solver: ``solver(F, init, theta) -> SolverResult | solution``; it may
             ignore ``F`` and solve its own formulation (cvxpy, a subprocess).
         linear_solver: default ``GMRES()`` since dF/dx need not be symmetric; pass
@@ -796,8 +788,18 @@ def implicit_root(
     Returns:
         x with the structure of ``init`` (and the `ImplicitInfo` if ``return_info``).
     """
-    opts = _RootOptions(linear_solver, batched, optimality_tol, throw, warn, backward_x0, return_info)
-    return _run_root("implicit_root", F, F, init, theta, solver, opts)
+    pol = resolve_policy(
+        "implicit_root",
+        policy,
+        root=True,
+        linear_solver=linear_solver,
+        optimality_tol=optimality_tol,
+        throw=throw,
+        warn=warn,
+        backward_x0=backward_x0,
+        batched=batched,
+    )
+    return _run_root("implicit_root", F, F, init, theta, solver, pol, return_info)
 
 
 def fixed_point(
@@ -805,13 +807,14 @@ def fixed_point(
     init: TensorTree,
     theta: TensorTree,
     solver: Callable[..., Any],
-    linear_solver: LinearSolver | None = None,
+    linear_solver: LinearSolver | Unset | None = UNSET,
     *,
-    batched: bool = False,
-    optimality_tol: float | None = 1e-3,
-    throw: bool = True,
-    warn: bool = True,
-    backward_x0: BackwardX0 = None,
+    policy: ImplicitPolicy | None = None,
+    batched: bool | Unset = UNSET,
+    optimality_tol: float | Unset | None = UNSET,
+    throw: bool | Unset = UNSET,
+    warn: bool | Unset = UNSET,
+    backward_x0: BackwardX0 | Unset = UNSET,
     return_info: bool = False,
 ) -> Any:
     """x*(theta) with x* = T(x*, theta), differentiable in theta.
@@ -832,5 +835,15 @@ def fixed_point(
         check_like(Tx, x, "fixed-point map T(x, theta)", "x")
         return unflatten(x, [a - b for a, b in zip(leaves(Tx), leaves(x))])
 
-    opts = _RootOptions(linear_solver, batched, optimality_tol, throw, warn, backward_x0, return_info)
-    return _run_root("fixed_point", F, T, init, theta, solver, opts)
+    pol = resolve_policy(
+        "fixed_point",
+        policy,
+        root=True,
+        linear_solver=linear_solver,
+        optimality_tol=optimality_tol,
+        throw=throw,
+        warn=warn,
+        backward_x0=backward_x0,
+        batched=batched,
+    )
+    return _run_root("fixed_point", F, T, init, theta, solver, pol, return_info)

@@ -46,6 +46,7 @@ import torch
 from ._errors import NonFiniteError, StructureError
 from ._hvp import HVPLike
 from ._implicit import ImplicitInfo, implicit_argmin
+from ._policy import UNSET, ImplicitPolicy, Unset, resolve_policy
 from ._status import LinearStatus, SolverStatus
 from ._types import LinearSolver, Objective, TensorTree
 from .tree import check_finite, leaves, unflatten
@@ -104,22 +105,33 @@ class HyperProblem:
         optimality_tol: largest accepted ||grad_params G|| at the inner answer
             (``None``: no check).
         throw: raise on a failed check (``False`` warns and continues).
+        policy: the four above (and the other fields of a `bilevel.ImplicitPolicy`) as one
+            value; give it or the keywords, not both.  The keywords are construction
+            arguments only: afterwards ``problem.policy`` holds them (derive a variant with
+            ``dataclasses.replace(problem, policy=problem.policy.replace(throw=False))``).
 
     Raises:
-        TypeError: an objective or the solver is not callable, or the solver is a class (pass an
-            instance).
+        TypeError: an objective or the solver is not callable, the solver is a class (pass an
+            instance), a policy field of the wrong kind, or ``policy`` with a keyword.
         ValueError: ``optimality_tol`` is negative.
     """
 
     inner_objective: Objective
     outer_objective: Callable[..., torch.Tensor]
     solver: Callable[..., Any]
-    hvp: HVPLike = None
-    linear_solver: LinearSolver | None = None
-    optimality_tol: float | None = 1e-3
-    throw: bool = True
+    hvp: dataclasses.InitVar[HVPLike | Unset] = UNSET
+    linear_solver: dataclasses.InitVar[LinearSolver | Unset | None] = UNSET
+    optimality_tol: dataclasses.InitVar[float | Unset | None] = UNSET
+    throw: dataclasses.InitVar[bool | Unset] = UNSET
+    policy: ImplicitPolicy = None  # type: ignore[assignment]  # None: built from the keywords
 
-    def __post_init__(self) -> None:
+    def __post_init__(
+        self,
+        hvp: HVPLike | Unset,
+        linear_solver: LinearSolver | Unset | None,
+        optimality_tol: float | Unset | None,
+        throw: bool | Unset,
+    ) -> None:
         for name in ("inner_objective", "outer_objective", "solver"):
             value = getattr(self, name)
             if not callable(value):
@@ -129,9 +141,8 @@ class HyperProblem:
                 f"HyperProblem(solver={self.solver.__name__}): a solver class; pass an instance, e.g. "
                 f"{self.solver.__name__}(...)"
             )
-        tol = self.optimality_tol
-        if tol is not None and not tol >= 0:
-            raise ValueError(f"HyperProblem(optimality_tol={tol}): must be >= 0 or None")
+        keywords = dict(hvp=hvp, linear_solver=linear_solver, optimality_tol=optimality_tol, throw=throw)
+        object.__setattr__(self, "policy", resolve_policy("HyperProblem", self.policy, **keywords))
 
     def evaluate(
         self, hyper: TensorTree, params_init: TensorTree, *, backward_x0: torch.Tensor | None = None
@@ -144,7 +155,8 @@ class HyperProblem:
                 the leaves that require grad.
             params_init: the inner solver's starting point.
             backward_x0: warm start of the backward linear solve (a flat vector of the
-                size of params, e.g. the previous ``info.last_backward.x``).
+                size of params, e.g. the previous ``info.last_backward.x``); ``None``: the
+                policy's.
 
         Returns:
             A `HyperEvaluation`.
@@ -154,17 +166,9 @@ class HyperProblem:
             StructureError: the outer objective does not return a scalar.
             OptimalityError, LinearSolveError: as in `bilevel.implicit_argmin`.
         """
+        policy = self.policy if backward_x0 is None else self.policy.replace(backward_x0=backward_x0)
         params, info = implicit_argmin(
-            self.inner_objective,
-            params_init,
-            hyper,
-            solver=self.solver,
-            hvp=self.hvp,
-            linear_solver=self.linear_solver,
-            optimality_tol=self.optimality_tol,
-            throw=self.throw,
-            backward_x0=backward_x0,
-            return_info=True,
+            self.inner_objective, params_init, hyper, self.solver, policy=policy, return_info=True
         )
         loss = self.outer_objective(params, hyper)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:

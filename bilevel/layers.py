@@ -58,6 +58,7 @@ from torch import nn
 
 from ._hvp import HVPLike
 from ._implicit import ImplicitInfo, fixed_point, implicit_argmin, implicit_root
+from ._policy import UNSET, ImplicitPolicy, Unset, resolve_policy
 from ._types import LinearSolver, Objective, RootFn, TensorTree
 from .tree import leaves, unflatten
 
@@ -86,9 +87,7 @@ class _ImplicitLayer(nn.Module):
         solver: Callable[..., Any],
         init: Init,
         *,
-        linear_solver: LinearSolver | None,
-        optimality_tol: float | None,
-        throw: bool,
+        policy: ImplicitPolicy,
         warm_start: bool,
     ) -> None:
         super().__init__()
@@ -100,8 +99,6 @@ class _ImplicitLayer(nn.Module):
             )
         if not callable(solver):
             raise TypeError(f"{who}: solver must be a callable solver(fn, init, theta), got {solver!r}")
-        if optimality_tol is not None and not optimality_tol >= 0:
-            raise ValueError(f"{who}(optimality_tol={optimality_tol}): must be >= 0 or None")
         if isinstance(fn, nn.Module) and any(p.requires_grad for p in fn.parameters()):
             # They would silently get no gradient: the implicit backward differentiates the inputs only.
             raise ValueError(
@@ -112,9 +109,8 @@ class _ImplicitLayer(nn.Module):
         self._who = who
         self.fn = fn
         self.solver = solver
-        self.linear_solver = linear_solver
-        self.optimality_tol = optimality_tol
-        self.throw = throw
+        #: how the layer differentiates and what it checks
+        self.policy = policy
         self.warm_start = warm_start
         self.last_info: ImplicitInfo | None = None
         self._last_x: TensorTree | None = None
@@ -124,6 +120,11 @@ class _ImplicitLayer(nn.Module):
         self._init_kind = "none"
         self._init_keys: tuple[str, ...] = ()
         self._n_init = 0
+        self._set_init(init)
+
+    def _set_init(self, init: Init) -> None:
+        """Register a given starting point as buffers (or keep ``init(theta)``)."""
+        who = self._who
         if init is None:
             pass
         elif isinstance(init, (torch.Tensor, tuple, list, Mapping)):
@@ -253,8 +254,12 @@ class ArgminLayer(_ImplicitLayer):
         throw: raise on failed checks (``False``: warn).
         warm_start: start each solve from the previous answer when its shapes, dtypes
             and devices match (same batch size); useful when inputs change slowly.
+        policy: ``hvp``, ``linear_solver``, ``optimality_tol`` and ``throw`` (and the
+            other fields, e.g. ``batched``) as one `bilevel.ImplicitPolicy`; give it or
+            the keywords, not both (a `TypeError`).
 
     Attributes:
+        policy: the `bilevel.ImplicitPolicy` every call uses.
         last_info: the `bilevel.ImplicitInfo` of the last call (``None`` before).
 
     Example:
@@ -270,36 +275,19 @@ class ArgminLayer(_ImplicitLayer):
         solver: Callable[..., Any],
         init: Init = None,
         *,
-        hvp: HVPLike = None,
-        linear_solver: LinearSolver | None = None,
-        optimality_tol: float | None = 1e-3,
-        throw: bool = True,
+        hvp: HVPLike | Unset = UNSET,
+        linear_solver: LinearSolver | Unset | None = UNSET,
+        optimality_tol: float | Unset | None = UNSET,
+        throw: bool | Unset = UNSET,
         warm_start: bool = False,
+        policy: ImplicitPolicy | None = None,
     ) -> None:
-        super().__init__(
-            "ArgminLayer",
-            objective,
-            solver,
-            init,
-            linear_solver=linear_solver,
-            optimality_tol=optimality_tol,
-            throw=throw,
-            warm_start=warm_start,
-        )
-        self.hvp = hvp
+        keywords = dict(hvp=hvp, linear_solver=linear_solver, optimality_tol=optimality_tol, throw=throw)
+        pol = resolve_policy("ArgminLayer", policy, **keywords)
+        super().__init__("ArgminLayer", objective, solver, init, policy=pol, warm_start=warm_start)
 
     def _solve(self, init: TensorTree, theta: TensorTree) -> tuple[TensorTree, ImplicitInfo]:
-        x, info = implicit_argmin(
-            self.fn,
-            init,
-            theta,
-            solver=self.solver,
-            hvp=self.hvp,
-            linear_solver=self.linear_solver,
-            optimality_tol=self.optimality_tol,
-            throw=self.throw,
-            return_info=True,
-        )
+        x, info = implicit_argmin(self.fn, init, theta, self.solver, policy=self.policy, return_info=True)
         return x, info
 
 
@@ -314,32 +302,20 @@ class _ConditionLayer(_ImplicitLayer):
         solver: Callable[..., Any],
         init: Init = None,
         *,
-        linear_solver: LinearSolver | None = None,
-        optimality_tol: float | None = 1e-3,
-        throw: bool = True,
+        linear_solver: LinearSolver | Unset | None = UNSET,
+        optimality_tol: float | Unset | None = UNSET,
+        throw: bool | Unset = UNSET,
         warm_start: bool = False,
+        policy: ImplicitPolicy | None = None,
     ) -> None:
-        super().__init__(
-            type(self).__name__,
-            fn,
-            solver,
-            init,
-            linear_solver=linear_solver,
-            optimality_tol=optimality_tol,
-            throw=throw,
-            warm_start=warm_start,
-        )
+        who = type(self).__name__
+        keywords = dict(linear_solver=linear_solver, optimality_tol=optimality_tol, throw=throw)
+        pol = resolve_policy(who, policy, root=True, **keywords)
+        super().__init__(who, fn, solver, init, policy=pol, warm_start=warm_start)
 
     def _solve(self, init: TensorTree, theta: TensorTree) -> tuple[TensorTree, ImplicitInfo]:
         x, info = type(self)._transform(
-            self.fn,
-            init,
-            theta,
-            solver=self.solver,
-            linear_solver=self.linear_solver,
-            optimality_tol=self.optimality_tol,
-            throw=self.throw,
-            return_info=True,
+            self.fn, init, theta, self.solver, policy=self.policy, return_info=True
         )
         return x, info
 
@@ -356,8 +332,9 @@ class RootLayer(_ConditionLayer):
         F: ``F(x, theta) -> tree like x``.
         solver: ``solver(F, init, theta) -> SolverResult | solution``; may ignore F
             and solve its own formulation of the same problem (cvxpy, a closed form).
-        init, linear_solver, optimality_tol, throw, warm_start: as in `ArgminLayer`
-            (the residual checked is ||F(x, theta)||).
+        init, linear_solver, optimality_tol, throw, warm_start, policy: as in
+            `ArgminLayer` (the residual checked is ||F(x, theta)||; the policy's ``hvp``
+            must be ``None``).
     """
 
     _transform = staticmethod(implicit_root)
@@ -376,8 +353,8 @@ class FixedPointLayer(_ConditionLayer):
     Args:
         T: ``T(x, theta) -> tree like x``, differentiable (almost everywhere) by autograd.
         solver: ``solver(T, init, theta) -> SolverResult | solution``.
-        init, linear_solver, optimality_tol, throw, warm_start: as in `RootLayer`
-            (the residual checked is ||T(x, theta) - x||).
+        init, linear_solver, optimality_tol, throw, warm_start, policy: as in
+            `RootLayer` (the residual checked is ||T(x, theta) - x||).
     """
 
     _transform = staticmethod(fixed_point)
