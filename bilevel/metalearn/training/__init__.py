@@ -6,6 +6,7 @@
 - `checkpoint`: writing and reading ``checkpoint.pt``.
 - `distributed`: the data-parallel seam (one process per device).
 - `console`: progress lines and the run log.
-- `report`: figures and tables of run folders.
+- `report`: the run report and its command; `runlog` reads run folders and writes their table,
+  `figures` draws them.
 - `cli`: ``python -m bilevel.metalearn {train,eval,report}``.
 """
