@@ -26,8 +26,9 @@ from typing import Any
 import pytest
 import torch
 
-from bilevel.metalearn.algorithms import FirstOrder, Implicit, InnerGD, MetaAlgorithm, Unrolled, meta_gradient
+from bilevel.metalearn.algorithms import FirstOrder, Implicit, MetaAlgorithm, Unrolled, meta_gradient
 from bilevel.metalearn.tasks import Task
+from bilevel.solvers import GradientDescent
 
 ROOT = Path(__file__).resolve().parents[1]
 D64 = torch.float64
@@ -190,7 +191,7 @@ def test_engine_computes_the_same_meta_gradients(task: Any) -> None:
 
     lr, K = 1.0 / float(torch.linalg.eigvalsh(task.hessian(LAM)).max()), 6
     phi_K = synth.inner_path([task], theta, LAM, lr, [K])[K][0]
-    inner = InnerGD(steps=K, lr=lr)
+    inner = GradientDescent(lr=lr, max_iter=K, tol=0.0)
     expected: dict[Any, torch.Tensor] = {
         Unrolled(): synth.maml_gradient(task, theta, LAM, K, lr),
         Implicit(cg_iters=2, warm_start=False): synth.imaml_gradient(task, theta, LAM, phi_K, K, 2),

@@ -12,10 +12,6 @@ import bilevel as bl
 from bilevel.metalearn.algorithms import (
     FirstOrder,
     Implicit,
-    InnerGD,
-    InnerGDPullBack,
-    InnerNewtonCG,
-    InnerTrustRegion,
     MetaAlgorithm,
     ReleasedCG,
     ReptileStep,
@@ -28,6 +24,7 @@ from bilevel.metalearn.algorithms import (
 from bilevel.metalearn.batched import batched_model
 from bilevel.metalearn.models import ConvNet, make_functional, mse, omniglot_cnn, sinusoid_mlp
 from bilevel.metalearn.tasks import Task
+from bilevel.solvers import GradientDescent, NewtonCG, StepHalving, TrustRegionNewtonCG
 
 D = torch.float64
 WAYS, SHOTS, QUERIES, B = 3, 2, 2, 3
@@ -71,7 +68,7 @@ def test_imaml_equals_dense_implicit_gradient(setup, engine) -> None:  # type: i
     fn, theta, batch = setup
     lam = 20.0  # large enough that I + H/lam is positive definite for this tiny net
     n = flat(theta).numel()
-    algo = MetaAlgorithm(InnerGD(steps=60, lr=0.02), Implicit(cg_iters=4 * n), lam)
+    algo = MetaAlgorithm(GradientDescent(lr=0.02, max_iter=60, tol=0.0), Implicit(cg_iters=4 * n), lam)
     task = _one(batch, 0)
     g, _, stats = meta_gradient(algo, fn, F.cross_entropy, theta, task, batched=engine)
     # The reference is computed at the same inner answer phi, independently of the engine.
@@ -105,7 +102,7 @@ def test_imaml_engine_agrees_with_implicit_argmin(setup) -> None:  # type: ignor
     """The batched engine and the generic layer bl.implicit_argmin give one gradient."""
     fn, theta, batch = setup
     lam, n = 20.0, flat(theta).numel()
-    algo = MetaAlgorithm(InnerGD(steps=60, lr=0.02), Implicit(cg_iters=4 * n), lam)
+    algo = MetaAlgorithm(GradientDescent(lr=0.02, max_iter=60, tol=0.0), Implicit(cg_iters=4 * n), lam)
     task = _one(batch, 1)
     g, _, _ = meta_gradient(algo, fn, F.cross_entropy, theta, task)
     names = list(theta)
@@ -156,7 +153,7 @@ def test_maml_equals_autograd_through_the_unrolled_path(setup, engine) -> None: 
 @ENGINES
 def test_fomaml_is_imaml_with_zero_cg_steps(setup, engine) -> None:  # type: ignore[no-untyped-def]
     fn, theta, batch = setup
-    inner = InnerGD(steps=5, lr=0.1)
+    inner = GradientDescent(lr=0.1, max_iter=5, tol=0.0)
     fo, _, _ = meta_gradient(
         MetaAlgorithm(inner, FirstOrder(), 2.0), fn, F.cross_entropy, theta, batch, batched=engine
     )
@@ -174,7 +171,7 @@ def test_fomaml_is_imaml_with_zero_cg_steps(setup, engine) -> None:  # type: ign
 @ENGINES
 def test_reptile_direction_is_theta_minus_phi(setup, engine) -> None:  # type: ignore[no-untyped-def]
     fn, theta, batch = setup
-    algo = MetaAlgorithm(InnerGD(steps=4, lr=0.1), ReptileStep(), 0.0)
+    algo = MetaAlgorithm(GradientDescent(lr=0.1, max_iter=4, tol=0.0), ReptileStep(), 0.0)
     g, _, _ = meta_gradient(algo, fn, F.cross_entropy, theta, batch, batched=engine)
     phis = []
     for i in range(B):
@@ -193,7 +190,7 @@ def test_vmap_and_loop_agree(setup, name: str) -> None:  # type: ignore[no-untyp
     fn, theta, batch = setup
     algo = make_algorithm(name, inner_steps=3, inner_lr=0.1, lam=2.0, cg_iters=3)
     if name == "imaml-hf":
-        algo = MetaAlgorithm(InnerNewtonCG(2, 3), Implicit(3), 2.0)
+        algo = MetaAlgorithm(NewtonCG(newton_iters=2, cg_iters=3), Implicit(3), 2.0)
     a, _, sa = meta_gradient(algo, fn, F.cross_entropy, theta, batch, vectorize=True)
     if name == "imaml-hf":
         assert bool(torch.isfinite(flat(a)).all())
@@ -277,7 +274,7 @@ def test_learned_lambda_gradient_matches_implicit_argmin(setup) -> None:  # type
     task = _one(batch, 2)
     names = list(theta)
     lam = {k: torch.tensor(20.0 + i, dtype=D) for i, k in enumerate(names)}
-    algo = MetaAlgorithm(InnerGD(steps=60, lr=0.02), Implicit(cg_iters=4 * n), 20.0)
+    algo = MetaAlgorithm(GradientDescent(lr=0.02, max_iter=60, tol=0.0), Implicit(cg_iters=4 * n), 20.0)
     _, lam_grad, _ = meta_gradient(algo, fn, F.cross_entropy, theta, task, lam=lam)
 
     def G(phi, lams):  # type: ignore[no-untyped-def]
@@ -311,7 +308,7 @@ def test_distance_is_the_inner_step_length(setup, engine) -> None:  # type: igno
     lr ||grad Lhat(theta)||, per task, computed here with torch.func."""
     fn, theta, batch = setup
     lr = 0.3
-    algo = MetaAlgorithm(InnerGD(steps=1, lr=lr), Implicit(cg_iters=2), 2.0)
+    algo = MetaAlgorithm(GradientDescent(lr=lr, max_iter=1, tol=0.0), Implicit(cg_iters=2), 2.0)
     _, _, stats = meta_gradient(algo, fn, F.cross_entropy, theta, batch, batched=engine)
     want = []
     for i in range(B):
@@ -335,18 +332,23 @@ def test_evaluate_batch_reports_per_task_accuracy(setup) -> None:  # type: ignor
 def test_bad_configurations() -> None:
     with pytest.raises(ValueError, match="unknown algorithm 'mamal'"):
         make_algorithm("mamal")
-    with pytest.raises(ValueError, match="Unrolled \\(MAML\\) needs InnerGD"):
-        MetaAlgorithm(InnerNewtonCG(), Unrolled(), 0.0)
+    with pytest.raises(ValueError, match="Unrolled \\(MAML\\) needs GradientDescent"):
+        MetaAlgorithm(NewtonCG(), Unrolled(), 0.0)
+    with pytest.raises(ValueError, match=r"Unrolled \(MAML\) needs GradientDescent.*TrustRegionNewtonCG"):
+        MetaAlgorithm(TrustRegionNewtonCG(), Unrolled(), 0.0)
+    with pytest.raises(ValueError, match="needs GradientDescent\\(tol=0\\)"):
+        MetaAlgorithm(GradientDescent(lr=0.1), Unrolled(), 0.0)
+    with pytest.raises(TypeError, match=r"takes a bilevel\.solvers instance"):
+        MetaAlgorithm("gd", FirstOrder(), 0.0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="Implicit needs lam > 0"):
-        MetaAlgorithm(InnerGD(), Implicit(), 0.0)
+        MetaAlgorithm(GradientDescent(lr=0.1, max_iter=16, tol=0.0), Implicit(), 0.0)
     with pytest.raises(ValueError, match="lr must be > 0"):
-        InnerGD(lr=0.0)
-    with pytest.raises(ValueError, match="trust-region path cannot be unrolled"):
-        InnerTrustRegion().solver(differentiable=True)
+        GradientDescent(lr=0.0, max_iter=16, tol=0.0)
     with pytest.raises(ValueError, match="replaces imaml-hf's line search"):
         make_algorithm("imaml-gd", inner_solver="trust-region")
     hf = make_algorithm("imaml-hf", newton_iters=4, cg_iters=6, inner_solver="trust-region")
-    assert hf.inner == InnerTrustRegion(4, 6) and make_algorithm("imaml-hf").inner == InnerNewtonCG(3, 5)
+    assert hf.inner == TrustRegionNewtonCG(newton_iters=4, cg_iters=6, radius=0.3, tol=0.0)
+    assert make_algorithm("imaml-hf").inner == NewtonCG(newton_iters=3, cg_iters=5)
 
 
 @pytest.mark.parametrize("batched", [False, True])
@@ -374,7 +376,11 @@ def test_backtracking_gd_cannot_diverge(batched: bool) -> None:
     bt = make_algorithm("imaml-gd", inner_steps=30, inner_lr=10.0, lam=lam, backtrack=True)
     values = []
     for steps in (1, 5, 10, 30):
-        algo = MetaAlgorithm(InnerGD(steps, 10.0, backtrack=True), bt.meta_gradient, lam)
+        algo = MetaAlgorithm(
+            GradientDescent(lr=10.0, max_iter=steps, tol=0.0, line_search=StepHalving()),
+            bt.meta_gradient,
+            lam,
+        )
         values.append(G(adapt(algo, fn, mse, theta, xs, ys, batched=bm)))
     assert bool((values[-1] < start).all())
     for a, b in itertools.pairwise(values):
@@ -384,8 +390,10 @@ def test_backtracking_gd_cannot_diverge(batched: bool) -> None:
 def test_maml_cannot_backtrack() -> None:
     with pytest.raises(ValueError, match="fixed inner path"):
         make_algorithm("maml", backtrack=True)
-    with pytest.raises(ValueError, match="backtrack=False"):
-        MetaAlgorithm(InnerGD(3, 0.1, backtrack=True), Unrolled(), 0.0)
+    with pytest.raises(ValueError, match="line_search=None"):
+        MetaAlgorithm(
+            GradientDescent(lr=0.1, max_iter=3, tol=0.0, line_search=StepHalving()), Unrolled(), 0.0
+        )
 
 
 @pytest.mark.filterwarnings(
@@ -422,7 +430,9 @@ def test_readme_imaml_as_the_core_layer_equals_meta_gradient() -> None:
     loss = sum(F.cross_entropy(query[i], batch.query_y[i]) for i in range(B)) / B
     loss.backward()  # theta[k].grad is the iMAML meta-gradient
     # --- the engine
-    algo = MetaAlgorithm(InnerGD(16, 0.1), Implicit(cg_iters=5, warm_start=False), lam)
+    algo = MetaAlgorithm(
+        GradientDescent(lr=0.1, max_iter=16, tol=0.0), Implicit(cg_iters=5, warm_start=False), lam
+    )
     g, _, _ = meta_gradient(algo, fn, F.cross_entropy, theta, batch, batched=bm)
     torch.testing.assert_close(flat({k: v.grad for k, v in theta.items()}), flat(g), rtol=1e-9, atol=1e-12)
 
@@ -545,11 +555,13 @@ def test_released_recipe_guards() -> None:
     with pytest.raises(ValueError, match="backtrack"):
         make_algorithm("imaml-released", backtrack=True)
     with pytest.raises(ValueError, match="minimizes G"):
-        MetaAlgorithm(InnerGDPullBack(), Implicit(), 2.0)
-    with pytest.raises(ValueError, match="steps"):
-        InnerGDPullBack(steps=-1)
+        MetaAlgorithm(NewtonCG(), ReleasedCG(), 2.0)
+    with pytest.raises(ValueError, match="released code's inner loop"):
+        MetaAlgorithm(GradientDescent(lr=0.1, line_search=StepHalving()), ReleasedCG(), 2.0)
+    with pytest.raises(ValueError, match="max_iter"):
+        GradientDescent(lr=0.1, max_iter=-1)
     with pytest.raises(ValueError, match="lr"):
-        InnerGDPullBack(lr=0.0)
+        GradientDescent(lr=0.0)
     with pytest.raises(ValueError, match="cg_iters"):
         ReleasedCG(cg_iters=-1)
     with pytest.raises(ValueError, match="damping"):
@@ -558,7 +570,7 @@ def test_released_recipe_guards() -> None:
 
 @pytest.mark.parametrize("lam", [2.0, 20.0])  # lr lam <= 1 (Theorem 2's momentum), and > 1 (k/(k+3))
 def test_accelerated_inner_solver_equals_nesterov_task_by_task(setup, lam: float) -> None:  # type: ignore[no-untyped-def]
-    """InnerNesterov on the meta-batch = bl.solvers.Nesterov(mu=lam) run on each task alone."""
+    """Nesterov (mu from lam) on the meta-batch = bl.solvers.Nesterov(mu=lam) run on each task alone."""
     fn, theta, batch = setup
     algo = make_algorithm("imaml-gd", inner_steps=9, inner_lr=0.1, lam=lam, inner_solver="nesterov")
     got = adapt(algo, fn, F.cross_entropy, theta, batch.support_x, batch.support_y)

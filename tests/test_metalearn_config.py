@@ -65,14 +65,16 @@ def test_contradictions_are_refused() -> None:
 
 
 def test_the_released_recipe_is_a_valid_configuration_of_the_released_algorithm() -> None:
-    from bilevel.metalearn.algorithms import InnerGDPullBack, ReleasedCG
+    from bilevel.metalearn.algorithms import ReleasedCG
     from bilevel.metalearn.training.config import RECIPES
+    from bilevel.solvers import GradientDescent
 
     cfg = TrainConfig(**RECIPES["released"])
     algo = cfg.algorithm()
-    assert algo.inner == InnerGDPullBack(16, 0.1) and algo.meta_gradient == ReleasedCG(5, 1.0, 10.0)
+    released_loop = GradientDescent(lr=0.1, max_iter=16, tol=0.0)
+    assert algo.inner == released_loop and algo.meta_gradient == ReleasedCG(5, 1.0, 10.0)
     assert algo.lam == 2.0 and cfg.meta_batch == 32 and cfg.adam_eps == 1e-3 and cfg.task_pool == 200_000
-    assert cfg.evaluation_lam(2.0) == 0.0 and cfg.algorithm(evaluation=True).inner == InnerGDPullBack(16, 0.1)
+    assert cfg.evaluation_lam(2.0) == 0.0 and cfg.algorithm(evaluation=True).inner == released_loop
     assert TrainConfig().evaluation_lam(2.0) == 2.0  # as trained unless eval_lam is set
 
 

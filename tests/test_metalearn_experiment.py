@@ -34,6 +34,7 @@ from bilevel.metalearn import (
     train,
 )
 from bilevel.metalearn.models import omniglot_cnn, sinusoid_mlp
+from bilevel.metalearn.proximal import FixedLam, LearnedScalar
 from bilevel.metalearn.tasks import stack_tasks
 
 SINE = dict(
@@ -111,7 +112,7 @@ def test_load_run_gives_back_the_trained_run(tmp_path: Path) -> None:
     assert list(run.params) == list(ck["theta"])
     assert all(torch.equal(run.params[k], ck["theta"][k]) for k in ck["theta"])
     assert run.algorithm == cfg.algorithm(evaluation=True)
-    assert run.lam == cfg.algorithm(evaluation=True).lam == 2.0
+    assert float(run.lam) == cfg.algorithm(evaluation=True).lam == 2.0  # type: ignore[arg-type]
     assert run.config == dataclasses.replace(cfg, device="cpu")
     assert run.loss is mse and not run.classification and isinstance(run.batched, BatchedModel)
     # the run reproduces the test loss `train` reported, on the same fixed tasks
@@ -123,7 +124,7 @@ def test_load_run_gives_back_the_trained_run(tmp_path: Path) -> None:
     # eval_lam adapts with another proximal weight (0: plain GD on the support loss), and the
     # evaluation from parts (what train reports) uses it too
     plain = load_run(tmp_path / "checkpoint.pt", eval_lam=0.0)
-    assert plain.lam == 0.0 and plain.algorithm == run.algorithm
+    assert plain.lam == FixedLam(0.0) and plain.algorithm == run.algorithm
     exp0 = build_experiment(dataclasses.replace(cfg, eval_lam=0.0), device="cpu")
     direct = evaluate_fixed(plain, exp0.test_sampler, cfg.test_tasks)
     parts = exp0.evaluate(run.params, cfg.test_tasks, None)
@@ -139,7 +140,9 @@ def test_load_run_with_a_learned_lambda(tmp_path: Path) -> None:
     train(cfg, progress=False)
     run = load_run(tmp_path / "checkpoint.pt")
     ck = load_checkpoint(tmp_path / "checkpoint.pt")
-    assert isinstance(run.lam, torch.Tensor) and torch.equal(run.lam, ck["log_lam"]["lam"].exp())
+    assert isinstance(run.lam, LearnedScalar) and run.lam.leaf is not None
+    assert torch.equal(run.lam.lam, ck["log_lam"]["lam"].exp())
+    assert run.lam.values() == {"lam": float(ck["log_lam"]["lam"].exp())}
     assert float(run.lam) != 2.0
 
 

@@ -15,8 +15,6 @@ from bilevel.metalearn import (
     IMAML,
     MAML,
     AdaptedModel,
-    InnerGD,
-    InnerNewtonCG,
     MetaLearner,
     Reptile,
     SinusoidTasks,
@@ -28,17 +26,22 @@ from bilevel.metalearn import (
     mse,
 )
 from bilevel.metalearn.models import MLP, omniglot_cnn, sinusoid_mlp
+from bilevel.solvers import GradientDescent, NewtonCG, StepHalving
 
 D = torch.float64
 B = 3
 
 # Every learner with a small inner loop (float64, so the comparisons can be tight).
 LEARNERS = {
-    "imaml": lambda m, **kw: IMAML(m, lam=5.0, inner=InnerGD(steps=4, lr=0.05), cg_iters=3, **kw),
-    "imaml-hf": lambda m, **kw: IMAML(m, lam=5.0, inner=InnerNewtonCG(2, 3), cg_iters=3, **kw),
-    "maml": lambda m, **kw: MAML(m, inner=InnerGD(steps=3, lr=0.05), **kw),
-    "fomaml": lambda m, **kw: FOMAML(m, inner=InnerGD(steps=3, lr=0.05), **kw),
-    "reptile": lambda m, **kw: Reptile(m, inner=InnerGD(steps=3, lr=0.05), **kw),
+    "imaml": lambda m, **kw: IMAML(
+        m, lam=5.0, inner=GradientDescent(lr=0.05, max_iter=4, tol=0.0), cg_iters=3, **kw
+    ),
+    "imaml-hf": lambda m, **kw: IMAML(
+        m, lam=5.0, inner=NewtonCG(newton_iters=2, cg_iters=3), cg_iters=3, **kw
+    ),
+    "maml": lambda m, **kw: MAML(m, inner=GradientDescent(lr=0.05, max_iter=3, tol=0.0), **kw),
+    "fomaml": lambda m, **kw: FOMAML(m, inner=GradientDescent(lr=0.05, max_iter=3, tol=0.0), **kw),
+    "reptile": lambda m, **kw: Reptile(m, inner=GradientDescent(lr=0.05, max_iter=3, tol=0.0), **kw),
 }
 
 
@@ -116,8 +119,10 @@ def test_step_grad_equals_meta_gradient(name: str, problem: str) -> None:
 def test_list_of_tasks_equals_stacked_batch() -> None:
     batch = images(2)
     a, b = cnn(), cnn()
-    FOMAML(a, inner=InnerGD(steps=2, lr=0.05)).step(batch)
-    FOMAML(b, inner=InnerGD(steps=2, lr=0.05)).step([Task(*(t[i] for t in batch)) for i in range(B)])
+    FOMAML(a, inner=GradientDescent(lr=0.05, max_iter=2, tol=0.0)).step(batch)
+    FOMAML(b, inner=GradientDescent(lr=0.05, max_iter=2, tol=0.0)).step(
+        [Task(*(t[i] for t in batch)) for i in range(B)]
+    )
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-12, atol=1e-14)
 
@@ -139,7 +144,7 @@ def test_any_meta_algorithm_and_explicit_loss() -> None:
 
 def test_adapt_equals_engine_adapt_and_evaluate() -> None:
     model = cnn()
-    learner = IMAML(model, lam=5.0, inner=InnerGD(steps=4, lr=0.05))
+    learner = IMAML(model, lam=5.0, inner=GradientDescent(lr=0.05, max_iter=4, tol=0.0))
     batch = images(4)
     fn, theta = make_functional(model)
     phi = adapt(learner.algorithm, fn, F.cross_entropy, theta, batch.support_x, batch.support_y)
@@ -156,7 +161,7 @@ def test_adapt_equals_engine_adapt_and_evaluate() -> None:
     acc = (ref.argmax(-1) == batch.query_y).double().mean(-1)
     torch.testing.assert_close(res.query_acc.double(), acc)
     # a different inner solver at adaptation time (more steps, as MAML does at test time)
-    longer = learner.adapt(batch, inner=InnerGD(steps=8, lr=0.05))
+    longer = learner.adapt(batch, inner=GradientDescent(lr=0.05, max_iter=8, tol=0.0))
     assert not torch.allclose(longer.params["head.bias"], adapted.params["head.bias"])
     assert "3 tasks" in repr(adapted)
 
@@ -164,7 +169,7 @@ def test_adapt_equals_engine_adapt_and_evaluate() -> None:
 def test_frozen_parameters_are_neither_adapted_nor_given_a_gradient() -> None:
     model = cnn()
     model.head.bias.requires_grad_(False)
-    learner = FOMAML(model, inner=InnerGD(steps=2, lr=0.05))
+    learner = FOMAML(model, inner=GradientDescent(lr=0.05, max_iter=2, tol=0.0))
     batch = images(5)
     learner.step(batch)
     assert model.head.bias.grad is None
@@ -181,7 +186,7 @@ def test_regression_trains_and_improves() -> None:
     """20 Adam steps of iMAML on sinusoids lower the post-adaptation test MSE."""
     torch.manual_seed(0)
     model = sinusoid_mlp()
-    learner = IMAML(model, lam=20.0, inner=InnerGD(steps=5, lr=0.02), cg_iters=3)
+    learner = IMAML(model, lam=20.0, inner=GradientDescent(lr=0.02, max_iter=5, tol=0.0), cg_iters=3)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     tasks = SinusoidTasks(5, 10, seed=0)
     test = tasks.fixed_batch(range(100))
@@ -201,7 +206,7 @@ def test_classification_trains_and_improves() -> None:
     """20 Adam steps of MAML on Gaussian-blob tasks raise post-adaptation accuracy and lower the loss."""
     torch.manual_seed(0)
     model = MLP(4, (32,), 3)
-    learner = MAML(model, inner=InnerGD(steps=5, lr=0.1))
+    learner = MAML(model, inner=GradientDescent(lr=0.1, max_iter=5, tol=0.0))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     test = blobs(100, 12345)
     before = learner.evaluate(test)
@@ -264,8 +269,10 @@ def test_bad_models_are_refused() -> None:
         FOMAML(lambda x: x)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="no parameters"):
         FOMAML(nn.ReLU())
-    with pytest.raises(ValueError, match="backtrack=False"):
-        MAML(mlp(), inner=InnerGD(backtrack=True))
+    with pytest.raises(ValueError, match="line_search=None"):
+        MAML(mlp(), inner=GradientDescent(lr=0.1, max_iter=16, tol=0.0, line_search=StepHalving()))
+    with pytest.raises(ValueError, match="needs GradientDescent"):
+        MAML(mlp(), inner=NewtonCG())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="lam > 0"):
         IMAML(mlp(), lam=0.0)
     model = mlp()
@@ -277,7 +284,7 @@ def test_bad_models_are_refused() -> None:
 
 def test_diverging_inner_loop_raises() -> None:
     with pytest.raises(bl.NonFiniteError, match="inner"):
-        FOMAML(mlp(), inner=InnerGD(steps=50, lr=1e6)).step(waves(0))
+        FOMAML(mlp(), inner=GradientDescent(lr=1e6, max_iter=50, tol=0.0)).step(waves(0))
 
 
 def test_repr_is_short() -> None:

@@ -3,7 +3,8 @@
 Command line: ``python -m bilevel.metalearn {train,eval,report} --help``.  With your own module and
 optimizer (`learner`)::
 
-    learner = IMAML(model, lam=2.0, inner=InnerGD(steps=10, lr=0.05), cg_iters=5)
+    learner = IMAML(model, lam=2.0, inner=GradientDescent(lr=0.05, max_iter=10, tol=0.0), cg_iters=5)
+    # GradientDescent from bilevel.solvers: any of its solvers is an inner solver
     optimizer.zero_grad(); loss = learner.step(meta_batch); optimizer.step()   # fills p.grad
     adapted = learner.adapt(tasks); predictions = adapted(tasks.query_x)
 
@@ -18,19 +19,19 @@ The package's own training loop and its run seam::
 
 Modules: `config` (TrainConfig, PRESETS), `experiment` (build_experiment, load_run), `evaluation`
 (Run, evaluate_tasks), `train` (the loop), `console` (progress), `distributed`, `checkpoint`,
-`report` (plots of run folders); `algorithms`, `learner` (IMAML, MAML, FOMAML, Reptile on any
-module), `models`, `tasks`; the data pipeline `datasets`, `splits`, `sources`, `locations`,
-`cache`, `images` and the loaders `omniglot`, `miniimagenet`, `folder`.
+`report` (plots of run folders); `algorithms` (MetaAlgorithm, meta_gradient), `registry` (the
+algorithm names), `gradients` (Implicit, Unrolled, ...), `metabatch` (the B inner problems),
+`proximal` (lambda), `learner` (IMAML, MAML, FOMAML, Reptile on any module), `models`, `tasks`;
+the data pipeline `datasets`, `splits`, `sources`, `locations`, `cache`, `images` and the loaders
+`omniglot`, `miniimagenet`, `folder`.
 """
 
 from .. import CheckpointError as CheckpointError
 from .algorithms import FirstOrder as FirstOrder
 from .algorithms import Implicit as Implicit
-from .algorithms import InnerGD as InnerGD
-from .algorithms import InnerNewtonCG as InnerNewtonCG
-from .algorithms import InnerTrustRegion as InnerTrustRegion
 from .algorithms import MetaAlgorithm as MetaAlgorithm
 from .algorithms import MetaStats as MetaStats
+from .algorithms import ReleasedCG as ReleasedCG
 from .algorithms import ReptileStep as ReptileStep
 from .algorithms import Unrolled as Unrolled
 from .algorithms import adapt as adapt
@@ -67,6 +68,13 @@ from .models import default_model as default_model
 from .models import init_params as init_params
 from .models import make_functional as make_functional
 from .models import mse as mse
+from .proximal import FixedLam as FixedLam
+from .proximal import LearnedPerTensor as LearnedPerTensor
+from .proximal import LearnedScalar as LearnedScalar
+from .proximal import ProximalWeight as ProximalWeight
+from .proximal import lam_from_config as lam_from_config
+from .registry import ALGORITHMS as ALGORITHMS
+from .registry import AlgorithmEntry as AlgorithmEntry
 from .tasks import Task as Task
 from .training.checkpoint import load_checkpoint as load_checkpoint
 from .training.config import PRESETS as PRESETS
@@ -81,11 +89,13 @@ from .training.train import (
 )
 
 __all__ = [
+    "ALGORITHMS",
     "FOMAML",
     "IMAML",
     "MAML",
     "PRESETS",
     "AdaptedModel",
+    "AlgorithmEntry",
     "BatchedModel",
     "CheckpointError",
     "ClassSplit",
@@ -97,15 +107,17 @@ __all__ = [
     "Experiment",
     "FewShotData",
     "FirstOrder",
+    "FixedLam",
     "Implicit",
-    "InnerGD",
-    "InnerNewtonCG",
-    "InnerTrustRegion",
+    "LearnedPerTensor",
+    "LearnedScalar",
     "MetaAlgorithm",
     "MetaLearner",
     "MetaStats",
     "Prefetcher",
     "Preset",
+    "ProximalWeight",
+    "ReleasedCG",
     "Reptile",
     "ReptileStep",
     "Run",
@@ -124,6 +136,7 @@ __all__ = [
     "evaluate_fixed",
     "evaluate_tasks",
     "init_params",
+    "lam_from_config",
     "load_checkpoint",
     "load_image_folder",
     "load_miniimagenet",

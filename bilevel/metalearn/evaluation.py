@@ -27,6 +27,7 @@ from .algorithms import MetaAlgorithm, predict_batch
 from .batched import BatchedModel
 from .data.samplers import SinusoidTasks, TaskSampler
 from .models import Params
+from .proximal import ProximalWeight, coerce
 from .tasks import Task, stack_tasks
 from .training.config import TrainConfig
 
@@ -34,8 +35,9 @@ __all__ = ["EvalResult", "Run", "evaluate", "evaluate_fixed", "evaluate_tasks"]
 
 ModelFn = Callable[[Params, torch.Tensor], torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-#: lambda as `adapt` takes it: a float, a 0-d tensor, or one 0-d tensor per parameter name.
-LamValue = Union[float, torch.Tensor, dict[str, torch.Tensor]]
+#: lambda as `adapt` takes it: a `ProximalWeight`, a float, a 0-d tensor, or one 0-d tensor per
+#: parameter name (`bilevel.metalearn.proximal.coerce`).
+LamValue = Union[ProximalWeight, float, torch.Tensor, dict[str, torch.Tensor]]
 
 #: Tasks per adaptation call where neither the caller nor a configuration says.
 DEFAULT_BATCH = 25
@@ -52,8 +54,8 @@ class Run:
         algorithm: the `MetaAlgorithm` whose inner solver adapts theta to a support set.
         loss: ``loss(out, y) -> scalar`` for one task.
         classification: whether ``out`` are logits scored by accuracy (else regression: NaN accuracy).
-        lam: lambda of the inner objective: a float (the algorithm's own ``lam`` for a fixed lambda),
-            the learned lambda (a 0-d tensor, or one per parameter name), or ``None`` for
+        lam: lambda of the inner objective as a `ProximalWeight` (given as one, a float, or the
+            learned lambda: a 0-d tensor, or one per parameter name), or ``None`` for
             ``algorithm.lam``.
         batched: the `BatchedModel` of the model (``None``: ``torch.func.vmap`` or a loop).
         config: the run's `TrainConfig` (``None`` for a run built from parts); sets the default
@@ -70,7 +72,7 @@ class Run:
     algorithm: MetaAlgorithm
     loss: LossFn
     classification: bool
-    lam: LamValue | None = None
+    lam: ProximalWeight | None = None
     batched: BatchedModel | None = None
     config: TrainConfig | None = None
     step: int | None = None
@@ -87,6 +89,8 @@ class Run:
         for name in ("model_fn", "loss"):
             if not callable(getattr(self, name)):
                 raise TypeError(f"Run({name}=...): expected a callable")
+        if self.lam is not None:
+            object.__setattr__(self, "lam", coerce(self.lam))
 
     @property
     def device(self) -> torch.device:
@@ -100,13 +104,7 @@ class Run:
 
     def __repr__(self) -> str:
         n = sum(v.numel() for v in self.params.values())
-        lam = self.lam
-        if isinstance(lam, torch.Tensor):
-            lam_s = f"{float(lam):.4g} (learned)" if lam.numel() == 1 else f"tensor {tuple(lam.shape)}"
-        elif isinstance(lam, dict):
-            lam_s = f"{len(lam)} learned values"
-        else:
-            lam_s = repr(lam)
+        lam_s = "None" if self.lam is None else self.lam.describe()
         cfg = self.config
         what = f", config={cfg.algo} on {cfg.dataset}" if cfg is not None else ""
         step = f", step={self.step}" if self.step is not None else ""

@@ -5,7 +5,7 @@ holds the model and a `MetaAlgorithm`; `MetaLearner.step` computes the meta-grad
 meta-batch and adds it to the ``.grad`` of the model's parameters, so any optimizer can step::
 
     model = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 1))
-    learner = IMAML(model, lam=2.0, inner=InnerGD(steps=10, lr=0.05), cg_iters=5)
+    learner = IMAML(model, lam=2.0, inner=GradientDescent(lr=0.05, max_iter=10, tol=0.0), cg_iters=5)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     for step in range(1000):
         opt.zero_grad()
@@ -37,11 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bilevel.solvers import GradientDescent
+
 from .algorithms import (
     FirstOrder,
     Implicit,
-    InnerGD,
-    InnerNewtonCG,
     MetaAlgorithm,
     MetaStats,
     ReptileStep,
@@ -51,11 +51,14 @@ from .algorithms import (
 )
 from .batched import BatchedModel, batched_model
 from .evaluation import EvalResult, Run, evaluate_tasks
+from .metabatch import InnerSolver
 from .models import Params, make_functional, mse
 from .tasks import Task, stack_tasks
 
 __all__ = ["FOMAML", "IMAML", "MAML", "AdaptedModel", "MetaLearner", "Reptile", "TaskType"]
 
+#: The default inner solver: 16 GD steps of 0.1, a fixed budget (the paper's Omniglot iMAML-GD).
+_DEFAULT_INNER = GradientDescent(lr=0.1, max_iter=16, tol=0.0)
 #: ``"classification"`` (integer labels, cross-entropy) or ``"regression"`` (floating targets, MSE).
 TaskType = Literal["classification", "regression"]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -346,7 +349,7 @@ class MetaLearner:
         loss = stats.query_loss.mean().detach()
         return (loss, stats) if return_stats else loss
 
-    def adapt(self, tasks: Tasks, *, inner: InnerGD | InnerNewtonCG | None = None) -> AdaptedModel:
+    def adapt(self, tasks: Tasks, *, inner: InnerSolver | None = None) -> AdaptedModel:
         """Adapt theta to each task's support set with the algorithm's inner solver (no gradient kept).
 
         Args:
@@ -378,7 +381,7 @@ class MetaLearner:
         self,
         tasks: Tasks,
         *,
-        inner: InnerGD | InnerNewtonCG | None = None,
+        inner: InnerSolver | None = None,
         batch_size: int | None = None,
     ) -> EvalResult:
         """Adapt to each task and score its query set (`evaluate_tasks` of `as_run`).
@@ -392,9 +395,7 @@ class MetaLearner:
         batch = self._batch(tasks, who, next(iter(theta.values())))
         return evaluate_tasks(self.as_run(self._kind(batch, who), inner=inner), batch, batch_size=batch_size)
 
-    def as_run(
-        self, task_type: TaskType | None = None, *, inner: InnerGD | InnerNewtonCG | None = None
-    ) -> Run:
+    def as_run(self, task_type: TaskType | None = None, *, inner: InnerSolver | None = None) -> Run:
         """The current theta as a `Run` (for `evaluate_tasks`, `evaluate_fixed`).
 
         Args:
@@ -419,7 +420,7 @@ class MetaLearner:
             batched=self._batched(theta),
         )
 
-    def _algorithm_for(self, inner: InnerGD | InnerNewtonCG | None) -> MetaAlgorithm:
+    def _algorithm_for(self, inner: InnerSolver | None) -> MetaAlgorithm:
         return self._algorithm if inner is None else dataclasses.replace(self._algorithm, inner=inner)
 
     def _config(self) -> str:
@@ -440,8 +441,9 @@ class IMAML(MetaLearner):
     Args:
         model: as in `MetaLearner`.
         lam: proximal weight (> 0; 2 in the paper's Omniglot settings).
-        inner: the inner solver: `InnerGD` (iMAML-GD; ``backtrack=True`` recommended) or
-            `InnerNewtonCG` (iMAML-HF).
+        inner: the inner solver, a `bilevel.solvers` instance: `GradientDescent` (iMAML-GD;
+            ``line_search=StepHalving()`` recommended), `Nesterov`, `NewtonCG` (iMAML-HF) or
+            `TrustRegionNewtonCG`; default 16 steps of 0.1 (``tol=0``: a fixed budget).
         cg_iters: CG steps of the backward solve.
         damping: solve ``((1 + damping) I + Lhat''/lam) g = v`` (the authors' code); 0 is the paper's.
         task_type, loss, vectorize: as in `MetaLearner`.
@@ -452,7 +454,7 @@ class IMAML(MetaLearner):
         model: nn.Module,
         *,
         lam: float = 2.0,
-        inner: InnerGD | InnerNewtonCG = InnerGD(),  # noqa: B008 - frozen, immutable
+        inner: InnerSolver = _DEFAULT_INNER,
         cg_iters: int = 5,
         damping: float = 0.0,
         task_type: TaskType | None = None,
@@ -470,13 +472,13 @@ class IMAML(MetaLearner):
 
 
 class MAML(MetaLearner):
-    """MAML (Finn et al. 2017): backpropagation through ``inner.steps`` steps of GD on the support loss.
+    """MAML (Finn et al. 2017): backpropagation through ``inner.max_iter`` steps of GD on the support loss.
 
     Memory grows with the inner steps (`Unrolled`).
 
     Args:
         model: as in `MetaLearner`.
-        inner: fixed-step gradient descent (``tol=None``, ``backtrack=False``: a fixed path).
+        inner: fixed-step `GradientDescent` (``tol=0``, no line search: a fixed path).
         task_type, loss, vectorize: as in `MetaLearner`.
     """
 
@@ -484,7 +486,7 @@ class MAML(MetaLearner):
         self,
         model: nn.Module,
         *,
-        inner: InnerGD = InnerGD(),  # noqa: B008 - frozen, immutable
+        inner: GradientDescent = _DEFAULT_INNER,
         task_type: TaskType | None = None,
         loss: LossFn | None = None,
         vectorize: bool = True,
@@ -506,7 +508,7 @@ class _SolveOnly(MetaLearner):
         self,
         model: nn.Module,
         *,
-        inner: InnerGD | InnerNewtonCG = InnerGD(),  # noqa: B008 - frozen, immutable
+        inner: InnerSolver = _DEFAULT_INNER,
         task_type: TaskType | None = None,
         loss: LossFn | None = None,
         vectorize: bool = True,

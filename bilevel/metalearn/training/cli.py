@@ -26,32 +26,33 @@ from typing import Any, NoReturn
 
 from ... import BilevelError, CheckpointError
 from ..evaluation import evaluate_fixed
-from .config import ALGOS, DATASETS, IMAML_ALGOS, IMPLICIT_ALGOS, PRESETS, RECIPES, ConfigError, TrainConfig
+from ..registry import readers
+from .config import ALGOS, DATASETS, PRESETS, RECIPES, ConfigError, TrainConfig
 from .console import Console, ProgressMode
 from .experiment import build_experiment, load_run
 from .train import train
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
-_GD_ALGOS = tuple(a for a in ALGOS if a != "imaml-hf")
+#: What each flag that only some algorithms read is (the registry says which algorithms read it).
+_ALGO_FLAG_MEANINGS: dict[str, str] = {
+    "lam": "iMAML's proximal weight",
+    "learn_lam": "iMAML's learned proximal weight",
+    "cg_iters": "the CG steps of iMAML's meta-gradient",
+    "damping": "the damping of iMAML's meta-gradient system",
+    "cg_warm_start": "the starting point of iMAML's CG",
+    "lanczos_steps": "the smallest eigenvalue of I + H/lam, iMAML's system",
+    "newton_iters": "the Newton steps of imaml-hf",
+    "inner_steps": "inner GD steps (imaml-hf takes Newton steps)",
+    "inner_lr": "the inner GD step size (imaml-hf takes Newton steps)",
+    "eval_inner_steps": "inner GD steps at evaluation (imaml-hf takes Newton steps)",
+    "eval_lam": "iMAML's proximal weight at evaluation",
+    "backtrack": "inner GD's backtracking line search",
+    "inner_solver": "the inner solver (GD or accelerated GD; imaml-hf: line search or trust region)",
+}
 #: Flags that only some algorithms read: field -> (the algorithms, what the flag is).
 ALGO_FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
-    "lam": (IMAML_ALGOS, "iMAML's proximal weight"),
-    "learn_lam": (IMPLICIT_ALGOS, "iMAML's learned proximal weight"),
-    "cg_iters": (IMAML_ALGOS, "the CG steps of iMAML's meta-gradient"),
-    "damping": (IMAML_ALGOS, "the damping of iMAML's meta-gradient system"),
-    "cg_warm_start": (IMPLICIT_ALGOS, "the starting point of iMAML's CG"),
-    "lanczos_steps": (IMAML_ALGOS, "the smallest eigenvalue of I + H/lam, iMAML's system"),
-    "newton_iters": (("imaml-hf",), "the Newton steps of imaml-hf"),
-    "inner_steps": (_GD_ALGOS, "inner GD steps (imaml-hf takes Newton steps)"),
-    "inner_lr": (_GD_ALGOS, "the inner GD step size (imaml-hf takes Newton steps)"),
-    "eval_inner_steps": (_GD_ALGOS, "inner GD steps at evaluation (imaml-hf takes Newton steps)"),
-    "eval_lam": (IMAML_ALGOS, "iMAML's proximal weight at evaluation"),
-    "backtrack": (("imaml-gd", "fomaml", "reptile"), "inner GD's backtracking line search"),
-    "inner_solver": (
-        ("imaml-gd", "fomaml", "reptile", "imaml-hf"),
-        "the inner solver (GD or accelerated GD; imaml-hf: line search or trust region)",
-    ),
+    name: (readers(name), meaning) for name, meaning in _ALGO_FLAG_MEANINGS.items()
 }
 _IMAGE_DATASETS = tuple(x for x in DATASETS if x != "sinusoid")
 #: Flags that only some datasets read: field -> (the datasets, what the flag is).

@@ -13,18 +13,19 @@ from typing import Any
 
 import torch
 
-from ..algorithms import MetaAlgorithm, make_algorithm
+from ..gradients import MetaAlgorithm
+from ..registry import ALGORITHMS, INNER_KINDS, Settings, readers
 
 __all__ = ["ALGOS", "DATASETS", "PRESETS", "RECIPES", "ConfigError", "Preset", "TrainConfig"]
 
-#: Names of ``TrainConfig.algo`` (and ``--algo``).
-ALGOS = ("imaml-gd", "imaml-hf", "maml", "fomaml", "reptile", "imaml-released")
+#: Names of ``TrainConfig.algo`` (and ``--algo``): the registry's entries.
+ALGOS = tuple(ALGORITHMS)
 #: Names of ``TrainConfig.dataset`` (and ``--dataset``).
 DATASETS = ("omniglot", "sinusoid", "miniimagenet", "folder")
 #: The iMAML algorithms: those with a proximal weight ``lam``, CG steps and damping.
-IMAML_ALGOS = ("imaml-gd", "imaml-hf", "imaml-released")
+IMAML_ALGOS = readers("lam")
 #: The algorithms whose meta-gradient is the paper's implicit one (a learned lam needs it).
-IMPLICIT_ALGOS = ("imaml-gd", "imaml-hf")
+IMPLICIT_ALGOS = readers("learn_lam")
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "algo": ALGOS,
@@ -33,7 +34,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "lr_schedule": ("constant", "cosine"),
     "split": ("vinyals", "lake"),
     "init": ("glorot", "torch", "released"),
-    "inner_solver": ("gd", "nesterov", "trust-region"),
+    "inner_solver": tuple(INNER_KINDS),
     "dtype": ("float32", "float64"),
     "clock": ("wall", "cpu"),
     "compile": ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"),
@@ -70,6 +71,12 @@ _FLOATS: dict[str, tuple[bool, str]] = {
     "inner_lr": (False, "the inner GD step size"),
     "lam": (False, "iMAML's proximal weight"),
     "damping": (True, "the damping of the meta-gradient system"),
+}
+# optional float fields (None allowed): whether 0 is allowed, and what the field is
+_OPTIONAL_FLOATS: dict[str, tuple[bool, str]] = {
+    "time_limit": (False, "minutes of meta-training (None: no limit)"),
+    "clip_grad_norm": (False, "the largest meta-gradient norm (None: no clipping)"),
+    "eval_lam": (True, "lambda when adapting at evaluation (None: as trained)"),
 }
 #: Fields a resumed run may change: they do not alter the meta-training trajectory (the
 #: evaluation, logging, checkpointing, where the data and outputs are, how the work is run).
@@ -242,72 +249,17 @@ class TrainConfig:
     out: str = "runs/default"
 
     def __post_init__(self) -> None:
-        for name, choices in _CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ConfigError(
-                    name, getattr(self, name), f"choose one of {', '.join(choices[:-1])} or {choices[-1]}"
-                )
-        for name, (lo, what) in _INTS.items():
-            _check_int(name, getattr(self, name), lo, what)
-        for name, (lo, what) in _OPTIONAL_INTS.items():
-            if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), lo, what)
-        for name, (zero, what) in _FLOATS.items():
-            _check_float(name, getattr(self, name), zero, what)
-        if self.time_limit is not None:
-            _check_float("time_limit", self.time_limit, False, "minutes of meta-training (None: no limit)")
-        if self.clip_grad_norm is not None:
-            _check_float(
-                "clip_grad_norm",
-                self.clip_grad_norm,
-                False,
-                "the largest meta-gradient norm (None: no clipping)",
-            )
-        if self.eval_lam is not None:
-            _check_float(
-                "eval_lam", self.eval_lam, True, "lambda when adapting at evaluation (None: as trained)"
-            )
-        for name in ("backtrack", "vectorize", "batched"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(name, getattr(self, name), "must be True or False")
-        for name in ("data_root", "device"):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
-                raise ConfigError(name, getattr(self, name), "must be a string or None")
-        if not isinstance(self.out, str) or not self.out:
-            raise ConfigError("out", self.out, "must name an output folder")
-        if self.device is not None:
-            try:
-                torch.device(self.device)
-            except (RuntimeError, ValueError) as err:
-                raise ConfigError(
-                    "device", self.device, f"not a device ({err}): cpu, cuda, cuda:1, ..."
-                ) from err
+        _check_values(self)
+        _check_types(self)
         if self.dataset != "sinusoid" and self.ways < 2:
             raise ConfigError(
                 "ways", self.ways, f"a {self.dataset} task needs ways >= 2 (1-way is always right)"
             )
-        if self.learn_lam != "none" and self.algo not in IMPLICIT_ALGOS:
-            raise ConfigError(
-                "learn_lam",
-                self.learn_lam,
-                f"a learned lambda needs an implicit iMAML algorithm (imaml-gd or imaml-hf), not {self.algo}",
-            )
-        if self.backtrack and self.algo == "imaml-hf":
-            raise ConfigError(
-                "backtrack", True, "imaml-hf's Newton steps have their own line search: drop backtrack"
-            )
-        if self.inner_solver == "trust-region" and self.algo != "imaml-hf":
-            raise ConfigError(
-                "inner_solver",
-                self.inner_solver,
-                f"the trust region replaces imaml-hf's line search; {self.algo} takes gd or nesterov",
-            )
-        if self.backtrack and self.algo == "imaml-released":
-            raise ConfigError("backtrack", True, "imaml-released runs the released code's fixed-step loop")
-        if self.backtrack and self.algo == "maml":
-            raise ConfigError(
-                "backtrack", True, "maml differentiates through a fixed inner path: drop backtrack"
-            )
+        entry = ALGORITHMS[self.algo]
+        for name in ("learn_lam", "backtrack", "inner_solver"):  # the switches an algorithm may refuse
+            why = entry.refusal(name, getattr(self, name))
+            if why is not None:
+                raise ConfigError(name, getattr(self, name), why)
         self.algorithm()  # the algorithm's own checks
 
     def resume_conflicts(self, saved: TrainConfig) -> list[str]:
@@ -344,18 +296,9 @@ class TrainConfig:
         steps = (
             self.eval_inner_steps if (evaluation and self.eval_inner_steps is not None) else self.inner_steps
         )
-        return make_algorithm(
-            self.algo,
-            inner_steps=steps,
-            inner_lr=self.inner_lr,
-            lam=self.lam,
-            cg_iters=self.cg_iters,
-            newton_iters=self.newton_iters,
-            damping=self.damping,
-            cg_warm_start=self.cg_warm_start,
-            backtrack=self.backtrack,
-            inner_solver=self.inner_solver,
-        )
+        fields = {f.name for f in dataclasses.fields(Settings)} - {"inner_steps", "inner_tol"}
+        settings = Settings(inner_steps=steps, **{name: getattr(self, name) for name in fields})
+        return ALGORITHMS[self.algo].build(settings)
 
     def evaluation_lam(self, trained: Any) -> Any:
         """lambda of the adaptation at evaluation: ``eval_lam`` where set, else ``trained``.
@@ -382,6 +325,42 @@ class TrainConfig:
         if self.time_limit is not None:
             p = max(p, elapsed / (self.time_limit * 60))
         return self.meta_lr * 0.5 * (1.0 + math.cos(math.pi * min(p, 1.0)))
+
+
+def _check_values(cfg: TrainConfig) -> None:
+    """Each field's own range: choices, integers, numbers."""
+    for name, choices in _CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            raise ConfigError(
+                name, getattr(cfg, name), f"choose one of {', '.join(choices[:-1])} or {choices[-1]}"
+            )
+    for name, (lo, what) in _INTS.items():
+        _check_int(name, getattr(cfg, name), lo, what)
+    for name, (lo, what) in _OPTIONAL_INTS.items():
+        if getattr(cfg, name) is not None:
+            _check_int(name, getattr(cfg, name), lo, what)
+    for name, (zero, what) in _FLOATS.items():
+        _check_float(name, getattr(cfg, name), zero, what)
+    for name, (zero, what) in _OPTIONAL_FLOATS.items():
+        if getattr(cfg, name) is not None:
+            _check_float(name, getattr(cfg, name), zero, what)
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    """Booleans, strings and the device."""
+    for name in ("backtrack", "vectorize", "batched"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ConfigError(name, getattr(cfg, name), "must be True or False")
+    for name in ("data_root", "device"):
+        if getattr(cfg, name) is not None and not isinstance(getattr(cfg, name), str):
+            raise ConfigError(name, getattr(cfg, name), "must be a string or None")
+    if not isinstance(cfg.out, str) or not cfg.out:
+        raise ConfigError("out", cfg.out, "must name an output folder")
+    if cfg.device is not None:
+        try:
+            torch.device(cfg.device)
+        except (RuntimeError, ValueError) as err:
+            raise ConfigError("device", cfg.device, f"not a device ({err}): cpu, cuda, cuda:1, ...") from err
 
 
 def _field_names() -> list[str]:

@@ -39,6 +39,7 @@ from ..models import (
     omniglot_cnn,
     sinusoid_mlp,
 )
+from ..proximal import LearnedPerTensor, LearnedScalar, ProximalWeight
 from .checkpoint import load_checkpoint, saved_config, shape_mismatch
 from .config import TrainConfig
 
@@ -103,8 +104,9 @@ class Experiment:
 
         Args:
             params: meta-parameters by name (e.g. the current theta of training).
-            lam: a learned lambda (``None``: the evaluation algorithm's own); the configuration's
-                ``eval_lam`` replaces either where it is set.
+            lam: the run's `ProximalWeight` (`lam_from_config`), or a learned lambda as `adapt`
+                takes it; ``None`` or a configured fixed lambda: the evaluation algorithm's own.
+                The configuration's ``eval_lam`` replaces either where it is set.
         """
         return Run(
             model_fn=self.model_fn,
@@ -130,7 +132,7 @@ class Experiment:
         Args:
             params: meta-parameters by name.
             n_tasks: how many fixed test tasks.
-            lam: a learned lambda (``None``: the evaluation algorithm's own).
+            lam: as in `run`.
             progress: called with the number of tasks done after each batch (`evaluate_fixed`).
 
         Returns:
@@ -260,21 +262,21 @@ def build_experiment(
     )
 
 
-def learned_lam(cfg: TrainConfig, log_lam: Mapping[str, torch.Tensor]) -> LamValue | None:
-    """lambda = exp(log lambda) of a learned lambda, as `adapt` takes it; ``None`` where it is fixed.
+def learned_lam(cfg: TrainConfig, log_lam: Mapping[str, torch.Tensor]) -> ProximalWeight | None:
+    """The learned lambda of log-lambda leaves (a checkpoint's ``log_lam``); ``None`` where it is fixed.
 
     Args:
         cfg: ``learn_lam`` says the form: ``scalar`` (one leaf ``"lam"``) or ``per-tensor``.
         log_lam: the learned log-lambda leaves by name (empty for a fixed lambda).
 
     Returns:
-        A 0-d tensor (``scalar``), a dict name -> 0-d tensor (``per-tensor``), or ``None``.
+        `LearnedScalar` or `LearnedPerTensor` over these leaves, or ``None``.
     """
     if not log_lam:
         return None
     if cfg.learn_lam == "scalar":
-        return log_lam["lam"].exp()
-    return {k: v.exp() for k, v in log_lam.items()}
+        return LearnedScalar(log_lam["lam"])
+    return LearnedPerTensor(dict(log_lam))
 
 
 _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))

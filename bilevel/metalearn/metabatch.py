@@ -1,0 +1,332 @@
+"""The B inner problems of a meta-batch, written once for every algorithm, and the inner solvers run on them.
+
+Every algorithm solves the same B inner problems of a meta-batch at once,
+
+    G_i(phi, theta) = Lhat_i(phi) + lam/2 ||phi - theta||^2          (Eq. 4 of iMAML)
+
+(``lam = 0`` gives the plain support loss of MAML, FOMAML and Reptile) with a `bilevel.solvers`
+instance (`GradientDescent`, `Nesterov`, `NewtonCG`, `TrustRegionNewtonCG`), which `MetaBatch.minimize`
+runs in its batched mode (`batched_solver`).  The B per-task models run through one `BatchedModel`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, Union
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+import bilevel as bl
+from bilevel.solvers import GradientDescent, Nesterov, NewtonCG, TrustRegionNewtonCG
+
+from .batched import BatchedModel, task_losses
+from .proximal import LamVector, ProximalWeight
+from .tasks import Task
+
+__all__ = [
+    "GRADIENT_ONLY",
+    "INNER_SOLVERS",
+    "InnerSolver",
+    "LossFn",
+    "MetaBatch",
+    "Params",
+    "batched_solver",
+    "checked",
+    "or_zeros",
+]
+
+Params = dict[str, torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: The inner solvers a meta-batch runs (in their batched mode).
+InnerSolver = Union[GradientDescent, Nesterov, NewtonCG, TrustRegionNewtonCG]
+#: The classes of `InnerSolver`, for the checks at construction.
+INNER_SOLVERS: tuple[type, ...] = (GradientDescent, Nesterov, NewtonCG, TrustRegionNewtonCG)
+#: Inner solvers that take gradients of G only (no HVPs): the model's fused losses may serve them.
+GRADIENT_ONLY: tuple[type, ...] = (GradientDescent, Nesterov)
+
+
+def batched_solver(
+    solver: InnerSolver, weight: ProximalWeight, *, differentiable: bool = False
+) -> InnerSolver:
+    """``solver`` as a meta-batch runs it: batched over the B tasks (``differentiable``: keep the
+    graph of every step, `GradientDescent` only).
+
+    An accelerated solver given neither ``momentum`` nor ``mu`` takes ``mu = lam`` where
+    ``0 < lr * lam <= 1``: G is lam-strongly convex where Lhat is convex (the momentum of
+    Theorem 2); otherwise, and for a learned lambda, the k/(k+3) schedule with restart.
+    """
+    changes: dict[str, Any] = {"batched": True}
+    if differentiable:
+        changes["differentiable"] = True
+    if isinstance(solver, Nesterov) and solver.mu is None and solver.momentum is None:
+        mu = weight.strong_convexity()
+        if mu is not None and mu * solver.lr <= 1:
+            changes["mu"] = mu
+    return dataclasses.replace(solver, **changes)
+
+
+class MetaBatch:
+    """The B inner problems of a meta-batch, written once for every algorithm.
+
+    ``theta`` (no task dimension) and the fixed or learned ``lam`` define G_i.  The inner
+    unknowns are one flat matrix ``X`` of shape (B, n) (row b: task b's parameters, raveled
+    in ``theta``'s order): the solvers update it in one op per step, the proximal term is one
+    row-wise product, and the model reads per-tensor views of it (`unflat`).  The objectives
+    take ``X`` and a theta tree that may carry learned lam values under ``"lam:<name>"`` (per
+    tensor) or ``"lam:"`` (shared).
+    """
+
+    def __init__(
+        self,
+        bm: BatchedModel,
+        loss: LossFn,
+        classification: bool,
+        batch: Task,
+        theta: Params,
+        weight: ProximalWeight,
+    ) -> None:
+        self.bm = bm
+        self.loss = loss
+        self.classification = classification
+        self.batch = batch
+        self.theta = {k: v.detach() for k, v in theta.items()}
+        self.names = list(self.theta)
+        self.shapes = [tuple(v.shape) for v in self.theta.values()]
+        self.sizes = [v.numel() for v in self.theta.values()]
+        self.theta_flat = self.flat(self.theta)
+        self.B = batch.support_x.shape[0]
+        self.weight = weight
+        self.learned = weight.learned
+        # lam per coordinate for the solver's objective (no gradient): a number when shared
+        self.lam_fixed = weight.detach(self.lam_vec(self.theta_values()))
+
+    # -- the flat layout
+    def flat(self, tree: Params) -> torch.Tensor:
+        """The tensors of ``tree`` (theta's names, no task dimension) raveled into one (n,) tensor."""
+        return torch.cat([tree[k].reshape(-1) for k in self.names])
+
+    def flat_theta(self, th: Params) -> torch.Tensor:
+        """`flat` of a theta tree; no copy where ``th`` holds this meta-batch's theta (the
+        solvers pass it on detached, as new tensors over the same memory)."""
+        same = all(
+            th[k].data_ptr() == t.data_ptr() and th[k].shape == t.shape and th[k].stride() == t.stride()
+            for k, t in self.theta.items()
+        )
+        return self.theta_flat if same else self.flat(th)
+
+    def unflat(self, X: torch.Tensor) -> Params:
+        """Per-tensor views (b, *shape) of a flat (b, n) matrix, by name."""
+        b = X.shape[0]
+        return {
+            k: part.view(b, *shape) for k, part, shape in zip(self.names, X.split(self.sizes, 1), self.shapes)
+        }
+
+    def tree(self, x: torch.Tensor) -> Params:
+        """A flat (n,) vector as tensors shaped like theta's, by name (views)."""
+        return {k: part.view(shape) for k, part, shape in zip(self.names, x.split(self.sizes), self.shapes)}
+
+    def params(self, X: torch.Tensor) -> Params:
+        """Fresh contiguous per-tensor copies (B, *shape) of a flat (B, n) matrix, by name."""
+        return {k: v.contiguous() for k, v in self.unflat(X.detach()).items()}
+
+    # -- lam
+    def lam_tree(self) -> dict[str, torch.Tensor]:
+        """Learned lam values as theta-tree entries, each a fresh leaf that requires grad."""
+        return self.weight.tree()
+
+    def lam_vec(self, th: Params) -> LamVector:
+        """lam per coordinate of a task's flat parameters, (n,), differentiable in the learned
+        values of ``th``; a number (or 0-d tensor) when one lam is shared."""
+        return self.weight.vector(th, self.names, self.sizes)
+
+    # -- objectives
+    def prox(self, X: torch.Tensor, th: Params) -> torch.Tensor:
+        """lam/2 ||phi_i - theta||^2 per task (B,), differentiable in X, theta and learned lam."""
+        lam = self.lam_vec(th)
+        d = X - self.flat(th)
+        # d.square().sum, not norm(d)**2, whose second derivative is wrong where d = 0
+        if self.weight.per_coordinate:
+            return 0.5 * (d.square() * lam).sum(1)
+        return (0.5 * lam) * d.square().sum(1)
+
+    def objective(
+        self, *, exact: bool, prox: bool = True, gradients_only: bool = False
+    ) -> Callable[[torch.Tensor, Params], torch.Tensor]:
+        """G_i(phi_i, theta) per task, shape (B,), of the flat X (B, n); with ``prox=False`` the
+        support losses Lhat_i(phi_i) alone.
+
+        ``exact``: through `BatchedModel.exact`, for autograd's double backward (the implicit
+        layer's HVPs, MAML's unrolled path) and derivatives in theta.  Otherwise through
+        `BatchedModel.fast`, for the inner solvers (gradients in X; NewtonCG's HVPs by
+        ``torch.func``, exact there too).  ``gradients_only``: the caller takes first
+        derivatives in X and nothing else (GD, Nesterov), so the support losses may come from
+        the model's fused `BatchedModel.flat_cross_entropy` where it has one.
+        """
+        x, y = self.batch.support_x, self.batch.support_y
+        forward = self.bm.exact if exact else self.bm.fast
+        zero = not prox or self.weight.is_zero()
+        fused = self._flat_loss(x, y) if gradients_only and not exact else None
+
+        def G(X: torch.Tensor, th: Params) -> torch.Tensor:
+            support = (
+                fused(X)[0] if fused is not None else task_losses(self.loss, forward(self.unflat(X), x), y)
+            )
+            if zero:
+                return support
+            if exact or any(t.requires_grad for t in th.values()):
+                return support + self.prox(X, th)
+            return support + _ProxFirstOrder.apply(
+                self.lam_fixed, self.weight.per_coordinate, self.flat_theta(th), X
+            )
+
+        return G
+
+    def _flat_loss(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+        """The model's fused per-task losses of the flat X on (x, y), where it has them for this
+        loss (cross-entropy on class indices), else ``None``."""
+        build = self.bm.flat_cross_entropy
+        if (
+            build is None
+            or self.loss is not F.cross_entropy
+            or y.shape != x.shape[:2]
+            or y.is_floating_point()
+        ):
+            return None
+        return build(self.names, self.shapes, x, y, self.bm.chunk(x))
+
+    def hvp(self, X: torch.Tensor, *, prox: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+        """V (B, n) -> the B Hessian-vector products of G_i (``prox=False``: of Lhat_i) at X, row by row.
+
+        Through the exact model; the gradient's graph is built once here and every call runs
+        its double backward.
+        """
+        Xr = X.detach().requires_grad_(True)
+        with torch.enable_grad():
+            values = self.objective(exact=True, prox=prox)(Xr, self.theta_values())
+            (g,) = torch.autograd.grad(values.sum(), Xr, create_graph=True)
+
+        def matvec(V: torch.Tensor) -> torch.Tensor:
+            (hv,) = torch.autograd.grad(g, Xr, grad_outputs=V, retain_graph=True)
+            return hv
+
+        return matvec
+
+    def init(self, theta: Params | None = None) -> torch.Tensor:
+        """X = theta for every task: an expanded (B, n) view (attached to ``theta`` if it is)."""
+        t = self.theta_flat if theta is None else self.flat(theta)
+        return t.unsqueeze(0).expand(self.B, -1)
+
+    def minimize(self, solver: InnerSolver, *, prox: bool = True) -> bl.SolverResult:
+        """The inner answers X (B, n) of the B tasks (no graph), with per-task diagnostics.
+
+        ``solver`` runs batched (`batched_solver`) from theta on the B tasks' G (``prox=False``:
+        the support losses alone) through the fast model (the fused losses where the solver
+        takes gradients only); a diverged task raises (`checked`).
+        """
+        objective = self.objective(exact=False, prox=prox, gradients_only=isinstance(solver, GRADIENT_ONLY))
+        return checked(batched_solver(solver, self.weight)(objective, self.init(), self.theta_values()))
+
+    def theta_values(self) -> Params:
+        """theta with the learned lam values (detached) under their tree keys."""
+        return {**self.theta, **{k: v.detach() for k, v in self.lam_tree().items()}}
+
+    # -- query
+    def query(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query losses (B,) (differentiable in X) and accuracies (B,) of the adapted models."""
+        out = self.bm.outputs(self.unflat(X), self.batch.query_x)
+        return task_losses(self.loss, out, self.batch.query_y), self.accuracy(out, self.batch.query_y)
+
+    def accuracy(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.classification:
+            return (out.detach().argmax(-1) == y).float().mean(-1)
+        return torch.full(out.shape[:1], float("nan"), dtype=out.dtype, device=out.device)
+
+    def query_gradients(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-task query gradients grad L_i(phi_i), flat (B, n), losses (B,) and accuracies (B,).
+
+        First order, through the model's fused losses where it has them (which take the tasks
+        in chunks themselves), else through the fast model in chunks of tasks where
+        `BatchedModel.chunk` says so, each chunk's gradient taken right after its forward pass
+        while its activations are still in the cache.
+        """
+        x, y = self.batch.query_x, self.batch.query_y
+        fused = self._flat_loss(x, y)
+        with torch.enable_grad():
+            if fused is not None:
+                Xg = X.detach().requires_grad_(True)
+                ql, out = fused(Xg)
+                (g,) = torch.autograd.grad(ql.sum(), Xg)
+                return g, ql.detach(), self.accuracy(out, y)
+            c = self.bm.chunk(x)
+            grads, losses, outs = [], [], []
+            for Xc, xc, yc in zip(X.detach().split(c), x.split(c), y.split(c)):
+                Xc = Xc.requires_grad_(True)
+                out = self.bm.fast(self.unflat(Xc), xc)
+                ql = task_losses(self.loss, out, yc)
+                (g,) = torch.autograd.grad(ql.sum(), Xc, allow_unused=True, materialize_grads=True)
+                grads.append(g)
+                losses.append(ql.detach())
+                outs.append(out.detach())
+        return _cat(grads), _cat(losses), self.accuracy(_cat(outs), y)
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts)`` without a copy when there is one part (one chunk of tasks)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class _ProxFirstOrder(torch.autograd.Function):
+    """lam/2 ||X_i - theta||^2 per task (B,) of the flat X (B, n), differentiable once and in X only.
+
+    The proximal term of the inner solver's objective: its gradient lam (X - theta) is one
+    fused product here, where autograd through (d * d).sum would take three passes over the
+    parameters per step.  Second derivatives (HVPs) go through `MetaBatch.prox`.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, lam: LamVector, vec: bool, theta: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+        d = X - theta
+        # the row-wise inner product in one fused pass, as a batched matrix product
+        dl = d * lam if vec else d
+        out = torch.bmm(dl.unsqueeze(1), d.unsqueeze(2)).reshape(X.shape[0])
+        out = out * 0.5 if vec else out * (0.5 * lam)
+        ctx.lam, ctx.vec = lam, vec
+        ctx.save_for_backward(d)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, go: torch.Tensor) -> tuple[Any, ...]:
+        (d,) = ctx.saved_tensors
+        lam = ctx.lam
+        if ctx.vec:
+            return None, None, None, d * lam * go[:, None]
+        return None, None, None, d * (go * lam)[:, None]
+
+
+def or_zeros(like: Params, grads: tuple[torch.Tensor | None, ...]) -> Params:
+    """Gradients by name, zeros where autograd returned None (an unused parameter)."""
+    return {k: torch.zeros_like(t) if g is None else g for (k, t), g in zip(like.items(), grads)}
+
+
+def checked(res: bl.SolverResult) -> bl.SolverResult:
+    """Stop on a diverged inner solve: its NaN would otherwise be frozen out of the answer silently
+    (now, or at the end of a `bilevel.deferred_checks` block)."""
+    bl.defer_check(functools.partial(_raise_if_diverged, res))
+    return res
+
+
+def _raise_if_diverged(res: bl.SolverResult) -> None:
+    statuses = res.problem_status or (res.status,)
+    bad = [i for i, s in enumerate(statuses) if s is bl.SolverStatus.NONFINITE]
+    if bad:
+        raise bl.NonFiniteError(
+            f"the inner solve produced NaN or infinity in task(s) {bad[:10]} of the meta-batch: the inner "
+            "loop diverged; lower --inner-lr (GradientDescent(lr=...)), raise --lam, or use --backtrack"
+        )
