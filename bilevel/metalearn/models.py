@@ -27,6 +27,8 @@ Conv layers have no bias by default: a per-channel constant added before a batch
 subtracts the per-channel batch mean cancels exactly, so its gradient is identically zero (it would
 only add dead coordinates to the inner problem and meaningless entries to gradient checks).  Pass
 ``conv_bias=True`` to get them anyway.
+
+The batched forms of these models (B tasks' models in one call) are in `bilevel.metalearn.batched`.
 """
 
 from __future__ import annotations
