@@ -8,21 +8,18 @@ from __future__ import annotations
 
 import warnings
 
+import helpers as H
 import problems as P
 import pytest
 import torch
 import torch.func
 
 import bilevel as bl
-from bilevel.solvers import GradientDescent, Nesterov, NewtonCG
+from bilevel.solvers import GradientDescent, NewtonCG
 
 D = torch.float64
 
-SOLVERS = {
-    "gd": lambda q: GradientDescent(lr=1 / q.L, max_iter=20_000, tol=1e-11, batched=True),
-    "nesterov": lambda q: Nesterov(lr=1 / q.L, max_iter=20_000, tol=1e-11, batched=True),
-    "newton": lambda q: NewtonCG(newton_iters=100, cg_iters=10, tol=1e-11, batched=True),
-}
+SOLVERS = [c.name for c in H.BATCHED]
 LINEAR = {
     "cg": bl.CG(),
     "cg-no-check": bl.CG(check_residual=False),
@@ -33,7 +30,7 @@ LINEAR = {
 
 
 @pytest.mark.parametrize("linear", list(LINEAR))
-@pytest.mark.parametrize("solver", list(SOLVERS))
+@pytest.mark.parametrize("solver", SOLVERS)
 def test_batched_layer_equals_closed_form_and_single_calls(solver: str, linear: str) -> None:
     q = P.batched_quadratic()
     B = q.theta.shape[0]
@@ -42,7 +39,7 @@ def test_batched_layer_equals_closed_form_and_single_calls(solver: str, linear: 
         q.per_problem,
         torch.zeros_like(q.theta),
         theta,
-        SOLVERS[solver](q),
+        H.solver(solver)(q, 1e-11, batched=True),
         linear_solver=LINEAR[linear],
         batched=True,
         return_info=True,
@@ -54,7 +51,7 @@ def test_batched_layer_equals_closed_form_and_single_calls(solver: str, linear: 
     last = info.last_backward
     assert last is not None and last.problem_status == (bl.LinearStatus.CONVERGED,) * B
     # B single-problem calls of the same layer
-    single_solver = SOLVERS[solver](q).__class__(**{**SOLVERS[solver](q).__dict__, "batched": False})
+    single_solver = H.solver(solver)(q, 1e-11)
     for b in range(B):
         th = q.theta[b].clone().requires_grad_(True)
         ph = bl.implicit_argmin(

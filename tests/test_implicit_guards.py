@@ -1,4 +1,4 @@
-"""Failures that used to pass silently through the implicit layer (issue 18): each raises or warns."""
+"""Failures the implicit layer must not pass silently: each raises or warns."""
 
 from __future__ import annotations
 

@@ -10,9 +10,9 @@ hypergradient at such a phi is off by about ``hyper_lipschitz * tol / mu``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
+import helpers as H
 import problems as P
 import pytest
 import torch
@@ -31,52 +31,10 @@ from bilevel.solvers import (
 )
 
 D = torch.float64
-TOL = 1e-9  # inner gradient-norm tolerance of the float64 tests
-# SciPy's line search compares values of f, whose rounding (~1e-16 |f|) hides decreases
-# ~||g||^2 / L: below ||g|| ~ 1e-8 it stalls (see ScipyLBFGS's docstring).
-TOL_LBFGS = 1e-7
-
-
-@functools.cache
-def problem(name: str) -> P.Problem:
-    return {
-        "quadratic": P.quadratic,
-        "ridge": P.ridge,
-        "logistic": P.logistic,
-        "rosenbrock": P.rosenbrock,
-        "ill_logistic": lambda: P.logistic(n=100, d=10, lam=1e-3, scale=3.0),
-        "ill_quadratic": lambda: P.quadratic(n=20, kappa=100.0),
-    }[name]()
-
-
-def make_solver(kind: str, p: P.Problem, tol: float | None = None):  # type: ignore[no-untyped-def]
-    """The solver configuration used for problem ``p`` (step sizes from its constants)."""
-    if tol is None:
-        tol = TOL_LBFGS if kind == "lbfgs" else TOL
-    if kind == "gd":
-        return GradientDescent(lr=p.step, max_iter=20_000, tol=tol)
-    if kind == "gd_armijo":
-        return GradientDescent(lr=4 * p.step, max_iter=20_000, tol=tol, line_search=Armijo())
-    if kind == "nesterov_mu":
-        return Nesterov(lr=p.step, mu=p.mu, max_iter=20_000, tol=tol)
-    if kind == "nesterov":
-        return Nesterov(lr=p.step, max_iter=20_000, tol=tol)
-    if kind == "newton":
-        return NewtonCG(newton_iters=300, cg_iters=10, tol=tol)
-    if kind == "trust_region":
-        return TrustRegionNewtonCG(newton_iters=300, cg_iters=10, tol=tol)
-    if kind == "lbfgs":
-        return ScipyLBFGS(tol=tol, max_iter=5000)
-    raise KeyError(kind)
-
-
-CONVEX = ["quadratic", "ridge", "logistic"]
-CASES = [
-    (k, n)
-    for k in ["gd", "gd_armijo", "nesterov_mu", "nesterov", "newton", "trust_region", "lbfgs"]
-    for n in CONVEX
-]
-CASES += [("newton", "rosenbrock"), ("trust_region", "rosenbrock"), ("lbfgs", "rosenbrock")]
+CONVEX = H.CONVEX
+problem = H.problem
+ALL = [c.name for c in H.SOLVERS]
+CASES = [(c.name, n) for c, n in H.matrix()]
 
 
 # ----------------------------------------------------------------------------- minimizers
@@ -85,7 +43,7 @@ CASES += [("newton", "rosenbrock"), ("trust_region", "rosenbrock"), ("lbfgs", "r
 @pytest.mark.parametrize(("kind", "name"), CASES)
 def test_reaches_known_minimizer(kind: str, name: str) -> None:
     p = problem(name)
-    solver = make_solver(kind, p)
+    solver = H.solver(kind)(p)
     res = solver(p.objective, p.init, p.theta)
     tol = solver.tol
     assert res.status is bl.SolverStatus.CONVERGED, (res.status, res.grad_norm, dict(res.info))
@@ -98,16 +56,16 @@ def test_reaches_known_minimizer(kind: str, name: str) -> None:
     assert P.distance(res.x, p.solution) <= slack * tol / p.mu + 1e-13
     assert res.fun == pytest.approx(float(p.objective(res.x, p.theta)), rel=1e-12)
     assert res.n_gev >= 1 and res.n_iter >= 1
-    if kind in ("newton", "trust_region"):
+    if H.solver(kind).hvp:
         assert res.n_hvp >= res.n_iter
     else:
         assert res.n_hvp == 0
 
 
-@pytest.mark.parametrize("kind", ["gd", "nesterov", "newton", "trust_region", "lbfgs"])
+@pytest.mark.parametrize("kind", ALL)
 def test_answer_has_init_structure(kind: str) -> None:
     p = problem("ridge")  # phi = (w, intercept): a tuple with a 0-d leaf
-    res = make_solver(kind, p)(p.objective, p.init, p.theta)
+    res = H.solver(kind)(p)(p.objective, p.init, p.theta)
     assert isinstance(res.x, tuple) and len(res.x) == 2
     for got, like in zip(res.x, p.init):
         assert got.shape == like.shape and got.dtype == like.dtype
@@ -122,11 +80,11 @@ def test_theta_requiring_grad_is_not_differentiated_through() -> None:
     assert not res.x.requires_grad and res.converged  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("kind", ["gd", "nesterov", "newton", "trust_region", "lbfgs"])
+@pytest.mark.parametrize("kind", ALL)
 def test_float32(kind: str) -> None:
     p = problem("quadratic").cast(torch.float32)
-    tol = 1e-3 if kind == "lbfgs" else 1e-4  # 1e-3: f's float32 rounding hides smaller slopes from SciPy
-    res = make_solver(kind, p, tol=tol)(p.objective, p.init, p.theta)
+    tol = H.solver(kind).tol(torch.float32)  # SciPy: f's float32 rounding hides slopes below 1e-3
+    res = H.solver(kind)(p, tol)(p.objective, p.init, p.theta)
     assert res.x.dtype == torch.float32  # type: ignore[union-attr]
     assert res.converged, (res.status, res.grad_norm)
     assert P.distance(res.x, p.solution) <= tol / p.mu + 1e-5  # float32 rounding of the solution
@@ -293,15 +251,15 @@ class Counted:
         return self.fn(phi, theta)
 
 
-@pytest.mark.parametrize("kind", ["gd", "gd_armijo", "nesterov", "newton", "lbfgs"])
+@pytest.mark.parametrize("kind", ALL)
 def test_counts_are_the_objective_calls(kind: str) -> None:
     p = problem("logistic")
     obj = Counted(p.objective)
-    res = make_solver(kind, p, tol=1e-8)(obj, p.init, p.theta)
+    res = H.solver(kind)(p, 1e-8)(obj, p.init, p.theta)
     assert res.converged
     # Every value, gradient or HVP (jvp of grad) runs the objective exactly once.
     assert obj.calls == res.n_fev + res.n_gev + res.n_hvp
-    if kind in ("gd", "nesterov"):
+    if kind in ("gd", "nesterov", "nesterov_mu"):
         assert res.n_gev == res.n_iter + 1 and res.n_fev == 0
     if kind == "gd_armijo":
         assert res.n_gev >= res.n_iter + 1 and res.n_fev == 0
@@ -374,29 +332,26 @@ def test_newton_cg_needs_fewer_gradient_equivalents(name: str, tol: float, recor
 # ----------------------------------------------------------------------------- batched mode
 
 
-BATCHED = {
-    "gd": lambda q: GradientDescent(lr=1 / q.L, max_iter=20_000, tol=1e-9, batched=True),
-    "gd_armijo": lambda q: GradientDescent(
-        lr=1.0, max_iter=20_000, tol=1e-9, batched=True, line_search=Armijo()
-    ),
-    "nesterov": lambda q: Nesterov(lr=1 / q.L, max_iter=20_000, tol=1e-9, batched=True),
-    "newton": lambda q: NewtonCG(newton_iters=100, cg_iters=4, tol=1e-9, batched=True),
-    "trust_region": lambda q: TrustRegionNewtonCG(newton_iters=100, cg_iters=4, tol=1e-9, batched=True),
-}
+def batched_solver(kind: str, q: P.BatchedQuadratic) -> object:
+    # 4 CG iterations per Newton step: at 10 or more (n = 6) every problem would take 1-2 steps
+    return H.solver(kind)(q, 1e-9, batched=True, cg_iters=4)
 
 
-@pytest.mark.parametrize("kind", list(BATCHED))
+BATCHED = [c.name for c in H.BATCHED]
+
+
+@pytest.mark.parametrize("kind", BATCHED)
 def test_batched_matches_per_problem_solves(kind: str) -> None:
     q = P.batched_quadratic()
     B = q.theta.shape[0]
     init = torch.zeros_like(q.theta)
-    res = BATCHED[kind](q)(q.per_problem, init, q.theta)
+    res = batched_solver(kind, q)(q.per_problem, init, q.theta)  # type: ignore[operator]
     assert res.converged and res.status is bl.SolverStatus.CONVERGED
     assert res.problem_converged.tolist() == [True] * B
     assert (res.problem_grad_norm <= 1e-9).all()
     torch.testing.assert_close(res.x, q.solution, rtol=0, atol=1e-9 / float(q.mu.min()))
     # Per-problem stopping: each problem takes exactly the iterations it takes alone.
-    single_solver = dataclasses.replace(BATCHED[kind](q), batched=False)
+    single_solver = dataclasses.replace(batched_solver(kind, q), batched=False)  # type: ignore[type-var]
     for b in range(B):
         single = single_solver(q.single(b), init[b], q.theta[b])
         assert int(res.problem_n_iter[b]) == single.n_iter
@@ -544,15 +499,14 @@ def test_bad_inputs_raise(solver) -> None:  # type: ignore[no-untyped-def]
 # ----------------------------------------------------------------------------- implicit hypergradients
 
 
-HYPER_CASES = [(k, n) for k in ["gd", "nesterov_mu", "newton", "lbfgs"] for n in CONVEX]
-HYPER_CASES += [("newton", "rosenbrock"), ("lbfgs", "rosenbrock")]
+HYPER_CASES = CASES
 
 
 @pytest.mark.parametrize(("kind", "name"), HYPER_CASES)
 def test_implicit_hypergradient_matches_reference(kind: str, name: str) -> None:
     p = problem(name)
     theta = p.theta.clone().requires_grad_(True)
-    solver = make_solver(kind, p)
+    solver = H.solver(kind)(p)
     phi, info = bl.implicit_argmin(
         p.objective, p.init, theta, solver=solver, linear_solver=bl.DenseSolve(), return_info=True
     )
@@ -565,12 +519,12 @@ def test_implicit_hypergradient_matches_reference(kind: str, name: str) -> None:
     torch.testing.assert_close(theta.grad, p.hypergrad, rtol=0, atol=atol)
 
 
-@pytest.mark.parametrize("kind", ["gd", "nesterov", "newton", "trust_region"])
+@pytest.mark.parametrize("kind", BATCHED)
 def test_implicit_hypergradient_of_a_batch(kind: str) -> None:
     q = P.batched_quadratic()
     theta = q.theta.clone().requires_grad_(True)
     obj = BatchedObjective(q.per_problem)
-    phi = bl.implicit_argmin(obj, torch.zeros_like(q.theta), theta, solver=BATCHED[kind](q))
+    phi = bl.implicit_argmin(obj, torch.zeros_like(q.theta), theta, solver=batched_solver(kind, q))
     q.outer(phi).backward()
     # Default CG backward (rtol 1e-10) on the block-diagonal Hessian, kappa up to 200.
     atol = 2.0 * 1e-9 / float(q.mu.min()) + 200 * 1e-10
