@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Union
 import torch
 
 __all__ = [
+    "LAM_KINDS",
     "FixedLam",
     "LearnedPerTensor",
     "LearnedScalar",
@@ -34,6 +35,8 @@ __all__ = [
     "lam_from_config",
 ]
 
+#: ``TrainConfig.learn_lam`` (``--learn-lam``): the kinds `lam_from_config` builds.
+LAM_KINDS = ("none", "scalar", "per-tensor")
 #: Prefix of learned lambda entries in the implicit layer's theta tree.
 TREE_KEY = "lam:"
 #: lambda per coordinate of a task's flat parameters: a number (or 0-d tensor) when one is shared,
@@ -308,7 +311,7 @@ def lam_from_config(
     """
     if kind == "none":
         return FixedLam(float(init), overrides=False)
-    if kind not in ("scalar", "per-tensor"):
+    if kind not in LAM_KINDS:
         raise ValueError(f"lam_from_config(kind={kind!r}): choose 'none', 'scalar' or 'per-tensor'")
     if not init > 0:
         raise ValueError(f"lam_from_config(init={init}): a learned lambda starts > 0 (log lambda)")

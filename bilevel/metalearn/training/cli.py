@@ -26,7 +26,8 @@ from typing import Any, NoReturn
 
 from ... import BilevelError, CheckpointError
 from ..evaluation import evaluate_fixed
-from ..registry import readers
+from ..proximal import LAM_KINDS
+from ..registry import INNER_KINDS, readers
 from .config import ALGOS, DATASETS, PRESETS, RECIPES, ConfigError, TrainConfig
 from .console import Console, ProgressMode
 from .experiment import build_experiment, load_run
@@ -68,21 +69,8 @@ def _flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m bilevel.metalearn",
-        description="Meta-learning with implicit gradients (iMAML), MAML, first-order MAML and Reptile.",
-    )
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser(
-        "train",
-        help="meta-train, then evaluate on the fixed test tasks",
-        usage="%(prog)s [flags]   (--help lists every flag)",
-        description="Meta-train, then evaluate on the fixed test tasks. Flags left out take the "
-        "--preset's values, else the defaults shown.",
-    )
-    t.set_defaults(subparser=t)
-    d = TrainConfig()
+def _choice_flags(t: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """--algo, --recipe, --preset: what is run."""
     t.add_argument(
         "--algo",
         choices=ALGOS,
@@ -105,12 +93,20 @@ def _parser() -> argparse.ArgumentParser:
         "(omniglot-5w1s: imaml-gd, fomaml, maml), else the paper's (Appendix F.2); paper-<name>: the "
         "paper's for every algorithm; explicit flags override them",
     )
+
+
+def _task_flags(t: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """The task format."""
     t.add_argument("--dataset", choices=DATASETS, default=None, help=f"task family (default {d.dataset})")
     t.add_argument("--ways", type=int, default=None, help=f"classes per task (default {d.ways})")
     t.add_argument("--shots", type=int, default=None, help=f"support examples per class (default {d.shots})")
     t.add_argument(
         "--queries", type=int, default=None, help=f"query examples per class (default {d.queries})"
     )
+
+
+def _outer_flags(t: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """The outer loop (Adam)."""
     t.add_argument("--meta-steps", type=int, default=None, help=f"outer Adam steps (default {d.meta_steps})")
     t.add_argument(
         "--meta-batch", type=int, default=None, help=f"tasks per meta-step (default {d.meta_batch})"
@@ -136,6 +132,10 @@ def _parser() -> argparse.ArgumentParser:
         help="Adam step size: constant, or cosine decay to 0 over --meta-steps or --time-limit, "
         "whichever runs out first (default constant)",
     )
+
+
+def _inner_flags(t: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """The inner solver, iMAML's lambda and its meta-gradient system."""
     t.add_argument("--inner-steps", type=int, default=None, help=f"inner GD steps (default {d.inner_steps})")
     t.add_argument("--inner-lr", type=float, default=None, help=f"inner GD step size (default {d.inner_lr})")
     t.add_argument(
@@ -156,7 +156,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--learn-lam",
-        choices=("none", "scalar", "per-tensor"),
+        choices=LAM_KINDS,
         default=None,
         help="learn log(lambda) by the implicit gradient (iMAML only; default none)",
     )
@@ -175,7 +175,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--inner-solver",
-        choices=("gd", "nesterov", "trust-region"),
+        choices=tuple(INNER_KINDS),
         default=None,
         help="inner GD, or Nesterov's accelerated GD with Theorem 2's momentum (default gd); for "
         "imaml-hf, trust-region replaces the paper's line-search Newton-CG by Steihaug's trust region",
@@ -200,6 +200,10 @@ def _parser() -> argparse.ArgumentParser:
         help="start CG from the first-order gradient (0 steps = first-order MAML; one more HVP) "
         "instead of 0 as in the paper",
     )
+
+
+def _data_flags(t: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """The data and the seed."""
     t.add_argument(
         "--split", choices=("vinyals", "lake"), default=None, help=f"Omniglot class split (default {d.split})"
     )
@@ -215,6 +219,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--seed", type=int, default=None, help=f"seed of the init and task streams (default {d.seed})"
     )
+
+
+def _evaluation_flags(t: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """The final and periodic evaluations, logging and checkpoints."""
     t.add_argument("--test-tasks", type=int, default=None, help=f"fixed test tasks (default {d.test_tasks})")
     t.add_argument(
         "--eval-every",
@@ -254,6 +262,10 @@ def _parser() -> argparse.ArgumentParser:
         help="log the smallest eigenvalue of I + H/lam at the inner answers, by this many Lanczos "
         "steps (HVPs) at every logged step (default 0: off; iMAML only)",
     )
+
+
+def _engine_flags(t: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """How the work is run: engine, dtype, device, threads, clock."""
     t.add_argument("--no-vmap", action="store_true", help="loop over tasks instead of torch.func.vmap")
     t.add_argument(
         "--no-batched",
@@ -282,6 +294,10 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="what --time-limit and the curves measure: elapsed or process CPU time (default wall)",
     )
+
+
+def _output_flags(t: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """The output folder, resuming and the console."""
     t.add_argument("--out", default=None, help=f"output folder (default {d.out})")
     t.add_argument(
         "--resume",
@@ -300,6 +316,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--quiet", action="store_true", help="print nothing but the final result")
 
+
+def _eval_parser(sub: Any) -> None:
+    """The ``eval`` subcommand."""
     e = sub.add_parser(
         "eval",
         help="evaluate a saved checkpoint on the fixed test tasks",
@@ -323,6 +342,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--quiet", action="store_true", help="print nothing but the result")
 
+
+def _report_parser(sub: Any) -> None:
+    """The ``report`` subcommand."""
     rp = sub.add_parser(
         "report",
         help="plot run folders written by train: accuracy or MSE, losses, inner-solver and CG diagnostics",
@@ -331,6 +353,36 @@ def _parser() -> argparse.ArgumentParser:
     rp.set_defaults(subparser=rp)
     rp.add_argument("runs", nargs="+", help="run folders (the --out of train), overlaid in every plot")
     rp.add_argument("--out", required=True, help="folder for the PNGs (created)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bilevel.metalearn",
+        description="Meta-learning with implicit gradients (iMAML), MAML, first-order MAML and Reptile.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser(
+        "train",
+        help="meta-train, then evaluate on the fixed test tasks",
+        usage="%(prog)s [flags]   (--help lists every flag)",
+        description="Meta-train, then evaluate on the fixed test tasks. Flags left out take the "
+        "--preset's values, else the defaults shown.",
+    )
+    t.set_defaults(subparser=t)
+    d = TrainConfig()
+    for group in (
+        _choice_flags,
+        _task_flags,
+        _outer_flags,
+        _inner_flags,
+        _data_flags,
+        _evaluation_flags,
+        _engine_flags,
+        _output_flags,
+    ):
+        group(t, d)
+    _eval_parser(sub)
+    _report_parser(sub)
     return p
 
 

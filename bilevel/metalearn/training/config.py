@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..gradients import MetaAlgorithm
+from ..proximal import LAM_KINDS
 from ..registry import ALGORITHMS, INNER_KINDS, Settings, readers
 
 __all__ = ["ALGOS", "DATASETS", "PRESETS", "RECIPES", "ConfigError", "Preset", "TrainConfig"]
@@ -30,7 +31,7 @@ IMPLICIT_ALGOS = readers("learn_lam")
 _CHOICES: dict[str, tuple[str, ...]] = {
     "algo": ALGOS,
     "dataset": DATASETS,
-    "learn_lam": ("none", "scalar", "per-tensor"),
+    "learn_lam": LAM_KINDS,
     "lr_schedule": ("constant", "cosine"),
     "split": ("vinyals", "lake"),
     "init": ("glorot", "torch", "released"),
