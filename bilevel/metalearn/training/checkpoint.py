@@ -7,18 +7,20 @@ weights_only=True)`` (no code is unpickled):
   where lambda is fixed);
 * ``optimizer``: Adam's state; ``step``: meta-steps done; ``elapsed``: seconds of the training clock;
 * ``history``, ``config``: the curves and the `TrainConfig`, as JSON strings;
-* ``image_shape``: ``[C, H, W]`` of an image dataset's images, ``None`` for sinusoid (absent from
-  checkpoints written before it was added).
+* ``image_shape``: ``[C, H, W]`` of an image dataset's images, ``None`` for sinusoid (optional:
+  older checkpoints lack it).
 
-`load_checkpoint` is the one reader: every way a file can be unusable (missing, empty, truncated,
-not a checkpoint, a model's ``state_dict``, a damaged configuration) is a `bilevel.CheckpointError`
-that names the file and the damage.  `saved_config` reads the run's `TrainConfig` back, and
-`keep_earlier` moves an earlier result aside instead of overwriting it.
+`save_checkpoint` is the one writer and `load_checkpoint` the one reader: every way a file can be
+unusable (missing, empty, truncated, not a checkpoint, a model's ``state_dict``, a damaged
+configuration) is a `bilevel.CheckpointError` that names the file and the damage.  `saved_config`
+reads the run's `TrainConfig` back, `open_run` checks a run folder against a request to train
+there, and `keep_earlier` moves an earlier result aside instead of overwriting it.
 `bilevel.metalearn.load_run` turns a checkpoint into a model function, parameters and algorithm.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -32,7 +34,16 @@ import torch
 from ... import CheckpointError
 from .config import IMPLICIT_ALGOS, TrainConfig
 
-__all__ = ["atomic_json", "atomic_save", "keep_earlier", "load_checkpoint", "saved_config", "shape_mismatch"]
+__all__ = [
+    "atomic_json",
+    "atomic_save",
+    "keep_earlier",
+    "load_checkpoint",
+    "open_run",
+    "save_checkpoint",
+    "saved_config",
+    "shape_mismatch",
+]
 
 #: Keys every checkpoint written by `train` has (``image_shape`` is optional: older checkpoints lack it).
 REQUIRED_KEYS = ("theta", "log_lam", "optimizer", "step", "history", "elapsed", "config")
@@ -59,6 +70,36 @@ def atomic_json(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str))
     os.replace(tmp, path)
+
+
+def save_checkpoint(
+    path: Path,
+    state: Mapping[str, Any],
+    cfg: TrainConfig,
+    history: Mapping[str, Any],
+    elapsed: float,
+    image_shape: list[int] | None,
+) -> None:
+    """Write a run's ``checkpoint.pt`` atomically (`atomic_save`).
+
+    Args:
+        path: the file.
+        state: ``theta``, ``log_lam``, ``optimizer`` and ``step`` (`TrainState.state_dict`).
+        cfg: the run's configuration.
+        history: the curves (saved as JSON).
+        elapsed: seconds of the training clock.
+        image_shape: ``[C, H, W]`` of an image dataset's images; ``None`` for sinusoid.
+    """
+    atomic_save(
+        {
+            **state,
+            "history": json.dumps(history),
+            "elapsed": elapsed,
+            "config": json.dumps(dataclasses.asdict(cfg)),
+            "image_shape": image_shape,
+        },
+        path,
+    )
 
 
 def _damage(p: Path, err: BaseException) -> str:
@@ -153,7 +194,7 @@ def saved_config(ck: Mapping[str, Any], path: str | os.PathLike[str], **override
     """
     saved = json.loads(ck["config"])
     if "cg_warm_start" not in saved:
-        # written before the field existed, when iMAML's CG always started from the first-order
+        # a configuration without the field is one whose iMAML CG started from the first-order
         # gradient; other algorithms have no CG and keep the default (a resume compares it)
         saved["cg_warm_start"] = saved.get("algo") in IMPLICIT_ALGOS
     known = {f for f in TrainConfig.__dataclass_fields__}
@@ -168,6 +209,45 @@ def saved_config(ck: Mapping[str, Any], path: str | os.PathLike[str], **override
     except ValueError as err:
         raise CheckpointError(f"the checkpoint {path} holds a configuration that is refused: {err}") from err
     return TrainConfig(**{**saved, **overrides})
+
+
+def open_run(cfg: TrainConfig, resume: bool, overwrite: bool, device: torch.device) -> dict[str, Any] | None:
+    """Check ``cfg.out`` against a request to train there: the checkpoint to resume, or ``None``.
+
+    Args:
+        cfg: the run; ``cfg.out`` its folder.
+        resume: continue the run in ``cfg.out``.
+        overwrite: start a new run in ``cfg.out`` although it holds one.
+        device: where to load the checkpoint's tensors.
+
+    Returns:
+        The checkpoint (`load_checkpoint`) to resume, or ``None`` for a new run.
+
+    Raises:
+        CheckpointError: ``resume`` without a checkpoint, a damaged one or one of another
+            configuration; or a new run over an existing one without ``overwrite``.
+    """
+    path = Path(cfg.out) / "checkpoint.pt"
+    if not resume:
+        if path.is_file() and not overwrite:
+            raise CheckpointError(
+                f"{cfg.out} already holds a run ({path}): resume it (--resume, resume=True), start over "
+                "there (--overwrite, overwrite=True; its metrics.json is kept), or choose another --out"
+            )
+        return None
+    if not path.is_file():
+        raise CheckpointError(
+            f"nothing to resume: no checkpoint at {path}; drop --resume (resume=False) to start a new run, "
+            "or pass the --out of the run to continue"
+        )
+    ck = load_checkpoint(path, device)
+    conflicts = cfg.resume_conflicts(saved_config(ck, path))
+    if conflicts:
+        raise CheckpointError(
+            f"cannot resume {path}: the run was started with another configuration ({'; '.join(conflicts)}); "
+            "resume with the run's settings (see its config.json), or start a new run in another --out"
+        )
+    return ck
 
 
 def keep_earlier(path: Path) -> Path | None:

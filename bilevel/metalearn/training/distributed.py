@@ -15,8 +15,9 @@ import os
 import torch
 
 from ... import BilevelError
+from .config import ConfigError
 
-__all__ = ["Dist", "allreduce_", "broadcast_", "finish", "init_distributed", "rank_device"]
+__all__ = ["Dist", "allreduce_", "broadcast_", "finish", "init_distributed", "rank_device", "training_device"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,26 @@ class Dist:
     def main(self) -> bool:
         """Rank 0: the rank that writes files and evaluates."""
         return self.rank == 0
+
+
+def training_device(requested: str | None) -> torch.device:
+    """The training device: ``requested`` (a `TrainConfig`'s ``device``), else CUDA where there is one.
+
+    Raises:
+        ConfigError: ``requested`` names CUDA, or a GPU, that this machine does not have.
+    """
+    device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "device",
+                requested,
+                "CUDA is not available here (torch.cuda.is_available() is False): use cpu",
+            )
+        n = torch.cuda.device_count()
+        if device.index is not None and device.index >= n:
+            raise ConfigError("device", requested, f"this machine has {n} GPU(s): cuda:0 to cuda:{n - 1}")
+    return device
 
 
 def init_distributed(device: torch.device) -> Dist:

@@ -1,0 +1,272 @@
+"""What a run records as it trains: the training clock, ``log.jsonl``, the curves, the checkpoint
+and what the console shows (`bilevel.metalearn.training.runlog` reads a run folder back).
+
+`Recorder` opens a run's record (the banner, ``config.json``, ``split.json``, a resumed run's log cut
+back to its checkpoint) and then takes each `StepRecord`: a progress bar with running averages, a
+log record on logged steps, periodic evaluations, checkpoints.  Only rank 0 writes; the other
+ranks' `Recorder` keeps the clock and counts silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from .checkpoint import atomic_json, save_checkpoint
+from .config import IMAML_ALGOS, TrainConfig
+from .console import Console
+from .distributed import Dist
+from .experiment import Experiment
+from .step import StepRecord, TrainState
+
+__all__ = ["Recorder", "TrainClock", "banner", "score", "trim_log"]
+
+#: The curves: a log record per logged step (``steps``) and the periodic evaluations (``eval``).
+History = dict[str, list[dict[str, Any]]]
+
+
+class TrainClock:
+    """Seconds of meta-training: the process's CPU time or wall time, evaluations left out.
+
+    Args:
+        kind: ``cpu`` (`time.process_time`) or ``wall`` (`time.perf_counter`).
+        elapsed: seconds trained before (a resumed run's).
+    """
+
+    def __init__(self, kind: str, elapsed: float) -> None:
+        self.now = time.process_time if kind == "cpu" else time.perf_counter
+        self.elapsed = elapsed
+        self._t0 = self.now() - elapsed
+        self._wall0 = time.perf_counter()
+        self._left_out = 0.0
+
+    def __call__(self) -> float:
+        """Seconds of training so far, the earlier ones of a resumed run included."""
+        return self.now() - self._t0 - self._left_out
+
+    def wall(self) -> float:
+        """Wall seconds since this clock started (this process's, evaluations included)."""
+        return time.perf_counter() - self._wall0
+
+    def leave_out(self, seconds: float) -> None:
+        """Stop counting ``seconds`` spent on something other than training (an evaluation)."""
+        self._left_out += seconds
+
+
+def banner(cfg: TrainConfig, exp: Experiment, device: torch.device, world: int) -> list[str]:
+    """What this run is, where it runs, what it reads and writes."""
+    if cfg.dataset == "sinusoid":
+        task = f"sinusoid regression, {cfg.shots} support and {cfg.queries} query points"
+    else:
+        task = f"{cfg.dataset} {cfg.ways}-way {cfg.shots}-shot, {cfg.queries} queries per class"
+    if cfg.algo == "imaml-hf":
+        region = " (trust region)" if cfg.inner_solver == "trust-region" else " (line search)"
+        inner = f"{cfg.newton_iters} Newton steps of {cfg.cg_iters} CG" + region
+    else:
+        inner = f"{cfg.inner_steps} GD steps of {cfg.inner_lr:g}" + (
+            " (backtracking)" if cfg.backtrack else ""
+        )
+    if cfg.algo in IMAML_ALGOS:
+        lam = "learned " + cfg.learn_lam + f" from {cfg.lam:g}" if cfg.learn_lam != "none" else f"{cfg.lam:g}"
+        inner += f", lambda {lam}, {cfg.cg_iters} CG steps" + (
+            f", damping {cfg.damping:g}" if cfg.damping else ""
+        )
+    limit = f", at most {cfg.time_limit:g} min" if cfg.time_limit is not None else ""
+    lines = [
+        f"bilevel.metalearn train: {cfg.algo} on {task}",
+        f"  meta-training: {cfg.meta_steps} steps of {cfg.meta_batch} tasks{limit}, Adam {cfg.meta_lr:g} "
+        f"({cfg.lr_schedule}); inner: {inner}",
+        f"  device {device} ({cfg.dtype}, {torch.get_num_threads()} threads, {world} rank(s)); "
+        f"seed {cfg.seed}",
+    ]
+    if exp.data is not None:
+        root = cfg.data_root or os.environ.get("BILEVEL_DATA_ROOT", "")
+        lines.append(
+            f"  data {root}: {len(exp.data.train.classes)} training and {len(exp.data.test.classes)} test "
+            f"classes (images {'x'.join(str(n) for n in exp.data.image_shape)})"
+        )
+    periodic = f"every {cfg.eval_every} steps on {cfg.eval_tasks} test tasks, " if cfg.eval_every else ""
+    lines.append(
+        f"  evaluation: {periodic}final on {cfg.test_tasks} test tasks; output {Path(cfg.out).resolve()}"
+    )
+    return lines
+
+
+def score(ev: dict[str, float], classification: bool) -> str:
+    """An evaluation's result in words: accuracy for classification, MSE for regression."""
+    if classification:
+        return f"accuracy {ev['accuracy']:.2f} +- {ev['ci95']:.2f} % (loss {ev['loss']:.4f})"
+    return f"query MSE {ev['loss']:.4f} +- {ev['loss_ci95']:.4f}"
+
+
+def trim_log(path: Path, start: int) -> None:
+    """Keep the log records of the steps a resumed run does not redo (``step < start``)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line cut short by a killed process
+            continue
+        if not isinstance(rec, dict):
+            continue
+        ev = rec.get("eval")
+        step = ev.get("step") if isinstance(ev, dict) else rec.get("step")
+        # a step record is written after step `step` (steps_done = step + 1), an eval after steps_done
+        if isinstance(step, int) and (step <= start if isinstance(ev, dict) else step < start):
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+class Recorder:
+    """A run's record while it trains; use as a context manager (the bar and the log close on exit).
+
+    On rank 0 the constructor shows the banner (and the step a resumed run continues from), writes
+    ``config.json`` and ``split.json``, and starts ``log.jsonl`` afresh (a new run: an overwritten
+    run's records would mix with its own) or after the checkpoint's step (a resumed run).
+
+    Args:
+        cfg: the run.
+        exp: its problem.
+        console: where progress goes.
+        d: this process's place among the ranks (only rank 0 writes).
+        device: the training device (for the banner).
+        state: the state training starts from (a resumed run's step).
+        checkpoint: the checkpoint a resumed run continues (its curves and clock); ``None``: a new run.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        exp: Experiment,
+        console: Console,
+        d: Dist,
+        device: torch.device,
+        state: TrainState,
+        checkpoint: dict[str, Any] | None,
+    ) -> None:
+        self.cfg, self.exp, self.console, self.main = cfg, exp, console, d.main
+        self.out = Path(cfg.out)
+        self.history: History = {"steps": [], "eval": []}
+        elapsed = 0.0
+        if checkpoint is not None:
+            self.history = json.loads(checkpoint["history"])
+            elapsed = float(checkpoint["elapsed"])
+        if d.main:
+            self._open(device, d.world, state.step, elapsed, checkpoint is not None)
+        self._file: IO[str] | None = None
+        if d.main:
+            self._file = open(self.out / "log.jsonl", "a" if checkpoint is not None else "w")
+        self.bar = console.progress(
+            cfg.meta_steps, cfg.algo, unit="step", initial=state.step, every=cfg.log_every
+        )
+        self.clock = TrainClock(cfg.clock, elapsed)
+        self._loss = self._acc = math.nan  # running averages for the bar
+
+    def _open(self, device: torch.device, world: int, start: int, elapsed: float, resumed: bool) -> None:
+        cfg, console = self.cfg, self.console
+        for text in banner(cfg, self.exp, device, world):
+            console.line(text)
+        if resumed:
+            console.line(
+                f"  resuming from step {start} ({elapsed / 60:.1f} min of training) of "
+                f"{self.out / 'checkpoint.pt'}"
+            )
+        if console.hint:
+            console.line(console.hint)
+        (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        if self.exp.split is not None:
+            atomic_json(self.exp.split.to_dict(), self.out / "split.json")
+        if resumed:
+            trim_log(self.out / "log.jsonl", start)
+
+    def step(self, rec: StepRecord, state: TrainState) -> None:
+        """Show a meta-step on the bar; on rank 0, log it where it measured diagnostics."""
+        loss = rec.sums.query_loss / self.cfg.meta_batch
+        acc = rec.sums.query_acc / self.cfg.meta_batch * 100
+        self._loss = loss if math.isnan(self._loss) else 0.95 * self._loss + 0.05 * loss
+        self._acc = acc if math.isnan(self._acc) else 0.95 * self._acc + 0.05 * acc
+        if self.exp.classification:
+            self.bar.update(1, loss=f"{self._loss:.3f}", acc=f"{self._acc:.1f}%")
+        else:
+            self.bar.update(1, mse=f"{self._loss:.4f}")
+        if self._file is None or rec.stats is None or not rec.logged:
+            return
+        stats = rec.stats
+        entry: dict[str, Any] = {
+            "step": rec.step,
+            "time": self.clock(),
+            "wall_time": self.clock.wall(),
+            "meta_lr": rec.lr,
+            "query_loss": loss,
+            "query_acc": acc if self.exp.classification else None,
+            "support_loss": float(stats.support_loss.mean()),
+            "inner_grad_norm": float(stats.inner_grad_norm.mean()),
+            "distance": float(stats.distance.mean()) if stats.distance is not None else None,
+            "cg_residual": float(stats.cg_residual.nanmean()) if stats.cg_residual.numel() else None,
+            "negative_curvature": int(rec.sums.negative_curvature),
+            "meta_grad_norm": float(rec.grad_norm) if rec.grad_norm is not None else None,
+        }
+        if self.cfg.lanczos_steps and stats.min_eig is not None:
+            entry["min_eig"] = float(stats.min_eig.min())
+            entry["min_eig_mean"] = float(stats.min_eig.mean())
+        lam = state.lam.values()
+        if lam is not None:
+            entry["lam"] = lam
+        self.history["steps"].append(entry)
+        self._write(entry)
+
+    def evaluate(self, state: TrainState) -> None:
+        """Evaluate on ``eval_tasks`` test tasks (rank 0), off the training clock; show and log it."""
+        cfg, clock = self.cfg, self.clock
+        t0 = clock.now()
+        ev: dict[str, Any] = self.exp.evaluate(state.theta, cfg.eval_tasks, state.lam)
+        clock.leave_out(clock.now() - t0)
+        ev.update(step=state.step, time=clock())
+        self.console.line(
+            f"step {state.step}: {score(ev, self.exp.classification)} on {cfg.eval_tasks} test tasks "
+            f"[{clock.now() - t0:.0f} s]"
+        )
+        self.history["eval"].append(ev)
+        self._write({"eval": ev})
+
+    def save(self, state: TrainState) -> None:
+        """Write ``checkpoint.pt`` (rank 0): the state, the curves, the clock and the configuration."""
+        if self.main:
+            image_shape = None if self.exp.data is None else list(self.exp.data.image_shape)
+            save_checkpoint(
+                self.out / "checkpoint.pt",
+                state.state_dict(),
+                self.cfg,
+                self.history,
+                self.clock(),
+                image_shape,
+            )
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        """Close the bar and ``log.jsonl``."""
+        self.bar.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
