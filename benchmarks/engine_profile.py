@@ -6,7 +6,7 @@ phase:
 
 * phases are marked by wrapping what the user passes in (the objective G, the inner solver, the
   linear solver / TorchOpt's ``solve``) and, in this process only, by wrapping a few library
-  functions at run time (``_Problem.solve`` / ``_Problem.backward`` / ``Point.F`` /
+  functions at run time (``_Call.solve`` / ``_Call.backward`` / ``Point.F`` /
   ``Point.vjp_theta`` / ``Oracle.value_and_grad`` of bilevel; ``functorch.vjp`` as TorchOpt's
   implicit decorator calls it).  Nothing on disk is changed;
 * ``ops``: every ``__torch_dispatch__`` call per phase (a ``TorchDispatchMode`` counter), with
@@ -201,8 +201,8 @@ def patch_libraries() -> None:
     import bilevel._implicit as imp
     import bilevel.solvers._common as common
 
-    _wrap_method(imp._Problem, "solve", "layer_forward")
-    _wrap_method(imp._Problem, "backward", "layer_backward")
+    _wrap_method(imp._Call, "solve", "layer_forward")
+    _wrap_method(imp._Call, "backward", "layer_backward")
     _wrap_method(hvp.Point, "F", "linearize", when=lambda self: getattr(self, "_F", 1) is None)
     _wrap_method(hvp.Point, "vjp_theta", "cross")
     _wrap_method(common.Oracle, "value_and_grad", "value_and_grad")

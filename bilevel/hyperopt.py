@@ -141,8 +141,18 @@ class HyperProblem:
                 f"HyperProblem(solver={self.solver.__name__}): a solver class; pass an instance, e.g. "
                 f"{self.solver.__name__}(...)"
             )
-        keywords = dict(hvp=hvp, linear_solver=linear_solver, optimality_tol=optimality_tol, throw=throw)
-        object.__setattr__(self, "policy", resolve_policy("HyperProblem", self.policy, **keywords))
+        object.__setattr__(
+            self,
+            "policy",
+            resolve_policy(
+                "HyperProblem",
+                self.policy,
+                hvp=hvp,
+                linear_solver=linear_solver,
+                optimality_tol=optimality_tol,
+                throw=throw,
+            ),
+        )
 
     def evaluate(
         self, hyper: TensorTree, params_init: TensorTree, *, backward_x0: torch.Tensor | None = None

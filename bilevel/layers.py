@@ -282,8 +282,14 @@ class ArgminLayer(_ImplicitLayer):
         warm_start: bool = False,
         policy: ImplicitPolicy | None = None,
     ) -> None:
-        keywords = dict(hvp=hvp, linear_solver=linear_solver, optimality_tol=optimality_tol, throw=throw)
-        pol = resolve_policy("ArgminLayer", policy, **keywords)
+        pol = resolve_policy(
+            "ArgminLayer",
+            policy,
+            hvp=hvp,
+            linear_solver=linear_solver,
+            optimality_tol=optimality_tol,
+            throw=throw,
+        )
         super().__init__("ArgminLayer", objective, solver, init, policy=pol, warm_start=warm_start)
 
     def _solve(self, init: TensorTree, theta: TensorTree) -> tuple[TensorTree, ImplicitInfo]:
@@ -309,8 +315,9 @@ class _ConditionLayer(_ImplicitLayer):
         policy: ImplicitPolicy | None = None,
     ) -> None:
         who = type(self).__name__
-        keywords = dict(linear_solver=linear_solver, optimality_tol=optimality_tol, throw=throw)
-        pol = resolve_policy(who, policy, root=True, **keywords)
+        pol = resolve_policy(
+            who, policy, root=True, linear_solver=linear_solver, optimality_tol=optimality_tol, throw=throw
+        )
         super().__init__(who, fn, solver, init, policy=pol, warm_start=warm_start)
 
     def _solve(self, init: TensorTree, theta: TensorTree) -> tuple[TensorTree, ImplicitInfo]:
