@@ -32,19 +32,27 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bilevel.metalearn import algorithms as A
+from bilevel import solvers as S
+from bilevel.metalearn.algorithms import min_eig
+from bilevel.metalearn.metabatch import InnerSolver, MetaBatch
+from bilevel.metalearn.proximal import FixedLam
 from bilevel.metalearn.training.checkpoint import load_checkpoint, saved_config
 from bilevel.metalearn.training.experiment import build_experiment
 
-SOLVERS = {
-    "GD 16 x 0.1, backtracking": A.InnerGD(steps=16, lr=0.1, backtrack=True),
-    "GD 32 x 0.1, backtracking": A.InnerGD(steps=32, lr=0.1, backtrack=True),
-    "Newton-CG 3 x 5, line search": A.InnerNewtonCG(3, 5),
-    "trust region 3 x 5, radius 0.3": A.InnerTrustRegion(3, 5, 0.3),
-    "trust region 3 x 5, radius 1": A.InnerTrustRegion(3, 5, 1.0),
-    "trust region 3 x 5, radius 3": A.InnerTrustRegion(3, 5, 3.0),
-    "trust region 6 x 5, radius 1": A.InnerTrustRegion(6, 5, 1.0),
-    "trust region 10 x 10, radius 1": A.InnerTrustRegion(10, 10, 1.0),
+
+def _tr(newton_iters: int, cg_iters: int, radius: float) -> S.TrustRegionNewtonCG:
+    return S.TrustRegionNewtonCG(newton_iters=newton_iters, cg_iters=cg_iters, radius=radius, tol=0.0)
+
+
+SOLVERS: dict[str, InnerSolver] = {
+    "GD 16 x 0.1, backtracking": S.GradientDescent(lr=0.1, max_iter=16, tol=0.0, line_search=S.StepHalving()),
+    "GD 32 x 0.1, backtracking": S.GradientDescent(lr=0.1, max_iter=32, tol=0.0, line_search=S.StepHalving()),
+    "Newton-CG 3 x 5, line search": S.NewtonCG(newton_iters=3, cg_iters=5),
+    "trust region 3 x 5, radius 0.3": _tr(3, 5, 0.3),
+    "trust region 3 x 5, radius 1": _tr(3, 5, 1.0),
+    "trust region 3 x 5, radius 3": _tr(3, 5, 3.0),
+    "trust region 6 x 5, radius 1": _tr(6, 5, 1.0),
+    "trust region 10 x 10, radius 1": _tr(10, 10, 1.0),
 }
 
 
@@ -64,20 +72,20 @@ def main() -> None:
     ex = build_experiment(cfg, device="cpu", dtype=torch.float32)
     theta = dict(ck["theta"]) if args.theta == "checkpoint" else ex.theta
     batch = ex.train_sampler.meta_batch(12345, range(args.tasks), device="cpu")
-    mb = A._MetaBatch(ex.batched, F.cross_entropy, True, batch, theta, args.lam)
+    mb = MetaBatch(ex.batched, F.cross_entropy, True, batch, theta, FixedLam(args.lam))
     G = mb.objective(exact=False)
-    th = mb._theta_values()
+    th = mb.theta_values()
     rows = {}
     for name, inner in SOLVERS.items():
         t0 = time.process_time()
-        res = mb.solve(inner)
+        res = mb.minimize(inner)
         cpu = time.process_time() - t0
         X: torch.Tensor = res.x  # type: ignore[assignment]
         with torch.enable_grad():
             Xr = X.detach().requires_grad_(True)
             g = G(Xr, th)
             (gr,) = torch.autograd.grad(g.sum(), Xr)
-        lo = A._min_eig(mb, X, args.lanczos)  # the engine's own estimate (`MetaStats.min_eig`)
+        lo = min_eig(mb, X, args.lanczos)  # the engine's own estimate (`MetaStats.min_eig`)
         support = mb.objective(exact=False, prox=False)(X, th)
         _, qacc = mb.query(X)
         med = lambda t: statistics.median(t.tolist())  # noqa: E731

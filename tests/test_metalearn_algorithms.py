@@ -498,7 +498,7 @@ def test_min_eig_equals_the_dense_hessian_at_the_inner_answer(lam: object) -> No
         meta_gradient(algo, fn, mse, theta, batch, classification=False, batched=bm, lanczos_steps=-1)
 
 
-# ------------------------------------------------------------------ the released code's recipe (issue 17)
+# ------------------------------------------------------------------ the released code's recipe
 @ENGINES
 @pytest.mark.parametrize("lam", [2.0, 0.5])
 def test_released_meta_gradient_equals_a_dense_solve_at_the_pulled_back_point(

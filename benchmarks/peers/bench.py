@@ -68,10 +68,11 @@ import torch.func as tf
 import torch.nn.functional as F
 
 import bilevel as bl
-from bilevel.metalearn.algorithms import Implicit, InnerGD, MetaAlgorithm, make_algorithm, meta_gradient
+from bilevel.metalearn.algorithms import Implicit, MetaAlgorithm, make_algorithm, meta_gradient
 from bilevel.metalearn.batched import BatchedModel, batched_model
 from bilevel.metalearn.models import make_functional, omniglot_cnn
 from bilevel.metalearn.tasks import Task
+from bilevel.solvers import GradientDescent
 
 Params = dict[str, torch.Tensor]
 XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
@@ -288,7 +289,9 @@ def torchopt_imaml(fn: Any, names: list[str], lam: float, lr: float, steps: int,
     return meta_grad
 
 
-IMAML = MetaAlgorithm(InnerGD(16, 0.1), Implicit(cg_iters=5, warm_start=False), 2.0)
+IMAML = MetaAlgorithm(
+    GradientDescent(lr=0.1, max_iter=16, tol=0.0), Implicit(cg_iters=5, warm_start=False), 2.0
+)
 
 
 def ours_imaml(
@@ -354,12 +357,12 @@ def section_imaml(args: argparse.Namespace) -> list[Comparison]:
         # agreement, float64, on a meta-batch of 2 tasks
         m64, th64, fn64, b64 = fewshot(st, 2, torch.float64)
         names = list(th64)
-        theirs = torchopt_imaml(fn64, names, IMAML.lam, IMAML.inner.lr, IMAML.inner.steps, 5)(th64, b64)  # type: ignore[union-attr]
+        theirs = torchopt_imaml(fn64, names, IMAML.lam, IMAML.inner.lr, IMAML.inner.max_iter, 5)(th64, b64)  # type: ignore[union-attr]
         err = rel_err(ours_imaml(fn64, th64, b64, bm=batched_model(m64)), theirs)
         err_v = rel_err(ours_imaml(fn64, th64, b64), theirs)
         print(f"[imaml] {st.name}: float64 agreement ours vs TorchOpt {err:.2e} (ours-vmap {err_v:.2e})")
         model, th, fn, batch = fewshot(st, mb, torch.float32)
-        top = torchopt_imaml(fn, names, IMAML.lam, IMAML.inner.lr, IMAML.inner.steps, 5)  # type: ignore[union-attr]
+        top = torchopt_imaml(fn, names, IMAML.lam, IMAML.inner.lr, IMAML.inner.max_iter, 5)  # type: ignore[union-attr]
         out += _one_task_and_meta_batch(
             "imaml",
             args,
@@ -681,7 +684,7 @@ def section_variants(args: argparse.Namespace) -> list[Comparison]:
         print(f"[variants] {st.name}: float64 agreement with the engine {errs}", flush=True)
         model, th, fn, batch = fewshot(st, mb, torch.float32)
         vs = variants.variants(model, fn, IMAML)
-        top = torchopt_imaml(fn, list(th), IMAML.lam, IMAML.inner.lr, IMAML.inner.steps, 5)  # type: ignore[union-attr]
+        top = torchopt_imaml(fn, list(th), IMAML.lam, IMAML.inner.lr, IMAML.inner.max_iter, 5)  # type: ignore[union-attr]
         impls = {n: functools.partial(f, th, batch) for n, f in vs.items()}
         impls["torchopt"] = functools.partial(top, th, batch)
         c = compare(

@@ -1,8 +1,8 @@
 """Prototype iMAML meta-step variants: what each proposed engine change buys.
 
-Every variant computes the same quantity as
-``meta_gradient(MetaAlgorithm(InnerGD(16, lr), Implicit(5, warm_start=False), lam), fn, F.cross_entropy,
-theta, batch, diagnostics=False)`` (the mean task meta-gradient), and `check` verifies it in float64.
+Every variant computes the same quantity as ``meta_gradient(MetaAlgorithm(GradientDescent(lr=lr,
+max_iter=16, tol=0.0), Implicit(5, warm_start=False), lam), fn, F.cross_entropy, theta, batch,
+diagnostics=False)`` (the mean task meta-gradient), and `check` verifies it in float64.
 They are measurements for the maintainers of ``bilevel/metalearn/algorithms.py``, not library code:
 
 ``engine``        the engine as it is (every per-task computation vmapped).
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from bilevel.metalearn import algorithms as A
 from bilevel.metalearn.models import ConvNet
 from bilevel.metalearn.tasks import Task
+from bilevel.solvers import GradientDescent
 
 Params = dict[str, torch.Tensor]
 
@@ -141,7 +142,7 @@ def batched(
     fn: Any, bfn: Any, theta: Params, batch: Task, algo: A.MetaAlgorithm, bfn1: Any = None
 ) -> list[torch.Tensor]:
     """The batched variant; ``bfn1`` (default ``bfn``) is used for the first-order gradients."""
-    assert isinstance(algo.inner, A.InnerGD) and isinstance(algo.meta_gradient, A.Implicit)
+    assert isinstance(algo.inner, GradientDescent) and isinstance(algo.meta_gradient, A.Implicit)
     bfn1 = bfn if bfn1 is None else bfn1
     lam, lr = float(algo.lam), algo.inner.lr
     names = list(theta)
@@ -149,7 +150,7 @@ def batched(
     th = [theta[k].detach().unsqueeze(0) for k in names]
     phi = [t.expand(B, *t.shape[1:]).clone() for t in th]
     xs, ys = batch.support_x, batch.support_y
-    for _ in range(algo.inner.steps):
+    for _ in range(algo.inner.max_iter):
         leaves = [t.requires_grad_(True) for t in phi]
         with torch.enable_grad():
             gs = torch.autograd.grad(_batched_loss(bfn1, dict(zip(names, leaves)), xs, ys), leaves)

@@ -36,6 +36,7 @@ __all__ = [
     "evaluate_batch",
     "make_algorithm",
     "meta_gradient",
+    "min_eig",
     "predict_batch",
 ]
 
@@ -75,8 +76,9 @@ class MetaStats:
     distance: torch.Tensor | None = None
 
 
-def _min_eig(mb: MetaBatch, X: torch.Tensor, steps: int) -> torch.Tensor:
-    """Smallest eigenvalue of I + Lhat''/lam at X per task (B,), by Lanczos on HVPs of G."""
+def min_eig(mb: MetaBatch, X: torch.Tensor, steps: int) -> torch.Tensor:
+    """Smallest eigenvalue of I + Lhat''/lam at X per task (B,), by ``steps`` Lanczos steps on HVPs of
+    G (`MetaStats.min_eig`; with per-tensor lam, of I + D^-1/2 Lhat'' D^-1/2, D = diag(lam))."""
     hvp = mb.hvp(X)
     scale = mb.weight.inverse_sqrt(mb.weight.detach(mb.lam_vec(mb.theta_values())))
 
@@ -113,11 +115,11 @@ def _stats(mb: MetaBatch, out: Outcome, diagnostics: bool, lanczos_steps: int = 
             distance = torch.linalg.vector_norm(out.phi.detach() - mb.theta_flat, dim=1).to(nan.dtype)
     else:
         grad_norm, support, distance = nan, nan, nan
-    min_eig = nan
+    lowest = nan
     if diagnostics and lanczos_steps > 0 and not mb.weight.is_zero():
-        min_eig = _min_eig(mb, out.phi, lanczos_steps).to(nan.dtype)
+        lowest = min_eig(mb, out.phi, lanczos_steps).to(nan.dtype)
     return MetaStats(
-        out.query_loss, out.query_acc, support, grad_norm, residual, negative, iters, min_eig, distance
+        out.query_loss, out.query_acc, support, grad_norm, residual, negative, iters, lowest, distance
     )
 
 

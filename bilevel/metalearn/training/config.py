@@ -133,9 +133,9 @@ class TrainConfig:
         meta_steps, meta_batch, meta_lr: outer loop (Adam).
         adam_eps: Adam's epsilon (PyTorch's 1e-8; the released iMAML code uses 1e-3).
         clip_grad_norm: rescale the meta-gradient (theta's and a learned log lambda's, together)
-            to at most this Euclidean norm before Adam's step (None: never).  Issue 17 measured
-            outer-loop instabilities of imaml-gd (a query-loss jump mid-training with a healthy
-            inner solve); the norm before clipping is logged either way (``meta_grad_norm``).
+            to at most this Euclidean norm before Adam's step (None: never): imaml-gd's outer loop
+            showed instabilities (a query-loss jump mid-training with a healthy inner solve,
+            measured); the norm before clipping is logged either way (``meta_grad_norm``).
         task_pool: draw the meta-batches from a fixed pool of this many training tasks (task ``j``
             of the pool always has the same classes and images; the released iMAML code pre-draws
             200,000); 0: a fresh task at every draw.
@@ -148,16 +148,19 @@ class TrainConfig:
         eval_inner_steps: inner GD steps when adapting at evaluation (None: ``inner_steps``).
         eval_lam: lambda of the proximal term when adapting at evaluation (None: as trained,
             the learned lambda where it is learned).  ``0`` adapts by plain GD on the support loss,
-            as the authors' released code evaluates (issue 17 measures both).
+            as the authors' released code evaluates (`benchmarks/RESULTS.md` measures both).
         lam: proximal weight of G for the iMAML variants.
         learn_lam: ``none``, ``scalar`` or ``per-tensor``: learn log lam by the implicit gradient.
         cg_iters, newton_iters, damping: iMAML's CG steps, HF's Newton steps, damping of the system.
         cg_warm_start: start iMAML's CG from the first-order gradient (one more HVP) instead of 0.
-        backtrack: inner GD with a per-task backtracking step size (`InnerGD.backtrack`); not for maml.
+        backtrack: inner GD with a per-task backtracking step size (`bilevel.solvers.StepHalving`,
+            `bilevel.metalearn.registry.Settings`); not for maml.
         inner_solver: ``gd`` or ``nesterov`` (accelerated GD with the momentum of Theorem 2,
-            `InnerNesterov`; imaml-gd, fomaml and reptile, not with ``backtrack``), or, for
-            imaml-hf, ``trust-region`` (Steihaug trust-region Newton-CG, `InnerTrustRegion`, in
-            place of the paper's line-search Newton-CG, which ``gd`` keeps).
+            `bilevel.solvers.Nesterov`; imaml-gd, fomaml and reptile, not with ``backtrack``), or,
+            for imaml-hf, ``trust-region`` (Steihaug trust-region Newton-CG,
+            `bilevel.solvers.TrustRegionNewtonCG`, in place of the paper's line-search Newton-CG,
+            which ``gd`` keeps).  Which algorithm takes which is the registry's
+            (`bilevel.metalearn.registry.ALGORITHMS`).
         split: ``vinyals`` or ``lake`` (Omniglot).
         n_val: validation characters carved out of the 1200 training ones (vinyals).
         data_root: dataset location (or the BILEVEL_DATA_ROOT environment variable).
@@ -198,9 +201,10 @@ class TrainConfig:
 
     Raises:
         ConfigError: a field has the wrong type or a value no run can use (the message names the
-            field, the value and the allowed values), or fields contradict each other (a learned
-            lambda or ``backtrack`` with an algorithm that has none).
-        ValueError: the algorithm's own checks (`make_algorithm`).
+            field, the value and the allowed values), or a switch the algorithm's registry entry
+            does not read (a learned lambda, ``backtrack`` or an ``inner_solver`` it has not;
+            `AlgorithmEntry.refusal`).
+        ValueError: the algorithm's own checks (`AlgorithmEntry.build`).
     """
 
     algo: str = "imaml-gd"
@@ -288,7 +292,7 @@ class TrainConfig:
         return torch.float64 if self.dtype == "float64" else torch.float32
 
     def algorithm(self, *, evaluation: bool = False) -> MetaAlgorithm:
-        """The run's `MetaAlgorithm` (`make_algorithm` of ``algo`` with this configuration's settings).
+        """The run's `MetaAlgorithm`: the registry entry of ``algo`` built with this configuration's settings.
 
         Args:
             evaluation: the algorithm that adapts at evaluation: ``eval_inner_steps`` inner steps
@@ -305,7 +309,12 @@ class TrainConfig:
         """lambda of the adaptation at evaluation: ``eval_lam`` where set, else ``trained``.
 
         Args:
-            trained: the lambda training used (a float, or the learned lambda as `adapt` takes it).
+            trained: the lambda training used: its `ProximalWeight` (`lam_from_config`), a float, or
+                the learned lambda as `adapt` takes it; ``None``: the algorithm's own.
+
+        Returns:
+            ``trained``, or ``eval_lam`` as a float (which `meta_gradient` and `adapt` read as a
+            fixed lambda that replaces the trained one).
         """
         return trained if self.eval_lam is None else float(self.eval_lam)
 
@@ -390,7 +399,7 @@ class Preset:
         task: the task format (dataset, ways, shots, ...).
         paper: the paper's settings (Appendix F.2), for every algorithm without a measured entry.
         measured: per algorithm, the settings that measurements on this project's machines chose
-            (`benchmarks/RESULTS.md`, issue 17), replacing the paper's; empty where none were made.
+            (`benchmarks/RESULTS.md`), replacing the paper's; empty where none were made.
     """
 
     task: dict[str, Any]
@@ -406,8 +415,8 @@ class Preset:
         return Preset(self.task, self.paper)
 
 
-# The outer loop every measured Omniglot 5-way 1-shot run shared (session 7: imaml-gd, first-order MAML
-# and MAML side by side at equal meta-steps).
+# The outer loop every measured Omniglot 5-way 1-shot run shared (imaml-gd, first-order MAML and MAML
+# side by side at equal meta-steps).
 _OUTER = dict(meta_batch=16, meta_lr=1e-3, lr_schedule="constant", init="torch")
 # What the measured imaml-gd (all but its inner step count) and first-order MAML presets share.
 _IMAML_GD = dict(inner_lr=0.1, lam=0.5, backtrack=True, cg_iters=5, clip_grad_norm=1.0, **_OUTER)
