@@ -13,37 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 
 import bilevel as bl
 from bilevel.metalearn import TrainConfig, load_checkpoint, load_run, train
 from bilevel.metalearn.models import sinusoid_mlp
 
 
-def tiny(out: Path, **kw: object) -> TrainConfig:
-    """A sinusoid run of a few meta-steps that trains and evaluates in about a second."""
-    base: dict[str, object] = dict(
-        algo="fomaml",
-        dataset="sinusoid",
-        shots=5,
-        queries=5,
-        meta_batch=2,
-        meta_steps=2,
-        inner_steps=2,
-        inner_lr=0.01,
-        test_tasks=3,
-        eval_batch=3,
-        dtype="float64",
-        threads=1,
-        out=str(out),
-    )
-    base.update(kw)
-    return TrainConfig(**base)  # type: ignore[arg-type]
-
-
 @pytest.fixture(scope="module")
 def good(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("good")
-    train(tiny(out), progress=False)
+    train(tiny_config(out), progress=False)
     return out / "checkpoint.pt"
 
 
@@ -89,14 +69,14 @@ def test_every_kind_of_damage_is_named(good: Path, tmp_path: Path) -> None:
 
 def test_resume_needs_a_checkpoint_and_a_new_run_needs_an_empty_folder(tmp_path: Path) -> None:
     with pytest.raises(bl.CheckpointError, match="nothing to resume: no checkpoint at"):
-        train(tiny(tmp_path / "none"), resume=True, progress=False)
+        train(tiny_config(tmp_path / "none"), resume=True, progress=False)
     assert not (tmp_path / "none").exists()
     out = tmp_path / "run"
-    train(tiny(out), progress=False)
+    train(tiny_config(out), progress=False)
     with pytest.raises(bl.CheckpointError, match=r"already holds a run .* \(--resume, .* \(--overwrite,"):
-        train(tiny(out), progress=False)
+        train(tiny_config(out), progress=False)
     first = json.loads((out / "metrics.json").read_text())
-    again = train(tiny(out, seed=1), progress=False, overwrite=True)
+    again = train(tiny_config(out, seed=1), progress=False, overwrite=True)
     assert again["earlier_metrics"] == "metrics.step2.json"
     assert json.loads((out / "metrics.step2.json").read_text()) == first
     assert [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()] == [0, 1]
@@ -104,9 +84,9 @@ def test_resume_needs_a_checkpoint_and_a_new_run_needs_an_empty_folder(tmp_path:
 
 def test_resume_refuses_another_configuration_and_lists_the_fields(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    train(tiny(out), progress=False)
+    train(tiny_config(out), progress=False)
     saved = (out / "config.json").read_text()
-    other = tiny(out, algo="reptile", meta_batch=3, inner_lr=0.02, ways=3)
+    other = tiny_config(out, algo="reptile", meta_batch=3, inner_lr=0.02, ways=3)
     with pytest.raises(bl.CheckpointError, match="another configuration") as err:
         train(other, resume=True, progress=False)
     for field in ("algo: saved 'fomaml', now 'reptile'", "ways: saved 5, now 3", "meta_batch", "inner_lr"):
@@ -114,17 +94,17 @@ def test_resume_refuses_another_configuration_and_lists_the_fields(tmp_path: Pat
     assert (out / "config.json").read_text() == saved  # untouched
     # a cosine schedule is shaped by meta_steps: a longer run would change the trajectory
     cos = tmp_path / "cos"
-    train(tiny(cos, lr_schedule="cosine"), progress=False)
+    train(tiny_config(cos, lr_schedule="cosine"), progress=False)
     with pytest.raises(bl.CheckpointError, match="meta_steps: saved 2, now 4"):
-        train(tiny(cos, lr_schedule="cosine", meta_steps=4), resume=True, progress=False)
+        train(tiny_config(cos, lr_schedule="cosine", meta_steps=4), resume=True, progress=False)
 
 
 def test_a_resumed_run_keeps_the_earlier_result(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    train(tiny(out, test_tasks=6), progress=False)
+    train(tiny_config(out, test_tasks=6), progress=False)
     first = json.loads((out / "metrics.json").read_text())
     # more steps, a smaller final evaluation and other evaluation settings may change on resume
-    m = train(tiny(out, meta_steps=3, test_tasks=3, eval_batch=2), resume=True, progress=False)
+    m = train(tiny_config(out, meta_steps=3, test_tasks=3, eval_batch=2), resume=True, progress=False)
     assert m["test_tasks"] == 3 and m["meta_steps_done"] == 3
     assert json.loads((out / "metrics.step2.json").read_text()) == first  # the 6-task result survives
     assert json.loads((out / "config.json").read_text())["meta_steps"] == 3
@@ -152,12 +132,12 @@ def test_a_checkpoint_from_before_cg_warm_start_keeps_its_warm_start(tmp_path: P
     older run of an algorithm without CG loads with the default, so its resume is not refused."""
     from bilevel.metalearn.training.checkpoint import saved_config
 
-    cfg = tiny(tmp_path / "run", algo="imaml-gd")
+    cfg = tiny_config(tmp_path / "run", algo="imaml-gd")
     old = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "cg_warm_start"}
     assert saved_config({"config": json.dumps(old)}, "old.pt").cg_warm_start is True
     new = dataclasses.asdict(cfg)
     assert saved_config({"config": json.dumps(new)}, "new.pt").cg_warm_start is False
-    fo = tiny(tmp_path / "fo")
+    fo = tiny_config(tmp_path / "fo")
     old_fo = {k: v for k, v in dataclasses.asdict(fo).items() if k != "cg_warm_start"}
     loaded = saved_config({"config": json.dumps(old_fo)}, "old_fo.pt")
     assert loaded.cg_warm_start is False and fo.resume_conflicts(loaded) == []

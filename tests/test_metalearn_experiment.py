@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_SINUSOID
 from PIL import Image
 
 from bilevel.metalearn import (
@@ -37,18 +38,7 @@ from bilevel.metalearn.models import omniglot_cnn, sinusoid_mlp
 from bilevel.metalearn.proximal import FixedLam, LearnedScalar
 from bilevel.metalearn.tasks import stack_tasks
 
-SINE = dict(
-    algo="imaml-gd",
-    dataset="sinusoid",
-    shots=5,
-    queries=4,
-    meta_batch=2,
-    inner_steps=3,
-    inner_lr=0.01,
-    test_tasks=5,
-    eval_batch=2,
-    threads=1,
-)
+SINE = {**TINY_SINUSOID, "algo": "imaml-gd", "queries": 4, "inner_steps": 3, "test_tasks": 5, "eval_batch": 2}
 
 
 @pytest.fixture(autouse=True)

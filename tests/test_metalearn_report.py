@@ -7,8 +7,9 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import tiny_config
 
-from bilevel.metalearn import TrainConfig, train
+from bilevel.metalearn import train
 from bilevel.metalearn.training.report import RunFormatError, read_run, read_runs, summarize, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -88,22 +89,17 @@ def test_write_report_overlays_runs(tmp_path: Path) -> None:
 
 def test_report_of_a_real_regression_run(tmp_path: Path) -> None:
     """`train` writes a folder; the report reads it (no accuracy plot for regression)."""
-    cfg = TrainConfig(
+    cfg = tiny_config(
+        tmp_path / "sine",
         algo="imaml-gd",
-        dataset="sinusoid",
-        shots=5,
         queries=4,
-        meta_batch=2,
         inner_steps=3,
-        inner_lr=0.01,
         backtrack=True,
         meta_steps=6,
         eval_every=2,
         eval_tasks=4,
         test_tasks=4,
         log_every=1,
-        threads=1,
-        out=str(tmp_path / "sine"),
     )
     train(cfg, progress=False)
     run = read_run(tmp_path / "sine")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 from test_metalearn_data import make_omniglot  # generated images in the official layout
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -75,23 +76,12 @@ def test_cli_train_writes_metrics_split_and_checkpoint(omni: Path, tmp_path: Pat
 
 
 def test_resume_continues_exactly(tmp_path: Path) -> None:
-    common = dict(
-        algo="fomaml",
-        dataset="sinusoid",
-        shots=5,
-        queries=5,
-        meta_batch=3,
-        inner_steps=2,
-        inner_lr=0.01,
-        test_tasks=3,
-        dtype="float64",
-        threads=1,
-    )
+    common = dict(meta_batch=3, dtype="float64")
     straight = tmp_path / "straight"
-    train(TrainConfig(meta_steps=4, out=str(straight), **common), progress=False)  # type: ignore[arg-type]
+    train(tiny_config(straight, meta_steps=4, **common), progress=False)
     part = tmp_path / "part"
-    train(TrainConfig(meta_steps=2, out=str(part), **common), progress=False)  # type: ignore[arg-type]
-    train(TrainConfig(meta_steps=4, out=str(part), **common), resume=True, progress=False)  # type: ignore[arg-type]
+    train(tiny_config(part, meta_steps=2, **common), progress=False)
+    train(tiny_config(part, meta_steps=4, **common), resume=True, progress=False)
     a, b = load_checkpoint(straight / "checkpoint.pt"), load_checkpoint(part / "checkpoint.pt")
     assert a["step"] == b["step"] == 4
     for k in a["theta"]:
@@ -101,38 +91,19 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("algo", ["imaml-gd", "imaml-hf", "maml", "fomaml", "reptile"])
 def test_every_algorithm_trains_on_sinusoid(algo: str, tmp_path: Path) -> None:
-    cfg = TrainConfig(
-        algo=algo,
-        dataset="sinusoid",
-        shots=5,
-        queries=5,
-        meta_batch=2,
-        meta_steps=3,
-        inner_steps=2,
-        inner_lr=0.01,
-        test_tasks=4,
-        threads=1,
-        out=str(tmp_path),
-    )
-    metrics = train(cfg, progress=False)
+    metrics = train(tiny_config(tmp_path, algo=algo, meta_steps=3, test_tasks=4), progress=False)
     assert (
         metrics["test_loss"] > 0 and metrics["test_accuracy"] != metrics["test_accuracy"]
     )  # NaN: regression
 
 
 def test_a_diverging_inner_solver_stops_training_with_a_clear_error(tmp_path: Path) -> None:
-    cfg = TrainConfig(
-        algo="fomaml",
-        dataset="sinusoid",
-        shots=5,
-        queries=5,
-        meta_batch=2,
+    cfg = tiny_config(
+        tmp_path,
         meta_steps=3,
         inner_steps=30,
         inner_lr=50.0,  # GD on a loss of curvature ~10-100: diverges to infinity, then NaN
         test_tasks=2,
-        threads=1,
-        out=str(tmp_path),
     )
     with pytest.raises(bl.NonFiniteError, match="lower --inner-lr"):
         train(cfg, progress=False)
@@ -143,21 +114,15 @@ def test_batched_and_vmap_training_agree(batched: bool, tmp_path: Path) -> None:
     """Two meta-steps of iMAML on the sinusoid MLP in float64: same metrics either way."""
     runs = []
     for b in (True, False):
-        cfg = TrainConfig(
+        cfg = tiny_config(
+            tmp_path / str(b),
             algo="imaml-gd",
-            dataset="sinusoid",
-            shots=5,
-            queries=5,
             meta_batch=3,
-            meta_steps=2,
             inner_steps=3,
-            inner_lr=0.01,
             test_tasks=4,
-            threads=1,
             dtype="float64",
             batched=b,
             vectorize=batched,
-            out=str(tmp_path / str(b)),
         )
         runs.append(train(cfg, progress=False))
     assert runs[0]["test_loss"] == pytest.approx(runs[1]["test_loss"], rel=1e-10)
@@ -165,7 +130,7 @@ def test_batched_and_vmap_training_agree(batched: bool, tmp_path: Path) -> None:
 
 def test_torch_init_is_seeded_and_differs_from_glorot() -> None:
     def theta(init: str, seed: int) -> dict[str, torch.Tensor]:
-        cfg = TrainConfig(algo="fomaml", dataset="sinusoid", init=init, seed=seed)
+        cfg = tiny_config(init=init, seed=seed)
         return build_experiment(cfg, device="cpu", dtype=torch.float32).theta
 
     a, b, c, g = theta("torch", 0), theta("torch", 0), theta("torch", 1), theta("glorot", 0)
@@ -184,20 +149,14 @@ def test_torch_init_is_seeded_and_differs_from_glorot() -> None:
 
 
 def test_learned_lambda_moves_and_is_saved(tmp_path: Path) -> None:
-    cfg = TrainConfig(
+    cfg = tiny_config(
+        tmp_path,
         algo="imaml-gd",
-        dataset="sinusoid",
-        shots=5,
-        queries=5,
-        meta_batch=2,
         meta_steps=5,
         meta_lr=0.05,
         inner_steps=3,
-        inner_lr=0.01,
         learn_lam="per-tensor",
         test_tasks=2,
-        threads=1,
-        out=str(tmp_path),
     )
     metrics = train(cfg, progress=False)
     lams = metrics["lam"]
@@ -219,34 +178,13 @@ def test_cosine_schedule_decays_to_zero_and_is_logged(tmp_path: Path) -> None:
     assert dataclasses.replace(cfg, lr_schedule="constant").scheduled_lr(99, 0.0) == 1e-3
     with pytest.raises(ValueError, match="constant or cosine"):
         TrainConfig(lr_schedule="step")
-    run = dataclasses.replace(
-        cfg,
-        algo="fomaml",
-        dataset="sinusoid",
-        meta_steps=4,
-        meta_batch=2,
-        log_every=1,
-        test_tasks=2,
-        threads=1,
-        out=str(tmp_path),
-    )
+    run = tiny_config(tmp_path, meta_steps=4, meta_lr=1e-3, lr_schedule="cosine", log_every=1, test_tasks=2)
     lrs = [r["meta_lr"] for r in train(run, progress=False)["curves"]["steps"]]
     assert lrs == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(4)])
 
 
 def test_eval_command_reads_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    train(
-        TrainConfig(
-            algo="fomaml",
-            dataset="sinusoid",
-            meta_steps=1,
-            meta_batch=2,
-            test_tasks=3,
-            threads=1,
-            out=str(tmp_path),
-        ),
-        progress=False,
-    )
+    train(tiny_config(tmp_path, meta_steps=1), progress=False)
     capsys.readouterr()
     assert (
         main(
@@ -491,16 +429,8 @@ def test_clip_grad_norm_rescales_what_adam_sees_and_logs_the_norm_before(tmp_pat
 
         handle = register_optimizer_step_pre_hook(hook)
         try:
-            cfg = TrainConfig(
-                algo="imaml-gd",
-                dataset="sinusoid",
-                meta_steps=3,
-                meta_batch=2,
-                log_every=1,
-                test_tasks=2,
-                threads=1,
-                clip_grad_norm=clip,
-                out=str(out),
+            cfg = tiny_config(
+                out, algo="imaml-gd", meta_steps=3, log_every=1, test_tasks=2, clip_grad_norm=clip
             )
             steps = train(cfg, progress=False)["curves"]["steps"]
         finally:
