@@ -47,6 +47,7 @@ from ._sync import defer_check
 from ._types import LinearSolver, Objective, RootFn, TensorTree
 from .tree import (
     all_finite,
+    batch_norm,
     check_finite,
     check_like,
     leaves,
@@ -193,10 +194,7 @@ class _Call:
 
     def _norms(self, ts: Leaves) -> torch.Tensor:
         """Per-problem Euclidean norms (B,) in float64 (shape (1,) when not batched)."""
-        B = ts[0].shape[0] if self.policy.batched else 1
-        # leaf by leaf (no concatenated float64 copy), squares summed in float64
-        sq = [torch.linalg.vector_norm(t.detach().reshape(B, -1), dim=1).double().square() for t in ts]
-        return torch.stack(sq).sum(0).sqrt()
+        return batch_norm(ts, batched=self.policy.batched)
 
     def _settle(self, result: SolverResult, per: torch.Tensor | None, value: torch.Tensor | None) -> None:
         """The forward pass's checks of the solver's answer (host reads), and its residual in `info`.

@@ -7,11 +7,13 @@ each of the three, and returns answers in the structure it was given.  A dict's 
 are taken in its insertion order.
 
 Batched trees (a leading problem dimension B on every leaf) have per-problem
-operations: `batch_dot`, `batch_norm_sq`, `batch_axpy`, and `ravel_batch` /
-`unravel_batch` between a tree and a (B, n) matrix.  The flattened forms are the library's
-one flattener: `ravel` / `unravel_like` for one problem, `ravel_batch` / `unravel_batch` for
-rows.  On such (B, n) matrices, `rowdot`, `rownorm` and `rows_finite` are the per-problem
-reductions every loop (CG, the inner solvers, the line searches) uses.
+operations: `batch_dot`, `batch_norm_sq`, `batch_norm`, `batch_axpy`.
+
+The library's one flattener: `ravel` / `unravel_like` between one problem's tree and a
+vector, `ravel_batch` / `unravel_batch` between a batched tree and a (B, n) matrix (row b =
+problem b), `unravel_rows` for rows laid out like one unbatched tree.  On such (B, n)
+matrices, `rowdot`, `rownorm` and `rows_finite` are the per-problem reductions that every loop
+(CG, the inner solvers, the line searches) uses.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ __all__ = [
     "all_finite",
     "batch_axpy",
     "batch_dot",
+    "batch_norm",
     "batch_norm_sq",
     "batch_scale",
     "check_finite",
@@ -45,6 +48,7 @@ __all__ = [
     "unflatten",
     "unravel_batch",
     "unravel_like",
+    "unravel_rows",
 ]
 
 
@@ -148,6 +152,27 @@ def unravel_batch(X: torch.Tensor, like: TensorTree, *, batched: bool = True) ->
     sizes = [t[0].numel() for t in ts] if batched else [t.numel() for t in ts]
     parts = torch.split(X, sizes, dim=1)
     return unflatten(like, [_cast(p.reshape(t.shape), t.dtype) for p, t in zip(parts, ts)])
+
+
+def unravel_rows(X: torch.Tensor, like: TensorTree) -> TensorTree:
+    """(B, n) -> a tree like the single-problem ``like`` with a leading B on every leaf (views
+    where the layout allows): B problems' rows given the layout of one (e.g. of a shared theta)."""
+    ts = leaves(like)
+    B = X.shape[0]
+    if len(ts) == 1:
+        return unflatten(like, [_cast(X.reshape(B, *ts[0].shape), ts[0].dtype)])
+    parts = torch.split(X, [t.numel() for t in ts], dim=1)
+    return unflatten(like, [_cast(p.reshape(B, *t.shape), t.dtype) for p, t in zip(parts, ts)])
+
+
+def batch_norm(tree: TensorTree, *, batched: bool = True) -> torch.Tensor:
+    """Per-problem Euclidean norms of a batched tree as float64, shape (B,) (``batched=False``:
+    the norm of the whole tree, shape (1,)); leaf by leaf, squares summed in float64, without a
+    concatenated float64 copy.  Detached: a diagnostic."""
+    ts = leaves(tree)
+    B = ts[0].shape[0] if batched else 1
+    sq = [torch.linalg.vector_norm(t.detach().reshape(B, -1), dim=1).double().square() for t in ts]
+    return torch.stack(sq).sum(0).sqrt()
 
 
 def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

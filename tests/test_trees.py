@@ -254,6 +254,76 @@ def test_ravel_batch_rows_and_round_trip(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", TREE_KINDS)
+def test_one_flattener_for_one_problem_rows_and_dtypes(kind: str) -> None:
+    """The forms the core uses: one problem as a (1, n) row, rows laid out like one unbatched
+    tree, a cast on the way in and each leaf's dtype on the way out."""
+    a = _batched_tree(kind, 0)
+    one = T.unflatten(a, [x[0] for x in leaves_of(a)])  # problem 0 alone, no batch dim
+    row = T.ravel_batch(one, batched=False)
+    torch.testing.assert_close(
+        row, T.ravel(a if kind == "tensor" else one)[None, : row.shape[1]], rtol=0, atol=0
+    )
+    torch.testing.assert_close(row[0], T.ravel(one), rtol=0, atol=0)
+    back = T.unravel_batch(row, one, batched=False)
+    _same_kind(back, one)
+    assert_trees_close(back, one, 0.0)
+    rows = T.unravel_rows(T.ravel_batch(a), one)
+    _same_kind(rows, a)
+    assert_trees_close(rows, a, 0.0)
+    v32 = T.ravel(one, dtype=torch.float32)
+    assert v32.dtype == torch.float32
+    back64 = T.unravel_like(v32, one)
+    assert all(x.dtype == D for x in leaves_of(back64))
+    assert_trees_close(back64, one, 1e-6)
+    assert T.ravel_batch(a, dtype=torch.float32).dtype == torch.float32
+    # a single leaf is not copied by the flattener
+    if kind == "tensor":
+        assert T.ravel(one).data_ptr() == one.data_ptr()
+        X = T.ravel_batch(a)
+        assert T.unravel_batch(X, a) is X
+
+
+def test_row_operations_and_norms() -> None:
+    g = torch.Generator().manual_seed(5)
+    A, Bm = torch.randn(4, 7, generator=g, dtype=D), torch.randn(4, 7, generator=g, dtype=D)
+    torch.testing.assert_close(T.rowdot(A, Bm), torch.einsum("bi,bi->b", A, Bm), rtol=1e-15, atol=0)
+    torch.testing.assert_close(T.rownorm(A), A.norm(dim=1), rtol=1e-15, atol=0)
+    assert T.rownorm(A.float()).dtype == torch.float32
+    assert T.rownorm(A.half()).dtype == torch.float32  # half precision accumulates in float32
+    bad = A.clone()
+    bad[2, 3] = torch.nan
+    assert T.rows_finite(bad, A[:, 0]).tolist() == [True, True, False, True]
+    tree = _batched_tree("dict", 0)
+    ref = torch.cat([x.reshape(B, -1) for x in leaves_of(tree)], dim=1).norm(dim=1)
+    assert T.batch_norm(tree).dtype == torch.float64
+    torch.testing.assert_close(T.batch_norm(tree), ref, rtol=1e-15, atol=0)
+    torch.testing.assert_close(T.batch_norm(tree, batched=False), ref.norm()[None], rtol=1e-15, atol=0)
+
+
+def test_all_finite_is_a_per_leaf_mask_of_any_tree() -> None:
+    ok, nan = torch.ones(3), torch.tensor([1.0, torch.inf])
+    assert T.all_finite([ok, nan]).tolist() == [True, False]  # a list (meta-learning's call)
+    assert T.all_finite((ok, nan)).tolist() == [True, False]
+    assert T.all_finite({"a": nan, "b": ok}).tolist() == [False, True]
+    assert T.all_finite(ok).tolist() == [True]
+    assert bool(T.all_finite([ok, ok]).all()) and not bool(T.all_finite([ok, nan]).all())
+    assert T.all_finite([]).shape == (0,)
+
+
+def test_one_severity_order() -> None:
+    from bilevel._status import LINEAR_SEVERITY, SOLVER_SEVERITY, worst
+
+    assert set(SOLVER_SEVERITY) == set(bl.SolverStatus)
+    assert set(LINEAR_SEVERITY) == set(bl.LinearStatus)
+    assert bl.LinearSolveResult.CODES == LINEAR_SEVERITY
+    S, L = bl.SolverStatus, bl.LinearStatus
+    assert worst([S.CONVERGED, S.MAX_ITER, S.BUDGET]) is S.MAX_ITER
+    assert worst([S.CONVERGED, S.NONFINITE, S.FAILED]) is S.NONFINITE
+    assert worst([L.CONVERGED, L.BOUNDARY, L.BUDGET]) is L.BOUNDARY
+    assert worst([L.CONVERGED] * 3) is L.CONVERGED
+
+
+@pytest.mark.parametrize("kind", TREE_KINDS)
 def test_ravel_unravel_tree_map_and_dot_keep_the_structure(kind: str) -> None:
     a, b = _batched_tree(kind, 0), _batched_tree(kind, 1)
     v = T.ravel(a)
