@@ -22,6 +22,7 @@ from torch.autograd.function import once_differentiable
 
 import bilevel as bl
 from bilevel.solvers import GradientDescent, Nesterov, NewtonCG, TrustRegionNewtonCG
+from bilevel.tree import ravel, unravel_like
 
 from .batched import BatchedModel, task_losses
 from .proximal import LamVector, ProximalWeight
@@ -106,8 +107,9 @@ class MetaBatch:
 
     # -- the flat layout
     def flat(self, tree: Params) -> torch.Tensor:
-        """The tensors of ``tree`` (theta's names, no task dimension) raveled into one (n,) tensor."""
-        return torch.cat([tree[k].reshape(-1) for k in self.names])
+        """The tensors of ``tree`` (theta's names, no task dimension) raveled into one (n,) tensor
+        (`bilevel.tree.ravel`; a theta tree may carry learned lam entries, left out here)."""
+        return ravel(tuple(tree[k] for k in self.names))
 
     def flat_theta(self, th: Params) -> torch.Tensor:
         """`flat` of a theta tree; no copy where ``th`` holds this meta-batch's theta (the
@@ -119,15 +121,19 @@ class MetaBatch:
         return self.theta_flat if same else self.flat(th)
 
     def unflat(self, X: torch.Tensor) -> Params:
-        """Per-tensor views (b, *shape) of a flat (b, n) matrix, by name."""
+        """Per-tensor views (b, *shape) of a flat (b, n) matrix, by name.
+
+        Not `bilevel.tree.unravel_batch`, which takes the shapes from a batched tree of the same
+        b: here b varies (chunks of tasks), and building that tree per call would add ops to
+        every inner step."""
         b = X.shape[0]
         return {
             k: part.view(b, *shape) for k, part, shape in zip(self.names, X.split(self.sizes, 1), self.shapes)
         }
 
     def tree(self, x: torch.Tensor) -> Params:
-        """A flat (n,) vector as tensors shaped like theta's, by name (views)."""
-        return {k: part.view(shape) for k, part, shape in zip(self.names, x.split(self.sizes), self.shapes)}
+        """A flat (n,) vector as tensors shaped like theta's, by name (views; `bilevel.tree.unravel_like`)."""
+        return unravel_like(x, self.theta)  # type: ignore[return-value]  # a dict like theta
 
     def params(self, X: torch.Tensor) -> Params:
         """Fresh contiguous per-tensor copies (B, *shape) of a flat (B, n) matrix, by name."""
