@@ -554,7 +554,7 @@ def test_released_inner_loop_without_lam_is_plain_gd_on_the_support_loss(setup) 
 def test_released_recipe_guards() -> None:
     with pytest.raises(ValueError, match="backtrack"):
         make_algorithm("imaml-released", backtrack=True)
-    with pytest.raises(ValueError, match="minimizes G"):
+    with pytest.raises(ValueError, match="does not minimize G"):
         MetaAlgorithm(NewtonCG(), ReleasedCG(), 2.0)
     with pytest.raises(ValueError, match="released code's inner loop"):
         MetaAlgorithm(GradientDescent(lr=0.1, line_search=StepHalving()), ReleasedCG(), 2.0)

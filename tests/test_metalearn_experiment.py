@@ -35,7 +35,7 @@ from bilevel.metalearn import (
     train,
 )
 from bilevel.metalearn.models import omniglot_cnn, sinusoid_mlp
-from bilevel.metalearn.proximal import FixedLam, LearnedScalar
+from bilevel.metalearn.proximal import FixedLam, LearnedScalar, lam_from_config
 from bilevel.metalearn.tasks import stack_tasks
 
 SINE = {**TINY_SINUSOID, "algo": "imaml-gd", "queries": 4, "inner_steps": 3, "test_tasks": 5, "eval_batch": 2}
@@ -311,3 +311,22 @@ def test_reprs_are_short() -> None:
         r = repr(obj)
         assert r.startswith(head) and len(r) < 600 and "tensor(" not in r, r
     assert "accuracy" not in repr(res) and "predictions (3, 4, 1)" in repr(res)
+
+
+@pytest.mark.parametrize("algo", ["fomaml", "imaml-gd"])
+def test_evaluate_takes_the_proximal_weight_of_the_train_loop(algo: str) -> None:
+    """Experiment.evaluate with lam_from_config's value: a configured fixed lambda is the algorithm's
+    own (fomaml's 0, not cfg.lam), a learned one is its exp(leaf), as the lambda tensor gives."""
+    cfg = TrainConfig(**{**SINE, "algo": algo, "test_tasks": 4, "eval_batch": 4})  # type: ignore[arg-type]
+    exp = build_experiment(cfg, device="cpu", dtype=torch.float64)
+    names = list(exp.theta)
+    fixed = lam_from_config("none", cfg.lam, names, device="cpu", dtype=torch.float64)
+
+    def loss(lam: object) -> float:
+        return exp.evaluate(exp.theta, 4, lam)["loss"]  # type: ignore[arg-type]  # regression: NaN accuracy
+
+    assert loss(fixed) == loss(None)
+    if algo == "imaml-gd":
+        learned = lam_from_config("scalar", 0.5, names, device="cpu", dtype=torch.float64)
+        as_tensor = learned.leaves()["lam"].detach().exp()
+        assert loss(learned) == loss(as_tensor) != loss(None)

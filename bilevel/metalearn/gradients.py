@@ -293,8 +293,9 @@ class ReleasedCG:
         """Refuse an inner solver other than the released code's fixed-step GD loop."""
         if not isinstance(inner, GradientDescent) or inner.line_search is not None:
             raise ValueError(
-                "MetaAlgorithm: ReleasedCG runs the released code's inner loop, fixed-step GradientDescent "
-                f"then the pull-back step; not {inner!r} (Implicit needs an inner solver that minimizes G)"
+                "MetaAlgorithm: ReleasedCG runs the released code's inner loop (fixed-step GD on the support "
+                "loss, then the pull-back step; it does not minimize G): give "
+                f"GradientDescent(lr=..., max_iter=..., tol=0), not {inner!r}"
             )
 
     def inner_answers(self, inner: InnerSolver, mb: MetaBatch) -> bl.SolverResult:
