@@ -37,9 +37,11 @@ from .metabatch import InnerSolver
 __all__ = [
     "ALGORITHMS",
     "INNER_KINDS",
+    "SWITCHES",
     "AlgorithmEntry",
     "InnerKind",
     "Settings",
+    "Switch",
     "make_algorithm",
     "readers",
 ]
@@ -135,6 +137,27 @@ INNER_KINDS: dict[str, InnerKind] = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Switch:
+    """A setting whose value other than ``off`` needs an algorithm that reads it.
+
+    Attributes:
+        off: the value that reads as "not used" (presets may set the others' fields freely).
+        refusal: the message where algorithm ``{algo}`` does not read it, when the entry gives
+            none of its own; ``{readers}``: the algorithms that read it.
+    """
+
+    off: Any
+    refusal: str
+
+
+#: The switches an algorithm refuses when set and not read (`AlgorithmEntry.refusal`).
+SWITCHES: dict[str, Switch] = {
+    "learn_lam": Switch("none", "a learned lambda needs an implicit iMAML algorithm ({readers}), not {algo}"),
+    "backtrack": Switch(False, "{algo} has no inner GD to backtrack: drop backtrack"),
+}
+
+
 # --------------------------------------------------------------------------------- the entries
 #: What iMAML's proximal meta-gradients read (every ``lam`` algorithm).
 _PROXIMAL = frozenset({"lam", "cg_iters", "damping", "lanczos_steps", "eval_lam"})
@@ -154,7 +177,8 @@ class AlgorithmEntry:
         inner: its inner solver kinds (`INNER_KINDS` names), each with its builder; the first is
             the default ``gd``.  With more than one, it reads ``inner_solver``.
         meta_gradient: builds the meta-gradient kind.
-        refusals: per switch it does not read (``backtrack``), why it refuses it when set.
+        refusals: per switch it does not read (`SWITCHES`), why it refuses it when set, where
+            that says more than the switch's own message.
     """
 
     name: str
@@ -177,14 +201,11 @@ class AlgorithmEntry:
             return INNER_KINDS[value].refusal.format(
                 algo=self.name, kinds=kinds, readers=_and(readers_of_kind(value))
             )
-        if field in self.flags or value == _OFF.get(field, value):
+        switch = SWITCHES.get(field)
+        if field in self.flags or switch is None or value == switch.off:
             return None
-        if field == "learn_lam":
-            return (
-                f"a learned lambda needs an implicit iMAML algorithm ({' or '.join(readers('learn_lam'))}), "
-                f"not {self.name}"
-            )
-        return self.refusals.get(field, f"{self.name} does not read {field}")
+        why = self.refusals.get(field, switch.refusal)
+        return why.format(algo=self.name, readers=" or ".join(readers(field)))
 
     def build(self, s: Settings) -> MetaAlgorithm:
         """The `MetaAlgorithm` of these settings.
@@ -202,10 +223,6 @@ class AlgorithmEntry:
                 raise ValueError(why)
         inner = self.inner[s.inner_solver](s)
         return MetaAlgorithm(inner, self.meta_gradient(s), s.lam if "lam" in self.reads else 0.0)
-
-
-#: The value of a switch that reads as "not used" (a set switch an algorithm does not read is refused).
-_OFF: dict[str, Any] = {"learn_lam": "none", "backtrack": False}
 
 
 def _implicit(s: Settings) -> MetaGradientKind:
