@@ -447,3 +447,59 @@ def test_clip_grad_norm_rescales_what_adam_sees_and_logs_the_norm_before(tmp_pat
     for grads in clipped:
         total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         assert float(total) <= 1e-3 * (1 + 1e-5)
+
+
+def test_step_sums_travel_as_one_float64_vector_in_field_order() -> None:
+    from bilevel.metalearn.algorithms import MetaStats
+    from bilevel.metalearn.training.step import StepSums
+
+    nan = torch.full((2,), math.nan)
+    stats = MetaStats(
+        query_loss=torch.tensor([0.5, 1.5]),
+        query_acc=torch.tensor([1.0, math.nan]),  # NaN (regression) counts 0
+        support_loss=nan,
+        inner_grad_norm=nan,
+        cg_residual=nan,
+        negative_curvature=torch.tensor([True, True]),
+        cg_iters=torch.tensor([3, 1]),
+    )
+    t = StepSums.local(stats, clock=12.5, stop=True, device=torch.device("cpu"))
+    assert t.dtype == torch.float64 and t.shape == (len(dataclasses.fields(StepSums)),)
+    want = StepSums(query_loss=2.0, query_acc=1.0, negative_curvature=2.0, clock=12.5, stop=1.0)
+    assert StepSums.from_tensor(t) == want
+    # a rank without tasks adds only its clock and its stop request
+    idle = StepSums.local(None, clock=0.0, stop=False, device=torch.device("cpu"))
+    assert StepSums.from_tensor(t + idle) == StepSums.from_tensor(t)
+
+
+def test_a_stop_signal_is_recorded_not_raised_and_the_handlers_are_restored() -> None:
+    import signal
+
+    from bilevel.metalearn.training.signals import StopSignal
+
+    before = signal.getsignal(signal.SIGINT)
+    with StopSignal() as stop:
+        assert not stop()
+        signal.raise_signal(signal.SIGINT)  # no KeyboardInterrupt: the run ends after its step
+        assert stop() and stop.requested
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_the_reason_a_run_stopped_early_is_said() -> None:
+    from bilevel.metalearn.training.results import stop_reason
+
+    cfg = tiny_config(meta_steps=10)
+    assert stop_reason(cfg, 0, 10, False, resumed=False) is None
+    assert stop_reason(cfg, 0, 4, True, resumed=False) == (
+        "stopped after 4 of 10 meta-steps: stop requested (SIGTERM or Ctrl-C)"
+    )
+    timed = tiny_config(meta_steps=10, time_limit=0.5)
+    assert stop_reason(timed, 0, 4, False, resumed=False) == (
+        "stopped after 4 of 10 meta-steps: time limit of 0.5 min reached"
+    )
+    assert stop_reason(cfg, 2, 4, False, resumed=True) == (
+        "stopped after 4 of 10 meta-steps: another rank was asked to stop"
+    )
+    assert stop_reason(cfg, 12, 12, False, resumed=True) == (
+        "the checkpoint is at step 12 >= meta_steps=10: nothing to train"
+    )

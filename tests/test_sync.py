@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import inspect
 import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -12,13 +13,17 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_config
 from test_metalearn_compile import _problem  # a 3-task meta-batch of the Omniglot CNN, random images
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bilevel as bl
 import bilevel._sync
-from bilevel.metalearn import make_algorithm, meta_gradient
+from bilevel.metalearn import build_experiment, make_algorithm, meta_gradient
 from bilevel.metalearn.batched import batched_model
+from bilevel.metalearn.training import step as step_module
+from bilevel.metalearn.training.distributed import Dist
+from bilevel.metalearn.training.step import MetaStep, TrainState
 from bilevel.solvers import GradientDescent
 
 D = torch.float64
@@ -251,3 +256,32 @@ def test_a_fixed_budget_meta_step_reads_nothing_until_its_block_ends(
     assert sum(on_a_device.sites.values()) > 0  # the checks did read, at the end
     for k in theta:
         torch.testing.assert_close(g[k], reference[k], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("learn_lam", ["none", "scalar"])
+def test_a_training_meta_step_reads_the_host_once_for_its_gradient_and_once_for_its_sums(
+    on_a_device: _HostReads, learn_lam: str
+) -> None:
+    """An unlogged `MetaStep` reads the device at two places of its own: the meta-gradient's
+    finiteness and the all-reduced `StepSums` (the deferred checks of the core read at their
+    block's end, as tested above)."""
+    cfg = tiny_config(algo="imaml-gd", meta_steps=3, log_every=100, learn_lam=learn_lam, dtype="float64")
+    exp = build_experiment(cfg, device="cpu")
+    state = TrainState.start(cfg, exp, Dist())
+    meta_step = MetaStep(cfg, exp, Dist(), cfg.meta_batch, clock=lambda: 0.0, stop_requested=lambda: False)
+    meta_step(state, exp.train_sampler.meta_batch(0, range(cfg.meta_batch)))  # step 0 is logged
+    batch = exp.train_sampler.meta_batch(1, range(cfg.meta_batch))
+    on_a_device.sites.clear()
+    with on_a_device:
+        record = meta_step(state, batch)
+    assert not record.logged and state.step == 2
+    source = inspect.getsource(step_module).splitlines()
+
+    def line(text: str) -> str:
+        (n,) = [i for i, s in enumerate(source, 1) if text in s]
+        return f"metalearn/training/step.py:{n}"
+
+    ours = {k.split(" at ")[1]: v for k, v in on_a_device.sites.items() if "training/" in k}
+    # Adam keeps its step counts on the host (unless capturable): reading them waits for nothing
+    ours.pop(line("state.optimizer.step()"), None)
+    assert ours == {line("all_finite(list(g.values()))"): 1, line("cls(*t.tolist())"): 1}
