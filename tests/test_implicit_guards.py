@@ -35,9 +35,9 @@ def test_double_backward_is_refused_not_silently_wrong() -> None:
 
 
 def test_a_closure_rebound_in_a_loop_is_differentiated_with_its_own_data() -> None:
-    """A lambda in a loop over tasks closes over the loop variable; backward() used to evaluate it
-    again and differentiate the last task's problem.  The layer now keeps the linearization it built
-    at the call, so each task is differentiated with its own data: phi_i = theta / a_i."""
+    """A lambda in a loop over tasks closes over the loop variable; were backward() to evaluate it
+    again, it would differentiate the last task's problem.  The layer keeps the linearization it
+    built at the call, so each task is differentiated with its own data: phi_i = theta / a_i."""
     theta = torch.tensor([0.5, 1.0], dtype=D, requires_grad=True)
     outs = []
     for a in (1.0, 4.0):
