@@ -126,10 +126,10 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_refused(good: Path, tmp_pat
     assert dataclasses.asdict(cfg)["out"] == str(out)
 
 
-def test_a_checkpoint_from_before_cg_warm_start_keeps_its_warm_start(tmp_path: Path) -> None:
-    """iMAML's CG started from the first-order gradient before the field existed: a checkpoint
-    without it loads with ``cg_warm_start=True``, so a resume continues the same algorithm; an
-    older run of an algorithm without CG loads with the default, so its resume is not refused."""
+def test_a_checkpoint_without_cg_warm_start_keeps_its_warm_start(tmp_path: Path) -> None:
+    """A saved configuration without ``cg_warm_start`` is one whose iMAML CG started from the
+    first-order gradient: it loads with ``cg_warm_start=True``, so a resume continues the same
+    algorithm; one of an algorithm without CG loads with the default, so its resume is not refused."""
     from bilevel.metalearn.training.checkpoint import saved_config
 
     cfg = tiny_config(tmp_path / "run", algo="imaml-gd")
