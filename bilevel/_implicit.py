@@ -39,7 +39,6 @@ from ._errors import (
     StructureError,
 )
 from ._hvp import HVPLike, Linearization, Point, as_oracle, call_scalar, gradient_condition
-from ._linear_solve import CG, GMRES
 from ._policy import UNSET, BackwardX0, ImplicitPolicy, Unset, resolve_policy
 from ._results import LinearSolveResult, SolverResult
 from ._status import LinearStatus, SolverStatus
@@ -154,11 +153,10 @@ class _Call:
     """One call of the layer, handed to the autograd Function (not a tensor, so not saved): the
     problem, the policy, the diagnostics it fills in, and the graph it keeps for backward."""
 
-    def __init__(self, problem: _Problem, policy: ImplicitPolicy, linear_solver: LinearSolver) -> None:
+    def __init__(self, problem: _Problem, policy: ImplicitPolicy) -> None:
         self.problem = problem
         self.policy = policy
-        #: the policy's linear solver, or the problem kind's default
-        self.linear_solver = linear_solver
+        self.linear_solver = policy.backward_solver(problem.symmetric)
         self.info = ImplicitInfo()
         #: build F's graph in the forward pass and keep it for backward (set by `_run`)
         self.keep_graph = False
@@ -302,8 +300,7 @@ class _Call:
                 return self._flat(tuple(t.detach() for t in lin.matvec(self._unflat(u, x))), dtype)
 
         b = self._flat(rhs, dtype)
-        start = self.policy.backward_x0
-        x0 = start(b) if callable(start) else start
+        x0 = self.policy.backward_start(b)
         if x0 is not None and (
             not isinstance(x0, torch.Tensor) or x0.shape != b.shape or x0.dtype != b.dtype
         ):
@@ -690,8 +687,7 @@ def implicit_argmin(
         linearize=lambda point: oracle.linearize(checked, point),
         recorder=recorder,
     )
-    linear_solver = CG() if pol.linear_solver is None else pol.linear_solver
-    return _run(_Call(problem, pol, linear_solver), theta, return_info)
+    return _run(_Call(problem, pol), theta, return_info)
 
 
 def _scalar_checked(objective: Objective, batched: bool) -> Objective:
@@ -744,8 +740,7 @@ def _run_root(
         linearize=_root_linearization,
         symmetric=False,
     )
-    linear_solver = GMRES() if policy.linear_solver is None else policy.linear_solver
-    return _run(_Call(problem, policy, linear_solver), theta, return_info)
+    return _run(_Call(problem, policy), theta, return_info)
 
 
 def implicit_root(

@@ -22,6 +22,7 @@ from typing import Any, Union
 import torch
 
 from ._hvp import HVPLike, as_oracle
+from ._linear_solve import CG, GMRES
 from ._types import LinearSolver
 
 __all__ = ["UNSET", "BackwardX0", "ImplicitPolicy", "Unset", "resolve_policy"]
@@ -132,6 +133,18 @@ class ImplicitPolicy:
     def replace(self, **changes: Any) -> ImplicitPolicy:
         """A copy with the given fields changed (checked like a new policy)."""
         return dataclasses.replace(self, **changes)
+
+    def backward_solver(self, symmetric: bool) -> LinearSolver:
+        """The solver of the backward system: ``linear_solver``, or by default `bilevel.CG` for a
+        symmetric dF/dx (an argmin's Hessian) and `bilevel.GMRES` otherwise."""
+        if self.linear_solver is not None:
+            return self.linear_solver
+        return CG() if symmetric else GMRES()
+
+    def backward_start(self, b: torch.Tensor) -> torch.Tensor | None:
+        """The backward solve's starting point for the right-hand side ``b`` (``None``: zeros)."""
+        x0 = self.backward_x0
+        return x0(b) if callable(x0) else x0
 
 
 def _check_callable(field: str, value: object, what: str) -> None:

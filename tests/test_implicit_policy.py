@@ -133,6 +133,14 @@ def test_defaults_and_docstring() -> None:
         assert f"\n        {name}: " in doc, f"ImplicitPolicy's docstring does not say what {name} does"
     with pytest.raises(dataclasses.FrozenInstanceError):
         pol.throw = False  # type: ignore[misc]
+    # the backward system's solver and start
+    assert pol.backward_solver(symmetric=True) == bl.CG()
+    assert pol.backward_solver(symmetric=False) == bl.GMRES()
+    assert pol.replace(linear_solver=bl.MINRES()).backward_solver(symmetric=True) == bl.MINRES()
+    b = torch.ones(3, dtype=D)
+    assert pol.backward_start(b) is None
+    torch.testing.assert_close(pol.replace(backward_x0=lambda r: 2 * r).backward_start(b), 2 * b)
+    assert pol.replace(backward_x0=b).backward_start(torch.zeros(3, dtype=D)) is b
 
 
 @pytest.mark.parametrize(
