@@ -14,6 +14,7 @@ from bilevel.metalearn.proximal import (
     FixedLam,
     LearnedPerTensor,
     LearnedScalar,
+    ProximalWeight,
     coerce,
     lam_from_config,
 )
@@ -90,7 +91,8 @@ def test_the_configured_fixed_lambda_defers_to_an_algorithm_without_a_proximal_t
 def test_coerce_reads_a_callers_lambda_once() -> None:
     t = torch.tensor(2.0)
     assert coerce(2) == FixedLam(2.0) and coerce(0.5) == FixedLam(0.5)
-    assert isinstance(coerce(t), LearnedScalar) and coerce(t).lam is t  # type: ignore[union-attr]
+    scalar = coerce(t)
+    assert isinstance(scalar, LearnedScalar) and scalar.lam is t and ProximalWeight.coerce(t) == scalar
     per = coerce({"a": t})
     assert isinstance(per, LearnedPerTensor) and per.lam["a"] is t
     assert coerce(per) is per

@@ -1,7 +1,7 @@
 """The proximal weight lambda of G_i(phi, theta) = Lhat_i(phi) + lam/2 ||phi - theta||^2, as a value.
 
-Three kinds, each a frozen dataclass with the same methods, so that nothing downstream asks which
-kind it holds:
+Three kinds of the abstract `ProximalWeight`, each a frozen dataclass with the same methods, so that
+nothing downstream asks which kind it holds:
 
 ==================  ==============================================================================
 `FixedLam`          one number, not learned (``lam = 0``: no proximal term).
@@ -19,6 +19,7 @@ d/dlam next to d/dtheta.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
@@ -44,8 +45,89 @@ TREE_KEY = "lam:"
 LamVector = Union[float, torch.Tensor]
 
 
+class ProximalWeight(abc.ABC):
+    """The proximal weight lambda of G: what every kind answers.
+
+    The train loop's surface is `leaves`, `chain_rule` and `values`; the meta-batch reads the rest.
+    """
+
+    #: whether lambda is learned (its gradient is returned; it enters the theta tree)
+    learned: ClassVar[bool]
+    #: whether lambda differs between coordinates (`vector` is (n,))
+    per_coordinate: ClassVar[bool]
+
+    @staticmethod
+    def coerce(lam: Any) -> ProximalWeight:
+        """A caller's lambda as a `ProximalWeight`: the one place that looks at its type.
+
+        Args:
+            lam: a `ProximalWeight`; a number (`FixedLam`); a 0-d tensor (`LearnedScalar` of lambda
+                itself, whose gradient `meta_gradient` returns); or a dict of 0-d tensors by
+                parameter name (`LearnedPerTensor`).
+
+        Raises:
+            TypeError: anything else.
+        """
+        if isinstance(lam, ProximalWeight):
+            return lam
+        if isinstance(lam, torch.Tensor):
+            return LearnedScalar(lam, log=False)
+        if isinstance(lam, Mapping):
+            return LearnedPerTensor(dict(lam), log=False)
+        if isinstance(lam, (int, float)) and not isinstance(lam, bool):
+            return FixedLam(float(lam))
+        raise TypeError(
+            f"lam={lam!r}: expected a number, a 0-d tensor, a dict of 0-d tensors by parameter name, "
+            "or a ProximalWeight"
+        )
+
+    @abc.abstractmethod
+    def leaves(self) -> dict[str, torch.Tensor]:
+        """The learned leaves (0-d, requiring grad) keyed as a checkpoint's ``log_lam``; ``{}`` if fixed."""
+
+    @abc.abstractmethod
+    def chain_rule(self, lam_grad: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """The leaves' gradients from ``meta_gradient``'s d/dlam (detached 0-d; zeros where missing)."""
+
+    @abc.abstractmethod
+    def values(self) -> dict[str, float] | None:
+        """lambda per key for the run log and metrics; ``None`` when fixed."""
+
+    @abc.abstractmethod
+    def resolve(self, default: float) -> ProximalWeight:
+        """The weight a meta-batch uses where the algorithm's own lambda is ``default``."""
+
+    @abc.abstractmethod
+    def tree(self) -> dict[str, torch.Tensor]:
+        """Learned lambda values as entries of the implicit layer's theta tree (fresh leaves)."""
+
+    @abc.abstractmethod
+    def vector(self, th: Mapping[str, torch.Tensor], names: Sequence[str], sizes: Sequence[int]) -> LamVector:
+        """lambda per coordinate of a task's flat parameters, differentiable in ``th``'s learned entries."""
+
+    @abc.abstractmethod
+    def detach(self, vec: LamVector) -> LamVector:
+        """`vector`'s value without its graph."""
+
+    @abc.abstractmethod
+    def inverse_sqrt(self, vec: LamVector) -> LamVector:
+        """``vec ** -1/2`` of `vector`."""
+
+    @abc.abstractmethod
+    def is_zero(self) -> bool:
+        """Whether G has no proximal term."""
+
+    @abc.abstractmethod
+    def strong_convexity(self) -> float | None:
+        """A fixed modulus of strong convexity of G where Lhat is convex (``None``: none known)."""
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """A short description for ``repr``."""
+
+
 @dataclasses.dataclass(frozen=True)
-class FixedLam:
+class FixedLam(ProximalWeight):
     """A proximal weight that is not learned.
 
     Args:
@@ -113,7 +195,7 @@ class FixedLam:
 
 
 @dataclasses.dataclass(frozen=True)
-class LearnedScalar:
+class LearnedScalar(ProximalWeight):
     """One learned lambda shared by every parameter.
 
     Args:
@@ -181,7 +263,7 @@ class LearnedScalar:
 
 
 @dataclasses.dataclass(frozen=True)
-class LearnedPerTensor:
+class LearnedPerTensor(ProximalWeight):
     """One learned lambda per parameter tensor.
 
     Args:
@@ -252,32 +334,8 @@ class LearnedPerTensor:
         return f"{len(self.leaf_by_name)} learned values"
 
 
-ProximalWeight = Union[FixedLam, LearnedScalar, LearnedPerTensor]
-
-
-def coerce(lam: Any) -> ProximalWeight:
-    """A caller's lambda as a `ProximalWeight`: the one place that looks at its type.
-
-    Args:
-        lam: a `ProximalWeight`; a number (`FixedLam`); a 0-d tensor (`LearnedScalar` of lambda
-            itself, whose gradient `meta_gradient` returns); or a dict of 0-d tensors by parameter
-            name (`LearnedPerTensor`).
-
-    Raises:
-        TypeError: anything else.
-    """
-    if isinstance(lam, (FixedLam, LearnedScalar, LearnedPerTensor)):
-        return lam
-    if isinstance(lam, torch.Tensor):
-        return LearnedScalar(lam, log=False)
-    if isinstance(lam, Mapping):
-        return LearnedPerTensor(dict(lam), log=False)
-    if isinstance(lam, (int, float)) and not isinstance(lam, bool):
-        return FixedLam(float(lam))
-    raise TypeError(
-        f"lam={lam!r}: expected a number, a 0-d tensor, a dict of 0-d tensors by parameter name, "
-        "or a ProximalWeight"
-    )
+#: A caller's lambda as a `ProximalWeight` (`ProximalWeight.coerce`).
+coerce = ProximalWeight.coerce
 
 
 def gradients(
