@@ -19,8 +19,15 @@ import torch
 
 from bilevel.solvers import Armijo, GradientDescent, Nesterov, NewtonCG, ScipyLBFGS, TrustRegionNewtonCG
 
+#: The dtypes of the matrix.
+DTYPES = (torch.float64, torch.float32)
 #: Inner gradient-norm tolerance by dtype: what a well-conditioned problem reaches.
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+#: Rounding by dtype: relative agreement of two computations of one value (a reported gradient
+#: norm or objective value against an independent re-evaluation), and an absolute term for the
+#: rounding of the solution itself.
+RTOL = {torch.float64: 1e-12, torch.float32: 1e-5}
+ATOL = {torch.float64: 1e-13, torch.float32: 1e-5}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,3 +165,11 @@ def matrix(names: list[str] | None = None) -> list[tuple[SolverCase, str]]:
     pairs = [(c, n) for c in SOLVERS for n in CONVEX]
     pairs += [(c, "rosenbrock") for c in SOLVERS if not c.needs_step]
     return [(c, n) for c, n in pairs if names is None or n in names]
+
+
+#: Cases of the float32 matrix that stop short of TOL, and why (strict xfails: a fix shows).
+FLOAT32_LIMITS = {
+    ("lbfgs", "ridge"): "SciPy's line search on f's float32 values stalls at ||g|| ~ 3e-3 (f ~ 1e3)",
+    ("trust_region", "rosenbrock"): "the float32 model's predicted decrease drowns in f's rounding "
+    "near the valley floor: the radius collapses at ||g|| ~ 1e-4",
+}

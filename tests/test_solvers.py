@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import helpers as H
 import problems as P
@@ -40,21 +41,38 @@ CASES = [(c.name, n) for c, n in H.matrix()]
 # ----------------------------------------------------------------------------- minimizers
 
 
-@pytest.mark.parametrize(("kind", "name"), CASES)
-def test_reaches_known_minimizer(kind: str, name: str) -> None:
-    p = problem(name)
-    solver = H.solver(kind)(p)
+def _matrix() -> list[Any]:
+    out = []
+    for dtype in H.DTYPES:
+        for kind, name in CASES:
+            why = H.FLOAT32_LIMITS.get((kind, name)) if dtype == torch.float32 else None
+            marks = [pytest.mark.xfail(reason=why, strict=True)] if why else []
+            out.append(pytest.param(kind, name, dtype, marks=marks, id=f"{kind}-{name}-{str(dtype)[6:]}"))
+    return out
+
+
+@pytest.mark.parametrize(("kind", "name", "dtype"), _matrix())
+def test_reaches_known_minimizer(kind: str, name: str, dtype: torch.dtype) -> None:
+    p = problem(name).cast(dtype)
+    case = H.solver(kind)
+    solver = case(p, case.tol(dtype))
     res = solver(p.objective, p.init, p.theta)
     tol = solver.tol
     assert res.status is bl.SolverStatus.CONVERGED, (res.status, res.grad_norm, dict(res.info))
     assert res.converged
     assert res.grad_norm <= tol
-    # The reported gradient norm is the true one at the returned point.
-    assert res.grad_norm == pytest.approx(P.grad_norm(p.objective, res.x, p.theta), rel=1e-6, abs=1e-13)
-    # ||phi - phi*|| <= ||grad|| / mu (exact for quadratics; factor 2 for the local bound otherwise).
+    assert all(x.dtype == dtype for x in bl.tree.leaves(res.x))
+    # The reported gradient norm is the true one at the returned point (re-measured in dtype:
+    # float32 gradients of one point agree to ~1e-6 relative, the norms to 1e-5).
+    rel = 1e-6 if dtype == torch.float64 else H.RTOL[dtype]
+    assert res.grad_norm == pytest.approx(
+        P.grad_norm(p.objective, res.x, p.theta), rel=rel, abs=H.ATOL[dtype]
+    )
+    # ||phi - phi*|| <= ||grad|| / mu (exact for quadratics; factor 2 for the local bound otherwise),
+    # plus the rounding of phi* itself in dtype.
     slack = 1.0 + 1e-6 if name in ("quadratic", "ridge") else 2.0
-    assert P.distance(res.x, p.solution) <= slack * tol / p.mu + 1e-13
-    assert res.fun == pytest.approx(float(p.objective(res.x, p.theta)), rel=1e-12)
+    assert P.distance(res.x, p.solution) <= slack * tol / p.mu + H.ATOL[dtype]
+    assert res.fun == pytest.approx(float(p.objective(res.x, p.theta)), rel=H.RTOL[dtype])
     assert res.n_gev >= 1 and res.n_iter >= 1
     if H.solver(kind).hvp:
         assert res.n_hvp >= res.n_iter
@@ -78,16 +96,6 @@ def test_theta_requiring_grad_is_not_differentiated_through() -> None:
     with torch.enable_grad():
         res = GradientDescent(lr=p.step, max_iter=500, tol=1e-8)(p.objective, p.init, theta)
     assert not res.x.requires_grad and res.converged  # type: ignore[union-attr]
-
-
-@pytest.mark.parametrize("kind", ALL)
-def test_float32(kind: str) -> None:
-    p = problem("quadratic").cast(torch.float32)
-    tol = H.solver(kind).tol(torch.float32)  # SciPy: f's float32 rounding hides slopes below 1e-3
-    res = H.solver(kind)(p, tol)(p.objective, p.init, p.theta)
-    assert res.x.dtype == torch.float32  # type: ignore[union-attr]
-    assert res.converged, (res.status, res.grad_norm)
-    assert P.distance(res.x, p.solution) <= tol / p.mu + 1e-5  # float32 rounding of the solution
 
 
 # ----------------------------------------------------------------------------- honest failures
