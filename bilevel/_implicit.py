@@ -611,6 +611,7 @@ def implicit_argmin(
         hvp: ``None`` (reverse-over-reverse through one retained graph, the fastest
             in eager PyTorch), an oracle (`ReverseOverReverse`, `ForwardOverReverse`,
             `FiniteDifferenceHVP`, `DenseHessian`) or ``hvp(phi, theta, v)``.
+            Default ``None``.
         linear_solver: solves the Hessian system; default ``CG()`` (1e-10 relative
             residual in float64, 1e-5 in float32).  Called as
             ``linear_solver(matvec, b, x0)`` and must return a `LinearSolveResult`;
@@ -619,28 +620,30 @@ def implicit_argmin(
             ``init``: one call solves them all (the solver's batched mode), one
             backward solves the B Hessian systems at once with per-problem stopping
             and status (``info.last_backward.problem_status``), and failures name the
-            problems that failed.
+            problems that failed.  Default ``False``.
         optimality_tol: largest acceptable ||grad_phi G|| at the solver's answer (per
             problem in batched mode); ``None`` skips the check (a non-converged
-            `SolverResult` then warns).
+            `SolverResult` then warns).  Default ``1e-3``.
         throw: raise on a failed check (optimality residual, linear solve that missed
             its tolerance, negative curvature); ``False`` warns with `BilevelWarning`
             and returns the gradient anyway.  Non-finite values always raise.
+            Default ``True``.
         warn: with ``throw=False``, whether failed checks warn; ``False`` only records
             them in the `ImplicitInfo` (for callers that read and report every
             solve's status themselves, like meta-learning's per-task statistics).
+            Default ``True``.
         measure_residual: measure ||grad_phi G|| at the answer where no graph is kept
             for backward (one more gradient; with a backward pass ahead the measurement
             is free).  ``False`` then takes the solver's own ``grad_norm`` /
             ``problem_grad_norm`` (NaN where the solver did not evaluate it); needs
-            ``optimality_tol=None``.
+            ``optimality_tol=None``.  Default ``True``.
         backward_x0: warm start of the backward linear solve: a flat vector of phi's
             size ((B, n) in batched mode), e.g. ``info.last_backward.x`` of a previous
             call, or a function ``b -> x0`` of the right-hand side (e.g.
-            ``lambda b: b / lam`` for a proximal objective).
-        policy: all of the above but the problem (``hvp`` to ``backward_x0``) as one
-            `ImplicitPolicy` value; give it or the keywords, not both.  A keyword not
-            given takes the `ImplicitPolicy` default (written above).
+            ``lambda b: b / lam`` for a proximal objective).  Default ``None`` (zeros).
+        policy: ``hvp``, ``linear_solver``, ``batched`` ... ``backward_x0`` as one
+            `ImplicitPolicy` value; give it or those keywords, not both (a `TypeError`).
+            A keyword not given takes the `ImplicitPolicy` default written above.
         return_info: also return an `ImplicitInfo` with the diagnostics.
 
     Returns:

@@ -103,8 +103,8 @@ class HyperProblem:
         hvp: how to form Hessian-vector products of G (see `bilevel.implicit_argmin`).
         linear_solver: solver of the Hessian system; default ``bilevel.CG()``.
         optimality_tol: largest accepted ||grad_params G|| at the inner answer
-            (``None``: no check).
-        throw: raise on a failed check (``False`` warns and continues).
+            (default 1e-3; ``None``: no check).
+        throw: raise on a failed check (default; ``False`` warns and continues).
         policy: the four above (and the other fields of a `bilevel.ImplicitPolicy`) as one
             value; give it or the keywords, not both.  The keywords are construction
             arguments only: afterwards ``problem.policy`` holds them (derive a variant with

@@ -250,8 +250,8 @@ class ArgminLayer(_ImplicitLayer):
             answer has its structure), or ``init(theta)``.
         hvp: Hessian-vector products (see `bilevel.implicit_argmin`).
         linear_solver: for the Hessian system; default ``bilevel.CG()``.
-        optimality_tol: largest accepted ||grad_x G|| at the solver's answer.
-        throw: raise on failed checks (``False``: warn).
+        optimality_tol: largest accepted ||grad_x G|| at the solver's answer (default 1e-3).
+        throw: raise on failed checks (default; ``False``: warn).
         warm_start: start each solve from the previous answer when its shapes, dtypes
             and devices match (same batch size); useful when inputs change slowly.
         policy: ``hvp``, ``linear_solver``, ``optimality_tol`` and ``throw`` (and the
