@@ -98,7 +98,7 @@ class TrainState:
 class StepSums:
     """The scalars the ranks sum after a meta-step, in one float64 all-reduce with the meta-gradient.
 
-    The all-reduced vector holds the fields in this order (`local`, `from_tensor`).
+    The all-reduced vector holds the fields in their order (`local`, `from_tensor`).
 
     Attributes:
         query_loss: the tasks' query losses, summed.
@@ -117,22 +117,27 @@ class StepSums:
     clock: float
     stop: float
 
-    @staticmethod
-    def local(stats: MetaStats | None, clock: float, stop: bool, device: torch.device) -> torch.Tensor:
+    @classmethod
+    def local(cls, stats: MetaStats | None, clock: float, stop: bool, device: torch.device) -> torch.Tensor:
         """This rank's terms as the float64 vector to all-reduce (built on the device, not read)."""
-        t = torch.zeros(5, device=device, dtype=torch.float64)
-        t[3] = clock
-        t[4] = 1.0 if stop else 0.0
+        terms: dict[str, float | torch.Tensor] = {"clock": clock, "stop": 1.0 if stop else 0.0}
         if stats is not None:
-            t[0] = stats.query_loss.double().sum()
-            t[1] = stats.query_acc.double().nan_to_num(0.0).sum()
-            t[2] = stats.negative_curvature.double().sum()
+            terms["query_loss"] = stats.query_loss.double().sum()
+            terms["query_acc"] = stats.query_acc.double().nan_to_num(0.0).sum()
+            terms["negative_curvature"] = stats.negative_curvature.double().sum()
+        t = torch.zeros(len(_SUMMED), device=device, dtype=torch.float64)
+        for i, name in enumerate(_SUMMED):
+            if name in terms:
+                t[i] = terms[name]
         return t
 
     @classmethod
     def from_tensor(cls, t: torch.Tensor) -> StepSums:
         """The all-reduced vector, read in one host transfer."""
         return cls(*t.tolist())
+
+
+_SUMMED = tuple(f.name for f in dataclasses.fields(StepSums))
 
 
 @dataclasses.dataclass(frozen=True)
