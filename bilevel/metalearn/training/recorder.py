@@ -37,12 +37,12 @@ class TrainClock:
 
     Args:
         kind: ``cpu`` (`time.process_time`) or ``wall`` (`time.perf_counter`).
-        elapsed: seconds trained before (a resumed run's).
+        elapsed: seconds trained before (a resumed run's), kept as `start`.
     """
 
     def __init__(self, kind: str, elapsed: float) -> None:
         self.now = time.process_time if kind == "cpu" else time.perf_counter
-        self.elapsed = elapsed
+        self.start = elapsed
         self._t0 = self.now() - elapsed
         self._wall0 = time.perf_counter()
         self._left_out = 0.0
@@ -162,10 +162,9 @@ class Recorder:
         if checkpoint is not None:
             self.history = json.loads(checkpoint["history"])
             elapsed = float(checkpoint["elapsed"])
-        if d.main:
-            self._open(device, d.world, state.step, elapsed, checkpoint is not None)
         self._file: IO[str] | None = None
         if d.main:
+            self._open(device, d.world, state.step, elapsed, checkpoint is not None)
             self._file = open(self.out / "log.jsonl", "a" if checkpoint is not None else "w")
         self.bar = console.progress(
             cfg.meta_steps, cfg.algo, unit="step", initial=state.step, every=cfg.log_every

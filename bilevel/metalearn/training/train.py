@@ -30,6 +30,11 @@ same state, so the parameters stay identical.  Task i of step t is drawn from
 ``SeedSequence([seed, 0, t, i])`` whatever rank draws it, so N ranks see exactly the
 tasks of one process.  Only rank 0 writes files.  The backend is ``nccl`` on CUDA and
 ``gloo`` otherwise.
+
+`train` only wires the pieces: `open_run` (`checkpoint`) checks the folder, `TrainState` and
+`MetaStep` (`step`) take the meta-steps, `Recorder` (`recorder`) shows, logs, evaluates and
+checkpoints them, `StopSignal` (`signals`) turns SIGTERM into a stop after the current step, and
+`final_metrics` (`results`) evaluates the result and writes ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -105,7 +110,7 @@ def train(
         Prefetcher(lambda s: exp.train_sampler.meta_batch(s, tasks), device, cfg.meta_steps - 1) as prefetch,
     ):
         meta_step = MetaStep(cfg, exp, d, len(tasks), recorder.clock, stop)
-        halt = cfg.past_time_limit(recorder.clock.elapsed)
+        halt = cfg.past_time_limit(recorder.clock.start)
         while state.step < cfg.meta_steps and not halt:
             record = meta_step(state, prefetch.get(state.step) if tasks else None)
             halt = record.halt
