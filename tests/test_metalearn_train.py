@@ -503,3 +503,22 @@ def test_the_reason_a_run_stopped_early_is_said() -> None:
     assert stop_reason(cfg, 12, 12, False, resumed=True) == (
         "the checkpoint is at step 12 >= meta_steps=10: nothing to train"
     )
+
+
+def test_a_rank_without_tasks_adds_zeros(tmp_path: Path) -> None:
+    """Two ranks and a meta-batch of one task: rank 1 computes nothing and contributes zero
+    gradients (a learned lambda's too), so the run equals one process's."""
+    args = ["train", "--algo", "imaml-gd", "--dataset", "sinusoid", "--shots", "5", "--queries", "5"]
+    args += ["--meta-batch", "1", "--meta-steps", "2", "--inner-steps", "2", "--inner-lr", "0.01"]
+    args += ["--learn-lam", "scalar", "--test-tasks", "2", "--dtype", "float64", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    one = tmp_path / "one"
+    cfg = tiny_config(one, algo="imaml-gd", meta_batch=1, learn_lam="scalar", test_tasks=2, dtype="float64")
+    train(cfg, progress=False)
+    r = _torchrun([*args, "--threads", "1", "--out", str(tmp_path / "two")], env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = load_checkpoint(one), load_checkpoint(tmp_path / "two")
+    assert a["step"] == b["step"] == 2
+    for k in a["theta"]:
+        torch.testing.assert_close(a["theta"][k], b["theta"][k], rtol=0, atol=1e-12)
+    torch.testing.assert_close(a["log_lam"]["lam"], b["log_lam"]["lam"], rtol=0, atol=1e-12)
