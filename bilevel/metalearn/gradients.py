@@ -127,6 +127,26 @@ class Implicit:
         """The B inner answers (no graph): ``inner`` minimizes G."""
         return mb.minimize(inner)
 
+    def policy(self, lam: float | torch.Tensor) -> bl.ImplicitPolicy:
+        """The implicit layer's policy for the B tasks at proximal weight ``lam`` (a float or the (n,) row).
+
+        A fixed budget of ``cg_iters`` CG steps, counted as done, never as a failure (the paper's
+        method); no optimality check and no residual measured (the inner answers are checked by the
+        meta-batch); damping adds ``damping * lam`` to the Hessian; a warm start begins CG at
+        ``v / ((1 + damping) lam)``, the solution where Lhat'' = 0.
+        """
+        d = 1.0 + self.damping
+        return bl.ImplicitPolicy(
+            hvp=bl.Damped(self.damping * lam) if self.damping > 0 else None,
+            linear_solver=bl.CG(max_iter=self.cg_iters, rtol=0.0, atol=0.0, check_residual=False),
+            optimality_tol=None,
+            throw=False,
+            warn=False,
+            measure_residual=False,
+            backward_x0=(lambda b: b / (d * lam)) if self.warm_start else None,
+            batched=True,
+        )
+
     def apply(self, inner: InnerSolver, mb: MetaBatch) -> Outcome:
         theta = {k: v.detach().requires_grad_(True) for k, v in mb.theta.items()}
         tree = {**theta, **mb.lam_tree()}
@@ -137,25 +157,13 @@ class Implicit:
             # The inner steps use the fast model; the layer linearizes the exact one.
             return checked(solver(fast, init, th))
 
-        d = 1.0 + self.damping
-        lam_vec = mb.lam_fixed
-        hvp = None
-        if self.damping > 0:
-            hvp = bl.Damped(self.damping * lam_vec)
         with torch.enable_grad():
             X, info = bl.implicit_argmin(
                 mb.objective(exact=True),
                 mb.init(),
                 tree,
                 solve,
-                hvp=hvp,
-                linear_solver=bl.CG(max_iter=self.cg_iters, rtol=0.0, atol=0.0, check_residual=False),
-                batched=True,
-                optimality_tol=None,
-                throw=False,
-                warn=False,
-                measure_residual=False,
-                backward_x0=(lambda b: b / (d * lam_vec)) if self.warm_start else None,
+                policy=self.policy(mb.lam_fixed),
                 return_info=True,
             )
             # v_i = grad L_i(phi_i), first order, then back through the layer: each task's

@@ -22,7 +22,7 @@ from torch.autograd.function import once_differentiable
 
 import bilevel as bl
 from bilevel.solvers import GradientDescent, Nesterov, NewtonCG, TrustRegionNewtonCG
-from bilevel.tree import ravel, unravel_like
+from bilevel.tree import ravel, unravel_like, unravel_rows
 
 from .batched import BatchedModel, task_losses
 from .proximal import LamVector, ProximalWeight
@@ -121,15 +121,9 @@ class MetaBatch:
         return self.theta_flat if same else self.flat(th)
 
     def unflat(self, X: torch.Tensor) -> Params:
-        """Per-tensor views (b, *shape) of a flat (b, n) matrix, by name.
-
-        Not `bilevel.tree.unravel_batch`, which takes the shapes from a batched tree of the same
-        b: here b varies (chunks of tasks), and building that tree per call would add ops to
-        every inner step."""
-        b = X.shape[0]
-        return {
-            k: part.view(b, *shape) for k, part, shape in zip(self.names, X.split(self.sizes, 1), self.shapes)
-        }
+        """Per-tensor views (b, *shape) of a flat (b, n) matrix, by name (`bilevel.tree.unravel_rows`;
+        b may be a chunk of the B tasks)."""
+        return unravel_rows(X, self.theta)  # type: ignore[return-value]  # a dict like theta
 
     def tree(self, x: torch.Tensor) -> Params:
         """A flat (n,) vector as tensors shaped like theta's, by name (views; `bilevel.tree.unravel_like`)."""
