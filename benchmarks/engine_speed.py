@@ -561,8 +561,11 @@ class _Step:
         self.bm = batched_model(model)
         spec = dict(ALGOS[algo])
         name = str(spec.pop("algo", algo))
-        known = inspect.signature(make_algorithm).parameters
-        self.algo = make_algorithm(name, **{k: v for k, v in spec.items() if k in known})  # type: ignore[arg-type]
+        params = inspect.signature(make_algorithm).parameters
+        # keyword arguments this version takes (all of them where it takes **settings)
+        takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        kwargs = {k: v for k, v in spec.items() if takes_all or k in params}
+        self.algo = make_algorithm(name, **kwargs)  # type: ignore[arg-type]
         self.theta = {k: v.detach().clone().requires_grad_(True) for k, v in theta0.items()}
         self.opt = torch.optim.Adam(list(self.theta.values()), lr=META_LR)
         g = torch.Generator().manual_seed(seed + 1)

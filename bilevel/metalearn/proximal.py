@@ -11,16 +11,16 @@ nothing downstream asks which kind it holds:
 
 A learned lambda is held as its leaf: log lambda where it is meta-trained (`lam_from_config`; Adam
 steps the leaf, so lambda stays positive), or lambda itself where a caller hands a tensor to
-`bilevel.metalearn.meta_gradient` (`ProximalWeight.coerce`, the one place that looks at a
-caller's type).  Inside a meta-batch a learned lambda enters the implicit layer's theta tree as
-extra entries (``"lam:"`` shared, ``"lam:<name>"`` per tensor), so that one backward pass gives
-d/dlam next to d/dtheta.
+`bilevel.metalearn.meta_gradient` (`coerce`, the one conversion of a caller's value).  Inside a
+meta-batch a learned lambda enters the implicit layer's theta tree as extra entries (``"lam:"``
+shared, ``"lam:<name>"`` per tensor), so that one backward pass gives d/dlam next to d/dtheta.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Union
@@ -58,28 +58,8 @@ class ProximalWeight(abc.ABC):
 
     @staticmethod
     def coerce(lam: Any) -> ProximalWeight:
-        """A caller's lambda as a `ProximalWeight`: the one place that looks at its type.
-
-        Args:
-            lam: a `ProximalWeight`; a number (`FixedLam`); a 0-d tensor (`LearnedScalar` of lambda
-                itself, whose gradient `meta_gradient` returns); or a dict of 0-d tensors by
-                parameter name (`LearnedPerTensor`).
-
-        Raises:
-            TypeError: anything else.
-        """
-        if isinstance(lam, ProximalWeight):
-            return lam
-        if isinstance(lam, torch.Tensor):
-            return LearnedScalar(lam, log=False)
-        if isinstance(lam, Mapping):
-            return LearnedPerTensor(dict(lam), log=False)
-        if isinstance(lam, (int, float)) and not isinstance(lam, bool):
-            return FixedLam(float(lam))
-        raise TypeError(
-            f"lam={lam!r}: expected a number, a 0-d tensor, a dict of 0-d tensors by parameter name, "
-            "or a ProximalWeight"
-        )
+        """A caller's lambda as a `ProximalWeight` (`coerce`)."""
+        return coerce(lam)
 
     @abc.abstractmethod
     def leaves(self) -> dict[str, torch.Tensor]:
@@ -334,8 +314,50 @@ class LearnedPerTensor(ProximalWeight):
         return f"{len(self.leaf_by_name)} learned values"
 
 
-#: A caller's lambda as a `ProximalWeight` (`ProximalWeight.coerce`).
-coerce = ProximalWeight.coerce
+@functools.singledispatch
+def coerce(lam: Any) -> ProximalWeight:
+    """A caller's lambda as a `ProximalWeight`: the one conversion, at the public entry points.
+
+    Dispatched on the type of ``lam`` (`functools.singledispatch`):
+
+    - a `ProximalWeight`: itself;
+    - a number: `FixedLam`;
+    - a 0-d tensor: `LearnedScalar` of lambda itself, whose gradient `meta_gradient` returns;
+    - a mapping of 0-d tensors by parameter name: `LearnedPerTensor`.
+
+    Raises:
+        TypeError: anything else (a bool included).
+    """
+    raise TypeError(
+        f"lam={lam!r}: expected a number, a 0-d tensor, a dict of 0-d tensors by parameter name, "
+        "or a ProximalWeight"
+    )
+
+
+@coerce.register
+def _(lam: ProximalWeight) -> ProximalWeight:
+    return lam
+
+
+@coerce.register
+def _(lam: torch.Tensor) -> ProximalWeight:
+    return LearnedScalar(lam, log=False)
+
+
+@coerce.register(Mapping)
+def _(lam: Mapping[str, torch.Tensor]) -> ProximalWeight:
+    return LearnedPerTensor(dict(lam), log=False)
+
+
+@coerce.register(int)
+@coerce.register(float)
+def _(lam: float) -> ProximalWeight:
+    return FixedLam(float(lam))
+
+
+@coerce.register
+def _(lam: bool) -> ProximalWeight:
+    return coerce.dispatch(object)(lam)
 
 
 def gradients(
