@@ -17,13 +17,19 @@ The package's own training loop and its run seam::
     run = load_run("OUT/checkpoint.pt")            # model function, theta, algorithm, lambda
     res = evaluate_tasks(run, tasks)   # adapt to your tasks: res.predictions, res.query_acc
 
-Modules: `config` (TrainConfig, PRESETS), `experiment` (build_experiment, load_run), `evaluation`
-(Run, evaluate_tasks), `train` (the loop), `console` (progress), `distributed`, `checkpoint`,
-`report` (plots of run folders); `algorithms` (MetaAlgorithm, meta_gradient), `registry` (the
-algorithm names), `gradients` (Implicit, Unrolled, ...), `metabatch` (the B inner problems),
-`proximal` (lambda), `learner` (IMAML, MAML, FOMAML, Reptile on any module), `models`, `tasks`;
-the data pipeline `datasets`, `splits`, `sources`, `locations`, `cache`, `images` and the loaders
-`omniglot`, `miniimagenet`, `folder`.
+The package in layers:
+
+- algorithms and models (this folder): `algorithms` (`MetaAlgorithm`, `meta_gradient`, `adapt`),
+  `registry` (the algorithm names and what each reads), `gradients` (`Implicit`, `Unrolled`,
+  `FirstOrder`, `ReptileStep`, `ReleasedCG`), `metabatch` (the B inner problems of a meta-batch),
+  `proximal` (the proximal weight lambda as a value), `learner` (`IMAML`, `MAML`, `FOMAML`,
+  `Reptile` on any module), `evaluation` (`Run`, `evaluate_tasks`), `models` (the networks,
+  `init_params`, `make_functional`), `batched` (`BatchedModel`: B tasks' models in one call),
+  `tasks` (`Task`);
+- `data`: sources, splits, the image cache, the loaders (`load_omniglot`, `load_miniimagenet`,
+  `load_image_folder`), the task samplers and the prefetcher;
+- `training`: `TrainConfig` and the presets, `build_experiment` / `load_run`, the loop (`train`),
+  checkpoints, the distributed seam, the console, reports and the command line.
 """
 
 from .. import CheckpointError as CheckpointError
