@@ -15,7 +15,7 @@ Five sections, all measured in one run of this script:
    solve; logistic: a fixed number of Newton steps with a dense Hessian, written in each framework)
    and the same backward solve (CG from 0 to a relative residual of 1e-10), all in float64, so the
    difference is the differentiation machinery.
-4. ``variants``: prototype iMAML engine changes (``variants.py``: query gradient task by task, an
+4. ``variants``: prototype iMAML engine changes (``variants.py``: every task in a Python loop, an
    explicit batched model without torch.func, a fused norm for first-order gradients), each checked
    against the engine in float64 and timed in the same rounds as TorchOpt: what each change buys.
    (Section 2 likewise times ``variants.maml_batched``, unrolled MAML on the batched model.)
@@ -739,13 +739,13 @@ def _primitives(
         pd = dict(zip(names, leaves))
 
         def grad(x: torch.Tensor = b.support_x, y: torch.Tensor = b.support_y, create: bool = False) -> Any:
-            gs = torch.autograd.grad(variants._batched_loss(bfn, pd, x, y), leaves, create_graph=create)
+            gs = torch.autograd.grad(variants.batched_loss(bfn, pd, x, y), leaves, create_graph=create)
             return torch._foreach_add(
                 list(gs), torch._foreach_sub([t.detach() for t in leaves], thl), alpha=lam
             )
 
         gl = torch.autograd.grad(
-            variants._batched_loss(bfn, pd, b.support_x, b.support_y), leaves, create_graph=True
+            variants.batched_loss(bfn, pd, b.support_x, b.support_y), leaves, create_graph=True
         )
         u = [torch.randn_like(t) for t in leaves]
         return {
@@ -753,7 +753,7 @@ def _primitives(
             "lin": lambda: grad(create=True),
             "hvp": lambda: torch.autograd.grad(gl, leaves, u, retain_graph=True),
             "query": lambda: torch.autograd.grad(
-                variants._batched_loss(bfn, pd, b.query_x, b.query_y), leaves
+                variants.batched_loss(bfn, pd, b.query_x, b.query_y), leaves
             ),
         }
     # one task, plain autograd

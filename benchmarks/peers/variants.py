@@ -8,9 +8,9 @@ They are measurements for the maintainers of ``bilevel/metalearn/algorithms.py``
 ``engine``        the engine as it is (every per-task computation vmapped).
 ``engine+diag``   the same with ``diagnostics=True`` (the default in training): one more gradient of G
                   and one more support forward per task.
-``query-loop``    the engine's inner loop and CG, the query gradient computed task by task.  On CPU a
-                  vmapped convolution with per-task weights becomes a grouped convolution, about 2x
-                  slower than separate convolutions once a task has tens of images (75 queries).
+``loop``          the engine with ``vectorize=False``: every per-task computation in a Python loop.  On
+                  CPU a vmapped convolution with per-task weights becomes a grouped convolution, about
+                  2x slower than separate convolutions once a task has tens of images (75 queries).
 ``batched``       no torch.func at all: a batched forward of the ConvNet that evaluates B per-task
                   models in one call (grouped convolutions, per-task batch statistics, ``baddbmm``
                   head), per-task gradients by one ``torch.autograd.grad`` of the summed task losses,
@@ -59,15 +59,9 @@ def _query_loop(fn: Any, phi: Params, batch: Task) -> Params:
     return {k: torch.stack(v) for k, v in out.items()}
 
 
-def query_loop(fn: Any, theta: Params, batch: Task, algo: A.MetaAlgorithm) -> list[torch.Tensor]:
-    task = A._Task(fn, F.cross_entropy, True)
-    th = {k: v.detach() for k, v in theta.items()}
-    with torch.no_grad():
-        phi = A._inner_gd(task, algo.inner, th, algo.lam, batch.support_x, batch.support_y, True)  # type: ignore[arg-type]
-    v = _query_loop(fn, phi, batch)
-    hvp = A._support_hvp(task, phi, batch.support_x, batch.support_y, True)
-    g, _ = A._cg(algo.meta_gradient, algo.lam, v, hvp)  # type: ignore[arg-type]
-    return [t.mean(0) for t in g.values()]
+def loop(fn: Any, theta: Params, batch: Task, algo: A.MetaAlgorithm) -> list[torch.Tensor]:
+    g, _, _ = A.meta_gradient(algo, fn, F.cross_entropy, theta, batch, vectorize=False, diagnostics=False)
+    return list(g.values())
 
 
 def batched_convnet(model: ConvNet, norm: str = "ops") -> Any:
@@ -132,7 +126,7 @@ def centered_bn(model: ConvNet) -> ConvNet:
     return out
 
 
-def _batched_loss(bfn: Any, p: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def batched_loss(bfn: Any, p: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Sum over tasks of each task's mean cross-entropy (so its gradient is the per-task gradients)."""
     out = bfn(p, x)
     return F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="sum") / y.shape[1]
@@ -153,7 +147,7 @@ def batched(
     for _ in range(algo.inner.max_iter):
         leaves = [t.requires_grad_(True) for t in phi]
         with torch.enable_grad():
-            gs = torch.autograd.grad(_batched_loss(bfn1, dict(zip(names, leaves)), xs, ys), leaves)
+            gs = torch.autograd.grad(batched_loss(bfn1, dict(zip(names, leaves)), xs, ys), leaves)
         phi = [t.detach() for t in leaves]
         # phi <- phi - lr (grad Lhat + lam (phi - theta)), in place
         torch._foreach_add_(list(gs), torch._foreach_sub(phi, th), alpha=lam)
@@ -163,7 +157,7 @@ def batched(
     leaves = [t.requires_grad_(True) for t in phi]
     with torch.enable_grad():
         gl = torch.autograd.grad(
-            _batched_loss(bfn, dict(zip(names, leaves)), xs, ys), leaves, create_graph=True
+            batched_loss(bfn, dict(zip(names, leaves)), xs, ys), leaves, create_graph=True
         )
 
     def H(u: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -214,7 +208,7 @@ def maml_batched(fn: Any, bfn: Any, theta: Params, batch: Task, steps: int, lr: 
 
     The same quantity as ``meta_gradient(make_algorithm("maml", ...), ...)``: the mean over tasks of
     d L_i(phi_i(theta)) / d theta with phi_i after ``steps`` SGD steps on the support loss.  Query
-    losses are evaluated task by task (see ``query-loop``), summed, and differentiated once.
+    losses are evaluated task by task (see ``loop``), summed, and differentiated once.
     """
     names = list(theta)
     th = [theta[k].detach().requires_grad_(True) for k in names]
@@ -223,7 +217,7 @@ def maml_batched(fn: Any, bfn: Any, theta: Params, batch: Task, steps: int, lr: 
         phi = [t.unsqueeze(0).expand(B, *t.shape) for t in th]
         for _ in range(steps):
             gs = torch.autograd.grad(
-                _batched_loss(bfn, dict(zip(names, phi)), batch.support_x, batch.support_y),
+                batched_loss(bfn, dict(zip(names, phi)), batch.support_x, batch.support_y),
                 phi,
                 create_graph=True,
             )
@@ -242,7 +236,7 @@ def variants(model: ConvNet, fn: Any, algo: A.MetaAlgorithm) -> dict[str, Any]:
     return {
         "engine": lambda th, b: engine(fn, th, b, algo),
         "engine+diag": lambda th, b: engine(fn, th, b, algo, diagnostics=True),
-        "query-loop": lambda th, b: query_loop(fn, th, b, algo),
+        "loop": lambda th, b: loop(fn, th, b, algo),
         "batched": lambda th, b: batched(fn, bfn, th, b, algo),
         "batched+fused-bn": lambda th, b: batched(fn, bfn, th, b, algo, fused),
     }
