@@ -371,9 +371,15 @@ def gradients(
 
 
 def lam_from_config(
-    kind: str, init: float, names: Sequence[str], *, device: Any, dtype: torch.dtype
+    kind: str,
+    init: float,
+    names: Sequence[str],
+    *,
+    device: Any = None,
+    dtype: torch.dtype | None = None,
+    leaves: Mapping[str, torch.Tensor] | None = None,
 ) -> ProximalWeight:
-    """The proximal weight a run meta-trains (``TrainConfig.learn_lam`` and ``lam``).
+    """The proximal weight a run meta-trains (``TrainConfig.learn_lam`` and ``lam``), new or saved.
 
     Args:
         kind: ``"none"``: ``init``, fixed (an algorithm without a proximal term keeps its lambda 0,
@@ -381,10 +387,12 @@ def lam_from_config(
             ``"per-tensor"``: one learned log-lambda leaf per name of ``names``, in order.
         init: the initial lambda (> 0 where learned).
         names: theta's parameter names.
-        device, dtype: of the learned leaves.
+        device, dtype: of new learned leaves.
+        leaves: a saved run's log-lambda leaves (a checkpoint's ``log_lam``), used as they are
+            instead of new leaves at ``log(init)``.
 
     Returns:
-        The `ProximalWeight`; its learned leaves are 0-d tensors that require grad.
+        The `ProximalWeight`; its learned leaves are 0-d tensors (new ones require grad).
 
     Raises:
         ValueError: an unknown ``kind``, or a learned lambda with ``init <= 0``.
@@ -395,14 +403,13 @@ def lam_from_config(
         raise ValueError(f"lam_from_config(kind={kind!r}): choose 'none', 'scalar' or 'per-tensor'")
     if not init > 0:
         raise ValueError(f"lam_from_config(init={init}): a learned lambda starts > 0 (log lambda)")
-    log = math.log(init)
-
-    def leaf() -> torch.Tensor:
-        return torch.tensor(log, device=device, dtype=dtype, requires_grad=True)
-
+    keys = ["lam"] if kind == "scalar" else list(names)
+    if leaves is None:
+        log = math.log(init)
+        leaves = {k: torch.tensor(log, device=device, dtype=dtype, requires_grad=True) for k in keys}
     if kind == "scalar":
-        return LearnedScalar(leaf())
-    return LearnedPerTensor({k: leaf() for k in names})
+        return LearnedScalar(leaves["lam"])
+    return LearnedPerTensor({k: leaves[k] for k in keys})
 
 
 def _chain_rule(

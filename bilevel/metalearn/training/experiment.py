@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,11 +39,11 @@ from ..models import (
     omniglot_cnn,
     sinusoid_mlp,
 )
-from ..proximal import LearnedPerTensor, LearnedScalar, ProximalWeight
+from ..proximal import coerce, lam_from_config
 from .checkpoint import load_checkpoint, saved_config, shape_mismatch
 from .config import TrainConfig
 
-__all__ = ["Experiment", "build_experiment", "learned_lam", "load_run"]
+__all__ = ["Experiment", "build_experiment", "load_run"]
 
 ModelFn = Callable[[Params, torch.Tensor], torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -114,7 +114,9 @@ class Experiment:
             algorithm=self.eval_algorithm,
             loss=self.loss,
             classification=self.classification,
-            lam=self.config.evaluation_lam(lam),
+            lam=self.config.evaluation_lam(
+                None if lam is None else coerce(lam).resolve(self.eval_algorithm.lam)
+            ),
             batched=self.batched,
             config=self.config,
         )
@@ -262,23 +264,6 @@ def build_experiment(
     )
 
 
-def learned_lam(cfg: TrainConfig, log_lam: Mapping[str, torch.Tensor]) -> ProximalWeight | None:
-    """The learned lambda of log-lambda leaves (a checkpoint's ``log_lam``); ``None`` where it is fixed.
-
-    Args:
-        cfg: ``learn_lam`` says the form: ``scalar`` (one leaf ``"lam"``) or ``per-tensor``.
-        log_lam: the learned log-lambda leaves by name (empty for a fixed lambda).
-
-    Returns:
-        `LearnedScalar` or `LearnedPerTensor` over these leaves, or ``None``.
-    """
-    if not log_lam:
-        return None
-    if cfg.learn_lam == "scalar":
-        return LearnedScalar(log_lam["lam"])
-    return LearnedPerTensor(dict(log_lam))
-
-
 _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
 
 
@@ -287,8 +272,8 @@ def load_run(
 ) -> Run:
     """Read a checkpoint written by `train` into a `Run`: model function, theta, algorithm and lambda.
 
-    Needs no data, except for an image-folder run whose checkpoint predates ``image_shape`` (its
-    images are then loaded to learn their shape).
+    Needs no data, except for an image-folder run whose checkpoint lacks the optional
+    ``image_shape`` (its images are then loaded to learn their shape).
 
     Args:
         checkpoint_path: the run's ``checkpoint.pt``.
@@ -298,9 +283,10 @@ def load_run(
 
     Returns:
         `Run` with ``params`` the checkpoint's theta, ``algorithm`` equal to
-        ``config.algorithm(evaluation=True)``, ``lam`` the configuration's ``eval_lam`` where set,
-        else the learned lambda or the algorithm's own (a float), ``config`` the saved
-        configuration with the overrides, and ``step``.
+        ``config.algorithm(evaluation=True)``, ``lam`` a `bilevel.metalearn.proximal.ProximalWeight`:
+        `FixedLam` of the configuration's ``eval_lam`` where set, else the learned lambda
+        (`LearnedScalar` or `LearnedPerTensor`), else `FixedLam` of the algorithm's own; ``config``
+        the saved configuration with the overrides, and ``step``.
 
     Raises:
         FileNotFoundError: no file at ``checkpoint_path``.
@@ -329,7 +315,8 @@ def load_run(
             f"{cfg.dataset} model of its configuration ({cfg.ways}-way); they differ at {diff[:3]}"
         )
     algorithm = cfg.algorithm(evaluation=True)
-    lam = learned_lam(cfg, ck["log_lam"])
+    # the saved lambda, or the evaluation algorithm's own where it is not learned
+    lam = lam_from_config(cfg.learn_lam, cfg.lam, list(theta), leaves=ck["log_lam"]).resolve(algorithm.lam)
     loss, classification = _loss(cfg)
     return Run(
         model_fn=make_functional(model)[0],
@@ -337,7 +324,7 @@ def load_run(
         algorithm=algorithm,
         loss=loss,
         classification=classification,
-        lam=cfg.evaluation_lam(algorithm.lam if lam is None else lam),
+        lam=cfg.evaluation_lam(lam),
         batched=batched_model(model) if cfg.batched else None,
         config=cfg,
         step=int(ck["step"]),
