@@ -37,7 +37,7 @@ import torch
 
 from . import _sync
 from ._results import HostValues, LinearSolveResult
-from ._status import LINEAR_SEVERITY, LinearStatus, worst
+from ._status import LINEAR_SEVERITY, LinearStatus, severity, worst
 from ._types import Matvec
 from .tree import rowdot, rownorm
 
@@ -115,10 +115,6 @@ def _finish(
     elif status is LinearStatus.MAX_ITER and r_norm <= tol:
         status = LinearStatus.CONVERGED
     return LinearSolveResult(x, status, n_iter, A.calls, r_norm, b_norm)
-
-
-# Per-problem status codes: a status's index in its severity order (`LinearSolveResult.CODES`).
-_CODE = {s: i for i, s in enumerate(LINEAR_SEVERITY)}
 
 
 def cg_solve(
@@ -229,8 +225,8 @@ def _cg_start(
     b_norm = rownorm(b)
     tol = tol.to(dtype=r_norm.dtype, device=b.device)
     alive = r_norm > tol
-    codes = torch.full((B,), _CODE[LinearStatus.MAX_ITER], dtype=torch.int8, device=b.device)
-    codes = torch.where(alive, codes, _CODE[LinearStatus.CONVERGED])
+    codes = torch.full((B,), severity(LinearStatus.MAX_ITER), dtype=torch.int8, device=b.device)
+    codes = torch.where(alive, codes, severity(LinearStatus.CONVERGED))
     # Below this the recursive residual is rounding noise: iterating on would let r and p
     # underflow and pAp round to 0, which would read as (spurious) negative curvature.
     floor = 1e-3 * torch.finfo(b.dtype).eps * b_norm
@@ -269,7 +265,7 @@ def _cg_iteration(st: _CGState, A: _Counted, preconditioner: Matvec | None, sync
     halt = alive & ~(pAp > 0)
     st.codes = torch.where(
         halt,
-        torch.where(finite, _CODE[LinearStatus.NEGATIVE_CURVATURE], _CODE[LinearStatus.NONFINITE]),
+        torch.where(finite, severity(LinearStatus.NEGATIVE_CURVATURE), severity(LinearStatus.NONFINITE)),
         st.codes,
     )
     st.curvature = torch.where(halt & finite, pAp, st.curvature)
@@ -284,7 +280,7 @@ def _cg_iteration(st: _CGState, A: _Counted, preconditioner: Matvec | None, sync
     r = st.r = torch.addcmul(st.r, alpha[:, None], Ap, value=-1.0)
     r_new = rownorm(r)
     st.r_norm = torch.where(alive, r_new, st.r_norm)
-    st.codes = torch.where(alive & (r_new <= st.tol), _CODE[LinearStatus.CONVERGED], st.codes)
+    st.codes = torch.where(alive & (r_new <= st.tol), severity(LinearStatus.CONVERGED), st.codes)
     # converged, or stagnated at machine precision (the true residual below judges it): stop
     alive = alive & ~(r_new <= st.stop_at)
     if preconditioner is None:
@@ -304,8 +300,8 @@ def _cg_settle(st: _CGState, A: _Counted, b: torch.Tensor, check_residual: bool)
     """Final statuses and residuals: a non-finite x is NONFINITE; a claim of convergence is
     settled on the true residual (one matvec) where ``check_residual``; no tolerance is BUDGET."""
     x_finite = torch.isfinite(st.x).all(dim=1)
-    codes = torch.where(x_finite, st.codes, _CODE[LinearStatus.NONFINITE])
-    conv_code, max_code = _CODE[LinearStatus.CONVERGED], _CODE[LinearStatus.MAX_ITER]
+    codes = torch.where(x_finite, st.codes, severity(LinearStatus.NONFINITE))
+    conv_code, max_code = severity(LinearStatus.CONVERGED), severity(LinearStatus.MAX_ITER)
     if check_residual and bool((codes == conv_code).any()):
         # A claim of convergence rests on the recursive residual, which drifts from the true
         # one in floating point: recompute the truth (one matvec) and settle every status on it.
@@ -313,12 +309,12 @@ def _cg_settle(st: _CGState, A: _Counted, b: torch.Tensor, check_residual: bool)
         true = torch.where(x_finite, true, torch.full_like(true, math.inf))
         codes = torch.where((codes == conv_code) & (true > st.tol), max_code, codes)
         codes = torch.where((codes == max_code) & (true <= st.tol), conv_code, codes)
-        codes = torch.where(torch.isfinite(true), codes, _CODE[LinearStatus.NONFINITE])
+        codes = torch.where(torch.isfinite(true), codes, severity(LinearStatus.NONFINITE))
         st.r_norm = true
     else:
         st.r_norm = torch.where(x_finite, st.r_norm, torch.full_like(st.r_norm, math.inf))
     # No tolerance (rtol = atol = 0): running the whole budget is what was asked for.
-    st.codes = torch.where((codes == max_code) & (st.tol == 0), _CODE[LinearStatus.BUDGET], codes)
+    st.codes = torch.where((codes == max_code) & (st.tol == 0), severity(LinearStatus.BUDGET), codes)
 
 
 def _steihaug(
@@ -345,7 +341,7 @@ def _steihaug(
     tau = (torch.sqrt((xp * xp + pp * (r2 - xx)).clamp_min(0.0)) - xp) / torch.where(pp > 0, pp, 1.0)
     leave = alive & (xx + alpha * (2.0 * xp + alpha * pp) >= r2)
     alpha = torch.where(leave | negative, tau, alpha)
-    codes = torch.where(leave, _CODE[LinearStatus.BOUNDARY], codes)
+    codes = torch.where(leave, severity(LinearStatus.BOUNDARY), codes)
     # q(x + a p) - q(x) = -a p'r + a^2 p'Ap / 2, and p'r = r'z along CG's directions
     curv = torch.where(torch.isfinite(pAp), pAp, 0.0)
     decrease = decrease + alpha * rz - 0.5 * alpha * alpha * curv
@@ -440,8 +436,8 @@ def _block_diagonal(
     # A problem that misses its own tolerance inherits the whole solve's reason, or MAX_ITER
     # where the whole solve met its (global) tolerance.
     missed = LinearStatus.MAX_ITER if flat.status is LinearStatus.CONVERGED else flat.status
-    codes = torch.where(r <= tol, _CODE[LinearStatus.CONVERGED], _CODE[missed])
-    codes = torch.where(torch.isfinite(r), codes, _CODE[LinearStatus.NONFINITE]).to(torch.int8)
+    codes = torch.where(r <= tol, severity(LinearStatus.CONVERGED), severity(missed))
+    codes = torch.where(torch.isfinite(r), codes, severity(LinearStatus.NONFINITE)).to(torch.int8)
     iters = torch.full((B,), flat.n_iter, dtype=torch.int64)
     return _batch_result(x, codes, flat.n_iter, flat.n_matvec + 1, r, b_norm, iters)
 

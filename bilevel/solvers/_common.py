@@ -108,10 +108,6 @@ def detach_tree(tree: TensorTree) -> TensorTree:
     return tree
 
 
-def _maybe_detach(t: torch.Tensor, keep: bool) -> torch.Tensor:
-    return t if keep else t.detach()
-
-
 # --------------------------------------------------------------------------- batched objectives
 
 
