@@ -1,4 +1,4 @@
-"""Speed of the implicit engine as a new user meets it, and of the training meta-step, old vs new.
+"""Speed of the implicit engine as a new user meets it, and of a training meta-step across two checkouts.
 
 Two sections, each measured side by side in one run of this script:
 
@@ -26,23 +26,24 @@ Two sections, each measured side by side in one run of this script:
    Reported ratio: torchopt / ours of the median times (> 1: ours is faster).
 
 2. ``metastep``: one meta-training step of the command line (``bilevel.metalearn.training.train``),
-   old code against new code: ``meta_gradient(make_algorithm(name, ...), fn, F.cross_entropy,
-   theta, batch, lam=None, classification=True, vectorize=True, batched=batched_model(model),
-   diagnostics=(step % 10 == 0))`` (train's default ``log_every=10``), the finiteness check,
-   ``leaf.grad = g`` and ``Adam.step()`` / ``zero_grad``, exactly as ``train`` does them.
-   5-way 1-shot Omniglot CNN, meta-batch 16, 15 queries per class, random images; algorithms
-   ``imaml-gd`` (the paper preset: 16 inner GD steps of 0.1, lam 2, 5 CG steps) and ``fomaml``
-   (5 inner steps of 0.4).  Old and new run in two long-lived worker processes of this script
-   (``--worker``), the old one with ``PYTHONPATH=--old-root`` (default ``/work/baseline``, a
-   ``git worktree`` of the baseline commit), the new one with ``PYTHONPATH=--new-root`` (default:
-   this checkout).  Both build the same problem from the same seed; the parent sends "step"
-   over a pipe to one, then the other, alternating the order every round, and each replies with
-   the wall and CPU seconds of that step measured inside the worker.  Reported ratio: old / new
-   of the median times (target >= 0.95).  The worker uses only public names that exist in both
-   versions (``make_algorithm``, ``meta_gradient``, ``batched_model``, ``make_functional``,
-   ``omniglot_cnn``, ``Task``) and only keyword arguments of the old signatures.  Old and new
-   meta-gradients are compared once in float64 from the same seed (largest per-tensor relative
-   difference).
+   a baseline checkout against a candidate: ``meta_gradient(make_algorithm(name, ...), fn,
+   F.cross_entropy, theta, batch, lam=None, classification=True, vectorize=True,
+   batched=batched_model(model), diagnostics=(step % 10 == 0))`` (train's default
+   ``log_every=10``), the finiteness check, ``leaf.grad = g`` and ``Adam.step()`` /
+   ``zero_grad``, exactly as ``train`` does them.  5-way 1-shot Omniglot CNN, meta-batch 16, 15
+   queries per class, random images; algorithms ``imaml-gd`` (the paper preset: 16 inner GD steps
+   of 0.1, lam 2, 5 CG steps) and ``fomaml`` (5 inner steps of 0.4).  Baseline and candidate run
+   in two long-lived worker processes of this script (``--worker``; labelled ``old`` and ``new``
+   in the output), the baseline with ``PYTHONPATH=--old-root`` (default ``/work/baseline``, a
+   ``git worktree`` of the baseline commit), the candidate with ``PYTHONPATH=--new-root``
+   (default: this checkout).  Both build the same problem from the same seed; the parent sends
+   "step" over a pipe to one, then the other, alternating the order every round, and each replies
+   with the wall and CPU seconds of that step measured inside the worker.  Reported ratio:
+   baseline / candidate (``old / new``) of the median times (target >= 0.95).  The worker uses
+   only public names that exist in both checkouts (``make_algorithm``, ``meta_gradient``,
+   ``batched_model``, ``make_functional``, ``omniglot_cnn``, ``Task``) and only keyword arguments
+   of the baseline's signatures.  The two meta-gradients are compared once in float64 from the
+   same seed (largest per-tensor relative difference).
 
 Timing: ``time.perf_counter`` around complete calls, ``time.process_time`` beside it (CPU
 seconds exclude waiting for a core on this shared machine; their ratio is printed in
@@ -50,8 +51,8 @@ parentheses), one warm-up call per implementation (two per worker), then A B B A
 ``--repeats`` rounds; medians reported, and the median of the per-round ratios with its quartiles
 ("paired": a round times both back to back, which cancels slow drifts).  ``os.getloadavg()`` is
 recorded before and after each comparison.  One torch thread per process.  On the shared 2-core
-machine an A/A run (old == new) read 0.99-1.04 wall and up to 1.12 CPU-time ratio at load ~2: a
-ratio within a few percent of its target needs a quiet machine and more rounds.
+machine an A/A run (baseline == candidate) read 0.99-1.04 wall and up to 1.12 CPU-time ratio at
+load ~2: a ratio within a few percent of its target needs a quiet machine and more rounds.
 
 Run (after ``bash benchmarks/peers/setup.sh`` and
 ``git -C . worktree add --detach /work/baseline BASELINE_COMMIT``)::
@@ -106,8 +107,9 @@ ALGOS = {
     "imaml-gd": dict(inner_steps=16, inner_lr=0.1, lam=2.0, cg_iters=5),
     "fomaml": dict(inner_steps=5, inner_lr=0.4),
     "maml": dict(inner_steps=1, inner_lr=0.4),
-    # the same work in old and new code: CG from the first-order gradient (6 HVPs), the only start
-    # before the flag existed (a version without the keyword gets the rest)
+    # the same work in a baseline without ``cg_warm_start`` and a candidate with it: CG from the
+    # first-order gradient (6 HVPs), a baseline's only start (a version without the keyword gets
+    # the rest)
     "imaml-gd-warm": dict(
         algo="imaml-gd", inner_steps=16, inner_lr=0.1, lam=2.0, cg_iters=5, cg_warm_start=True
     ),
@@ -867,7 +869,7 @@ def tables(comps: list[Comparison]) -> str:
         ]
         head += ["old mean (ms)", "new mean (ms)", "max rel. diff (float64)", "load before -> after"]
         lines += [
-            "\n### metastep: one training step (meta_gradient + Adam), old vs new code (float32)\n",
+            "\n### metastep (meta_gradient + Adam, float32): baseline (old) vs candidate (new)\n",
             _row(head),
             "|" + "---|" * len(head),
         ]
@@ -897,8 +899,8 @@ def main(argv: list[str] | None = None) -> int:
         default="train",
         help="metastep: diagnostics every 10th step as train does (default), always or never",
     )
-    p.add_argument("--old-root", default="/work/baseline", help="checkout of the old code (a git worktree)")
-    p.add_argument("--new-root", default=str(ROOT), help="checkout of the new code")
+    p.add_argument("--old-root", default="/work/baseline", help="checkout of the baseline (a git worktree)")
+    p.add_argument("--new-root", default=str(ROOT), help="checkout of the candidate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -9,9 +9,9 @@ I + H/lam (``--lanczos`` Lanczos steps of HVPs), ||phi - theta||, the support lo
 accuracy, plus the solver's HVP and gradient counts and its CPU time.  Reported: medians over the
 tasks, and how many tasks have a negative smallest eigenvalue (an answer that is no minimum).
 
-It runs the meta-learning engine's inner solvers alone, through its private ``_MetaBatch`` (the
-objects `bilevel.metalearn.meta_gradient` builds per meta-batch) and ``_min_eig`` (what
-``--lanczos-steps`` logs).
+It runs the meta-learning engine's inner solvers alone, through
+`bilevel.metalearn.metabatch.MetaBatch` (the objects `bilevel.metalearn.meta_gradient` builds per
+meta-batch) and `bilevel.metalearn.algorithms.min_eig` (what ``--lanczos-steps`` logs).
 
 Run::
 

@@ -306,7 +306,7 @@ class FiniteDifferenceHVP:
 class DenseHessian:
     """Form the n x n Hessian once (n reverse-over-reverse HVPs), then multiply.
 
-    For small problems (n up to a few thousand).  `dense_hessian` exposes the matrix.
+    For small problems (n up to a few thousand).  `dense_hessian_at` exposes the matrix.
     """
 
     def linearize(self, objective: Objective, point: Point) -> Linearization:

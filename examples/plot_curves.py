@@ -1,12 +1,10 @@
-"""Learning curves of meta-training runs: now the report command, kept here under its old name.
+"""Learning curves of meta-training runs, drawn by the report command.
 
-    python -m bilevel.metalearn report RUN [RUN...] --out DIR
-
-writes test accuracy (or MSE) with its 95% band against meta-steps and time, the training losses and
-the inner-solver and CG diagnostics, one PNG each, several runs overlaid
-(`bilevel.metalearn.training.report`).
-This script forwards to it; an ``--out`` ending in ``.png`` (the old usage) writes into that file's
-folder.
+This script calls ``python -m bilevel.metalearn report RUN [RUN...] --out DIR``
+(`bilevel.metalearn.training.report`), which writes test accuracy (or MSE) with its 95% band
+against meta-steps and time, the training losses and the inner-solver and CG diagnostics, one PNG
+each, several runs overlaid.  An ``--out`` ending in ``.png`` names a file: the PNGs go into that
+file's folder.
 
 Usage::
 

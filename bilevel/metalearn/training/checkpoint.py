@@ -8,7 +8,7 @@ weights_only=True)`` (no code is unpickled):
 * ``optimizer``: Adam's state; ``step``: meta-steps done; ``elapsed``: seconds of the training clock;
 * ``history``, ``config``: the curves and the `TrainConfig`, as JSON strings;
 * ``image_shape``: ``[C, H, W]`` of an image dataset's images, ``None`` for sinusoid (optional:
-  older checkpoints lack it).
+  a checkpoint may lack it).
 
 `save_checkpoint` is the one writer and `load_checkpoint` the one reader: every way a file can be
 unusable (missing, empty, truncated, not a checkpoint, a model's ``state_dict``, a damaged
@@ -45,7 +45,7 @@ __all__ = [
     "shape_mismatch",
 ]
 
-#: Keys every checkpoint written by `train` has (``image_shape`` is optional: older checkpoints lack it).
+#: Keys every checkpoint written by `train` has (``image_shape`` is optional and may be absent).
 REQUIRED_KEYS = ("theta", "log_lam", "optimizer", "step", "history", "elapsed", "config")
 
 

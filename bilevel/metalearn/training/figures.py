@@ -349,7 +349,8 @@ def _diagnostics_figure(runs: Sequence[RunLog], cv: _Canvas, path: Path) -> Path
 
 
 def write_report(runs: Sequence[RunLog | str | Path], out: str | Path, *, dpi: int = 110) -> list[Path]:
-    """Draw the figures of the module docstring for ``runs`` (overlaid) into the folder ``out``.
+    """Draw ``runs`` (overlaid) into the folder ``out``: the figures that the module docstring of
+    `bilevel.metalearn.training.report` lists.
 
     Args:
         runs: `RunLog` values, or run folders (read with `read_runs`).
