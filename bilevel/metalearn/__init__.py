@@ -10,7 +10,7 @@ optimizer (`learner`)::
 
 The package's own training loop and its run seam::
 
-    from bilevel.metalearn import TrainConfig, train, make_algorithm, meta_gradient
+    from bilevel.metalearn import TrainConfig, build_experiment, evaluate_tasks, load_run, train
 
     exp = build_experiment(cfg)        # a run's data, samplers, model, initial theta and algorithms
     metrics = train(cfg)               # meta-train, evaluate, write OUT/checkpoint.pt
@@ -19,13 +19,13 @@ The package's own training loop and its run seam::
 
 The package in layers:
 
-- algorithms and models (this folder): `algorithms` (`MetaAlgorithm`, `meta_gradient`, `adapt`),
-  `registry` (the algorithm names and what each reads), `gradients` (`Implicit`, `Unrolled`,
-  `FirstOrder`, `ReptileStep`, `ReleasedCG`), `metabatch` (the B inner problems of a meta-batch),
-  `proximal` (the proximal weight lambda as a value), `learner` (`IMAML`, `MAML`, `FOMAML`,
-  `Reptile` on any module), `evaluation` (`Run`, `evaluate_tasks`), `models` (the networks,
-  `init_params`, `make_functional`), `batched` (`BatchedModel`: B tasks' models in one call),
-  `tasks` (`Task`);
+- algorithms and models (this folder): `algorithms` (`meta_gradient`, `adapt`), `registry` (the
+  algorithm names, what each reads, `make_algorithm`), `gradients` (`MetaAlgorithm` and its
+  meta-gradients `Implicit`, `Unrolled`, `FirstOrder`, `ReptileStep`, `ReleasedCG`), `metabatch`
+  (the B inner problems of a meta-batch), `proximal` (the proximal weight lambda as a value),
+  `learner` (`IMAML`, `MAML`, `FOMAML`, `Reptile` on any module), `evaluation` (`Run`,
+  `evaluate_tasks`), `models` (the networks, `init_params`, `make_functional`), `batched`
+  (`BatchedModel`: B tasks' models in one call), `tasks` (`Task`);
 - `data`: sources, splits, the image cache, the loaders (`load_omniglot`, `load_miniimagenet`,
   `load_image_folder`), the task samplers and the prefetcher;
 - `training`: `TrainConfig` and the presets, `build_experiment` / `load_run`, the loop (`train`),

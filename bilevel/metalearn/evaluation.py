@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
@@ -29,7 +29,9 @@ from .data.samplers import SinusoidTasks, TaskSampler
 from .models import Params
 from .proximal import ProximalWeight, coerce
 from .tasks import Task, stack_tasks
-from .training.config import TrainConfig
+
+if TYPE_CHECKING:  # a run's configuration is read, not built, here: training imports this module
+    from .training.config import TrainConfig
 
 __all__ = ["EvalResult", "Run", "evaluate", "evaluate_fixed", "evaluate_tasks"]
 

@@ -59,7 +59,7 @@ from .metabatch import (
     checked,
     or_zeros,
 )
-from .proximal import ProximalWeight, coerce, gradients
+from .proximal import ProximalWeight, coerce
 
 __all__ = [
     "FirstOrder",
@@ -172,7 +172,7 @@ class Implicit:
             grads = torch.autograd.grad(X, list(tree.values()), grad_outputs=v, allow_unused=True)
         g = or_zeros(tree, grads)
         assert info.solver_result is not None and info.last_backward is not None
-        lam_grad = gradients(mb.weight, {k: g[k] for k in tree if k not in theta})
+        lam_grad = mb.weight.lam_grad({k: g[k] for k in tree if k not in theta})
         return Outcome(
             {k: g[k] for k in theta}, lam_grad, X.detach(), ql, qa, info.solver_result, info.last_backward
         )
@@ -361,7 +361,7 @@ class MetaAlgorithm:
             raise ValueError(f"MetaAlgorithm(lam={self.lam}): lam must be >= 0")
 
     def weight(self, lam: Any = None) -> ProximalWeight:
-        """The proximal weight of a call: ``lam`` (`ProximalWeight.coerce`), else this algorithm's."""
+        """The proximal weight of a call: ``lam`` (`proximal.coerce`), else this algorithm's."""
         if lam is None:
             return coerce(float(self.lam))
         return coerce(lam).resolve(self.lam)

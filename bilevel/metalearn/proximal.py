@@ -29,10 +29,13 @@ import torch
 
 __all__ = [
     "LAM_KINDS",
+    "TREE_KEY",
     "FixedLam",
+    "LamVector",
     "LearnedPerTensor",
     "LearnedScalar",
     "ProximalWeight",
+    "coerce",
     "lam_from_config",
 ]
 
@@ -60,6 +63,13 @@ class ProximalWeight(abc.ABC):
     def coerce(lam: Any) -> ProximalWeight:
         """A caller's lambda as a `ProximalWeight` (`coerce`)."""
         return coerce(lam)
+
+    def lam_grad(self, tree_grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """d/dlam by key (``"lam"`` or parameter names) from the gradients of the theta tree's
+        learned entries (`tree`); ``None`` for a fixed lambda."""
+        if not self.learned:
+            return None
+        return {(k[len(TREE_KEY) :] or "lam"): g for k, g in tree_grads.items() if k.startswith(TREE_KEY)}
 
     @abc.abstractmethod
     def leaves(self) -> dict[str, torch.Tensor]:
@@ -358,16 +368,6 @@ def _(lam: float) -> ProximalWeight:
 @coerce.register
 def _(lam: bool) -> ProximalWeight:
     return coerce.dispatch(object)(lam)
-
-
-def gradients(
-    weight: ProximalWeight, tree_grads: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor] | None:
-    """d/dlam by key (``"lam"`` or parameter names) from the gradients of the theta tree's learned
-    entries; ``None`` for a fixed lambda."""
-    if not weight.learned:
-        return None
-    return {(k[len(TREE_KEY) :] or "lam"): g for k, g in tree_grads.items() if k.startswith(TREE_KEY)}
 
 
 def lam_from_config(
