@@ -38,7 +38,7 @@ import torch.func
 from ._errors import BilevelWarning, StructureError
 from ._linear_solve import dense_matrix
 from ._types import HVPFn, Objective, TensorTree
-from .tree import check_like, leaves, unflatten
+from .tree import check_like, leaves, ravel, unflatten, unravel_like
 
 __all__ = [
     "Damped",
@@ -312,23 +312,19 @@ class DenseHessian:
     def linearize(self, objective: Objective, point: Point) -> Linearization:
         # The transpose of dF/dphi: for an argmin the (symmetric) Hessian itself.
         Ht = dense_hessian_at(point).T
-        sizes = [p.numel() for p in point.phi]
 
         def matvec(v: Leaves) -> Leaves:
-            flat = Ht @ torch.cat([x.reshape(-1) for x in v])
-            return tuple(c.view_as(p) for c, p in zip(torch.split(flat, sizes), point.phi))
+            return unravel_like(Ht @ ravel(v), point.phi)  # type: ignore[return-value]  # a tuple like phi
 
         return Linearization(matvec, point.vjp_theta)
 
 
 def dense_hessian_at(point: Point) -> torch.Tensor:
     """The matrix of v -> (dF/dphi)^T v at ``point``, phi flattened in leaf order."""
-    sizes = [p.numel() for p in point.phi]
-    like = torch.cat([p.detach().reshape(-1) for p in point.phi])
+    like = ravel(point.phi).detach()
 
     def flat_vjp(v: torch.Tensor) -> torch.Tensor:
-        vs = tuple(c.view_as(p) for c, p in zip(torch.split(v, sizes), point.phi))
-        return torch.cat([g.reshape(-1) for g in point.vjp_phi(vs)])
+        return ravel(point.vjp_phi(unravel_like(v, point.phi)))  # type: ignore[arg-type]  # a tuple like phi
 
     # Rows of J^T are columns of J: transpose back to the Jacobian of F.
     return dense_matrix(flat_vjp, like).T.contiguous()

@@ -15,6 +15,7 @@ import os
 import torch
 
 from ... import BilevelError
+from ...tree import ravel, unravel_like
 from .config import ConfigError
 
 __all__ = ["Dist", "allreduce_", "broadcast_", "finish", "init_distributed", "rank_device", "training_device"]
@@ -117,10 +118,11 @@ def allreduce_(tensors: list[torch.Tensor], d: Dist) -> None:
     if d.world > 1:
         import torch.distributed as dist
 
-        flat = torch.cat([t.reshape(-1) for t in tensors])
+        tree = tuple(tensors)
+        flat = ravel(tree)
         dist.all_reduce(flat)
-        for t, c in zip(tensors, torch.split(flat, [t.numel() for t in tensors])):
-            t.copy_(c.view_as(t))
+        for t, c in zip(tensors, unravel_like(flat, tree)):
+            t.copy_(c)
 
 
 def broadcast_(tensors: list[torch.Tensor], d: Dist) -> None:
