@@ -11,7 +11,6 @@ line's algorithm names are entries of `bilevel.metalearn.registry` (`make_algori
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,7 +19,8 @@ import bilevel as bl
 
 from .batched import BatchedModel, as_batched, task_losses
 from .gradients import FirstOrder, Implicit, MetaAlgorithm, Outcome, ReleasedCG, ReptileStep, Unrolled
-from .metabatch import LossFn, MetaBatch, Params
+from .metabatch import MetaBatch
+from .models import LossFn, ModelFn, Params
 from .registry import make_algorithm
 from .tasks import Task
 
@@ -39,8 +39,6 @@ __all__ = [
     "min_eig",
     "predict_batch",
 ]
-
-ModelFn = Callable[[Params, torch.Tensor], torch.Tensor]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,7 +26,7 @@ import torch
 from .algorithms import MetaAlgorithm, predict_batch
 from .batched import BatchedModel
 from .data.samplers import SinusoidTasks, TaskSampler
-from .models import Params
+from .models import LossFn, ModelFn, Params
 from .proximal import ProximalWeight, coerce
 from .tasks import Task, stack_tasks
 
@@ -35,8 +35,6 @@ if TYPE_CHECKING:  # a run's configuration is read, not built, here: training im
 
 __all__ = ["EvalResult", "Run", "evaluate", "evaluate_fixed", "evaluate_tasks"]
 
-ModelFn = Callable[[Params, torch.Tensor], torch.Tensor]
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: lambda as `adapt` takes it: a `ProximalWeight`, a float, a 0-d tensor, or one 0-d tensor per
 #: parameter name (`bilevel.metalearn.proximal.coerce`).
 LamValue = Union[ProximalWeight, float, torch.Tensor, dict[str, torch.Tensor]]

@@ -52,7 +52,7 @@ from .algorithms import (
 from .batched import BatchedModel, batched_model
 from .evaluation import EvalResult, Run, evaluate_tasks
 from .metabatch import InnerSolver
-from .models import Params, make_functional, mse
+from .models import LossFn, Params, make_functional, mse
 from .tasks import Task, stack_tasks
 
 __all__ = ["FOMAML", "IMAML", "MAML", "AdaptedModel", "MetaLearner", "Reptile", "TaskType"]
@@ -61,7 +61,6 @@ __all__ = ["FOMAML", "IMAML", "MAML", "AdaptedModel", "MetaLearner", "Reptile", 
 _DEFAULT_INNER = GradientDescent(lr=0.1, max_iter=16, tol=0.0)
 #: ``"classification"`` (integer labels, cross-entropy) or ``"regression"`` (floating targets, MSE).
 TaskType = Literal["classification", "regression"]
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Tasks = Union[Task, Sequence[Task]]
 
 _TASK_TYPES = ("classification", "regression")

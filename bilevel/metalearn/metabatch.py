@@ -25,6 +25,7 @@ from bilevel.solvers import GradientDescent, Nesterov, NewtonCG, TrustRegionNewt
 from bilevel.tree import ravel, unravel_like, unravel_rows
 
 from .batched import BatchedModel, task_losses
+from .models import LossFn, Params
 from .proximal import LamVector, ProximalWeight
 from .tasks import Task
 
@@ -32,16 +33,12 @@ __all__ = [
     "GRADIENT_ONLY",
     "INNER_SOLVERS",
     "InnerSolver",
-    "LossFn",
     "MetaBatch",
-    "Params",
     "batched_solver",
     "checked",
     "or_zeros",
 ]
 
-Params = dict[str, torch.Tensor]
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: The inner solvers a meta-batch runs (in their batched mode).
 InnerSolver = Union[GradientDescent, Nesterov, NewtonCG, TrustRegionNewtonCG]
 #: The classes of `InnerSolver`, for the checks at construction.

@@ -46,6 +46,8 @@ __all__ = [
     "MLP",
     "BatchStatNorm2d",
     "ConvNet",
+    "LossFn",
+    "ModelFn",
     "Params",
     "default_model",
     "init_params",
@@ -60,6 +62,10 @@ __all__ = [
 
 #: Parameters by name, as ``torch.func.functional_call`` takes them.
 Params = dict[str, torch.Tensor]
+#: ``model(params, x) -> outputs`` of one task (`make_functional`).
+ModelFn = Callable[[Params, torch.Tensor], torch.Tensor]
+#: ``loss(outputs, y) -> scalar`` of one task (cross-entropy, MSE, ...).
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class BatchStatNorm2d(nn.Module):

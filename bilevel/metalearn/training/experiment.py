@@ -30,6 +30,8 @@ from ..data.samplers import SinusoidTasks, TaskPool, TaskSampler
 from ..data.splits import ClassSplit
 from ..evaluation import LamValue, Run, evaluate_fixed
 from ..models import (
+    LossFn,
+    ModelFn,
     Params,
     default_model,
     init_params,
@@ -44,9 +46,6 @@ from .checkpoint import load_checkpoint, saved_config, shape_mismatch
 from .config import TrainConfig
 
 __all__ = ["Experiment", "build_experiment", "load_run"]
-
-ModelFn = Callable[[Params, torch.Tensor], torch.Tensor]
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
