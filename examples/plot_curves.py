@@ -1,9 +1,10 @@
-"""Learning curves of meta-training runs, drawn by the report command.
+"""Learning curves of meta-training runs with the report API (`bilevel.metalearn.training.report`).
 
-This script calls ``python -m bilevel.metalearn report RUN [RUN...] --out DIR``
-(`bilevel.metalearn.training.report`), which writes test accuracy (or MSE) with its 95% band
-against meta-steps and time, the training losses and the inner-solver and CG diagnostics, one PNG
-each, several runs overlaid.  An ``--out`` ending in ``.png`` names a file: the PNGs go into that
+The same as ``python -m bilevel.metalearn report RUN [RUN...] --out DIR``, written with the API a
+script of your own would use: `read_runs` reads the run folders, `summarize` prints their
+evaluations, `write_report` draws test accuracy (or MSE) with its 95% band against meta-steps and
+time, the training losses and the inner-solver and CG diagnostics, one PNG each, several runs
+overlaid.  An ``--out`` ending in ``.png`` names a file: the PNGs go into that
 file's folder.
 
 Usage::
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bilevel.metalearn.training.report import main as report
+from bilevel.metalearn.training.report import read_runs, summarize, write_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("report"), help="folder for the PNGs")
     args = p.parse_args(argv)
     out = args.out.parent if args.out.suffix == ".png" else args.out
-    return report(args.runs, out)
+    runs = read_runs(args.runs)
+    print(summarize(runs))
+    for path in write_report(runs, out):
+        print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -21,14 +21,11 @@ be read), ``metrics.json`` (the final evaluation, once training has ended) and `
 Every figure has a title with the final figures, axis labels and a legend.  Plotting needs
 matplotlib (``pip install 'bilevel[plot]'``); reading does not.
 
-This module is the report's public surface and command; reading lives in `.runlog`, drawing in
-`.figures`.
+This module is the report's public surface (the command is `bilevel.metalearn.training.cli`);
+reading lives in `.runlog`, drawing in `.figures`.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
-from pathlib import Path
 
 from .figures import write_report as write_report
 from .runlog import RunFormatError as RunFormatError
@@ -37,13 +34,4 @@ from .runlog import read_run as read_run
 from .runlog import read_runs as read_runs
 from .runlog import summarize as summarize
 
-__all__ = ["RunFormatError", "RunLog", "main", "read_run", "read_runs", "summarize", "write_report"]
-
-
-def main(folders: Sequence[str | Path], out: str | Path) -> int:
-    """The ``report`` command: print the summary table, write the figures, print their paths."""
-    runs = read_runs(folders)
-    print(summarize(runs))
-    for p in write_report(runs, out):
-        print(f"wrote {p}")
-    return 0
+__all__ = ["RunFormatError", "RunLog", "read_run", "read_runs", "summarize", "write_report"]
