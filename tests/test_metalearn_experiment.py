@@ -15,6 +15,7 @@ from PIL import Image
 
 from bilevel.metalearn import (
     BatchedModel,
+    ConfigError,
     EvalResult,
     Run,
     SinusoidTasks,
@@ -330,3 +331,10 @@ def test_evaluate_takes_the_proximal_weight_of_the_train_loop(algo: str) -> None
         learned = lam_from_config("scalar", 0.5, names, device="cpu", dtype=torch.float64)
         as_tensor = learned.leaves()["lam"].detach().exp()
         assert loss(learned) == loss(as_tensor) != loss(None)
+
+
+def test_build_experiment_refuses_a_cuda_device_this_machine_lacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"device='cuda'.*CUDA is not available here"):
+        build_experiment(TrainConfig(**SINE, device="cuda"))
+    assert build_experiment(TrainConfig(**SINE)).theta["net.fc0.weight"].device.type == "cpu"

@@ -44,6 +44,7 @@ from ..models import (
 from ..proximal import coerce, lam_from_config
 from .checkpoint import load_checkpoint, saved_config, shape_mismatch
 from .config import TrainConfig
+from .distributed import training_device
 
 __all__ = ["Experiment", "build_experiment", "load_run"]
 
@@ -216,10 +217,9 @@ def build_experiment(
     Raises:
         DatasetNotFoundError: the dataset is not under ``cfg.data_root`` (or ``BILEVEL_DATA_ROOT``).
         DatasetFormatError: the data is malformed or has too few classes or images for the task format.
+        ConfigError: ``cfg.device`` names a CUDA device this machine does not have (without ``device``).
     """
-    dev = torch.device(
-        device if device is not None else (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    )
+    dev = torch.device(device) if device is not None else training_device(cfg.device)
     dt = cfg.torch_dtype if dtype is None else dtype
     gen = torch.Generator().manual_seed(cfg.seed)
     train: TaskSampler | SinusoidTasks | TaskPool
