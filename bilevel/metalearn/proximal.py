@@ -184,8 +184,30 @@ class FixedLam(ProximalWeight):
         return repr(float(self.value))
 
 
+class _Learned(ProximalWeight):
+    """What the learned kinds share: lambda > 0, a tensor that changes every meta-step."""
+
+    learned: ClassVar[bool] = True
+
+    def is_zero(self) -> bool:
+        """Whether G has no proximal term: never (a learned lambda is exp(log lambda) > 0)."""
+        return False
+
+    def strong_convexity(self) -> float | None:
+        """``None``: a learned lambda changes every step (no momentum is tuned to it)."""
+        return None
+
+    def detach(self, vec: LamVector) -> LamVector:
+        """This weight's `vector` without its graph."""
+        return torch.as_tensor(vec).detach()
+
+    def inverse_sqrt(self, vec: LamVector) -> LamVector:
+        """``vec ** -1/2`` of this weight's `vector`."""
+        return torch.as_tensor(vec).rsqrt()
+
+
 @dataclasses.dataclass(frozen=True)
-class LearnedScalar(ProximalWeight):
+class LearnedScalar(_Learned):
     """One learned lambda shared by every parameter.
 
     Args:
@@ -193,7 +215,6 @@ class LearnedScalar(ProximalWeight):
         log: whether ``leaf`` is log lambda.
     """
 
-    learned: ClassVar[bool] = True
     per_coordinate: ClassVar[bool] = False
 
     leaf: torch.Tensor
@@ -235,25 +256,12 @@ class LearnedScalar(ProximalWeight):
         """lambda, differentiable in ``th``'s learned entry where it has one."""
         return th[TREE_KEY] if TREE_KEY in th else self.lam.detach()
 
-    def is_zero(self) -> bool:
-        return False
-
-    def strong_convexity(self) -> float | None:
-        """``None``: a learned lambda changes every step (no momentum is tuned to it)."""
-        return None
-
-    def detach(self, vec: LamVector) -> LamVector:
-        return torch.as_tensor(vec).detach()
-
-    def inverse_sqrt(self, vec: LamVector) -> LamVector:
-        return torch.as_tensor(vec).rsqrt()
-
     def describe(self) -> str:
         return f"{float(self.lam.detach()):.4g} (learned)"
 
 
 @dataclasses.dataclass(frozen=True)
-class LearnedPerTensor(ProximalWeight):
+class LearnedPerTensor(_Learned):
     """One learned lambda per parameter tensor.
 
     Args:
@@ -261,7 +269,6 @@ class LearnedPerTensor(ProximalWeight):
         log: whether the leaves are log lambda.
     """
 
-    learned: ClassVar[bool] = True
     per_coordinate: ClassVar[bool] = True
 
     leaf_by_name: Mapping[str, torch.Tensor]
@@ -307,18 +314,6 @@ class LearnedPerTensor(ProximalWeight):
                 for k, size in zip(names, sizes)
             ]
         )
-
-    def is_zero(self) -> bool:
-        return False
-
-    def strong_convexity(self) -> float | None:
-        return None
-
-    def detach(self, vec: LamVector) -> LamVector:
-        return torch.as_tensor(vec).detach()
-
-    def inverse_sqrt(self, vec: LamVector) -> LamVector:
-        return torch.as_tensor(vec).rsqrt()
 
     def describe(self) -> str:
         return f"{len(self.leaf_by_name)} learned values"
