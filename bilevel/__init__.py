@@ -7,6 +7,7 @@ See `implicit_argmin` for the contract, and the README for an overview.
 """
 
 from . import hyperopt as hyperopt
+from . import conditions as conditions
 from . import layers as layers
 from . import solvers as solvers
 from . import theory as theory
@@ -100,6 +101,7 @@ __all__ = [
     "implicit_argmin",
     "implicit_root",
     "lanczos_extremes",
+    "conditions",
     "layers",
     "solvers",
     "theory",
