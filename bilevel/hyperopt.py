@@ -24,6 +24,13 @@ Two drivers share the problem and report the same `HyperResult`:
 * `search_hyper`: evaluate a list of candidates (grid or random search), the
   zero-order baseline, counted in the same unit.
 
+Both call a ``callback`` after each inner solve with a `HyperStep` (the record, the
+hyperparameters and the inner answer) and stop when it returns ``True``.  With many
+hyperparameters and a small validation set, the hyperparameters overfit the
+validation set like weights overfit a training set: give ``score`` (e.g. the loss on
+a held-out split) to return the best hyperparameters by it, and ``patience`` to stop
+when it stops improving.
+
 The unit of cost is the inner solve: one call of the inner solver, whatever its
 iterations (recorded beside it).  An L-BFGS outer step that evaluates f five times
 costs five inner solves.
@@ -37,13 +44,14 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
-from ._errors import NonFiniteError, StructureError
+from ._errors import BilevelError, NonFiniteError, StructureError
 from ._hvp import HVPLike
 from ._implicit import ImplicitInfo, implicit_argmin
 from ._policy import UNSET, ImplicitPolicy, Unset, resolve_policy
@@ -56,6 +64,8 @@ __all__ = [
     "HyperProblem",
     "HyperRecord",
     "HyperResult",
+    "HyperStep",
+    "HyperStop",
     "OuterOptimizer",
     "minimize_hyper",
     "search_hyper",
@@ -65,8 +75,13 @@ __all__ = [
 #: ``lambda params: torch.optim.Adam(params, lr=0.05)``.
 OuterOptimizer = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 
-#: A driver's callback: called with each new record; returning ``True`` stops the run.
-Callback = Callable[["HyperRecord"], Any]
+#: A driver's callback: called with a `HyperStep` after each inner solve; ``True`` stops the
+#: run, ``False`` or ``None`` continues it.
+Callback = Callable[["HyperStep"], "bool | None"]
+
+#: A driver's selection score: ``score(step) -> float``, lower is better (e.g. the loss of
+#: ``step.params`` on a held-out split).
+Score = Callable[["HyperStep"], float]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +90,8 @@ class HyperEvaluation:
 
     Attributes:
         loss: L(w*(theta), theta), a scalar tensor, differentiable in theta when theta
-            required grad (one ``backward()`` runs the implicit linear solve).
+            required grad (one ``backward()`` runs the implicit linear solve).  In the
+            `HyperStep` a callback receives, detached.
         params: w*(theta), the inner solver's answer, structured like ``params_init``.
         info: the implicit layer's diagnostics: ``info.solver_result`` (the inner
             solve), ``info.residual_norm`` and, after ``backward()``,
@@ -162,7 +178,11 @@ class HyperProblem:
         Args:
             hyper: the hyperparameters, a tree (Tensor, tuple or dict of Tensors; see
                 `bilevel.tree`), passed to both objectives as is; gradients flow to
-                the leaves that require grad.
+                the leaves that require grad.  For a hypergradient, create them with
+                ``requires_grad=True``: otherwise (with grad enabled) the loss's
+                ``backward()`` raises a `bilevel.BilevelError` saying so (the loss then
+                requires grad: read it with ``float(loss.detach())``, or evaluate under
+                ``torch.no_grad()`` for values only).
             params_init: the inner solver's starting point.
             backward_x0: warm start of the backward linear solve (a flat vector of the
                 size of params, e.g. the previous ``info.last_backward.x``); ``None``: the
@@ -172,10 +192,19 @@ class HyperProblem:
             A `HyperEvaluation`.
 
         Raises:
-            NonFiniteError: the outer loss is NaN or infinite.
+            NonFiniteError: the outer loss is NaN or infinite; or (in the backward pass) its
+                gradient with respect to the inner answer is, which is checked before the
+                Hessian system is solved with it.
             StructureError: the outer objective does not return a scalar.
+            BilevelError: (in the backward pass) no leaf of ``hyper`` requires grad.
             OptimalityError, LinearSolveError: as in `bilevel.implicit_argmin`.
         """
+        return self._evaluate(hyper, params_init, backward_x0, at="")
+
+    def _evaluate(
+        self, hyper: TensorTree, params_init: TensorTree, backward_x0: torch.Tensor | None, at: str
+    ) -> HyperEvaluation:
+        """`evaluate`, with ``at`` (e.g. ``" at outer step 3"``) appended to where errors occurred."""
         policy = self.policy if backward_x0 is None else self.policy.replace(backward_x0=backward_x0)
         params, info = implicit_argmin(
             self.inner_objective, params_init, hyper, self.solver, policy=policy, return_info=True
@@ -187,10 +216,53 @@ class HyperProblem:
         loss = loss.reshape(())
         if not bool(torch.isfinite(loss.detach())):
             raise NonFiniteError(
-                f"HyperProblem: the outer loss is {float(loss)} at the inner answer; check the "
-                "hyperparameters' range (e.g. a log-parametrized weight that over/underflows)"
+                f"HyperProblem: the outer loss is {float(loss.detach())}{at} at the inner answer; check the "
+                "outer objective's domain (log, sqrt, division) and the hyperparameters' range (e.g. a "
+                "log-parametrized weight that over/underflows)"
             )
+        if loss.requires_grad:
+            # dL/dparams is the right-hand side of the backward Hessian solve: a NaN there would
+            # surface as "the backward linear solve produced NaN", blaming the wrong stage.
+            for leaf in leaves(params):
+                if leaf.requires_grad:
+                    leaf.register_hook(_outer_gradient_check(float(loss.detach()), at))
+        elif torch.is_grad_enabled() and not any(t.requires_grad for t in leaves(hyper)):
+            # No leaf of hyper requires grad: give the loss a backward that says so, instead of
+            # torch's "element 0 of tensors does not require grad and does not have a grad_fn".
+            loss = _NoHypergradient.apply(loss, torch.zeros((), requires_grad=True))
         return HyperEvaluation(loss=loss, params=params, info=info)
+
+
+def _outer_gradient_check(loss: float, at: str) -> Callable[[torch.Tensor], None]:
+    """A tensor hook on the inner answer: raise if dL/dparams has NaN or infinity."""
+
+    def check(grad: torch.Tensor) -> None:
+        if not bool(torch.isfinite(grad).all()):
+            raise NonFiniteError(
+                f"HyperProblem: the gradient of the outer loss (= {loss:.6g}){at} with respect to "
+                "the inner answer has NaN or infinity, so no hypergradient can be formed: the outer "
+                "objective is not differentiable there (e.g. sqrt or norm at 0, log of 0, a NaN "
+                "branch of torch.where); smooth it (sqrt(x + eps), log(x + eps), logsumexp)"
+            )
+
+    return check
+
+
+class _NoHypergradient(torch.autograd.Function):
+    """The identity on the outer loss, whose backward explains that hyper needs requires_grad."""
+
+    @staticmethod
+    def forward(ctx: Any, loss: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None]:
+        raise BilevelError(
+            "HyperProblem.evaluate: backward() on the outer loss, but no tensor of hyper requires "
+            "grad, so there is no hypergradient to compute: create the hyperparameters with "
+            "requires_grad=True (e.g. torch.zeros(d, requires_grad=True), or "
+            "theta.requires_grad_()) before calling evaluate"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +284,8 @@ class HyperRecord:
         backward_status: status of the backward linear solve (``None`` without one).
         backward_iters: its iterations (0 without one).
         backward_matvecs: its Hessian-vector products (0 without one).
+        score: the driver's selection score: ``score(step)`` when a ``score`` was given,
+            else the outer loss (lower is better).
     """
 
     solve: int
@@ -225,6 +299,54 @@ class HyperRecord:
     backward_status: LinearStatus | None = None
     backward_iters: int = 0
     backward_matvecs: int = 0
+    score: float = math.nan
+
+
+@dataclasses.dataclass(frozen=True)
+class HyperStep:
+    """What a driver passes to ``callback`` and ``score`` after each inner solve.
+
+    Attributes:
+        record: the `HyperRecord` of this solve (outer loss, hypergradient norm, the inner
+            and backward solves' status and work).  In the step given to ``score`` its
+            ``score`` is NaN (not yet computed); the callback sees it filled in.
+        hyper: the hyperparameters evaluated, structured like ``hyper_init`` (or the
+            candidate); detached copies, safe to keep.
+        evaluation: the `HyperEvaluation` there, with ``loss`` and ``params`` detached
+            (``params`` copied, safe to keep) and the implicit layer's ``info``.
+    """
+
+    record: HyperRecord
+    hyper: TensorTree
+    evaluation: HyperEvaluation
+
+    @property
+    def params(self) -> TensorTree:
+        """w*(theta), the inner answer at ``hyper`` (detached)."""
+        return self.evaluation.params
+
+    @property
+    def outer_loss(self) -> float:
+        """L(w*(theta), theta) at ``hyper``."""
+        return self.record.outer_loss
+
+    @property
+    def outer_step(self) -> int:
+        """Optimizer steps completed before this evaluation (the candidate's index in `search_hyper`)."""
+        return self.record.outer_step
+
+    @property
+    def solve(self) -> int:
+        """Inner solves made so far, this one included (1-based)."""
+        return self.record.solve
+
+
+class HyperStop(enum.Enum):
+    """Why a driver stopped."""
+
+    COMPLETED = "ran every optimizer step (minimize_hyper) or candidate (search_hyper)"
+    CALLBACK = "the callback returned True"
+    PATIENCE = "the score did not improve for `patience` inner solves"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,13 +354,18 @@ class HyperResult:
     """What `minimize_hyper` and `search_hyper` return.
 
     Attributes:
-        hyper: the evaluated hyperparameters with the lowest outer loss (detached).
+        hyper: the evaluated hyperparameters with the lowest score (detached): the lowest
+            outer loss, unless the driver was given a ``score`` (e.g. a held-out loss).
         params: the inner answer at ``hyper``.
         outer_loss: the outer loss there.
         best_solve: the ``solve`` number of that evaluation (1-based).
         history: one `HyperRecord` per inner solve, in order.
         last_hyper: the hyperparameters when the run stopped (for `minimize_hyper`,
             after the last optimizer step, not evaluated; to resume from).
+        stop: why the run stopped (`HyperStop`).
+        stopped_at: the outer step (`minimize_hyper`) or candidate index (`search_hyper`)
+            after which the run was stopped early; ``None`` when it ran to the end.
+        score: the score at ``hyper`` (equal to ``outer_loss`` without a ``score``).
     """
 
     hyper: TensorTree
@@ -247,6 +374,14 @@ class HyperResult:
     best_solve: int
     history: tuple[HyperRecord, ...]
     last_hyper: TensorTree
+    stop: HyperStop = HyperStop.COMPLETED
+    stopped_at: int | None = None
+    score: float = math.nan
+
+    @property
+    def stopped_early(self) -> bool:
+        """Whether the callback or ``patience`` ended the run before its last step or candidate."""
+        return self.stop is not HyperStop.COMPLETED
 
     @property
     def n_solves(self) -> int:
@@ -270,7 +405,13 @@ class HyperResult:
 
     @property
     def hypergrad_norms(self) -> tuple[float, ...]:
+        """The hypergradient norm at each inner solve (NaN for `search_hyper`)."""
         return tuple(r.hypergrad_norm for r in self.history)
+
+    @property
+    def scores(self) -> tuple[float, ...]:
+        """The selection score at each inner solve (the outer loss without a ``score``)."""
+        return tuple(r.score for r in self.history)
 
     @property
     def inner_iters(self) -> int:
@@ -281,7 +422,9 @@ class HyperResult:
         # The history holds one record per inner solve (tens of kilobytes printed): counts only.
         return (
             f"HyperResult(outer_loss={self.outer_loss:.6g}, best_solve={self.best_solve}, "
-            f"n_solves={self.n_solves}, inner_iters={self.inner_iters}, hyper={_describe(self.hyper)}, "
+            f"n_solves={self.n_solves}, inner_iters={self.inner_iters}, stop={self.stop.name}"
+            f"{'' if self.stopped_at is None else f' at outer step {self.stopped_at}'}, "
+            f"hyper={_describe(self.hyper)}, "
             f"params={_describe(self.params)})"
         )
 
@@ -304,13 +447,27 @@ def _describe(tree: TensorTree) -> str:
 
 
 class _Tracker:
-    """Records evaluations and keeps the best one (shared by the two drivers)."""
+    """Records evaluations, keeps the best one by score and decides when to stop (both drivers)."""
 
-    def __init__(self, callback: Callback | None) -> None:
+    def __init__(
+        self, who: str, callback: Callback | None, score: Score | None, patience: int | None
+    ) -> None:
+        if callback is not None and not callable(callback):
+            raise TypeError(f"{who}(callback={callback!r}): expected a function step -> bool | None")
+        if score is not None and not callable(score):
+            raise TypeError(f"{who}(score={score!r}): expected a function step -> float (lower is better)")
+        if patience is not None and (
+            isinstance(patience, bool) or not isinstance(patience, int) or patience < 1
+        ):
+            raise ValueError(f"{who}(patience={patience!r}): patience must be an int >= 1 or None")
+        self.who = who
         self.history: list[HyperRecord] = []
-        self.best: tuple[float, TensorTree, TensorTree, int] | None = None
+        self.best: tuple[float, HyperStep] | None = None
         self.callback = callback
-        self.stop = False
+        self.score = score
+        self.patience = patience
+        self.stop: HyperStop = HyperStop.COMPLETED
+        self.stopped_at: int | None = None
 
     def add(self, hyper: TensorTree, ev: HyperEvaluation, outer_step: int, hypergrad_norm: float) -> None:
         res = ev.info.solver_result
@@ -328,24 +485,64 @@ class _Tracker:
             backward_status=back.status if back is not None else None,
             backward_iters=back.n_iter if back is not None else 0,
             backward_matvecs=back.n_matvec if back is not None else 0,
+            score=loss if self.score is None else math.nan,
         )
+        detached = HyperEvaluation(loss=ev.loss.detach(), params=_detached(ev.params), info=ev.info)
+        step = HyperStep(record=record, hyper=_detached(hyper), evaluation=detached)
+        if self.score is not None:
+            value = self.score(step)
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = float(value.detach())
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(
+                    f"{self.who}: score(step) returned {type(value).__name__}; it must return a float "
+                    "(lower is better), e.g. float(heldout_loss(step.params))"
+                )
+            if not math.isfinite(value):
+                raise NonFiniteError(
+                    f"{self.who}: score(step) is {value} at outer step {outer_step} (inner solve "
+                    f"{record.solve}, outer loss {loss:.6g}); the score must be finite to rank the "
+                    "hyperparameters by it"
+                )
+            record = dataclasses.replace(record, score=float(value))
+            step = dataclasses.replace(step, record=record)
         self.history.append(record)
-        if self.best is None or loss < self.best[0]:
-            self.best = (loss, _detached(hyper), _detached(ev.params), record.solve)
-        if self.callback is not None and self.callback(record) is True:
-            self.stop = True
+        if self.best is None or record.score < self.best[0]:
+            self.best = (record.score, step)
+        if self.callback is not None:
+            verdict = self.callback(step)
+            if verdict is not None and not isinstance(verdict, bool):
+                raise TypeError(
+                    f"{self.who}: callback returned {type(verdict).__name__}; it must return True to "
+                    "stop the run, False or None to go on (wrap a tensor or NumPy test in bool(...))"
+                )
+            if verdict and self.stop is HyperStop.COMPLETED:
+                self.stop, self.stopped_at = HyperStop.CALLBACK, outer_step
+        if (
+            self.patience is not None
+            and self.stop is HyperStop.COMPLETED
+            and record.solve - self.best[1].solve >= self.patience
+        ):
+            self.stop, self.stopped_at = HyperStop.PATIENCE, outer_step
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop is not HyperStop.COMPLETED
 
     def result(self, last_hyper: TensorTree) -> HyperResult:
         if self.best is None:
-            raise ValueError("no hyperparameters were evaluated")
-        loss, hyper, params, solve = self.best
+            raise ValueError(f"{self.who}: no hyperparameters were evaluated")
+        score, step = self.best
         return HyperResult(
-            hyper=hyper,
-            params=params,
-            outer_loss=loss,
-            best_solve=solve,
+            hyper=step.hyper,
+            params=step.params,
+            outer_loss=step.outer_loss,
+            best_solve=step.solve,
             history=tuple(self.history),
             last_hyper=_detached(last_hyper),
+            stop=self.stop,
+            stopped_at=self.stopped_at,
+            score=score,
         )
 
 
@@ -372,6 +569,8 @@ def minimize_hyper(
     steps: int = 50,
     warm_start: bool = True,
     callback: Callback | None = None,
+    score: Score | None = None,
+    patience: int | None = None,
 ) -> HyperResult:
     """Minimize the outer loss over the hyperparameters with a torch optimizer.
 
@@ -396,17 +595,29 @@ def minimize_hyper(
         steps: optimizer steps (>= 1).
         warm_start: warm-start the inner and backward solves as described above;
             ``False`` starts every solve from ``params_init`` and from zero.
-        callback: ``callback(record)`` after each inner solve; returning ``True``
-            stops the run after the current optimizer step.
+        callback: ``callback(step)`` after each inner solve, with a `HyperStep` (the
+            record, the hyperparameters and the inner answer, detached): return ``True`` to
+            stop the run after the current optimizer step, ``False`` or ``None`` to go on.
+        score: ``score(step) -> float``, lower is better: the returned ``hyper`` is the
+            evaluated point with the lowest score (default: the lowest outer loss).  With
+            many hyperparameters and a small validation set the outer loss keeps falling
+            while the model gets worse on new data; score on a held-out split to notice.
+        patience: stop after the current optimizer step once ``patience`` inner solves in
+            a row did not lower the best score (with Adam or SGD one solve per step;
+            ``None``: never).
 
     Returns:
-        A `HyperResult`; its ``hyper`` is the best evaluated point (lowest outer loss).
+        A `HyperResult`: ``hyper`` is the best evaluated point by ``score``; ``stop`` and
+        ``stopped_at`` say whether and at which outer step the callback or ``patience``
+        stopped the run.
 
     Raises:
-        TypeError, ValueError: bad arguments.
-        OptimalityError, LinearSolveError, NonFiniteError: whatever ``problem.evaluate``
-            raises (`bilevel.OptimalityError` when the inner solver misses
-            ``optimality_tol``, ...).
+        TypeError, ValueError: bad arguments; a callback that returns neither a bool nor
+            None, a score that returns no number.
+        NonFiniteError: the outer loss, its gradient with respect to the inner answer, the
+            hypergradient or the score is NaN or infinite (the message names the outer step).
+        OptimalityError, LinearSolveError: whatever ``problem.evaluate`` raises
+            (`bilevel.OptimalityError` when the inner solver misses ``optimality_tol``, ...).
     """
     if not isinstance(problem, HyperProblem):
         raise TypeError(f"minimize_hyper: problem must be a HyperProblem, got {type(problem).__name__}")
@@ -423,19 +634,24 @@ def minimize_hyper(
             f"minimize_hyper: outer(params) returned a {type(optimizer).__name__}; expected a "
             "torch.optim.Optimizer built on the given params"
         )
-    tracker = _Tracker(callback)
+    tracker = _Tracker("minimize_hyper", callback, score, patience)
     state: dict[str, Any] = {"init": params_init, "x0": None, "step": 0}
 
     def closure() -> float:
         optimizer.zero_grad()
         hyper = unflatten(hyper_init, hyper_leaves)
+        at = f" at outer step {state['step']} (inner solve {len(tracker.history) + 1})"
         with torch.enable_grad():
-            ev = problem.evaluate(hyper, state["init"], backward_x0=state["x0"] if warm_start else None)
+            ev = problem._evaluate(hyper, state["init"], state["x0"] if warm_start else None, at)
             ev.loss.backward()
         grads = [h.grad for h in hyper_leaves if h.grad is not None]
         gnorm = math.sqrt(sum(float((g.detach().double() ** 2).sum()) for g in grads))
         if not math.isfinite(gnorm):
-            raise NonFiniteError("minimize_hyper: the hypergradient has NaN or infinity")
+            raise NonFiniteError(
+                f"minimize_hyper: the hypergradient has NaN or infinity{at}, where the outer loss is "
+                f"{float(ev.loss.detach()):.6g}: check the outer objective's direct dependence on the "
+                "hyperparameters and their range (e.g. exp of a large log-weight)"
+            )
         if warm_start:
             state["init"] = _detached(ev.params)
             back = ev.info.last_backward
@@ -446,7 +662,7 @@ def minimize_hyper(
     for step in range(steps):
         state["step"] = step
         optimizer.step(closure)
-        if tracker.stop:
+        if tracker.stopping:
             break
     return tracker.result(unflatten(hyper_init, hyper_leaves))
 
@@ -462,6 +678,8 @@ def search_hyper(
     *,
     warm_start: bool = True,
     callback: Callback | None = None,
+    score: Score | None = None,
+    patience: int | None = None,
 ) -> HyperResult:
     """Evaluate each candidate (grid or random search); keep the one with the lowest outer loss.
 
@@ -474,28 +692,35 @@ def search_hyper(
         warm_start: start each inner solve from the previous answer (good along a
             sorted grid, a regularization path); ``False`` starts each from
             ``params_init``.
-        callback: ``callback(record)`` after each inner solve; ``True`` stops.
+        callback: ``callback(step)`` after each inner solve, with a `HyperStep`;
+            ``True`` stops, ``False`` or ``None`` goes on (as in `minimize_hyper`).
+        score: ``score(step) -> float``, lower is better; the returned ``hyper`` is the
+            candidate with the lowest score (default: the lowest outer loss).
+        patience: stop once ``patience`` candidates in a row did not lower the best score
+            (along a sorted grid; ``None``: never).
 
     Returns:
-        A `HyperResult` (``last_hyper`` is the last candidate evaluated).
+        A `HyperResult` (``last_hyper`` is the last candidate evaluated, ``stopped_at`` its
+        index when the callback or ``patience`` stopped the search).
 
     Raises:
         ValueError: no candidates.
+        TypeError, NonFiniteError: as in `minimize_hyper`.
     """
     if not isinstance(problem, HyperProblem):
         raise TypeError(f"search_hyper: problem must be a HyperProblem, got {type(problem).__name__}")
-    tracker = _Tracker(callback)
+    tracker = _Tracker("search_hyper", callback, score, patience)
     init = params_init
     last: TensorTree | None = None
     for i, hyper in enumerate(candidates):
         _check_hyper("search_hyper", hyper)
         with torch.no_grad():
-            ev = problem.evaluate(_detached(hyper), init)
+            ev = problem._evaluate(_detached(hyper), init, None, f" at candidate {i}")
         if warm_start:
             init = _detached(ev.params)
         tracker.add(hyper, ev, i, math.nan)
         last = hyper
-        if tracker.stop:
+        if tracker.stopping:
             break
     if last is None:
         raise ValueError("search_hyper: candidates is empty")

@@ -8,13 +8,13 @@ regression re-solved by Newton to 1e-12.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 
 import bilevel as bl
-from bilevel.hyperopt import HyperProblem, HyperResult, minimize_hyper, search_hyper
+from bilevel.hyperopt import HyperProblem, HyperResult, HyperStep, HyperStop, minimize_hyper, search_hyper
 
 D = torch.float64
 
@@ -215,17 +215,19 @@ def test_search_hyper_picks_lowest_and_counts() -> None:
 def test_callback_stops_the_run() -> None:
     seen: list[int] = []
 
-    def cb(record: object) -> bool:
-        seen.append(record.solve)  # type: ignore[attr-defined]
+    def cb(step: HyperStep) -> bool:
+        seen.append(step.solve)
         return len(seen) == 3
 
     res = minimize_hyper(
         ridge_problem(), torch.zeros(6, dtype=D), torch.zeros(6, dtype=D), steps=10, callback=cb
     )
     assert res.n_solves == 3 and seen == [1, 2, 3]
+    assert res.stop is HyperStop.CALLBACK and res.stopped_at == 2 and res.stopped_early
     seen.clear()
     grid = [torch.full((6,), float(t), dtype=D) for t in range(5)]
-    assert search_hyper(ridge_problem(), grid, torch.zeros(6, dtype=D), callback=cb).n_solves == 3
+    found = search_hyper(ridge_problem(), grid, torch.zeros(6, dtype=D), callback=cb)
+    assert found.n_solves == 3 and found.stop is HyperStop.CALLBACK and found.stopped_at == 2
 
 
 def test_tuple_hyper_and_direct_outer_dependence() -> None:
@@ -336,3 +338,180 @@ def test_result_repr_is_short() -> None:
     r = repr(res)
     assert r.startswith("HyperResult(outer_loss=") and "n_solves=30" in r and len(r) < 250, r
     assert "Tensor(6,) float64" in r
+
+
+# ------------------------------------------------------------------ callback, score, patience
+X_HO, Y_HO = _data(50, 6, 2)  # a held-out split, drawn like the validation set
+
+
+def heldout_mse(step: HyperStep) -> float:
+    assert isinstance(step.params, torch.Tensor)
+    return float(0.5 * ((X_HO @ step.params - Y_HO) ** 2).mean())
+
+
+def test_callback_sees_hyper_answer_and_evaluation() -> None:
+    steps: list[HyperStep] = []
+    res = minimize_hyper(
+        ridge_problem(),
+        torch.zeros(6, dtype=D),
+        torch.zeros(6, dtype=D),
+        outer=lambda ps: torch.optim.Adam(ps, lr=0.2),
+        steps=5,
+        callback=steps.append,  # returns None: go on
+    )
+    assert res.n_solves == 5 and res.stop is HyperStop.COMPLETED and res.stopped_at is None
+    assert not res.stopped_early
+    assert [s.outer_step for s in steps] == list(range(5)) and [s.solve for s in steps] == [1, 2, 3, 4, 5]
+    assert torch.equal(steps[0].hyper, torch.zeros(6, dtype=D))  # type: ignore[arg-type]
+    for s, record in zip(steps, res.history):
+        assert s.record == record and s.record.score == s.outer_loss == record.outer_loss
+        hyper = s.hyper
+        assert isinstance(hyper, torch.Tensor) and not hyper.requires_grad
+        # The answer and loss are those at the hyperparameters the step reports (closed form),
+        # so the copies were taken before the optimizer moved theta.
+        w_ref, loss_ref, _ = ridge_reference(hyper)
+        torch.testing.assert_close(s.params, w_ref, rtol=1e-12, atol=1e-12)
+        assert math.isclose(float(s.evaluation.loss), loss_ref, rel_tol=1e-12)
+        assert not s.evaluation.loss.requires_grad and s.evaluation.info.last_backward is not None
+    assert not torch.equal(steps[1].hyper, steps[4].hyper)  # type: ignore[arg-type]
+
+
+def test_score_chooses_the_returned_hyperparameters() -> None:
+    """The held-out score ranks the same trajectory; the result is its argmin, not the outer loss's."""
+    kw = dict(outer=lambda ps: torch.optim.Adam(ps, lr=0.3), steps=30)
+    hypers: list[torch.Tensor] = []
+    res = minimize_hyper(
+        ridge_problem(),
+        torch.zeros(6, dtype=D),
+        torch.zeros(6, dtype=D),
+        callback=lambda s: hypers.append(s.hyper),  # type: ignore[arg-type]
+        score=heldout_mse,
+        **kw,  # type: ignore[arg-type]
+    )
+    # Independent reference: the held-out loss of the closed-form answer at each recorded hyper.
+    ref = [float(0.5 * ((X_HO @ ridge_reference(h)[0] - Y_HO) ** 2).mean()) for h in hypers]
+    for got, want in zip(res.scores, ref):
+        assert math.isclose(got, want, rel_tol=1e-9)
+    best = min(range(len(ref)), key=ref.__getitem__)
+    assert res.best_solve == best + 1 and math.isclose(res.score, ref[best], rel_tol=1e-9)
+    assert torch.equal(res.hyper, hypers[best])  # type: ignore[arg-type]
+    assert res.outer_loss == res.outer_losses[best]
+    plain = minimize_hyper(ridge_problem(), torch.zeros(6, dtype=D), torch.zeros(6, dtype=D), **kw)  # type: ignore[arg-type]
+    assert plain.outer_losses == res.outer_losses  # the score changes the choice, not the run
+    assert plain.best_solve == 1 + min(range(30), key=plain.outer_losses.__getitem__) != res.best_solve
+
+
+def test_patience_stops_when_the_score_stops_improving() -> None:
+    # A score whose best is at solve 4: with patience 3, solves 5, 6, 7 do not improve it.
+    def score(step: HyperStep) -> float:
+        assert math.isnan(step.record.score)  # not yet computed when score runs
+        return abs(step.solve - 4.0)
+
+    hypers: dict[int, torch.Tensor] = {}
+
+    def remember(step: HyperStep) -> bool:
+        assert step.record.score == abs(step.solve - 4.0)  # the callback sees it
+        hypers[step.solve] = step.hyper  # type: ignore[assignment]
+        return False
+
+    z = torch.zeros(6, dtype=D)
+    res = minimize_hyper(ridge_problem(), z, z, steps=20, score=score, patience=3, callback=remember)
+    assert res.n_solves == 7 and res.stop is HyperStop.PATIENCE and res.stopped_at == 6
+    assert res.best_solve == 4 and res.score == 0.0
+    assert torch.equal(res.hyper, hypers[4])  # type: ignore[arg-type]
+    assert "stop=PATIENCE at outer step 6" in repr(res)
+    assert minimize_hyper(ridge_problem(), z, z, steps=10, score=score).n_solves == 10
+    grid = [torch.full((6,), float(t), dtype=D) for t in range(10)]
+    found = search_hyper(ridge_problem(), grid, z, score=score, patience=2)
+    assert found.n_solves == 6 and found.stopped_at == 5 and torch.equal(found.hyper, grid[3])  # type: ignore[arg-type]
+
+
+def test_callback_and_score_are_checked() -> None:
+    p, z = ridge_problem(), torch.zeros(6, dtype=D)
+    with pytest.raises(ValueError, match=r"minimize_hyper\(patience=0\): patience must be an int >= 1"):
+        minimize_hyper(p, z, z, patience=0)
+    with pytest.raises(TypeError, match=r"search_hyper\(callback=3\): expected a function"):
+        search_hyper(p, [z], z, callback=3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"minimize_hyper\(score='heldout'\)"):
+        minimize_hyper(p, z, z, score="heldout")  # type: ignore[arg-type]
+    # A tensor verdict would be silently ignored by a test for True: it is refused.
+    with pytest.raises(TypeError, match=r"callback returned Tensor; it must return True to stop"):
+        minimize_hyper(p, z, z, steps=3, callback=lambda s: torch.tensor(True))  # type: ignore[arg-type,return-value]
+    with pytest.raises(TypeError, match=r"score\(step\) returned str"):
+        minimize_hyper(p, z, z, steps=3, score=lambda s: "low")  # type: ignore[arg-type,return-value]
+    with pytest.raises(bl.NonFiniteError, match=r"score\(step\) is nan at outer step 0"):
+        minimize_hyper(p, z, z, steps=3, score=lambda s: math.nan)
+    # A one-element tensor score is read as its value.
+    res = minimize_hyper(p, z, z, steps=3, score=lambda s: torch.tensor(float(-s.solve)))  # type: ignore[arg-type,return-value]
+    assert res.best_solve == 3 and res.score == -3.0
+
+
+# ------------------------------------------------------------------ non-finite outer loss, missing grad
+def _flaky_outer(bad: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """val_mse, except on its third call, where it returns bad(w)."""
+    calls: list[int] = []
+
+    def L(w: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return bad(w) if len(calls) == 3 else val_mse(w, theta)
+
+    return L
+
+
+def test_nonfinite_outer_loss_gradient_is_named_at_its_outer_step() -> None:
+    # sqrt at 0: the loss is finite (0), its gradient with respect to w is NaN (inf * 0).
+    def sqrt_at_zero(w: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(0.0 * (w**2).sum())
+
+    z = torch.zeros(6, dtype=D)
+    p = HyperProblem(ridge, _flaky_outer(sqrt_at_zero), ridge_solver, linear_solver=bl.CG(rtol=1e-12))
+    with pytest.raises(
+        bl.NonFiniteError, match=r"gradient of the outer loss \(= 0\) at outer step 2 .*inner answer"
+    ):
+        minimize_hyper(p, z, z, steps=5)
+    theta = torch.zeros(6, dtype=D, requires_grad=True)
+    ev = HyperProblem(ridge, lambda w, t: sqrt_at_zero(w), ridge_solver).evaluate(theta, z)
+    with pytest.raises(bl.NonFiniteError, match=r"gradient of the outer loss .* inner answer") as err:
+        ev.loss.backward()
+    assert "backward linear solve" not in str(err.value)
+    p = HyperProblem(ridge, _flaky_outer(lambda w: w.sum() / 0.0), ridge_solver)
+    with pytest.raises(
+        bl.NonFiniteError, match=r"outer loss is -?(nan|inf) at outer step 2 \(inner solve 3\)"
+    ):
+        minimize_hyper(p, z, z, steps=5)
+    p = HyperProblem(ridge, _flaky_outer(lambda w: w.sum() / 0.0), ridge_solver)
+    grid = [torch.full((6,), float(t), dtype=D) for t in range(5)]
+    with pytest.raises(bl.NonFiniteError, match=r"outer loss is -?(nan|inf) at candidate 2"):
+        search_hyper(p, grid, z)
+
+
+def test_nonfinite_hypergradient_from_the_direct_term_names_the_step() -> None:
+    # The outer loss depends on theta directly through sqrt(theta_0^2): NaN gradient at theta_0 = 0.
+    p = HyperProblem(
+        ridge,
+        lambda w, t: val_mse(w, t) + torch.sqrt(t[0] ** 2),
+        ridge_solver,
+        linear_solver=bl.CG(rtol=1e-12),
+    )
+    z = torch.zeros(6, dtype=D)
+    with pytest.raises(bl.NonFiniteError, match=r"hypergradient has NaN or infinity at outer step 0"):
+        minimize_hyper(p, z, z, steps=3)
+
+
+def test_hyper_without_requires_grad_is_named() -> None:
+    z = torch.zeros(6, dtype=D)
+    ev = ridge_problem().evaluate(torch.zeros(6, dtype=D), z)
+    assert math.isclose(float(ev.loss.detach()), ridge_reference(z)[1], rel_tol=1e-12)  # value unchanged
+    with pytest.raises(bl.BilevelError, match=r"no tensor of hyper requires grad.*requires_grad=True"):
+        ev.loss.backward()
+    with torch.no_grad():  # a value-only evaluation has no graph at all
+        assert not ridge_problem().evaluate(z, z).loss.requires_grad
+    # One leaf of a tuple requiring grad is enough: no error, the gradient reaches it.
+    h = (torch.zeros(6, dtype=D, requires_grad=True), torch.tensor(0.0, dtype=D))
+    p = HyperProblem(
+        lambda w, h: ridge(w, h[0] + h[1]),
+        lambda w, h: val_mse(w, h[0]),
+        lambda g, w, h: ridge_solver(g, w, h[0]),
+    )
+    p.evaluate(h, z).loss.backward()
+    assert h[0].grad is not None and h[1].grad is None
