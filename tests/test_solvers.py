@@ -553,7 +553,8 @@ def test_implicit_hypergradient_of_a_batch(kind: str) -> None:
 def test_status_is_truthful_on_random_quadratics(
     seed: int, n: int, log_kappa: float, kind: str, max_iter: int
 ) -> None:
-    """CONVERGED exactly when the independently measured ||grad|| <= tol, whatever the cap."""
+    """CONVERGED exactly when the independently measured ||grad|| <= tol (or at ScipyLBFGS's
+    rounding floor), whatever the cap."""
     p = P.quadratic(n=n, kappa=10**log_kappa, seed=seed)
     tol = 1e-6
     solver = {
@@ -567,7 +568,8 @@ def test_status_is_truthful_on_random_quadratics(
     res = solver(p.objective, p.init, p.theta)
     measured = P.grad_norm(p.objective, res.x, p.theta)
     assert res.grad_norm == pytest.approx(measured, rel=1e-6, abs=1e-14)
-    assert res.converged == (measured <= tol)
+    # ScipyLBFGS also converges where its line search failed at f's rounding floor, and says so.
+    assert res.converged == (measured <= tol or "rounding_floor" in res.info)
     if not res.converged:
         assert res.status in (bl.SolverStatus.MAX_ITER, bl.SolverStatus.LINE_SEARCH_FAILED)
     # Strong convexity turns the measured gradient into a distance bound.
@@ -649,13 +651,15 @@ def test_newton_cg_line_search_failure_names_armijo() -> None:
 
 
 def test_scipy_line_search_failure_blames_tol_not_step_options() -> None:
-    # f = 1e4 + ...: its rounding (eps * 1e4 ~ 2e-12) hides the decrease near the minimizer.
+    # f = 1e4 + ...: its rounding (eps * 1e4 ~ 2e-12) hides the decrease near the minimizer,
+    # which is reported as converged at f's rounding floor (tests/test_solvers_external.py);
+    # with a kink at the minimizer the line search fails short of that floor.
     def obj(x: torch.Tensor, th: torch.Tensor) -> torch.Tensor:
-        return 1e4 + ((x - th) ** 2 * torch.arange(1, 6, dtype=D)).sum()
+        return 1e4 + ((x - th) ** 2 * torch.arange(1, 6, dtype=D)).sum() + (x - th).abs().sum()
 
     res = ScipyLBFGS(tol=1e-12)(obj, torch.zeros(5, dtype=D), torch.ones(5, dtype=D))
     assert res.status is bl.SolverStatus.LINE_SEARCH_FAILED
-    assert "tol=1e-12" in res.reason and "loosen tol" in res.reason and "2.2e-12 (float64)" in res.reason
+    assert "tol=1e-12" in res.reason and "loosen tol" in res.reason and "2.2e-12 in float64" in res.reason
     assert "backtracking" not in res.reason and res.info["reason"] == res.reason
     res = ScipyLBFGS(tol=1e-12, max_iter=1)(obj, torch.zeros(5, dtype=D), torch.ones(5, dtype=D))
     assert res.status is bl.SolverStatus.MAX_ITER and "max_iter=1" in res.reason

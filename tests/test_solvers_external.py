@@ -20,6 +20,7 @@ import torch
 import bilevel as bl
 from bilevel.solvers import (
     Cvxpy,
+    ScipyLBFGS,
     SklearnLogisticRegression,
     SklearnRidge,
     Subprocess,
@@ -473,3 +474,73 @@ def test_implicit_argmin_quotes_the_subprocess_failure(external, tmp_path: Path)
         # the diagnostics travel with the error: the solver's result, its status and reason
         result = err.value.info.solver_result
         assert result.status is bl.SolverStatus.FAILED and "could not start" in result.reason
+
+
+# ----------------------------------------------------------------------------- ScipyLBFGS's rounding floor
+WEIGHTS = torch.arange(1, 6, dtype=D)
+
+
+def offset_quadratic(offset: float) -> bl.Objective:
+    """f(x, theta) = offset + sum_j j (x_j - theta_j)^2, minimized at x = theta; f* = offset."""
+
+    def f(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        return offset + (WEIGHTS.to(x.dtype) * (x - theta) ** 2).sum()
+
+    return f
+
+
+@pytest.mark.parametrize(
+    ("offset", "start", "dtype", "tol"),
+    [
+        (1e4, -1.0, D, 1e-12),  # eps * |f| ~ 2e-12: ||grad|| stalls near 1e-8
+        (1.0, -1.0, D, 1e-14),  # f ~ 1: ||grad|| stalls near 1e-10
+        (1.0, 1e-12, D, 1e-14),  # warm start at the minimizer: no L-BFGS update is ever made
+        (10.0, -1.0, torch.float32, 1e-6),  # float32: ||grad|| stalls near 1e-3
+    ],
+)
+def test_scipy_lbfgs_line_search_failure_at_rounding_floor_is_converged(
+    offset: float, start: float, dtype: torch.dtype, tol: float
+) -> None:
+    theta = torch.ones(5, dtype=dtype)  # the minimizer; the solve starts at theta + start
+    res = ScipyLBFGS(tol=tol)(offset_quadratic(offset), theta + start, theta)
+    assert res.grad_norm > tol  # tol is out of reach: SciPy's line search failed ...
+    assert res.converged and res.status is bl.SolverStatus.CONVERGED  # ... at f's rounding floor
+    assert "rounding floor" in res.info["rounding_floor"] and f"tol={tol:g}" in res.info["rounding_floor"]
+    # The floor test's own bounds hold, and the answer is the minimizer to the accuracy
+    # ||grad|| / (2 min_j j) that the gradient allows.
+    eps = torch.finfo(dtype).eps
+    assert res.grad_norm <= eps ** (1 / 3) * (1 + abs(offset))
+    x = res.x
+    assert isinstance(x, torch.Tensor) and x.dtype == dtype
+    assert float((x - theta).double().norm()) <= res.grad_norm / 2 + 10 * eps * float(theta.norm())
+
+
+def _sign_flipped(scale: float, offset: float) -> bl.Objective:
+    """f = offset + scale ||x||^2 whose gradient is returned with the wrong sign (-2 scale x)."""
+
+    def f(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        v = scale * (x**2).sum()
+        return offset + 2 * v.detach() - v
+
+    return f
+
+
+@pytest.mark.parametrize(
+    ("name", "objective", "init"),
+    [
+        # A kink far from the minimizer's gradient scale: ||grad|| ~ 1 fails the gradient test
+        # (the L-BFGS model, fooled by the kink, predicts a decrease of ~1e-16 and passes).
+        ("kink", lambda x, t: (x - 0.3).abs().sum() + (x**2).sum(), torch.ones(5, dtype=D)),
+        # A wrong gradient on f ~ 1e4: ||grad|| ~ 4e-3 passes the gradient test (<= 6e-2),
+        # the model's predicted decrease ~1e-5 fails it.
+        ("wrong gradient, large f", _sign_flipped(1e-3, 1e4), torch.ones(5, dtype=D)),
+        ("wrong gradient", _sign_flipped(1.0, 0.0), torch.ones(5, dtype=D)),
+    ],
+)
+def test_scipy_lbfgs_true_line_search_failure_still_fails(
+    name: str, objective: bl.Objective, init: torch.Tensor
+) -> None:
+    res = ScipyLBFGS(tol=1e-8)(objective, init, torch.zeros((), dtype=D))
+    assert res.status is bl.SolverStatus.LINE_SEARCH_FAILED and not res.converged, name
+    assert "rounding_floor" not in res.info
+    assert "no decrease found" in res.reason and "a kink" in res.reason and "check the gradient" in res.reason

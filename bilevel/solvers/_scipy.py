@@ -28,23 +28,35 @@ class ScipyLBFGS:
     SciPy's own arithmetic is float64.  The answer is cast back to ``init``'s dtype
     and device.
 
-    Status: ``CONVERGED`` iff ||grad G|| <= tol at the returned point, as measured by
+    Status: ``CONVERGED`` when ||grad G|| <= tol at the returned point, as measured by
     PyTorch (SciPy is given ``gtol = tol / sqrt(n)`` on the largest gradient entry, which
-    implies it); otherwise ``MAX_ITER`` when SciPy ran out of iterations or evaluations,
+    implies it), or when SciPy's line search failed at f's rounding floor (below);
+    otherwise ``MAX_ITER`` when SciPy ran out of iterations or evaluations,
     ``LINE_SEARCH_FAILED`` when its line search failed or f stopped decreasing,
     ``NONFINITE`` for NaN or infinity, and ``FAILED`` if SciPy stopped for another
     reason (e.g. on a positive ``ftol``).  SciPy's message, status and counts are in
     ``info``.
 
-    Limit: SciPy's line search compares values of f, and near the minimizer the
+    Rounding floor: SciPy's line search compares values of f, and near the minimizer the
     decrease (about ||g||^2 / L) falls below the rounding of f (about eps * |f|, or
     the size of the terms summed into f): ||grad|| below roughly
     sqrt(mu * eps * |f|) (~1e-8 in float64 for f ~ 1, ~1e-3 in float32) is out of
-    reach, and the status then says ``LINE_SEARCH_FAILED``.  The torch solvers'
-    `Armijo` search reads slopes there instead.
+    reach.  A failed line search is reported ``CONVERGED`` when both
+
+    * ||g|| <= eps^(1/3) * (1 + |f|): the gradient test of Gill, Murray & Wright's
+      stopping rule (U3, with f's relative accuracy eps of its dtype), and
+    * 1/2 g^T H g <= 100 * eps * (1 + |f|), with H L-BFGS's inverse-Hessian
+      approximation at the answer (the identity before its first update): the decrease
+      the quasi-Newton model predicts from the answer is within a hundred roundings of f,
+
+    so no step can show a decrease that f's rounding would not hide; ``info["rounding_floor"]``
+    then says so.  A line search that fails far from a minimizer (a wrong gradient, a
+    kink) fails one of the two and stays ``LINE_SEARCH_FAILED``.  The torch solvers'
+    `Armijo` search reads slopes there instead, and reaches smaller gradients.
 
     Args:
-        tol: gradient-norm tolerance (> 0).
+        tol: gradient-norm tolerance (> 0); see the rounding floor above for when a larger
+            gradient is accepted.
         max_iter: L-BFGS iteration cap (>= 1).
         max_fun: cap on objective+gradient evaluations (``None``: 2 * max_iter + 20).
         history: number of stored correction pairs (``maxcor``), >= 1.
@@ -56,11 +68,16 @@ class ScipyLBFGS:
         one gradient (``n_gev``); a last one is added if SciPy's final point was not
         the last evaluated.  Unless it converged, ``message`` (`SolverResult.reason`,
         also ``info["reason"]``) says why in terms of ``tol``, ``max_iter``, ``max_fun``
-        and ``ftol``; for ``LINE_SEARCH_FAILED`` it gives the rounding of f at the answer.
+        and ``ftol``; for ``LINE_SEARCH_FAILED`` it gives the rounding of f at the answer and
+        the likely causes.
 
     Raises:
         TypeError: a setting is not a number, or is a function or tensor (the class called
             as if it were a solver: create it first, ``ScipyLBFGS(tol=...)``).
+
+    References:
+        Gill, Murray & Wright, *Practical Optimization*, Academic Press 1981, section 8.2.3
+        (termination criteria U1-U3).
     """
 
     tol: float = 1e-6
@@ -134,6 +151,15 @@ class ScipyLBFGS:
             "scipy_status": int(res.status),
             "scipy_nfev": int(res.nfev),
         }
+        if status is SolverStatus.LINE_SEARCH_FAILED:
+            rounding = _at_rounding_floor(res, g[0], gn, fv, oracle.dtype)
+            if rounding:
+                status = SolverStatus.CONVERGED
+                info["rounding_floor"] = (
+                    f"ScipyLBFGS: ||grad|| = {gn:.3e} > tol={self.tol:g}, but SciPy's line search found "
+                    f"no decrease where f = {fv:.6g} is at its rounding floor ({rounding}): converged "
+                    "as far as f's rounding allows"
+                )
         why = self._explain(status, message, gn, fv, n_fev=int(res.nfev), max_fun=max_fun, dtype=oracle.dtype)
         if why:
             info["reason"] = why
@@ -159,18 +185,20 @@ class ScipyLBFGS:
             cap = f"max_fun={kw['max_fun']}" if kw["n_fev"] >= kw["max_fun"] else f"max_iter={self.max_iter}"
             return f"ScipyLBFGS stopped at {cap} with {where}: raise max_iter and max_fun, or loosen tol"
         if status is SolverStatus.LINE_SEARCH_FAILED:
-            # Near a minimizer the decrease along a step, about ||g||^2 / L, falls below the rounding
-            # of f, eps * |f|: SciPy's line search then sees no decrease.  No step size or number of
-            # backtracking steps helps there; only tol or the objective's scale does.
+            # Not at the rounding floor (`_at_rounding_floor` said no): either f is not smooth
+            # there or its gradient does not match it, or f's rounding is coarser than the
+            # floor test assumes (f summed from large terms that cancel).  No step size or
+            # number of backtracking steps helps in either case.
             eps = torch.finfo(kw["dtype"]).eps
             dtype = str(kw["dtype"]).replace("torch.", "")
             return (
-                f"ScipyLBFGS: no decrease found at {where}: f = {fv:.6g} is resolved only to "
-                f"eps * |f| = {eps * abs(fv):.1e} ({dtype}), less than a step can gain this close to the "
-                f"minimizer, so tol is likely below what f's rounding allows: loosen tol (to about "
-                f"{2 * gn:.0e}), scale f to "
-                "|f| ~ 1 near the minimizer (a mean instead of a sum), or use NewtonCG or "
-                "GradientDescent(line_search=Armijo()), whose line search reads slopes"
+                f"ScipyLBFGS: no decrease found at {where}, short of f's rounding floor (f = {fv:.6g}, "
+                f"resolved to eps * |f| = {eps * abs(fv):.1e} in {dtype}).  Either f is not smooth "
+                "there or its gradient does not match it (a kink: abs, relu, max; a detached term), "
+                "or f is rounded more coarsely than eps * |f| (large terms that cancel): check the "
+                f"gradient, loosen tol (to about {2 * gn:.0e}), scale f to |f| ~ 1 near the minimizer "
+                "(a mean instead of a sum), or use NewtonCG or GradientDescent(line_search=Armijo()), "
+                "whose line search reads slopes"
             )
         if status is SolverStatus.NONFINITE:
             return (
@@ -183,6 +211,37 @@ class ScipyLBFGS:
                 "set ftol=0 (the default) so that SciPy stops on the gradient"
             )
         return f"ScipyLBFGS: SciPy stopped before tol with {where}"
+
+
+def _at_rounding_floor(res: Any, g: torch.Tensor, gn: float, fv: float, dtype: torch.dtype) -> str:
+    """Why a failed line search ended at f's rounding floor ('' if it did not); see `ScipyLBFGS`.
+
+    Args:
+        res: SciPy's ``OptimizeResult``; ``res.hess_inv`` is L-BFGS's inverse-Hessian approximation.
+        g: the gradient at ``res.x``, shape (n,), measured by PyTorch.
+        gn: its Euclidean norm.
+        fv: f at ``res.x``.
+        dtype: the dtype f was evaluated in; its eps is f's relative accuracy.
+    """
+    eps = torch.finfo(dtype).eps
+    scale = 1.0 + abs(fv)
+    # U3 of Gill, Murray & Wright: a gradient this small relative to f's scale is what
+    # a relative accuracy eps in f can resolve.  Alone it would accept a wrong gradient
+    # on a large f, whence the model test below.
+    if gn > eps ** (1.0 / 3.0) * scale:
+        return ""
+    gd = g.detach().double().cpu().numpy()
+    hess_inv = getattr(res, "hess_inv", None)
+    hg = hess_inv.matvec(gd) if hess_inv is not None else gd
+    predicted = 0.5 * float(np.dot(gd, hg))
+    # The decrease L-BFGS's own model promises from here: below the rounding of f (100 ulps
+    # of 1 + |f|, room for f summed from many rounded terms) a line search cannot see it.
+    if not (math.isfinite(predicted) and predicted <= 100.0 * eps * scale):
+        return ""
+    return (
+        f"||grad|| <= eps^(1/3) * (1 + |f|) = {eps ** (1.0 / 3.0) * scale:.1e} and the L-BFGS model "
+        f"predicts a decrease of {predicted:.1e} <= 100 * eps * (1 + |f|) = {100.0 * eps * scale:.1e}"
+    )
 
 
 def _one_blas_thread() -> Any:
