@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -56,6 +57,7 @@ from ._hvp import HVPLike
 from ._implicit import ImplicitInfo, implicit_argmin
 from ._policy import UNSET, ImplicitPolicy, Unset, resolve_policy
 from ._status import LinearStatus, SolverStatus
+from ._sync import defer_check
 from ._types import LinearSolver, Objective, TensorTree
 from .tree import check_finite, leaves, unflatten
 
@@ -229,7 +231,7 @@ class HyperProblem:
         elif torch.is_grad_enabled() and not any(t.requires_grad for t in leaves(hyper)):
             # No leaf of hyper requires grad: give the loss a backward that says so, instead of
             # torch's "element 0 of tensors does not require grad and does not have a grad_fn".
-            loss = _NoHypergradient.apply(loss, torch.zeros((), requires_grad=True))
+            loss = _NoHypergradient.apply(loss, torch.zeros((), device=loss.device, requires_grad=True))
         return HyperEvaluation(loss=loss, params=params, info=info)
 
 
@@ -237,15 +239,23 @@ def _outer_gradient_check(loss: float, at: str) -> Callable[[torch.Tensor], None
     """A tensor hook on the inner answer: raise if dL/dparams has NaN or infinity."""
 
     def check(grad: torch.Tensor) -> None:
-        if not bool(torch.isfinite(grad).all()):
-            raise NonFiniteError(
-                f"HyperProblem: the gradient of the outer loss (= {loss:.6g}){at} with respect to "
-                "the inner answer has NaN or infinity, so no hypergradient can be formed: the outer "
-                "objective is not differentiable there (e.g. sqrt or norm at 0, log of 0, a NaN "
-                "branch of torch.where); smooth it (sqrt(x + eps), log(x + eps), logsumexp)"
-            )
+        # Queued like the layer's own checks (`bilevel.deferred_checks`); queued before the
+        # backward solve's, so this one reports first.
+        defer_check(
+            functools.partial(_raise_if_nonfinite_outer_gradient, torch.isfinite(grad).all(), loss, at)
+        )
 
     return check
+
+
+def _raise_if_nonfinite_outer_gradient(finite: torch.Tensor, loss: float, at: str) -> None:
+    if not bool(finite):
+        raise NonFiniteError(
+            f"HyperProblem: the gradient of the outer loss (= {loss:.6g}){at} with respect to "
+            "the inner answer has NaN or infinity, so no hypergradient can be formed: the outer "
+            "objective is not differentiable there (e.g. sqrt or norm at 0, log of 0, a NaN "
+            "branch of torch.where); smooth it (sqrt(x + eps), log(x + eps), logsumexp)"
+        )
 
 
 class _NoHypergradient(torch.autograd.Function):

@@ -474,6 +474,11 @@ def test_nonfinite_outer_loss_gradient_is_named_at_its_outer_step() -> None:
     with pytest.raises(bl.NonFiniteError, match=r"gradient of the outer loss .* inner answer") as err:
         ev.loss.backward()
     assert "backward linear solve" not in str(err.value)
+    # Deferred, the check is queued before the backward solve's and still reports first.
+    ev = HyperProblem(ridge, lambda w, t: sqrt_at_zero(w), ridge_solver).evaluate(theta, z)
+    with pytest.raises(bl.NonFiniteError, match=r"gradient of the outer loss .* inner answer"):
+        with bl.deferred_checks():
+            ev.loss.backward()
     p = HyperProblem(ridge, _flaky_outer(lambda w: w.sum() / 0.0), ridge_solver)
     with pytest.raises(
         bl.NonFiniteError, match=r"outer loss is -?(nan|inf) at outer step 2 \(inner solve 3\)"
