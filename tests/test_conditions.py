@@ -8,8 +8,12 @@ active set and against central finite differences of a float64 re-solve by the s
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 
 import cvxpy as cp
 import numpy as np
@@ -661,3 +665,31 @@ def test_kkt_constraint_must_return_a_tensor() -> None:
             lbfgsb,
             condition=KKT(ineq=lambda x, th: [1.0]),
         )  # type: ignore[arg-type,return-value]
+
+
+# --------------------------------------------------------------------------------------------------
+# The lasso / elastic-net example, run small
+
+
+def _load_example() -> ModuleType:
+    path = Path(__file__).resolve().parent.parent / "examples" / "lasso_hyperparameter.py"
+    spec = importlib.util.spec_from_file_location("_example_lasso_hyperparameter", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize(
+    "lasso, solver",
+    [pytest.param(False, "fista", id="enet-fista"), pytest.param(True, "sklearn", id="lasso-sklearn")],
+)
+def test_lasso_example_hypergradient_matches_finite_differences(lasso: bool, solver: str) -> None:
+    example = _load_example()
+    rep = example.run(steps=4, lr=0.3, lasso=lasso, solver=solver)
+    for check in (rep.first, rep.last):
+        assert check.rel_fd < 1e-6, check  # eps = 1e-6 on a 1e-12 accurate solve
+        assert check.rel_closed < 1e-8, check
+        assert 0 < check.support < 10  # some coefficients zero: the l1 kink is active
+    assert rep.val_mse[-1] < rep.val_mse[0]
