@@ -735,12 +735,17 @@ class _Conditioned(Protocol):
     def condition(self) -> Condition: ...
 
 
+_STATIONARITY = Stationarity()
+
+
 def _argmin_condition(condition: object, solver: object, policy: ImplicitPolicy) -> Condition:
     """The condition of one `implicit_argmin` call: the given one, the solver's, or stationarity."""
     cond: object
     if condition is None:
         own = cast("_Conditioned", solver).condition if hasattr(solver, "condition") else None
-        cond = Stationarity() if own is None else own
+        if own is None:
+            return _STATIONARITY  # the default, without the protocol checks below
+        cond = own
         origin = f"the solver {type(solver).__name__}'s condition"
     else:
         cond = condition

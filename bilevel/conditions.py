@@ -69,7 +69,10 @@ class Condition(Protocol):
             backward system); False selects a non-symmetric linear solver by default.
     """
 
-    symmetric: bool
+    @property
+    def symmetric(self) -> bool:
+        """dF/dx is symmetric for every objective (read-only; a frozen dataclass field will do)."""
+        ...
 
     def residual(self, objective: Objective) -> RootFn:
         """F(x, theta) whose roots are the answers of ``objective``'s problem."""
