@@ -317,6 +317,37 @@ def test_lasso_and_elastic_net_sklearn_proximal_condition(theta0: tuple[float, f
         )
 
 
+def lasso_full(w: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """The whole lasso objective: smooth wherever no coefficient is zero."""
+    return lasso_f(w, theta) + theta[0] * w.abs().sum()
+
+
+def test_stationarity_on_a_dense_lasso_answer_equals_the_proximal_condition() -> None:
+    """With every coefficient nonzero the l1 term is smooth at the answer (no active kink):
+    stationarity of the whole objective holds and gives the closed form too."""
+    theta = torch.tensor([1e-3, 0.0], dtype=D, requires_grad=True)
+    w = bl.implicit_argmin(lasso_full, torch.zeros(8, dtype=D), theta, sklearn_enet, condition=Stationarity())
+    assert bool((w.detach().abs() > 1e-6).all())
+    g = grad_of(w, theta, WL)
+    torch.testing.assert_close(g[0], enet_closed_form(w.detach(), theta.detach(), WL)[0], **CLOSED)
+
+
+def test_stationarity_on_a_sparse_lasso_answer_is_refused() -> None:
+    """At a zero coefficient |w| has a kink; torch's subgradient 0 leaves grad f there, which
+    the optimality check reports instead of differentiating a wrong condition."""
+    theta = torch.tensor([0.3, 0.0], dtype=D, requires_grad=True)
+    with pytest.raises(bl.OptimalityError, match="optimality residual"):
+        bl.implicit_argmin(lasso_full, torch.zeros(8, dtype=D), theta, sklearn_enet, condition=Stationarity())
+
+
+def test_forward_mode_with_a_non_symmetric_condition_is_refused() -> None:
+    theta = BOX_THETAS["active"].clone()
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(theta, torch.ones_like(theta))
+        with pytest.raises(NotImplementedError, match="forward-mode"):
+            bl.implicit_argmin(box_f, torch.zeros(N, dtype=D), dual, lbfgsb, condition=BOX_CONDITIONS["kkt"])
+
+
 def test_lasso_gradient_is_supported_on_the_active_set() -> None:
     """d w_j / d theta = 0 on every zero coefficient: the derivative lives on the support."""
     theta = torch.tensor([0.3, 0.0], dtype=D, requires_grad=True)
