@@ -127,6 +127,27 @@ def test_box_qp_black_box_lbfgsb_named_condition(name: str, which: str) -> None:
     )
 
 
+@pytest.mark.parametrize("name", list(BOX_CONDITIONS))
+def test_box_qp_float32_torch_projected_loop(name: str) -> None:
+    """float32 unknowns, a torch projected-gradient loop as the solver: the closed form to float32
+    accuracy (the default backward tolerance in float32 is 1e-5 relative)."""
+    Q32 = Q.float()
+
+    def loop(objective: object, init: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        x = init.clone()
+        for _ in range(3000):
+            x = (x - STEP * (Q32 @ x - theta)).clamp(LO, HI)
+        return x
+
+    theta = BOX_THETAS["active"].float().requires_grad_(True)
+    x = bl.implicit_argmin(
+        lambda x, t: 0.5 * x @ Q32 @ x - t @ x, torch.zeros(N), theta, loop, condition=BOX_CONDITIONS[name]
+    )
+    assert x.dtype == torch.float32
+    g = grad_of(x, theta, W.float())
+    torch.testing.assert_close(g.double(), box_closed_form(x.detach().double(), W), rtol=1e-4, atol=1e-5)
+
+
 def test_stationarity_without_active_constraints_equals_the_default_and_the_closed_form() -> None:
     theta = BOX_THETAS["inactive"].clone().requires_grad_(True)
     g_default = grad_of(bl.implicit_argmin(box_f, torch.zeros(N, dtype=D), theta, lbfgsb), theta, W)
