@@ -698,7 +698,8 @@ def implicit_argmin(
     cond = _argmin_condition(condition, solver, pol)
     if not isinstance(cond, Stationarity):
         # G reaches the backward pass only through F: reverse-mode products of F, as for a root.
-        F = cond.residual(_scalar_checked(objective, pol.batched))
+        recorded = _ValueRecorder(_scalar_checked(objective, pol.batched))
+        F = cond.residual(recorded)
         problem = _Problem(
             name="implicit_argmin",
             condition=F,
@@ -709,6 +710,7 @@ def implicit_argmin(
             solver=solver,
             linearize=_root_linearization,
             symmetric=cond.symmetric,
+            recorder=recorded,
         )
         return _run(_Call(problem, pol), theta, return_info)
     oracle = as_oracle(pol.hvp)

@@ -745,3 +745,16 @@ def test_lasso_example_hypergradient_matches_finite_differences(lasso: bool, sol
         assert check.rel_closed < 1e-8, check
         assert 0 < check.support < 10  # some coefficients zero: the l1 kink is active
     assert rep.val_mse[-1] < rep.val_mse[0]
+
+
+def test_a_non_finite_objective_at_the_answer_is_an_error_with_any_condition() -> None:
+    def f(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        return box_f(x, theta) + torch.log(x[0] - LO)  # -inf on the lower bound
+
+    theta = BOX_THETAS["active"].clone().requires_grad_(True)
+    answer = torch.zeros(N, dtype=D)
+    answer[0] = LO  # feasible, and where log(x[0] - LO) = -inf
+    with pytest.raises(bl.NonFiniteError, match="objective is"):
+        bl.implicit_argmin(
+            f, torch.zeros(N, dtype=D), theta, _fixed(answer), condition=BOX_CONDITIONS["projected"]
+        )
