@@ -219,6 +219,12 @@ class KKT:
     Here scale = max(1, max_i |d f / d x_i|).  A large stationarity residual is caught
     by the layer's ``optimality_tol`` on ||F||.
 
+    The Jacobian is formed densely, one reverse pass per active constraint, and the
+    multipliers by a QR of J' (n x m_A): meant for tens to hundreds of constraints.  In
+    batched mode (``batched=True``, x of shape (B, n), constraints returning (B, m)) the
+    problems' constraints form one block-diagonal system, and constraint indices in
+    messages count the flattened values.
+
     Args:
         eq: ``h(x, theta) -> Tensor`` (equalities h = 0) or ``None``.
         ineq: ``g(x, theta) -> Tensor`` (inequalities g <= 0) or ``None``.

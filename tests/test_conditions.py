@@ -165,7 +165,10 @@ def test_stationarity_at_a_constrained_answer_is_refused_by_the_optimality_check
         bl.implicit_argmin(box_f, torch.zeros(N, dtype=D), theta, lbfgsb)
 
 
-def test_box_qp_batched_projected_condition_equals_the_loop() -> None:
+@pytest.mark.parametrize("name", list(BOX_CONDITIONS))
+def test_box_qp_batched_condition_equals_the_loop(name: str) -> None:
+    """batched=True: B problems in one call and one backward solve; KKT stacks their constraints
+    into one block-diagonal system."""
     thetas = torch.stack([BOX_THETAS["active"], BOX_THETAS["inactive"], -BOX_THETAS["active"]])
 
     def per_problem(x: torch.Tensor, th: torch.Tensor) -> torch.Tensor:
@@ -175,7 +178,7 @@ def test_box_qp_batched_projected_condition_equals_the_loop() -> None:
         return torch.stack([lbfgsb(None, init[b], th[b]) for b in range(th.shape[0])])
 
     theta = thetas.clone().requires_grad_(True)
-    cond = BOX_CONDITIONS["projected"]
+    cond = BOX_CONDITIONS[name]
     x = bl.implicit_argmin(
         per_problem, torch.zeros(3, N, dtype=D), theta, batched_lbfgsb, condition=cond, batched=True
     )
