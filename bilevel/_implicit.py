@@ -24,7 +24,7 @@ import functools
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -44,6 +44,7 @@ from ._results import LinearSolveResult, SolverResult
 from ._status import LinearStatus, SolverStatus
 from ._sync import defer_check
 from ._types import LinearSolver, Objective, RootFn, TensorTree
+from .conditions import Condition, Stationarity
 from .tree import (
     all_finite,
     batch_norm,
@@ -574,6 +575,7 @@ def implicit_argmin(
     measure_residual: bool | Unset = UNSET,
     backward_x0: BackwardX0 | Unset = UNSET,
     return_info: bool = False,
+    condition: Condition | None = None,
 ) -> Any:
     """phi*(theta) = argmin_phi G(phi, theta), differentiable in theta by implicit differentiation.
 
@@ -581,6 +583,11 @@ def implicit_argmin(
     grad_phi G(phi*, theta) = 0 at its answer (Lemma 1 of iMAML in general form):
 
         dL/dtheta = -(d2G/dtheta dphi)^T w,   where  (d2G/dphi2) w = dL/dphi.
+
+    A constrained or non-smooth problem names its own condition F(phi, theta) = 0
+    (``condition=``, see `bilevel.conditions`): the backward pass then solves
+    (dF/dphi)^T u = dL/dphi with reverse-mode products of F (GMRES by default, dF/dphi
+    being non-symmetric) and returns -(dF/dtheta)^T u.
 
     **When the objective is evaluated.**  By the solver, then once more at its answer in
     this call: the optimality condition grad_phi G is built there with its autograd graph,
@@ -645,6 +652,16 @@ def implicit_argmin(
             `ImplicitPolicy` value; give it or those keywords, not both (a `TypeError`).
             A keyword not given takes the `ImplicitPolicy` default written above.
         return_info: also return an `ImplicitInfo` with the diagnostics.
+        condition: the optimality condition at the answer, a `bilevel.conditions.Condition`
+            value: `Stationarity` (grad_phi G = 0, the path described above),
+            `ProjectedFixedPoint` (min G over a convex set), `ProximalFixedPoint`
+            (min G + g, g non-smooth) or `KKT` (equality and inequality constraints).
+            ``None``: the solver's own ``solver.condition`` where it has one (the
+            projected and proximal torch solvers), else `Stationarity()`.  With any
+            condition but `Stationarity`: ``optimality_tol`` bounds ||F(phi, theta)||,
+            the default ``linear_solver`` is ``GMRES()`` (``CG()`` where the condition
+            is ``symmetric``), forward mode is not supported and ``hvp`` must be ``None``
+            (the products are reverse-mode products of F, not HVPs of G).
 
     Returns:
         phi with the structure, shapes and dtypes of ``init`` (and the `ImplicitInfo`
@@ -660,8 +677,10 @@ def implicit_argmin(
         LinearSolveError, NegativeCurvatureError: the backward solve failed (with ``throw``).
         TypeError: a solver class instead of an instance, a ``linear_solver`` that
             returns something other than a `LinearSolveResult`, a policy field of the
-            wrong kind, or ``policy`` together with one of its keywords.
-        ValueError: a policy field out of range (see `ImplicitPolicy`).
+            wrong kind, ``policy`` together with one of its keywords, or a ``condition``
+            that is not a `bilevel.conditions.Condition` value.
+        ValueError: a policy field out of range (see `ImplicitPolicy`), or an ``hvp``
+            together with a condition other than `Stationarity`.
     """
     pol = resolve_policy(
         "implicit_argmin",
@@ -676,6 +695,24 @@ def implicit_argmin(
         batched=batched,
     )
     _check_common("implicit_argmin", solver, init, pol.batched)
+    cond = _argmin_condition(condition, solver, pol)
+    if not isinstance(cond, Stationarity):
+        # G reaches the backward pass only through F: reverse-mode products of F, as for a root.
+        recorded = _ValueRecorder(_scalar_checked(objective, pol.batched))
+        F = cond.residual(recorded)
+        problem = _Problem(
+            name="implicit_argmin",
+            condition=F,
+            residual=F,
+            objective=objective,
+            init=init,
+            theta_like=theta,
+            solver=solver,
+            linearize=_root_linearization,
+            symmetric=cond.symmetric,
+            recorder=recorded,
+        )
+        return _run(_Call(problem, pol), theta, return_info)
     oracle = as_oracle(pol.hvp)
     recorder = _ValueRecorder(_scalar_checked(objective, pol.batched))
     checked: Objective = recorder
@@ -691,6 +728,47 @@ def implicit_argmin(
         recorder=recorder,
     )
     return _run(_Call(problem, pol), theta, return_info)
+
+
+class _Conditioned(Protocol):
+    """A solver that names the optimality condition of its answers (projected, proximal)."""
+
+    @property
+    def condition(self) -> Condition: ...
+
+
+_STATIONARITY = Stationarity()
+
+
+def _argmin_condition(condition: object, solver: object, policy: ImplicitPolicy) -> Condition:
+    """The condition of one `implicit_argmin` call: the given one, the solver's, or stationarity."""
+    cond: object
+    if condition is None:
+        own = cast("_Conditioned", solver).condition if hasattr(solver, "condition") else None
+        if own is None:
+            return _STATIONARITY  # the default, without the protocol checks below
+        cond = own
+        origin = f"the solver {type(solver).__name__}'s condition"
+    else:
+        cond = condition
+        origin = "condition"
+    if isinstance(cond, type):
+        raise TypeError(
+            f"implicit_argmin: {origin} is the class {cond.__name__}; pass an instance, "
+            f"e.g. {cond.__name__}(...)"
+        )
+    if not isinstance(cond, Condition):
+        raise TypeError(
+            f"implicit_argmin: {origin} is {cond!r}; expected a bilevel.conditions.Condition "
+            "(Stationarity(), ProjectedFixedPoint(projection), ProximalFixedPoint(prox), KKT(...))"
+        )
+    if not isinstance(cond, Stationarity) and policy.hvp is not None:
+        raise ValueError(
+            f"implicit_argmin: hvp={policy.hvp!r} was given with the condition {type(cond).__name__}, "
+            "whose backward pass uses reverse-mode products of its residual F, not Hessian-vector "
+            "products of G; leave hvp=None (or use Stationarity() for an unconstrained argmin)"
+        )
+    return cond
 
 
 def _scalar_checked(objective: Objective, batched: bool) -> Objective:

@@ -60,6 +60,7 @@ from ._hvp import HVPLike
 from ._implicit import ImplicitInfo, fixed_point, implicit_argmin, implicit_root
 from ._policy import UNSET, ImplicitPolicy, Unset, resolve_policy
 from ._types import LinearSolver, Objective, RootFn, TensorTree
+from .conditions import Condition
 from .tree import leaves, unflatten
 
 __all__ = ["ArgminLayer", "FixedPointLayer", "Init", "RootLayer"]
@@ -257,9 +258,14 @@ class ArgminLayer(_ImplicitLayer):
         policy: ``hvp``, ``linear_solver``, ``optimality_tol`` and ``throw`` (and the
             other fields, e.g. ``batched``) as one `bilevel.ImplicitPolicy`; give it or
             the keywords, not both (a `TypeError`).
+        condition: the optimality condition of the answer, a `bilevel.conditions.Condition`
+            (`ProjectedFixedPoint`, `ProximalFixedPoint`, `KKT` for a constrained or
+            non-smooth problem); ``None``: the solver's own ``condition``, else
+            stationarity (see `bilevel.implicit_argmin`).
 
     Attributes:
         policy: the `bilevel.ImplicitPolicy` every call uses.
+        condition: the condition given (``None``: decided per call as described).
         last_info: the `bilevel.ImplicitInfo` of the last call (``None`` before).
 
     Example:
@@ -281,7 +287,13 @@ class ArgminLayer(_ImplicitLayer):
         throw: bool | Unset = UNSET,
         warm_start: bool = False,
         policy: ImplicitPolicy | None = None,
+        condition: Condition | None = None,
     ) -> None:
+        if condition is not None and (isinstance(condition, type) or not isinstance(condition, Condition)):
+            raise TypeError(
+                f"ArgminLayer(condition={condition!r}): expected an instance of a "
+                "bilevel.conditions.Condition (e.g. ProjectedFixedPoint(projection)) or None"
+            )
         pol = resolve_policy(
             "ArgminLayer",
             policy,
@@ -291,9 +303,12 @@ class ArgminLayer(_ImplicitLayer):
             throw=throw,
         )
         super().__init__("ArgminLayer", objective, solver, init, policy=pol, warm_start=warm_start)
+        self.condition = condition
 
     def _solve(self, init: TensorTree, theta: TensorTree) -> tuple[TensorTree, ImplicitInfo]:
-        x, info = implicit_argmin(self.fn, init, theta, self.solver, policy=self.policy, return_info=True)
+        x, info = implicit_argmin(
+            self.fn, init, theta, self.solver, policy=self.policy, return_info=True, condition=self.condition
+        )
         return x, info
 
 
