@@ -39,7 +39,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bilevel import NonFiniteError
 from bilevel.solvers import GradientDescent
 
 from .algorithms import (
@@ -56,7 +55,7 @@ from .batched import BatchedModel, batched_model
 from .evaluation import EvalResult, Run, evaluate_tasks
 from .metabatch import INNER_SOLVERS, InnerSolver
 from .models import LossFn, Params, make_functional, mse
-from .tasks import Task, stack_tasks
+from .tasks import Task, check_finite, stack_tasks
 
 __all__ = ["FOMAML", "IMAML", "MAML", "AdaptedModel", "MetaLearner", "Reptile", "TaskType"]
 
@@ -175,29 +174,6 @@ def _label_kind(y: torch.Tensor, who: str, field: str) -> TaskType:
             f"{who}: {field} is {y.dtype}; use integer class labels (int64) or floating regression targets"
         )
     return "regression" if y.is_floating_point() else "classification"
-
-
-def _check_finite(batch: Task, who: str) -> None:
-    """Refuse NaN or infinity in a task's inputs or targets, naming the task and the tensor.
-
-    One device read for the whole batch; the task is located only when one is broken.  Caught
-    here, a broken input is not mistaken for a diverged inner loop.
-    """
-    named = [(name, t) for name, t in zip(Task._fields, batch) if t.is_floating_point() and t.numel()]
-    if not named:
-        return
-    ok = torch.stack([torch.isfinite(t).flatten(1).all(1) for _, t in named])  # (tensors, B)
-    if bool(ok.all()):
-        return
-    k, b = (~ok).nonzero()[0].tolist()
-    name, t = named[k]
-    what = "NaN" if bool(torch.isnan(t[b]).any()) else "infinity"
-    part, role = name.split("_")
-    role = "inputs" if role == "x" else "labels or targets"
-    raise NonFiniteError(
-        f"{who}: task {b} of the meta-batch has {what} in {name} (its {part} {role}); the data are "
-        "broken, not the inner loop: fix or drop that task"
-    )
 
 
 def _randomness_message(who: str, cls: str, source: str) -> str:
@@ -420,7 +396,7 @@ class MetaLearner:
                     "or the model"
                 )
         batch = batch.to(like.device)
-        _check_finite(batch, who)
+        check_finite(batch, who)
         return batch
 
     def _kind(self, batch: Task, who: str) -> TaskType:
