@@ -110,15 +110,16 @@ class _DefaultLoss:
         return mse(out, y)
 
     def _why(self, y: torch.Tensor) -> str:
-        if not self.inferred:
-            return ""
-        other, fix = (
-            ("regression", "y.float()") if self.kind == "classification" else ("classification", "y.long()")
-        )
-        return (
-            f". The labels are {y.dtype}, so task_type was inferred as {self.kind!r}; for {other} "
-            f"convert them ({fix}) or pass task_type={other!r} to the learner"
-        )
+        return _inferred(self.kind, y.dtype) if self.inferred else ""
+
+
+def _inferred(kind: TaskType, dtype: torch.dtype) -> str:
+    """How a task type inferred from the labels' dtype came about, and how to set the other one."""
+    other, fix = ("regression", "y.float()") if kind == "classification" else ("classification", "y.long()")
+    return (
+        f". The labels are {dtype}, so task_type was inferred as {kind!r}; for {other} "
+        f"convert them ({fix}) or pass task_type={other!r} to the learner"
+    )
 
 
 #: The default losses by (task type, inferred), built once (`task_losses` caches by function).
@@ -396,7 +397,8 @@ class MetaLearner:
                     "or the model"
                 )
         batch = batch.to(like.device)
-        check_finite(batch, who)
+        # what the call reads: adaptation reads no query set
+        check_finite(batch if query else batch._replace(query_x=qx[:, :0], query_y=qy[:, :0]), who)
         return batch
 
     def _kind(self, batch: Task, who: str) -> TaskType:
@@ -437,9 +439,10 @@ class MetaLearner:
                 bad = low if low < 0 else high
                 task = int((y == bad).flatten(1).any(1).nonzero()[0, 0])
                 within = f"0 .. {classes - 1} (the model returns {classes} logits)" if classes else ">= 0"
+                hint = _inferred("classification", y.dtype) if self._task_type is None else ""
                 raise ValueError(
                     f"{who}: {name} of task {task} holds the label {int(bad)}, outside {within}: relabel "
-                    "each task's classes 0 .. ways - 1, or give the model as many outputs as classes"
+                    f"each task's classes 0 .. ways - 1, or give the model as many outputs as classes{hint}"
                 )
 
     def _loss_of(self, kind: TaskType) -> LossFn:
