@@ -126,6 +126,20 @@ def test_valid_arguments_build_every_learner() -> None:
         assert cls(mlp(), inner=SMALL).algorithm.inner == SMALL
 
 
+def test_the_engine_is_a_bool_in_the_function_api_too() -> None:
+    from bilevel.metalearn import make_functional, meta_gradient
+    from bilevel.metalearn.batched import BatchedModel
+    from bilevel.metalearn.models import mse
+
+    fn, theta = make_functional(mlp())
+    with pytest.raises(TypeError, match=r"BatchedModel.from_function\(vectorize='loop'\): choose the engine"):
+        BatchedModel.from_function(fn, vectorize="loop")  # type: ignore[arg-type]
+    algo = FOMAML(mlp(), inner=SMALL).algorithm
+    with pytest.raises(TypeError, match=r"vectorize='vmap'"):
+        meta_gradient(algo, fn, mse, theta, waves(), vectorize="vmap")  # type: ignore[arg-type]
+    assert BatchedModel.from_function(fn, vectorize=False).fast is not None
+
+
 def test_adapt_refuses_a_solver_class_as_inner() -> None:
     with pytest.raises(TypeError, match=r"FOMAML.adapt\(inner=GradientDescent\): a class, not a solver"):
         FOMAML(mlp(), inner=SMALL).adapt(waves(), inner=GradientDescent)  # type: ignore[arg-type]
