@@ -525,3 +525,21 @@ def test_healthy_images_still_decode() -> None:
     Image.new("L", (20, 10), color=200).save(buf, format="PNG")
     a = decode_image(buf.getvalue(), size=(5, 10), channels=1)
     assert a.shape == (1, 5, 10) and int(a.min()) == int(a.max()) == 200
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_door_refuses_bad_labels_and_nan_on_cuda_before_any_kernel_asserts() -> None:
+    """On an accelerator an out-of-range label would end in a device-side assertion that poisons the
+    CUDA context; the door reads the labels first."""
+    learner = FOMAML(cnn().cuda(), inner=SMALL)
+    t = images()
+    qy = t.query_y.clone()
+    qy[0, 0] = 7
+    with pytest.raises(ValueError, match=r"label 7, outside 0 \.\. 2"):
+        learner.step(t._replace(query_y=qy))
+    x = t.support_x.clone()
+    x[1, 0] = math.nan
+    with pytest.raises(NonFiniteError, match="task 1 of the meta-batch has NaN in support_x"):
+        learner.step(t._replace(support_x=x))
+    assert torch.isfinite(learner.step(t)).all()  # the context is still usable
