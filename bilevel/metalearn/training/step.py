@@ -293,8 +293,8 @@ class MetaStep:
         except NonFiniteError as err:
             self._check_inputs(state, batch)
             raise NonFiniteError(
-                f"{cfg.algo}: meta-step {state.step}: the inner solve produced NaN or infinity (the inner "
-                f"loop diverged): {self._diverged_advice()}"
+                f"{cfg.algo}: meta-step {state.step}: NaN or infinity in the meta-step (the inner loop or "
+                f"the meta-gradient's solve diverged; the cause is chained below): {self._diverged_advice()}"
             ) from err
         # one device read for the whole meta-gradient
         if not bool(all_finite(list(g.values())).all()):
