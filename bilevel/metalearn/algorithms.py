@@ -61,6 +61,8 @@ class MetaStats:
             the similar matrix I + D^-1/2 Lhat'' D^-1/2, D = diag(lam).
         distance: ||phi_i - theta||, the Euclidean norm over every parameter (how far the inner
             answer moved; NaN without diagnostics).
+        cg_relative_residual: ``cg_residual / ||v_i||``, the residual relative to the task's
+            right-hand side (1 means CG did not reduce it at all), NaN without CG.
     """
 
     query_loss: torch.Tensor
@@ -72,6 +74,7 @@ class MetaStats:
     cg_iters: torch.Tensor
     min_eig: torch.Tensor | None = None
     distance: torch.Tensor | None = None
+    cg_relative_residual: torch.Tensor | None = None
 
 
 def min_eig(mb: MetaBatch, X: torch.Tensor, steps: int) -> torch.Tensor:
@@ -97,9 +100,14 @@ def _stats(mb: MetaBatch, out: Outcome, diagnostics: bool, lanczos_steps: int = 
         residual = cg.problem_residual_norm.to(device)
         negative = cg.status_mask(bl.LinearStatus.NEGATIVE_CURVATURE).to(device)
         iters = cg.problem_n_iter.to(device=device, dtype=nan.dtype)
+        relative = nan
+        if cg.problem_b_norm is not None:
+            b_norm = cg.problem_b_norm.to(device=device, dtype=residual.dtype)
+            # a zero right-hand side has the solution 0, which CG returns at once (residual 0)
+            relative = (residual / torch.where(b_norm > 0, b_norm, 1.0)).to(nan.dtype)
     else:
         negative = torch.zeros(B, dtype=torch.bool, device=device)
-        residual, iters = nan, torch.zeros_like(nan)
+        residual, iters, relative = nan, torch.zeros_like(nan), nan
     if diagnostics:
         # One gradient of G at the answers (the fixed-budget inner solver takes none there).
         X = out.phi.detach().requires_grad_(True)
@@ -117,7 +125,16 @@ def _stats(mb: MetaBatch, out: Outcome, diagnostics: bool, lanczos_steps: int = 
     if diagnostics and lanczos_steps > 0 and not mb.weight.is_zero():
         lowest = min_eig(mb, out.phi, lanczos_steps).to(nan.dtype)
     return MetaStats(
-        out.query_loss, out.query_acc, support, grad_norm, residual, negative, iters, lowest, distance
+        out.query_loss,
+        out.query_acc,
+        support,
+        grad_norm,
+        residual,
+        negative,
+        iters,
+        lowest,
+        distance,
+        relative,
     )
 
 

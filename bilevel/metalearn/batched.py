@@ -102,7 +102,16 @@ class BatchedModel:
     ) -> BatchedModel:
         """The `BatchedModel` of any per-task ``fn(params, x)``: ``torch.func.vmap`` over the task
         dimension (``vectorize=True``), or a Python loop over tasks with stacked outputs (for
-        models or ops without batching rules)."""
+        models or ops without batching rules).
+
+        Raises:
+            TypeError: ``vectorize`` is not a bool (a truthy name such as ``"loop"`` would choose vmap).
+        """
+        if not isinstance(vectorize, bool):
+            raise TypeError(
+                f"BatchedModel.from_function(vectorize={vectorize!r}): choose the engine with a bool: True "
+                "(torch.func.vmap over the tasks) or False (a loop over the tasks)"
+            )
         if vectorize:
             mapped = torch.func.vmap(fn)
             return cls(mapped, mapped, fn)

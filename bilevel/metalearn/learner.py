@@ -29,9 +29,11 @@ Parameters with ``requires_grad=False`` are neither adapted nor given a gradient
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
-from typing import ClassVar, Literal, Union, cast
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, ClassVar, Literal, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -51,9 +53,9 @@ from .algorithms import (
 )
 from .batched import BatchedModel, batched_model
 from .evaluation import EvalResult, Run, evaluate_tasks
-from .metabatch import InnerSolver
+from .metabatch import INNER_SOLVERS, InnerSolver
 from .models import LossFn, Params, make_functional, mse
-from .tasks import Task, stack_tasks
+from .tasks import Task, check_finite, stack_tasks
 
 __all__ = ["FOMAML", "IMAML", "MAML", "AdaptedModel", "MetaLearner", "Reptile", "TaskType"]
 
@@ -67,29 +69,104 @@ _TASK_TYPES = ("classification", "regression")
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-def _cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``F.cross_entropy`` of one task's logits ``(N, C)`` and labels ``(N,)``, shapes checked."""
-    if out.ndim != y.ndim + 1 or out.shape[: y.ndim] != y.shape:
+@dataclasses.dataclass(frozen=True)
+class _DefaultLoss:
+    """The loss of a task type when none is given: cross-entropy on logits or `mse`, shapes checked.
+
+    Attributes:
+        kind: the task type.
+        inferred: whether the kind was read from the labels' dtype (then a shape error says so,
+            and how to fix the task type instead).
+    """
+
+    kind: TaskType
+    inferred: bool
+
+    def __call__(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss of one task's outputs ``out`` and labels or targets ``y``.
+
+        Raises:
+            ValueError: the outputs do not fit the labels (the message names the task type, the
+                labels' dtype and, where the type was inferred, how to set it).
+        """
+        if self.kind == "classification":
+            if out.ndim != y.ndim + 1 or out.shape[: y.ndim] != y.shape:
+                raise ValueError(
+                    f"classification: the model returned {tuple(out.shape)} for labels {tuple(y.shape)}; "
+                    f"expected logits (N, classes) for labels (N,) per task{self._why(y)}"
+                )
+            return F.cross_entropy(out, y)
+        if out.shape != y.shape:
+            # (K, 1) outputs and (K,) targets meet as (K, 1), never broadcast to (K, K)
+            if out.shape == (*y.shape, 1):
+                y = y.unsqueeze(-1)
+            elif y.shape == (*out.shape, 1):
+                y = y.squeeze(-1)
+            else:
+                raise ValueError(
+                    f"regression: the model returned {tuple(out.shape)} for targets {tuple(y.shape)} per "
+                    f"task; shapes must be equal (a trailing 1 may be missing on either side){self._why(y)}"
+                )
+        return mse(out, y)
+
+    def _why(self, y: torch.Tensor) -> str:
+        return _inferred(self.kind, y.dtype) if self.inferred else ""
+
+
+def _inferred(kind: TaskType, dtype: torch.dtype) -> str:
+    """How a task type inferred from the labels' dtype came about, and how to set the other one."""
+    other, fix = ("regression", "y.float()") if kind == "classification" else ("classification", "y.long()")
+    return (
+        f". The labels are {dtype}, so task_type was inferred as {kind!r}; for {other} "
+        f"convert them ({fix}) or pass task_type={other!r} to the learner"
+    )
+
+
+#: The default losses by (task type, inferred), built once (`task_losses` caches by function).
+_DEFAULT_LOSSES = {
+    (k, i): _DefaultLoss(k, i) for k in ("classification", "regression") for i in (False, True)
+}
+#: Modules that draw random numbers in training mode, which ``torch.func.vmap`` cannot batch.
+_RANDOM_MODULES = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+
+
+def _number(who: str, name: str, value: Any, *, positive: bool) -> float:
+    """``value`` as a finite float, > 0 (``positive``) or >= 0; TypeError / ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{who}({name}={value!r}): {name} must be a number, not {type(value).__name__}")
+    if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
         raise ValueError(
-            f"classification: the model returned {tuple(out.shape)} for labels {tuple(y.shape)}; "
-            "expected logits (N, classes) for labels (N,) per task"
+            f"{who}({name}={value!r}): {name} must be {'> 0' if positive else '>= 0'} and finite"
         )
-    return F.cross_entropy(out, y)
+    return float(value)
 
 
-def _squared_error(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """`mse` of one task's outputs and targets, where ``(K, 1)`` and ``(K,)`` meet as ``(K, 1)``."""
-    if out.shape != y.shape:
-        if out.shape == (*y.shape, 1):
-            y = y.unsqueeze(-1)
-        elif y.shape == (*out.shape, 1):
-            y = y.squeeze(-1)
-        else:
-            raise ValueError(
-                f"regression: the model returned {tuple(out.shape)} for targets {tuple(y.shape)} per task; "
-                "shapes must be equal (a trailing 1 may be missing on either side)"
-            )
-    return mse(out, y)
+def _count(who: str, name: str, value: Any) -> int:
+    """``value`` as an int >= 0; TypeError / ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{who}({name}={value!r}): {name} must be an int, not {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{who}({name}={value!r}): {name} must be >= 0")
+    return value
+
+
+def _inner_solver(who: str, inner: Any, kinds: tuple[type, ...] = INNER_SOLVERS) -> None:
+    """Refuse an inner value that is not an instance of ``kinds`` (a class, a function, a name)."""
+    names = ", ".join(t.__name__ for t in kinds)
+    if isinstance(inner, type):
+        raise TypeError(
+            f"{who}(inner={inner.__name__}): a class, not a solver; pass an instance with its settings, "
+            f"e.g. inner={inner.__name__}(...)"
+        )
+    if not isinstance(inner, kinds):
+        raise TypeError(f"{who}(inner={inner!r}): expected an instance of {names}")
 
 
 def _label_kind(y: torch.Tensor, who: str, field: str) -> TaskType:
@@ -98,6 +175,26 @@ def _label_kind(y: torch.Tensor, who: str, field: str) -> TaskType:
             f"{who}: {field} is {y.dtype}; use integer class labels (int64) or floating regression targets"
         )
     return "regression" if y.is_floating_point() else "classification"
+
+
+def _randomness_message(who: str, cls: str, source: str) -> str:
+    return (
+        f"{who}: {source} draws random numbers, which torch.func.vmap (vectorize=True, the default "
+        "engine for this model) cannot batch. Either put the model in eval mode (model.eval()) or "
+        f"remove the dropout, or choose the loop engine: {cls}(..., vectorize=False)"
+    )
+
+
+@contextlib.contextmanager
+def _engine_errors(who: str, cls: str) -> Iterator[None]:
+    """Turn torch.func's randomness error (a random op the checks at the door did not see) into
+    a message with the ways out."""
+    try:
+        yield
+    except RuntimeError as err:
+        if "vmap" in str(err) and "random" in str(err):
+            raise ValueError(_randomness_message(who, cls, "an operation of the model")) from err
+        raise
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -157,12 +254,14 @@ class MetaLearner:
         task_type: ``"classification"`` or ``"regression"``; ``None`` reads it from each batch's
             ``support_y`` dtype (integer: classification, floating: regression).
         loss: ``loss(outputs, y) -> scalar`` for one task, replacing cross-entropy / `mse`.
-        vectorize: run models other than the package's `ConvNet` / `MLP` under ``torch.func.vmap``
-            (``True``) or in a loop over tasks (for ops without batching rules).
+        vectorize: the engine of models other than the package's `ConvNet` / `MLP`:
+            ``torch.func.vmap`` over the tasks (``True``) or a loop over them (``False``: for ops
+            without batching rules, and models that draw random numbers, such as dropout in
+            training mode).
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, ``algorithm`` not a `MetaAlgorithm`, ``loss``
-            not callable.
+            not callable, ``vectorize`` not a bool.
         ValueError: an unknown ``task_type``; a model without parameters; a batch norm that
             tracks running statistics.
     """
@@ -185,6 +284,12 @@ class MetaLearner:
             raise ValueError(f"{who}(task_type={task_type!r}): use 'classification', 'regression' or None")
         if loss is not None and not callable(loss):
             raise TypeError(f"{who}(loss={loss!r}): expected a callable loss(outputs, y) -> scalar")
+        if not isinstance(vectorize, bool):
+            # a truthy string ("loop") would otherwise choose vmap
+            raise TypeError(
+                f"{who}(vectorize={vectorize!r}): choose the engine with a bool: True (torch.func.vmap "
+                "over the tasks) or False (a loop over the tasks)"
+            )
         if not any(True for _ in model.parameters()):
             raise ValueError(f"{who}: the model has no parameters")
         for name, m in model.named_modules():
@@ -198,9 +303,11 @@ class MetaLearner:
         self._algorithm = algorithm
         self._task_type: TaskType | None = task_type
         self._loss = loss
-        self._vectorize = bool(vectorize)
+        self._vectorize = vectorize
         self._fn = make_functional(model)[0]
         self._structured = batched_model(model)
+        #: the number of model outputs per input shape (for the label range check)
+        self._outputs: dict[tuple[Any, ...], int | None] = {}
 
     # -- configuration, read-only
     @property
@@ -233,8 +340,13 @@ class MetaLearner:
             return self._structured
         return BatchedModel.from_function(self._fn, vectorize=self._vectorize)
 
-    def _batch(self, tasks: Tasks, who: str, like: torch.Tensor) -> Task:
-        """``tasks`` as one meta-batch on ``like``'s device, checked against ``like``'s dtype."""
+    def _batch(self, tasks: Tasks, who: str, like: torch.Tensor, *, query: bool = True) -> Task:
+        """``tasks`` as one meta-batch on ``like``'s device, checked at the door.
+
+        Checked here, before any work: the format (a leading task dimension, agreeing shapes, the
+        parameters' dtype), non-empty support sets (and query sets where ``query``), finite inputs
+        and targets, and a model the engine can run (see `_engine_check`).
+        """
         if isinstance(tasks, Task):
             batch = tasks
         elif isinstance(tasks, Sequence) and not isinstance(tasks, (str, bytes)):
@@ -265,6 +377,18 @@ class MetaLearner:
                 f"{tuple(qx.shape)}, query_y {tuple(qy.shape)} disagree; expected (B, N, ...) inputs and "
                 "(B, N, ...) labels or targets"
             )
+        if sx.shape[0] == 0:
+            raise ValueError(f"{who}: the meta-batch holds no tasks (B = 0)")
+        if sx.shape[1] == 0:
+            raise ValueError(
+                f"{who}: the support sets are empty (support_x {tuple(sx.shape)}): adaptation needs at "
+                "least one support example per task"
+            )
+        if query and qx.shape[1] == 0:
+            raise ValueError(
+                f"{who}: the query sets are empty (query_x {tuple(qx.shape)}): the query loss needs at "
+                "least one query example per task (adapt() takes tasks without queries)"
+            )
         for name, x in (("support_x", sx), ("query_x", qx)):
             if x.dtype != like.dtype:
                 raise ValueError(
@@ -272,7 +396,10 @@ class MetaLearner:
                     f"tasks (Task(*(t.to({like.dtype}) if t.is_floating_point() else t for t in task))) "
                     "or the model"
                 )
-        return batch.to(like.device)
+        batch = batch.to(like.device)
+        # what the call reads: adaptation reads no query set
+        check_finite(batch if query else batch._replace(query_x=qx[:, :0], query_y=qy[:, :0]), who)
+        return batch
 
     def _kind(self, batch: Task, who: str) -> TaskType:
         kind = _label_kind(batch.support_y, who, "support_y")
@@ -288,12 +415,55 @@ class MetaLearner:
                 f"{who}: task_type={self._task_type!r} but support_y is {batch.support_y.dtype} ({have}); "
                 f"convert the labels ({fix}) or use task_type={kind!r} (or None to infer it)"
             )
+        if kind == "classification" and self._loss is None:
+            self._check_labels(batch, who)
         return kind
+
+    def _check_labels(self, batch: Task, who: str) -> None:
+        """Class labels in ``0 .. outputs - 1`` (cross-entropy would fail with an index error, or a
+        device-side assertion on an accelerator), read in one transfer."""
+        key = (tuple(batch.support_x.shape[2:]), batch.support_x.dtype, batch.support_x.device)
+        if key not in self._outputs:
+            with torch.no_grad():
+                theta = {n: p.detach() for n, p in self._model.named_parameters()}
+                out = self._fn(theta, batch.support_x[0])
+            # only logits (N, classes) bound the labels; another shape fails in the loss, named there
+            self._outputs[key] = int(out.shape[-1]) if out.ndim == 2 else None
+        classes = self._outputs[key]
+        ys = [
+            (name, y) for name, y in (("support_y", batch.support_y), ("query_y", batch.query_y)) if y.numel()
+        ]
+        bounds = torch.stack([torch.stack([y.min(), y.max()]) for _, y in ys]).tolist()
+        for (name, y), (low, high) in zip(ys, bounds):
+            if low < 0 or (classes is not None and high >= classes):
+                bad = low if low < 0 else high
+                task = int((y == bad).flatten(1).any(1).nonzero()[0, 0])
+                within = f"0 .. {classes - 1} (the model returns {classes} logits)" if classes else ">= 0"
+                hint = _inferred("classification", y.dtype) if self._task_type is None else ""
+                raise ValueError(
+                    f"{who}: {name} of task {task} holds the label {int(bad)}, outside {within}: relabel "
+                    f"each task's classes 0 .. ways - 1, or give the model as many outputs as classes{hint}"
+                )
 
     def _loss_of(self, kind: TaskType) -> LossFn:
         if self._loss is not None:
             return self._loss
-        return _cross_entropy if kind == "classification" else _squared_error
+        return _DEFAULT_LOSSES[kind, self._task_type is None]
+
+    def _engine_check(self, theta: dict[str, nn.Parameter], who: str) -> BatchedModel:
+        """The `BatchedModel` of this call, refusing a model that draws random numbers under vmap.
+
+        ``torch.func.vmap`` cannot batch random operations (dropout in training mode): say so and
+        how to get out, instead of torch.func's randomness error from deep in the inner loop.
+        """
+        bm = self._batched(theta)
+        if self._vectorize and bm is not self._structured:
+            for name, m in self._model.named_modules():
+                if isinstance(m, _RANDOM_MODULES) and m.training and m.p > 0:
+                    raise ValueError(
+                        _randomness_message(who, type(self).__name__, f"{type(m).__name__} {name!r}")
+                    )
+        return bm
 
     # -- the API
     def step(
@@ -319,26 +489,33 @@ class MetaLearner:
 
         Raises:
             TypeError: ``tasks`` is not a Task or a list of Tasks; boolean or complex labels.
-            ValueError: no leading task dimension, disagreeing shapes, inputs of another dtype than
-                the parameters, labels of the other kind than ``task_type``, model outputs that do
-                not fit the labels.
-            NonFiniteError: the inner solve diverged (lower the inner step size or raise lam).
+            ValueError: no leading task dimension, no tasks, empty support or query sets,
+                disagreeing shapes, inputs of another dtype than the parameters, labels of the other
+                kind than ``task_type``, class labels outside ``0 .. outputs - 1`` (with the default
+                loss), model outputs that do not fit the labels (the message names the labels'
+                dtype and the task type inferred from it), a model that draws random numbers
+                (dropout in training mode) under ``vectorize=True``.
+            NonFiniteError: NaN or infinity in a task's inputs or targets (the message names the
+                task and the tensor), or the inner solve diverged (lower the inner step size or
+                raise lam).
         """
         who = f"{type(self).__name__}.step"
         theta = self._theta()
         first = next(iter(theta.values()))
+        bm = self._engine_check(theta, who)
         batch = self._batch(tasks, who, first)
         kind = self._kind(batch, who)
-        g, _, stats = meta_gradient(
-            self._algorithm,
-            self._fn,
-            self._loss_of(kind),
-            {n: p.detach() for n, p in theta.items()},
-            batch,
-            classification=kind == "classification",
-            vectorize=self._vectorize,
-            batched=self._batched(theta),
-        )
+        with _engine_errors(who, type(self).__name__):
+            g, _, stats = meta_gradient(
+                self._algorithm,
+                self._fn,
+                self._loss_of(kind),
+                {n: p.detach() for n, p in theta.items()},
+                batch,
+                classification=kind == "classification",
+                vectorize=self._vectorize,
+                batched=bm,
+            )
         with torch.no_grad():
             for n, p in theta.items():
                 if p.grad is None:
@@ -358,22 +535,28 @@ class MetaLearner:
 
         Returns:
             The `AdaptedModel` of the B tasks.
+
+        Raises:
+            TypeError, ValueError, NonFiniteError: as in `step` (empty query sets are allowed);
+                ``inner`` not a solver instance.
         """
         who = f"{type(self).__name__}.adapt"
         theta = self._theta()
-        batch = self._batch(tasks, who, next(iter(theta.values())))
+        bm = self._engine_check(theta, who)
+        batch = self._batch(tasks, who, next(iter(theta.values())), query=False)
         kind = self._kind(batch, who)
-        bm = self._batched(theta)
-        phi = adapt(
-            self._algorithm_for(inner),
-            self._fn,
-            self._loss_of(kind),
-            {n: p.detach() for n, p in theta.items()},
-            batch.support_x,
-            batch.support_y,
-            vectorize=self._vectorize,
-            batched=bm,
-        )
+        algorithm = self._algorithm_for(inner, who)
+        with _engine_errors(who, type(self).__name__):
+            phi = adapt(
+                algorithm,
+                self._fn,
+                self._loss_of(kind),
+                {n: p.detach() for n, p in theta.items()},
+                batch.support_x,
+                batch.support_y,
+                vectorize=self._vectorize,
+                batched=bm,
+            )
         return AdaptedModel(phi, bm)
 
     def evaluate(
@@ -388,11 +571,17 @@ class MetaLearner:
         Returns:
             `EvalResult`: per-task ``query_loss`` and ``query_acc`` (NaN for regression),
             ``predictions``, and ``mean_accuracy`` / ``ci95`` in percent.
+
+        Raises:
+            TypeError, ValueError, NonFiniteError: as in `step`; ``inner`` not a solver instance.
         """
         who = f"{type(self).__name__}.evaluate"
         theta = self._theta()
+        self._engine_check(theta, who)
         batch = self._batch(tasks, who, next(iter(theta.values())))
-        return evaluate_tasks(self.as_run(self._kind(batch, who), inner=inner), batch, batch_size=batch_size)
+        run = self.as_run(self._kind(batch, who), inner=inner)
+        with _engine_errors(who, type(self).__name__):
+            return evaluate_tasks(run, batch, batch_size=batch_size)
 
     def as_run(self, task_type: TaskType | None = None, *, inner: InnerSolver | None = None) -> Run:
         """The current theta as a `Run` (for `evaluate_tasks`, `evaluate_fixed`).
@@ -413,14 +602,17 @@ class MetaLearner:
         return Run(
             model_fn=self._fn,
             params={n: p.detach() for n, p in theta.items()},
-            algorithm=self._algorithm_for(inner),
+            algorithm=self._algorithm_for(inner, f"{type(self).__name__}.as_run"),
             loss=self._loss_of(kind),
             classification=kind == "classification",
             batched=self._batched(theta),
         )
 
-    def _algorithm_for(self, inner: InnerSolver | None) -> MetaAlgorithm:
-        return self._algorithm if inner is None else dataclasses.replace(self._algorithm, inner=inner)
+    def _algorithm_for(self, inner: InnerSolver | None, who: str) -> MetaAlgorithm:
+        if inner is None:
+            return self._algorithm
+        _inner_solver(who, inner)
+        return dataclasses.replace(self._algorithm, inner=inner)
 
     def _config(self) -> str:
         return f"algorithm={self._algorithm!r}"
@@ -446,6 +638,12 @@ class IMAML(MetaLearner):
         cg_iters: CG steps of the backward solve.
         damping: solve ``((1 + damping) I + Lhat''/lam) g = v`` (the authors' code); 0 is the paper's.
         task_type, loss, vectorize: as in `MetaLearner`.
+
+    Raises:
+        TypeError: ``lam`` or ``damping`` not a number, ``cg_iters`` not an int, ``inner`` not a
+            solver instance (e.g. the class ``GradientDescent`` itself), or as in `MetaLearner`.
+        ValueError: ``lam`` not finite and > 0, ``cg_iters`` or ``damping`` negative (or
+            ``damping`` infinite), or as in `MetaLearner`.
     """
 
     def __init__(
@@ -460,6 +658,11 @@ class IMAML(MetaLearner):
         loss: LossFn | None = None,
         vectorize: bool = True,
     ) -> None:
+        who = type(self).__name__
+        lam = _number(who, "lam", lam, positive=True)
+        cg_iters = _count(who, "cg_iters", cg_iters)
+        damping = _number(who, "damping", damping, positive=False)
+        _inner_solver(who, inner)
         algo = MetaAlgorithm(inner, Implicit(cg_iters=cg_iters, damping=damping), lam)
         super().__init__(model, algo, task_type=task_type, loss=loss, vectorize=vectorize)
 
@@ -479,6 +682,10 @@ class MAML(MetaLearner):
         model: as in `MetaLearner`.
         inner: fixed-step `GradientDescent` (``tol=0``, no line search: a fixed path).
         task_type, loss, vectorize: as in `MetaLearner`.
+
+    Raises:
+        TypeError: ``inner`` not a `GradientDescent` instance, or as in `MetaLearner`.
+        ValueError: ``inner`` with a tolerance or a line search, or as in `MetaLearner`.
     """
 
     def __init__(
@@ -490,6 +697,13 @@ class MAML(MetaLearner):
         loss: LossFn | None = None,
         vectorize: bool = True,
     ) -> None:
+        who = type(self).__name__
+        _inner_solver(who, inner, (GradientDescent,))
+        if inner.tol or inner.line_search is not None:
+            raise ValueError(
+                f"{who}(inner={inner!r}): MAML differentiates through a fixed inner path; give "
+                "GradientDescent(lr=..., max_iter=..., tol=0.0, line_search=None)"
+            )
         super().__init__(
             model, MetaAlgorithm(inner, Unrolled(), 0.0), task_type=task_type, loss=loss, vectorize=vectorize
         )
@@ -512,6 +726,7 @@ class _SolveOnly(MetaLearner):
         loss: LossFn | None = None,
         vectorize: bool = True,
     ) -> None:
+        _inner_solver(type(self).__name__, inner)
         super().__init__(
             model,
             MetaAlgorithm(inner, self.kind, 0.0),

@@ -12,7 +12,9 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Task", "stack_tasks"]
+from .. import NonFiniteError
+
+__all__ = ["Task", "check_finite", "stack_tasks"]
 
 
 class Task(NamedTuple):
@@ -46,3 +48,35 @@ def stack_tasks(tasks: Sequence[Task]) -> Task:
     if not tasks:
         raise ValueError("stack_tasks: no tasks")
     return Task(*(torch.stack(list(parts)) for parts in zip(*tasks)))
+
+
+def check_finite(batch: Task, who: str, *, index: Sequence[int] | None = None) -> None:
+    """Refuse NaN or infinity in a meta-batch's inputs or targets, naming the task and the tensor.
+
+    One device read for the whole batch; the task is located only when one is broken.  Checked
+    at the door, broken data are not mistaken for a diverged inner loop.
+
+    Args:
+        batch: a meta-batch (leading task dimension B on every field).
+        who: the call, for the message.
+        index: the meta-batch position of each of the B tasks (a rank's share of a meta-batch);
+            default ``0 .. B - 1``.
+
+    Raises:
+        NonFiniteError: a floating field of some task holds NaN or infinity.
+    """
+    named = [(name, t) for name, t in zip(Task._fields, batch) if t.is_floating_point() and t.numel()]
+    if not named:
+        return
+    ok = torch.stack([torch.isfinite(t).flatten(1).all(1) for _, t in named])  # (fields, B)
+    if bool(ok.all()):
+        return
+    k, b = (~ok).nonzero()[0].tolist()
+    name, t = named[k]
+    what = "NaN" if bool(torch.isnan(t[b]).any()) else "infinity"
+    part, role = name.split("_")
+    raise NonFiniteError(
+        f"{who}: task {b if index is None else index[b]} of the meta-batch has {what} in {name} (its "
+        f"{part} {'inputs' if role == 'x' else 'labels or targets'}); the data are broken, not the "
+        "inner loop: fix or drop that task"
+    )

@@ -1,18 +1,72 @@
-"""Decoded images and the pools of classes that tasks are drawn from.
+"""Decoded images and the pools of classes that tasks are drawn from, and the size guard of an image file.
 
 An `ImageCollection` holds every decoded image of a dataset as one class-major ``uint8`` array
 (usually a memory map of the cache, see `bilevel.metalearn.data.cache`); a `ClassPool` selects the
-(class, rotation) pairs of one part of a split.  Neither decodes or reads files.
+(class, rotation) pairs of one part of a split.  Neither decodes or reads files.  `open_image`
+opens one image file's bytes for decoding, after checking the size its header declares.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["ClassPool", "ImageCollection"]
+__all__ = ["ClassPool", "ImageCollection", "max_image_pixels", "open_image"]
+
+
+def max_image_pixels() -> int | None:
+    """The most pixels an image file may declare: Pillow's ``Image.MAX_IMAGE_PIXELS`` (89,478,485 by
+    default, read at each call, so raising it there raises it here; ``None``: no limit)."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    return None if limit is None else int(limit)
+
+
+def open_image(data: bytes) -> Any:
+    """Open one image file's bytes with Pillow, refusing a file that declares too many pixels.
+
+    Pillow reads only the header here; the caller decodes (``.load()``, ``.convert()``).  A file
+    whose header claims a huge size (a damaged file, or a decompression bomb: a few kilobytes
+    that decode to gigabytes) is refused before any pixel is decoded, where Pillow would raise its
+    own ``DecompressionBombError`` (above twice the limit), or only warn and go on to allocate the
+    image (between the limit and twice it).
+
+    Args:
+        data: the file's bytes.
+
+    Returns:
+        The opened ``PIL.Image.Image`` (use it as a context manager).
+
+    Raises:
+        ValueError: the header declares more than `max_image_pixels` pixels (the message gives
+            the size and the limit; the caller adds the file's name).
+        PIL.UnidentifiedImageError, OSError: Pillow cannot read the header.
+    """
+    from PIL import Image
+
+    limit = max_image_pixels()
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:
+        # above twice the limit Pillow refuses before the size can be read back
+        raise ValueError(
+            f"the file declares an image of more than twice the limit of {limit:,} pixels "
+            f"(PIL.Image.MAX_IMAGE_PIXELS): a damaged file or a decompression bomb; remove it ({err})"
+        ) from err
+    width, height = im.size
+    if limit is not None and width * height > limit:
+        im.close()
+        raise ValueError(
+            f"the file declares a {width}x{height} image ({width * height:,} pixels), more than the "
+            f"limit of {limit:,} (PIL.Image.MAX_IMAGE_PIXELS): a damaged file or a decompression bomb; "
+            "remove it (or raise PIL.Image.MAX_IMAGE_PIXELS if it is a genuine image)"
+        )
+    return im
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -12,7 +12,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import zipfile
@@ -24,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .datasets import DatasetFormatError
+from .images import open_image
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -170,11 +170,11 @@ def decode_image(
         DatasetFormatError: Pillow cannot read the bytes.
         ImportError: Pillow is not installed (``pip install 'bilevel[images]'``).
     """
-    Image = _pillow()
+    _pillow()
     from PIL import UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as raw:
+        with open_image(data) as raw:  # refuses a header that declares too many pixels
             raw.load()
             im = raw.convert("L" if channels == 1 else "RGB")
         h, w = size

@@ -14,19 +14,22 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
+from ... import BilevelWarning
+from ..algorithms import Implicit, MetaStats
 from .checkpoint import atomic_json, save_checkpoint
 from .config import IMAML_ALGOS, TrainConfig
 from .console import Console
 from .distributed import Dist
 from .experiment import Experiment
-from .step import StepRecord, TrainState
+from .step import StepRecord, TrainState, advice
 
-__all__ = ["Recorder", "TrainClock", "banner", "score", "trim_log"]
+__all__ = ["ALARMS", "Alarm", "Recorder", "TrainClock", "alarm_values", "banner", "score", "trim_log"]
 
 #: The curves: a log record per logged step (``steps``) and the periodic evaluations (``eval``).
 History = dict[str, list[dict[str, Any]]]
@@ -58,6 +61,94 @@ class TrainClock:
     def leave_out(self, seconds: float) -> None:
         """Stop counting ``seconds`` spent on something other than training (an evaluation)."""
         self._left_out += seconds
+
+
+@dataclasses.dataclass(frozen=True)
+class Alarm:
+    """A diagnostic a run warns about (once) when it crosses a threshold, and what to change then.
+
+    Attributes:
+        kind: the diagnostic's name (``cg_residual``, ``inner_residual``, ``failed_tasks``).
+        threshold: the value above which the run warns.
+        meaning: what a value above the threshold means, for the message.
+        moves: ``(verb, field)`` remedies, in order of preference (`advice`: only the flags
+            of the run's algorithm are named).
+    """
+
+    kind: str
+    threshold: float
+    meaning: str
+    moves: tuple[tuple[str, str], ...]
+
+    def message(self, cfg: TrainConfig, step: int, value: float) -> str:
+        """The warning for ``value`` at meta-step ``step``."""
+        todo = advice(cfg, self.moves)
+        return (
+            f"{cfg.algo}: meta-step {step}: {self.kind} {value:.3g} is above {self.threshold:g}: "
+            f"{self.meaning}" + (f"; {todo}" if todo else "")
+        )
+
+
+#: The thresholds a training run warns at (`Recorder.step`; documented in
+#: docs/tutorials/diagnostics.md).  Each warns once per run, as a `BilevelWarning`:
+#:
+#: * ``cg_residual`` > 0.25: the task mean of CG's relative residual ||A g_i - v_i|| / ||v_i||
+#:   (`MetaStats.cg_relative_residual`) over the tasks where CG met no negative curvature, on a
+#:   logged step.  Above a quarter the implicit meta-gradient is a rough direction: CG stopped
+#:   far from the solution of its system.  Not with ``cg_iters=0`` (first-order on purpose).
+#: * ``inner_residual`` > 1: iMAML's inner answers, mean ||grad G_i(phi_i)|| / (lam mean
+#:   ||phi_i - theta||), on a logged step.  Where G_i is lam-strongly convex, ||grad G_i|| / lam
+#:   bounds the distance from phi_i to the exact minimizer, which the implicit gradient
+#:   assumes; above 1 that bound exceeds the distance the inner loop moved.
+#: * ``failed_tasks`` > 0.5: the fraction of a meta-batch's tasks whose CG met negative
+#:   curvature (I + Lhat''/lam not positive definite there; CG then keeps its last iterate), on
+#:   any step.
+ALARMS: dict[str, Alarm] = {
+    a.kind: a
+    for a in (
+        Alarm(
+            "cg_residual",
+            0.25,
+            "CG's relative residual: the implicit meta-gradient is solved only roughly",
+            (("raise", "cg_iters"), ("raise", "lam"), ("raise", "damping"), ("lower", "meta_lr")),
+        ),
+        Alarm(
+            "inner_residual",
+            1.0,
+            "||grad G|| / (lam ||phi - theta||) at the inner answers: they are far from the minimizers "
+            "the implicit gradient assumes",
+            (("raise", "inner_steps"), ("raise", "newton_iters"), ("raise", "lam"), ("lower", "meta_lr")),
+        ),
+        Alarm(
+            "failed_tasks",
+            0.5,
+            "the fraction of tasks whose CG met negative curvature (their meta-gradients are truncated)",
+            (("raise", "lam"), ("raise", "damping"), ("use", "backtrack"), ("lower", "meta_lr")),
+        ),
+    )
+}
+
+
+def _mean(x: torch.Tensor) -> float:
+    return float(x.nanmean()) if x.numel() else math.nan
+
+
+def alarm_values(cfg: TrainConfig, exp: Experiment, state: TrainState, rec: StepRecord) -> dict[str, float]:
+    """The `ALARMS` diagnostics of a step that it measured (logged steps: all; others: the fraction
+    of failed tasks), NaN where they do not apply."""
+    values = {"failed_tasks": rec.sums.negative_curvature / cfg.meta_batch}
+    stats: MetaStats | None = rec.stats
+    if stats is None or not rec.logged:
+        return values
+    if stats.cg_relative_residual is not None and cfg.cg_iters > 0:
+        values["cg_residual"] = _mean(stats.cg_relative_residual[~stats.negative_curvature])
+    if isinstance(exp.algorithm.meta_gradient, Implicit) and stats.distance is not None:
+        learned = state.lam.values()
+        lam = min(learned.values()) if learned else state.lam.resolve(exp.algorithm.lam).strong_convexity()
+        distance = _mean(stats.distance)
+        if lam and distance > 0:
+            values["inner_residual"] = _mean(stats.inner_grad_norm) / (lam * distance)
+    return values
 
 
 def banner(cfg: TrainConfig, exp: Experiment, device: torch.device, world: int) -> list[str]:
@@ -171,6 +262,7 @@ class Recorder:
         )
         self.clock = TrainClock(cfg.clock, elapsed)
         self._loss = self._acc = math.nan  # running averages for the bar
+        self.warned: set[str] = set()  # the `ALARMS` this run has warned about
 
     def _open(self, device: torch.device, world: int, start: int, elapsed: float, resumed: bool) -> None:
         cfg, console = self.cfg, self.console
@@ -199,6 +291,8 @@ class Recorder:
             self.bar.update(1, loss=f"{self._loss:.3f}", acc=f"{self._acc:.1f}%")
         else:
             self.bar.update(1, mse=f"{self._loss:.4f}")
+        if self.main:
+            self._alarms(rec, state)
         if self._file is None or rec.stats is None or not rec.logged:
             return
         stats = rec.stats
@@ -224,6 +318,14 @@ class Recorder:
             entry["lam"] = lam
         self.history["steps"].append(entry)
         self._write(entry)
+
+    def _alarms(self, rec: StepRecord, state: TrainState) -> None:
+        """Warn (a `BilevelWarning`, once per kind) where a diagnostic crosses its `ALARMS` threshold."""
+        for kind, value in alarm_values(self.cfg, self.exp, state, rec).items():
+            alarm = ALARMS[kind]
+            if kind not in self.warned and value > alarm.threshold:
+                self.warned.add(kind)
+                warnings.warn(alarm.message(self.cfg, rec.step, value), BilevelWarning, stacklevel=3)
 
     def evaluate(self, state: TrainState) -> None:
         """Evaluate on ``eval_tasks`` test tasks (rank 0), off the training clock; show and log it."""

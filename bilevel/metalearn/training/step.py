@@ -13,7 +13,7 @@ diagnostics are read by the log, on logged steps only.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,13 +23,51 @@ from ...tree import all_finite
 from ..algorithms import MetaStats, meta_gradient
 from ..models import Params
 from ..proximal import ProximalWeight, lam_from_config
-from ..tasks import Task
+from ..registry import ALGORITHMS
+from ..tasks import Task, check_finite
 from .checkpoint import shape_mismatch
 from .config import TrainConfig
 from .distributed import Dist, allreduce_, broadcast_
 from .experiment import Experiment
 
-__all__ = ["MetaStep", "StepRecord", "StepSums", "TrainState"]
+__all__ = ["MetaStep", "StepRecord", "StepSums", "TrainState", "advice"]
+
+
+#: Every field that only some algorithms read (`AlgorithmEntry.flags`); the others every one reads.
+_SPECIFIC = frozenset().union(*(e.flags for e in ALGORITHMS.values()))
+
+
+def advice(cfg: TrainConfig, moves: Sequence[tuple[str, str]]) -> str:
+    """What to change, in flags this run's algorithm reads: ``"lower --inner-lr (now 0.1) or raise
+    --lam (now 2)"``.
+
+    Args:
+        cfg: the run.
+        moves: ``(verb, field)`` pairs in order of preference: ``"lower"`` or ``"raise"`` a
+            number (shown with its value), ``"use"`` a switch (left out where it is on already).
+            A field only some algorithms read (the registry's `AlgorithmEntry.flags`) is left out
+            where ``cfg.algo`` does not read it, so that no advice names a flag the command line
+            would refuse.
+
+    Returns:
+        The moves that apply, as alternatives ("a, b or c"); ``""`` if none does.
+    """
+    reads = ALGORITHMS[cfg.algo].flags
+    said = []
+    for verb, field in moves:
+        if field in _SPECIFIC and field not in reads:
+            continue
+        flag, value = "--" + field.replace("_", "-"), getattr(cfg, field)
+        if verb == "use":
+            if not value:
+                said.append(f"use {flag}")
+        else:
+            said.append(f"{verb} {flag} (now {value:g})")
+    return " or ".join([", ".join(said[:-1]), said[-1]] if len(said) > 2 else said)
+
+
+#: What may stop a diverging inner solve, most direct first.
+_DIVERGED = (("lower", "inner_lr"), ("raise", "lam"), ("use", "backtrack"), ("lower", "meta_lr"))
 
 
 @dataclasses.dataclass(eq=False)
@@ -236,26 +274,46 @@ class MetaStep:
         self, state: TrainState, batch: Task, logged: bool
     ) -> tuple[Params, dict[str, torch.Tensor] | None, MetaStats]:
         cfg, exp = self.cfg, self.exp
-        # the meta-step's checks read the device once it is queued, not while it is
-        with deferred_checks():
-            g, lam_grad, stats = meta_gradient(
-                exp.algorithm,
-                exp.model_fn,
-                exp.loss,
-                state.theta,
-                batch,
-                lam=state.lam,
-                classification=exp.classification,
-                vectorize=cfg.vectorize,
-                batched=exp.batched,
-                diagnostics=logged,
-                lanczos_steps=cfg.lanczos_steps if logged else 0,
-            )
+        try:
+            # the meta-step's checks read the device once it is queued, not while it is
+            with deferred_checks():
+                g, lam_grad, stats = meta_gradient(
+                    exp.algorithm,
+                    exp.model_fn,
+                    exp.loss,
+                    state.theta,
+                    batch,
+                    lam=state.lam,
+                    classification=exp.classification,
+                    vectorize=cfg.vectorize,
+                    batched=exp.batched,
+                    diagnostics=logged,
+                    lanczos_steps=cfg.lanczos_steps if logged else 0,
+                )
+        except NonFiniteError as err:
+            self._check_inputs(state, batch)
+            raise NonFiniteError(
+                f"{cfg.algo}: meta-step {state.step}: NaN or infinity in the meta-step (the inner loop or "
+                f"the meta-gradient's solve diverged; the cause is chained below): {self._diverged_advice()}"
+            ) from err
         # one device read for the whole meta-gradient
         if not bool(all_finite(list(g.values())).all()):
+            self._check_inputs(state, batch)
             raise NonFiniteError(
                 f"{cfg.algo}: meta-step {state.step}: the meta-gradient has NaN or infinity (query loss "
-                f"{stats.query_loss.tolist()}); the inner solver probably diverged: lower "
-                f"--inner-lr (now {cfg.inner_lr}) or raise --lam"
+                f"{stats.query_loss.tolist()}); the inner solver probably diverged: "
+                f"{self._diverged_advice()}"
             )
         return g, lam_grad, stats
+
+    def _check_inputs(self, state: TrainState, batch: Task) -> None:
+        """On a non-finite meta-step only (no device read on healthy steps): were the tasks broken?"""
+        d = self.d
+        check_finite(
+            batch,
+            f"{self.cfg.algo}: meta-step {state.step}",
+            index=range(d.rank, d.rank + d.world * batch.support_x.shape[0], d.world),
+        )
+
+    def _diverged_advice(self) -> str:
+        return advice(self.cfg, _DIVERGED)

@@ -21,7 +21,9 @@ step (a killed run logged steps its checkpoint does not hold) and redoes those s
 
 Progress goes to standard error (`bilevel.metalearn.training.console.Console`): a banner (configuration,
 device, data, output folder, resumed step), a bar or plain lines for meta-training and the final
-evaluation, and the periodic evaluations' results.
+evaluation, and the periodic evaluations' results.  A diagnostic that crosses its threshold (CG's
+relative residual, the inner residual, the fraction of tasks whose CG met negative curvature:
+`bilevel.metalearn.training.recorder.ALARMS`) is warned about once, as a `bilevel.BilevelWarning`.
 
 Distributed (``torchrun --nproc_per_node=N``): rank r computes tasks
 ``range(r, B, N)`` of every meta-batch of B tasks, the per-task gradient sums are
@@ -83,7 +85,13 @@ def train(
             holds one, without ``overwrite``.
         ConfigError: ``cfg.device`` is not on this machine.
         DatasetNotFoundError, DatasetFormatError: the data cannot be read (nothing is written then).
-        NonFiniteError: a meta-gradient has NaN or infinity (the inner solver diverged).
+        NonFiniteError: a task of a meta-batch holds NaN or infinity (the message names it), or
+            a meta-gradient has NaN or infinity (the inner solver diverged; the message names the
+            flags of ``cfg.algo`` to change).
+
+    Warns:
+        BilevelWarning: once per kind, where a diagnostic crosses its threshold
+            (`bilevel.metalearn.training.recorder.ALARMS`).
     """
     console = Console(progress)
     device = training_device(cfg.device)
