@@ -30,7 +30,7 @@ from PIL import Image
 
 import bilevel
 from bilevel import BilevelWarning, CheckpointError
-from bilevel.metalearn import TrainConfig, build_experiment, load_checkpoint, train
+from bilevel.metalearn import ConfigError, TrainConfig, build_experiment, load_checkpoint, load_run, train
 from bilevel.metalearn.data.datasets import DatasetFormatError, SplitMismatchError
 from bilevel.metalearn.data.folder import classes_needed, load_image_folder
 from bilevel.metalearn.data.splits import ClassSplit, split_classes
@@ -449,6 +449,11 @@ def test_eval_refuses_what_train_refuses(tmp_path: Path, capsys: pytest.CaptureF
     eval_says = _usage(capsys, ["eval", "--checkpoint", str(ck), "--eval-lam", "0"])
     msg = "argument --eval-lam: iMAML's proximal weight at evaluation; --algo fomaml does not use it"
     assert msg in train_says and msg in eval_says[-1]
+    with pytest.raises(
+        ConfigError, match=r"eval_lam=0\.5\): fomaml does not read it \(it applies to imaml-gd"
+    ):
+        load_run(ck, eval_lam=0.5)  # the library applies the same rule
+    assert load_run(ck, eval_inner_steps=4).config.eval_inner_steps == 4  # and takes what fomaml reads
     assert eval_says[0].startswith("usage: python -m bilevel.metalearn eval")  # its own usage line
     said = _usage(capsys, ["eval", "--checkpoint", str(ck), "--data-root", str(tmp_path)])[-1]
     assert "argument --data-root" in said and "--dataset sinusoid does not use it" in said

@@ -42,8 +42,9 @@ from ..models import (
     sinusoid_mlp,
 )
 from ..proximal import coerce, lam_from_config
+from ..registry import ALGORITHMS, readers
 from .checkpoint import load_checkpoint, saved_config, shape_mismatch
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .distributed import training_device
 from .provenance import Provenance
 
@@ -297,6 +298,8 @@ def build_experiment(
 
 
 _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+#: The fields that only some algorithms read (`AlgorithmEntry.flags`).
+_ALGORITHM_FIELDS = frozenset(f for e in ALGORITHMS.values() for f in e.flags)
 
 
 def load_run(
@@ -325,12 +328,21 @@ def load_run(
         CheckpointError: the file is not a readable checkpoint of `train` (`load_checkpoint`), or
             its parameters do not fit the model of its configuration.
         TypeError: an override is not a `TrainConfig` field.
-        ConfigError: an override has a value no run can use.
+        ConfigError: an override has a value no run can use, or is a setting the run's algorithm
+            does not read (`bilevel.metalearn.registry.readers`; e.g. ``eval_lam`` for maml).
     """
     unknown = sorted(set(overrides) - _CONFIG_FIELDS)
     if unknown:
         raise TypeError(f"load_run: {unknown} are not TrainConfig fields")
     ck = load_checkpoint(checkpoint_path, device)
+    trained = saved_config(ck, checkpoint_path)
+    for name, value in overrides.items():
+        # the registry's rule, as for the command line's flags: a setting the algorithm never reads
+        # would be applied to an adaptation that is not the algorithm's (a proximal term in MAML's)
+        if name in _ALGORITHM_FIELDS and trained.algo not in readers(name):
+            raise ConfigError(
+                name, value, f"{trained.algo} does not read it (it applies to {', '.join(readers(name))})"
+            )
     cfg = saved_config(ck, checkpoint_path, **overrides, device=str(device))
     shape = ck.get("image_shape")
     if shape is None and cfg.dataset == "folder":

@@ -148,8 +148,9 @@ def saved_provenance(ck: Mapping[str, Any], path: str | os.PathLike[str]) -> Pro
 
     Returns:
         The saved `Provenance`; for a checkpoint without one, a record of unknown version whose
-        split is the ``split.json`` beside it (``source="split.json"``), or ``None`` where there is
-        none (``source="an older checkpoint"``).
+        split is the ``split.json`` beside it (``source="split.json"``), or, without that file
+        too, a record of nothing (``split=None``, ``source="an older checkpoint"``): the data is
+        then split afresh, and `Provenance.notes` says so.
 
     Raises:
         CheckpointError: the saved provenance, or the ``split.json`` beside an older checkpoint, is

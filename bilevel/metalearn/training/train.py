@@ -11,7 +11,8 @@ with Adam, evaluates on the fixed test tasks (`Experiment.evaluate`) and writes,
   ``torch.load(..., weights_only=True)`` (`bilevel.metalearn.training.checkpoint`); ``--resume`` continues
   from it, `load_run` turns it into a `Run` for `evaluate_tasks`;
 * ``log.jsonl``: one JSON record per logged step (losses, accuracies, inner-solver
-  and CG diagnostics, wall time).
+  and CG diagnostics, wall time);
+* ``run.lock``: held while the run trains, so a second run into the folder is refused (`runlock`).
 
 Nothing is overwritten without a word: a resumed run must have the configuration of its
 checkpoint (up to the fields of `bilevel.metalearn.training.config.RESUMABLE`, e.g. more meta-steps), a
