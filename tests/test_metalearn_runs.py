@@ -104,6 +104,7 @@ def test_a_run_whose_data_changed_never_evaluates_a_trained_class_as_a_test_clas
     prov = saved_provenance(load_checkpoint(out / "checkpoint.pt"), out / "checkpoint.pt")
     assert prov.split == saved and prov.version == bilevel.__version__ and prov.source == "checkpoint"
     assert prov.n_classes == 10 and prov.fingerprint is not None
+    assert json.loads((out / "metrics.json").read_text())["environment"]["bilevel"] == bilevel.__version__
     # add classes until a split recomputed from the new listing puts a meta-trained class in test
     added: list[str] = []
     while not set(split_classes(sorted(saved.all_classes) + added, (0.7, 0.1, 0.2)).test_classes) & set(

@@ -5,7 +5,9 @@ start together, exactly one creates it) and holding the owner's pid, host and a 
 removed when the run ends, whether it finishes, raises, or is stopped by Ctrl-C or SIGTERM
 (`bilevel.metalearn.training.signals.exit_on_sigterm`).  A lock left by a killed run (SIGKILL, a
 crashed machine) names a pid that no longer runs on this host: the next run replaces it and warns.
-A lock of another host cannot be checked from here and is never replaced.
+A lock of another host cannot be checked from here and is never replaced.  (Two runs that find the
+same stale lock at the same instant can both replace it: the window is the few microseconds between
+one's unlink and create; a lock held by a live run is never replaced.)
 
 Without it, two trainings into one folder both ran: the check for an existing run looks for
 ``checkpoint.pt``, which is first written after ``checkpoint_every`` steps.
