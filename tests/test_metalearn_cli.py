@@ -271,6 +271,8 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resuming from step {step} " in r.stderr
+    # the killed run's lock names a pid that no longer runs: replaced, with a word
+    assert "replacing the stale lock" in r.stderr and not (out / "run.lock").exists()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["meta_steps_done"] == total and not metrics["stopped_early"]
     # the killed run logged steps past its checkpoint: they are redone, not duplicated

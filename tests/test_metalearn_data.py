@@ -21,7 +21,12 @@ import torch
 from PIL import Image, ImageDraw
 
 import bilevel.metalearn.data.sources as sources
-from bilevel.metalearn.data.datasets import DatasetError, DatasetFormatError, DatasetNotFoundError
+from bilevel.metalearn.data.datasets import (
+    DatasetError,
+    DatasetFormatError,
+    DatasetNotFoundError,
+    SplitMismatchError,
+)
 from bilevel.metalearn.data.folder import load_image_folder
 from bilevel.metalearn.data.images import ClassPool, ImageCollection
 from bilevel.metalearn.data.miniimagenet import load_miniimagenet
@@ -372,7 +377,7 @@ def test_corrupt_omniglot_archive_errors(omni_zip: Path, tmp_path: Path) -> None
 
 def test_saved_split_from_other_data_is_rejected(omni_zip: Path, tmp_path: Path) -> None:
     split = ClassSplit(("images_background/Nope/character01",), (), ("images_evaluation/Nope/character01",))
-    with pytest.raises(DatasetFormatError, match="does not match the data"):
+    with pytest.raises(SplitMismatchError, match=r"the data does not hold 2 class\(es\) of the split"):
         load_omniglot(omni_zip, split=split, cache_dir=tmp_path)
     data = load_omniglot(omni_zip, n_train=8, cache_dir=tmp_path)
     data.split.save_json(tmp_path / "split.json")

@@ -38,7 +38,11 @@ Quick start (what a training loop needs)::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections.abc import Sequence
+
+import numpy as np
 
 from ... import BilevelError
 from .images import ClassPool, ImageCollection
@@ -49,6 +53,7 @@ __all__ = [
     "DatasetFormatError",
     "DatasetNotFoundError",
     "FewShotData",
+    "SplitMismatchError",
     "make_few_shot_data",
 ]
 
@@ -63,6 +68,14 @@ class DatasetNotFoundError(DatasetError, FileNotFoundError):
 
 class DatasetFormatError(DatasetError, ValueError):
     """The dataset's files exist but are corrupt, unreadable, laid out wrongly or too small."""
+
+
+class SplitMismatchError(DatasetFormatError):
+    """A given (saved) class split names classes the data does not hold.
+
+    A saved split is never recomputed to fit the data: a recomputed split could put a class that
+    was meta-trained on into the test part.
+    """
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -90,6 +103,22 @@ class FewShotData:
         """``(C, H, W)`` of the images tasks are made of."""
         return self.collection.image_shape
 
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the data listing: every class id with its number of images, in collection order.
+
+        Equal fingerprints mean the same classes with as many images each; decoding settings and
+        file times do not enter it (a copied dataset keeps its fingerprint).
+        """
+        counts = np.diff(np.asarray(self.collection.offsets, dtype=np.int64)).tolist()
+        listing = json.dumps([list(self.collection.class_ids), counts], separators=(",", ":"))
+        return hashlib.sha256(listing.encode()).hexdigest()
+
+    @property
+    def unused_classes(self) -> tuple[str, ...]:
+        """Class ids of the data outside every part of the split (sorted), e.g. classes added later."""
+        return tuple(sorted(set(self.collection.class_ids) - set(self.split.all_classes)))
+
     def __repr__(self) -> str:
         c, h, w = self.image_shape
         val = f"{self.val.n_classes:,}" if self.val is not None else "no"
@@ -111,8 +140,30 @@ def make_few_shot_data(
     """Build the three pools of ``split`` over ``collection`` (val and test use ``test_rotations``).
 
     Raises:
-        DatasetFormatError: a class of the split is not in the collection.
+        SplitMismatchError: classes of the split are not in the collection (the message lists them
+            by part).
     """
+    held = set(collection.class_ids)
+    missing = {
+        part: [c for c in ids if c not in held]
+        for part, ids in (
+            ("train", split.train_classes),
+            ("val", split.val_classes),
+            ("test", split.test_classes),
+        )
+    }
+    if any(missing.values()):
+        n = sum(len(v) for v in missing.values())
+        listed = "; ".join(
+            f"{part}: {', '.join(repr(c) for c in ids[:3])}{', ...' if len(ids) > 3 else ''}"
+            for part, ids in missing.items()
+            if ids
+        )
+        raise SplitMismatchError(
+            f"{name}: the data does not hold {n} class(es) of the split {split.name!r} ({listed}); a "
+            "saved split is never recomputed (a meta-trained class could become a test class): restore "
+            "those classes, or point --data-root at the data the run was trained on"
+        )
     try:
         train = ClassPool.from_ids(collection, split.train_classes, train_rotations, "train")
         val = (

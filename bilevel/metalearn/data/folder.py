@@ -21,7 +21,7 @@ from .locations import resolve_data_root
 from .sources import ImageSource, Resample, file_reader, hash_json, list_class_folders
 from .splits import ClassSplit, split_classes
 
-__all__ = ["FOLDER_HELP", "image_folder_source", "load_image_folder"]
+__all__ = ["FOLDER_HELP", "classes_needed", "image_folder_source", "load_image_folder"]
 
 FOLDER_HELP = (
     "An image-folder dataset is one sub-folder per class directly under the data root, each holding that "
@@ -61,6 +61,41 @@ def image_folder_source(
     members = tuple(tuple(e[0] for e in listing[c]) for c in class_ids)
     fingerprint = hash_json([listing[c] for c in class_ids])
     return ImageSource("folder", class_ids, members, fingerprint, file_reader(root))
+
+
+def classes_needed(sizes: tuple[int, int, int] | tuple[float, float, float]) -> int:
+    """The fewest classes `split_classes` can split by ``sizes`` (each part asked for gets a class).
+
+    Raises:
+        ValueError: ``sizes`` that no number of classes satisfies (`split_classes`'s checks).
+    """
+    if all(isinstance(s, int) and not isinstance(s, bool) for s in sizes):
+        need = max(1, sum(int(s) for s in sizes))
+        split_classes([str(i) for i in range(need)], sizes)  # its checks of the counts
+        return need
+    for n in range(1, 10_001):
+        try:
+            split_classes([str(i) for i in range(n)], sizes)
+        except ValueError:
+            continue
+        return n
+    raise ValueError(f"load_image_folder(sizes={sizes!r}): no number of classes up to 10000 can be split so")
+
+
+def _split(
+    class_ids: tuple[str, ...],
+    sizes: tuple[int, int, int] | tuple[float, float, float],
+    seed: int,
+    root: object,
+) -> ClassSplit:
+    """`split_classes` of the folder's classes, refusing a folder with too few for ``sizes``."""
+    need = classes_needed(sizes)
+    if len(class_ids) < need:
+        raise DatasetFormatError(
+            f"image folder {str(root)!r}: found {len(class_ids)} class folder(s), but the split "
+            f"{sizes!r} (train, val, test) needs at least {need}: add class folders, or give other sizes"
+        )
+    return split_classes(class_ids, sizes, seed=seed, name="folder")
 
 
 def load_image_folder(
@@ -103,8 +138,9 @@ def load_image_folder(
 
     Raises:
         DatasetNotFoundError: the folder is missing.
-        DatasetFormatError: bad layout, too few images in a class, an unreadable image, or a split
-            naming unknown classes.
+        DatasetFormatError: bad layout, too few images in a class, fewer classes than ``sizes``
+            needs (`classes_needed`), or an unreadable image.
+        SplitMismatchError: ``split`` names classes the folder does not hold.
         ValueError: bad ``sizes``, ``image_size`` or ``channels``.
     """
     hw = (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
@@ -116,9 +152,7 @@ def load_image_folder(
         )
     root = resolve_data_root(data_root, dataset="image folder", help_text=FOLDER_HELP)
     source = image_folder_source(root, min_images=min_images)
-    the_split = (
-        split if split is not None else split_classes(source.class_ids, sizes, seed=seed, name="folder")
-    )
+    the_split = split if split is not None else _split(source.class_ids, sizes, seed, root)
     collection = load_image_collection(
         source,
         size=hw,

@@ -162,6 +162,7 @@ def load_miniimagenet(
     data_root: str | os.PathLike[str] | None = None,
     *,
     image_size: int = 84,
+    split: ClassSplit | None = None,
     resample: Resample = "lanczos",
     cache_dir: str | os.PathLike[str] | None = None,
     cache: bool = True,
@@ -173,6 +174,7 @@ def load_miniimagenet(
     Args:
         data_root: see `miniimagenet_source`.
         image_size: side of the square images (84 in the literature).
+        split: a saved split to use instead of the one the files define.
         resample: Pillow filter for images of another size.
         cache_dir: see `bilevel.metalearn.data.locations.resolve_cache_dir`.
         cache: ``False`` decodes into memory and writes nothing.
@@ -187,7 +189,7 @@ def load_miniimagenet(
         DatasetFormatError: malformed files or an unreadable image.
     """
     root = resolve_data_root(data_root, dataset="Mini-ImageNet", help_text=MINIIMAGENET_HELP)
-    source, split = miniimagenet_source(root)
+    source, files_split = miniimagenet_source(root)
     collection = load_image_collection(
         source,
         size=(image_size, image_size),
@@ -199,4 +201,4 @@ def load_miniimagenet(
         workers=workers,
         progress=progress,
     )
-    return make_few_shot_data("miniimagenet", collection, split)
+    return make_few_shot_data("miniimagenet", collection, files_split if split is None else split)

@@ -9,6 +9,8 @@
   checkpoints) and its clock; `results`: the final evaluation and ``metrics.json``;
   `signals`: SIGTERM / Ctrl-C as a request to stop after the current step.
 - `checkpoint`: writing and reading ``checkpoint.pt``.
+- `provenance`: what a run was trained on (its class split, the data listing, the version).
+- `runlock`: one run per folder, for the run's lifetime.
 - `distributed`: the data-parallel seam (one process per device).
 - `console`: progress bars and lines on standard error.
 - `report`: the run report and its command; `runlog` reads run folders and writes their table,

@@ -8,11 +8,19 @@ weights_only=True)`` (no code is unpickled):
 * ``optimizer``: Adam's state; ``step``: meta-steps done; ``elapsed``: seconds of the training clock;
 * ``history``, ``config``: the curves and the `TrainConfig`, as JSON strings;
 * ``image_shape``: ``[C, H, W]`` of an image dataset's images, ``None`` for sinusoid (optional:
-  a checkpoint may lack it).
+  a checkpoint may lack it);
+* ``provenance``: what the run was trained on (`bilevel.metalearn.training.provenance.Provenance`,
+  a JSON string: the class split, the data listing's fingerprint, the library version; optional:
+  older checkpoints lack it).
+
+Every JSON file of a run is strict JSON (`strict_json`): a NaN or infinite number is written as
+``null``, so any JSON reader can read it.
 
 `save_checkpoint` is the one writer and `load_checkpoint` the one reader: every way a file can be
 unusable (missing, empty, truncated, not a checkpoint, a model's ``state_dict``, a damaged
-configuration) is a `bilevel.CheckpointError` that names the file and the damage.  `saved_config`
+configuration, an Adam state that does not fit the parameters) is a `bilevel.CheckpointError` that
+names the file and the damage; a write that fails (a full disk, no permission) leaves no temporary
+file behind and is a `CheckpointWriteError` that names the file and the cause.  `saved_config`
 reads the run's `TrainConfig` back, `open_run` checks a run folder against a request to train
 there, and `keep_earlier` moves an earlier result aside instead of overwriting it.
 `bilevel.metalearn.load_run` turns a checkpoint into a model function, parameters and algorithm.
@@ -21,7 +29,9 @@ there, and `keep_earlier` moves an earlier result aside instead of overwriting i
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import math
 import os
 import pickle
 import zipfile
@@ -33,8 +43,11 @@ import torch
 
 from ... import CheckpointError
 from .config import IMPLICIT_ALGOS, TrainConfig
+from .provenance import Provenance
 
 __all__ = [
+    "CheckpointWriteError",
+    "adam_mismatch",
     "atomic_json",
     "atomic_save",
     "keep_earlier",
@@ -43,6 +56,7 @@ __all__ = [
     "save_checkpoint",
     "saved_config",
     "shape_mismatch",
+    "strict_json",
 ]
 
 #: Keys every checkpoint written by `train` has (``image_shape`` is optional and may be absent).
@@ -58,18 +72,77 @@ def shape_mismatch(want: Mapping[str, torch.Tensor], found: Mapping[str, torch.T
     return sorted(set(a) ^ set(b)) or sorted(k for k in a if a[k] != b[k])
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file renamed over ``path``: a reader never sees half a file."""
+class CheckpointWriteError(CheckpointError):
+    """A run's file could not be written (a full disk, no permission, ...); nothing was left half-written."""
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by ``None`` (nested dicts, lists, tuples)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def strict_json(obj: Any, indent: int | None = None) -> str:
+    """``obj`` as strict JSON: NaN and infinities become ``null`` (never the non-standard ``NaN``).
+
+    Objects JSON has no form for are written as their ``str`` (a path, a dtype).
+    """
+    return json.dumps(_finite(obj), indent=indent, default=str, allow_nan=False)
+
+
+def _write_failed(path: Path, err: BaseException) -> CheckpointWriteError:
+    """The one-line error of a failed write of ``path``."""
+    if isinstance(err, OSError) and err.errno is not None:
+        cause = os.strerror(err.errno)
+        if err.errno == errno.ENOSPC:
+            cause += ": free space on that disk, or pass another --out"
+        elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            cause += ": make the folder writable, or pass another --out"
+    else:  # torch's writer reports a failed write as a RuntimeError from its C++ stream
+        cause = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
+    return CheckpointWriteError(
+        f"cannot write {path}: {cause} (nothing was written; the earlier file is kept)"
+    )
+
+
+def _atomic(write: Any, path: Path) -> None:
+    """``write(tmp)`` then rename ``tmp`` over ``path``; on any failure ``tmp`` is removed."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as err:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # the failure to report is the write's, not the clean-up's
+            pass
+        if isinstance(err, (OSError, RuntimeError)):
+            raise _write_failed(path, err) from err
+        raise
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file renamed over ``path``: a reader never sees half a file.
+
+    Raises:
+        CheckpointWriteError: the write failed (no temporary file is left; ``path`` is unchanged).
+    """
+    _atomic(lambda tmp: torch.save(obj, tmp), path)
 
 
 def atomic_json(obj: Any, path: Path) -> None:
-    """Write ``obj`` as indented JSON through a temporary file renamed over ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    """Write ``obj`` as indented strict JSON (`strict_json`) through a temporary file renamed over ``path``.
+
+    Raises:
+        CheckpointWriteError: the write failed (no temporary file is left; ``path`` is unchanged).
+    """
+    text = strict_json(obj, indent=2)
+    _atomic(lambda tmp: tmp.write_text(text), path)
 
 
 def save_checkpoint(
@@ -79,6 +152,7 @@ def save_checkpoint(
     history: Mapping[str, Any],
     elapsed: float,
     image_shape: list[int] | None,
+    provenance: Provenance | None = None,
 ) -> None:
     """Write a run's ``checkpoint.pt`` atomically (`atomic_save`).
 
@@ -89,14 +163,19 @@ def save_checkpoint(
         history: the curves (saved as JSON).
         elapsed: seconds of the training clock.
         image_shape: ``[C, H, W]`` of an image dataset's images; ``None`` for sinusoid.
+        provenance: what the run was trained on (`Provenance`); ``None``: not recorded.
+
+    Raises:
+        CheckpointWriteError: the write failed (the earlier checkpoint is kept, no debris is left).
     """
     atomic_save(
         {
             **state,
-            "history": json.dumps(history),
+            "history": strict_json(history),
             "elapsed": elapsed,
-            "config": json.dumps(dataclasses.asdict(cfg)),
+            "config": strict_json(dataclasses.asdict(cfg)),
             "image_shape": image_shape,
+            "provenance": None if provenance is None else provenance.to_json(),
         },
         path,
     )
@@ -173,7 +252,49 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
             ok = False
         if not ok:
             raise CheckpointError(f"{hint}: its {name!r} is not a JSON object")
+    problem = adam_mismatch(ck["optimizer"], [*ck["theta"].values(), *ck["log_lam"].values()])
+    if problem is not None:
+        raise CheckpointError(f"the checkpoint {p} is damaged: {problem}")
+    if ck.get("provenance") is not None:
+        Provenance.from_json(ck["provenance"], str(p))  # its check: a damaged record is refused here
     return dict(ck)
+
+
+def adam_mismatch(state: Any, params: list[torch.Tensor]) -> str | None:
+    """How an Adam ``state_dict`` does not fit ``params`` (theta's tensors, then log-lambda's), or ``None``.
+
+    Adam keeps, per parameter in its order, ``exp_avg`` and ``exp_avg_sq`` of the parameter's shape;
+    a state of other parameters would be loaded by ``torch.optim.Adam.load_state_dict`` without a
+    word (shapes are not checked there) and fail, or broadcast silently, at the next step.
+    """
+    if not isinstance(state, Mapping) or not isinstance(state.get("param_groups"), list):
+        return "its 'optimizer' is not an optimizer's state_dict (no 'param_groups')"
+    ids: list[Any] = []
+    for group in state["param_groups"]:
+        if not isinstance(group, Mapping) or not isinstance(group.get("params"), list):
+            return "its 'optimizer' has a parameter group without a 'params' list"
+        ids.extend(group["params"])
+    if len(ids) != len(params):
+        return (
+            f"its Adam state is for {len(ids)} parameter tensor(s), but theta and log_lam hold {len(params)}"
+        )
+    per = state.get("state", {})
+    if not isinstance(per, Mapping):
+        return "its 'optimizer' has no per-parameter 'state' dict"
+    for i, (key, param) in enumerate(zip(ids, params)):
+        entry = per.get(key)
+        if entry is None:
+            continue  # no step taken yet for this parameter
+        for name in ("exp_avg", "exp_avg_sq"):
+            moment = entry.get(name) if isinstance(entry, Mapping) else None
+            if not isinstance(moment, torch.Tensor):
+                return f"its Adam state of parameter {i} has no {name} tensor"
+            if moment.shape != param.shape:
+                return (
+                    f"its Adam {name} of parameter {i} has shape {tuple(moment.shape)}, the parameter "
+                    f"{tuple(param.shape)}"
+                )
+    return None
 
 
 def saved_config(ck: Mapping[str, Any], path: str | os.PathLike[str], **overrides: Any) -> TrainConfig:

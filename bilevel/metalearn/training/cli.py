@@ -19,18 +19,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
+
+import torch
 
 from ... import BilevelError, CheckpointError
 from ..evaluation import evaluate_fixed
 from ..proximal import LAM_KINDS
 from ..registry import INNER_KINDS, readers
-from .config import ALGOS, DATASETS, PRESETS, RECIPES, ConfigError, TrainConfig
+from .checkpoint import CheckpointWriteError, atomic_json, load_checkpoint, saved_config, strict_json
+from .config import ALGOS, DATASET_DEFAULTS, DATASETS, PRESETS, RECIPES, ConfigError, TrainConfig
 from .console import Console, ProgressMode
 from .experiment import build_experiment, load_run
+from .provenance import saved_provenance
 from .train import train
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -99,9 +102,18 @@ def _task_flags(t: argparse.ArgumentParser, d: TrainConfig) -> None:
     """The task format."""
     t.add_argument("--dataset", choices=DATASETS, default=None, help=f"task family (default {d.dataset})")
     t.add_argument("--ways", type=int, default=None, help=f"classes per task (default {d.ways})")
-    t.add_argument("--shots", type=int, default=None, help=f"support examples per class (default {d.shots})")
+    sine = DATASET_DEFAULTS["sinusoid"]
     t.add_argument(
-        "--queries", type=int, default=None, help=f"query examples per class (default {d.queries})"
+        "--shots",
+        type=int,
+        default=None,
+        help=f"support examples per class (default {d.shots}; sinusoid: {sine['shots']} points)",
+    )
+    t.add_argument(
+        "--queries",
+        type=int,
+        default=None,
+        help=f"query examples per class (default {d.queries}; sinusoid: {sine['queries']} points)",
     )
 
 
@@ -328,14 +340,20 @@ def _eval_parser(sub: Any) -> None:
     e.add_argument("--checkpoint", required=True, help="checkpoint.pt written by train")
     e.add_argument("--data-root", default=None, help="dataset folder (or env BILEVEL_DATA_ROOT)")
     e.add_argument("--test-tasks", type=int, default=None, help="fixed test tasks (default: as trained)")
-    e.add_argument("--eval-inner-steps", type=int, default=None, help="inner steps at adaptation")
+    e.add_argument(
+        "--eval-inner-steps",
+        type=int,
+        default=None,
+        help="inner steps at adaptation (default: as trained; not imaml-hf, which takes Newton steps)",
+    )
     e.add_argument(
         "--eval-lam",
         type=float,
         default=None,
-        help="iMAML's lambda at adaptation (0: plain GD on the support loss)",
+        help="iMAML's lambda at adaptation (0: plain GD on the support loss; iMAML only)",
     )
     e.add_argument("--device", default=None, help="device (default: cpu)")
+    e.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     e.add_argument("--out", default=None, help="write the metrics as JSON here (default: print only)")
     e.add_argument(
         "--no-progress", action="store_true", help="plain progress lines instead of a progress bar"
@@ -403,12 +421,13 @@ def _check_applies(args: argparse.Namespace, algo: str, dataset: str) -> None:
                     f"argument {_flag(name)}: {meaning}; {what} {chosen} does not use it (it applies to "
                     f"{', '.join(applies)}): drop it"
                 )
-    if args.eval_tasks is not None and not args.eval_every:
+    if getattr(args, "eval_tasks", None) is not None and not getattr(args, "eval_every", None):
         raise UsageError("argument --eval-tasks: sizes the periodic evaluation; give --eval-every N too")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults, then the preset, then every flag given explicitly.
+    """Defaults, then the recipe, the preset, the dataset's task format (`DATASET_DEFAULTS`), then every
+    flag given explicitly.
 
     Raises:
         UsageError: a flag that the chosen algorithm or dataset does not use.
@@ -420,6 +439,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.preset:
         algo = args.algo or values.get("algo", TrainConfig().algo)
         values.update(PRESETS[args.preset].values(algo))
+    dataset = args.dataset or values.get("dataset", TrainConfig().dataset)
+    for name, value in DATASET_DEFAULTS.get(dataset, {}).items():
+        values.setdefault(name, value)  # under a preset's, a recipe's and an explicit flag's value
     for name in FIELDS:
         v = getattr(args, name, None)
         if v is not None:
@@ -458,6 +480,8 @@ def _train(args: argparse.Namespace) -> int:
         _usage(parser, err)
     try:
         metrics = train(cfg, resume=args.resume, progress=_progress(args), overwrite=args.overwrite)
+    except CheckpointWriteError as err:  # a full disk, no permission: not the flags' fault
+        return _fail(parser, err)
     except (CheckpointError, ConfigError) as err:  # the flags asked for something impossible
         _usage(parser, err)
     except BilevelError as err:  # data, divergence, distributed setup: what to do is in the message
@@ -481,37 +505,69 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The evaluation's settings that ``eval`` flags replace (each refused where train refuses it).
+_EVAL_OVERRIDES = ("data_root", "test_tasks", "eval_inner_steps", "eval_lam", "threads")
+
+
+def differences(trained: TrainConfig, now: TrainConfig) -> dict[str, dict[str, Any]]:
+    """The settings in which ``now`` differs from ``trained``: ``{field: {"trained": .., "now": ..}}``."""
+    return {
+        f.name: {"trained": getattr(trained, f.name), "now": getattr(now, f.name)}
+        for f in dataclasses.fields(TrainConfig)
+        if getattr(trained, f.name) != getattr(now, f.name)
+    }
+
+
 def _eval(args: argparse.Namespace) -> int:
     parser: argparse.ArgumentParser = args.subparser
     console = Console(_progress(args))
-    overrides: dict[str, Any] = {}
-    for name in ("data_root", "test_tasks", "eval_inner_steps", "eval_lam"):
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
+    overrides = {name: getattr(args, name) for name in _EVAL_OVERRIDES if getattr(args, name) is not None}
     device = args.device or "cpu"
     try:
+        ck = load_checkpoint(args.checkpoint, device)
+        trained = saved_config(ck, args.checkpoint)
+        # the one rule of train: a flag the run's algorithm or dataset does not read is refused
+        _check_applies(args, trained.algo, trained.dataset)
         run = load_run(args.checkpoint, device, **overrides)
-    except (FileNotFoundError, CheckpointError, ConfigError) as err:
+    except (FileNotFoundError, CheckpointError, ConfigError, UsageError) as err:
         _usage(parser, err)
     cfg = run.config
-    assert cfg is not None  # load_run always records the configuration
+    if cfg is None:  # load_run records it; a Run built otherwise has none
+        return _fail(parser, CheckpointError(f"{args.checkpoint}: the run has no configuration"))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    changed = differences(trained, cfg)
     console.line(
         f"bilevel.metalearn eval: {args.checkpoint} ({cfg.algo}, {cfg.dataset}, step {run.step}) on "
         f"{cfg.test_tasks} test tasks, device {device}"
     )
+    if changed:
+        console.line(
+            "settings that differ from training: "
+            + ", ".join(f"{k} {v['trained']!r} -> {v['now']!r}" for k, v in changed.items())
+        )
     try:
-        test_tasks = build_experiment(cfg, device=device).test_sampler
+        provenance = saved_provenance(ck, args.checkpoint)
+        exp = build_experiment(cfg, device=device, provenance=provenance)
+        for note in exp.notes:
+            console.line(note)
         with console.progress(cfg.test_tasks, "evaluation", unit="task", every=cfg.eval_batch) as bar:
             res: dict[str, Any] = evaluate_fixed(
-                run, test_tasks, cfg.test_tasks, progress=bar.update
+                run, exp.test_sampler, cfg.test_tasks, progress=bar.update
             ).summary()
     except BilevelError as err:
         return _fail(parser, err)
     res["checkpoint"] = str(args.checkpoint)
     res["step"] = run.step
-    print(json.dumps(res, indent=2))
+    res["differs_from_training"] = changed
+    res["data_notes"] = list(exp.notes)
+    res["trained_with_version"] = provenance.version or None
+    print(strict_json(res, indent=2))
     if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=2))
+        try:
+            atomic_json(res, Path(args.out))
+        except CheckpointWriteError as err:
+            return _fail(parser, err)
     return 0
 
 
@@ -539,7 +595,9 @@ def main(argv: list[str] | None = None) -> int:
     Raises:
         SystemExit: a usage error (code 2) or ``--help`` (code 0).
     """
-    args = _parser().parse_args(argv)
+    args, extra = _parser().parse_known_args(argv)
+    if extra:  # the subcommand's own usage line, not the top-level one
+        args.subparser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "train":
         return _train(args)
     if args.command == "report":

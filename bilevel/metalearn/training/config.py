@@ -17,7 +17,16 @@ from ..gradients import MetaAlgorithm
 from ..proximal import LAM_KINDS
 from ..registry import ALGORITHMS, INNER_KINDS, Settings, readers
 
-__all__ = ["ALGOS", "DATASETS", "PRESETS", "RECIPES", "ConfigError", "Preset", "TrainConfig"]
+__all__ = [
+    "ALGOS",
+    "DATASETS",
+    "DATASET_DEFAULTS",
+    "PRESETS",
+    "RECIPES",
+    "ConfigError",
+    "Preset",
+    "TrainConfig",
+]
 
 #: Names of ``TrainConfig.algo`` (and ``--algo``): the registry's entries.
 ALGOS = tuple(ALGORITHMS)
@@ -467,6 +476,13 @@ PRESETS: dict[str, Preset] = {
     **_PRESETS,
     **{f"paper-{name}": p.as_paper() for name, p in _PRESETS.items() if p.measured},
 }
+
+#: A dataset's task format where it differs from `TrainConfig`'s defaults (those of Omniglot,
+#: 1 support and 15 query examples per class), for the command line: a flag, a preset or a recipe
+#: that sets the field wins.  A sinusoid task is the iMAML/MAML paper's 5 support and 10 query
+#: points, as `SinusoidTasks` examples and the tutorials draw them (1 support point cannot fix
+#: a sine's amplitude and phase).
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {"sinusoid": {"shots": 5, "queries": 10}}
 
 
 #: Named recipes (``--recipe``): every setting of a published procedure, applied before the preset

@@ -42,9 +42,11 @@ from ..models import (
     sinusoid_mlp,
 )
 from ..proximal import coerce, lam_from_config
+from ..registry import ALGORITHMS, readers
 from .checkpoint import load_checkpoint, saved_config, shape_mismatch
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .distributed import training_device
+from .provenance import Provenance
 
 __all__ = ["Experiment", "build_experiment", "load_run"]
 
@@ -68,6 +70,10 @@ class Experiment:
         data: the image dataset (``None`` for sinusoid).
         algorithm: the `MetaAlgorithm` of meta-training (``config.algorithm()``).
         eval_algorithm: the one that adapts at evaluation (``config.algorithm(evaluation=True)``).
+        provenance: what the run was trained on (`Provenance`): the saved one of a run rebuilt
+            from its checkpoint, else this experiment's data.
+        notes: how this experiment's data differs from the data the run was trained on, each a
+            line that says what is done about it (`Provenance.notes`); empty for a new run.
     """
 
     config: TrainConfig
@@ -84,6 +90,8 @@ class Experiment:
     data: FewShotData | None
     algorithm: MetaAlgorithm
     eval_algorithm: MetaAlgorithm
+    provenance: Provenance = dataclasses.field(default_factory=Provenance)
+    notes: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         n = sum(v.numel() for v in self.theta.values())
@@ -184,23 +192,40 @@ def _functional(
         return make_functional(model, None, dtype=dtype, device=device)
 
 
-def _load_data(cfg: TrainConfig) -> FewShotData:
+def _load_data(cfg: TrainConfig, saved: ClassSplit | None) -> FewShotData:
+    """The image dataset of ``cfg``, on the ``saved`` split where there is one (never recomputed)."""
     if cfg.dataset == "omniglot":
         from ..data.omniglot import load_omniglot
 
         split = cfg.split if cfg.split in ("vinyals", "lake") else "vinyals"
-        return load_omniglot(cfg.data_root, split=split, seed=cfg.seed, n_val=cfg.n_val)  # type: ignore[arg-type]
+        return load_omniglot(
+            cfg.data_root,
+            split=split if saved is None else saved,  # type: ignore[arg-type]
+            seed=cfg.seed,
+            n_val=cfg.n_val,
+        )
     if cfg.dataset == "miniimagenet":
         from ..data.miniimagenet import load_miniimagenet
 
-        return load_miniimagenet(cfg.data_root)
+        return load_miniimagenet(cfg.data_root, split=saved)
     from ..data.folder import load_image_folder
 
-    return load_image_folder(cfg.data_root, seed=cfg.seed)
+    return load_image_folder(cfg.data_root, seed=cfg.seed, split=saved)
+
+
+def _recorded(saved: Provenance | None, data: FewShotData | None) -> Provenance:
+    """What the experiment's checkpoints record: the saved provenance, where it says what was trained on."""
+    if saved is None or (data is not None and saved.split is None) or not (saved.version or saved.split):
+        return Provenance.of(data)
+    return saved
 
 
 def build_experiment(
-    cfg: TrainConfig, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    cfg: TrainConfig,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    provenance: Provenance | None = None,
 ) -> Experiment:
     """Build the problem of the run ``cfg`` describes: data, samplers, model, initial theta, algorithms.
 
@@ -210,12 +235,16 @@ def build_experiment(
         cfg: the run's configuration.
         device: where parameters and tasks go (default: ``cfg.device``, else CUDA if available).
         dtype: parameter and input dtype (default: ``cfg.dtype``).
+        provenance: what a trained run was trained on (`saved_provenance` of its checkpoint): its
+            saved class split is used as it is, never recomputed; ``None``: a new run, split afresh.
 
     Returns:
-        The `Experiment`; ``theta`` is the deterministic initialization of ``cfg.init`` and ``cfg.seed``.
+        The `Experiment`; ``theta`` is the deterministic initialization of ``cfg.init`` and ``cfg.seed``;
+        ``notes`` says how the data differs from ``provenance``'s.
 
     Raises:
         DatasetNotFoundError: the dataset is not under ``cfg.data_root`` (or ``BILEVEL_DATA_ROOT``).
+        SplitMismatchError: the data lacks classes of ``provenance``'s split.
         DatasetFormatError: the data is malformed or has too few classes or images for the task format.
         ConfigError: ``cfg.device`` names a CUDA device this machine does not have (without ``device``).
     """
@@ -225,13 +254,16 @@ def build_experiment(
     train: TaskSampler | SinusoidTasks | TaskPool
     test: TaskSampler | SinusoidTasks
     data: FewShotData | None = None
+    notes: list[str] = []
     if cfg.dataset == "sinusoid":
         train = SinusoidTasks(cfg.shots, cfg.queries, seed=cfg.seed, dtype=dt)
         test = SinusoidTasks(cfg.shots, cfg.queries, seed=cfg.seed, eval_seed=cfg.seed + 10_000, dtype=dt)
         model = _architecture(cfg, None)
         fn, theta = _functional(model, cfg, gen, dt, dev)
     else:
-        data = _load_data(cfg)
+        data = _load_data(cfg, None if provenance is None else provenance.split)
+        if provenance is not None:
+            notes = provenance.notes(data)
         model = _architecture(cfg, data.image_shape)
         fn, theta = _functional(model, cfg, gen, dt, dev)
         train = TaskSampler(data.train, cfg.ways, cfg.shots, cfg.queries, seed=cfg.seed, dtype=dt)
@@ -260,10 +292,14 @@ def build_experiment(
         data=data,
         algorithm=cfg.algorithm(),
         eval_algorithm=cfg.algorithm(evaluation=True),
+        provenance=_recorded(provenance, data),
+        notes=tuple(notes),
     )
 
 
 _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+#: The fields that only some algorithms read (`AlgorithmEntry.flags`).
+_ALGORITHM_FIELDS = frozenset(f for e in ALGORITHMS.values() for f in e.flags)
 
 
 def load_run(
@@ -292,12 +328,21 @@ def load_run(
         CheckpointError: the file is not a readable checkpoint of `train` (`load_checkpoint`), or
             its parameters do not fit the model of its configuration.
         TypeError: an override is not a `TrainConfig` field.
-        ConfigError: an override has a value no run can use.
+        ConfigError: an override has a value no run can use, or is a setting the run's algorithm
+            does not read (`bilevel.metalearn.registry.readers`; e.g. ``eval_lam`` for maml).
     """
     unknown = sorted(set(overrides) - _CONFIG_FIELDS)
     if unknown:
         raise TypeError(f"load_run: {unknown} are not TrainConfig fields")
     ck = load_checkpoint(checkpoint_path, device)
+    trained = saved_config(ck, checkpoint_path)
+    for name, value in overrides.items():
+        # the registry's rule, as for the command line's flags: a setting the algorithm never reads
+        # would be applied to an adaptation that is not the algorithm's (a proximal term in MAML's)
+        if name in _ALGORITHM_FIELDS and trained.algo not in readers(name):
+            raise ConfigError(
+                name, value, f"{trained.algo} does not read it (it applies to {', '.join(readers(name))})"
+            )
     cfg = saved_config(ck, checkpoint_path, **overrides, device=str(device))
     shape = ck.get("image_shape")
     if shape is None and cfg.dataset == "folder":

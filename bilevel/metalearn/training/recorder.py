@@ -22,7 +22,7 @@ import torch
 
 from ... import BilevelWarning
 from ..algorithms import Implicit, MetaStats
-from .checkpoint import atomic_json, save_checkpoint
+from .checkpoint import atomic_json, save_checkpoint, strict_json
 from .config import IMAML_ALGOS, TrainConfig
 from .console import Console
 from .distributed import Dist
@@ -275,8 +275,8 @@ class Recorder:
             )
         if console.hint:
             console.line(console.hint)
-        (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        if self.exp.split is not None:
+        atomic_json(dataclasses.asdict(cfg), self.out / "config.json")
+        if self.exp.split is not None and not resumed:  # a resumed run's saved split is never rewritten
             atomic_json(self.exp.split.to_dict(), self.out / "split.json")
         if resumed:
             trim_log(self.out / "log.jsonl", start)
@@ -352,11 +352,12 @@ class Recorder:
                 self.history,
                 self.clock(),
                 image_shape,
+                self.exp.provenance,
             )
 
     def _write(self, record: dict[str, Any]) -> None:
         if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
+            self._file.write(strict_json(record) + "\n")
             self._file.flush()
 
     def close(self) -> None:

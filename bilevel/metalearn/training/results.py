@@ -22,8 +22,11 @@ __all__ = ["environment", "final_metrics", "stop_reason"]
 
 
 def environment(device: torch.device, world: int) -> dict[str, Any]:
-    """Where the run ran: versions, platform, device, threads, ranks and command line."""
+    """Where the run ran: versions (``bilevel``'s too), platform, device, threads, ranks and command line."""
+    import bilevel  # the package's version; bilevel imports this package, so not at the top
+
     env: dict[str, Any] = {
+        "bilevel": bilevel.__version__,
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "numpy": np.__version__,

@@ -11,7 +11,8 @@ with Adam, evaluates on the fixed test tasks (`Experiment.evaluate`) and writes,
   ``torch.load(..., weights_only=True)`` (`bilevel.metalearn.training.checkpoint`); ``--resume`` continues
   from it, `load_run` turns it into a `Run` for `evaluate_tasks`;
 * ``log.jsonl``: one JSON record per logged step (losses, accuracies, inner-solver
-  and CG diagnostics, wall time).
+  and CG diagnostics, wall time);
+* ``run.lock``: held while the run trains, so a second run into the folder is refused (`runlock`).
 
 Nothing is overwritten without a word: a resumed run must have the configuration of its
 checkpoint (up to the fields of `bilevel.metalearn.training.config.RESUMABLE`, e.g. more meta-steps), a
@@ -41,6 +42,7 @@ checkpoints them, `StopSignal` (`signals`) turns SIGTERM into a stop after the c
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +52,12 @@ from ..data.prefetch import Prefetcher
 from .checkpoint import open_run
 from .config import TrainConfig
 from .console import Console, ProgressMode
-from .distributed import finish, init_distributed, rank_device, training_device
+from .distributed import Dist, finish, init_distributed, rank_device, training_device
 from .experiment import build_experiment
+from .provenance import saved_provenance
 from .recorder import Recorder
 from .results import environment, final_metrics, stop_reason
+from .runlock import RunLock
 from .signals import StopSignal
 from .step import MetaStep, TrainState
 
@@ -82,7 +86,10 @@ def train(
     Raises:
         CheckpointError: ``resume`` without a checkpoint in ``cfg.out``, a damaged one, or one of
             another configuration (the differing fields are listed); a new run in a folder that
-            holds one, without ``overwrite``.
+            holds one, without ``overwrite``; a checkpoint that cannot be written
+            (`CheckpointWriteError`).
+        RunLockedError: another run is training in ``cfg.out`` (`RunLock`).
+        SplitMismatchError: resuming, the data lacks classes of the run's saved split.
         ConfigError: ``cfg.device`` is not on this machine.
         DatasetNotFoundError, DatasetFormatError: the data cannot be read (nothing is written then).
         NonFiniteError: a task of a meta-batch holds NaN or infinity (the message names it), or
@@ -101,9 +108,22 @@ def train(
     device = rank_device(device, d)
     if not d.main:
         console = Console(False)
+    # one run per folder, from its first check to its last file (rank 0 writes for all ranks)
+    with RunLock(cfg.out) if d.main else contextlib.nullcontext():
+        return _train(cfg, resume, overwrite, console, device, d)
+
+
+def _train(
+    cfg: TrainConfig, resume: bool, overwrite: bool, console: Console, device: torch.device, d: Dist
+) -> dict[str, Any]:
+    """`train` in a folder it holds."""
     # Every check that can refuse the run comes before the first file is written.
     ck = open_run(cfg, resume, overwrite, device)
-    exp = build_experiment(cfg, device=device, dtype=cfg.torch_dtype)
+    # a resumed run keeps the class split it was trained on, whatever the data holds now
+    saved = None if ck is None else saved_provenance(ck, Path(cfg.out) / "checkpoint.pt")
+    exp = build_experiment(cfg, device=device, dtype=cfg.torch_dtype, provenance=saved)
+    for note in exp.notes:
+        console.line(note)
     if d.main:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
     state = TrainState.start(cfg, exp, d)
