@@ -147,7 +147,7 @@ class _Summed:
     def __call__(self, phi: TensorTree, theta: TensorTree) -> torch.Tensor:
         def summed(p: TensorTree, t: TensorTree) -> Any:
             out = self.per_problem(p, t)
-            self.rows = out if isinstance(out, torch.Tensor) and out.ndim == 1 else None
+            self.rows = out.detach() if isinstance(out, torch.Tensor) and out.ndim == 1 else None
             return _as_sum(out)
 
         return call_scalar(summed, phi, theta)
@@ -840,12 +840,7 @@ def _scalar_checked(objective: Objective, batched: bool) -> Objective:
 
         return checked
     per_problem = getattr(objective, "per_problem", None)
-    fn = per_problem if callable(per_problem) else objective
-
-    def summed(phi: TensorTree, theta: TensorTree) -> torch.Tensor:
-        return call_scalar(lambda p, t: _as_sum(fn(p, t)), phi, theta)
-
-    return summed
+    return _Summed(per_problem if callable(per_problem) else objective)
 
 
 def _as_sum(out: Any) -> Any:
