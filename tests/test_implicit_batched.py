@@ -412,3 +412,28 @@ def test_a_nan_gradient_names_the_problem_of_a_per_problem_theta() -> None:
         bl.NonFiniteError, match=r"gradient with respect to theta has NaN or infinity in problem\(s\) \[2\]"
     ):
         q.outer(phi).backward()
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_batched_solvers_name_the_problems_of_a_bad_init_or_a_nan_objective(solver: str) -> None:
+    q = P.batched_quadratic()
+    s = H.solver(solver)(q, 1e-10, batched=True)
+    init = torch.zeros_like(q.theta)
+    init[1, 0] = float("nan")
+    with pytest.raises(
+        bl.NonFiniteError, match=r"init contains NaN or infinity in problem\(s\) \[1\] of the batch"
+    ):
+        s(q.per_problem, init, q.theta)
+    uneven = {"a": torch.zeros(4, 2, dtype=D), "b": torch.zeros(3, 2, dtype=D)}
+    with pytest.raises(bl.StructureError, match=r"init\['b'\] has leading size 3 but init\['a'\] has 4"):
+        s(q.per_problem, uneven, q.theta)
+    # problem 3's objective is not finite (log of -|phi|): that problem alone is NONFINITE, and named
+    def per_problem(phi: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        f = q.per_problem(phi, theta)
+        return torch.cat([f[:3], f[3:] + torch.log(-phi[3:].abs().sum(1))])
+
+    res = s(per_problem, torch.zeros_like(q.theta), q.theta)
+    assert res.problem_status is not None and res.problem_status[3] is bl.SolverStatus.NONFINITE
+    assert all(st is not bl.SolverStatus.NONFINITE for st in res.problem_status[:3])
+    assert res.status is bl.SolverStatus.NONFINITE and "problems ([3])" in res.reason
+    torch.testing.assert_close(res.x[:3], q.solution[:3], rtol=0, atol=1e-6)  # type: ignore[index]
