@@ -477,11 +477,12 @@ def finite_problems(tree: TensorTree) -> tuple[torch.Tensor, torch.Tensor]:
     return per_leaf.all(0), per_leaf
 
 
-def problems_named(idx: Sequence[int], *, of: str = "the batch") -> str:
-    """``"problem(s) [i, j] of the batch"`` (the first ten, then how many more)."""
+def problems_named(idx: Sequence[int], *, noun: str = "problem", of: str = "the batch") -> str:
+    """``"problem(s) [i, j] of the batch"`` (the first ten, then how many more): how messages
+    name the problems of a batch that failed."""
     shown = list(idx[:10])
     more = f" and {len(idx) - 10} more" if len(idx) > 10 else ""
-    return f"problem(s) {shown}{more} of {of}"
+    return f"{noun}(s) {shown}{more} of {of}"
 
 
 def check_finite(tree: TensorTree, what: str, *, batched: bool = False) -> None:
