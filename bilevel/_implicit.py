@@ -291,8 +291,7 @@ class _Call:
         failed = torch.nonzero(per > tol).flatten().tolist() if tol is not None else []
         if result.status is SolverStatus.FAILED:
             # The solver says its answer is no answer: whatever the residual, say why.
-            statuses = result.problem_status or (result.status,)
-            gave_up = [i for i, s in enumerate(statuses) if s is SolverStatus.FAILED]
+            gave_up = result.problems_with(SolverStatus.FAILED)
             self._fail(
                 ConvergenceError(
                     f"{self.name}: the inner solver failed{self._blame(gave_up)}: {result.reason} "

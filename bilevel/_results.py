@@ -167,6 +167,12 @@ class SolverResult:
         ``status.message``.  What error messages and warnings about this result should quote."""
         return self.message or self.status.message
 
+    def problems_with(self, *statuses: SolverStatus) -> list[int]:
+        """Indices of the problems whose status is one of ``statuses`` (batched mode; one problem,
+        index 0, otherwise)."""
+        per = self.problem_status if self.problem_status is not None else (self.status,)
+        return [i for i, s in enumerate(per) if s in statuses]
+
     @property
     def problem_converged(self) -> torch.Tensor | None:
         """Batched mode: bool (B,), True where that problem converged; ``None`` otherwise."""

@@ -427,6 +427,7 @@ def test_batched_solvers_name_the_problems_of_a_bad_init_or_a_nan_objective(solv
     uneven = {"a": torch.zeros(4, 2, dtype=D), "b": torch.zeros(3, 2, dtype=D)}
     with pytest.raises(bl.StructureError, match=r"init\['b'\] has leading size 3 but init\['a'\] has 4"):
         s(q.per_problem, uneven, q.theta)
+
     # problem 3's objective is not finite (log of -|phi|): that problem alone is NONFINITE, and named
     def per_problem(phi: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         f = q.per_problem(phi, theta)
@@ -437,3 +438,27 @@ def test_batched_solvers_name_the_problems_of_a_bad_init_or_a_nan_objective(solv
     assert all(st is not bl.SolverStatus.NONFINITE for st in res.problem_status[:3])
     assert res.status is bl.SolverStatus.NONFINITE and "problems ([3])" in res.reason
     torch.testing.assert_close(res.x[:3], q.solution[:3], rtol=0, atol=1e-6)  # type: ignore[index]
+
+
+def test_a_solver_that_failed_in_one_problem_is_named() -> None:
+    q = P.batched_quadratic()
+    exact = _exact(q)
+    S = bl.SolverStatus
+
+    def solver(objective, init, theta):  # type: ignore[no-untyped-def]
+        statuses = (S.CONVERGED, S.CONVERGED, S.FAILED, S.CONVERGED)
+        return bl.SolverResult(x=exact(objective, init, theta), status=S.FAILED, problem_status=statuses)
+
+    with pytest.raises(
+        bl.ConvergenceError, match=r"inner solver failed in problem\(s\) \[2\] of the batch"
+    ) as err:
+        bl.implicit_argmin(q.per_problem, torch.zeros_like(q.theta), q.theta, solver, batched=True)
+    assert err.value.info.failed_problems == (2,)
+    assert err.value.info.solver_result.problems_with(S.FAILED) == [2]
+    # the optimality check records its problems too
+    capped = GradientDescent(lr=1 / q.L, max_iter=30, tol=0.0, batched=True)
+    with pytest.raises(bl.OptimalityError) as opt:
+        bl.implicit_argmin(
+            q.per_problem, torch.zeros_like(q.theta), q.theta, capped, batched=True, optimality_tol=1e-8
+        )
+    assert 3 in opt.value.info.failed_problems and f"{list(opt.value.info.failed_problems)}" in str(opt.value)

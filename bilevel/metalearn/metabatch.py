@@ -346,8 +346,7 @@ def checked(res: bl.SolverResult, remedies: str) -> bl.SolverResult:
 
 
 def _raise_if_diverged(res: bl.SolverResult, remedies: str) -> None:
-    statuses = res.problem_status or (res.status,)
-    bad = [i for i, s in enumerate(statuses) if s is bl.SolverStatus.NONFINITE]
+    bad = res.problems_with(bl.SolverStatus.NONFINITE)
     if bad:
         raise bl.NonFiniteError(
             f"the inner solve produced NaN or infinity in {_tasks(bad)}: "
