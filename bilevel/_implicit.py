@@ -472,8 +472,11 @@ class _Call:
         present = [(i, g) for i, g in enumerate(grads) if g is not None]
         if present:
             B = x[0].shape[0] if self.policy.batched else 0
-            # rows of per-problem theta leaves (leading size B), where a NaN names its problem
-            rows = [rows_finite(g) for _, g in present if self.policy.batched and g.ndim and g.shape[0] == B]
+            # A theta whose every leaf has the batch's leading size is taken as per problem (row b:
+            # problem b's), and a NaN row names its problem; a shared theta's rows name nothing
+            # (a leaf of a shared theta may have B rows by coincidence).
+            per_problem = self.policy.batched and all(g.ndim and g.shape[0] == B for _, g in present)
+            rows = [rows_finite(g) for _, g in present] if per_problem else []
             defer_check(
                 functools.partial(
                     self._check_gradient, all_finite([g for _, g in present]), [i for i, _ in present], rows
@@ -483,12 +486,13 @@ class _Call:
 
     def _check_gradient(self, finite: torch.Tensor, index: list[int], rows: list[torch.Tensor]) -> None:
         """Raise `NonFiniteError` if the gradient has NaN or infinity, naming the theta leaf and, in
-        batched mode, the problems whose rows of a per-problem theta leaf have it.
+        batched mode, the problems whose rows have it where theta is per problem (every leaf
+        with the batch's leading size).
 
         Args:
             finite: per gradient leaf, whether it is finite.
             index: the theta leaf of each gradient leaf.
-            rows: per-problem masks (B,) of the gradient leaves with the batch's leading size.
+            rows: per-problem masks (B,) of the gradient leaves where theta is per problem, else empty.
         """
         if bool(finite.all()):
             return

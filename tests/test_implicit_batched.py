@@ -462,3 +462,23 @@ def test_a_solver_that_failed_in_one_problem_is_named() -> None:
             q.per_problem, torch.zeros_like(q.theta), q.theta, capped, batched=True, optimality_tol=1e-8
         )
     assert 3 in opt.value.info.failed_problems and f"{list(opt.value.info.failed_problems)}" in str(opt.value)
+
+
+def test_a_nan_gradient_of_a_shared_theta_names_its_key_not_a_problem() -> None:
+    q = P.batched_quadratic()
+    B, n = q.theta.shape
+    shared = {"t": q.theta[0].clone().requires_grad_(True), "s": torch.zeros((), dtype=D, requires_grad=True)}
+
+    def per_problem(phi: torch.Tensor, th: dict) -> torch.Tensor:
+        # sqrt at 0: a finite value and gradient in phi, an infinite derivative in th["s"]
+        return q.per_problem(phi, th["t"].expand(B, n)) + 1e-3 * phi[:, 0] * torch.sqrt(th["s"])
+
+    solver = NewtonCG(newton_iters=50, tol=1e-12, batched=True)
+    phi, info = bl.implicit_argmin(
+        per_problem, torch.zeros(B, n, dtype=D), shared, solver, batched=True, return_info=True
+    )
+    with pytest.raises(
+        bl.NonFiniteError, match=r"theta\['s'\] has NaN or infinity in a part shared by the problems"
+    ):
+        q.outer(phi).backward()
+    assert info.failed_problems == ()
