@@ -38,7 +38,7 @@ import torch.func
 from ._errors import BilevelWarning, StructureError
 from ._linear_solve import dense_matrix
 from ._types import HVPFn, Objective, TensorTree
-from .tree import check_like, leaves, ravel, unflatten, unravel_like
+from .tree import aligned, leaves, ravel, unflatten, unravel_like
 
 __all__ = [
     "Damped",
@@ -114,8 +114,8 @@ class Point:
             with torch.enable_grad():
                 phi, theta = self.tree(self.phi_like, self.phi), self.tree(self.theta_like, self.theta)
                 out = self.condition(phi, theta)
-            check_like(out, self.phi_like, "optimality condition F(x, theta)", "x")
-            self._F = leaves(out)
+            # a dict matched to x by key
+            self._F = leaves(aligned(out, self.phi_like, "optimality condition F(x, theta)", "x"))
         return self._F
 
     def _vjp(self, inputs: Leaves, cotangent: Leaves) -> tuple[torch.Tensor | None, ...]:
@@ -343,8 +343,7 @@ class UserHVP:
         def matvec(v: Leaves) -> Leaves:
             with torch.no_grad():
                 out = self.fn(phi, theta, point.tree(point.phi_like, v))
-            check_like(out, point.phi_like, "hvp(phi, theta, v)", "phi")
-            return leaves(out)
+            return leaves(aligned(out, point.phi_like, "hvp(phi, theta, v)", "phi"))
 
         return Linearization(matvec, point.vjp_theta)
 

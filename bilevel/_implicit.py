@@ -46,13 +46,18 @@ from ._sync import defer_check
 from ._types import LinearSolver, Objective, RootFn, TensorTree
 from .conditions import Condition, Stationarity
 from .tree import (
+    aligned,
     all_finite,
     batch_norm,
+    batch_size,
     check_finite,
-    check_like,
+    finite_problems,
     leaves,
+    problems_named,
     ravel,
     ravel_batch,
+    rows_finite,
+    tree_map,
     unflatten,
     unravel_batch,
     unravel_like,
@@ -83,6 +88,12 @@ class ImplicitInfo:
             mode with per-problem status, iterations and residuals).
         problem_residual_norm: batched mode: ||F_b(x_b, theta)|| per problem, shape (B,)
             (``None`` otherwise).
+        failed_problems: batched mode: the problems that the failed check named (a NaN or
+            infinity in the answer, the objective, the residual, the incoming gradient dL/dx,
+            the backward solve or the gradient; a failed backward solve; a residual above
+            ``optimality_tol``), in increasing order; ``()`` where no check failed.  A backward
+            solve that ran the fixed budget it was given (``LinearStatus.BUDGET``) is not a
+            failure and is never named.  The error (or warning) names the same problems.
 
     Under ``torch.func.vmap`` the layer runs once per vmapped problem: ``solver_result``
     and the residuals are then the last problem's, and ``backward`` collects every solve.
@@ -94,6 +105,7 @@ class ImplicitInfo:
     residual_norm: float = math.nan
     backward: list[LinearSolveResult] = dataclasses.field(default_factory=list)
     problem_residual_norm: torch.Tensor | None = None
+    failed_problems: tuple[int, ...] = ()
 
     def __repr__(self) -> str:
         solver = "None" if self.solver_result is None else self.solver_result.status.name
@@ -110,7 +122,8 @@ class ImplicitInfo:
 
 class _ValueRecorder:
     """The objective, remembering the value of its last evaluation (detached), so that the
-    forward pass can check that G is finite at the answer."""
+    forward pass can check that G is finite at the answer: in batched mode the per-problem
+    values (B,) where the objective gives them (`_Summed`), so that a NaN names its problem."""
 
     def __init__(self, objective: Objective) -> None:
         self.objective = objective
@@ -118,8 +131,27 @@ class _ValueRecorder:
 
     def __call__(self, phi: TensorTree, theta: TensorTree) -> torch.Tensor:
         out = self.objective(phi, theta)
-        self.last = out.detach()
+        rows = self.objective.rows if isinstance(self.objective, _Summed) else None
+        self.last = (out if rows is None else rows).detach()
         return out
+
+
+class _Summed:
+    """Batched G as a scalar, the sum of the per-problem losses (a block-diagonal Hessian),
+    keeping the losses (B,) of its last evaluation in ``rows`` (``None`` where the objective
+    returned the sum itself)."""
+
+    def __init__(self, per_problem: Callable[[TensorTree, TensorTree], Any]) -> None:
+        self.per_problem = per_problem
+        self.rows: torch.Tensor | None = None
+
+    def __call__(self, phi: TensorTree, theta: TensorTree) -> torch.Tensor:
+        def summed(p: TensorTree, t: TensorTree) -> Any:
+            out = self.per_problem(p, t)
+            self.rows = out.detach() if isinstance(out, torch.Tensor) and out.ndim == 1 else None
+            return _as_sum(out)
+
+        return call_scalar(summed, phi, theta)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,12 +208,37 @@ class _Call:
             warnings.warn(f"{err} (throw=False: continuing)", BilevelWarning, stacklevel=9)
 
     def _where(self, failed: list[int]) -> str:
-        """' in problems [i, j]' for a batched call, '' otherwise."""
+        """' in problem(s) [i, j] of the batch' for a batched call, '' otherwise."""
         if not self.policy.batched:
             return ""
-        shown = failed[:10]
-        more = f" and {len(failed) - 10} more" if len(failed) > 10 else ""
-        return f" in problem(s) {shown}{more} of the batch"
+        return f" in {problems_named(failed)}"
+
+    def _blame(self, failed: list[int]) -> str:
+        """Record the problems a failed check names (batched mode) and say where, for its message."""
+        if self.policy.batched:
+            self.info.failed_problems = tuple(failed)
+        return self._where(failed)
+
+    def _check_finite(self, tree: TensorTree, what: str) -> None:
+        """Raise `NonFiniteError` if ``tree`` (like x) has NaN or infinity, naming the leaf and, in
+        batched mode, the problems (also in ``info.failed_problems``)."""
+        if not self.policy.batched:
+            check_finite(tree, what)
+            return
+        rows, per_leaf = finite_problems(tree)
+        defer_check(functools.partial(self._raise_rows, rows, per_leaf, tree, what))
+
+    def _raise_rows(self, rows: torch.Tensor, per_leaf: torch.Tensor, tree: TensorTree, what: str) -> None:
+        if bool(rows.all()):
+            return
+        bad = torch.nonzero(~rows).flatten().tolist()
+        leaf = int(torch.nonzero(~per_leaf[:, bad[0]]).flatten()[0])
+        key = "" if isinstance(tree, torch.Tensor) else f"[{list(_keys(tree))[leaf]!r}]"
+        raise NonFiniteError(
+            f"{self.name}: {what}{key} contains NaN or infinity{self._blame(bad)}: check the inputs of "
+            "those problems, lower the inner step size, or solve the inner problem more carefully",
+            info=self.info,
+        )
 
     def _flat(self, ts: Leaves, dtype: torch.dtype) -> torch.Tensor:
         """Leaves like x as one vector (n,), or as a (B, n) matrix in batched mode."""
@@ -212,25 +269,34 @@ class _Call:
                 per = torch.tensor([result.grad_norm], dtype=torch.float64)
             self.info.problem_residual_norm = per if self.policy.batched else None
         if value is not None and not bool(torch.isfinite(value).all()):
+            # per problem where the objective gave its losses (B,), else its sum: no problem to name
+            per_value = self.policy.batched and value.ndim == 1 and value.shape == per.shape
+            bad = torch.nonzero(~torch.isfinite(value.reshape(-1))).flatten().tolist()
+            shown = value.tolist() if value.ndim == 0 else value.reshape(-1)[bad[:10]].tolist()
             raise NonFiniteError(
-                f"{self.name}: the objective is {value.tolist()} at the solver's answer: "
-                "the implicit gradient needs a finite objective there"
+                f"{self.name}: the objective is {shown} at the solver's answer"
+                f"{self._blame(bad) if per_value else ''}: the implicit gradient needs a finite "
+                "objective there",
+                info=self.info,
             )
         residual = float(torch.linalg.vector_norm(per))
         self.info.residual_norm = residual
         if measured and not math.isfinite(residual):
             bad = torch.nonzero(~torch.isfinite(per)).flatten().tolist()
             raise NonFiniteError(
-                f"{self.name}: the optimality residual at the solver's answer is {residual}{self._where(bad)}"
+                f"{self.name}: the optimality residual at the solver's answer is {residual}"
+                f"{self._blame(bad)}",
+                info=self.info,
             )
         tol = self.policy.optimality_tol
         failed = torch.nonzero(per > tol).flatten().tolist() if tol is not None else []
         if result.status is SolverStatus.FAILED:
             # The solver says its answer is no answer: whatever the residual, say why.
+            gave_up = result.problems_with(SolverStatus.FAILED)
             self._fail(
                 ConvergenceError(
-                    f"{self.name}: the inner solver failed: {result.reason} (residual {residual:.3e} at "
-                    "what it returned)",
+                    f"{self.name}: the inner solver failed{self._blame(gave_up)}: {result.reason} "
+                    f"(residual {residual:.3e} at what it returned)",
                     info=self.info,
                 )
             )
@@ -239,7 +305,7 @@ class _Call:
             self._fail(
                 OptimalityError(
                     f"{self.name}: optimality residual ||F(x, theta)|| = {worst:.3e} at the solver's "
-                    f"answer exceeds optimality_tol={tol:g}{self._where(failed)} (solver status: "
+                    f"answer exceeds optimality_tol={tol:g}{self._blame(failed)} (solver status: "
                     f"{result.status.name}: {result.reason}); the implicit gradient is only "
                     "valid at a solution: solve the inner problem more accurately or raise optimality_tol",
                     info=self.info,
@@ -255,15 +321,17 @@ class _Call:
 
     def solve(self, theta: Leaves, init_leaves: Leaves) -> Leaves:
         theta_tree = unflatten(self.problem.theta_like, list(theta))
+        # theta may be shared by the problems of a batch: its leaves are named, not its rows
         check_finite(theta_tree, "theta")
         init = unflatten(self.problem.init, [t.detach() for t in init_leaves])
-        check_finite(init, "init")
+        self._check_finite(init, "init")
         with torch.no_grad():
             out = self.problem.solver(self.problem.objective, init, theta_tree)
         result = out if isinstance(out, SolverResult) else SolverResult(x=out, status=SolverStatus.UNKNOWN)
-        check_like(result.x, init, "the solver's answer", "init")
-        check_finite(result.x, "the solver's answer")
-        x = leaves(result.x)
+        # a dict answer is matched to init by key (and returned in init's order)
+        answer = aligned(result.x, init, "the solver's answer", "init")
+        self._check_finite(answer, "the solver's answer")
+        x = leaves(answer)
 
         self.info.solver_result = result
         wrt = tuple(t.requires_grad for t in theta)
@@ -280,8 +348,7 @@ class _Call:
             with torch.enable_grad():
                 xs = tuple(t.detach().requires_grad_(True) for t in x)
                 out_F = self.problem.residual(unflatten(init, list(xs)), theta_det)
-            check_like(out_F, init, "optimality condition F(x, theta)", "x")
-            per = self._norms(leaves(out_F))
+            per = self._norms(leaves(aligned(out_F, init, "optimality condition F(x, theta)", "x")))
         value = (
             self.problem.recorder.last if (per is not None and self.problem.recorder is not None) else None
         )
@@ -292,8 +359,11 @@ class _Call:
         inputs = (*theta, *init_leaves)
         return tuple(t.clone() if any(t is s for s in inputs) else t.detach() for t in x)
 
-    def linear_solve(self, lin: Linearization, x: Leaves, rhs: Leaves) -> Leaves:
-        """Solve (dF/dx)^T u = rhs (in batched mode B independent systems) and check the solve."""
+    def linear_solve(
+        self, lin: Linearization, x: Leaves, rhs: Leaves, rhs_name: str = "the incoming gradient dL/dx"
+    ) -> Leaves:
+        """Solve (dF/dx)^T u = rhs (in batched mode B independent systems) and check the solve
+        (``rhs_name`` names the right-hand side in messages)."""
         dtype = x[0].dtype
 
         def matvec(u: torch.Tensor) -> torch.Tensor:
@@ -324,35 +394,59 @@ class _Call:
                 f"{tuple(b.shape)} like its right-hand side"
             )
         self.info.backward.append(res)
-        defer_check(functools.partial(self._check_backward_solve, res, torch.isfinite(res.x).all()))
+        defer_check(
+            functools.partial(
+                self._check_backward_solve, res, self._rows_finite(b), self._rows_finite(res.x), rhs_name
+            )
+        )
         return self._unflat(res.x, x)
 
-    def _check_backward_solve(self, res: LinearSolveResult, finite: torch.Tensor) -> None:
-        """Raise (or warn) unless the backward solve converged or ran its budget (host reads).
+    def _rows_finite(self, flat: torch.Tensor) -> torch.Tensor:
+        """Per problem, whether a flat (B, n) matrix is finite, bool (B,) ((1,) for one problem)."""
+        return rows_finite(flat) if self.policy.batched else torch.isfinite(flat).all().reshape(1)
+
+    def _check_backward_solve(
+        self, res: LinearSolveResult, rhs_finite: torch.Tensor, finite: torch.Tensor, rhs_name: str
+    ) -> None:
+        """Raise (or warn) unless the backward solve converged or ran its budget (host reads),
+        naming the problems that failed; a problem that ran its fixed budget (``BUDGET``) is not one.
 
         Args:
             res: the linear solve's result.
-            finite: whether every entry of ``res.x`` is finite (0-d bool, on its device).
+            rhs_finite: per problem, whether its right-hand side is finite, bool (B,) or (1,).
+            finite: per problem, whether its row of ``res.x`` is finite, bool (B,) or (1,).
+            rhs_name: what the right-hand side is, for the message.
         """
-        if res.status is LinearStatus.NONFINITE or not bool(finite):
+        if not bool(rhs_finite.all()):
+            bad = torch.nonzero(~rhs_finite).flatten().tolist()
             raise NonFiniteError(
-                f"{self.name}: the backward linear solve produced NaN or infinity"
-                f"{self._where(res.failed_problems())}"
+                f"{self.name}: {rhs_name} has NaN or infinity{self._blame(bad)}: the backward pass "
+                "received it so; check what is computed from the layer's output there",
+                info=self.info,
+            )
+        nonfinite = sorted(set(res.problems_with(LinearStatus.NONFINITE)) | set(_false(finite)))
+        if nonfinite:
+            raise NonFiniteError(
+                f"{self.name}: the backward linear solve produced NaN or infinity{self._blame(nonfinite)}: "
+                f"{LinearStatus.NONFINITE.message}",
+                info=self.info,
             )
         if res.status is LinearStatus.NEGATIVE_CURVATURE:
             self._fail(
                 NegativeCurvatureError(
                     f"{self.name}: backward solve: {res.status.message} (after {res.n_iter} iterations)"
-                    f"{self._where(_with_status(res, LinearStatus.NEGATIVE_CURVATURE))}"
+                    f"{self._blame(res.problems_with(LinearStatus.NEGATIVE_CURVATURE))}",
+                    info=self.info,
                 )
             )
-        elif res.status is not LinearStatus.CONVERGED and res.status is not LinearStatus.BUDGET:
-            # BUDGET: a fixed number of iterations (rtol = atol = 0) was asked for and run.
+        elif res.failed_problems():
+            # BUDGET (a fixed number of iterations, rtol = atol = 0, asked for and run) is no failure
             self._fail(
                 LinearSolveError(
                     f"{self.name}: backward solve stopped with status {res.status.name} after "
                     f"{res.n_iter} iterations, relative residual {res.relative_residual:.3e}"
-                    f"{self._where(res.failed_problems())}: {res.status.message}"
+                    f"{self._blame(res.failed_problems())}: {res.status.message}",
+                    info=self.info,
                 )
             )
 
@@ -376,14 +470,54 @@ class _Call:
                 stacklevel=4,
             )
         grads = tuple(None if g is None else -g.detach() for g in cross)
-        present = [g for g in grads if g is not None]
+        present = [(i, g) for i, g in enumerate(grads) if g is not None]
         if present:
-            defer_check(functools.partial(self._check_gradient, all_finite(present)))
+            B = x[0].shape[0] if self.policy.batched else 0
+            # A theta whose every leaf has the batch's leading size is taken as per problem (row b:
+            # problem b's), and a NaN row names its problem; a shared theta's rows name nothing
+            # (a leaf of a shared theta may have B rows by coincidence).
+            per_problem = self.policy.batched and all(g.ndim and g.shape[0] == B for _, g in present)
+            rows = [rows_finite(g) for _, g in present] if per_problem else []
+            defer_check(
+                functools.partial(
+                    self._check_gradient, all_finite([g for _, g in present]), [i for i, _ in present], rows
+                )
+            )
         return grads
 
-    def _check_gradient(self, finite: torch.Tensor) -> None:
-        if not bool(finite.all()):
-            raise NonFiniteError(f"{self.name}: the gradient with respect to theta has NaN or infinity")
+    def _check_gradient(self, finite: torch.Tensor, index: list[int], rows: list[torch.Tensor]) -> None:
+        """Raise `NonFiniteError` if the gradient has NaN or infinity, naming the theta leaf and, in
+        batched mode, the problems whose rows have it where theta is per problem (every leaf
+        with the batch's leading size).
+
+        Args:
+            finite: per gradient leaf, whether it is finite.
+            index: the theta leaf of each gradient leaf.
+            rows: per-problem masks (B,) of the gradient leaves where theta is per problem, else empty.
+        """
+        if bool(finite.all()):
+            return
+        leaf = index[int(torch.nonzero(~finite).flatten()[0])]
+        key = (
+            f"[{_keys(self.problem.theta_like)[leaf]!r}]"
+            if not isinstance(self.problem.theta_like, torch.Tensor)
+            else ""
+        )
+        bad = sorted({i for r in rows for i in _false(r)})
+        where = (
+            self._blame(bad)
+            if bad
+            else (
+                " in a part shared by the problems of the batch (every problem's answer, dL/dx and "
+                "backward solve are finite: the NaN comes from the objective's derivative in theta)"
+                if self.policy.batched
+                else ""
+            )
+        )
+        raise NonFiniteError(
+            f"{self.name}: the gradient with respect to theta{key} has NaN or infinity{where}",
+            info=self.info,
+        )
 
     def jvp(self, x: Leaves, theta: Leaves, tangents: tuple[torch.Tensor | None, ...]) -> Leaves:
         """Forward mode: dx = -(dF/dx)^-1 (dF/dtheta) t, for an argmin (symmetric dF/dx)."""
@@ -412,13 +546,17 @@ class _Call:
             s = torch.stack([(gi * ti).sum() for gi, ti in pairs]).sum()
             Jt = torch.autograd.grad(s, us, allow_unused=True)
         rhs = tuple(torch.zeros_like(t) if j is None else -j.detach() for j, t in zip(Jt, x))
-        return self.linear_solve(lin, x, rhs)
+        return self.linear_solve(lin, x, rhs, "the tangent's image -(dF/dtheta) t")
 
 
-def _with_status(res: LinearSolveResult, status: LinearStatus) -> list[int]:
-    if res.problem_status is None:
-        return [0] if res.status is status else []
-    return [i for i, s in enumerate(res.problem_status) if s is status]
+def _false(mask: torch.Tensor) -> list[int]:
+    """The indices where a bool (B,) mask is False (a host read)."""
+    return torch.nonzero(~mask).flatten().tolist()
+
+
+def _keys(tree: TensorTree) -> list[Any]:
+    """A tree's leaf names: a dict's keys, a tuple's positions."""
+    return list(tree.keys()) if isinstance(tree, dict) else list(range(len(leaves(tree))))
 
 
 def _describe(obj: object) -> str:
@@ -547,11 +685,14 @@ def _check_common(name: str, solver: Any, init: TensorTree, batched: bool) -> No
         if not t.is_floating_point():
             raise TypeError(f"{name}: init has dtype {t.dtype}; the unknowns must be floating point")
     if batched:
-        if any(t.ndim == 0 or t.shape[0] != ls[0].shape[0] for t in ls) or ls[0].shape[0] == 0:
+        try:
+            B = batch_size(init, "init")
+        except StructureError as err:
             raise StructureError(
-                f"{name}(batched=True): every leaf of init needs the same leading batch dimension B >= 1; "
-                f"got shapes {[tuple(t.shape) for t in ls]}"
-            )
+                f"{name}(batched=True): {err}; got shapes {[tuple(t.shape) for t in ls]}"
+            ) from None
+        if B == 0:
+            raise StructureError(f"{name}(batched=True): init has an empty batch (B = 0); B must be >= 1")
         if getattr(solver, "batched", None) is False:
             raise ValueError(
                 f"{name}(batched=True): the solver {type(solver).__name__} is not in batched mode; "
@@ -780,12 +921,7 @@ def _scalar_checked(objective: Objective, batched: bool) -> Objective:
 
         return checked
     per_problem = getattr(objective, "per_problem", None)
-    fn = per_problem if callable(per_problem) else objective
-
-    def summed(phi: TensorTree, theta: TensorTree) -> torch.Tensor:
-        return call_scalar(lambda p, t: _as_sum(fn(p, t)), phi, theta)
-
-    return summed
+    return _Summed(per_problem if callable(per_problem) else objective)
 
 
 def _as_sum(out: Any) -> Any:
@@ -905,9 +1041,9 @@ def fixed_point(
     """
 
     def F(x: TensorTree, th: TensorTree) -> TensorTree:
-        Tx = T(x, th)
-        check_like(Tx, x, "fixed-point map T(x, theta)", "x")
-        return unflatten(x, [a - b for a, b in zip(leaves(Tx), leaves(x))])
+        # T's answer matched to x by key: T(x) - x pairs the same leaves
+        Tx = aligned(T(x, th), x, "fixed-point map T(x, theta)", "x")
+        return tree_map(torch.sub, Tx, x)
 
     pol = resolve_policy(
         "fixed_point",

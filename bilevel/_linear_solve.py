@@ -432,6 +432,10 @@ def _block_diagonal(
         None if x0 is None else x0.reshape(-1),
     )
     x = flat.x.view(B, n)
+    if flat.status in (LinearStatus.NONFINITE, LinearStatus.BREAKDOWN) or not bool(torch.isfinite(x).all()):
+        # One problem's NaN (or singular block) spreads through the joint Krylov space to all of
+        # them: solve each problem on its own, so that only the ones that fail are reported.
+        return _one_by_one(solver, matvec, b, x0, flat.n_matvec)
     r = rownorm(b - matvec(x))
     # A problem that misses its own tolerance inherits the whole solve's reason, or MAX_ITER
     # where the whole solve met its (global) tolerance.
@@ -440,6 +444,45 @@ def _block_diagonal(
     codes = torch.where(torch.isfinite(r), codes, severity(LinearStatus.NONFINITE)).to(torch.int8)
     iters = torch.full((B,), flat.n_iter, dtype=torch.int64)
     return _batch_result(x, codes, flat.n_iter, flat.n_matvec + 1, r, b_norm, iters)
+
+
+def _one_by_one(
+    solver: Callable[..., LinearSolveResult],
+    matvec: Matvec,
+    b: torch.Tensor,
+    x0: torch.Tensor | None,
+    spent: int,
+) -> LinearSolveResult:
+    """The B problems of a batched matvec solved one at a time by ``solver`` (its own tolerance
+    relative to each problem's ||b_b||): each problem's status is its own.  ``spent``: the
+    matvecs of the failed joint solve, counted in the result."""
+    B = b.shape[0]
+    rows, codes, iters, r_norms = [], [], [], []
+    n_matvec = spent
+    for i in range(B):
+
+        def row(v: torch.Tensor, i: int = i) -> torch.Tensor:
+            # problem i's product: the other rows are zero, and row i depends on row i only
+            V = torch.zeros_like(b)
+            V[i] = v
+            return matvec(V)[i]
+
+        res = solver(row, b[i], None if x0 is None else x0[i])
+        rows.append(res.x)
+        codes.append(severity(res.status))
+        iters.append(res.n_iter)
+        r_norms.append(res.residual_norm)
+        n_matvec += res.n_matvec
+    x = torch.stack(rows)
+    return _batch_result(
+        x,
+        torch.tensor(codes, dtype=torch.int8, device=b.device),
+        max(iters),
+        n_matvec,
+        torch.tensor(r_norms, dtype=torch.float64, device=b.device),
+        rownorm(b),
+        torch.tensor(iters, dtype=torch.int64, device=b.device),
+    )
 
 
 def rtol_or_default(rtol: float | None, dtype: torch.dtype) -> float:
@@ -656,6 +699,10 @@ class GMRES:
                         H[i, j] += float(h)
                         w = w - h * V[i]
                 h_next = _norm(w)
+                if not math.isfinite(h_next):
+                    # a NaN or infinity from the matvec: LAPACK's least squares would refuse it
+                    status = LinearStatus.NONFINITE
+                    break
                 H[j + 1, j] = h_next
                 j += 1
                 # gelsd (SVD): the CPU default gelsy gave run-to-run differences of 1 ulp
@@ -668,6 +715,8 @@ class GMRES:
                 V.append(w / h_next)
                 if res <= tol:
                     break
+            if status is LinearStatus.NONFINITE:
+                break  # x is the last finite iterate
             yb = y.to(dtype=b.dtype, device=b.device)
             x = x + torch.stack(V[:j], dim=1) @ yb
             r = b - A(x)

@@ -16,6 +16,8 @@ __all__ = ["HostValues", "LinearSolveResult", "SolverResult"]
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 _NO_DEFAULT: Any = object()
+# Linear-solve statuses that did what was asked: a tolerance met, or a fixed budget run.
+_DONE = (LinearStatus.CONVERGED, LinearStatus.BUDGET)
 
 
 class HostValues:
@@ -165,6 +167,12 @@ class SolverResult:
         ``status.message``.  What error messages and warnings about this result should quote."""
         return self.message or self.status.message
 
+    def problems_with(self, *statuses: SolverStatus) -> list[int]:
+        """Indices of the problems whose status is one of ``statuses`` (batched mode; one problem,
+        index 0, otherwise)."""
+        per = self.problem_status if self.problem_status is not None else (self.status,)
+        return [i for i, s in enumerate(per) if s in statuses]
+
     @property
     def problem_converged(self) -> torch.Tensor | None:
         """Batched mode: bool (B,), True where that problem converged; ``None`` otherwise."""
@@ -258,11 +266,17 @@ class LinearSolveResult:
         per = self.problem_status if self.problem_status is not None else (self.status,)
         return torch.tensor([s in statuses for s in per], dtype=torch.bool, device=self.x.device)
 
+    def problems_with(self, *statuses: LinearStatus) -> list[int]:
+        """Indices of the problems whose status is one of ``statuses`` (batched mode; one problem,
+        index 0, otherwise)."""
+        per = self.problem_status if self.problem_status is not None else (self.status,)
+        return [i for i, s in enumerate(per) if s in statuses]
+
     def failed_problems(self) -> list[int]:
-        """Indices of the problems that did not converge (batched mode; ``[0]`` or ``[]`` otherwise)."""
-        if self.problem_status is None:
-            return [] if self.converged else [0]
-        return [i for i, s in enumerate(self.problem_status) if s is not LinearStatus.CONVERGED]
+        """Indices of the problems that failed: neither converged nor ran the fixed budget they were
+        given (``BUDGET``: rtol = atol = 0, a number of iterations asked for; not a failure).  Batched
+        mode; ``[0]`` or ``[]`` otherwise."""
+        return [i for i, s in enumerate(self.problem_status or (self.status,)) if s not in _DONE]
 
     def __repr__(self) -> str:
         batch = "" if self.problem_status is None else f", B={len(self.problem_status)}"

@@ -272,3 +272,213 @@ def test_forward_mode_of_a_root_problem_is_refused_clearly() -> None:
             fwAD.make_dual(theta, torch.ones(3, dtype=D)),
             lambda F_, init, th: th.clone(),
         )
+
+
+# ------------------------------------------------------------------------ per-problem failures
+def _exact(q: P.BatchedQuadratic, nan_row: int | None = None):  # type: ignore[no-untyped-def]
+    """A black-box solver returning the batch's closed-form answers (row ``nan_row`` NaN)."""
+    H = q.A + q.lam * torch.eye(q.A.shape[1], dtype=D)
+
+    def solve(objective, init, theta):  # type: ignore[no-untyped-def]
+        x = torch.linalg.solve(H, q.lam * theta - q.c)
+        if nan_row is not None:
+            x[nan_row, 1] = float("nan")
+        return x
+
+    return solve
+
+
+def test_a_nan_answer_names_its_problem() -> None:
+    q = P.batched_quadratic()
+    with pytest.raises(
+        bl.NonFiniteError, match=r"answer contains NaN or infinity in problem\(s\) \[2\] of"
+    ) as err:
+        bl.implicit_argmin(q.per_problem, torch.zeros_like(q.theta), q.theta, _exact(q, 2), batched=True)
+    assert isinstance(err.value.info, bl.ImplicitInfo) and err.value.info.failed_problems == (2,)
+    # NaN in init: named by problem too
+    init = torch.zeros_like(q.theta)
+    init[3, 0] = float("inf")
+    with pytest.raises(bl.NonFiniteError, match=r"init contains NaN or infinity in problem\(s\) \[3\]"):
+        bl.implicit_argmin(q.per_problem, init, q.theta, _exact(q), batched=True)
+
+
+def test_a_nan_objective_names_its_problem() -> None:
+    q = P.batched_quadratic()
+    bump = torch.tensor([0.0, float("inf"), 0.0, 0.0], dtype=D)  # problem 1: +inf, a finite gradient
+
+    def per_problem(phi: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        return q.per_problem(phi, theta) + bump
+
+    theta = q.theta.clone().requires_grad_(True)
+    with pytest.raises(
+        bl.NonFiniteError, match=r"objective is \[inf\] at the solver's answer in problem\(s\) \[1\]"
+    ) as err:
+        bl.implicit_argmin(per_problem, torch.zeros_like(theta), theta, _exact(q), batched=True)
+    assert err.value.info.failed_problems == (1,)
+
+
+def test_a_nan_incoming_gradient_names_its_problem() -> None:
+    q = P.batched_quadratic()
+    theta = q.theta.clone().requires_grad_(True)
+    phi = bl.implicit_argmin(q.per_problem, torch.zeros_like(theta), theta, _exact(q), batched=True)
+    w = torch.ones_like(phi)
+    w[3, 2] = float("nan")
+    with pytest.raises(
+        bl.NonFiniteError, match=r"incoming gradient dL/dx has NaN or infinity in problem\(s\) \[3\]"
+    ):
+        (phi * w).sum().backward()
+
+
+@pytest.mark.parametrize("throw", [True, False])
+def test_a_nan_backward_solve_in_a_fixed_budget_blames_only_its_problem(throw: bool) -> None:
+    """iMAML's backward: CG with a fixed budget (rtol = atol = 0) runs its steps in every problem,
+    which is what was asked for (BUDGET, no failure); only the problem whose HVP is NaN is named."""
+    q = P.batched_quadratic()
+    H = q.A + q.lam * torch.eye(q.A.shape[1], dtype=D)
+
+    def hvp(phi: torch.Tensor, theta: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = torch.einsum("bij,bj->bi", H, v)
+        out[1] = float("nan")  # problem 1's Hessian is broken
+        return out
+
+    theta = q.theta.clone().requires_grad_(True)
+    fixed = bl.CG(max_iter=3, rtol=0.0, atol=0.0, check_residual=False)
+    phi, info = bl.implicit_argmin(
+        q.per_problem,
+        torch.zeros_like(theta),
+        theta,
+        _exact(q),
+        hvp=hvp,
+        linear_solver=fixed,
+        batched=True,
+        throw=throw,
+        warn=False,
+        return_info=True,
+    )
+    with pytest.raises(
+        bl.NonFiniteError, match=r"backward linear solve produced NaN or infinity in problem\(s\) \[1\] of"
+    ):
+        q.outer(phi).backward()
+    assert info.failed_problems == (1,)
+    last = info.last_backward
+    assert last is not None and last.problem_status is not None
+    assert last.problem_status[1] is bl.LinearStatus.NONFINITE
+    assert [s for i, s in enumerate(last.problem_status) if i != 1] == [bl.LinearStatus.BUDGET] * 3
+
+
+def test_a_fixed_budget_alone_is_no_failure() -> None:
+    q = P.batched_quadratic()
+    theta = q.theta.clone().requires_grad_(True)
+    fixed = bl.CG(max_iter=2, rtol=0.0, atol=0.0)
+    phi, info = bl.implicit_argmin(
+        q.per_problem,
+        torch.zeros_like(theta),
+        theta,
+        _exact(q),
+        linear_solver=fixed,
+        batched=True,
+        return_info=True,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q.outer(phi).backward()
+    last = info.last_backward
+    assert last is not None and last.problem_status == (bl.LinearStatus.BUDGET,) * 4
+    assert last.failed_problems() == [] and info.failed_problems == ()
+    # a capped solve with a tolerance is a failure, named per problem
+    capped = bl.CG(max_iter=1, rtol=1e-12)
+    phi = bl.implicit_argmin(
+        q.per_problem, torch.zeros_like(theta), theta, _exact(q), linear_solver=capped, batched=True
+    )
+    with pytest.raises(bl.LinearSolveError, match=r"MAX_ITER .*problem\(s\) \[0, 1, 2, 3\] of the batch"):
+        q.outer(phi).backward()
+
+
+def test_a_nan_gradient_names_the_problem_of_a_per_problem_theta() -> None:
+    """d2G/dtheta dphi infinite in problem 2 alone (sqrt at 0): the answer, dL/dx and the backward
+    solve are finite; the gradient's row 2 is not, and it is named."""
+    q = P.batched_quadratic()
+    theta = q.theta.clone().requires_grad_(True)
+    base = theta.detach()[:, 0] - torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=D)
+
+    def per_problem(phi: torch.Tensor, th: torch.Tensor) -> torch.Tensor:
+        return q.per_problem(phi, th) + 1e-3 * phi[:, 0] * torch.sqrt(th[:, 0] - base)
+
+    def solver(objective, init, th):  # type: ignore[no-untyped-def]
+        return NewtonCG(newton_iters=50, tol=1e-12, batched=True)(objective, init, th).x
+
+    phi = bl.implicit_argmin(per_problem, torch.zeros_like(theta), theta, solver, batched=True)
+    with pytest.raises(
+        bl.NonFiniteError, match=r"gradient with respect to theta has NaN or infinity in problem\(s\) \[2\]"
+    ):
+        q.outer(phi).backward()
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_batched_solvers_name_the_problems_of_a_bad_init_or_a_nan_objective(solver: str) -> None:
+    q = P.batched_quadratic()
+    s = H.solver(solver)(q, 1e-10, batched=True)
+    init = torch.zeros_like(q.theta)
+    init[1, 0] = float("nan")
+    with pytest.raises(
+        bl.NonFiniteError, match=r"init contains NaN or infinity in problem\(s\) \[1\] of the batch"
+    ):
+        s(q.per_problem, init, q.theta)
+    uneven = {"a": torch.zeros(4, 2, dtype=D), "b": torch.zeros(3, 2, dtype=D)}
+    with pytest.raises(bl.StructureError, match=r"init\['b'\] has leading size 3 but init\['a'\] has 4"):
+        s(q.per_problem, uneven, q.theta)
+
+    # problem 3's objective is not finite (log of -|phi|): that problem alone is NONFINITE, and named
+    def per_problem(phi: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        f = q.per_problem(phi, theta)
+        return torch.cat([f[:3], f[3:] + torch.log(-phi[3:].abs().sum(1))])
+
+    res = s(per_problem, torch.zeros_like(q.theta), q.theta)
+    assert res.problem_status is not None and res.problem_status[3] is bl.SolverStatus.NONFINITE
+    assert all(st is not bl.SolverStatus.NONFINITE for st in res.problem_status[:3])
+    assert res.status is bl.SolverStatus.NONFINITE and "problems ([3])" in res.reason
+    torch.testing.assert_close(res.x[:3], q.solution[:3], rtol=0, atol=1e-6)  # type: ignore[index]
+
+
+def test_a_solver_that_failed_in_one_problem_is_named() -> None:
+    q = P.batched_quadratic()
+    exact = _exact(q)
+    S = bl.SolverStatus
+
+    def solver(objective, init, theta):  # type: ignore[no-untyped-def]
+        statuses = (S.CONVERGED, S.CONVERGED, S.FAILED, S.CONVERGED)
+        return bl.SolverResult(x=exact(objective, init, theta), status=S.FAILED, problem_status=statuses)
+
+    with pytest.raises(
+        bl.ConvergenceError, match=r"inner solver failed in problem\(s\) \[2\] of the batch"
+    ) as err:
+        bl.implicit_argmin(q.per_problem, torch.zeros_like(q.theta), q.theta, solver, batched=True)
+    assert err.value.info.failed_problems == (2,)
+    assert err.value.info.solver_result.problems_with(S.FAILED) == [2]
+    # the optimality check records its problems too
+    capped = GradientDescent(lr=1 / q.L, max_iter=30, tol=0.0, batched=True)
+    with pytest.raises(bl.OptimalityError) as opt:
+        bl.implicit_argmin(
+            q.per_problem, torch.zeros_like(q.theta), q.theta, capped, batched=True, optimality_tol=1e-8
+        )
+    assert 3 in opt.value.info.failed_problems and f"{list(opt.value.info.failed_problems)}" in str(opt.value)
+
+
+def test_a_nan_gradient_of_a_shared_theta_names_its_key_not_a_problem() -> None:
+    q = P.batched_quadratic()
+    B, n = q.theta.shape
+    shared = {"t": q.theta[0].clone().requires_grad_(True), "s": torch.zeros((), dtype=D, requires_grad=True)}
+
+    def per_problem(phi: torch.Tensor, th: dict) -> torch.Tensor:
+        # sqrt at 0: a finite value and gradient in phi, an infinite derivative in th["s"]
+        return q.per_problem(phi, th["t"].expand(B, n)) + 1e-3 * phi[:, 0] * torch.sqrt(th["s"])
+
+    solver = NewtonCG(newton_iters=50, tol=1e-12, batched=True)
+    phi, info = bl.implicit_argmin(
+        per_problem, torch.zeros(B, n, dtype=D), shared, solver, batched=True, return_info=True
+    )
+    with pytest.raises(
+        bl.NonFiniteError, match=r"theta\['s'\] has NaN or infinity in a part shared by the problems"
+    ):
+        q.outer(phi).backward()
+    assert info.failed_problems == ()

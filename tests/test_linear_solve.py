@@ -305,3 +305,43 @@ def test_cg_radius_guards() -> None:
     for bad in (torch.zeros(1, dtype=D), torch.ones(2, dtype=D)):
         with pytest.raises(ValueError, match="radius must be positive and of shape"):
             cg_solve(mv, b, max_iter=3, tol=tol, radius=bad)
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [bl.CG(), bl.MINRES(), bl.GMRES(), bl.BiCGStab(), bl.Neumann(max_iter=500, alpha=0.1), bl.DenseSolve()],
+    ids=lambda c: type(c).__name__,
+)
+def test_batched_nan_in_one_problem_names_that_problem_only(solver) -> None:  # type: ignore[no-untyped-def]
+    """A NaN in one problem's matvec makes that problem NONFINITE; the others are solved (a joint
+    block-diagonal solve, where the NaN spreads to every block, is redone problem by problem)."""
+    B, n = 4, 5
+    As = torch.stack([spd(n, 5.0, seed=i) for i in range(B)])
+    b = torch.randn(B, n, dtype=D, generator=torch.Generator().manual_seed(0))
+
+    def matvec(V: torch.Tensor) -> torch.Tensor:
+        out = torch.einsum("bij,bj->bi", As, V)
+        out[2] = out[2] * float("nan")
+        return out
+
+    res = solver(matvec, b)
+    assert res.problem_status is not None
+    assert res.problem_status[2] is bl.LinearStatus.NONFINITE
+    assert res.problems_with(bl.LinearStatus.NONFINITE) == [2] and res.failed_problems() == [2]
+    ref = torch.linalg.solve(As, b)
+    for i in (0, 1, 3):
+        assert res.problem_status[i] is bl.LinearStatus.CONVERGED
+        torch.testing.assert_close(res.x[i], ref[i], rtol=1e-7, atol=1e-8)
+
+
+def test_a_fixed_budget_is_not_a_failure() -> None:
+    B, n = 3, 8
+    As = torch.stack([spd(n, 50.0, seed=i) for i in range(B)])
+    b = torch.randn(B, n, dtype=D, generator=torch.Generator().manual_seed(0))
+    res = bl.CG(max_iter=2, rtol=0.0, atol=0.0)(lambda V: torch.einsum("bij,bj->bi", As, V), b)
+    assert res.problem_status == (bl.LinearStatus.BUDGET,) * B
+    assert res.failed_problems() == [] and res.problems_with(bl.LinearStatus.BUDGET) == [0, 1, 2]
+    capped = bl.CG(max_iter=2)(lambda V: torch.einsum("bij,bj->bi", As, V), b)
+    assert capped.failed_problems() == [0, 1, 2]
+    single = bl.CG(max_iter=2, rtol=0.0, atol=0.0)(lambda v: As[0] @ v, b[0])
+    assert single.status is bl.LinearStatus.BUDGET and single.failed_problems() == []

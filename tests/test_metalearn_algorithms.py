@@ -371,8 +371,14 @@ def test_backtracking_gd_cannot_diverge(batched: bool) -> None:
     start = G({k: v.unsqueeze(0).expand(4, *v.shape) for k, v in theta.items()})
     fixed = make_algorithm("imaml-gd", inner_steps=30, inner_lr=10.0, lam=lam)
     # the diverging inner loop is refused, not returned as its last finite iterate
-    with pytest.raises(bl.NonFiniteError, match=r"task\(s\) \[0, 1, 2, 3\].*lower --inner-lr"):
+    with pytest.raises(
+        bl.NonFiniteError,
+        match=r"task\(s\) \[0, 1, 2, 3\] of the meta-batch.*lower the inner step size "
+        r"\(GradientDescent\(lr=10\)\), give the inner GradientDescent a line search .*, raise lam",
+    ) as err:
         adapt(fixed, fn, mse, theta, xs, ys, batched=bm)
+    assert "--" not in str(err.value)  # no command-line flags down here
+    assert err.value.info.problem_status == (bl.SolverStatus.NONFINITE,) * 4
     bt = make_algorithm("imaml-gd", inner_steps=30, inner_lr=10.0, lam=lam, backtrack=True)
     values = []
     for steps in (1, 5, 10, 30):
@@ -590,3 +596,77 @@ def test_accelerated_inner_solver_equals_nesterov_task_by_task(setup, lam: float
         make_algorithm("maml", inner_solver="nesterov")
     with pytest.raises(ValueError, match="'gd', 'nesterov' or 'trust-region'"):
         make_algorithm("imaml-gd", inner_solver="adam")
+
+
+# ------------------------------------------------------------------------ per-task failures
+def _sine_tasks(nan_query: int | None = None) -> tuple[Task, torch.Tensor]:
+    g = torch.Generator().manual_seed(4)
+    xs = 5 * (2 * torch.rand(4, 5, 1, generator=g, dtype=D) - 1)
+    qx = 5 * (2 * torch.rand(4, 5, 1, generator=g, dtype=D) - 1)
+    qy = 5 * torch.sin(qx)
+    if nan_query is not None:
+        qy[nan_query, 2] = float("nan")
+    return Task(xs, 5 * torch.sin(xs), qx, qy), xs
+
+
+@pytest.mark.parametrize(
+    ("name", "settings", "named", "not_named"),
+    [
+        ("maml", {}, ["lower the inner step size (GradientDescent(lr=10))"], ["line search", "lam"]),
+        ("fomaml", {}, ["lower the inner step size", "line search"], ["raise lam"]),
+        ("imaml-gd", {"lam": 1.0}, ["lower the inner step size", "line search", "raise lam"], []),
+        ("imaml-released", {"lam": 1.0}, ["lower the inner step size"], ["line search", "raise lam"]),
+    ],
+)
+def test_a_diverged_inner_loop_names_only_remedies_of_its_method(
+    name: str, settings: dict, named: list[str], not_named: list[str]
+) -> None:
+    """MAML and the released code need a fixed path (no line search); lam is no remedy where G has
+    no proximal term (the first-order methods minimize the support loss) or the released loop
+    ignores it; no command-line flags in this low-level message."""
+    model = sinusoid_mlp((8, 8))
+    fn, theta = make_functional(model, torch.Generator().manual_seed(0), dtype=D)
+    tasks, _ = _sine_tasks()
+    algo = make_algorithm(name, inner_steps=30, inner_lr=10.0, **settings)
+    with pytest.raises(bl.NonFiniteError, match=r"in task\(s\) \[.*\] of the meta-batch") as err:
+        meta_gradient(algo, fn, mse, theta, tasks, classification=False)
+    text = str(err.value)
+    assert "--" not in text
+    for part in named:
+        assert part in text, (part, text)
+    for part in not_named:
+        assert part not in text, (part, text)
+
+
+@pytest.mark.parametrize(
+    ("name", "match"),
+    [
+        # iMAML's fixed-budget CG: only the task whose backward is NaN is named (its dL/dx)
+        ("imaml-gd", r"incoming gradient dL/dx has NaN or infinity in problem\(s\) \[1\] of the batch"),
+        ("fomaml", r"query gradients have NaN or infinity in task\(s\) \[1\] of the meta-batch"),
+        ("imaml-released", r"query gradients have NaN or infinity in task\(s\) \[1\] of the meta-batch"),
+        ("maml", r"query losses have NaN or infinity in task\(s\) \[1\] of the meta-batch"),
+    ],
+)
+def test_a_nan_query_in_one_task_names_that_task_only(name: str, match: str) -> None:
+    model = sinusoid_mlp((8, 8))
+    fn, theta = make_functional(model, torch.Generator().manual_seed(0), dtype=D)
+    tasks, _ = _sine_tasks(nan_query=1)
+    algo = make_algorithm(name, inner_steps=3, inner_lr=0.01, cg_iters=3)
+    with pytest.raises(bl.NonFiniteError, match=match) as err:
+        meta_gradient(algo, fn, mse, theta, tasks, classification=False)
+    if name == "imaml-gd":
+        assert err.value.info.failed_problems == (1,)
+
+
+def test_task_rows_check_names_its_tasks() -> None:
+    """The check on per-task rows (the released code's CG solutions, the query gradients)."""
+    from bilevel.metalearn.metabatch import check_task_rows
+
+    x = torch.zeros(4, 3, dtype=D)
+    check_task_rows("the CG solutions", x, "unused")
+    x[2, 1] = float("inf")
+    with pytest.raises(
+        bl.NonFiniteError, match=r"the CG solutions have NaN or infinity in task\(s\) \[2\] of"
+    ):
+        check_task_rows("the CG solutions", x, "the Hessian is not finite there")

@@ -820,10 +820,17 @@ def _answer(**leaves: Any) -> Callable[..., Any]:
 W0, B0 = Z_STAR[:DIM].clone(), Z_STAR[DIM].clone()
 
 BAD_ANSWERS = {
-    "wrong_key": (_answer(w=W0, c=B0), bl.StructureError, r"keys \['w', 'c'\] but init has \['w', 'b'\]"),
-    "missing_key": (_answer(w=W0), bl.StructureError, r"keys \['w'\] but init has \['w', 'b'\]"),
-    "extra_key": (_answer(w=W0, b=B0, c=B0), bl.StructureError, r"keys \['w', 'b', 'c'\] but init"),
-    "reordered": (_answer(b=B0, w=W0), bl.StructureError, r"keys \['b', 'w'\] but init has \['w', 'b'\]"),
+    "wrong_key": (
+        _answer(w=W0, c=B0),
+        bl.StructureError,
+        r"keys \['w', 'c'\] but init has \['w', 'b'\]: key 'b' of init is missing",
+    ),
+    "missing_key": (_answer(w=W0), bl.StructureError, r"keys \['w'\] but init has \['w', 'b'\]: key 'b'"),
+    "extra_key": (
+        _answer(w=W0, b=B0, c=B0),
+        bl.StructureError,
+        r"keys \['w', 'b', 'c'\] but init .*has key 'c', which init lacks",
+    ),
     "tuple": (lambda o, i, t: (W0, B0), bl.StructureError, "is a tuple but init is a dict"),
     "non_tensor": (_answer(w=W0, b=0.5), TypeError, r"answer\['b'\] is a float"),
     "wrong_shape": (_answer(w=W0, b=B0.reshape(1)), bl.StructureError, r"answer\['b'\] has shape \(1,\)"),
@@ -888,3 +895,157 @@ def test_a_condition_dict_with_a_wrong_key_is_refused_without_a_backward_pass(wh
     call, fn = (bl.implicit_root, _bad_F) if which == "implicit_root" else (bl.fixed_point, _bad_T)
     with torch.no_grad(), pytest.raises(bl.StructureError, match=r"keys \['w', 'c'\]"):
         call(fn, init_tree("dict"), theta_tree("dict"), solver=exact_solver)
+
+
+# ----------------------------------------------------------------------------- dict leaves matched by key
+
+
+def _reordered(tree: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return dict(reversed(list(tree.items())))
+
+
+def test_a_reordered_answer_is_matched_to_init_by_key() -> None:
+    """A solver may return init's keys in another order: the answer is the same tree, in init's
+    order, with the same gradient (against the closed form)."""
+
+    def reordered_solver(objective: Any, init: Any, theta: Any) -> Any:
+        return _reordered(exact_solver(objective, init, theta))
+
+    phi, theta, _ = run_argmin("dict", reordered_solver)
+    assert_structure(phi, "dict")
+    torch.testing.assert_close(flat(phi).detach(), Z_STAR, rtol=0, atol=1e-12)
+    gy, glam = hypergrads(theta)
+    torch.testing.assert_close(glam, DLAM, rtol=0, atol=1e-8)
+    torch.testing.assert_close(gy, DY, rtol=0, atol=1e-8)
+
+
+def test_reordered_conditions_maps_and_hvps_are_matched_by_key() -> None:
+    """F, T and a user hvp may return x's keys in another order: paired by key, the closed form."""
+
+    def F(x: Any, theta: Any) -> Any:
+        return _reordered(grad_G(x, theta))
+
+    def Tm(x: Any, theta: Any) -> Any:
+        return _reordered(T_map(x, theta))
+
+    def solve_T(Tf: Any, init: Any, theta: Any) -> Any:
+        return iterate_T(T_map, init, theta)
+
+    def hvp(phi: Any, theta: Any, v: Any) -> Any:
+        with torch.enable_grad():
+            p = {k: t.detach().requires_grad_(True) for k, t in phi.items()}
+            g = grad_G(p, theta)
+            hv = torch.autograd.grad([g["w"], g["b"]], [p["w"], p["b"]], [v["w"], v["b"]])
+        return {"b": hv[1], "w": hv[0]}
+
+    runs = {
+        "root": lambda th: bl.implicit_root(
+            F, init_tree("dict"), th, solver=exact_solver, optimality_tol=1e-9
+        ),
+        "fixed_point": lambda th: bl.fixed_point(
+            Tm, init_tree("dict"), th, solver=solve_T, optimality_tol=1e-9
+        ),
+        "hvp": lambda th: bl.implicit_argmin(G, init_tree("dict"), th, solver=exact_solver, hvp=hvp),
+    }
+    for name, run in runs.items():
+        theta = theta_tree("dict")
+        phi = run(theta)
+        outer(phi).backward()
+        assert_structure(phi, "dict")
+        torch.testing.assert_close(flat(phi).detach(), Z_STAR, rtol=0, atol=1e-9, msg=name)
+        gy, glam = hypergrads(theta)
+        torch.testing.assert_close(glam, DLAM, rtol=0, atol=1e-7, msg=name)
+        torch.testing.assert_close(gy, DY, rtol=0, atol=1e-7, msg=name)
+
+
+def test_tree_operations_pair_dict_leaves_by_key() -> None:
+    a, b = _batched_tree("dict", 0), _batched_tree("dict", 1)
+    rb = _reordered(b)
+    assert list(rb) != list(b)
+    s = torch.tensor([0.5, -2.0, 3.0], dtype=D)
+    # references written key by key
+    summed = {k: a[k] + b[k] for k in a}
+    dot = sum((a[k] * b[k]).sum() for k in a)
+    bdot = sum((a[k] * b[k]).reshape(B, -1).sum(1) for k in a)
+    for other in (b, rb):
+        out = T.tree_map(torch.add, a, other)
+        assert list(out) == list(a)
+        for k in a:
+            torch.testing.assert_close(out[k], summed[k], rtol=0, atol=0)
+        torch.testing.assert_close(T.tree_dot(a, other), dot, rtol=1e-14, atol=1e-14)
+        torch.testing.assert_close(T.batch_dot(a, other), bdot, rtol=1e-14, atol=1e-14)
+        axpy = T.batch_axpy(a, s, other)
+        assert list(axpy) == list(a)
+        for k in a:
+            torch.testing.assert_close(
+                axpy[k], a[k] + s.view(-1, *[1] * (a[k].ndim - 1)) * b[k], rtol=0, atol=0
+            )
+    # against a like: the like's key order, the flat layout of matched trees unchanged
+    torch.testing.assert_close(T.ravel(rb, like=b), T.ravel(b), rtol=0, atol=0)
+    assert T.ravel(a, like=a).equal(T.ravel(a))
+    back = T.unravel_like(T.ravel(rb, like=b), b)
+    assert list(back) == list(b)
+    assert_trees_close(back, b, 0.0)
+    re_keyed = T.aligned(rb, b, "rb", "b")
+    assert list(re_keyed) == list(b) and all(re_keyed[k] is b[k] for k in b)  # type: ignore[index]
+    assert T.aligned(b, b, "b", "b") is b
+
+
+def test_mismatched_keys_structures_and_sizes_name_the_key() -> None:
+    a, b = _batched_tree("dict", 0), _batched_tree("dict", 1)
+    other_key = {**{k: v for k, v in b.items() if k != "m"}, "q": b["m"]}
+    for fn in (T.tree_dot, T.batch_dot, lambda x, y: T.tree_map(torch.add, x, y)):
+        with pytest.raises(bl.StructureError, match=r"key 'm' of .* is missing"):
+            fn(a, other_key)
+        with pytest.raises(bl.StructureError, match=r"is a tuple but .* is a dict"):
+            fn(a, tuple(b.values()))
+    with pytest.raises(bl.StructureError, match=r"has key 'q', which a lacks"):
+        T.batch_axpy(a, torch.ones(B, dtype=D), {**b, "q": b["m"]})
+    with pytest.raises(bl.StructureError, match=r"rest\[0\] has 2 tensors but tree has 3"):
+        T.tree_map(torch.add, tuple(a.values()), tuple(b.values())[:2])
+    # shapes that would broadcast silently
+    short = {**b, "z": b["z"][:1]}
+    with pytest.raises(bl.StructureError, match=r"b\['z'\] has shape \(1, 3\) but a\['z'\] has \(3, 3\)"):
+        T.tree_dot(a, short)
+    with pytest.raises(bl.StructureError, match=r"b\['z'\] has shape \(1, 3\) but a\['z'\] has \(3, 3\)"):
+        T.batch_dot(a, short)
+    with pytest.raises(bl.StructureError, match=r"s of shape \(2,\) for the leaf\['z'\] of leading size 3"):
+        T.batch_scale(torch.ones(2, dtype=D), a)
+    # batched leaves of different leading sizes: (4, 3) and (2, 6) would reshape to (4, 3) silently
+    uneven = {"u": torch.zeros(4, 3, dtype=D), "v": torch.zeros(2, 6, dtype=D)}
+    for fn2 in (T.ravel_batch, T.batch_norm, T.batch_norm_sq, lambda t: T.finite_problems(t)[0]):
+        with pytest.raises(bl.StructureError, match=r"\['v'\] has leading size 2 but .*\['u'\] has 4"):
+            fn2(uneven)
+    with pytest.raises(bl.StructureError, match=r"X has 2 rows but like has leading size 3"):
+        T.unravel_batch(torch.zeros(2, T.ravel_batch(a).shape[1], dtype=D), a)
+    with pytest.raises(
+        bl.StructureError, match=r"unravel_like: got a tensor of shape \(5,\); expected \(n,\)"
+    ):
+        T.unravel_like(torch.zeros(5, dtype=D), a)
+    with pytest.raises(bl.StructureError, match=r"unravel_rows: got a tensor of shape \(3, 5\)"):
+        T.unravel_rows(torch.zeros(3, 5, dtype=D), {k: v[0] for k, v in a.items()})
+    with pytest.raises(
+        bl.StructureError, match=r"tree\['m'\] has shape \(3, 4\) but like\['m'\] has \(3, 2, 2\)"
+    ):
+        T.ravel({**a, "m": a["m"].reshape(B, 4)}, like=a)
+    # check_like: by key, and in like's order (its callers pair leaves by position)
+    with pytest.raises(
+        bl.StructureError, match=r"same keys in another order \(position 0 holds 'm', b has 'z'"
+    ):
+        T.check_like(_reordered(a), b, "x", "b")
+    with pytest.raises(bl.StructureError, match=r"x\['a'\] has dtype torch.float32"):
+        T.aligned({**a, "a": a["a"].float()}, b, "x", "b")
+
+
+def test_batched_check_finite_names_the_problems() -> None:
+    a = _batched_tree("dict", 0)
+    T.check_finite(a, "x", batched=True)  # finite: no error
+    bad = {k: v.clone() for k, v in a.items()}
+    bad["m"][2, 1, 0] = float("nan")
+    with pytest.raises(
+        bl.NonFiniteError, match=r"x\['m'\] contains NaN or infinity in problem\(s\) \[2\] of the batch"
+    ):
+        T.check_finite(bad, "x", batched=True)
+    rows, per_leaf = T.finite_problems(bad)
+    assert rows.tolist() == [True, True, False]
+    assert per_leaf.tolist() == [[True] * 3, [True] * 3, [True, True, False]]

@@ -56,7 +56,9 @@ from .metabatch import (
     MetaBatch,
     Params,
     batched_solver,
+    check_task_rows,
     checked,
+    divergence_remedies,
     or_zeros,
 )
 from .proximal import ProximalWeight, coerce
@@ -71,6 +73,9 @@ __all__ = [
     "ReptileStep",
     "Unrolled",
 ]
+
+#: What a NaN in the tasks' query losses or gradients means.
+_QUERY_NAN = "the adapted model's query loss is not finite there: check those tasks' query data and the model"
 
 
 @dataclasses.dataclass
@@ -152,10 +157,11 @@ class Implicit:
         tree = {**theta, **mb.lam_tree()}
         fast = mb.objective(exact=False, gradients_only=isinstance(inner, GRADIENT_ONLY))
         solver = batched_solver(inner, mb.weight)
+        remedies = divergence_remedies(inner, mb.weight, fixed_path=False)
 
         def solve(_exact: Any, init: torch.Tensor, th: Params) -> bl.SolverResult:
             # The inner steps use the fast model; the layer linearizes the exact one.
-            return checked(solver(fast, init, th))
+            return checked(solver(fast, init, th), remedies)
 
         with torch.enable_grad():
             X, info = bl.implicit_argmin(
@@ -201,15 +207,20 @@ class Unrolled:
 
     def inner_answers(self, inner: InnerSolver, mb: MetaBatch) -> bl.SolverResult:
         """The B inner answers (no graph): the same GD path, not unrolled."""
-        return mb.minimize(inner)
+        return mb.minimize(inner, fixed_path=True)
 
     def apply(self, inner: InnerSolver, mb: MetaBatch) -> Outcome:
         theta = {k: v.detach().requires_grad_(True) for k, v in mb.theta.items()}
         solver = batched_solver(inner, mb.weight, differentiable=True)
         with torch.enable_grad():
-            res = checked(solver(mb.objective(exact=True), mb.init(theta), theta))
+            res = checked(
+                solver(mb.objective(exact=True), mb.init(theta), theta),
+                divergence_remedies(inner, mb.weight, fixed_path=True),
+            )
             X: torch.Tensor = res.x  # type: ignore[assignment]
             ql, qa = mb.query(X)
+            # the unrolled gradient sums the tasks': a NaN query loss names its task first
+            check_task_rows("the query losses", ql, _QUERY_NAN)
             grads = torch.autograd.grad(ql.sum(), list(theta.values()), allow_unused=True)
         return Outcome(or_zeros(theta, grads), None, X.detach(), ql.detach(), qa, res)
 
@@ -231,6 +242,7 @@ class FirstOrder:
         res = self.inner_answers(inner, mb)
         X: torch.Tensor = res.x  # type: ignore[assignment]
         v, ql, qa = mb.query_gradients(X)
+        check_task_rows("the query gradients", v, _QUERY_NAN)
         return Outcome(mb.tree(v.sum(0)), None, X, ql, qa, res)
 
 
@@ -308,7 +320,7 @@ class ReleasedCG:
 
     def inner_answers(self, inner: InnerSolver, mb: MetaBatch) -> bl.SolverResult:
         """``max_iter`` GD steps on the support losses, then the pull-back step (flat (B, n), no graph)."""
-        res = mb.minimize(inner, prox=False)
+        res = mb.minimize(inner, prox=False, fixed_path=True)
         lr: float = inner.lr  # type: ignore[union-attr]  # GradientDescent (check)
         X: torch.Tensor = res.x  # type: ignore[assignment]
         with torch.no_grad():
@@ -328,7 +340,12 @@ class ReleasedCG:
         def matvec(V: torch.Tensor) -> torch.Tensor:
             return d * V + weight * hvp(V)
 
+        check_task_rows("the query gradients", v, _QUERY_NAN)
         cg = bl.CG(max_iter=self.cg_iters, rtol=0.0, atol=0.0, check_residual=False)(matvec, v)
+        # a fixed budget (BUDGET) is what was asked for; a task whose CG is NaN is named
+        check_task_rows(
+            "the CG solutions", cg.x, "the support loss's Hessian is NaN or infinite at those tasks' answers"
+        )
         return Outcome(mb.tree(cg.x.sum(0)), None, X, ql, qa, res, cg)
 
 

@@ -22,7 +22,7 @@ from torch.autograd.function import once_differentiable
 
 import bilevel as bl
 from bilevel.solvers import GradientDescent, Nesterov, NewtonCG, TrustRegionNewtonCG
-from bilevel.tree import ravel, unravel_like, unravel_rows
+from bilevel.tree import problems_named, ravel, rows_finite, unravel_like, unravel_rows
 
 from .batched import BatchedModel, task_losses
 from .models import LossFn, Params
@@ -35,7 +35,9 @@ __all__ = [
     "InnerSolver",
     "MetaBatch",
     "batched_solver",
+    "check_task_rows",
     "checked",
+    "divergence_remedies",
     "or_zeros",
 ]
 
@@ -219,15 +221,20 @@ class MetaBatch:
         t = self.theta_flat if theta is None else self.flat(theta)
         return t.unsqueeze(0).expand(self.B, -1)
 
-    def minimize(self, solver: InnerSolver, *, prox: bool = True) -> bl.SolverResult:
+    def minimize(
+        self, solver: InnerSolver, *, prox: bool = True, fixed_path: bool = False
+    ) -> bl.SolverResult:
         """The inner answers X (B, n) of the B tasks (no graph), with per-task diagnostics.
 
         ``solver`` runs batched (`batched_solver`) from theta on the B tasks' G (``prox=False``:
         the support losses alone) through the fast model (the fused losses where the solver
-        takes gradients only); a diverged task raises (`checked`).
+        takes gradients only); a diverged task raises (`checked`), naming the remedies that
+        this solver and G allow (``fixed_path``: the method needs the solver's fixed path, so
+        a line search is none).
         """
         objective = self.objective(exact=False, prox=prox, gradients_only=isinstance(solver, GRADIENT_ONLY))
-        return checked(batched_solver(solver, self.weight)(objective, self.init(), self.theta_values()))
+        res = batched_solver(solver, self.weight)(objective, self.init(), self.theta_values())
+        return checked(res, divergence_remedies(solver, self.weight if prox else None, fixed_path=fixed_path))
 
     def theta_values(self) -> Params:
         """theta with the learned lam values (detached) under their tree keys."""
@@ -312,18 +319,62 @@ def or_zeros(like: Params, grads: tuple[torch.Tensor | None, ...]) -> Params:
     return {k: torch.zeros_like(t) if g is None else g for (k, t), g in zip(like.items(), grads)}
 
 
-def checked(res: bl.SolverResult) -> bl.SolverResult:
+def divergence_remedies(solver: InnerSolver, weight: ProximalWeight | None, *, fixed_path: bool) -> str:
+    """What may stop ``solver`` from diverging on G with proximal weight ``weight`` (``None``: no
+    proximal term), naming only settings this method has: a smaller step for a fixed-step
+    solver, a line search where the method allows one (not ``fixed_path``), a larger lam where G
+    has a fixed proximal weight."""
+    out = []
+    lr = getattr(solver, "lr", None)
+    if isinstance(solver, GRADIENT_ONLY) and lr is not None:
+        out.append(f"lower the inner step size ({type(solver).__name__}(lr={lr:g}))")
+    if isinstance(solver, GradientDescent) and solver.line_search is None and not fixed_path:
+        out.append("give the inner GradientDescent a line search (line_search=StepHalving())")
+    if weight is not None and not weight.learned and not weight.is_zero():
+        out.append("raise lam (a stronger proximal term makes each task's G better conditioned)")
+    out.append("check the model's loss on those tasks' support data")
+    return ", ".join(out[:-1]) + (", or " if len(out) > 1 else "") + out[-1]
+
+
+def checked(res: bl.SolverResult, remedies: str) -> bl.SolverResult:
     """Stop on a diverged inner solve: its NaN would otherwise be frozen out of the answer silently
-    (now, or at the end of a `bilevel.deferred_checks` block)."""
-    bl.defer_check(functools.partial(_raise_if_diverged, res))
+    (now, or at the end of a `bilevel.deferred_checks` block).  The error names the tasks, carries
+    ``res`` as its ``info`` (per-task statuses in ``problem_status``) and says ``remedies``
+    (`divergence_remedies`)."""
+    bl.defer_check(functools.partial(_raise_if_diverged, res, remedies))
     return res
 
 
-def _raise_if_diverged(res: bl.SolverResult) -> None:
-    statuses = res.problem_status or (res.status,)
-    bad = [i for i, s in enumerate(statuses) if s is bl.SolverStatus.NONFINITE]
+def _raise_if_diverged(res: bl.SolverResult, remedies: str) -> None:
+    bad = res.problems_with(bl.SolverStatus.NONFINITE)
     if bad:
         raise bl.NonFiniteError(
-            f"the inner solve produced NaN or infinity in task(s) {bad[:10]} of the meta-batch: the inner "
-            "loop diverged; lower --inner-lr (GradientDescent(lr=...)), raise --lam, or use --backtrack"
+            f"the inner solve produced NaN or infinity in {_tasks(bad)}: "
+            f"the inner loop diverged there; {remedies}",
+            info=res,
         )
+
+
+def _tasks(idx: list[int]) -> str:
+    return problems_named(idx, noun="task", of="the meta-batch")
+
+
+def check_task_rows(what: str, rows: torch.Tensor, why: str) -> None:
+    """Raise `bilevel.NonFiniteError` naming the tasks whose row of ``rows`` ((B, ...): task b's
+    values in row b) has NaN or infinity (the mask is taken now; read now, or at the end of a
+    `bilevel.deferred_checks` block).
+
+    Args:
+        what: what the rows are, for the message ("the query gradients").
+        rows: per-task values, the task along the leading dimension.
+        why: the likely cause and what to do.
+    """
+    ok = rows_finite(rows.detach())
+    bl.defer_check(functools.partial(_raise_if_rows, what, ok, why))
+
+
+def _raise_if_rows(what: str, ok: torch.Tensor, why: str) -> None:
+    if bool(ok.all()):
+        return
+    bad = torch.nonzero(~ok).flatten().tolist()
+    raise bl.NonFiniteError(f"{what} have NaN or infinity in {_tasks(bad)}: {why}")

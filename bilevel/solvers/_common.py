@@ -38,6 +38,7 @@ from .._status import SolverStatus, worst
 from .._types import Objective, TensorTree
 from ..tree import (
     all_finite,
+    batch_size,
     check_finite,
     leaves,
     ravel_batch,
@@ -168,8 +169,10 @@ class Oracle:
 
     Raises:
         TypeError: ``init`` is not floating point.
-        StructureError: leaves of ``init`` differ in dtype, device or batch size.
-        NonFiniteError: ``init`` holds NaN or infinity.
+        StructureError: leaves of ``init`` differ in dtype, device or batch size (the message
+            names the leaf and both sizes).
+        NonFiniteError: ``init`` holds NaN or infinity (in batched mode the message names the
+            problems).
     """
 
     def __init__(
@@ -196,24 +199,24 @@ class Oracle:
                     f"{who}: the leaves of init mix dtypes/devices ({t.dtype} on {t.device} vs "
                     f"{ls[0].dtype} on {ls[0].device}); use one dtype and device for phi"
                 )
-        check_finite(init, "init")
         self.who = who
         self.batched = batched
         self.like = init
         self.dtype = ls[0].dtype
         self.device = ls[0].device
         if batched:
-            for t in ls:
-                if t.ndim == 0 or t.shape[0] != ls[0].shape[0]:
-                    raise StructureError(
-                        f"{who}(batched=True): every leaf of init needs the same leading batch "
-                        f"dimension; got shapes {[tuple(s.shape) for s in ls]}"
-                    )
-            self.B = int(ls[0].shape[0])
+            try:
+                self.B = batch_size(init, "init")
+            except StructureError as err:
+                raise StructureError(
+                    f"{who}(batched=True): {err}; got shapes {[tuple(s.shape) for s in ls]}"
+                ) from None
             if self.B == 0:
                 raise StructureError(f"{who}(batched=True): init has an empty batch")
         else:
             self.B = 1
+        # in batched mode the message names the problems whose start is not finite
+        check_finite(init, "init", batched=batched)
         start = init if differentiable else detach_tree(init)
         self.x0 = ravel_batch(start, batched=batched)
         if not differentiable:
