@@ -284,3 +284,13 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
     a, b = load_checkpoint(out / "checkpoint.pt"), load_checkpoint(straight / "checkpoint.pt")
     for k in a["theta"]:
         torch.testing.assert_close(a["theta"][k], b["theta"][k], rtol=0, atol=0)
+
+
+def test_a_crossed_threshold_warns_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The library's warnings reach a command-line user as ``warning: ...``, without a source line."""
+    argv = [*SINE, "--algo", "imaml-gd", "--inner-steps", "3", "--meta-steps", "2", "--meta-batch", "4"]
+    assert main([*argv, "--no-progress", "--out", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    warned = [ln for ln in err.splitlines() if ln.startswith("warning: ")]
+    assert warned and all("imaml-gd: meta-step" in ln for ln in warned), err
+    assert "BilevelWarning" not in err and "recorder.step(" not in err  # not Python's format

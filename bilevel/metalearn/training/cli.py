@@ -18,14 +18,17 @@ error; the final result to standard output.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
 
-from ... import BilevelError, CheckpointError
+from ... import BilevelError, BilevelWarning, CheckpointError
 from ..evaluation import evaluate_fixed
 from ..proximal import LAM_KINDS
 from ..registry import INNER_KINDS, readers
@@ -510,11 +513,16 @@ _EVAL_OVERRIDES = ("data_root", "test_tasks", "eval_inner_steps", "eval_lam", "t
 
 
 def differences(trained: TrainConfig, now: TrainConfig) -> dict[str, dict[str, Any]]:
-    """The settings in which ``now`` differs from ``trained``: ``{field: {"trained": .., "now": ..}}``."""
+    """The settings in which ``now`` differs from ``trained``: ``{field: {"trained": .., "now": ..}}``.
+
+    A training that left its device to the machine (``None``) differs from an evaluation in
+    no device: which one ran is in each output already.
+    """
     return {
         f.name: {"trained": getattr(trained, f.name), "now": getattr(now, f.name)}
         for f in dataclasses.fields(TrainConfig)
         if getattr(trained, f.name) != getattr(now, f.name)
+        and not (f.name == "device" and getattr(trained, f.name) is None)
     }
 
 
@@ -598,11 +606,35 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = _parser().parse_known_args(argv)
     if extra:  # the subcommand's own usage line, not the top-level one
         args.subparser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command == "train":
-        return _train(args)
-    if args.command == "report":
-        return _report(args)
-    return _eval(args)
+    with _one_line_warnings():
+        if args.command == "train":
+            return _train(args)
+        if args.command == "report":
+            return _report(args)
+        return _eval(args)
+
+
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """The library's warnings as one ``warning: ...`` line each on stderr.
+
+    A command-line user acts on the message; the file and source line of the ``warn``
+    call that Python prints by default say nothing to them.  Other warnings keep
+    Python's format.
+    """
+    shown = warnings.showwarning
+
+    def show(message: Warning | str, category: type[Warning], *rest: Any, **kw: Any) -> None:
+        if issubclass(category, BilevelWarning):
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+        else:
+            shown(message, category, *rest, **kw)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":
