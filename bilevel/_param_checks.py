@@ -6,6 +6,7 @@ Set parameters and prox scales are numbers or tensors that broadcast against the
 
 from __future__ import annotations
 
+import math
 from typing import Union
 
 import torch
@@ -13,7 +14,7 @@ import torch
 from . import _sync
 from ._errors import StructureError
 
-__all__ = ["Param", "as_param", "check_input", "check_nonnegative", "check_values", "show"]
+__all__ = ["Param", "as_param", "check_input", "check_nonnegative", "check_sign", "check_values", "show"]
 
 #: A set parameter or a scale: a Python number or a tensor broadcasting against the points.
 Param = Union[float, torch.Tensor]
@@ -62,10 +63,25 @@ def check_values(who: str, message: str, bad: torch.Tensor, value: torch.Tensor 
     _sync.defer_check(check)
 
 
+def check_sign(who: str, name: str, value: Param, t: torch.Tensor, *, positive: bool) -> None:
+    """``value`` (converted: ``t``) is finite and > 0 (``positive``) or >= 0.
+
+    A Python number is checked at once, on the host; a tensor by `check_values`.
+    """
+    what = "> 0" if positive else ">= 0"
+    if not isinstance(value, torch.Tensor):
+        v = float(value)
+        if not (math.isfinite(v) and (v > 0 if positive else v >= 0)):
+            raise ValueError(f"{who}: {name} must be {what} and finite (got {v!r})")
+        return
+    bad = ~(t > 0 if positive else t >= 0) | ~torch.isfinite(t)
+    check_values(who, f"{name} must be {what} and finite", bad, t)
+
+
 def check_nonnegative(who: str, name: str, value: Param, y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """``value`` as by `as_param`, checked >= 0 and finite."""
     t = as_param(who, name, value, y, shape)
-    check_values(who, f"{name} must be >= 0 and finite", ~(t >= 0) | ~torch.isfinite(t), t)
+    check_sign(who, name, value, t, positive=False)
     return t
 
 

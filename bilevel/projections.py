@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from ._errors import StructureError
-from ._param_checks import Param, as_param, check_input, check_nonnegative, check_values
+from ._param_checks import Param, as_param, check_input, check_nonnegative, check_sign, check_values
 
 __all__ = [
     "affine",
@@ -65,7 +65,7 @@ def box(y: torch.Tensor, lower: Param, upper: Param) -> torch.Tensor:
     Args:
         y: points, shape (..., n).
         lower, upper: bounds broadcasting to (..., n) (``-inf`` / ``inf`` allowed for a
-            one-sided box), with ``lower <= upper``.
+            one-sided box), with ``lower <= upper`` (equal bounds fix an entry).
 
     Returns:
         The projections, shape (..., n).  Jacobian: 1 in ``y`` where the entry is inside
@@ -75,7 +75,12 @@ def box(y: torch.Tensor, lower: Param, upper: Param) -> torch.Tensor:
     check_input("box", y)
     lo = as_param("box", "lower", lower, y, y.shape)
     hi = as_param("box", "upper", upper, y, y.shape)
-    check_values("box", "lower must be <= upper in every entry", lo > hi)
+    # NaN bounds would pass a plain comparison and give NaN answers
+    message = "lower must be <= upper in every entry, neither NaN"
+    if isinstance(lower, torch.Tensor) or isinstance(upper, torch.Tensor):
+        check_values("box", message, ~(lo <= hi))
+    elif not lower <= upper:
+        raise ValueError(f"box: {message} (got lower={lower!r}, upper={upper!r})")
     return torch.clamp(y, lo, hi)
 
 
@@ -120,7 +125,7 @@ def simplex(y: torch.Tensor, radius: Param = 1.0) -> torch.Tensor:
     """
     check_input("simplex", y)
     r = as_param("simplex", "radius", radius, y, y.shape[:-1])
-    check_values("simplex", "radius must be > 0 and finite", ~(r > 0) | ~torch.isfinite(r), r)
+    check_sign("simplex", "radius", radius, r, positive=True)
     return _simplex(y, r.expand(y.shape[:-1]))
 
 

@@ -267,6 +267,13 @@ BAD: list[tuple[Callable[[], Any], type[Exception], str]] = [
     (lambda: P.box(torch.arange(4), 0.0, 1.0), TypeError, "must be floating point"),
     (lambda: P.nonnegative(torch.tensor(1.0, dtype=D)), bl.StructureError, "needs a last dimension"),
     (lambda: P.box(Y, 1.0, 0.0), ValueError, "lower must be <= upper"),
+    (
+        lambda: P.box(Y, torch.zeros(4, dtype=D), -torch.ones(3, 1, dtype=D)),
+        ValueError,
+        "lower must be <= upper",
+    ),
+    (lambda: P.box(Y, float("nan"), 1.0), ValueError, "neither NaN"),
+    (lambda: P.box(Y, torch.full((4,), float("nan"), dtype=D), 1.0), ValueError, "neither NaN"),
     (lambda: P.box(Y, torch.zeros(5, dtype=D), 1.0), bl.StructureError, "lower has shape"),
     (lambda: P.box(Y, 0.0, torch.ones(2, 3, 4, dtype=D)), bl.StructureError, "does not broadcast"),
     (lambda: P.box(Y, True, 1.0), TypeError, "must be a number or a tensor"),
