@@ -101,9 +101,11 @@ def _simplex(y: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
     u, _ = torch.sort(y, dim=-1, descending=True)
     css = torch.cumsum(u, dim=-1) - radius[..., None]
     k = torch.arange(1, n + 1, dtype=y.dtype, device=y.device)
-    # rho: the number of entries that stay positive, the last k with u_k > (css_k / k); the
-    # condition holds for a prefix of k, so counting it gives rho (>= 1: u_1 > u_1 - radius)
-    rho = (u - css / k > 0).sum(dim=-1, keepdim=True)
+    # rho: the last k with u_k >= css_k / k (Duchi et al. take u_k > css_k / k; the two give the
+    # same tau, as u_k = tau there, but ">=" counts an entry on the threshold in the support, as
+    # clamp_min's derivative 1 at 0 below does: a one-sided Jacobian on that kink).  The last such
+    # k rather than their count, so that a tie broken by rounding cannot shift it; k = 1 always holds.
+    rho = ((u - css / k >= 0).to(y.dtype) * k).amax(dim=-1, keepdim=True).long()
     tau = torch.gather(css, -1, rho - 1) / rho.to(y.dtype)
     return torch.clamp_min(y - tau, 0.0)
 
@@ -117,9 +119,9 @@ def simplex(y: torch.Tensor, radius: Param = 1.0) -> torch.Tensor:
 
     Returns:
         ``max(y - tau, 0)`` with the threshold tau making the sum ``radius``, shape (..., n).
-        Jacobian: on the support S, I - 11'/|S| (and 1/|S| in ``radius``), zero off it; at
-        ``y_i == tau`` autograd counts i off the support's derivative of ``clamp`` (1) but out
-        of S in tau's (the sort's strict test): the one-sided derivative of entering S.
+        Jacobian: on the support S, I - 11'/|S| (and 1/|S| in ``radius``), zero off it.  On a
+        kink (``y_i == tau``, the answer's entry i zero) autograd counts i in S: the one-sided
+        derivative of i entering the support.
 
     O(n log n) per problem (a sort); differentiable through the gathered threshold.
     """

@@ -145,6 +145,13 @@ def test_closed_forms() -> None:
     torch.testing.assert_close(P.simplex(y), torch.tensor([0.0, 0.0, 1.0], dtype=D))
     # radius 3 reaches the second entry: 3 - tau + 0.5 - tau = 3 -> tau = 0.25
     torch.testing.assert_close(P.simplex(y, 3.0), torch.tensor([0.0, 0.25, 2.75], dtype=D))
+    # ties, and entries exactly on the threshold
+    ties = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0], dtype=D)
+    torch.testing.assert_close(P.simplex(ties), torch.tensor([1 / 3, 1 / 3, 1 / 3, 0.0, 0.0], dtype=D))
+    torch.testing.assert_close(
+        P.simplex(torch.tensor([1.0, 0.0, 0.0], dtype=D)), torch.tensor([1.0, 0.0, 0.0], dtype=D)
+    )
+    torch.testing.assert_close(P.simplex(torch.zeros(4, dtype=D), 2.0), torch.full((4,), 0.5, dtype=D))
     torch.testing.assert_close(P.l1_ball(y, 1.0), torch.tensor([0.0, 0.0, 1.0], dtype=D))
     torch.testing.assert_close(P.l1_ball(y, 0.0), torch.zeros(3, dtype=D))
     a = torch.tensor([1.0, 1.0, 1.0], dtype=D)
@@ -214,6 +221,13 @@ def test_one_sided_derivatives_on_kinks_are_as_documented() -> None:
     z = torch.zeros(2, dtype=D, requires_grad=True)
     (d0,) = torch.autograd.grad(P.nonnegative(z).sum(), z)
     torch.testing.assert_close(d0, torch.ones(2, dtype=D))
+    # simplex with y_1 on the threshold (tau = 0.5 for radius 2.5): i = 1 counts in the support
+    J = torch.autograd.functional.jacobian(
+        lambda v: P.simplex(v, 2.5), torch.tensor([3.0, 0.5, -2.0], dtype=D)
+    )
+    torch.testing.assert_close(
+        J, torch.tensor([[0.5, -0.5, 0.0], [-0.5, 0.5, 0.0], [0.0, 0.0, 0.0]], dtype=D)
+    )
     # l2 sphere: the inside one (identity)
     s = torch.tensor([0.6, 0.8], dtype=D, requires_grad=True)
     J = torch.autograd.functional.jacobian(lambda v: P.l2_ball(v, 1.0), s)
