@@ -420,40 +420,40 @@ def test_implicit_gradient_through_the_condition_matches_finite_differences(case
     assert torch.autograd.gradcheck(answer, theta, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-def test_gradient_is_zero_on_active_bounds_and_follows_the_bound() -> None:
-    """dx*/dc on a box QP: on the free coordinates -(Q_FF)^{-1}, zero on the active ones; and
-    dx_i*/dhi_i = 1 where the upper bound is active (closed form of the reduced KKT system)."""
+def test_jacobians_of_a_box_qp_equal_the_reduced_kkt_solution() -> None:
+    """x* of a box QP in c and the bounds, by implicit_root on ProjectedGradient's condition (its
+    default GMRES backward): with F the free coordinates and K the active ones (x_K = bound_K),
+    dx_F/dc_F = -(Q_FF)^-1, dx_F/dbound_K = -(Q_FF)^-1 Q_FK, dx_K/dbound_K = I, zero elsewhere."""
     A, c = _data(0, None)
     lo, hi = _box_params(0, None)
     Q = A.T @ A
-    solver = ProjectedGradient(P.parametrized(P.box), step=1.0 / _lipschitz(A), tol=1e-13, backtracking=False)
     f = _objective(A)
+    solver = ProjectedGradient(_box_proj, step=1.0 / _lipschitz(A), tol=1e-13, backtracking=False)
 
-    def obj(x: torch.Tensor, th: Any) -> torch.Tensor:
-        return f(x, (th[0],))
-
-    def answer(cc: torch.Tensor, lo_: torch.Tensor, hi_: torch.Tensor) -> torch.Tensor:
-        cond = bl.conditions.ProjectedFixedPoint(lambda y, th: P.box(y, th[1], th[2]), solver.step)
-        inner = ProjectedGradient(cond.projection, step=solver.step, tol=1e-13, backtracking=False)
+    def answer(*theta: torch.Tensor) -> torch.Tensor:
         return bl.implicit_root(
-            cond.residual(obj),
+            solver.condition.residual(f),
             torch.zeros(N, dtype=D),
-            (cc, lo_, hi_),
-            solver=lambda _F, x0, th: inner(obj, x0, th),
+            theta,
+            solver=lambda _F, x0, th: solver(f, x0, th),
         )
 
     x = answer(c, lo, hi).detach()
-    free = (x > lo + 1e-9) & (x < hi - 1e-9)
-    upper = x >= hi - 1e-9
-    assert free.any() and (~free).any() and upper.any()
-    Jc, _, Jhi = torch.autograd.functional.jacobian(answer, (c, lo, hi))
-    expected = torch.zeros(N, N, dtype=D)
-    fi = free.nonzero().squeeze(1)
-    expected[fi[:, None], fi] = -torch.linalg.inv(Q[fi][:, fi])
-    torch.testing.assert_close(Jc, expected, atol=1e-8, rtol=1e-7)
-    torch.testing.assert_close(
-        torch.diagonal(Jhi)[upper], torch.ones(int(upper.sum()), dtype=D), atol=1e-8, rtol=0
-    )
+    at_lo, at_hi = (x - lo).abs() < 1e-9, (x - hi).abs() < 1e-9
+    free = ~(at_lo | at_hi)
+    assert free.any() and at_lo.any() and at_hi.any()
+    Jc, Jlo, Jhi = torch.autograd.functional.jacobian(answer, (c, lo, hi))
+    Fi = free.nonzero().squeeze(1)
+    inv = torch.linalg.inv(Q[Fi][:, Fi])
+    expected_c = torch.zeros(N, N, dtype=D)
+    expected_c[Fi[:, None], Fi] = -inv
+    torch.testing.assert_close(Jc, expected_c, atol=1e-8, rtol=1e-7)
+    for J, active in ((Jlo, at_lo), (Jhi, at_hi)):
+        Ki = active.nonzero().squeeze(1)
+        expected = torch.zeros(N, N, dtype=D)
+        expected[Ki, Ki] = 1.0
+        expected[Fi[:, None], Ki] = -inv @ Q[Fi][:, Ki]
+        torch.testing.assert_close(J, expected, atol=1e-8, rtol=1e-7)
 
 
 # --------------------------------------------------------------------------- statuses and guards
