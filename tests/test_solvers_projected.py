@@ -420,6 +420,29 @@ def test_implicit_gradient_through_the_condition_matches_finite_differences(case
     assert torch.autograd.gradcheck(answer, theta, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("p", [PROBLEMS[0], PROBLEMS[4]], ids=["box_qp", "lasso"])
+def test_implicit_gradient_of_a_batch_matches_finite_differences(p: Problem) -> None:
+    """A batch of B problems solved at once (``batched=True``) and differentiated by one batched
+    implicit_root through the condition of a `BatchedObjective`: gradcheck of re-solves."""
+    B = 3
+    A, c = _data(11, B)
+    params = p.params(11, B)
+    f = bl.solvers.BatchedObjective(_objective(A))
+    solver = ProximalGradient(p.prox, step=1.0 / _lipschitz(A), tol=1e-13, batched=True)
+
+    def answer(*theta: torch.Tensor) -> torch.Tensor:
+        return bl.implicit_root(
+            solver.condition.residual(f),
+            torch.zeros(B, N, dtype=D),
+            theta,
+            solver=lambda _F, x0, th: solver(f, x0, th),
+            batched=True,
+        )
+
+    theta = tuple(t.clone().requires_grad_(True) for t in (c, *params))
+    assert torch.autograd.gradcheck(answer, theta, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
 def test_jacobians_of_a_box_qp_equal_the_reduced_kkt_solution() -> None:
     """x* of a box QP in c and the bounds, by implicit_root on ProjectedGradient's condition (its
     default GMRES backward): with F the free coordinates and K the active ones (x_K = bound_K),
