@@ -228,6 +228,9 @@ def test_one_sided_derivatives_on_kinks_are_as_documented() -> None:
     torch.testing.assert_close(
         J, torch.tensor([[0.5, -0.5, 0.0], [-0.5, 0.5, 0.0], [0.0, 0.0, 0.0]], dtype=D)
     )
+    # l1 sphere: the inside one (identity)
+    J1 = torch.autograd.functional.jacobian(lambda v: P.l1_ball(v, 1.0), torch.tensor([0.25, -0.75], dtype=D))
+    torch.testing.assert_close(J1, torch.eye(2, dtype=D))
     # l2 sphere: the inside one (identity)
     s = torch.tensor([0.6, 0.8], dtype=D, requires_grad=True)
     J = torch.autograd.functional.jacobian(lambda v: P.l2_ball(v, 1.0), s)

@@ -18,6 +18,8 @@ import cvxpy as cp
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import bilevel as bl
 from bilevel import projections as P
@@ -311,6 +313,34 @@ def test_answers_of_the_batch_stop_on_their_own_criteria() -> None:
     again = solver(_objective(A), init, (c, *params))
     assert again.problem_n_iter is not None and int(again.problem_n_iter[0]) <= 1
     assert int(again.problem_n_iter[1]) > 10
+
+
+@settings(max_examples=20)
+@given(st.integers(0, 2**31 - 1), st.integers(2, 12), st.booleans())
+def test_box_qp_answers_satisfy_kkt(seed: int, n: int, accelerated: bool) -> None:
+    """Random strongly convex box QPs: the answer is in the box and the gradient of f is >= 0 on
+    the lower bounds, <= 0 on the upper ones, 0 elsewhere, up to what tol on ||G|| allows."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(n + 2, n, dtype=D, generator=g)
+    Q = A.T @ A + 0.1 * torch.eye(n, dtype=D)
+    c = 3.0 * torch.randn(n, dtype=D, generator=g)
+    lo = -torch.rand(n, dtype=D, generator=g)
+    hi = lo + torch.rand(n, dtype=D, generator=g)
+    tol = 1e-10
+    r = ProjectedGradient(
+        P.fixed(P.box, lo, hi), step=1.0, tol=tol, max_iter=100_000, accelerated=accelerated
+    )(lambda x, th: 0.5 * x @ Q @ x + c @ x, torch.zeros(n, dtype=D), None)
+    assert r.converged, r.reason
+    x = r.x
+    assert bool(((x >= lo) & (x <= hi)).all())
+    grad = Q @ x + c
+    # ||G|| <= tol bounds the distance to the answer by tol / mu (mu >= 0.1) and the gradient's
+    # error by ||Q|| tol / mu: the slack of the sign conditions
+    slack = 100.0 * float(torch.linalg.matrix_norm(Q, ord=2)) * tol / 0.1 + 1e-12
+    on_lo, on_hi = x == lo, x == hi
+    free = ~(on_lo | on_hi)
+    assert bool((grad[on_lo] >= -slack).all()) and bool((grad[on_hi] <= slack).all())
+    assert bool((grad[free].abs() <= slack).all())
 
 
 # --------------------------------------------------------------------------- FISTA and the counts
