@@ -6,9 +6,11 @@
 See `implicit_argmin` for the contract, and the README for an overview.
 """
 
-from . import hyperopt as hyperopt
 from . import conditions as conditions
+from . import hyperopt as hyperopt
 from . import layers as layers
+from . import projections as projections
+from . import prox as prox
 from . import solvers as solvers
 from . import theory as theory
 from . import tree as tree
@@ -94,6 +96,7 @@ __all__ = [
     "SolverStatus",
     "StructureError",
     "TensorTree",
+    "conditions",
     "defer_check",
     "deferred_checks",
     "fixed_point",
@@ -101,8 +104,9 @@ __all__ = [
     "implicit_argmin",
     "implicit_root",
     "lanczos_extremes",
-    "conditions",
     "layers",
+    "projections",
+    "prox",
     "solvers",
     "theory",
     "tree",

@@ -13,6 +13,8 @@ as a solver) is refused with a `TypeError` that says so.
 =================================  ==========================================================
 `GradientDescent`                  fixed step or `Armijo` backtracking; batched mode
 `Nesterov`                         accelerated gradient (iMAML's Theorem 2); batched mode
+`ProjectedGradient`                gradient steps projected onto a convex set; batched mode
+`ProximalGradient`                 ISTA / FISTA with restart for f + g, g through its prox; batched
 `NewtonCG`                         Hessian-free Newton with a line search (iMAML-HF); batched
 `TrustRegionNewtonCG`              Hessian-free Newton in a trust region (Steihaug CG); batched
 `ScipyLBFGS`                       SciPy's L-BFGS-B in float64, torch gradients, any device
@@ -36,6 +38,8 @@ from ._line_search import Armijo as Armijo
 from ._line_search import StepHalving as StepHalving
 from ._nesterov import Nesterov as Nesterov
 from ._newton_cg import NewtonCG as NewtonCG
+from ._proximal_gradient import ProjectedGradient as ProjectedGradient
+from ._proximal_gradient import ProximalGradient as ProximalGradient
 from ._scipy import ScipyLBFGS as ScipyLBFGS
 from ._sklearn import SklearnLogisticRegression as SklearnLogisticRegression
 from ._sklearn import SklearnRidge as SklearnRidge
@@ -51,6 +55,8 @@ __all__ = [
     "GradientDescent",
     "Nesterov",
     "NewtonCG",
+    "ProjectedGradient",
+    "ProximalGradient",
     "ScipyLBFGS",
     "SklearnLogisticRegression",
     "SklearnRidge",
