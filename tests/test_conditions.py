@@ -537,6 +537,18 @@ def test_the_solvers_own_condition_is_the_default() -> None:
     torch.testing.assert_close(grad_of(x, theta, W), box_closed_form(x.detach(), W), **CLOSED)
 
 
+@pytest.mark.parametrize("accelerated", [False, True])
+def test_the_librarys_projected_gradient_names_its_condition(accelerated: bool) -> None:
+    """bl.solvers.ProjectedGradient + bl.projections.box: differentiable with no condition written."""
+    solver = bl.solvers.ProjectedGradient(
+        bl.projections.fixed(bl.projections.box, LO, HI), step=STEP, tol=1e-12, max_iter=20000,
+        accelerated=accelerated,
+    )
+    theta = BOX_THETAS["active"].clone().requires_grad_(True)
+    x = bl.implicit_argmin(box_f, torch.zeros(N, dtype=D), theta, solver)
+    torch.testing.assert_close(grad_of(x, theta, W), box_closed_form(x.detach(), W), **CLOSED)
+
+
 # --------------------------------------------------------------------------------------------------
 # Guards
 
