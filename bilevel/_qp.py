@@ -521,8 +521,17 @@ def _ipm(prob: _Problem, tol: float, max_iter: int) -> _Solution:
     codes = torch.full((B,), _RUNNING, dtype=torch.long, device=dev)
     n_iter = torch.zeros(B, dtype=torch.long, device=dev)
     eps_inf = 1e3 * eps  # relative tolerance of the infeasibility certificates
+    # The gap is held 100x tighter than the residuals: x and the multipliers are off by about
+    # mu / (the smaller of s_i, z_i), and the gradient by that times the conditioning of the
+    # active set (measured: gradient error ~ 1e3 x gap), while the gap, unlike the dual residual,
+    # keeps falling geometrically down to rounding.
+    tol_gap = max(1e-2 * tol, 10 * eps)
     it = 0
-    d = z / s if m else s
+    running = torch.ones(B, dtype=torch.bool, device=dev)
+    saved = torch.zeros(B, dtype=torch.bool, device=dev)
+    stalled = torch.zeros(B, dtype=torch.bool, device=dev)
+    kept: tuple[torch.Tensor, ...] = (x, s, z, y)
+    kept_res: tuple[torch.Tensor, ...] = (x.new_zeros(B),) * 3
     while True:
         # Residuals and per-problem stopping at the current point.
         Qx = _mv(Q, x)
@@ -540,19 +549,33 @@ def _ipm(prob: _Problem, tol: float, max_iter: int) -> _Solution:
         # leaves a residual of about eps times those, whatever the data's scale.
         rel_p = torch.maximum(torch.maximum(_inf_norm(Gx), _inf_norm(s)), _inf_norm(Ax))
         rel_d = torch.maximum(torch.maximum(_inf_norm(Qx), _inf_norm(dual_part)), _inf_norm(_mtv(G, z)))
-        ok = (
-            (res_p <= tol * (scale_p + rel_p))
-            & (res_d <= tol * (scale_d + rel_d))
-            & (gap <= tol * (1.0 + pobj.abs()))
-        )
+        ok_res = (res_p <= tol * (scale_p + rel_p)) & (res_d <= tol * (scale_d + rel_d))
+        ok = ok_res & (gap <= tol_gap * (1.0 + pobj.abs()))
         finite = torch.isfinite(res_p) & torch.isfinite(res_d) & torch.isfinite(gap)
+        # Near the end the weights z/s of the active constraints reach 1/eps and a step can
+        # lose the accuracy already reached (rounding in the reduced system, amplified by z/s,
+        # lands in the dual residual).  An iterate good to tol (gap below tol, not yet tol/100)
+        # is kept, and a problem whose next steps break down or undo it returns to it.
+        revert = running & saved & ~ok & (~ok_res | ~finite | stalled)
+        if m:
+            x, s, z, y = (torch.where(revert.unsqueeze(-1), a, c) for a, c in zip(kept, (x, s, z, y)))
+            res_p, res_d, gap = (torch.where(revert, a, c) for a, c in zip(kept_res, (res_p, res_d, gap)))
+            keep = running & ok_res & (gap <= tol * (1.0 + pobj.abs())) & ~revert
+            kept = tuple(torch.where(keep.unsqueeze(-1), a, c) for a, c in zip((x, s, z, y), kept))
+            kept_res = tuple(torch.where(keep, a, c) for a, c in zip((res_p, res_d, gap), kept_res))
+            saved = saved | keep
+        ok = ok | revert
+        finite = finite | revert
+        stalled = stalled & ~revert
         # Infeasibility certificates, scaled by the iterates' size (which grows without bound on
         # such problems): z >= 0, y with G'z + A'y = 0, h'z + b'y < 0 proves Ax = b, Gx <= h
         # infeasible; d = x with Qd = 0, Ad = 0, Gd <= 0, q'd < 0 proves unboundedness.
         zy = torch.maximum(_inf_norm(z), _inf_norm(y)).clamp_min(eps)
-        p_cert = (_inf_norm(dual_part) <= eps_inf * zy * scale_d) & (
-            (h_B * z).sum(-1) + (b_B * y).sum(-1) < -math.sqrt(eps) * zy * scale_p
-        ) & (zy > 1e6 * scale_d * scale_p)
+        p_cert = (
+            (_inf_norm(dual_part) <= eps_inf * zy * scale_d)
+            & ((h_B * z).sum(-1) + (b_B * y).sum(-1) < -math.sqrt(eps) * zy * scale_p)
+            & (zy > 1e6 * scale_d * scale_p)
+        )
         xn = _inf_norm(x).clamp_min(eps)
         d_cert = (
             (_inf_norm(Qx) <= eps_inf * xn * scale_d)
@@ -565,7 +588,13 @@ def _ipm(prob: _Problem, tol: float, max_iter: int) -> _Solution:
             ~finite,
             _NONFINITE,
             torch.where(
-                ok, _SOLVED, torch.where(p_cert, _PRIMAL_INF, torch.where(d_cert, _DUAL_INF, _RUNNING))
+                ok,
+                _SOLVED,
+                torch.where(
+                    stalled,
+                    _STALLED,
+                    torch.where(p_cert, _PRIMAL_INF, torch.where(d_cert, _DUAL_INF, _RUNNING)),
+                ),
             ),
         )
         codes = torch.where(codes == _RUNNING, new, codes)
@@ -590,14 +619,17 @@ def _ipm(prob: _Problem, tol: float, max_iter: int) -> _Solution:
         dx, ds, dz, dy = step.direction(rc_aff + ds_a * dz_a - (sigma * mu).unsqueeze(-1), refine=True)
         alpha = 0.99 * step.max_step(ds, dz)
         # Stopped problems keep their iterate (a masked step: the batch keeps its shapes).
-        alpha = torch.where(running & kkt.ok & torch.isfinite(alpha), alpha, 0.0).unsqueeze(-1)
-        x = x + alpha * dx
-        s = s + alpha * ds
-        z = z + alpha * dz
+        # (torch.where, not a zero step: a failed factorization's NaN times 0 is NaN.)
+        move = (running & kkt.ok & torch.isfinite(alpha)).unsqueeze(-1)
+        alpha = alpha.unsqueeze(-1)
+        x = torch.where(move, x + alpha * dx, x)
+        s = torch.where(move, s + alpha * ds, s)
+        z = torch.where(move, z + alpha * dz, z)
         if dy is not None:
-            y = y + alpha * dy
-        # A problem whose factorization failed cannot move: it is reported, not silently frozen.
-        codes = torch.where(running & ~kkt.ok, _STALLED, codes)
+            y = torch.where(move, y + alpha * dy, y)
+        # A problem whose factorization failed cannot move: it is reported (or returns to its
+        # kept iterate) at the next check, not silently frozen.
+        stalled = stalled | (running & ~kkt.ok)
 
     codes = torch.where(codes == _RUNNING, _MAX_ITER, codes)
     return _Solution(x, s, z, y, QPInfo(codes, n_iter, res_p, res_d, gap, it))
@@ -774,8 +806,8 @@ def solve_qp(
         q: (n,) or (B, n).
         G, h: (m, n) or (B, m, n) and (m,) or (B, m): inequalities Gx <= h (both or neither).
         A, b: (p, n) or (B, p, n) and (p,) or (B, p): equalities Ax = b, A of full row rank.
-        tol: stopping tolerance on the relative primal and dual residuals and the duality
-            gap; default `default_tol` of the dtype.
+        tol: stopping tolerance on the relative primal and dual residuals (the relative
+            duality gap must fall below max(tol / 100, 10 eps)); default `default_tol` of the dtype.
         max_iter: interior-point iterations at most.
         throw: on the iteration cap, raise `ConvergenceError` (``True``) or warn with
             `BilevelWarning` and return the last iterate.
