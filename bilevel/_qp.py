@@ -306,12 +306,11 @@ def _check_values(who: str, prob: _Problem) -> None:
     """Non-finite entries, Q not PSD, A without full row rank: typed errors naming the problem."""
     B, batched = prob.B, prob.batched
     names = ("Q", "q", "G", "h", "A", "b")
-    bad = torch.zeros(B, dtype=torch.bool, device=prob.Q.device)
-    per_input = []
-    for t in (prob.Q, prob.q, prob.G, prob.h, prob.A, prob.b):
-        nf = ~torch.isfinite(t).flatten(1).all(dim=1) if t.numel() else torch.zeros_like(bad[:1])
-        per_input.append(nf)
-        bad = bad | nf
+    inputs = (prob.Q, prob.q, prob.G, prob.h, prob.A, prob.b)
+    # One reduction per input, summed: a NaN or infinity anywhere makes its problem's sum
+    # non-finite (finite sums that overflow are told apart below, per input).
+    total = sum((t.flatten(1).sum(1) for t in inputs if t.numel()), torch.zeros(1, dtype=prob.Q.dtype))
+    bad = ~torch.isfinite(total)
     eps = torch.finfo(prob.Q.dtype).eps
     # Q is PSD up to rounding iff Q + delta I is positive definite for a shift delta far above
     # rounding but far below the scale of Q's entries.
@@ -329,9 +328,13 @@ def _check_values(who: str, prob: _Problem) -> None:
     flags = torch.stack(
         [bad.expand(B), (q_info != 0).expand(B)] + ([rank_bad.expand(B)] if rank_bad is not None else [])
     ).cpu()
+    which: list[str] = []
     if flags[0].any():
         i = int(flags[0].nonzero()[0])
-        which = [nm for nm, f in zip(names, per_input) if bool(f[min(i, f.shape[0] - 1)])]
+        for nm, t in zip(names, inputs):
+            if t.numel() and not bool(torch.isfinite(t[min(i, t.shape[0] - 1)]).all()):
+                which.append(nm)
+    if which:
         raise NonFiniteError(
             f"{who}: {_where(batched, i)} has NaN or infinite entries in {', '.join(which)}",
         )
@@ -532,74 +535,80 @@ def _ipm(prob: _Problem, tol: float, max_iter: int) -> _Solution:
     stalled = torch.zeros(B, dtype=torch.bool, device=dev)
     kept: tuple[torch.Tensor, ...] = (x, s, z, y)
     kept_res: tuple[torch.Tensor, ...] = (x.new_zeros(B),) * 3
+    any_saved = False
     while True:
         # Residuals and per-problem stopping at the current point.
         Qx = _mv(Q, x)
         Gx = _mv(G, x)
-        Ax = _mv(A, x)
-        dual_part = _mtv(G, z) + _mtv(A, y)
-        rd = Qx + q_B + dual_part
+        Gz = _mtv(G, z)
+        dual_part = Gz
         rp_in = Gx + s - h_B
-        rp_eq = Ax - b_B
-        res_p = torch.maximum(_inf_norm(rp_in), _inf_norm(rp_eq))
+        res_p = _inf_norm(rp_in)
+        rel_p = torch.maximum(_inf_norm(Gx), _inf_norm(s))
+        if p:
+            Ax = _mv(A, x)
+            dual_part = Gz + _mtv(A, y)
+            rp_eq = Ax - b_B
+            res_p = torch.maximum(res_p, _inf_norm(rp_eq))
+            rel_p = torch.maximum(rel_p, _inf_norm(Ax))
+        rd = Qx + q_B + dual_part
         res_d = _inf_norm(rd)
         gap = (s * z).sum(-1)
-        pobj = (0.5 * Qx + q_B).mul(x).sum(-1)
+        pobj_scale = 1.0 + (0.5 * Qx + q_B).mul(x).sum(-1).abs()
         # Relative to the size of the terms that make up each residual (OSQP's test): rounding
         # leaves a residual of about eps times those, whatever the data's scale.
-        rel_p = torch.maximum(torch.maximum(_inf_norm(Gx), _inf_norm(s)), _inf_norm(Ax))
-        rel_d = torch.maximum(torch.maximum(_inf_norm(Qx), _inf_norm(dual_part)), _inf_norm(_mtv(G, z)))
+        rel_d = torch.maximum(torch.maximum(_inf_norm(Qx), _inf_norm(dual_part)), _inf_norm(Gz))
         ok_res = (res_p <= tol * (scale_p + rel_p)) & (res_d <= tol * (scale_d + rel_d))
-        ok = ok_res & (gap <= tol_gap * (1.0 + pobj.abs()))
-        finite = torch.isfinite(res_p) & torch.isfinite(res_d) & torch.isfinite(gap)
-        # Near the end the weights z/s of the active constraints reach 1/eps and a step can
-        # lose the accuracy already reached (rounding in the reduced system, amplified by z/s,
-        # lands in the dual residual).  An iterate good to tol (gap below tol, not yet tol/100)
-        # is kept, and a problem whose next steps break down or undo it returns to it.
-        revert = running & saved & ~ok & (~ok_res | ~finite | stalled)
-        if m:
+        good = ok_res & (gap <= tol * pobj_scale)
+        ok = good & (gap <= tol_gap * pobj_scale)
+        finite = torch.isfinite(res_d + res_p + gap)
+        if m and any_saved:
+            # Near the end the weights z/s of the active constraints reach 1/eps and a step can
+            # lose the accuracy already reached (rounding in the reduced system, amplified by
+            # z/s, lands in the dual residual).  An iterate good to tol (gap below tol, not yet
+            # tol/100) is kept, and a problem whose next steps break down or undo it returns to it.
+            revert = running & saved & ~ok & (~ok_res | ~finite | stalled)
             x, s, z, y = (torch.where(revert.unsqueeze(-1), a, c) for a, c in zip(kept, (x, s, z, y)))
             res_p, res_d, gap = (torch.where(revert, a, c) for a, c in zip(kept_res, (res_p, res_d, gap)))
-            keep = running & ok_res & (gap <= tol * (1.0 + pobj.abs())) & ~revert
+            ok = ok | revert
+            finite = finite | revert
+            stalled = stalled & ~revert
+            good = good & ~revert
+        if m:
+            keep = running & good & ~ok
             kept = tuple(torch.where(keep.unsqueeze(-1), a, c) for a, c in zip((x, s, z, y), kept))
             kept_res = tuple(torch.where(keep, a, c) for a, c in zip((res_p, res_d, gap), kept_res))
             saved = saved | keep
-        ok = ok | revert
-        finite = finite | revert
-        stalled = stalled & ~revert
-        # Infeasibility certificates, scaled by the iterates' size (which grows without bound on
-        # such problems): z >= 0, y with G'z + A'y = 0, h'z + b'y < 0 proves Ax = b, Gx <= h
-        # infeasible; d = x with Qd = 0, Ad = 0, Gd <= 0, q'd < 0 proves unboundedness.
-        zy = torch.maximum(_inf_norm(z), _inf_norm(y)).clamp_min(eps)
-        p_cert = (
-            (_inf_norm(dual_part) <= eps_inf * zy * scale_d)
-            & ((h_B * z).sum(-1) + (b_B * y).sum(-1) < -math.sqrt(eps) * zy * scale_p)
-            & (zy > 1e6 * scale_d * scale_p)
-        )
-        xn = _inf_norm(x).clamp_min(eps)
-        d_cert = (
-            (_inf_norm(Qx) <= eps_inf * xn * scale_d)
-            & (_inf_norm(Ax) <= eps_inf * xn * scale_p)
-            & ((Gx.amax(-1) if m else xn.new_zeros(())) <= eps_inf * xn * scale_p)
-            & ((q_B * x).sum(-1) < -math.sqrt(eps) * xn)
-            & (xn > 1e6 * scale_p * scale_d)
-        )
-        new = torch.where(
-            ~finite,
-            _NONFINITE,
-            torch.where(
-                ok,
-                _SOLVED,
-                torch.where(
-                    stalled,
-                    _STALLED,
-                    torch.where(p_cert, _PRIMAL_INF, torch.where(d_cert, _DUAL_INF, _RUNNING)),
-                ),
-            ),
-        )
+        new = torch.where(ok, _SOLVED, torch.where(stalled, _STALLED, _RUNNING))
+        new = torch.where(finite, new, _NONFINITE)
+        if it % 3 == 2 or it >= max_iter:
+            # Infeasibility certificates (every third iteration: they are for problems that do
+            # not converge), scaled by the iterates' size, which grows without bound on such
+            # problems: z >= 0, y with G'z + A'y = 0, h'z + b'y < 0 proves Ax = b, Gx <= h
+            # infeasible; d = x with Qd = 0, Ad = 0, Gd <= 0, q'd < 0 proves unboundedness.
+            zy = torch.maximum(_inf_norm(z), _inf_norm(y)).clamp_min(eps)
+            p_cert = (
+                (_inf_norm(dual_part) <= eps_inf * zy * scale_d)
+                & ((h_B * z).sum(-1) + (b_B * y).sum(-1) < -math.sqrt(eps) * zy * scale_p)
+                & (zy > 1e6 * scale_d * scale_p)
+            )
+            xn = _inf_norm(x).clamp_min(eps)
+            d_cert = (
+                (_inf_norm(Qx) <= eps_inf * xn * scale_d)
+                & ((Gx.amax(-1) if m else xn.new_zeros(())) <= eps_inf * xn * scale_p)
+                & ((q_B * x).sum(-1) < -math.sqrt(eps) * xn)
+                & (xn > 1e6 * scale_p * scale_d)
+            )
+            if p:
+                d_cert = d_cert & (_inf_norm(Ax) <= eps_inf * xn * scale_p)
+            cert = torch.where(p_cert, _PRIMAL_INF, torch.where(d_cert, _DUAL_INF, _RUNNING))
+            new = torch.where(new == _RUNNING, cert, new)
         codes = torch.where(codes == _RUNNING, new, codes)
         running = codes == _RUNNING
-        if it >= max_iter or not bool(running.any()) or not m:
+        # The loop's one host read: whether any problem runs, and whether one has a kept iterate.
+        flags = torch.stack([running.any(), saved.any()]).tolist() if m else [False, False]
+        any_saved = bool(flags[1])
+        if it >= max_iter or not flags[0] or not m:
             break
         it += 1
         n_iter = n_iter + running.long()
