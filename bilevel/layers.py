@@ -370,9 +370,27 @@ class FixedPointLayer(_ConditionLayer):
 # ---------------------------------------------------------------------------------------------
 # QPLayer: a batched quadratic program as a layer (solver and gradient in bilevel._qp)
 
-from ._qp import QPInfo, default_tol, solve_qp  # noqa: E402
+from ._qp import (  # noqa: E402
+    QPError,
+    QPInfeasibleError,
+    QPInfo,
+    QPNonConvexError,
+    QPStatus,
+    QPUnboundedError,
+    default_tol,
+    solve_qp,
+)
 
-__all__ += ["QPLayer"]
+__all__ += [
+    "QPError",
+    "QPInfeasibleError",
+    "QPInfo",
+    "QPLayer",
+    "QPNonConvexError",
+    "QPStatus",
+    "QPUnboundedError",
+    "solve_qp",
+]
 
 
 class QPLayer(nn.Module):
