@@ -429,7 +429,8 @@ def _mtv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def _inf_norm(v: torch.Tensor) -> torch.Tensor:
-    return v.abs().amax(dim=-1) if v.shape[-1] else v.new_zeros(v.shape[:-1])
+    """max_i |v_i| over the last dimension (0 for an empty one), one op."""
+    return torch.linalg.vector_norm(v, math.inf, dim=-1) if v.shape[-1] else v.new_zeros(v.shape[:-1])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -489,3 +489,19 @@ def test_no_warning_on_success() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         QPLayer()(**batch_with())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu() -> None:
+    """The same batch on CUDA: answers and gradients equal the CPU's."""
+    inputs = known_qp(31, 6, 8, 2, 3, B=5)["inputs"]
+    out = {}
+    for dev in ("cpu", "cuda"):
+        leaves = {k: v.to(dev).requires_grad_() for k, v in inputs.items()}
+        x = QPLayer()(**leaves)
+        x.sum().backward()
+        out[dev] = (x.detach().cpu(), {k: v.grad.cpu() for k, v in leaves.items()})  # type: ignore[union-attr]
+    torch.testing.assert_close(out["cuda"][0], out["cpu"][0], rtol=0, atol=1e-8)
+    for k in inputs:
+        torch.testing.assert_close(out["cuda"][1][k], out["cpu"][1][k], rtol=1e-6, atol=1e-7)
