@@ -16,8 +16,14 @@ by a primal-dual interior-point method (Mehrotra's predictor-corrector, as in CV
 by one batched Cholesky factorization of K = Q + G'DG + rho A'A (adding rho A'A leaves the
 solution unchanged, as A dx = r2, and makes K definite wherever the problem has a unique solution
 even if Q is only semidefinite) and one of the Schur complement A K^-1 A' (p x p); predictor and
-corrector share the factorization.  Problems stop one by one (a converged problem's step is
-masked to zero); the loop reads one flag from the device per iteration.
+corrector share the factorization (the corrector's solve gets one step of iterative refinement
+once z/s spans many orders of magnitude).  Problems stop one by one when the relative primal and
+dual residuals fall below ``tol`` and the relative duality gap below ``tol / 100``; a stopped
+problem's step is masked (``torch.where``), and the loop reads one pair of flags from the device
+per iteration.  Infeasibility and unboundedness are recognized by certificates on the iterates
+(Farkas: z >= 0, y with G'z + A'y = 0, h'z + b'y < 0; a ray d with Qd = 0, Ad = 0, Gd <= 0,
+q'd < 0), checked every third iteration; a problem neither solved nor certified by ``max_iter``
+ends with the status ``MAX_ITER``.
 
 The gradient (OptNet, Amos & Kolter 2017): at the solution the KKT conditions
 F(x, z, y; Q, q, G, h, A, b) = 0 read
@@ -25,11 +31,14 @@ F(x, z, y; Q, q, G, h, A, b) = 0 read
     Qx + q + G'z + A'y = 0,     z * (Gx - h) = 0,     Ax - b = 0,
 
 and the implicit function theorem gives dL/dtheta = -u' dF/dtheta with (dF/d(x, z, y))' u =
-(dL/dx, 0, 0).  Eliminating u_z = (G u_x) / s leaves the same reduced system with the D of the
-solution, so the backward pass is one more solve with the last factorization:
+(dL/dx, 0, 0).  With w = z * u_z this is the symmetric system
 
-    [ Q + G'DG   A' ] [u_x]   [dL/dx]
-    [ A          0  ] [u_y] = [0    ],       w = D G u_x,
+    [ Q   G'          A' ] [u_x]   [dL/dx]
+    [ G   -diag(s/z)  0  ] [w  ] = [0    ]
+    [ A   0           0  ] [u_y]   [0    ],
+
+solved by one batched LU factorization (see `_adjoint` for why not with the interior-point
+method's reduced matrix), and
 
     dL/dq = -u_x,   dL/dQ = -(u_x x' + x u_x')/2,   dL/dG = -(w x' + z u_x'),   dL/dh = w,
     dL/dA = -(u_y x' + y u_x'),   dL/db = u_y.
@@ -37,8 +46,10 @@ solution, so the backward pass is one more solve with the last factorization:
 The solution map is differentiable where strict complementarity holds (each constraint has
 s_i > 0 or z_i > 0) and the active constraints' rows with A's have full row rank.  At a weakly
 active constraint (s_i = z_i = 0) it has one-sided derivatives only; there the gradient returned
-is that of the interior-point path's end (D_ii = z_i / s_i as found by the solver), which lies
-between the one-sided ones (the constraint counts as partly active).
+is that of the interior-point path's end (the weight s_i / z_i as found by the solver), which lies
+between the one-sided ones (the constraint counts as partly active).  Where the active rows and
+A are linearly dependent (a redundant active constraint) the multipliers are not unique but x
+is: dL/dq and dL/dQ stay exact, dL/dG and dL/dh are split between the dependent rows.
 
 References:
     Amos & Kolter, "OptNet: differentiable optimization as a layer in neural networks",
