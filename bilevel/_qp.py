@@ -487,11 +487,135 @@ class _Newton:
         ds = -self.rp_in - Gdx
         return dx, ds, dz, dy
 
+    @property
+    def ok(self) -> torch.Tensor:
+        """Per problem: the factorization succeeded, (B,) bool."""
+        return self.kkt.ok
+
     def max_step(self, ds: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
         """The largest step in [0, 1] that keeps s + a ds and z + a dz non-negative, (B,)."""
-        v = torch.cat([self.s, self.z], -1)
-        dv = torch.cat([ds, dz], -1)
-        return torch.where(dv < 0, -v / dv, torch.inf).amin(-1).clamp(max=1.0)
+        return _max_step(self.s, self.z, ds, dz)
+
+
+def _max_step(s: torch.Tensor, z: torch.Tensor, ds: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+    v = torch.cat([s, z], -1)
+    dv = torch.cat([ds, dz], -1)
+    return torch.where(dv < 0, -v / dv, torch.inf).amin(-1).clamp(max=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _DualSpace:
+    """What the constraint-space Newton step reuses across iterations (Q positive definite).
+
+    With E = [G; A] (k = m + p rows): the Cholesky factor of Q, Q^-1 E' and E Q^-1 E'.
+    """
+
+    LQ: torch.Tensor  # (B, n, n)
+    QinvEt: torch.Tensor  # (B, n, k)
+    EQinvEt: torch.Tensor  # (B, k, k)
+    E: torch.Tensor  # (B, k, n)
+
+    @staticmethod
+    def build(prob: _Problem, LQ: torch.Tensor) -> _DualSpace:
+        E = torch.cat([prob.G, prob.A], -2)
+        QinvEt = torch.cholesky_solve(E.mT, LQ)
+        return _DualSpace(LQ, QinvEt, torch.bmm(E, QinvEt), E)
+
+
+class _DualNewton:
+    """One iteration's Newton directions in the constraint space, for Q positive definite.
+
+    Eliminating dx = Q^-1 (-r_d - E' dl) (dl = (dz, dy)) leaves the (m + p) system
+
+        (E Q^-1 E' + diag(s/z, 0)) dl = E Q^-1 (-r_d) - (-r_ineq + rc/z, -r_eq),
+
+    qpth's formulation: the per-iteration work is one Cholesky factorization of size m + p (no
+    Q + G'DG to form: 2 m n^2 flops less per iteration), and the weights enter as s/z on the
+    diagonal, where an active constraint's s/z ~ 0 and an inactive one's huge value are both
+    harmless to rounding (the reduced form's z/s multiplies rounding errors instead).
+    """
+
+    def __init__(
+        self,
+        prob: _Problem,
+        ds_: _DualSpace,
+        s: torch.Tensor,
+        z: torch.Tensor,
+        rd: torch.Tensor,
+        rp_in: torch.Tensor,
+        rp_eq: torch.Tensor,
+    ) -> None:
+        self.prob, self.space, self.s, self.z, self.rp_in, self.rp_eq = prob, ds_, s, z, rp_in, rp_eq
+        w = s / z
+        if prob.p:
+            w = torch.cat([w, w.new_zeros(w.shape[0], prob.p)], -1)
+        self.LS, info = torch.linalg.cholesky_ex(ds_.EQinvEt + torch.diag_embed(w))
+        self._ok = info == 0
+        self.u0 = torch.cholesky_solve(-rd.unsqueeze(-1), ds_.LQ)  # (B, n, 1)
+        self.Eu0 = torch.bmm(ds_.E, self.u0).squeeze(-1)
+
+    @property
+    def ok(self) -> torch.Tensor:
+        return self._ok
+
+    def direction(
+        self, rc: torch.Tensor, refine: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(dx, ds, dz, dy) of the Newton system with s * dz + z * ds = -rc (rc (B, m))."""
+        m = self.prob.m
+        rhs = self.Eu0.clone()
+        rhs[:, :m] -= -self.rp_in + rc / self.z
+        if self.prob.p:
+            rhs[:, m:] += self.rp_eq
+        dl = torch.cholesky_solve(rhs.unsqueeze(-1), self.LS)
+        dx = (self.u0 - torch.bmm(self.space.QinvEt, dl)).squeeze(-1)
+        dl = dl.squeeze(-1)
+        dz = dl[:, :m]
+        ds = -self.rp_in - _mv(self.prob.G, dx)
+        return dx, ds, dz, (dl[:, m:] if self.prob.p else None)
+
+    def max_step(self, ds: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+        return _max_step(self.s, self.z, ds, dz)
+
+
+def _certificates(
+    prob: _Problem,
+    x: torch.Tensor,
+    z: torch.Tensor,
+    y: torch.Tensor,
+    Qx: torch.Tensor,
+    Gx: torch.Tensor,
+    dual_part: torch.Tensor,
+    scale_p: torch.Tensor,
+    scale_d: torch.Tensor,
+) -> torch.Tensor:
+    """Per problem: `_PRIMAL_INF`, `_DUAL_INF` where the iterate certifies it, else `_RUNNING`.
+
+    The iterates grow without bound on such problems, so the tests are relative to their size:
+    z >= 0, y with G'z + A'y = 0 and h'z + b'y < 0 prove Ax = b, Gx <= h infeasible (Farkas);
+    d = x with Qd = 0, Ad = 0, Gd <= 0 and q'd < 0 proves the objective unbounded below.
+    ``dual_part`` is G'z + A'y.
+    """
+    eps = torch.finfo(x.dtype).eps
+    eps_inf = 1e4 * eps
+    B = x.shape[0]
+    h_B, b_B, q_B = prob.h.expand(B, -1), prob.b.expand(B, -1), prob.q.expand(B, -1)
+    zy = torch.maximum(_inf_norm(z), _inf_norm(y)).clamp_min(eps)
+    p_cert = (
+        (_inf_norm(dual_part) <= eps_inf * zy * scale_d)
+        & ((h_B * z).sum(-1) + (b_B * y).sum(-1) < -math.sqrt(eps) * zy * scale_p)
+        & (zy > 1e6 * scale_d * scale_p)
+    )
+    xn = _inf_norm(x).clamp_min(eps)
+    d_cert = (
+        (_inf_norm(Qx) <= eps_inf * xn * scale_d)
+        & ((Gx.amax(-1) if prob.m else xn.new_zeros(())) <= eps_inf * xn * scale_p)
+        & ((q_B * x).sum(-1) < -math.sqrt(eps) * xn)
+        & (xn > 1e6 * scale_p * scale_d)
+    )
+    if prob.p:
+        d_cert = d_cert & (_inf_norm(_mv(prob.A, x)) <= eps_inf * xn * scale_p)
+    return torch.where(p_cert, _PRIMAL_INF, torch.where(d_cert, _DUAL_INF, _RUNNING))
 
 
 def _ipm(prob: _Problem, tol: float, max_iter: int) -> _Solution:
@@ -542,9 +666,21 @@ def _ipm(prob: _Problem, tol: float, max_iter: int) -> _Solution:
     else:
         s = z = Q.new_zeros(B, 0)
 
+    # The constraint-space Newton step (`_DualNewton`) where Q is positive definite and one
+    # factorization of size m + p costs less than forming and factorizing Q + G'DG (n x n).
+    space: _DualSpace | None = None
+    if m and (m + p) ** 3 <= 6 * m * n * n + n**3:
+        LQ, q_info = torch.linalg.cholesky_ex(Q)
+        piv = LQ.diagonal(dim1=-2, dim2=-1)
+        # well conditioned enough that Q^-1 E' keeps its digits (pivot ratio^2 = 1/cond)
+        flags0 = torch.stack(
+            [(q_info == 0).all(), (piv.amin(-1) >= math.sqrt(math.sqrt(eps)) * piv.amax(-1)).all()]
+        ).tolist()
+        if all(flags0):
+            space = _DualSpace.build(prob, LQ)
+
     codes = torch.full((B,), _RUNNING, dtype=torch.long, device=dev)
     n_iter = torch.zeros(B, dtype=torch.long, device=dev)
-    eps_inf = 1e3 * eps  # relative tolerance of the infeasibility certificates
     # The gap is held 100x tighter than the residuals: x and the multipliers are off by about
     # mu / (the smaller of s_i, z_i), and the gradient by that times the conditioning of the
     # active set (measured: gradient error ~ 1e3 x gap), while the gap, unlike the dual residual,
@@ -598,26 +734,9 @@ def _ipm(prob: _Problem, tol: float, max_iter: int) -> _Solution:
         new = torch.where(ok, _SOLVED, torch.where(stalled, _STALLED, _RUNNING))
         new = torch.where(finite, new, _NONFINITE)
         if it % 3 == 2 or it >= max_iter:
-            # Infeasibility certificates (every third iteration: they are for problems that do
-            # not converge), scaled by the iterates' size, which grows without bound on such
-            # problems: z >= 0, y with G'z + A'y = 0, h'z + b'y < 0 proves Ax = b, Gx <= h
-            # infeasible; d = x with Qd = 0, Ad = 0, Gd <= 0, q'd < 0 proves unboundedness.
-            zy = torch.maximum(_inf_norm(z), _inf_norm(y)).clamp_min(eps)
-            p_cert = (
-                (_inf_norm(dual_part) <= eps_inf * zy * scale_d)
-                & ((h_B * z).sum(-1) + (b_B * y).sum(-1) < -math.sqrt(eps) * zy * scale_p)
-                & (zy > 1e6 * scale_d * scale_p)
-            )
-            xn = _inf_norm(x).clamp_min(eps)
-            d_cert = (
-                (_inf_norm(Qx) <= eps_inf * xn * scale_d)
-                & ((Gx.amax(-1) if m else xn.new_zeros(())) <= eps_inf * xn * scale_p)
-                & ((q_B * x).sum(-1) < -math.sqrt(eps) * xn)
-                & (xn > 1e6 * scale_p * scale_d)
-            )
-            if p:
-                d_cert = d_cert & (_inf_norm(Ax) <= eps_inf * xn * scale_p)
-            cert = torch.where(p_cert, _PRIMAL_INF, torch.where(d_cert, _DUAL_INF, _RUNNING))
+            # Infeasibility certificates every third iteration: they are for problems that do
+            # not converge (and once more at the end, for those that stalled).
+            cert = _certificates(prob, x, z, y, Qx, Gx, dual_part, scale_p, scale_d)
             new = torch.where(new == _RUNNING, cert, new)
         keep = running & good & ~ok
         codes = torch.where(codes == _RUNNING, new, codes)
@@ -635,9 +754,13 @@ def _ipm(prob: _Problem, tol: float, max_iter: int) -> _Solution:
         it += 1
         n_iter = n_iter + running.long()
 
-        d = z / s
-        kkt = _KKT(prob, d, rhoAtA)
-        step = _Newton(prob, kkt, rho, s, z, d, -rd - _mtv(G, d * rp_in), rp_in, -rp_eq if p else None)
+        step: _Newton | _DualNewton
+        if space is not None:
+            step = _DualNewton(prob, space, s, z, rd, rp_in, rp_eq if p else rp_in[:, :0])
+        else:
+            d = z / s
+            kkt = _KKT(prob, d, rhoAtA)
+            step = _Newton(prob, kkt, rho, s, z, d, -rd - _mtv(G, d * rp_in), rp_in, -rp_eq if p else None)
         # Predictor (affine scaling): the Newton step towards s * z = 0.
         rc_aff = s * z
         _, ds_a, dz_a, _ = step.direction(rc_aff)
@@ -652,7 +775,7 @@ def _ipm(prob: _Problem, tol: float, max_iter: int) -> _Solution:
         alpha = 0.99 * step.max_step(ds, dz)
         # Stopped problems keep their iterate (a masked step: the batch keeps its shapes).
         # (torch.where, not a zero step: a failed factorization's NaN times 0 is NaN.)
-        move = (running & kkt.ok & torch.isfinite(alpha)).unsqueeze(-1)
+        move = (running & step.ok & torch.isfinite(alpha)).unsqueeze(-1)
         alpha = alpha.unsqueeze(-1)
         x = torch.where(move, torch.addcmul(x, alpha, dx), x)
         s = torch.where(move, torch.addcmul(s, alpha, ds), s)
@@ -661,9 +784,15 @@ def _ipm(prob: _Problem, tol: float, max_iter: int) -> _Solution:
             y = torch.where(move, torch.addcmul(y, alpha, dy), y)
         # A problem whose factorization failed cannot move: it is reported (or returns to its
         # kept iterate) at the next check, not silently frozen.
-        stalled = stalled | (running & ~kkt.ok)
+        stalled = stalled | (running & ~step.ok)
 
     codes = torch.where(codes == _RUNNING, _MAX_ITER, codes)
+    unsolved = (codes == _MAX_ITER) | (codes == _STALLED)
+    if m and bool(unsolved.any()):
+        Gz = _mtv(G, z)
+        dual_part = Gz + _mtv(A, y) if p else Gz
+        cert = _certificates(prob, x, z, y, _mv(Q, x), _mv(G, x), dual_part, scale_p, scale_d)
+        codes = torch.where(unsolved & (cert != _RUNNING), cert, codes)
     return _Solution(x, s, z, y, QPInfo(codes, n_iter, res_p, res_d, gap, it))
 
 

@@ -505,3 +505,25 @@ def test_cuda_matches_cpu() -> None:
     torch.testing.assert_close(out["cuda"][0], out["cpu"][0], rtol=0, atol=1e-8)
     for k in inputs:
         torch.testing.assert_close(out["cuda"][1][k], out["cpu"][1][k], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("n", "m", "p", "active"),
+    [
+        (3, 20, 1, 2),  # m^3 > 6 m n^2 + n^3: the reduced (n x n) Newton system
+        (6, 6, 1, 3),  # Q positive definite, few rows: the constraint-space (m + p) system
+    ],
+)
+def test_both_newton_systems(n: int, m: int, p: int, active: int) -> None:
+    """Each of the two Newton systems the solver chooses between reaches the known optimum,
+    and the gradients match the active-set reference."""
+    prob = known_qp(41, n, m, p, active)
+    inputs = prob["inputs"]
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    x = QPLayer()(**leaves)
+    torch.testing.assert_close(x.detach(), prob["x"], rtol=0, atol=1e-7)
+    ref = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    xr = active_set_solution(ref["Q"], ref["q"], ref["G"], ref["h"], ref["A"], ref["b"], active)
+    w = torch.ones(n, dtype=F64)
+    for k, a, c in zip(leaves, grads(x, list(leaves.values()), w), grads(xr, list(ref.values()), w)):
+        torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6, msg=lambda s, k=k: f"d{k}: {s}")
