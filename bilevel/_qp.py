@@ -15,15 +15,18 @@ by a primal-dual interior-point method (Mehrotra's predictor-corrector, as in CV
 
 by one batched Cholesky factorization of K = Q + G'DG + rho A'A (adding rho A'A leaves the
 solution unchanged, as A dx = r2, and makes K definite wherever the problem has a unique solution
-even if Q is only semidefinite) and one of the Schur complement A K^-1 A' (p x p); predictor and
-corrector share the factorization (the corrector's solve gets one step of iterative refinement
-once z/s spans many orders of magnitude).  Problems stop one by one when the relative primal and
-dual residuals fall below ``tol`` and the relative duality gap below ``tol / 100``; a stopped
-problem's step is masked (``torch.where``), and the loop reads one pair of flags from the device
-per iteration.  Infeasibility and unboundedness are recognized by certificates on the iterates
+even if Q is only semidefinite) and one of the Schur complement A K^-1 A' (p x p).  Where Q is
+positive definite (and well conditioned) and it costs less, the step is solved in the constraint
+space instead (`_DualNewton`, qpth's formulation): one Cholesky factorization of
+E Q^-1 E' + diag(s/z, 0) (E = [G; A], size m + p), with Q's factor and E Q^-1 E' computed once
+per solve.  Either way predictor and corrector share the factorization (in the reduced form the
+corrector's solve gets one step of iterative refinement once z/s spans many orders of
+magnitude).  Problems stop one by one when the relative primal and dual residuals fall below
+``tol`` and the relative duality gap below ``tol / 100``; a stopped problem's step is masked
+(``torch.where``), and the loop reads one pair of flags from the device per iteration.  Infeasibility and unboundedness are recognized by certificates on the iterates
 (Farkas: z >= 0, y with G'z + A'y = 0, h'z + b'y < 0; a ray d with Qd = 0, Ad = 0, Gd <= 0,
-q'd < 0), checked every third iteration; a problem neither solved nor certified by ``max_iter``
-ends with the status ``MAX_ITER``.
+q'd < 0), checked every third iteration and once more for a problem that stalled or hit
+``max_iter``; one neither solved nor certified ends with the status ``MAX_ITER`` or ``STALLED``.
 
 The gradient (OptNet, Amos & Kolter 2017): at the solution the KKT conditions
 F(x, z, y; Q, q, G, h, A, b) = 0 read

@@ -397,7 +397,8 @@ class QPLayer(nn.Module):
     """x*(Q, q, G, h, A, b) = argmin_x 1/2 x'Qx + q'x  s.t.  Ax = b,  Gx <= h, for a batch of QPs.
 
     The forward pass is a batched primal-dual interior-point method in torch (Mehrotra's
-    predictor-corrector, one Cholesky factorization of the reduced n x n system per iteration,
+    predictor-corrector, one Cholesky factorization per iteration, of the reduced n x n system
+    or, for a positive definite Q where that is cheaper, of the (m + p) constraint-space system,
     shared by predictor and corrector; problems stop one by one), on the inputs' device and
     dtype.  The backward pass differentiates the KKT conditions at the answer (OptNet): one
     batched linear solve, gradients for every input that requires grad.  See `bilevel._qp` for
