@@ -25,7 +25,8 @@ magnitude).  Problems stop one by one when the relative primal and dual residual
 ``tol`` and the relative duality gap below ``tol / 100``; a stopped problem's step is masked
 (``torch.where``), and the loop reads one pair of flags from the device per iteration.
 Infeasibility and unboundedness are recognized by certificates on the iterates (Farkas: z >= 0,
-y with G'z + A'y = 0, h'z + b'y < 0; a ray d with Qd = 0, Ad = 0, Gd <= 0, q'd < 0), checked every third iteration and once more for a problem that stalled or hit
+y with G'z + A'y = 0, h'z + b'y < 0; a ray d with Qd = 0, Ad = 0, Gd <= 0, q'd < 0), checked
+every third iteration and once more for a problem that stalled or hit
 ``max_iter``; one neither solved nor certified ends with the status ``MAX_ITER`` or ``STALLED``.
 
 The gradient (OptNet, Amos & Kolter 2017): at the solution the KKT conditions
