@@ -11,7 +11,11 @@ Implementations:
     bilevel     bilevel.layers.QPLayer() (interior point in torch, default tol 1e-9)
     qpth        qpth.qp.QPFunction(verbose=-1) (its batched PDIPM, eps 1e-12, 20 iterations)
     cvxpylayers CvxpyLayer over 1/2 ||L'x||^2 + q'x s.t. Gx <= h (diffcp + SCS), twice:
-                solver_args={"eps": 1e-9} (matched accuracy) and the defaults
+                solver_args={"eps": 1e-9, "mode": "dense"} (matched accuracy: diffcp's default
+                derivative, mode="lsqr", is an iterative least-squares solve whose gradients
+                were off by O(1) from finite differences of its own forward pass at n = 50),
+                and the defaults; both with n_jobs_forward = n_jobs_backward = 1 (diffcp
+                otherwise spreads a batch over a thread pool of every core)
 
 Times: median over rounds of one forward+backward each, the implementations interleaved in each
 round (order reversed every other round) so they see the same machine load.  cvxpylayers is
@@ -130,8 +134,10 @@ def main() -> None:
             impls: dict[str, Solve] = {"bilevel": bilevel_solver(), "qpth": qpth_solver()}
             skipped = []
             if B * n <= args.cvx_max_work:
-                impls["cvxpylayers eps=1e-9"] = cvxpylayers_solver(n, {"eps": 1e-9})
-                impls["cvxpylayers default"] = cvxpylayers_solver(n, {})
+                serial = {"n_jobs_forward": 1, "n_jobs_backward": 1}
+                matched = {"eps": 1e-9, "mode": "dense", **serial}
+                impls["cvxpylayers eps=1e-9"] = cvxpylayers_solver(n, matched)
+                impls["cvxpylayers default"] = cvxpylayers_solver(n, serial)
             else:
                 skipped = ["cvxpylayers eps=1e-9", "cvxpylayers default"]
             # accuracy: one call each (also the warm-up, not timed), against bilevel's answer
@@ -185,7 +191,7 @@ def main() -> None:
 
 
 def table(cells: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    names = ["qpth", "cvxpylayers eps=1e-9", "cvxpylayers default"]
+    names = ["qpth", "cvxpylayers eps=1e-9", "cvxpylayers default"]  # the first: also mode="dense"
     head = "| B | n = m | bilevel (ms) | " + " | ".join(f"{k} (ms, x slower)" for k in names)
     head += " | max diff x / grad vs bilevel: qpth, cvx 1e-9, cvx default |"
     sep = "|" + "---|" * (head.count("|") - 1)
@@ -208,7 +214,8 @@ def table(cells: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     rows.append("")
     rows.append(
         f"float64, CPU, {meta['threads']} thread; torch {v['torch']}, qpth {v['qpth']}, cvxpylayers "
-        f"{v['cvxpylayers']} (diffcp {v['diffcp']}, scs {v['scs']}); median of interleaved rounds "
+        f"{v['cvxpylayers']} (diffcp {v['diffcp']}, scs {v['scs']}; 'eps=1e-9' also mode='dense', both "
+        "serial); median of interleaved rounds "
         "(rounds per cell in the JSON); 'x slower' = that implementation's time / bilevel's."
     )
     return "\n".join(rows) + "\n"
