@@ -556,7 +556,9 @@ class _DualNewton:
         self.LS, info = torch.linalg.cholesky_ex(ds_.EQinvEt + torch.diag_embed(w))
         self._ok = info == 0
         self.u0 = torch.cholesky_solve(-rd.unsqueeze(-1), ds_.LQ)  # (B, n, 1)
-        self.Eu0 = torch.bmm(ds_.E, self.u0).squeeze(-1)
+        # the right-hand side without its rc part: E Q^-1 (-r_d) + (r_ineq, r_eq)
+        r_primal = torch.cat([rp_in, rp_eq], -1) if prob.p else rp_in
+        self.base = torch.bmm(ds_.E, self.u0).squeeze(-1) + r_primal
 
     @property
     def ok(self) -> torch.Tensor:
@@ -567,11 +569,10 @@ class _DualNewton:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(dx, ds, dz, dy) of the Newton system with s * dz + z * ds = -rc (rc (B, m))."""
         m = self.prob.m
-        rhs = self.Eu0.clone()
-        rhs[:, :m] -= -self.rp_in + rc / self.z
+        rcz = rc / self.z
         if self.prob.p:
-            rhs[:, m:] += self.rp_eq
-        dl = torch.cholesky_solve(rhs.unsqueeze(-1), self.LS)
+            rcz = torch.cat([rcz, rcz.new_zeros(rcz.shape[0], self.prob.p)], -1)
+        dl = torch.cholesky_solve((self.base - rcz).unsqueeze(-1), self.LS)
         dx = (self.u0 - torch.bmm(self.space.QinvEt, dl)).squeeze(-1)
         dl = dl.squeeze(-1)
         dz = dl[:, :m]
