@@ -21,7 +21,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from ._errors import BilevelWarning, NonFiniteError
+from ._errors import BilevelWarning
 from ._types import Matvec
 
 __all__ = ["DiagonalPreconditioner", "HutchinsonDiagonal", "PreconditionerRecipe", "hutchinson_diagonal"]
@@ -109,9 +109,11 @@ class DiagonalPreconditioner:
         """The Jacobi preconditioner of the diagonal estimated by `hutchinson_diagonal`.
 
         Costs ``probes`` matvecs.  Estimated entries below ``floor`` times the largest of their
-        problem's (zero, negative or NaN: too few probes for a matrix far from diagonal, or a
-        matrix that is not positive definite) are raised to that level, with a `BilevelWarning`
-        saying how many.
+        problem's (zero or negative: too few probes for a matrix far from diagonal, or a matrix
+        that is not positive definite) are raised to that level, with a `BilevelWarning` saying
+        how many.  A problem whose estimate holds NaN or infinity, or no positive entry, is left
+        unpreconditioned (its row of the diagonal is 1), with a `BilevelWarning` naming it: the
+        solve then reports on it (in batched mode, without touching the other problems).
 
         Args:
             matvec, like, probes, seed: as for `hutchinson_diagonal`.
@@ -119,24 +121,24 @@ class DiagonalPreconditioner:
 
         Raises:
             ValueError: ``floor`` outside (0, 1], or as `hutchinson_diagonal`.
-            NonFiniteError: the matvec returned NaN or infinity, or no entry of a problem is > 0.
         """
         if not 0 < floor <= 1:
             raise ValueError(f"DiagonalPreconditioner.estimate(floor={floor}): floor must be in (0, 1]")
         d = hutchinson_diagonal(matvec, like, probes, seed)
         rows = d if d.ndim == 2 else d.unsqueeze(0)
-        if not bool(torch.isfinite(rows).all()):
-            raise NonFiniteError(
-                "DiagonalPreconditioner.estimate: the matvec returned NaN or infinity on a "
-                "Rademacher probe; check the HVP"
+        top = torch.where(torch.isfinite(rows), rows, -math.inf).amax(dim=1, keepdim=True)
+        usable = torch.isfinite(rows).all(dim=1, keepdim=True) & (top > 0)
+        if not bool(usable.all()):
+            which = torch.nonzero(~usable[:, 0]).flatten().tolist()
+            warnings.warn(
+                f"DiagonalPreconditioner.estimate: the estimated diagonal of problems {which} has NaN "
+                "or infinity or no positive entry (a matvec that returned NaN, or a matrix that is not "
+                "positive definite): those problems are left unpreconditioned (M = I)",
+                BilevelWarning,
+                stacklevel=2,
             )
-        top = rows.amax(dim=1, keepdim=True)
-        if not bool((top > 0).all()):
-            raise NonFiniteError(
-                "DiagonalPreconditioner.estimate: no estimated diagonal entry is positive "
-                f"(largest {float(top.min()):.3e}); the matrix is not positive definite, or the "
-                "probes are too few: a Jacobi preconditioner does not apply"
-            )
+            rows = torch.where(usable, rows, 1.0)
+            top = torch.where(usable, top, 1.0)
         level = floor * top
         low = rows < level
         n_low = int(low.sum())

@@ -210,8 +210,8 @@ def test_nystrom_preconditioner_removes_the_outliers() -> None:
     assert plain.converged and pre.converged
     torch.testing.assert_close(pre.x, torch.linalg.solve(A, b), rtol=1e-8, atol=0)
     torch.testing.assert_close(pre.x, plain.x, rtol=1e-8, atol=0)
-    # the bulk has condition 2: a handful of iterations, against plain CG's fight with 1e6
-    assert pre.n_iter <= 20 < plain.n_iter
+    # the bulk has condition 2: measured 15 iterations, against plain CG's 86
+    assert pre.n_iter <= 20 and plain.n_iter >= 60
     assert pre.n_matvec == pre.n_iter + (k + 2) + 1  # sketch, iterations, residual check
 
 
