@@ -595,10 +595,9 @@ class Nystrom:
     """Nyström low-rank inverse: x = (A_k + rho I)^-1 b from ``rank`` matvecs, no iterations.
 
     A (symmetric positive semidefinite, e.g. a Hessian at a minimum) is sketched with k = rank
-    matvecs against seeded Gaussian probes (orthonormalized; see
-    `bilevel._nystrom.gaussian_test_matrix`), giving A_k = U diag(lam) U' by the stable
-    algorithm of Tropp et al. (shift, Cholesky, thin SVD).  Then the Woodbury identity solves
-    the regularized system in closed form,
+    matvecs against seeded Gaussian probes (orthonormalized; see `gaussian_test_matrix`),
+    giving A_k = U diag(lam) U' by the stable algorithm of Tropp et al. (shift, Cholesky,
+    thin SVD).  Then the Woodbury identity solves the regularized system in closed form,
 
         x = U diag(1 / (lam + rho)) U' b + (b - U U' b) / rho,
 
@@ -678,7 +677,7 @@ class Nystrom:
                 "matrix is singular; pass rho > 0 (the Woodbury solve of A_k + rho I), or rank = n"
             )
         A = _Counted(matvec if batched else _as_rows(matvec), rows, "Nystrom")
-        approx = nystrom_approximation(A, rows, self.rank, self.seed)
+        approx = nystrom_approximation(A, rows, self.rank, self.seed)  # rows: row-wise A
         ok = approx.psd & approx.finite
         if self.rho == 0:
             approx = self._drop_null_space(approx, ok)

@@ -72,19 +72,35 @@ class NystromApproximation:
         return inside + (b - torch.einsum("bnk,bk->bn", self.U, coef)) / rho
 
 
-def nystrom_approximation(matvec_rows: Matvec, b: torch.Tensor, rank: int, seed: int) -> NystromApproximation:
-    """Sketch B matrices with ``rank`` matvecs against the probes of `gaussian_test_matrix`.
+def nystrom_approximation(
+    matvec: Matvec, like: torch.Tensor, rank: int, seed: int = 0
+) -> NystromApproximation:
+    """Sketch a PSD matrix (or B of them) with ``rank`` matvecs against seeded Gaussian probes.
 
     Args:
-        matvec_rows: ``(B, n) -> (B, n)``, row b the product of problem b's matrix with row b.
-        b: (B, n), gives the shapes, dtype and device.
-        rank: k, 1 <= k <= n.
-        seed: seeds the probes; every problem gets the same ones.
+        matvec: ``v -> A v`` on (n,) tensors, or row-wise on (B, n) tensors (row b the product of
+            problem b's matrix with row b).
+        like: a tensor of the shape, dtype and device of A's vectors: (n,), or (B, n).
+        rank: k, 1 <= k <= n: the number of matvecs (each on all B problems at once).
+        seed: seeds the probes, those of `gaussian_test_matrix` (the same for every problem).
 
     Returns:
-        The approximation, for ``rank`` matvecs.
+        The `NystromApproximation`, with a leading problem axis (B = 1 for a 1-D ``like``).
+
+    Raises:
+        ValueError: ``like`` not (n,) or (B, n); ``rank`` not in [1, n].
     """
-    B, n = b.shape
+    if like.ndim not in (1, 2):
+        raise ValueError(f"nystrom_approximation: like must be (n,) or (B, n), got shape {tuple(like.shape)}")
+    n = like.shape[-1]
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= n:
+        raise ValueError(f"nystrom_approximation(rank={rank!r}): rank must be an integer in [1, n={n}]")
+    b = like if like.ndim == 2 else like.unsqueeze(0)
+
+    def matvec_rows(V: torch.Tensor) -> torch.Tensor:
+        return matvec(V) if like.ndim == 2 else matvec(V[0]).unsqueeze(0)
+
+    B = b.shape[0]
     omega = gaussian_test_matrix(n, rank, seed, b.dtype, b.device)
     Y = torch.stack([matvec_rows(omega[:, j].expand(B, n).contiguous()) for j in range(rank)], dim=2)
     finite = torch.isfinite(Y).flatten(1).all(dim=1)
@@ -144,17 +160,12 @@ class NystromPreconditioner:
             raise ValueError(f"NystromPreconditioner(rank={self.rank!r}): rank must be an integer >= 1")
 
     def build(self, matvec: Matvec, b: torch.Tensor) -> Matvec:
-        rows = b if b.ndim == 2 else b.unsqueeze(0)
-        n = rows.shape[1]
+        n = b.shape[-1]
         if self.rank > n:
             raise ValueError(
                 f"NystromPreconditioner(rank={self.rank}): the system has n={n} unknowns; pass rank <= {n}"
             )
-
-        def matvec_rows(V: torch.Tensor) -> torch.Tensor:
-            return matvec(V) if b.ndim == 2 else matvec(V[0]).unsqueeze(0)
-
-        approx = nystrom_approximation(matvec_rows, rows, self.rank, self.seed)
+        approx = nystrom_approximation(matvec, b, self.rank, self.seed)
         lam_k = approx.eigenvalues[:, -1]
         ok = approx.psd & approx.finite & (lam_k > 0)
         if not bool(ok.all()):

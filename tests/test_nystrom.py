@@ -61,7 +61,7 @@ def test_low_rank_equals_dense_woodbury_of_the_same_probes(n: int, k: int, rho: 
     ref = woodbury(A, probes(n, k, 7), rho, b)
     torch.testing.assert_close(res.x, ref, rtol=1e-10, atol=1e-12)
     # the approximation itself: A_k = A Omega (Omega'A Omega)^-1 Omega'A, its eigenvalues
-    approx = bl.nystrom_approximation(lambda V: V @ A, b[None], k, 7)
+    approx = bl.nystrom_approximation(lambda v: A @ v, b, k, 7)
     C = A @ probes(n, k, 7)
     dense = C @ torch.linalg.solve(probes(n, k, 7).T @ C, C.T)
     Uk, lam = approx.U[0], approx.eigenvalues[0]
@@ -156,6 +156,10 @@ def test_rank_above_n_and_singular_rank_k_are_refused_at_the_call() -> None:
         bl.CG(preconditioner=bl.NystromPreconditioner(rank=6))(lambda v: A @ v, rhs(5))
     with pytest.raises(ValueError, match="rank must be an integer >= 1"):
         bl.NystromPreconditioner(rank=0)
+    with pytest.raises(ValueError, match=r"rank=6\): rank must be an integer in \[1, n=5\]"):
+        bl.nystrom_approximation(lambda v: A @ v, rhs(5), 6)
+    with pytest.raises(ValueError, match=r"like must be \(n,\) or \(B, n\)"):
+        bl.nystrom_approximation(lambda v: v, torch.ones(2, 2, 2, dtype=D), 1)
 
 
 def test_singular_matrix_with_rho_zero_warns_and_uses_the_pseudo_inverse() -> None:
