@@ -107,6 +107,10 @@ def nystrom_approximation(
     # Problems with NaN products get a placeholder sketch (Y = Omega) so that the batched
     # factorizations below run for the others; their results are masked by `finite`.
     Y = torch.where(finite[:, None, None], Y, omega)
+    # half precisions: the factorizations in float32 (LAPACK has none in 16 bits), the shift from
+    # the products' own rounding (eps of b's dtype), the factors back in b's dtype at the end
+    work = torch.float32 if b.dtype in (torch.float16, torch.bfloat16) else b.dtype
+    Y, omega = Y.to(work), omega.to(work)
     eps = torch.finfo(b.dtype).eps
     # Shift nu ~ eps ||A Omega|| (Frangella et al. use sqrt(n) eps(||Y||_2)): large enough that the
     # k x k core Omega'(Y + nu Omega) is positive definite in floating point for any PSD A, small
@@ -117,17 +121,17 @@ def nystrom_approximation(
     core = 0.5 * (core + core.transpose(1, 2))
     L, info = torch.linalg.cholesky_ex(core)
     psd = info == 0
-    eye = torch.eye(rank, dtype=b.dtype, device=b.device)
+    eye = torch.eye(rank, dtype=work, device=b.device)
     L = torch.where(psd[:, None, None], L, eye)
     # F = Y_nu L^-T, so that F F' = Y_nu core^-1 Y_nu'
     F = torch.linalg.solve_triangular(L, Y_nu.transpose(1, 2), upper=False).transpose(1, 2)
     U, s, _ = torch.linalg.svd(F, full_matrices=False)
     lam = (s * s - nu[:, None]).clamp_min(0.0)
     ok = psd & finite
-    placeholder = torch.eye(n, rank, dtype=b.dtype, device=b.device).expand(B, n, rank)
+    placeholder = torch.eye(n, rank, dtype=work, device=b.device).expand(B, n, rank)
     U = torch.where(ok[:, None, None], U, placeholder)
     lam = torch.where(ok[:, None], lam, 1.0)
-    return NystromApproximation(U, lam, psd, finite)
+    return NystromApproximation(U.to(b.dtype), lam.to(b.dtype), psd, finite)
 
 
 @dataclasses.dataclass(frozen=True)

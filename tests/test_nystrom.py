@@ -121,6 +121,17 @@ def test_float32_full_rank() -> None:
     )
 
 
+def test_half_precision_factorizes_in_float32() -> None:
+    A = spd(16, 4.0, seed=0, dtype=torch.bfloat16)
+    b = rhs(16, dtype=torch.bfloat16)
+    res = bl.Nystrom(rank=16, rtol=0.05)(lambda v: A @ v, b)
+    assert res.x.dtype == torch.bfloat16 and res.converged
+    ref = torch.linalg.solve(A.double(), b.double())
+    assert float((res.x.double() - ref).norm() / ref.norm()) < 0.05  # bfloat16 keeps 8 bits
+    pcg = bl.CG(preconditioner=bl.NystromPreconditioner(rank=4))(lambda v: A @ v, b)
+    assert pcg.x.dtype == torch.bfloat16 and pcg.converged
+
+
 # ---------------------------------------------------------------- guards
 
 
