@@ -690,9 +690,11 @@ class Nystrom:
         rtol = self.rtol or 0.0
         budget = rtol == 0 and self.atol == 0
         tol = torch.clamp(rtol * b_norm, min=self.atol)
-        met = severity(LinearStatus.BUDGET if budget else LinearStatus.CONVERGED)
-        codes = torch.where(r_norm <= tol, severity(LinearStatus.CONVERGED), severity(LinearStatus.MAX_ITER))
-        codes = torch.where(torch.full_like(codes, budget, dtype=torch.bool), met, codes)
+        if budget:  # no tolerance: report only
+            codes = torch.full_like(b_norm, severity(LinearStatus.BUDGET), dtype=torch.int8)
+        else:
+            met, missed = severity(LinearStatus.CONVERGED), severity(LinearStatus.MAX_ITER)
+            codes = torch.where(r_norm <= tol, met, missed)
         codes = torch.where(approx.psd, codes, severity(LinearStatus.NEGATIVE_CURVATURE))
         finite = torch.isfinite(r_norm) & torch.isfinite(x).all(dim=1)
         codes = torch.where(finite, codes, severity(LinearStatus.NONFINITE)).to(torch.int8)
