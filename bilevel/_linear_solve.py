@@ -515,7 +515,8 @@ class CG:
         max_iter: iteration cap; ``None`` means ``min(2 n, 1000)`` for n unknowns.
         rtol: relative tolerance on ||A x - b|| / ||b||; ``None`` picks it from the dtype.
         atol: absolute tolerance on ||A x - b||.
-        preconditioner: ``M(r) ~ A^-1 r``, symmetric positive definite; ``None`` for none.
+        M: the preconditioner ``M(r) ~ A^-1 r`` (SciPy's name), symmetric positive definite;
+            ``None`` for none.
             In batched mode it maps (B, n) to (B, n).  Either a fixed callable (e.g. a
             `DiagonalPreconditioner`), or a `PreconditionerRecipe` (e.g. `HutchinsonDiagonal`,
             `NystromPreconditioner`) whose ``build(matvec, b)`` makes one from each solve's own
@@ -549,15 +550,15 @@ class CG:
     max_iter: int | None = None
     rtol: float | None = None
     atol: float = 0.0
-    preconditioner: Matvec | PreconditionerRecipe | None = None
+    M: Matvec | PreconditionerRecipe | None = None
     check_residual: bool = True
 
     def __post_init__(self) -> None:
         _check_config("CG", self.max_iter, self.rtol, self.atol)
-        if self.preconditioner is not None and not callable(self.preconditioner):
-            if not isinstance(self.preconditioner, PreconditionerRecipe):
+        if self.M is not None and not callable(self.M):
+            if not isinstance(self.M, PreconditionerRecipe):
                 raise TypeError(
-                    f"CG(preconditioner={self.preconditioner!r}): expected a callable r -> M^-1 r or "
+                    f"CG(M={self.M!r}): expected a callable r -> M^-1 r or "
                     "a recipe with a build(matvec, b) method"
                 )
 
@@ -569,7 +570,7 @@ class CG:
         max_iter = self.max_iter if self.max_iter is not None else min(2 * n, 1000)
         rtol = rtol_or_default(self.rtol, b.dtype)
         tol = torch.clamp(rtol * rownorm(rows), min=self.atol)
-        M = self.preconditioner
+        M = self.M
         spent = 0
         if isinstance(M, PreconditionerRecipe):
             # built from this solve's operator: the preconditioner follows the point

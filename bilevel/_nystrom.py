@@ -138,7 +138,7 @@ def nystrom_approximation(
 class NystromPreconditioner:
     """Recipe for CG: the randomized Nyström preconditioner of each solve's own operator.
 
-    ``CG(preconditioner=NystromPreconditioner(rank=k))`` sketches A = U diag(lam) U' with k
+    ``CG(M=NystromPreconditioner(rank=k))`` sketches A = U diag(lam) U' with k
     matvecs before CG starts (counted in the result's ``n_matvec``) and applies
 
         M(r) = lam_k U diag(1 / lam) U' r + (r - U U' r)

@@ -1,13 +1,13 @@
 """Preconditioners for `bilevel.CG`: fixed ones, and recipes built from the system's own matvec.
 
-CG's ``preconditioner=`` takes either
+CG's ``M=`` takes either
 
 * a fixed map ``M(r) ~ A^-1 r`` (any callable, e.g. a `DiagonalPreconditioner`), right where A
   is known when the solver is configured; or
 * a `PreconditionerRecipe`: a value with a method ``build(matvec, b) -> M`` that CG calls at
   the start of every solve with that solve's matvec.  This is how a preconditioner follows the
   point: the backward solve of `bilevel.implicit_argmin` sees the Hessian at the current answer
-  only through its matvec, so ``implicit_argmin(..., linear_solver=CG(preconditioner=
+  only through its matvec, so ``implicit_argmin(..., linear_solver=CG(M=
   HutchinsonDiagonal(probes=16)))`` estimates the Hessian's diagonal there, at each backward
   pass.  The matvecs a recipe spends are counted in the solve's ``n_matvec``.
 """
@@ -158,7 +158,7 @@ class DiagonalPreconditioner:
 class HutchinsonDiagonal:
     """Recipe for CG: the Jacobi preconditioner of each solve's own operator, by Hutchinson probes.
 
-    ``CG(preconditioner=HutchinsonDiagonal(probes=16))`` estimates diag(A) with ``probes``
+    ``CG(M=HutchinsonDiagonal(probes=16))`` estimates diag(A) with ``probes``
     matvecs of the solve's matvec before CG starts (counted in the result's ``n_matvec``), so
     that in `bilevel.implicit_argmin` the preconditioner is that of the Hessian at the current
     answer.  Worth it where A is diagonally dominant with a wide spread of diagonal entries

@@ -32,9 +32,9 @@ def nonsym(n: int, seed: int) -> torch.Tensor:
 
 CASES = [
     (bl.CG(), spd),
-    (bl.CG(preconditioner=None), spd),
-    (bl.CG(preconditioner=bl.HutchinsonDiagonal(probes=16)), spd),
-    (bl.CG(preconditioner=bl.NystromPreconditioner(rank=1)), spd),
+    (bl.CG(M=None), spd),
+    (bl.CG(M=bl.HutchinsonDiagonal(probes=16)), spd),
+    (bl.CG(M=bl.NystromPreconditioner(rank=1)), spd),
     (bl.MINRES(), spd),
     (bl.MINRES(), sym_indefinite),
     (bl.GMRES(), spd),
@@ -120,7 +120,7 @@ def test_cg_preconditioner_reduces_iterations() -> None:
     A = torch.diag(d) + 1e-3 * spd(50, 2.0, 0)
     b = torch.ones(50, dtype=D)
     plain = bl.CG(max_iter=500)(lambda v: A @ v, b)
-    jacobi = bl.CG(max_iter=500, preconditioner=lambda r: r / torch.diag(A))(lambda v: A @ v, b)
+    jacobi = bl.CG(max_iter=500, M=lambda r: r / torch.diag(A))(lambda v: A @ v, b)
     assert plain.converged and jacobi.converged
     assert jacobi.n_iter < plain.n_iter / 3
     torch.testing.assert_close(jacobi.x, torch.linalg.solve(A, b), rtol=1e-7, atol=0)
@@ -313,7 +313,7 @@ def test_cg_radius_guards() -> None:
     "solver",
     [
         bl.CG(),
-        bl.CG(preconditioner=bl.HutchinsonDiagonal(probes=8)),
+        bl.CG(M=bl.HutchinsonDiagonal(probes=8)),
         bl.MINRES(),
         bl.GMRES(),
         bl.BiCGStab(),
@@ -335,7 +335,7 @@ def test_batched_nan_in_one_problem_names_that_problem_only(solver) -> None:  # 
         out[2] = out[2] * float("nan")
         return out
 
-    if isinstance(solver.preconditioner if isinstance(solver, bl.CG) else None, bl.HutchinsonDiagonal):
+    if isinstance(solver.M if isinstance(solver, bl.CG) else None, bl.HutchinsonDiagonal):
         with pytest.warns(bl.BilevelWarning, match=r"problems \[2\] .* left unpreconditioned"):
             res = solver(matvec, b)
     else:
@@ -393,7 +393,7 @@ def test_pcg_with_estimated_diagonal_equals_cg_in_fewer_iterations() -> None:
 
     plain = bl.CG(max_iter=1000)(mv, b)
     calls = 0
-    pcg = bl.CG(max_iter=1000, preconditioner=bl.HutchinsonDiagonal(probes=probes))(mv, b)
+    pcg = bl.CG(max_iter=1000, M=bl.HutchinsonDiagonal(probes=probes))(mv, b)
     assert plain.converged and pcg.converged
     torch.testing.assert_close(pcg.x, plain.x, rtol=1e-8, atol=0)
     torch.testing.assert_close(pcg.x, torch.linalg.solve(A, b), rtol=1e-8, atol=0)
@@ -407,7 +407,7 @@ def test_pcg_recipe_in_batched_mode_equals_single_solves() -> None:
     B, n = 3, 40
     As = torch.stack([dominant(n, 10.0 ** (i + 2), seed=i) for i in range(B)])
     b = torch.randn(B, n, dtype=D, generator=torch.Generator().manual_seed(0))
-    cg = bl.CG(preconditioner=bl.HutchinsonDiagonal(probes=8))
+    cg = bl.CG(M=bl.HutchinsonDiagonal(probes=8))
     res = cg(lambda V: torch.einsum("bij,bj->bi", As, V), b)
     assert res.problem_status == (bl.LinearStatus.CONVERGED,) * B
     assert res.problem_n_iter is not None
@@ -472,5 +472,5 @@ def test_preconditioner_guards() -> None:
     ]:
         with pytest.raises(ValueError, match=match):
             bl.HutchinsonDiagonal(**kwargs)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"CG\(preconditioner=5\): expected a callable"):
-        bl.CG(preconditioner=5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"CG\(M=5\): expected a callable"):
+        bl.CG(M=5)  # type: ignore[arg-type]

@@ -128,7 +128,7 @@ def test_half_precision_factorizes_in_float32() -> None:
     assert res.x.dtype == torch.bfloat16 and res.converged
     ref = torch.linalg.solve(A.double(), b.double())
     assert float((res.x.double() - ref).norm() / ref.norm()) < 0.05  # bfloat16 keeps 8 bits
-    pcg = bl.CG(preconditioner=bl.NystromPreconditioner(rank=4))(lambda v: A @ v, b)
+    pcg = bl.CG(M=bl.NystromPreconditioner(rank=4))(lambda v: A @ v, b)
     assert pcg.x.dtype == torch.bfloat16 and pcg.converged
 
 
@@ -164,7 +164,7 @@ def test_rank_above_n_and_singular_rank_k_are_refused_at_the_call() -> None:
     with pytest.raises(ValueError, match="matvec returned shape"):
         bl.Nystrom(rank=2, rho=1.0)(lambda v: v[:2], rhs(5))
     with pytest.raises(ValueError, match=r"NystromPreconditioner\(rank=6\).*pass rank <= 5"):
-        bl.CG(preconditioner=bl.NystromPreconditioner(rank=6))(lambda v: A @ v, rhs(5))
+        bl.CG(M=bl.NystromPreconditioner(rank=6))(lambda v: A @ v, rhs(5))
     with pytest.raises(ValueError, match="rank must be an integer >= 1"):
         bl.NystromPreconditioner(rank=0)
     with pytest.raises(ValueError, match=r"rank=6\): rank must be an integer in \[1, n=5\]"):
@@ -221,7 +221,7 @@ def test_nystrom_preconditioner_removes_the_outliers() -> None:
     A = outliers(n, k, seed=0)
     b = rhs(n)
     plain = bl.CG(max_iter=500)(lambda v: A @ v, b)
-    pre = bl.CG(max_iter=500, preconditioner=bl.NystromPreconditioner(rank=k + 2))(lambda v: A @ v, b)
+    pre = bl.CG(max_iter=500, M=bl.NystromPreconditioner(rank=k + 2))(lambda v: A @ v, b)
     assert plain.converged and pre.converged
     torch.testing.assert_close(pre.x, torch.linalg.solve(A, b), rtol=1e-8, atol=0)
     torch.testing.assert_close(pre.x, plain.x, rtol=1e-8, atol=0)
@@ -233,7 +233,7 @@ def test_nystrom_preconditioner_removes_the_outliers() -> None:
 def test_nystrom_preconditioner_falls_back_to_none_with_a_warning() -> None:
     A = spd(6, 10.0, seed=0)
     with pytest.warns(bl.BilevelWarning, match=r"problems \[0\] is not positive definite"):
-        res = bl.CG(preconditioner=bl.NystromPreconditioner(rank=3))(lambda v: -A @ v, rhs(6))
+        res = bl.CG(M=bl.NystromPreconditioner(rank=3))(lambda v: -A @ v, rhs(6))
     assert res.status is bl.LinearStatus.NEGATIVE_CURVATURE
 
 
@@ -243,8 +243,8 @@ def test_nystrom_preconditioner_falls_back_to_none_with_a_warning() -> None:
 RIDGE_SOLVERS = {
     "nystrom_full": bl.Nystrom(rank=6),
     "nystrom_full_checked": bl.Nystrom(rank=6, rtol=1e-10),
-    "pcg_hutchinson": bl.CG(preconditioner=bl.HutchinsonDiagonal(probes=8)),
-    "pcg_nystrom": bl.CG(preconditioner=bl.NystromPreconditioner(rank=2)),
+    "pcg_hutchinson": bl.CG(M=bl.HutchinsonDiagonal(probes=8)),
+    "pcg_nystrom": bl.CG(M=bl.NystromPreconditioner(rank=2)),
 }
 
 
@@ -283,8 +283,8 @@ def test_low_rank_nystrom_in_implicit_argmin_is_approximate_and_says_so() -> Non
 def test_batched_implicit_argmin_with_preconditioner_recipes() -> None:
     q = P.batched_quadratic()
     for linear in (
-        bl.CG(preconditioner=bl.HutchinsonDiagonal(probes=4)),
-        bl.CG(preconditioner=bl.NystromPreconditioner(rank=2)),
+        bl.CG(M=bl.HutchinsonDiagonal(probes=4)),
+        bl.CG(M=bl.NystromPreconditioner(rank=2)),
         bl.Nystrom(rank=q.theta.shape[1]),
     ):
         theta = q.theta.clone().requires_grad_(True)
@@ -323,7 +323,7 @@ def test_per_feature_ridge_hypergradient_through_hyperopt() -> None:
     reference = -u * theta0.exp() * w  # d/dtheta_j of grad_w G is exp(theta_j) w_j e_j
     for linear in (
         bl.Nystrom(rank=8, rtol=1e-10),
-        bl.CG(rtol=1e-12, preconditioner=bl.HutchinsonDiagonal(probes=8)),
+        bl.CG(rtol=1e-12, M=bl.HutchinsonDiagonal(probes=8)),
     ):
         theta = theta0.clone().requires_grad_(True)
         ev = bl.hyperopt.HyperProblem(inner, outer, exact, linear_solver=linear).evaluate(
