@@ -81,7 +81,14 @@ class HeadSplit:
         params[self.weight] = eye.expand(B, self.features, self.features)
         if self.bias is not None:
             params[self.bias] = eye.new_zeros(B, self.features)
-        return bm.outputs(params, x)
+        try:
+            return bm.outputs(params, x)
+        except RuntimeError as err:  # the identity head's d outputs met a layer after the head
+            raise bl.StructureError(
+                f"ANIL(head={self.head!r}): the model fails with its head replaced by the identity "
+                f"({str(err).splitlines()[0][:160]}): the head must be the model's last layer "
+                "(out = head(features)); name the last Linear layer as head"
+            ) from err
 
     def flat_head(self, theta: Params) -> torch.Tensor:
         """The head's parameters of ``theta`` as one (size,) vector: weight raveled, then bias."""
