@@ -448,3 +448,21 @@ def test_a_head_that_is_not_the_last_layer_is_refused(model: nn.Module, head: st
         bl.StructureError, match=f"ANIL\\(head='{head}'\\): .*the head must be the model's last"
     ):
         learner.step(_sines(0))
+
+
+def test_presets_give_their_published_settings() -> None:
+    from bilevel.metalearn.training.cli import _parser, config_from_args
+
+    def cfg(*argv: str) -> TrainConfig:
+        return config_from_args(_parser().parse_args(["train", *argv]))
+
+    for preset in ("omniglot-5w1s", "paper-omniglot-5w1s", "omniglot-20w5s", "miniimagenet-5w1s"):
+        anil, msgd = cfg("--preset", preset, "--algo", "anil"), cfg("--preset", preset, "--algo", "meta-sgd")
+        assert (anil.inner_steps, anil.inner_lr, anil.meta_batch, anil.meta_lr) == (5, 0.1, 32, 1e-3)
+        assert (msgd.inner_steps, msgd.inner_lr, msgd.meta_batch, msgd.meta_lr) == (1, 0.4, 32, 1e-3)
+    sine = cfg("--preset", "sinusoid-5s", "--algo", "meta-sgd")
+    assert (sine.dataset, sine.inner_steps, sine.inner_lr) == ("sinusoid", 1, 0.01)
+    # the other algorithms keep theirs; a flag still wins
+    assert cfg("--preset", "omniglot-5w1s", "--algo", "maml").inner_steps == 1
+    assert cfg("--preset", "omniglot-5w1s", "--algo", "imaml-gd").inner_steps == 16
+    assert cfg("--preset", "omniglot-5w1s", "--algo", "meta-sgd", "--inner-lr", "0.2").inner_lr == 0.2
