@@ -466,3 +466,31 @@ def test_presets_give_their_published_settings() -> None:
     assert cfg("--preset", "omniglot-5w1s", "--algo", "maml").inner_steps == 1
     assert cfg("--preset", "omniglot-5w1s", "--algo", "imaml-gd").inner_steps == 16
     assert cfg("--preset", "omniglot-5w1s", "--algo", "meta-sgd", "--inner-lr", "0.2").inner_lr == 0.2
+
+
+def test_a_resumed_meta_sgd_run_ends_where_a_straight_one_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The step sizes and their Adam state are in the checkpoint: 4 + 4 resumed steps = 8 steps (float64)."""
+    flags = [
+        "train",
+        "--algo",
+        "meta-sgd",
+        *SINE,
+        "--inner-lr",
+        "0.02",
+        "--meta-lr",
+        "0.01",
+        "--dtype",
+        "float64",
+    ]
+    flags += ["--threads", "1"]
+    parts, straight = tmp_path / "parts", tmp_path / "straight"
+    assert _run([*flags, "--meta-steps", "4", "--out", str(parts)], capsys)[0] == 0
+    code, _, err = _run([*flags, "--meta-steps", "8", "--resume", "--out", str(parts)], capsys)
+    assert code == 0 and "resuming from step 4 " in err, err
+    assert _run([*flags, "--meta-steps", "8", "--out", str(straight)], capsys)[0] == 0
+    a, b = load_checkpoint(parts / "checkpoint.pt"), load_checkpoint(straight / "checkpoint.pt")
+    assert a["step"] == b["step"] == 8 and any(k.startswith("lr:") for k in a["theta"])
+    for k in b["theta"]:
+        torch.testing.assert_close(a["theta"][k], b["theta"][k], rtol=0, atol=0)
