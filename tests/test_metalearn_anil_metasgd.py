@@ -494,3 +494,13 @@ def test_a_resumed_meta_sgd_run_ends_where_a_straight_one_does(
     assert a["step"] == b["step"] == 8 and any(k.startswith("lr:") for k in a["theta"])
     for k in b["theta"]:
         torch.testing.assert_close(a["theta"][k], b["theta"][k], rtol=0, atol=0)
+
+
+def test_meta_sgd_refuses_step_sizes_that_did_not_follow_the_model() -> None:
+    model = sinusoid_mlp((4,))
+    learner = MetaSGD(model, lr=0.1)
+    model.double()  # the step sizes stay float32
+    with pytest.raises(
+        ValueError, match=r"MetaSGD: parameter 'net.fc0.weight' is \(4, 1\) torch.float64 .*model.to"
+    ):
+        learner.step(_sines(0))

@@ -62,7 +62,8 @@ class MetaStats:
         query_loss, query_acc: query loss and accuracy (accuracy NaN for regression)
             at phi_i, i.e. after adaptation.
         support_loss: Lhat_i(phi_i).
-        inner_grad_norm: ||grad_phi G_i(phi_i, theta)|| at the inner answer.
+        inner_grad_norm: ||grad_phi G_i(phi_i, theta)|| at the inner answer (ANIL: over the
+            head's coordinates, the ones its inner loop adapts).
         cg_residual: ||(I + Lhat''/lam) g_i - v_i|| in the units of v_i (recursively
             updated, CG's own estimate) for `Implicit`, NaN otherwise.
         negative_curvature: True where CG met p'Ap <= 0 and stopped early.

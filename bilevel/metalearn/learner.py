@@ -912,6 +912,20 @@ class MetaSGD(MetaLearner):
         yield from self._steps.values()
 
     def _meta_extra(self) -> dict[str, nn.Parameter]:
+        """The step sizes under their theta-tree keys, refused where they no longer fit the model.
+
+        Raises:
+            ValueError: a parameter moved to another device or dtype (or was resized) after the
+                learner was built: the step sizes, built with the learner, did not follow.
+        """
+        for n, p in self._theta().items():
+            a = self._steps.get(n)
+            if a is None or a.shape != p.shape or a.device != p.device or a.dtype != p.dtype:
+                have = "none" if a is None else f"{tuple(a.shape)} {a.dtype} on {a.device}"
+                raise ValueError(
+                    f"MetaSGD: parameter {n!r} is {tuple(p.shape)} {p.dtype} on {p.device} but its step "
+                    f"sizes are {have}: build the learner after moving or changing the model (model.to(...))"
+                )
         return {STEP_PREFIX + k: v for k, v in self._steps.items()}
 
     def _config(self) -> str:
