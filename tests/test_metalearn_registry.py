@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from bilevel.metalearn.gradients import FirstOrder, Implicit, ReleasedCG, ReptileStep, Unrolled
+from bilevel.metalearn.gradients import (
+    FirstOrder,
+    HeadOnly,
+    Implicit,
+    LearnedSteps,
+    ReleasedCG,
+    ReptileStep,
+    Unrolled,
+)
 from bilevel.metalearn.registry import ALGORITHMS, INNER_KINDS, make_algorithm, readers
 from bilevel.metalearn.training.cli import ALGO_FLAGS, main
 from bilevel.metalearn.training.config import ALGOS, IMAML_ALGOS, IMPLICIT_ALGOS, ConfigError, TrainConfig
@@ -12,7 +20,16 @@ from bilevel.solvers import GradientDescent, Nesterov, NewtonCG, StepHalving, Tr
 
 
 def test_the_names_are_the_registrys() -> None:
-    assert ALGOS == ("imaml-gd", "imaml-hf", "maml", "fomaml", "reptile", "imaml-released")
+    assert ALGOS == (
+        "imaml-gd",
+        "imaml-hf",
+        "maml",
+        "fomaml",
+        "reptile",
+        "imaml-released",
+        "anil",
+        "meta-sgd",
+    )
     assert IMAML_ALGOS == ("imaml-gd", "imaml-hf", "imaml-released")
     assert IMPLICIT_ALGOS == ("imaml-gd", "imaml-hf")
     assert set(INNER_KINDS) == {"gd", "nesterov", "trust-region"}
@@ -29,6 +46,8 @@ def test_the_names_are_the_registrys() -> None:
         ("fomaml", GradientDescent(lr=0.1, max_iter=16, tol=0.0), FirstOrder(), 0.0),
         ("reptile", GradientDescent(lr=0.1, max_iter=16, tol=0.0), ReptileStep(), 0.0),
         ("imaml-released", GradientDescent(lr=0.1, max_iter=16, tol=0.0), ReleasedCG(5, 0.0), 2.0),
+        ("anil", GradientDescent(lr=0.1, max_iter=16, tol=0.0), HeadOnly(), 0.0),
+        ("meta-sgd", GradientDescent(lr=0.1, max_iter=16, tol=0.0), LearnedSteps(0.1), 0.0),
     ],
 )
 def test_each_entry_builds_its_algorithm(name: str, inner: object, kind: object, lam: float) -> None:

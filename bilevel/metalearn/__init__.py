@@ -1,4 +1,4 @@
-"""Meta-learning with implicit gradients (iMAML), MAML, first-order MAML and Reptile.
+"""Meta-learning with implicit gradients (iMAML), MAML, first-order MAML, Reptile, ANIL and Meta-SGD.
 
 Command line: ``python -m bilevel.metalearn {train,eval,report} --help``.  With your own module and
 optimizer (`learner`)::
@@ -23,7 +23,8 @@ The package in layers:
   algorithm names, what each reads, `make_algorithm`), `gradients` (`MetaAlgorithm` and its
   meta-gradients `Implicit`, `Unrolled`, `FirstOrder`, `ReptileStep`, `ReleasedCG`), `metabatch`
   (the B inner problems of a meta-batch), `proximal` (the proximal weight lambda as a value),
-  `learner` (`IMAML`, `MAML`, `FOMAML`, `Reptile` on any module), `evaluation` (`Run`,
+  `learner` (`IMAML`, `MAML`, `FOMAML`, `Reptile`, `ANIL`, `MetaSGD` on any module), `heads`
+  (ANIL's body and head split), `evaluation` (`Run`,
   `evaluate_tasks`), `models` (the networks, `init_params`, `make_functional`), `batched`
   (`BatchedModel`: B tasks' models in one call), `tasks` (`Task`);
 - `data`: sources, splits, the image cache, the loaders (`load_omniglot`, `load_miniimagenet`,
@@ -34,7 +35,9 @@ The package in layers:
 
 from .. import CheckpointError as CheckpointError
 from .algorithms import FirstOrder as FirstOrder
+from .algorithms import HeadOnly as HeadOnly
 from .algorithms import Implicit as Implicit
+from .algorithms import LearnedSteps as LearnedSteps
 from .algorithms import MetaAlgorithm as MetaAlgorithm
 from .algorithms import MetaStats as MetaStats
 from .algorithms import ReleasedCG as ReleasedCG
@@ -64,11 +67,13 @@ from .evaluation import Run as Run
 from .evaluation import evaluate as evaluate
 from .evaluation import evaluate_fixed as evaluate_fixed
 from .evaluation import evaluate_tasks as evaluate_tasks
+from .learner import ANIL as ANIL
 from .learner import FOMAML as FOMAML
 from .learner import IMAML as IMAML
 from .learner import MAML as MAML
 from .learner import AdaptedModel as AdaptedModel
 from .learner import MetaLearner as MetaLearner
+from .learner import MetaSGD as MetaSGD
 from .learner import Reptile as Reptile
 from .models import default_model as default_model
 from .models import init_params as init_params
@@ -96,6 +101,7 @@ from .training.train import (
 
 __all__ = [
     "ALGORITHMS",
+    "ANIL",
     "FOMAML",
     "IMAML",
     "MAML",
@@ -114,11 +120,14 @@ __all__ = [
     "FewShotData",
     "FirstOrder",
     "FixedLam",
+    "HeadOnly",
     "Implicit",
     "LearnedPerTensor",
     "LearnedScalar",
+    "LearnedSteps",
     "MetaAlgorithm",
     "MetaLearner",
+    "MetaSGD",
     "MetaStats",
     "Prefetcher",
     "Preset",

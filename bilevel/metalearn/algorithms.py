@@ -1,8 +1,9 @@
-"""Meta-gradients of iMAML, MAML, first-order MAML and Reptile: `MetaAlgorithm` and its entry points.
+"""Meta-gradients of iMAML, MAML, first-order MAML, Reptile, ANIL and Meta-SGD: `MetaAlgorithm`, entry points.
 
 A `MetaAlgorithm` is an inner solver (a `bilevel.solvers` instance, run batched over the B tasks
 of a meta-batch: `bilevel.metalearn.metabatch`), a way to form the meta-gradient (a value with an
-``apply`` method: `Implicit`, `Unrolled`, `FirstOrder`, `ReptileStep`, `ReleasedCG`, in
+``apply`` method: `Implicit`, `Unrolled`, `FirstOrder`, `ReptileStep`, `ReleasedCG`, `HeadOnly`,
+`LearnedSteps`, in
 `bilevel.metalearn.gradients`) and a proximal weight lam.  `meta_gradient` computes Algorithm 1's
 direction; `adapt`, `predict_batch` and `evaluate_batch` adapt without a gradient.  The command
 line's algorithm names are entries of `bilevel.metalearn.registry` (`make_algorithm`).
@@ -18,7 +19,17 @@ import torch
 import bilevel as bl
 
 from .batched import BatchedModel, as_batched, task_losses
-from .gradients import FirstOrder, Implicit, MetaAlgorithm, Outcome, ReleasedCG, ReptileStep, Unrolled
+from .gradients import (
+    FirstOrder,
+    HeadOnly,
+    Implicit,
+    LearnedSteps,
+    MetaAlgorithm,
+    Outcome,
+    ReleasedCG,
+    ReptileStep,
+    Unrolled,
+)
 from .metabatch import MetaBatch
 from .models import LossFn, ModelFn, Params
 from .registry import make_algorithm
@@ -26,7 +37,9 @@ from .tasks import Task
 
 __all__ = [
     "FirstOrder",
+    "HeadOnly",
     "Implicit",
+    "LearnedSteps",
     "MetaAlgorithm",
     "MetaStats",
     "ReleasedCG",
@@ -49,7 +62,8 @@ class MetaStats:
         query_loss, query_acc: query loss and accuracy (accuracy NaN for regression)
             at phi_i, i.e. after adaptation.
         support_loss: Lhat_i(phi_i).
-        inner_grad_norm: ||grad_phi G_i(phi_i, theta)|| at the inner answer.
+        inner_grad_norm: ||grad_phi G_i(phi_i, theta)|| at the inner answer (ANIL: over the
+            head's coordinates, the ones its inner loop adapts).
         cg_residual: ||(I + Lhat''/lam) g_i - v_i|| in the units of v_i (recursively
             updated, CG's own estimate) for `Implicit`, NaN otherwise.
         negative_curvature: True where CG met p'Ap <= 0 and stopped early.
@@ -115,6 +129,8 @@ def _stats(mb: MetaBatch, out: Outcome, diagnostics: bool, lanczos_steps: int = 
         with torch.enable_grad():
             values = mb.objective(exact=False)(X, th)
             (grad,) = torch.autograd.grad(values.sum(), X, allow_unused=True, materialize_grads=True)
+        if out.adapted is not None:  # the inner loop moved these coordinates only (ANIL's head)
+            grad = grad[:, out.adapted[0] : out.adapted[1]]
         grad_norm = torch.linalg.vector_norm(grad, dim=1).detach().to(nan.dtype)
         with torch.no_grad():
             support = (values.detach() - mb.prox(out.phi, th)).to(nan.dtype)

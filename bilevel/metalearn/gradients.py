@@ -11,6 +11,10 @@ Like Optimistix's ``adjoint.apply``, iMAML, MAML and first-order MAML differ in 
                   inner step (memory grows with steps).
 `FirstOrder`      first-order MAML: the inner solve alone; g_i = grad L_i(phi_i).
 `ReptileStep`     Reptile: the inner solve alone; g_i = theta - phi_i.
+`HeadOnly`        ANIL: MAML's unrolled path through the head alone (the last linear
+                  layer); the body's features are computed once per task.
+`LearnedSteps`    Meta-SGD: the unrolled path of GD with a learned step size per
+                  parameter entry, meta-learned with theta (``"lr:<name>"`` entries).
 `ReleasedCG`      the authors' released iMAML code (``imaml-released``; NOT the paper's
                   method): its own inner loop (GD on the support loss, then a pull-back step
                   toward theta), then CG from 0 on
@@ -42,6 +46,7 @@ Deviations from the paper, each measured and switchable:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar, Union
 
 import torch
@@ -49,9 +54,12 @@ import torch
 import bilevel as bl
 from bilevel.solvers import GradientDescent
 
+from .batched import task_losses
+from .heads import HeadSplit, split_head
 from .metabatch import (
     GRADIENT_ONLY,
     INNER_SOLVERS,
+    STEP_PREFIX,
     InnerSolver,
     MetaBatch,
     Params,
@@ -65,7 +73,9 @@ from .proximal import ProximalWeight, coerce
 
 __all__ = [
     "FirstOrder",
+    "HeadOnly",
     "Implicit",
+    "LearnedSteps",
     "MetaAlgorithm",
     "MetaGradientKind",
     "Outcome",
@@ -89,6 +99,8 @@ class Outcome:
     query_acc: torch.Tensor  # (B,)
     inner: bl.SolverResult
     cg: bl.LinearSolveResult | None = None
+    #: the columns [start, stop) of phi that the inner loop adapts (ANIL's head); None: all
+    adapted: tuple[int, int] | None = None
 
 
 def _solver_of_g(kind: str, inner: Any) -> None:
@@ -121,6 +133,10 @@ class Implicit:
             raise ValueError(f"Implicit(cg_iters={self.cg_iters}): cg_iters must be >= 0")
         if not self.damping >= 0:
             raise ValueError(f"Implicit(damping={self.damping}): damping must be >= 0")
+
+    def meta_parameters(self, theta: Params) -> Params:
+        """Meta-parameters beyond theta: none."""
+        return {}
 
     def check(self, inner: InnerSolver, lam: float) -> None:
         """Refuse what Lemma 1 does not cover: lam <= 0, or an inner value that is not a solver of G."""
@@ -191,6 +207,10 @@ class Unrolled:
     #: whether a learned lam gets its gradient (Lemma 1 in theta and lam alike)
     learns_lam: ClassVar[bool] = False
 
+    def meta_parameters(self, theta: Params) -> Params:
+        """Meta-parameters beyond theta: none."""
+        return {}
+
     def check(self, inner: InnerSolver, lam: float) -> None:
         """Refuse an inner solver whose path cannot be unrolled: anything but fixed-step GD."""
         if not isinstance(inner, GradientDescent):
@@ -232,6 +252,10 @@ class FirstOrder:
     #: whether a learned lam gets its gradient (Lemma 1 in theta and lam alike)
     learns_lam: ClassVar[bool] = False
 
+    def meta_parameters(self, theta: Params) -> Params:
+        """Meta-parameters beyond theta: none."""
+        return {}
+
     def check(self, inner: InnerSolver, lam: float) -> None:
         _solver_of_g("FirstOrder", inner)
 
@@ -252,6 +276,10 @@ class ReptileStep:
 
     #: whether a learned lam gets its gradient (Lemma 1 in theta and lam alike)
     learns_lam: ClassVar[bool] = False
+
+    def meta_parameters(self, theta: Params) -> Params:
+        """Meta-parameters beyond theta: none."""
+        return {}
 
     def check(self, inner: InnerSolver, lam: float) -> None:
         _solver_of_g("ReptileStep", inner)
@@ -309,6 +337,10 @@ class ReleasedCG:
                 f"ReleasedCG: damping {self.damping} and lam_damping {self.lam_damping} must be >= 0"
             )
 
+    def meta_parameters(self, theta: Params) -> Params:
+        """Meta-parameters beyond theta: none."""
+        return {}
+
     def check(self, inner: InnerSolver, lam: float) -> None:
         """Refuse an inner solver other than the released code's fixed-step GD loop."""
         if not isinstance(inner, GradientDescent) or inner.line_search is not None:
@@ -349,7 +381,191 @@ class ReleasedCG:
         return Outcome(mb.tree(cg.x.sum(0)), None, X, ql, qa, res, cg)
 
 
-MetaGradientKind = Union[Implicit, Unrolled, FirstOrder, ReptileStep, ReleasedCG]
+def _fixed_gd(kind: str, inner: InnerSolver, lam: float) -> None:
+    """Refuse an inner solver whose path cannot be unrolled (anything but fixed-step GD), or lam != 0."""
+    if not isinstance(inner, GradientDescent) or inner.tol or inner.line_search is not None:
+        raise ValueError(
+            f"MetaAlgorithm: {kind} differentiates through a fixed inner path: give "
+            f"GradientDescent(lr=..., max_iter=..., tol=0.0, line_search=None), not {inner!r}"
+        )
+    if lam != 0:
+        raise ValueError(f"MetaAlgorithm(lam={lam}): {kind} adapts on the support loss alone; lam must be 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadOnly:
+    """ANIL (Raghu et al. 2020): MAML's unrolled meta-gradient with the inner loop on the head alone.
+
+    The inner GD (``inner.max_iter`` fixed steps of ``inner.lr``) adapts only the head, the last
+    linear layer; the body stays at theta.  The body's features of each task's support and query
+    sets are computed once (`bilevel.metalearn.heads`: the model run with an identity head), and
+    the inner loop runs on ``features @ W.T + b``.  The meta-gradient is autograd through that
+    path, in every parameter: exactly MAML's with the body's inner steps frozen.
+
+    Args:
+        head: the head module's name (``"head"`` of a `ConvNet`); ``None``: the module owning the
+            model's last parameter (the last ``Linear`` of the package's `ConvNet` and `MLP`).
+    """
+
+    #: whether a learned lam gets its gradient (Lemma 1 in theta and lam alike)
+    learns_lam: ClassVar[bool] = False
+
+    head: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.head is not None and (not isinstance(self.head, str) or not self.head):
+            raise ValueError(
+                f"HeadOnly(head={self.head!r}): name the head module (e.g. 'head'), or None for the "
+                "last layer"
+            )
+
+    def meta_parameters(self, theta: Params) -> Params:
+        """Meta-parameters beyond theta: none."""
+        return {}
+
+    def check(self, inner: InnerSolver, lam: float) -> None:
+        """Refuse an inner solver other than fixed-step GD, or a proximal term."""
+        _fixed_gd("HeadOnly (ANIL)", inner, lam)
+
+    def _adapt(
+        self, inner: InnerSolver, mb: MetaBatch, theta: Params, *, differentiable: bool
+    ) -> tuple[HeadSplit, bl.SolverResult, Params]:
+        """The B adapted heads (B, head size) with the split and the body; a graph in theta if
+        ``differentiable``."""
+        split = split_head(self.head, mb.names, mb.shapes)
+        body = split.body(theta)
+        fs = split.features_of(mb.bm, body, mb.batch.support_x)
+        init = split.flat_head(theta).unsqueeze(0).expand(mb.B, -1)
+        with torch.no_grad():  # the model's outputs at theta must be its head's on these features
+            split.check_against(mb.bm.outputs(mb.unflat(mb.init()), mb.batch.support_x), fs, init)
+        ys = mb.batch.support_y
+
+        def G(H: torch.Tensor, _th: Params) -> torch.Tensor:
+            return task_losses(mb.loss, split.outputs_of(fs, H), ys)
+
+        solver = batched_solver(inner, mb.weight, differentiable=differentiable)
+        res = checked(solver(G, init, theta), divergence_remedies(inner, None, fixed_path=True))
+        return split, res, body
+
+    def _full(self, mb: MetaBatch, split: HeadSplit, H: torch.Tensor) -> torch.Tensor:
+        """phi (B, n), detached: theta with the adapted heads in their columns."""
+        X = mb.init().clone()
+        X[:, split.start : split.stop] = H.detach()
+        return X
+
+    def inner_answers(self, inner: InnerSolver, mb: MetaBatch) -> bl.SolverResult:
+        """The B inner answers (no graph): theta with each task's adapted head."""
+        split, res, _ = self._adapt(inner, mb, mb.theta, differentiable=False)
+        return res.replace(x=self._full(mb, split, res.x))  # type: ignore[arg-type]
+
+    def apply(self, inner: InnerSolver, mb: MetaBatch) -> Outcome:
+        theta = {k: v.detach().requires_grad_(True) for k, v in mb.theta.items()}
+        with torch.enable_grad():
+            split, res, body = self._adapt(inner, mb, theta, differentiable=True)
+            H: torch.Tensor = res.x  # type: ignore[assignment]
+            out = split.outputs_of(split.features_of(mb.bm, body, mb.batch.query_x), H)
+            ql = task_losses(mb.loss, out, mb.batch.query_y)
+            check_task_rows("the query losses", ql, _QUERY_NAN)
+            grads = torch.autograd.grad(ql.sum(), list(theta.values()), allow_unused=True)
+        qa = mb.accuracy(out, mb.batch.query_y)
+        X = self._full(mb, split, H)
+        return Outcome(
+            or_zeros(theta, grads), None, X, ql.detach(), qa, res, adapted=(split.start, split.stop)
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnedSteps:
+    """Meta-SGD (Li et al. 2017): GD with a learned step size per parameter entry, unrolled.
+
+    The inner loop takes ``inner.max_iter`` steps phi <- phi - alpha * grad Lhat(phi) (elementwise
+    product; one step in the paper) from theta; alpha, shaped like theta, is a meta-parameter:
+    the theta tree carries it under ``"lr:<name>"`` (`bilevel.metalearn.metabatch.STEP_PREFIX`),
+    `meta_parameters` gives its initial value and the meta-gradient holds its gradient, by
+    autograd through the path (like MAML's).  ``inner.lr`` is not used by the path.
+
+    Args:
+        init_lr: every step size's initial value (finite, > 0); learn2learn's examples start at
+            0.5 (Omniglot) and 0.01 (sinusoid), and Li et al. draw it uniformly in [0.005, 0.1].
+    """
+
+    #: whether a learned lam gets its gradient (Lemma 1 in theta and lam alike)
+    learns_lam: ClassVar[bool] = False
+
+    init_lr: float = 0.1
+
+    def __post_init__(self) -> None:
+        lr = self.init_lr
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+            raise ValueError(
+                f"LearnedSteps(init_lr={lr!r}): the initial step size must be a finite number > 0"
+            )
+
+    def meta_parameters(self, theta: Params) -> Params:
+        """The learned step sizes at their start: ``init_lr`` per entry, under ``"lr:<name>"``."""
+        return {STEP_PREFIX + k: torch.full_like(v.detach(), float(self.init_lr)) for k, v in theta.items()}
+
+    def check(self, inner: InnerSolver, lam: float) -> None:
+        """Refuse an inner solver other than fixed-step GD, or a proximal term."""
+        _fixed_gd("LearnedSteps (Meta-SGD)", inner, lam)
+
+    def _steps(self, mb: MetaBatch) -> Params:
+        missing = [k for k in mb.names if k not in mb.step_sizes]
+        if missing:
+            raise bl.StructureError(
+                f"LearnedSteps (Meta-SGD): theta has no learned step sizes {STEP_PREFIX}{missing[0]!r} "
+                f"(of {len(missing)} parameters): add MetaAlgorithm.meta_parameters(theta) to theta"
+            )
+        return {k: mb.step_sizes[k] for k in mb.names}
+
+    def _path(
+        self, inner: InnerSolver, mb: MetaBatch, X: torch.Tensor, alpha: torch.Tensor, graph: bool
+    ) -> bl.SolverResult:
+        """``max_iter`` steps X <- X - alpha * grad Lhat(X) of the B tasks; the graph of each if ``graph``."""
+        steps: int = inner.max_iter  # type: ignore[union-attr]  # GradientDescent (check)
+        G = mb.objective(exact=graph, prox=False, gradients_only=not graph)
+        th = mb.theta_values()
+        with torch.enable_grad():
+            for _ in range(steps):
+                Xk = X if graph else X.detach().requires_grad_(True)
+                (g,) = torch.autograd.grad(
+                    G(Xk, th).sum(), Xk, create_graph=graph, allow_unused=True, materialize_grads=True
+                )
+                X = Xk - alpha * g if graph else (Xk - alpha * g).detach()
+        check_task_rows(
+            "the inner answers",
+            X,
+            "the learned step sizes made the inner loop diverge there: lower the initial step size "
+            "(init_lr, --inner-lr) or the meta learning rate",
+        )
+        B = mb.B
+        return bl.SolverResult(
+            x=X,
+            status=bl.SolverStatus.BUDGET,
+            n_iter=steps,
+            n_gev=steps,
+            problem_status=(bl.SolverStatus.BUDGET,) * B,
+            problem_n_iter=torch.full((B,), steps, dtype=torch.int64),
+        )
+
+    def inner_answers(self, inner: InnerSolver, mb: MetaBatch) -> bl.SolverResult:
+        """The B inner answers (no graph), with the learned step sizes."""
+        return self._path(inner, mb, mb.init(), mb.flat(self._steps(mb)), graph=False)
+
+    def apply(self, inner: InnerSolver, mb: MetaBatch) -> Outcome:
+        theta = {k: v.detach().requires_grad_(True) for k, v in mb.theta.items()}
+        steps = {k: v.detach().requires_grad_(True) for k, v in self._steps(mb).items()}
+        with torch.enable_grad():
+            res = self._path(inner, mb, mb.init(theta), mb.flat(steps), graph=True)
+            X: torch.Tensor = res.x  # type: ignore[assignment]
+            ql, qa = mb.query(X)
+            check_task_rows("the query losses", ql, _QUERY_NAN)
+            leaves = {**theta, **{STEP_PREFIX + k: v for k, v in steps.items()}}
+            grads = torch.autograd.grad(ql.sum(), list(leaves.values()), allow_unused=True)
+        return Outcome(or_zeros(leaves, grads), None, X.detach(), ql.detach(), qa, res.replace(x=X.detach()))
+
+
+MetaGradientKind = Union[Implicit, Unrolled, FirstOrder, ReptileStep, ReleasedCG, HeadOnly, LearnedSteps]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -376,6 +592,11 @@ class MetaAlgorithm:
         self.meta_gradient.check(self.inner, self.lam)
         if not self.lam >= 0:
             raise ValueError(f"MetaAlgorithm(lam={self.lam}): lam must be >= 0")
+
+    def meta_parameters(self, theta: Params) -> Params:
+        """The meta-parameters this algorithm learns beyond theta, at their start (Meta-SGD's step
+        sizes under ``"lr:<name>"``; ``{}`` for the others): add them to theta before training."""
+        return self.meta_gradient.meta_parameters(theta)
 
     def weight(self, lam: Any = None) -> ProximalWeight:
         """The proximal weight of a call: ``lam`` (`proximal.coerce`), else this algorithm's."""

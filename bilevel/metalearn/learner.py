@@ -1,4 +1,5 @@
-"""Meta-learning for any ``nn.Module`` with any ``torch.optim`` optimizer: IMAML, MAML, FOMAML, Reptile.
+"""Meta-learning for any ``nn.Module`` with any ``torch.optim`` optimizer: IMAML, MAML, FOMAML, Reptile,
+ANIL and Meta-SGD.
 
 The ``nn.Module`` workflow of learn2learn and higher, on the engine of `meta_gradient`: a learner
 holds the model and a `MetaAlgorithm`; `MetaLearner.step` computes the meta-gradient of a
@@ -43,7 +44,9 @@ from bilevel.solvers import GradientDescent
 
 from .algorithms import (
     FirstOrder,
+    HeadOnly,
     Implicit,
+    LearnedSteps,
     MetaAlgorithm,
     MetaStats,
     ReptileStep,
@@ -53,14 +56,16 @@ from .algorithms import (
 )
 from .batched import BatchedModel, batched_model
 from .evaluation import EvalResult, Run, evaluate_tasks
-from .metabatch import INNER_SOLVERS, InnerSolver
+from .metabatch import INNER_SOLVERS, STEP_PREFIX, InnerSolver
 from .models import LossFn, Params, make_functional, mse
 from .tasks import Task, check_finite, stack_tasks
 
-__all__ = ["FOMAML", "IMAML", "MAML", "AdaptedModel", "MetaLearner", "Reptile", "TaskType"]
+__all__ = ["ANIL", "FOMAML", "IMAML", "MAML", "AdaptedModel", "MetaLearner", "MetaSGD", "Reptile", "TaskType"]
 
 #: The default inner solver: 16 GD steps of 0.1, a fixed budget (the paper's Omniglot iMAML-GD).
 _DEFAULT_INNER = GradientDescent(lr=0.1, max_iter=16, tol=0.0)
+#: ANIL's default inner solver: 5 GD steps of 0.1 on the head (learn2learn's ANIL examples: 1-5 steps).
+_ANIL_INNER = GradientDescent(lr=0.1, max_iter=5, tol=0.0)
 #: ``"classification"`` (integer labels, cross-entropy) or ``"regression"`` (floating targets, MSE).
 TaskType = Literal["classification", "regression"]
 Tasks = Union[Task, Sequence[Task]]
@@ -334,6 +339,14 @@ class MetaLearner:
             )
         return theta
 
+    def _meta_extra(self) -> dict[str, nn.Parameter]:
+        """Meta-parameters beyond the model's, by theta-tree key (Meta-SGD's step sizes); ``{}``."""
+        return {}
+
+    def _engine_theta(self, theta: dict[str, nn.Parameter]) -> Params:
+        """What the engine reads as theta: the model's parameters and `_meta_extra`, detached."""
+        return {n: p.detach() for n, p in {**theta, **self._meta_extra()}.items()}
+
     def _batched(self, theta: dict[str, nn.Parameter]) -> BatchedModel:
         """The model's structure where every parameter is learned, else vmap (or a loop) of ``fn``."""
         if self._structured is not None and len(theta) == sum(1 for _ in self._model.parameters()):
@@ -510,14 +523,14 @@ class MetaLearner:
                 self._algorithm,
                 self._fn,
                 self._loss_of(kind),
-                {n: p.detach() for n, p in theta.items()},
+                self._engine_theta(theta),
                 batch,
                 classification=kind == "classification",
                 vectorize=self._vectorize,
                 batched=bm,
             )
         with torch.no_grad():
-            for n, p in theta.items():
+            for n, p in {**theta, **self._meta_extra()}.items():
                 if p.grad is None:
                     p.grad = g[n].detach().clone()
                 else:
@@ -551,7 +564,7 @@ class MetaLearner:
                 algorithm,
                 self._fn,
                 self._loss_of(kind),
-                {n: p.detach() for n, p in theta.items()},
+                self._engine_theta(theta),
                 batch.support_x,
                 batch.support_y,
                 vectorize=self._vectorize,
@@ -601,7 +614,7 @@ class MetaLearner:
         theta = self._theta()
         return Run(
             model_fn=self._fn,
-            params={n: p.detach() for n, p in theta.items()},
+            params=self._engine_theta(theta),
             algorithm=self._algorithm_for(inner, f"{type(self).__name__}.as_run"),
             loss=self._loss_of(kind),
             classification=kind == "classification",
@@ -761,3 +774,163 @@ class Reptile(_SolveOnly):
     """
 
     kind = ReptileStep()
+
+
+def _linear_head(who: str, model: nn.Module, head: Any) -> str:
+    """The name of ANIL's head: ``head`` if it names an ``nn.Linear`` of ``model``, else (``None``)
+    the module owning the model's last parameter, which must be an ``nn.Linear``.
+
+    Raises:
+        TypeError: ``head`` is not a string or ``None``.
+        ValueError: no such ``nn.Linear`` (the message lists the model's Linear layers).
+    """
+    if head is not None and not isinstance(head, str):
+        raise TypeError(f"{who}(head={head!r}): name the head module (a string), or None for the last layer")
+    modules = dict(model.named_modules())
+    linear = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+    if head is None:
+        names = [n for n, _ in model.named_parameters()]
+        head = names[-1].rpartition(".")[0] if names else ""
+        if not isinstance(modules.get(head), nn.Linear):
+            raise ValueError(
+                f"{who}: the model's last parameter belongs to {head!r}, not an nn.Linear; name the head "
+                f"layer, one of {linear}, as head=..."
+            )
+        return head
+    if not isinstance(modules.get(head), nn.Linear):
+        what = (
+            "is not a module of the model" if head not in modules else f"is a {type(modules[head]).__name__}"
+        )
+        raise ValueError(f"{who}(head={head!r}): {what}; the head must be an nn.Linear, one of {linear}")
+    return head
+
+
+class ANIL(MetaLearner):
+    """ANIL (Raghu et al. 2020): MAML with the inner loop on the head alone, the body frozen.
+
+    ``inner.max_iter`` GD steps of ``inner.lr`` adapt only the head (a ``Linear`` layer that must be
+    the model's last operation); the body's features of each task's support and query sets are
+    computed once.  The meta-gradient is autograd through that path, in every trainable parameter
+    (`HeadOnly`).
+
+    Args:
+        model: as in `MetaLearner`.
+        head: the head's module name (``"head"`` of a `ConvNet`, ``"net.fc2"`` of the sinusoid
+            `MLP`); ``None``: the module owning the model's last parameter, which must be an
+            ``nn.Linear``.
+        inner: fixed-step `GradientDescent` (``tol=0``, no line search); default 5 steps of 0.1.
+        task_type, loss, vectorize: as in `MetaLearner`.
+
+    Raises:
+        TypeError: ``head`` not a string, ``inner`` not a `GradientDescent`, or as in `MetaLearner`.
+        ValueError: ``head`` not an ``nn.Linear`` of the model, ``inner`` with a tolerance or a
+            line search, or as in `MetaLearner`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        head: str | None = None,
+        inner: GradientDescent = _ANIL_INNER,
+        task_type: TaskType | None = None,
+        loss: LossFn | None = None,
+        vectorize: bool = True,
+    ) -> None:
+        who = type(self).__name__
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{who}(model={type(model).__name__}): expected a torch.nn.Module")
+        name = _linear_head(who, model, head)
+        _inner_solver(who, inner, (GradientDescent,))
+        if inner.tol or inner.line_search is not None:
+            raise ValueError(
+                f"{who}(inner={inner!r}): ANIL differentiates through a fixed inner path; give "
+                "GradientDescent(lr=..., max_iter=..., tol=0.0, line_search=None)"
+            )
+        algo = MetaAlgorithm(inner, HeadOnly(name), 0.0)
+        super().__init__(model, algo, task_type=task_type, loss=loss, vectorize=vectorize)
+
+    @property
+    def head(self) -> str:
+        """The head module's name."""
+        mg = self.algorithm.meta_gradient
+        assert isinstance(mg, HeadOnly) and mg.head is not None
+        return mg.head
+
+    def _config(self) -> str:
+        return f"head={self.head!r}, inner={self.algorithm.inner!r}"
+
+
+class MetaSGD(MetaLearner):
+    """Meta-SGD (Li et al. 2017): GD with a learned step size per parameter entry, meta-learned with theta.
+
+    ``steps`` inner steps phi <- phi - alpha * grad Lhat(phi) (elementwise; one step in the paper),
+    alpha shaped like each trainable parameter and starting at ``lr`` (`LearnedSteps`).  The step
+    sizes are meta-parameters: `step_sizes` holds them as ``nn.Parameter``, `step` fills their
+    ``.grad`` with the model's, and `parameters` yields both, for the optimizer::
+
+        learner = MetaSGD(model, lr=0.4, steps=1)
+        opt = torch.optim.Adam(learner.parameters(), lr=1e-3)
+
+    Args:
+        model: as in `MetaLearner`.
+        lr: every step size's initial value (finite, > 0).
+        steps: inner steps (>= 0).
+        task_type, loss, vectorize: as in `MetaLearner`.
+
+    Raises:
+        TypeError: ``lr`` not a number, ``steps`` not an int, or as in `MetaLearner`.
+        ValueError: ``lr`` not finite and > 0, ``steps`` negative, or as in `MetaLearner`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        lr: float = 0.1,
+        steps: int = 1,
+        task_type: TaskType | None = None,
+        loss: LossFn | None = None,
+        vectorize: bool = True,
+    ) -> None:
+        who = type(self).__name__
+        lr = _number(who, "lr", lr, positive=True)
+        steps = _count(who, "steps", steps)
+        algo = MetaAlgorithm(GradientDescent(lr=lr, max_iter=steps, tol=0.0), LearnedSteps(lr), 0.0)
+        super().__init__(model, algo, task_type=task_type, loss=loss, vectorize=vectorize)
+        theta = {n: p.detach() for n, p in self._theta().items()}
+        self._steps = {k[len(STEP_PREFIX) :]: nn.Parameter(v) for k, v in algo.meta_parameters(theta).items()}
+
+    @property
+    def step_sizes(self) -> dict[str, nn.Parameter]:
+        """The learned step sizes by parameter name, each shaped like its parameter."""
+        return dict(self._steps)
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """The model's trainable parameters, then the step sizes: what the optimizer steps."""
+        yield from self._theta().values()
+        yield from self._steps.values()
+
+    def _meta_extra(self) -> dict[str, nn.Parameter]:
+        """The step sizes under their theta-tree keys, refused where they no longer fit the model.
+
+        Raises:
+            ValueError: a parameter moved to another device or dtype (or was resized) after the
+                learner was built: the step sizes, built with the learner, did not follow.
+        """
+        for n, p in self._theta().items():
+            a = self._steps.get(n)
+            if a is None or a.shape != p.shape or a.device != p.device or a.dtype != p.dtype:
+                have = "none" if a is None else f"{tuple(a.shape)} {a.dtype} on {a.device}"
+                raise ValueError(
+                    f"MetaSGD: parameter {n!r} is {tuple(p.shape)} {p.dtype} on {p.device} but its step "
+                    f"sizes are {have}: build the learner after moving or changing the model (model.to(...))"
+                )
+        return {STEP_PREFIX + k: v for k, v in self._steps.items()}
+
+    def _config(self) -> str:
+        mg = self.algorithm.meta_gradient
+        assert isinstance(mg, LearnedSteps)
+        inner = self.algorithm.inner
+        assert isinstance(inner, GradientDescent)
+        return f"lr={mg.init_lr}, steps={inner.max_iter}"

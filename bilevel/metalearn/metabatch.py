@@ -32,6 +32,7 @@ from .tasks import Task
 __all__ = [
     "GRADIENT_ONLY",
     "INNER_SOLVERS",
+    "STEP_PREFIX",
     "InnerSolver",
     "MetaBatch",
     "batched_solver",
@@ -39,12 +40,29 @@ __all__ = [
     "checked",
     "divergence_remedies",
     "or_zeros",
+    "step_size_summary",
 ]
 
 #: The inner solvers a meta-batch runs (in their batched mode).
 InnerSolver = Union[GradientDescent, Nesterov, NewtonCG, TrustRegionNewtonCG]
 #: The classes of `InnerSolver`, for the checks at construction.
 INNER_SOLVERS: tuple[type, ...] = (GradientDescent, Nesterov, NewtonCG, TrustRegionNewtonCG)
+#: The theta-tree key prefix of a learned per-parameter inner step size (Meta-SGD): ``"lr:<name>"``
+#: holds the step sizes of parameter ``<name>``, shaped like it.  They are meta-parameters (trained,
+#: checkpointed and all-reduced with theta) but not model parameters: `MetaBatch` keeps them apart.
+STEP_PREFIX = "lr:"
+
+
+def step_size_summary(theta: Params) -> dict[str, float] | None:
+    """The learned step sizes of a theta tree for a log: their mean per parameter name (one device
+    read); ``None`` where theta holds none."""
+    steps = {k[len(STEP_PREFIX) :]: v for k, v in theta.items() if k.startswith(STEP_PREFIX)}
+    if not steps:
+        return None
+    means = torch.stack([v.detach().double().mean() for v in steps.values()]).tolist()
+    return dict(zip(steps, means))
+
+
 #: Inner solvers that take gradients of G only (no HVPs): the model's fused losses may serve them.
 GRADIENT_ONLY: tuple[type, ...] = (GradientDescent, Nesterov)
 
@@ -77,7 +95,8 @@ class MetaBatch:
     in ``theta``'s order): the solvers update it in one op per step, the proximal term is one
     row-wise product, and the model reads per-tensor views of it (`unflat`).  The objectives
     take ``X`` and a theta tree that may carry learned lam values under ``"lam:<name>"`` (per
-    tensor) or ``"lam:"`` (shared).
+    tensor) or ``"lam:"`` (shared).  Learned inner step sizes in ``theta`` (keys ``"lr:<name>"``,
+    `STEP_PREFIX`) are kept apart in `step_sizes`, by parameter name.
     """
 
     def __init__(
@@ -93,7 +112,11 @@ class MetaBatch:
         self.loss = loss
         self.classification = classification
         self.batch = batch
-        self.theta = {k: v.detach() for k, v in theta.items()}
+        self.theta = {k: v.detach() for k, v in theta.items() if not k.startswith(STEP_PREFIX)}
+        #: learned per-parameter inner step sizes by parameter name (Meta-SGD), detached; {} if none
+        self.step_sizes = {
+            k[len(STEP_PREFIX) :]: v.detach() for k, v in theta.items() if k.startswith(STEP_PREFIX)
+        }
         self.names = list(self.theta)
         self.shapes = [tuple(v.shape) for v in self.theta.values()]
         self.sizes = [v.numel() for v in self.theta.values()]

@@ -12,7 +12,10 @@ replaces their inner GD by accelerated GD (`bilevel.solvers.Nesterov`); ``"trust
 replaces imaml-hf's line-search Newton-CG (the paper's) by trust-region Newton-CG
 (`bilevel.solvers.TrustRegionNewtonCG`).  ``imaml-released`` is the authors' released code
 (`ReleasedCG`, with ``damping`` as its ``regu_coef``; the released value is 1), not the paper's
-method.  Every other setting is shared, for apples-to-apples comparisons.
+method.  ``anil`` is MAML with the inner loop on the head alone (the model's last linear layer;
+the body's features once per task), ``meta-sgd`` MAML with a learned step size per parameter entry
+(``inner_lr`` is their initial value).  Every other setting is shared, for apples-to-apples
+comparisons.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from bilevel.solvers import GradientDescent, Nesterov, NewtonCG, StepHalving, Tr
 
 from .gradients import (
     FirstOrder,
+    HeadOnly,
     Implicit,
+    LearnedSteps,
     MetaAlgorithm,
     MetaGradientKind,
     ReleasedCG,
@@ -266,6 +271,20 @@ ALGORITHMS: dict[str, AlgorithmEntry] = {
             lambda s: ReleasedCG(s.cg_iters, s.damping),
             {"backtrack": "imaml-released runs the released code's fixed-step loop: drop backtrack"},
         ),
+        AlgorithmEntry(
+            "anil",
+            _GD,
+            {"gd": _fixed_gd},
+            lambda s: HeadOnly(),
+            {"backtrack": "anil differentiates through a fixed inner path of the head: drop backtrack"},
+        ),
+        AlgorithmEntry(
+            "meta-sgd",
+            _GD,
+            {"gd": _fixed_gd},
+            lambda s: LearnedSteps(s.inner_lr),
+            {"backtrack": "meta-sgd learns its inner step sizes along a fixed inner path: drop backtrack"},
+        ),
     )
 }
 
@@ -293,8 +312,10 @@ def make_algorithm(name: str, **settings: Any) -> MetaAlgorithm:
     """The `MetaAlgorithm` of algorithm ``name`` (an `ALGORITHMS` entry) with these `Settings`.
 
     Args:
-        name: ``imaml-gd``, ``imaml-hf``, ``maml``, ``fomaml``, ``reptile`` or ``imaml-released``.
-        **settings: `Settings` fields: ``inner_steps``, ``inner_lr``, ``lam``, ``cg_iters``,
+        name: ``imaml-gd``, ``imaml-hf``, ``maml``, ``fomaml``, ``reptile``, ``imaml-released``,
+            ``anil`` or ``meta-sgd``.
+        **settings: `Settings` fields: ``inner_steps``, ``inner_lr`` (Meta-SGD: the learned step
+            sizes' initial value), ``lam``, ``cg_iters``,
             ``newton_iters``, ``damping``, ``cg_warm_start``, ``inner_tol``, ``backtrack``,
             ``inner_solver``.
 

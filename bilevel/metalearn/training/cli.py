@@ -152,7 +152,12 @@ def _outer_flags(t: argparse.ArgumentParser, d: TrainConfig) -> None:
 def _inner_flags(t: argparse.ArgumentParser, d: TrainConfig) -> None:
     """The inner solver, iMAML's lambda and its meta-gradient system."""
     t.add_argument("--inner-steps", type=int, default=None, help=f"inner GD steps (default {d.inner_steps})")
-    t.add_argument("--inner-lr", type=float, default=None, help=f"inner GD step size (default {d.inner_lr})")
+    t.add_argument(
+        "--inner-lr",
+        type=float,
+        default=None,
+        help=f"inner GD step size; meta-sgd: its learned step sizes' initial value (default {d.inner_lr})",
+    )
     t.add_argument(
         "--eval-inner-steps",
         type=int,

@@ -136,7 +136,8 @@ class TrainConfig:
     """Everything that defines a meta-training run (saved with it).
 
     Attributes:
-        algo: one of ``imaml-gd``, ``imaml-hf``, ``maml``, ``fomaml``, ``reptile``.
+        algo: one of ``imaml-gd``, ``imaml-hf``, ``maml``, ``fomaml``, ``reptile``, ``imaml-released``,
+            ``anil``, ``meta-sgd`` (`ALGOS`).
         dataset: ``omniglot``, ``sinusoid``, ``miniimagenet`` or ``folder``.
         ways, shots, queries: the task format (queries per class; for sinusoid, points).
         meta_steps, meta_batch, meta_lr: outer loop (Adam).
@@ -409,19 +410,23 @@ class Preset:
         paper: the paper's settings (Appendix F.2), for every algorithm without a measured entry.
         measured: per algorithm, the settings that measurements on this project's machines chose
             (`benchmarks/RESULTS.md`), replacing the paper's; empty where none were made.
+        published: per algorithm whose own paper is not iMAML's, the settings of its published
+            examples (not measured here), replacing iMAML's paper's; a measured entry wins.
     """
 
     task: dict[str, Any]
     paper: dict[str, Any]
     measured: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    published: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def values(self, algo: str) -> dict[str, Any]:
         """The `TrainConfig` fields this preset sets for ``algo``."""
-        return {**self.task, **self.paper, **self.measured.get(algo, {})}
+        return {**self.task, **self.paper, **self.published.get(algo, {}), **self.measured.get(algo, {})}
 
     def as_paper(self) -> Preset:
-        """The same task with the paper's settings for every algorithm."""
-        return Preset(self.task, self.paper)
+        """The same task with the paper's settings for every algorithm (its own paper's, for those
+        with published settings)."""
+        return Preset(self.task, self.paper, published=self.published)
 
 
 # The outer loop every measured Omniglot 5-way 1-shot run shared (imaml-gd, first-order MAML and MAML
@@ -430,6 +435,15 @@ _OUTER = dict(meta_batch=16, meta_lr=1e-3, lr_schedule="constant", init="torch")
 # What the measured imaml-gd (all but its inner step count) and first-order MAML presets share.
 _IMAML_GD = dict(inner_lr=0.1, lam=0.5, backtrack=True, cg_iters=5, clip_grad_norm=1.0, **_OUTER)
 _FOMAML = dict(inner_steps=5, inner_lr=0.4, eval_inner_steps=10, **_OUTER)
+
+# ANIL and Meta-SGD on image tasks, from their published examples (not measured here).  ANIL:
+# learn2learn's examples/vision/anil_fc100.py (head step 0.1, 5 steps, Adam 1e-3, 32 tasks per
+# meta-step).  Meta-SGD: one inner step as in Li et al. 2017 (Omniglot: Adam 1e-3), the step sizes
+# starting at 0.4, the MAML step measured best here (``omniglot-5w1s``: 1 step of 0.4) and near
+# learn2learn's examples/vision/maml_omniglot.py (0.5), so that Meta-SGD starts from MAML's path.
+_ANIL = dict(inner_steps=5, inner_lr=0.1, meta_batch=32, meta_lr=1e-3)
+_META_SGD = dict(inner_steps=1, inner_lr=0.4, meta_batch=32, meta_lr=1e-3)
+_IMAGES = {"anil": _ANIL, "meta-sgd": _META_SGD}
 
 #: Keys are ``--preset`` names.  ``omniglot-5w1s`` holds the settings measured best here for imaml-gd
 #: (lam 0.5 with backtracking, against the paper's lam 2 without it, which stalled; Adam 1e-3 on a
@@ -449,9 +463,10 @@ _PRESETS: dict[str, Preset] = {
             "fomaml": _FOMAML,
             "maml": dict(inner_steps=1, inner_lr=0.4, **_OUTER),
         },
+        _IMAGES,
     ),
     "omniglot-5w5s": Preset(
-        dict(dataset="omniglot", ways=5, shots=5), dict(inner_steps=16, lam=2.0, cg_iters=5)
+        dict(dataset="omniglot", ways=5, shots=5), dict(inner_steps=16, lam=2.0, cg_iters=5), {}, _IMAGES
     ),
     "omniglot-20w1s": Preset(
         dict(dataset="omniglot", ways=20, shots=1),
@@ -460,16 +475,21 @@ _PRESETS: dict[str, Preset] = {
             "imaml-gd": {**_IMAML_GD, "inner_steps": 25},
             "fomaml": _FOMAML,
         },
+        _IMAGES,
     ),
     "omniglot-20w5s": Preset(
-        dict(dataset="omniglot", ways=20, shots=5), dict(inner_steps=25, lam=2.0, cg_iters=5)
+        dict(dataset="omniglot", ways=20, shots=5), dict(inner_steps=25, lam=2.0, cg_iters=5), {}, _IMAGES
     ),
     "miniimagenet-5w1s": Preset(
-        dict(dataset="miniimagenet", ways=5, shots=1), dict(inner_steps=10, lam=0.5, cg_iters=5)
+        dict(dataset="miniimagenet", ways=5, shots=1), dict(inner_steps=10, lam=0.5, cg_iters=5), {}, _IMAGES
     ),
     "sinusoid-5s": Preset(
         dict(dataset="sinusoid", ways=1, shots=5, queries=10),
         dict(inner_steps=10, inner_lr=0.01, lam=2.0, meta_batch=10),
+        # learn2learn's examples/maml_sine.py (5 steps of 0.01) for ANIL's head; one step for
+        # Meta-SGD (Li et al. 2017), its step sizes starting at that 0.01
+        {},
+        {"anil": dict(inner_steps=5, inner_lr=0.01), "meta-sgd": dict(inner_steps=1, inner_lr=0.01)},
     ),
 }
 PRESETS: dict[str, Preset] = {

@@ -270,6 +270,8 @@ def build_experiment(
         test = TaskSampler(
             data.test, cfg.ways, cfg.shots, cfg.queries, seed=cfg.seed, eval_seed=cfg.seed + 1, dtype=dt
         )
+    # meta-parameters the algorithm learns beyond the model's (Meta-SGD's step sizes)
+    theta = {**theta, **cfg.algorithm().meta_parameters(theta)}
     if cfg.task_pool:
         train = TaskPool(train, cfg.task_pool)
     loss, classification = _loss(cfg)
@@ -352,19 +354,22 @@ def load_run(
     with torch.random.fork_rng(devices=[]):  # building the module draws from the global generator
         model = _architecture(cfg, None if shape is None else (int(shape[0]), int(shape[1]), int(shape[2])))
     theta: dict[str, torch.Tensor] = ck["theta"]
-    diff = shape_mismatch(dict(model.named_parameters()), theta)
+    algorithm = cfg.algorithm(evaluation=True)
+    # the model's parameters and those the algorithm learns beyond them (Meta-SGD's step sizes)
+    model_params = {n: p.detach() for n, p in model.named_parameters()}
+    wanted = {**model_params, **algorithm.meta_parameters(model_params)}
+    diff = shape_mismatch(wanted, theta)
     if diff:
         raise CheckpointError(
             f"load_run({str(checkpoint_path)!r}): the checkpoint's parameters do not fit the "
             f"{cfg.dataset} model of its configuration ({cfg.ways}-way); they differ at {diff[:3]}"
         )
-    algorithm = cfg.algorithm(evaluation=True)
     # the saved lambda, or the evaluation algorithm's own where it is not learned
     lam = lam_from_config(cfg.learn_lam, cfg.lam, list(theta), leaves=ck["log_lam"]).resolve(algorithm.lam)
     loss, classification = _loss(cfg)
     return Run(
         model_fn=make_functional(model)[0],
-        params={n: theta[n] for n, _ in model.named_parameters()},
+        params={n: theta[n] for n in wanted},
         algorithm=algorithm,
         loss=loss,
         classification=classification,

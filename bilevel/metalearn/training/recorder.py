@@ -22,6 +22,7 @@ import torch
 
 from ... import BilevelWarning
 from ..algorithms import Implicit, MetaStats
+from ..metabatch import step_size_summary
 from .checkpoint import atomic_json, save_checkpoint, strict_json
 from .config import IMAML_ALGOS, TrainConfig
 from .console import Console
@@ -164,6 +165,10 @@ def banner(cfg: TrainConfig, exp: Experiment, device: torch.device, world: int) 
         inner = f"{cfg.inner_steps} GD steps of {cfg.inner_lr:g}" + (
             " (backtracking)" if cfg.backtrack else ""
         )
+    if cfg.algo == "anil":
+        inner += " on the head alone (the body's features once per task)"
+    if cfg.algo == "meta-sgd":
+        inner = f"{cfg.inner_steps} GD steps of learned per-parameter step sizes from {cfg.inner_lr:g}"
     if cfg.algo in IMAML_ALGOS:
         lam = "learned " + cfg.learn_lam + f" from {cfg.lam:g}" if cfg.learn_lam != "none" else f"{cfg.lam:g}"
         inner += f", lambda {lam}, {cfg.cg_iters} CG steps" + (
@@ -316,6 +321,9 @@ class Recorder:
         lam = state.lam.values()
         if lam is not None:
             entry["lam"] = lam
+        steps = step_size_summary(state.theta)
+        if steps is not None:  # Meta-SGD's learned step sizes, mean per parameter
+            entry["inner_lr"] = steps
         self.history["steps"].append(entry)
         self._write(entry)
 

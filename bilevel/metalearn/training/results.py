@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..metabatch import step_size_summary
 from .checkpoint import atomic_json, keep_earlier
 from .config import TrainConfig
 from .console import Console
@@ -107,6 +108,10 @@ def final_metrics(
     lam = state.lam.values()
     if lam is not None:
         metrics["lam"] = lam
+    steps = step_size_summary(state.theta)
+    if steps is not None:  # Meta-SGD's learned step sizes, mean per parameter
+        metrics["inner_lr"] = steps
+        console.line("learned inner step sizes (mean per parameter): " + _steps_line(steps))
     path = Path(cfg.out) / "metrics.json"
     kept = keep_earlier(path)
     if kept is not None:
@@ -114,3 +119,8 @@ def final_metrics(
         console.line(f"kept the earlier metrics.json as {kept}")
     atomic_json(metrics, path)
     return metrics
+
+
+def _steps_line(steps: dict[str, float]) -> str:
+    """Learned step sizes as ``name mean, ...`` for the console."""
+    return ", ".join(f"{k} {v:.4g}" for k, v in steps.items())
