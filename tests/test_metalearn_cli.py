@@ -14,11 +14,13 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
+from bilevel import BilevelWarning
 from bilevel.metalearn import TrainConfig, load_checkpoint, train
 from bilevel.metalearn.training.cli import main
 from bilevel.metalearn.training.console import Console
@@ -289,7 +291,9 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
 def test_a_crossed_threshold_warns_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The library's warnings reach a command-line user as ``warning: ...``, without a source line."""
     argv = [*SINE, "--algo", "imaml-gd", "--inner-steps", "3", "--meta-steps", "2", "--meta-batch", "4"]
-    assert main([*argv, "--no-progress", "--out", str(tmp_path / "run")]) == 0
+    with warnings.catch_warnings():  # a fresh process's registry: an earlier test may have warned alike
+        warnings.simplefilter("always", BilevelWarning)
+        assert main([*argv, "--no-progress", "--out", str(tmp_path / "run")]) == 0
     err = capsys.readouterr().err
     warned = [ln for ln in err.splitlines() if ln.startswith("warning: ")]
     assert warned and all("imaml-gd: meta-step" in ln for ln in warned), err
