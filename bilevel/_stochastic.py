@@ -366,7 +366,9 @@ class _Oracles:
             (c,) = torch.autograd.grad(g, xr, u.view(self.zshape), allow_unused=True)
         return torch.zeros_like(x) if c is None else c.reshape(-1)
 
-    def outer_grads(self, z: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def outer_grads(
+        self, z: torch.Tensor, x: torch.Tensor, idx: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """grad_z F and grad_x F on the outer batch idx, flat."""
         with torch.enable_grad():
             zr, xr = self._vars(z, x)
@@ -410,7 +412,9 @@ def _check_finite(state: _State, what: str, oracle: str, *values: torch.Tensor) 
         return
     if all(bool(torch.isfinite(val).all()) for val in values):
         return
-    _check_iterates(state, before=f"{state.who}: the {oracle} oracle's {what} is NaN or infinite at iteration {state.t}")
+    _check_iterates(
+        state, before=f"{state.who}: the {oracle} oracle's {what} is NaN or infinite at iteration {state.t}"
+    )
     raise NonFiniteError(
         f"{state.who}: the {oracle} oracle's {what} is NaN or infinite at iteration {state.t}, where "
         f"the iterates are finite and moderate (||z|| = {float(state.z.norm()):.3g}, ||v|| = "
@@ -420,26 +424,41 @@ def _check_finite(state: _State, what: str, oracle: str, *values: torch.Tensor) 
 
 
 def _check_iterates(state: _State, before: str = "") -> None:
-    """Raise `ConvergenceError` if an iterate is non-finite or its norm exceeds max_norm * scale."""
+    """Raise `ConvergenceError` if an iterate is non-finite or its norm exceeds max_norm * scale.
+
+    Every iterate over the limit is named with the step size that moves it (checked at every
+    iteration on the CPU, the first to blow up is usually alone; a diverging x drags z along).
+    """
     limit = state.max_norm * state.scale
-    for name, t in (("z", state.z), ("v", state.v), ("x", state.x)):
-        norm = float(torch.linalg.vector_norm(t))
-        if not math.isfinite(norm) or norm > limit:
-            cause = f"{before}; " if before else ""
-            if math.isfinite(norm):
-                raise ConvergenceError(
-                    f"{cause}{state.who} diverged at iteration {state.t}: ||{name}|| = {norm:.3g} (limit "
-                    f"max_norm * (1 + initial norms) = {limit:.3g}); lower {state.lr_names[name]}"
-                )
-            raise ConvergenceError(
-                f"{cause}{state.who}: {name} is NaN or infinite at iteration {state.t}: the iterates "
-                f"diverged (lower {state.lr_names[name]}) or an oracle returned NaN (the oracles are "
-                "checked at every iteration on the CPU only: rerun there to find which)"
-            )
+    norms = torch.stack([torch.linalg.vector_norm(t) for t in (state.z, state.v, state.x)]).tolist()
+    bad = [(name, norm) for name, norm in zip("zvx", norms) if not (math.isfinite(norm) and norm <= limit)]
+    if not bad:
+        return
+    cause = f"{before}; " if before else ""
+    which = ", ".join(f"||{name}|| = {norm:.3g}" for name, norm in bad)
+    lower = " and ".join(dict.fromkeys(state.lr_names[name] for name, _ in bad))
+    nan = (
+        ""
+        if state.checks or all(math.isfinite(norm) for _, norm in bad)
+        else (
+            " (or an oracle returned NaN: the oracles are checked at every iteration on the CPU only; "
+            "rerun there to find which)"
+        )
+    )
+    raise ConvergenceError(
+        f"{cause}{state.who} diverged at iteration {state.t}: {which} (limit max_norm * (1 + "
+        f"initial norms) = {limit:.3g}); lower {lower}{nan}"
+    )
 
 
-def _validate_common(who: str, lrs: dict[str, float], batch_size: int, outer_batch_size: int | None,
-                     schedules: dict[str, object], max_norm: float) -> None:
+def _validate_common(
+    who: str,
+    lrs: dict[str, float],
+    batch_size: int,
+    outer_batch_size: int | None,
+    schedules: dict[str, object],
+    max_norm: float,
+) -> None:
     for name, lr in lrs.items():
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
             raise ValueError(f"{who}({name}={lr!r}): the step size must be a finite number > 0")
@@ -450,7 +469,9 @@ def _validate_common(who: str, lrs: dict[str, float], batch_size: int, outer_bat
             raise ValueError(f"{who}({name}={b!r}): the batch size must be an int >= 1")
     for name, s in schedules.items():
         if not callable(s):
-            raise TypeError(f"{who}({name}={s!r}): expected a schedule t -> factor, e.g. Constant() or Decay(0.5)")
+            raise TypeError(
+                f"{who}({name}={s!r}): expected a schedule t -> factor, e.g. Constant() or Decay(0.5)"
+            )
     if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm > 0:
         raise ValueError(f"{who}(max_norm={max_norm!r}): max_norm must be a number > 0")
 
@@ -488,7 +509,12 @@ def _start(
     ob = batch_size if outer_batch_size is None else outer_batch_size
     for name, b, n, level in (
         ("batch_size", batch_size, problem.n_inner, "n_inner"),
-        ("outer_batch_size" if outer_batch_size is not None else "batch_size", ob, problem.n_outer, "n_outer"),
+        (
+            "outer_batch_size" if outer_batch_size is not None else "batch_size",
+            ob,
+            problem.n_outer,
+            "n_outer",
+        ),
     ):
         if b > n:
             raise ValueError(
@@ -528,7 +554,9 @@ def _drive(
     who = state.who
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
         raise ValueError(f"{who}.run(max_iter={max_iter!r}): max_iter must be an int >= 0")
-    if eval_every is not None and (isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1):
+    if eval_every is not None and (
+        isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1
+    ):
         raise ValueError(f"{who}.run(eval_every={eval_every!r}): eval_every must be an int >= 1 or None")
     if time_limit is not None and not (isinstance(time_limit, (int, float)) and time_limit > 0):
         raise ValueError(f"{who}.run(time_limit={time_limit!r}): time_limit must be a number of seconds > 0")
@@ -579,7 +607,7 @@ def _drive(
     while not stop and state.t < max_iter:
         step(state)
         state.t += 1
-        if state.t % check_every == 0:
+        if state.checks or state.t % check_every == 0:
             _check_iterates(state)
         if eval_every is not None and state.t % eval_every == 0:
             elapsed += time.perf_counter() - tic
@@ -660,7 +688,8 @@ class SOBA:
             (`Constant` or `Decay`).
         max_norm: divergence threshold on the iterates' norms, relative to
             1 + ||z0|| + ||x0||.
-        check_every: iterations between divergence checks (each reads the norms on the host).
+        check_every: iterations between divergence checks on an accelerator (each reads the
+            norms on the host); on the CPU, where reading is free, every iteration is checked.
 
     Raises:
         ValueError, TypeError: a step size <= 0, a batch size < 1, a schedule that is not callable.
@@ -677,8 +706,11 @@ class SOBA:
 
     def __post_init__(self) -> None:
         _validate_common(
-            "SOBA", {"inner_lr": self.inner_lr, "outer_lr": self.outer_lr}, self.batch_size,
-            self.outer_batch_size, {"inner_schedule": self.inner_schedule, "outer_schedule": self.outer_schedule},
+            "SOBA",
+            {"inner_lr": self.inner_lr, "outer_lr": self.outer_lr},
+            self.batch_size,
+            self.outer_batch_size,
+            {"inner_schedule": self.inner_schedule, "outer_schedule": self.outer_schedule},
             self.max_norm,
         )
         _check_every("SOBA", self.check_every)
@@ -696,8 +728,17 @@ class SOBA:
         time_limit: float | None = None,
         metric: Metric | None = None,
     ) -> StochasticResult:
-        state = _start("SOBA", problem, z0, x0, self.batch_size, self.outer_batch_size, seed,
-                       {"z": "inner_lr", "v": "inner_lr", "x": "outer_lr"}, self.max_norm)
+        state = _start(
+            "SOBA",
+            problem,
+            z0,
+            x0,
+            self.batch_size,
+            self.outer_batch_size,
+            seed,
+            {"z": "inner_lr", "v": "inner_lr", "x": "outer_lr"},
+            self.max_norm,
+        )
         ora = state.oracles
         inner_lr, outer_lr = float(self.inner_lr), float(self.outer_lr)
         inner_schedule, outer_schedule = self.inner_schedule, self.outer_schedule
@@ -717,8 +758,16 @@ class SOBA:
                 s.v.add_(hvp, alpha=-rho * si).add_(gz, alpha=-rho * so)
                 s.x.add_(cross, alpha=-gamma * si).add_(gx, alpha=-gamma * so)
 
-        return _drive(state, step, max_iter=max_iter, callback=callback, eval_every=eval_every,
-                      time_limit=time_limit, metric=metric, check_every=self.check_every)
+        return _drive(
+            state,
+            step,
+            max_iter=max_iter,
+            callback=callback,
+            eval_every=eval_every,
+            time_limit=time_limit,
+            metric=metric,
+            check_every=self.check_every,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -758,8 +807,11 @@ class SABA:
 
     def __post_init__(self) -> None:
         _validate_common(
-            "SABA", {"inner_lr": self.inner_lr, "outer_lr": self.outer_lr}, self.batch_size,
-            self.outer_batch_size, {"inner_schedule": self.inner_schedule, "outer_schedule": self.outer_schedule},
+            "SABA",
+            {"inner_lr": self.inner_lr, "outer_lr": self.outer_lr},
+            self.batch_size,
+            self.outer_batch_size,
+            {"inner_schedule": self.inner_schedule, "outer_schedule": self.outer_schedule},
             self.max_norm,
         )
         _check_every("SABA", self.check_every)
@@ -777,8 +829,17 @@ class SABA:
         time_limit: float | None = None,
         metric: Metric | None = None,
     ) -> StochasticResult:
-        state = _start("SABA", problem, z0, x0, self.batch_size, self.outer_batch_size, seed,
-                       {"z": "inner_lr", "v": "inner_lr", "x": "outer_lr"}, self.max_norm)
+        state = _start(
+            "SABA",
+            problem,
+            z0,
+            x0,
+            self.batch_size,
+            self.outer_batch_size,
+            seed,
+            {"z": "inner_lr", "v": "inner_lr", "x": "outer_lr"},
+            self.max_norm,
+        )
         ora = state.oracles
         dz, dx = state.z.numel(), state.x.numel()
         # One table per level, the level's terms side by side in a row: [grad_z G | Hv | cross v]
@@ -790,7 +851,9 @@ class SABA:
         inner_lr, outer_lr = float(self.inner_lr), float(self.outer_lr)
         inner_schedule, outer_schedule = self.inner_schedule, self.outer_schedule
 
-        def saga(mem: torch.Tensor, avg: torch.Tensor, new: torch.Tensor, j: int, w: float, s: float) -> torch.Tensor:
+        def saga(
+            mem: torch.Tensor, avg: torch.Tensor, new: torch.Tensor, j: int, w: float, s: float
+        ) -> torch.Tensor:
             diff = new - mem[j]
             direction = torch.add(avg, diff, alpha=s)
             avg.add_(diff, alpha=w)
@@ -805,7 +868,9 @@ class SABA:
             gz, gx = ora.outer_grads(s.z, s.x, s.outer.batches[k])
             _check_finite(s, "gradient", "outer", gz, gx)
             with torch.no_grad():
-                d_in = saga(mem_in, avg_in, torch.cat((g, hvp, cross)), j, s.inner.weights[j], s.inner.scales[j])
+                d_in = saga(
+                    mem_in, avg_in, torch.cat((g, hvp, cross)), j, s.inner.weights[j], s.inner.scales[j]
+                )
                 d_out = saga(mem_out, avg_out, torch.cat((gz, gx)), k, s.outer.weights[k], s.outer.scales[k])
                 rho = inner_lr * inner_schedule(s.t)
                 gamma = outer_lr * outer_schedule(s.t)
@@ -813,8 +878,16 @@ class SABA:
                 s.v.add_(d_in[dz : 2 * dz] + d_out[:dz], alpha=-rho)
                 s.x.add_(d_in[2 * dz :] + d_out[dz:], alpha=-gamma)
 
-        return _drive(state, step, max_iter=max_iter, callback=callback, eval_every=eval_every,
-                      time_limit=time_limit, metric=metric, check_every=self.check_every)
+        return _drive(
+            state,
+            step,
+            max_iter=max_iter,
+            callback=callback,
+            eval_every=eval_every,
+            time_limit=time_limit,
+            metric=metric,
+            check_every=self.check_every,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -882,9 +955,21 @@ class StocBiO:
         time_limit: float | None = None,
         metric: Metric | None = None,
     ) -> StochasticResult:
-        state = _start("StocBiO", problem, z0, x0, self.batch_size, self.outer_batch_size, seed,
-                       {"z": "inner_lr", "v": "neumann_lr" if self.neumann_lr is not None else
-                        "inner_lr (which sets neumann_lr)", "x": "outer_lr"}, self.max_norm)
+        state = _start(
+            "StocBiO",
+            problem,
+            z0,
+            x0,
+            self.batch_size,
+            self.outer_batch_size,
+            seed,
+            {
+                "z": "inner_lr",
+                "v": "neumann_lr" if self.neumann_lr is not None else "inner_lr (which sets neumann_lr)",
+                "x": "outer_lr",
+            },
+            self.max_norm,
+        )
         ora = state.oracles
         alpha, gamma = float(self.inner_lr), float(self.outer_lr)
         eta = alpha if self.neumann_lr is None else float(self.neumann_lr)
@@ -916,8 +1001,16 @@ class StocBiO:
                 _check_finite(s, "cross term", "inner", c)
                 s.x.add_(c, alpha=-gamma * s.inner.scales[j]).add_(gx, alpha=-gamma * so)
 
-        return _drive(state, step, max_iter=max_iter, callback=callback, eval_every=eval_every,
-                      time_limit=time_limit, metric=metric, check_every=self.check_every)
+        return _drive(
+            state,
+            step,
+            max_iter=max_iter,
+            callback=callback,
+            eval_every=eval_every,
+            time_limit=time_limit,
+            metric=metric,
+            check_every=self.check_every,
+        )
 
 
 def _check_every(who: str, value: int) -> None:

@@ -106,8 +106,18 @@ def samplers(p: Ridge, b: int, seed: int) -> tuple[RefSampler, RefSampler]:
     return RefSampler(p.n, b, si), RefSampler(p.m, b, so)
 
 
-def ref_soba(p: Ridge, z: np.ndarray, x: np.ndarray, steps: int, rho: float, gamma: float, b: int,
-             seed: int, e_in: float = 0.0, e_out: float = 0.0) -> tuple[np.ndarray, ...]:
+def ref_soba(
+    p: Ridge,
+    z: np.ndarray,
+    x: np.ndarray,
+    steps: int,
+    rho: float,
+    gamma: float,
+    b: int,
+    seed: int,
+    e_in: float = 0.0,
+    e_out: float = 0.0,
+) -> tuple[np.ndarray, ...]:
     """SOBA (Dagréou et al. 2022, Algorithm 1), step sizes rho / (t+1)^e_in, gamma / (t+1)^e_out."""
     si, so = samplers(p, b, seed)
     z, x, v = z.copy(), x.copy(), np.zeros_like(z)
@@ -122,8 +132,9 @@ def ref_soba(p: Ridge, z: np.ndarray, x: np.ndarray, steps: int, rho: float, gam
     return z, v, x
 
 
-def ref_saba(p: Ridge, z: np.ndarray, x: np.ndarray, steps: int, rho: float, gamma: float, b: int,
-             seed: int) -> tuple[np.ndarray, ...]:
+def ref_saba(
+    p: Ridge, z: np.ndarray, x: np.ndarray, steps: int, rho: float, gamma: float, b: int, seed: int
+) -> tuple[np.ndarray, ...]:
     """SABA (Dagréou et al. 2022, Algorithm 2): SAGA on the five terms, memories start at 0."""
     si, so = samplers(p, b, seed)
     z, x, v = z.copy(), x.copy(), np.zeros_like(z)
@@ -149,8 +160,19 @@ def ref_saba(p: Ridge, z: np.ndarray, x: np.ndarray, steps: int, rho: float, gam
     return z, v, x
 
 
-def ref_stocbio(p: Ridge, z: np.ndarray, x: np.ndarray, steps: int, alpha: float, gamma: float,
-                eta: float, n_inner: int, n_neumann: int, b: int, seed: int) -> tuple[np.ndarray, ...]:
+def ref_stocbio(
+    p: Ridge,
+    z: np.ndarray,
+    x: np.ndarray,
+    steps: int,
+    alpha: float,
+    gamma: float,
+    eta: float,
+    n_inner: int,
+    n_neumann: int,
+    b: int,
+    seed: int,
+) -> tuple[np.ndarray, ...]:
     """StocBiO (Ji et al. 2021, Algorithm 2 with the Neumann estimator, Algorithm 3)."""
     si, so = samplers(p, b, seed)
     z, x = z.copy(), x.copy()
@@ -220,8 +242,9 @@ def test_saba_iterates_equal_reference(b: int) -> None:
 def test_stocbio_iterates_equal_reference(b: int) -> None:
     p = Ridge(10, 8, 4)
     z0, x0 = start(p)
-    res = StocBiO(inner_lr=0.2, outer_lr=0.1, neumann_lr=0.15, n_inner_steps=3, n_neumann_steps=4,
-                  batch_size=b).run(p.torch_problem(), torch.tensor(z0), torch.tensor(x0), max_iter=4, seed=2)
+    res = StocBiO(
+        inner_lr=0.2, outer_lr=0.1, neumann_lr=0.15, n_inner_steps=3, n_neumann_steps=4, batch_size=b
+    ).run(p.torch_problem(), torch.tensor(z0), torch.tensor(x0), max_iter=4, seed=2)
     assert_iterates(res, ref_stocbio(p, z0, x0, 4, 0.2, 0.1, 0.15, 3, 4, b, seed=2))
 
 
@@ -235,8 +258,9 @@ def test_batches_visit_every_sample_once_per_epoch() -> None:
         return problem.inner(z, x, idx)
 
     z0, x0 = start(p)
-    res = SOBA(0.1, 0.1, batch_size=3).run(StochasticBilevel(inner, problem.outer, 10, 8),
-                                           torch.tensor(z0), torch.tensor(x0), max_iter=8)
+    res = SOBA(0.1, 0.1, batch_size=3).run(
+        StochasticBilevel(inner, problem.outer, 10, 8), torch.tensor(z0), torch.tensor(x0), max_iter=8
+    )
     assert sorted(i for batch in seen[:4] for i in batch) == list(range(10))
     assert sorted(i for batch in seen[4:] for i in batch) == list(range(10))
     # the partition is fixed: the second epoch reuses the first epoch's batches
@@ -253,8 +277,16 @@ def test_batches_visit_every_sample_once_per_epoch() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def gen_matrices(n: int, d_in: int, d_out: int, l_inner: float, l_outer: float, l_cross: float,
-                 mu: float, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+def gen_matrices(
+    n: int,
+    d_in: int,
+    d_out: int,
+    l_inner: float,
+    l_outer: float,
+    l_cross: float,
+    mu: float,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, ...]:
     """benchmark_utils/gen_matrices.py in NumPy: per-sample rank-one Hessians x x^T with
     spectrum in [mu, L], cross matrices with singular values in [mu, L_cross], Gaussian linear terms."""
     u, _, _ = np.linalg.svd(rng.normal(size=(d_in, 1)))
@@ -315,8 +347,10 @@ class Quadratic:
 
     def rel_error(self, res: object) -> tuple[float, float]:
         x, z = res.x.numpy(), res.z.numpy()  # type: ignore[attr-defined]
-        return (float(np.linalg.norm(x - self.x_star) / np.linalg.norm(self.x_star)),
-                float(np.linalg.norm(z - self.z_star) / np.linalg.norm(self.z_star)))
+        return (
+            float(np.linalg.norm(x - self.x_star) / np.linalg.norm(self.x_star)),
+            float(np.linalg.norm(z - self.z_star) / np.linalg.norm(self.z_star)),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -361,3 +395,175 @@ def test_soba_decreasing_steps_beat_the_constant_noise_floor(quad: Quadratic) ->
 # Steps below 1 / L for the batch Hessians of this instance; 600 iterations reach 1e-8 or so.
 QUAD_LR = 0.3
 QUAD_ITERS = 600
+
+
+# --------------------------------------------------------------------------------------------
+# Records, callback, stop rules
+# --------------------------------------------------------------------------------------------
+
+
+def test_history_records_and_callback(quad: Quadratic) -> None:
+    seen: list[StochasticRecord] = []
+    res = SABA(QUAD_LR, QUAD_LR, batch_size=8).run(
+        quad.problem(),
+        torch.zeros(5, dtype=F64),
+        torch.zeros(3, dtype=F64),
+        max_iter=25,
+        eval_every=10,
+        callback=seen.append,
+        metric=lambda z, x: float(x.sum()),
+    )
+    assert [r.iteration for r in res.history] == [0, 10, 20, 25]
+    assert list(res.history) == seen
+    assert res.status is StochasticStop.COMPLETED
+    last = res.history[-1]
+    assert last.metric == pytest.approx(float(res.x.sum()), rel=1e-12)
+    assert last.x_norm == pytest.approx(float(res.x.norm()), rel=1e-12)
+    assert last.inner_epochs == pytest.approx(25 * 8 / 32)
+    # the recorded outer loss is F on all outer samples at the final iterates
+    full = quad.problem().outer(res.z, res.x, torch.arange(32))
+    assert last.outer_loss == pytest.approx(float(full), rel=1e-12)
+    assert [r.time for r in res.history] == sorted(r.time for r in res.history)
+
+
+def test_callback_and_time_limit_stop(quad: Quadratic) -> None:
+    z0, x0 = torch.zeros(5, dtype=F64), torch.zeros(3, dtype=F64)
+    res = SOBA(0.1, 0.1, batch_size=8).run(
+        quad.problem(), z0, x0, max_iter=100, eval_every=5, callback=lambda r: r.iteration >= 10
+    )
+    assert res.status is StochasticStop.CALLBACK and res.n_iter == 10
+    res = SOBA(0.1, 0.1, batch_size=8).run(quad.problem(), z0, x0, max_iter=10**6, time_limit=0.05)
+    assert res.status is StochasticStop.TIME_LIMIT and 0 < res.n_iter < 10**6
+    with pytest.raises(TypeError, match="callback returned int"):
+        SOBA(0.1, 0.1, batch_size=8).run(
+            quad.problem(), z0, x0, max_iter=3, eval_every=1, callback=lambda r: 1
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Guards
+# --------------------------------------------------------------------------------------------
+
+
+def _nan_after(fn: object, calls: int, shape: tuple[int, ...] = ()) -> object:
+    """Wrap a batch loss so that it returns NaN from its ``calls``-th call on."""
+    count = [0]
+
+    def wrapped(z: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        count[0] += 1
+        out = fn(z, x, idx)  # type: ignore[operator]
+        return out * math.nan if count[0] > calls else out
+
+    return wrapped
+
+
+SOLVERS = [
+    SOBA(0.1, 0.1, batch_size=3),
+    SABA(0.1, 0.1, batch_size=3),
+    StocBiO(0.1, 0.1, n_inner_steps=2, n_neumann_steps=2, batch_size=3),
+]
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=lambda s: type(s).__name__)
+def test_nan_inner_oracle_is_named(solver: object) -> None:
+    p = Ridge(10, 8, 4)
+    pb = p.torch_problem()
+    z0, x0 = (torch.tensor(t) for t in start(p))
+    bad = StochasticBilevel(_nan_after(pb.inner, 4), pb.outer, 10, 8)  # type: ignore[arg-type]
+    it = 4 if not isinstance(solver, StocBiO) else 0  # StocBiO calls the inner oracle 5 times per iteration
+    with pytest.raises(NonFiniteError, match=f"inner oracle's .* NaN or infinite at iteration {it}"):
+        solver.run(bad, z0, x0, max_iter=20)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=lambda s: type(s).__name__)
+def test_nan_outer_oracle_is_named(solver: object) -> None:
+    p = Ridge(10, 8, 4)
+    pb = p.torch_problem()
+    z0, x0 = (torch.tensor(t) for t in start(p))
+    bad = StochasticBilevel(pb.inner, _nan_after(pb.outer, 2), 10, 8)  # type: ignore[arg-type]
+    with pytest.raises(NonFiniteError, match="outer oracle's gradient is NaN or infinite at iteration 2"):
+        solver.run(bad, z0, x0, max_iter=20)  # type: ignore[attr-defined]
+
+
+def test_batch_larger_than_data() -> None:
+    p = Ridge(10, 8, 4).torch_problem()
+    z0, x0 = torch.zeros(4, dtype=F64), torch.zeros(4, dtype=F64)
+    with pytest.raises(
+        ValueError, match=r"batch_size=11\): larger than the data \(n_inner = 10\); the largest batch is 10"
+    ):
+        SOBA(0.1, 0.1, batch_size=11).run(p, z0, x0)
+    with pytest.raises(ValueError, match=r"batch_size=9\): larger than the data \(n_outer = 8\)"):
+        SABA(0.1, 0.1, batch_size=9).run(p, z0, x0)
+    with pytest.raises(ValueError, match=r"outer_batch_size=9\).*n_outer = 8"):
+        StocBiO(0.1, 0.1, batch_size=2, outer_batch_size=9).run(p, z0, x0)
+
+
+@pytest.mark.parametrize(
+    ("solver", "name"),
+    [
+        (SOBA(5.0, 0.01, batch_size=8), "inner_lr"),
+        (SABA(5.0, 0.01, batch_size=8), "inner_lr"),
+        (SOBA(0.1, 200.0, batch_size=32), "outer_lr"),
+        (StocBiO(5.0, 0.01, batch_size=8, n_inner_steps=2, n_neumann_steps=1), "inner_lr"),
+        (StocBiO(0.1, 0.01, neumann_lr=10.0, batch_size=8, n_inner_steps=2, n_neumann_steps=8), "neumann_lr"),
+    ],
+    ids=["soba-inner", "saba-inner", "soba-outer", "stocbio-inner", "stocbio-neumann"],
+)
+def test_diverging_steps_name_the_step_size(quad: Quadratic, solver: object, name: str) -> None:
+    with pytest.raises(ConvergenceError, match=f"diverged at iteration .*lower {name}"):
+        solver.run(
+            quad.problem(),
+            torch.zeros(5, dtype=F64),
+            torch.zeros(3, dtype=F64),  # type: ignore[attr-defined]
+            max_iter=5000,
+        )
+
+
+def test_bad_oracles_and_inputs() -> None:
+    p = Ridge(10, 8, 4)
+    pb = p.torch_problem()
+    z0, x0 = torch.zeros(4, dtype=F64), torch.zeros(4, dtype=F64)
+    per_sample = StochasticBilevel(lambda z, x, i: (p_a[i] @ z) ** 2, pb.outer, 10, 8)
+    p_a = torch.tensor(p.a)
+    with pytest.raises(StructureError, match=r"inner oracle returned a tensor of shape \(3,\).*\.mean\(\)"):
+        SOBA(0.1, 0.1, batch_size=3).run(per_sample, z0, x0)
+    detached = StochasticBilevel(lambda z, x, i: z.detach().sum(), pb.outer, 10, 8)
+    with pytest.raises(StructureError, match="does not depend on z"):
+        SOBA(0.1, 0.1, batch_size=3).run(detached, z0, x0)
+    with pytest.raises(NonFiniteError, match="z0 has NaN"):
+        SOBA(0.1, 0.1, batch_size=3).run(pb, torch.full((4,), math.nan, dtype=F64), x0)
+    with pytest.raises(StructureError, match="same dtype and device"):
+        SOBA(0.1, 0.1, batch_size=3).run(pb, z0, x0.float())
+    with pytest.raises(TypeError, match="ravel a tree"):
+        SOBA(0.1, 0.1, batch_size=3).run(pb, (z0,), x0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="must be a StochasticBilevel"):
+        SOBA(0.1, 0.1).run(pb.inner, z0, x0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_iter must be an int >= 0"):
+        SOBA(0.1, 0.1, batch_size=3).run(pb, z0, x0, max_iter=-1)
+    with pytest.raises(ValueError, match="eval_every must be an int >= 1"):
+        SOBA(0.1, 0.1, batch_size=3).run(pb, z0, x0, eval_every=0)
+
+
+def test_bad_settings() -> None:
+    f = Ridge(10, 8, 4).torch_problem().inner
+    with pytest.raises(TypeError, match=r"StochasticBilevel\(outer=3\): expected a function"):
+        StochasticBilevel(f, 3, 10, 8)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"StochasticBilevel\(n_inner=0\): the sample count must be >= 1"):
+        StochasticBilevel(f, f, 0, 8)
+    with pytest.raises(TypeError, match=r"n_outer=2\.5"):
+        StochasticBilevel(f, f, 10, 2.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"SOBA\(inner_lr=0\): the step size must be a finite number > 0"):
+        SOBA(0, 0.1)
+    with pytest.raises(ValueError, match=r"SABA\(outer_lr=nan\)"):
+        SABA(0.1, math.nan)
+    with pytest.raises(ValueError, match=r"SABA\(batch_size=0\)"):
+        SABA(0.1, 0.1, batch_size=0)
+    with pytest.raises(ValueError, match=r"StocBiO\(neumann_lr=-1.0\)"):
+        StocBiO(0.1, 0.1, neumann_lr=-1.0)
+    with pytest.raises(ValueError, match=r"StocBiO\(n_inner_steps=0\): must be an int >= 1"):
+        StocBiO(0.1, 0.1, n_inner_steps=0)
+    with pytest.raises(TypeError, match="expected a schedule"):
+        SOBA(0.1, 0.1, inner_schedule=0.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"Decay\(exponent=-1\)"):
+        Decay(-1)
+    assert Constant()(7) == 1.0 and Decay(0.5)(3) == 0.5
