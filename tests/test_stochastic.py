@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from bilevel import ConvergenceError, NonFiniteError, StructureError
+from bilevel import BilevelError, ConvergenceError, NonFiniteError, StructureError
 from bilevel.hyperopt import (
     SABA,
     SOBA,
@@ -567,3 +567,36 @@ def test_bad_settings() -> None:
     with pytest.raises(ValueError, match=r"Decay\(exponent=-1\)"):
         Decay(-1)
     assert Constant()(7) == 1.0 and Decay(0.5)(3) == 0.5
+
+
+# --------------------------------------------------------------------------------------------
+# compile=True: one torch.compile-d graph per iteration (derivatives by torch.func)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # two compilations (the last batch is shorter): tens of seconds on a laptop CPU
+@pytest.mark.parametrize("solver", [SOBA, SABA], ids=lambda s: s.__name__)
+def test_compiled_iterates_equal_reference(solver: type) -> None:
+    p = Ridge(10, 8, 4)
+    z0, x0 = start(p)
+    res = solver(inner_lr=0.2, outer_lr=0.1, batch_size=3, compile=True).run(
+        p.torch_problem(), torch.tensor(z0), torch.tensor(x0), max_iter=11, seed=5
+    )
+    ref = ref_soba if solver is SOBA else ref_saba
+    assert_iterates(res, ref(p, z0, x0, 11, 0.2, 0.1, 3, seed=5))
+
+
+def test_compile_failure_says_what_to_do() -> None:
+    pb = Ridge(10, 8, 4).torch_problem()
+
+    def branching(z: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        # a data-dependent Python branch: fine eagerly, not traceable into one graph
+        return pb.inner(z, x, idx) * (2.0 if float(z.detach().sum()) > 1e9 else 1.0)
+
+    problem = StochasticBilevel(branching, pb.outer, 10, 8)
+    with pytest.raises(BilevelError, match=r"SOBA\(compile=True\): torch.compile could not .*compile=False"):
+        SOBA(0.1, 0.1, batch_size=5, compile=True).run(
+            problem, torch.zeros(4, dtype=F64), torch.zeros(4, dtype=F64)
+        )
+    with pytest.raises(TypeError, match=r"SABA\(compile=1\): expected True or False"):
+        SABA(0.1, 0.1, compile=1)  # type: ignore[arg-type]
