@@ -405,7 +405,9 @@ class _State:
     checks: bool
     # The norms of (z, v, x) at the last check, and the oracle outputs since (see `_check_iterates`).
     prev_norms: list[float] = dataclasses.field(default_factory=list)
-    outputs: list[tuple[str, str, tuple[torch.Tensor, ...]]] = dataclasses.field(default_factory=list)
+    outputs: list[tuple[int, str, str, tuple[torch.Tensor, ...]]] = dataclasses.field(default_factory=list)
+    # The iteration of the last check.
+    prev_t: int = 0
     # The norms of (z, v, x) after the last step when a compiled step computed them.
     norms: torch.Tensor | None = None
     t: int = 0
@@ -413,7 +415,7 @@ class _State:
 
 def _note(state: _State, what: str, oracle: str, *values: torch.Tensor) -> None:
     """Keep an oracle's outputs of this iteration: if the iterates go wrong, they say which oracle."""
-    state.outputs.append((oracle, what, values))
+    state.outputs.append((state.t, oracle, what, values))
 
 
 def _check_iterates(state: _State, norms_t: torch.Tensor | None = None) -> None:
@@ -424,7 +426,8 @@ def _check_iterates(state: _State, norms_t: torch.Tensor | None = None) -> None:
     output at moderate iterates is the oracle's fault (`NonFiniteError`), while iterates that
     were already growing diverged (`ConvergenceError`, naming the step size that moves each
     iterate over the limit).  On the CPU this runs at every iteration, so the first iterate to
-    blow up is caught alone and the oracle is named with the iteration.
+    blow up is caught alone; elsewhere every ``check_every`` iterations, and the outputs kept
+    since then still name the oracle and the iteration.
     """
     limit = state.max_norm * state.scale
     if norms_t is None:
@@ -432,31 +435,26 @@ def _check_iterates(state: _State, norms_t: torch.Tensor | None = None) -> None:
     norms: list[float] = norms_t.tolist()
     bad = [(name, norm) for name, norm in zip("zvx", norms) if not (math.isfinite(norm) and norm <= limit)]
     prev, state.prev_norms = state.prev_norms, norms
+    prev_t, state.prev_t = state.prev_t, state.t
     if not bad:
         state.outputs.clear()
         return
     moderate = all(math.isfinite(n) and n <= limit for n in prev)
-    for oracle, what, values in state.outputs:
+    for t, oracle, what, values in state.outputs:
         if moderate and not all(bool(torch.isfinite(val).all()) for val in values):
             raise NonFiniteError(
-                f"{state.who}: the {oracle} oracle's {what} is NaN or infinite at iteration {state.t}, "
-                f"where the iterates were finite and moderate (||z|| = {prev[0]:.3g}, ||v|| = "
-                f"{prev[1]:.3g}, ||x|| = {prev[2]:.3g}): check the {oracle} loss's domain on these "
-                "samples (log of 0, division, exp overflow) and its derivatives there"
+                f"{state.who}: the {oracle} oracle's {what} is NaN or infinite at iteration {t}, "
+                f"where the iterates were finite and moderate at the last check (iteration {prev_t}: "
+                f"||z|| = {prev[0]:.3g}, ||v|| = {prev[1]:.3g}, ||x|| = {prev[2]:.3g}): check the "
+                f"{oracle} loss's domain on "
+                "these samples (log of 0, division, exp overflow) and its derivatives there"
             )
+    state.outputs.clear()
     which = ", ".join(f"||{name}|| = {norm:.3g}" for name, norm in bad)
     lower = " and ".join(dict.fromkeys(state.lr_names[name] for name, _ in bad))
-    nan = (
-        ""
-        if state.checks or all(math.isfinite(norm) for _, norm in bad)
-        else (
-            " (or an oracle returned NaN earlier: on an accelerator the iterates are checked every "
-            "check_every iterations only; rerun on the CPU to find which)"
-        )
-    )
     raise ConvergenceError(
         f"{state.who} diverged at iteration {state.t}: {which} (limit max_norm * (1 + "
-        f"initial norms) = {limit:.3g}); lower {lower}{nan}"
+        f"initial norms) = {limit:.3g}); lower {lower}"
     )
 
 

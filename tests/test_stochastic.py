@@ -600,3 +600,24 @@ def test_compile_failure_says_what_to_do() -> None:
         )
     with pytest.raises(TypeError, match=r"SABA\(compile=1\): expected True or False"):
         SABA(0.1, 0.1, compile=1)  # type: ignore[arg-type]
+
+
+def test_nan_oracle_named_with_sparse_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # On an accelerator the iterates are read every check_every iterations only (no host sync
+    # per step); the oracle outputs kept since the last check still name the oracle and the
+    # iteration where it first returned NaN.
+    import bilevel._stochastic as stochastic
+
+    monkeypatch.setattr(stochastic, "host_checks", lambda t: False)
+    p = Ridge(10, 8, 4)
+    pb = p.torch_problem()
+    z0, x0 = (torch.tensor(t) for t in start(p))
+    bad = StochasticBilevel(pb.inner, _nan_after(pb.outer, 6), 10, 8)  # type: ignore[arg-type]
+    with pytest.raises(NonFiniteError, match="outer oracle's gradient is NaN or infinite at iteration 6"):
+        SABA(0.1, 0.1, batch_size=3, check_every=50).run(bad, z0, x0, max_iter=120)
+    # and the divergence check still fires, at a check
+    quad = Quadratic(n=32, m=32, d_in=5, d_out=3, mu=0.3, seed=0)
+    with pytest.raises(ConvergenceError, match=r"diverged at iteration (19|39|59|79|99)\b.*lower inner_lr"):
+        SOBA(5.0, 0.01, batch_size=8, check_every=20).run(
+            quad.problem(), torch.zeros(5, dtype=F64), torch.zeros(3, dtype=F64), max_iter=5000
+        )
