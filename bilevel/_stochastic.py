@@ -726,6 +726,7 @@ _RUN_DOC = """
                 every ``check_every`` iterations, to keep the device busy).
             ConvergenceError: an iterate became non-finite or its norm exceeded
                 ``max_norm * (1 + ||z0|| + ||x0||)``: the message names the step size to lower.
+            BilevelError: with ``compile=True``, torch.compile cannot trace the oracles.
 """
 
 
