@@ -57,11 +57,35 @@ from ._hvp import HVPLike
 from ._implicit import ImplicitInfo, implicit_argmin
 from ._policy import UNSET, ImplicitPolicy, Unset, resolve_policy
 from ._status import LinearStatus, SolverStatus
+from ._stochastic import SABA as SABA
+from ._stochastic import SOBA as SOBA
+from ._stochastic import BatchLoss as BatchLoss
+from ._stochastic import Constant as Constant
+from ._stochastic import Decay as Decay
+from ._stochastic import StepSchedule as StepSchedule
+from ._stochastic import StocBiO as StocBiO
+from ._stochastic import StochasticBilevel as StochasticBilevel
+from ._stochastic import StochasticRecord as StochasticRecord
+from ._stochastic import StochasticResult as StochasticResult
+from ._stochastic import StochasticStop as StochasticStop
+from ._stochastic import batch_schedule as batch_schedule
 from ._sync import defer_check
 from ._types import LinearSolver, Objective, TensorTree
 from .tree import check_finite, leaves, unflatten
 
 __all__ = [
+    "SABA",
+    "SOBA",
+    "BatchLoss",
+    "Constant",
+    "Decay",
+    "StepSchedule",
+    "StocBiO",
+    "StochasticBilevel",
+    "StochasticRecord",
+    "StochasticResult",
+    "StochasticStop",
+    "batch_schedule",
     "HyperEvaluation",
     "HyperProblem",
     "HyperRecord",
