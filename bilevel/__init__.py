@@ -40,7 +40,16 @@ from ._linear_solve import MINRES as MINRES
 from ._linear_solve import BiCGStab as BiCGStab
 from ._linear_solve import DenseSolve as DenseSolve
 from ._linear_solve import Neumann as Neumann
+from ._linear_solve import Nystrom as Nystrom
+from ._nystrom import NystromApproximation as NystromApproximation
+from ._nystrom import NystromPreconditioner as NystromPreconditioner
+from ._nystrom import gaussian_test_matrix as gaussian_test_matrix
+from ._nystrom import nystrom_approximation as nystrom_approximation
 from ._policy import ImplicitPolicy as ImplicitPolicy
+from ._preconditioners import DiagonalPreconditioner as DiagonalPreconditioner
+from ._preconditioners import HutchinsonDiagonal as HutchinsonDiagonal
+from ._preconditioners import PreconditionerRecipe as PreconditionerRecipe
+from ._preconditioners import hutchinson_diagonal as hutchinson_diagonal
 from ._results import HostValues as HostValues
 from ._results import LinearSolveResult as LinearSolveResult
 from ._results import SolverResult as SolverResult
@@ -71,11 +80,13 @@ __all__ = [
     "Damped",
     "DenseHessian",
     "DenseSolve",
+    "DiagonalPreconditioner",
     "FiniteDifferenceHVP",
     "ForwardOverReverse",
     "HVPFn",
     "HVPOracle",
     "HostValues",
+    "HutchinsonDiagonal",
     "ImplicitArgmin",
     "ImplicitInfo",
     "ImplicitPolicy",
@@ -87,8 +98,12 @@ __all__ = [
     "NegativeCurvatureError",
     "Neumann",
     "NonFiniteError",
+    "Nystrom",
+    "NystromApproximation",
+    "NystromPreconditioner",
     "Objective",
     "OptimalityError",
+    "PreconditionerRecipe",
     "ReverseOverReverse",
     "RootFn",
     "Solver",
@@ -100,11 +115,14 @@ __all__ = [
     "defer_check",
     "deferred_checks",
     "fixed_point",
+    "gaussian_test_matrix",
+    "hutchinson_diagonal",
     "hyperopt",
     "implicit_argmin",
     "implicit_root",
     "lanczos_extremes",
     "layers",
+    "nystrom_approximation",
     "projections",
     "prox",
     "solvers",

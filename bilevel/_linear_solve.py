@@ -19,6 +19,7 @@ solver      matrix class                             cost per iteration
 `BiCGStab`  any non-singular                         2 matvecs
 `Neumann`   spectrum of alpha A inside (0, 2)         1 matvec
 `DenseSolve` any non-singular, small n               n matvecs once, O(n^3)
+`Nystrom`   symmetric positive semidefinite          k matvecs once, O(n k^2)
 ==========  =======================================  ==========================
 
 The default tolerance (``rtol=None``) depends on the dtype of ``b``: 1e-10 in
@@ -30,18 +31,32 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from . import _sync
+from ._errors import BilevelWarning
+from ._nystrom import NystromApproximation, nystrom_approximation
+from ._preconditioners import PreconditionerRecipe
 from ._results import HostValues, LinearSolveResult
 from ._status import LINEAR_SEVERITY, LinearStatus, severity, worst
 from ._types import Matvec
 from .tree import rowdot, rownorm
 
-__all__ = ["CG", "GMRES", "MINRES", "BiCGStab", "DenseSolve", "Neumann", "cg_solve", "default_rtol"]
+__all__ = [
+    "CG",
+    "GMRES",
+    "MINRES",
+    "BiCGStab",
+    "DenseSolve",
+    "Neumann",
+    "Nystrom",
+    "cg_solve",
+    "default_rtol",
+]
 
 
 def default_rtol(dtype: torch.dtype) -> float:
@@ -129,6 +144,7 @@ def cg_solve(
     budget: bool = False,
     radius: torch.Tensor | None = None,
     name: str = "CG",
+    spent: int = 0,
 ) -> LinearSolveResult:
     """Preconditioned CG on B independent systems at once, each stopping on its own.
 
@@ -156,6 +172,8 @@ def cg_solve(
             ``NEGATIVE_CURVATURE``), and ``problem_decrease`` holds the decrease of the
             quadratic model x'Ax/2 - b'x: what a trust-region method needs from its step.
         name: for error messages.
+        spent: matvecs already spent on these systems (building a preconditioner), added to
+            the result's ``n_matvec``.
 
     Returns:
         `LinearSolveResult` with ``x`` of shape (B, n) and every per-problem field set.
@@ -178,7 +196,7 @@ def cg_solve(
         k += 1
     _cg_settle(st, A, b, check_residual)
     return _batch_result(
-        st.x, st.codes, k, A.calls, st.r_norm, st.b_norm, st.iters, st.curvature, st.decrease
+        st.x, st.codes, k, A.calls + spent, st.r_norm, st.b_norm, st.iters, st.curvature, st.decrease
     )
 
 
@@ -497,8 +515,14 @@ class CG:
         max_iter: iteration cap; ``None`` means ``min(2 n, 1000)`` for n unknowns.
         rtol: relative tolerance on ||A x - b|| / ||b||; ``None`` picks it from the dtype.
         atol: absolute tolerance on ||A x - b||.
-        preconditioner: ``M(r) ~ A^-1 r``, symmetric positive definite; ``None`` for none.
-            In batched mode it maps (B, n) to (B, n).
+        M: the preconditioner ``M(r) ~ A^-1 r`` (SciPy's name), symmetric positive definite;
+            ``None`` for none.
+            In batched mode it maps (B, n) to (B, n).  Either a fixed callable (e.g. a
+            `DiagonalPreconditioner`), or a `PreconditionerRecipe` (e.g. `HutchinsonDiagonal`,
+            `NystromPreconditioner`) whose ``build(matvec, b)`` makes one from each solve's own
+            matvec: the way to precondition a system known only inside the caller, such as the
+            Hessian at the current answer in `bilevel.implicit_argmin`'s backward pass.  The
+            matvecs a recipe spends count in the result's ``n_matvec``.
         check_residual: before reporting ``CONVERGED``, recompute the true residual
             ||b - A x|| with one more matvec (the recursively updated one drifts in floating
             point) and settle the status on it.  Solves that stop without claiming
@@ -526,11 +550,17 @@ class CG:
     max_iter: int | None = None
     rtol: float | None = None
     atol: float = 0.0
-    preconditioner: Matvec | None = None
+    M: Matvec | PreconditionerRecipe | None = None
     check_residual: bool = True
 
     def __post_init__(self) -> None:
         _check_config("CG", self.max_iter, self.rtol, self.atol)
+        if self.M is not None and not callable(self.M):
+            if not isinstance(self.M, PreconditionerRecipe):
+                raise TypeError(
+                    f"CG(M={self.M!r}): expected a callable r -> M^-1 r or "
+                    "a recipe with a build(matvec, b) method"
+                )
 
     def __call__(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None = None) -> LinearSolveResult:
         _check_b("CG", b, x0)
@@ -540,7 +570,13 @@ class CG:
         max_iter = self.max_iter if self.max_iter is not None else min(2 * n, 1000)
         rtol = rtol_or_default(self.rtol, b.dtype)
         tol = torch.clamp(rtol * rownorm(rows), min=self.atol)
-        M = self.preconditioner
+        M = self.M
+        spent = 0
+        if isinstance(M, PreconditionerRecipe):
+            # built from this solve's operator: the preconditioner follows the point
+            counted = _Counted(matvec, b, "CG")
+            M = M.build(counted, b)
+            spent = counted.calls
         res = cg_solve(
             matvec if batched else _as_rows(matvec),
             rows,
@@ -550,8 +586,143 @@ class CG:
             preconditioner=None if M is None else (M if batched else _as_rows(M)),
             check_residual=self.check_residual,
             budget=rtol == 0 and self.atol == 0,
+            spent=spent,
         )
         return res if batched else _single(res)
+
+
+@dataclasses.dataclass(frozen=True)
+class Nystrom:
+    """Nyström low-rank inverse: x = (A_k + rho I)^-1 b from ``rank`` matvecs, no iterations.
+
+    A (symmetric positive semidefinite, e.g. a Hessian at a minimum) is sketched with k = rank
+    matvecs against seeded Gaussian probes (orthonormalized; see `gaussian_test_matrix`),
+    giving A_k = U diag(lam) U' by the stable algorithm of Tropp et al. (shift, Cholesky,
+    thin SVD).  Then the Woodbury identity solves the regularized system in closed form,
+
+        x = U diag(1 / (lam + rho)) U' b + (b - U U' b) / rho,
+
+    as Hataya & Yamada do for implicit differentiation (there with column sampling; Gaussian
+    probes here, which capture the top eigenspace rather than k coordinates).  With
+    ``rank = n`` and ``rho = 0`` it is an exact solve; otherwise it answers a nearby system
+    on purpose: the solution of (A_k + rho I) x = b, whose error in A x = b is the point of
+    the trade (k matvecs and no iterations against a Krylov solve's many).
+
+    The residual is honest: ||A x - b|| for the true A, at one more matvec (``n_matvec =
+    rank + 1``).  The status compares it to the tolerance ``max(rtol * ||b||, atol)`` where
+    one is given (``CONVERGED`` or ``MAX_ITER``: then raise ``rank`` or lower ``rho``); with no
+    tolerance (``rtol=None`` or 0 and ``atol=0``, the default) the solve only reports it, with
+    status ``BUDGET``: the fixed work asked for, not a failure.
+
+    Args:
+        rank: k, the number of probes, 1 <= k <= n.
+        rho: regularization, >= 0; must be > 0 where ``rank < n`` (A_k is singular there).
+            A scale of the Hessian's small eigenvalues (or the inner problem's own ridge
+            penalty) is the natural choice.
+        rtol: relative tolerance on ||A x - b|| / ||b||, or ``None`` for none.
+        atol: absolute tolerance on ||A x - b||.
+        seed: seeds the probes; the same at every call, so backward passes are reproducible.
+
+    Call:
+        ``Nystrom(...)(matvec, b, x0=None)``; ``x0`` is ignored (a direct method).  ``b`` of shape
+        (n,), or (B, n) with a row-wise matvec for B independent systems (batched mode: each
+        problem sketched with the same probes, each with its own status and residual).
+        Cost: ``rank + 1`` matvecs, O(n k^2) flops, O(n k) memory per problem.
+
+    Statuses:
+        ``NONFINITE`` where a matvec or ``b`` holds NaN or infinity; ``NEGATIVE_CURVATURE``
+        (x = 0) where the sketch shows A is not positive semidefinite (use `MINRES` or
+        `GMRES`).  With ``rho = 0`` an eigenvalue of the sketch at rounding level (a singular
+        A) gives a `BilevelWarning` and the pseudo-inverse on the sketch's numerical range.
+
+    Raises:
+        ValueError: ``rank < 1``, ``rho < 0`` or not finite, bad tolerances (at construction);
+            ``rank > n``, or ``rho = 0`` with ``rank < n`` (at the call).
+
+    References:
+        Hataya & Yamada, "Nyström method for accurate and scalable implicit differentiation",
+        AISTATS 2023.  Tropp, Yurtsever, Udell & Cevher, "Fixed-rank approximation of a positive-
+        semidefinite matrix from streaming data", NeurIPS 2017 (Algorithm 3).  Frangella, Tropp &
+        Udell, "Randomized Nyström preconditioning", SIAM J. Matrix Anal. Appl. 44(2), 2023.
+    """
+
+    rank: int
+    rho: float = 0.0
+    rtol: float | None = None
+    atol: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"Nystrom(rank={self.rank!r}): rank must be an integer >= 1")
+        if not (isinstance(self.rho, (int, float)) and math.isfinite(self.rho) and self.rho >= 0):
+            raise ValueError(f"Nystrom(rho={self.rho!r}): rho must be a finite number >= 0")
+        if self.rtol is not None and not (math.isfinite(self.rtol) and self.rtol >= 0):
+            raise ValueError(f"Nystrom(rtol={self.rtol}): rtol must be None or a finite number >= 0")
+        if not (math.isfinite(self.atol) and self.atol >= 0):
+            raise ValueError(f"Nystrom(atol={self.atol}): atol must be a finite number >= 0")
+
+    def __call__(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None = None) -> LinearSolveResult:
+        _check_b("Nystrom", b, x0)
+        batched = b.ndim == 2
+        rows = b if batched else b.unsqueeze(0)
+        n = rows.shape[1]
+        if self.rank > n:
+            raise ValueError(
+                f"Nystrom(rank={self.rank}): the system has n={n} unknowns; pass rank <= {n} "
+                f"(rank = n with rho = 0 is an exact solve)"
+            )
+        if self.rho == 0 and self.rank < n:
+            raise ValueError(
+                f"Nystrom(rank={self.rank}, rho=0): a rank-{self.rank} approximation of an n={n} "
+                "matrix is singular; pass rho > 0 (the Woodbury solve of A_k + rho I), or rank = n"
+            )
+        A = _Counted(matvec if batched else _as_rows(matvec), rows, "Nystrom")
+        approx = nystrom_approximation(A, rows, self.rank, self.seed)  # rows: row-wise A
+        ok = approx.psd & approx.finite
+        if self.rho == 0:
+            approx = self._drop_null_space(approx, ok)
+        x = approx.solve(rows, float(self.rho))
+        x = torch.where(approx.finite[:, None], x, math.nan)
+        x = torch.where(approx.psd[:, None], x, 0.0)
+        # the honest residual, against the true operator
+        r_norm = rownorm(rows - A(x))
+        b_norm = rownorm(rows)
+        rtol = self.rtol or 0.0
+        budget = rtol == 0 and self.atol == 0
+        tol = torch.clamp(rtol * b_norm, min=self.atol)
+        if budget:  # no tolerance: report only
+            codes = torch.full_like(b_norm, severity(LinearStatus.BUDGET), dtype=torch.int8)
+        else:
+            met, missed = severity(LinearStatus.CONVERGED), severity(LinearStatus.MAX_ITER)
+            codes = torch.where(r_norm <= tol, met, missed)
+        codes = torch.where(approx.psd, codes, severity(LinearStatus.NEGATIVE_CURVATURE))
+        finite = torch.isfinite(r_norm) & torch.isfinite(x).all(dim=1)
+        codes = torch.where(finite, codes, severity(LinearStatus.NONFINITE)).to(torch.int8)
+        r_norm = torch.where(finite, r_norm, math.inf)
+        iters = torch.ones(rows.shape[0], dtype=torch.int64, device=b.device)
+        res = _batch_result(x, codes, 1, A.calls, r_norm, b_norm, iters)
+        return res if batched else _single(res)
+
+    def _drop_null_space(self, approx: NystromApproximation, ok: torch.Tensor) -> NystromApproximation:
+        """With rho = 0: eigenvalues at rounding level of the largest (a singular A) are dropped
+        (the pseudo-inverse on the rest), with a warning naming the problems."""
+        lam = approx.eigenvalues
+        n = approx.U.shape[1]
+        floor = n * torch.finfo(lam.dtype).eps * lam[:, :1]
+        null = (lam <= floor) & ok[:, None]
+        singular = null.any(dim=1)
+        if bool(singular.any()):
+            which = torch.nonzero(singular).flatten().tolist()
+            warnings.warn(
+                f"Nystrom(rank={self.rank}, rho=0): the sketched matrix is numerically singular "
+                f"(problems {which}: eigenvalues at or below n * eps times the largest); solving "
+                "with its pseudo-inverse on the numerical range, whose residual is in the result: "
+                "pass rho > 0 to regularize",
+                BilevelWarning,
+                stacklevel=3,
+            )
+        return dataclasses.replace(approx, eigenvalues=torch.where(null, 0.0, lam))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -380,3 +380,112 @@ class FixedPointLayer(_ConditionLayer):
     """
 
     _transform = staticmethod(fixed_point)
+
+
+# ---------------------------------------------------------------------------------------------
+# QPLayer: a batched quadratic program as a layer (solver and gradient in bilevel._qp)
+
+from ._qp import (  # noqa: E402
+    QPError,
+    QPInfeasibleError,
+    QPInfo,
+    QPNonConvexError,
+    QPStatus,
+    QPUnboundedError,
+    default_tol,
+    solve_qp,
+)
+
+__all__ += [
+    "QPError",
+    "QPInfeasibleError",
+    "QPInfo",
+    "QPLayer",
+    "QPNonConvexError",
+    "QPStatus",
+    "QPUnboundedError",
+    "solve_qp",
+]
+
+
+class QPLayer(nn.Module):
+    """x*(Q, q, G, h, A, b) = argmin_x 1/2 x'Qx + q'x  s.t.  Ax = b,  Gx <= h, for a batch of QPs.
+
+    The forward pass is a batched primal-dual interior-point method in torch (Mehrotra's
+    predictor-corrector, one Cholesky factorization per iteration, of the reduced n x n system
+    or, for a positive definite Q where that is cheaper, of the (m + p) constraint-space system,
+    shared by predictor and corrector; problems stop one by one), on the inputs' device and
+    dtype.  The backward pass differentiates the KKT conditions at the answer (OptNet): one
+    batched linear solve, gradients for every input that requires grad.  See `bilevel._qp` for
+    the equations and what the gradient is at a weakly active constraint.
+
+    Args:
+        tol: stopping tolerance on the relative primal and dual residuals (the relative duality
+            gap must fall below max(tol / 100, 10 eps)); default 1e-9 in float64, 1e-5 in float32.
+        max_iter: interior-point iterations at most (default 50; 10-20 is typical).
+        throw: on the iteration cap, raise `bilevel.ConvergenceError` (default) or warn with
+            `bilevel.BilevelWarning` and return the last iterate.
+        check: check before solving that inputs are finite, Q is positive semidefinite and A has
+            full row rank (default; a few small factorizations, one host read).
+
+    Call:
+        ``layer(Q, q, G=None, h=None, A=None, b=None) -> x``.  Q (n, n) positive semidefinite, q
+        (n,), G (m, n), h (m,), A (p, n), b (p,); any of them may carry a leading batch
+        dimension B (the others are shared by the batch).  x is (B, n) if any input is batched,
+        else (n,).
+
+    Attributes:
+        last_info: the `QPInfo` of the last call (per-problem status, iterations, residuals).
+
+    Raises:
+        StructureError: shapes, batch sizes, dtypes or devices that do not match.
+        NonFiniteError: NaN or infinity in an input (the problem index is named).
+        QPNonConvexError: Q not positive semidefinite; QPError: A without full row rank;
+            QPInfeasibleError, QPUnboundedError: no feasible point, or no bounded unique
+            minimizer (each names the problem index and carries ``problems``).
+        ConvergenceError: ``max_iter`` reached (with ``throw=True``).
+        LinearSolveError: in backward, a KKT system at the answer that is singular (the answer
+            is not differentiable there).
+
+    Example:
+        >>> layer = QPLayer()
+        >>> x = layer(Q, q, G, h)          # Q (n, n) shared, q (B, n): B problems at once
+        >>> x.sum().backward()             # q.grad, and Q.grad etc. where they require grad
+    """
+
+    def __init__(
+        self, *, tol: float | None = None, max_iter: int = 50, throw: bool = True, check: bool = True
+    ) -> None:
+        super().__init__()
+        if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0):
+            raise ValueError(f"QPLayer(tol={tol!r}): must be a number > 0 or None")
+        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+            raise ValueError(f"QPLayer(max_iter={max_iter!r}): must be an int >= 1")
+        if not isinstance(throw, bool) or not isinstance(check, bool):
+            raise TypeError(f"QPLayer(throw={throw!r}, check={check!r}): must be True or False")
+        self.tol = tol
+        self.max_iter = max_iter
+        self.throw = throw
+        self.check = check
+        self.last_info: QPInfo | None = None
+
+    def forward(
+        self,
+        Q: torch.Tensor,
+        q: torch.Tensor,
+        G: torch.Tensor | None = None,
+        h: torch.Tensor | None = None,
+        A: torch.Tensor | None = None,
+        b: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The minimizer, (B, n) or (n,), differentiable in every input."""
+        x, info = solve_qp(
+            Q, q, G, h, A, b, tol=self.tol, max_iter=self.max_iter, throw=self.throw, check=self.check,
+            who="QPLayer",
+        )
+        self.last_info = info
+        return x
+
+    def extra_repr(self) -> str:
+        tol = self.tol if self.tol is not None else f"default ({default_tol(torch.float64):g} in float64)"
+        return f"tol={tol}, max_iter={self.max_iter}, throw={self.throw}, check={self.check}"

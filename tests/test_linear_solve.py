@@ -32,7 +32,9 @@ def nonsym(n: int, seed: int) -> torch.Tensor:
 
 CASES = [
     (bl.CG(), spd),
-    (bl.CG(preconditioner=None), spd),
+    (bl.CG(M=None), spd),
+    (bl.CG(M=bl.HutchinsonDiagonal(probes=16)), spd),
+    (bl.CG(M=bl.NystromPreconditioner(rank=1)), spd),
     (bl.MINRES(), spd),
     (bl.MINRES(), sym_indefinite),
     (bl.GMRES(), spd),
@@ -118,7 +120,7 @@ def test_cg_preconditioner_reduces_iterations() -> None:
     A = torch.diag(d) + 1e-3 * spd(50, 2.0, 0)
     b = torch.ones(50, dtype=D)
     plain = bl.CG(max_iter=500)(lambda v: A @ v, b)
-    jacobi = bl.CG(max_iter=500, preconditioner=lambda r: r / torch.diag(A))(lambda v: A @ v, b)
+    jacobi = bl.CG(max_iter=500, M=lambda r: r / torch.diag(A))(lambda v: A @ v, b)
     assert plain.converged and jacobi.converged
     assert jacobi.n_iter < plain.n_iter / 3
     torch.testing.assert_close(jacobi.x, torch.linalg.solve(A, b), rtol=1e-7, atol=0)
@@ -309,7 +311,16 @@ def test_cg_radius_guards() -> None:
 
 @pytest.mark.parametrize(
     "solver",
-    [bl.CG(), bl.MINRES(), bl.GMRES(), bl.BiCGStab(), bl.Neumann(max_iter=500, alpha=0.1), bl.DenseSolve()],
+    [
+        bl.CG(),
+        bl.CG(M=bl.HutchinsonDiagonal(probes=8)),
+        bl.MINRES(),
+        bl.GMRES(),
+        bl.BiCGStab(),
+        bl.Neumann(max_iter=500, alpha=0.1),
+        bl.DenseSolve(),
+        bl.Nystrom(rank=5, rtol=1e-10),  # n = 5: an exact solve, judged on a tolerance
+    ],
     ids=lambda c: type(c).__name__,
 )
 def test_batched_nan_in_one_problem_names_that_problem_only(solver) -> None:  # type: ignore[no-untyped-def]
@@ -324,7 +335,11 @@ def test_batched_nan_in_one_problem_names_that_problem_only(solver) -> None:  # 
         out[2] = out[2] * float("nan")
         return out
 
-    res = solver(matvec, b)
+    if isinstance(solver.M if isinstance(solver, bl.CG) else None, bl.HutchinsonDiagonal):
+        with pytest.warns(bl.BilevelWarning, match=r"problems \[2\] .* left unpreconditioned"):
+            res = solver(matvec, b)
+    else:
+        res = solver(matvec, b)
     assert res.problem_status is not None
     assert res.problem_status[2] is bl.LinearStatus.NONFINITE
     assert res.problems_with(bl.LinearStatus.NONFINITE) == [2] and res.failed_problems() == [2]
@@ -345,3 +360,117 @@ def test_a_fixed_budget_is_not_a_failure() -> None:
     assert capped.failed_problems() == [0, 1, 2]
     single = bl.CG(max_iter=2, rtol=0.0, atol=0.0)(lambda v: As[0] @ v, b[0])
     assert single.status is bl.LinearStatus.BUDGET and single.failed_problems() == []
+
+
+# ---------------------------------------------------------------- preconditioned CG
+
+
+def dominant(n: int, spread: float, seed: int) -> torch.Tensor:
+    """Diagonally dominant SPD with diagonal entries spread over [1, spread]: A = diag(d) + E with
+    E_ij = 0.5 min(d_i, d_j) S_ij / n (S symmetric Gaussian, zero diagonal), so that each row's
+    off-diagonal mass is about 0.3 d_i and Jacobi scaling leaves a condition number below 2."""
+    g = torch.Generator().manual_seed(seed)
+    d = torch.logspace(0, torch.log10(torch.tensor(spread)).item(), n, dtype=D)
+    S = torch.randn(n, n, generator=g, dtype=D)
+    S = (S + S.T) / 2
+    S.fill_diagonal_(0.0)
+    return torch.diag(d) + 0.5 * torch.minimum(d[:, None], d[None, :]) * S / n
+
+
+def test_pcg_with_estimated_diagonal_equals_cg_in_fewer_iterations() -> None:
+    n, probes = 200, 16
+    A = dominant(n, 1e4, seed=0)
+    margin = torch.diag(A) - (A - torch.diag(torch.diag(A))).abs().sum(dim=1)
+    assert float(margin.min()) > 0  # diagonally dominant
+    assert float(torch.linalg.cond(A)) > 5e3  # ill-conditioned
+    b = torch.randn(n, dtype=D, generator=torch.Generator().manual_seed(1))
+    calls = 0
+
+    def mv(v: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return A @ v
+
+    plain = bl.CG(max_iter=1000)(mv, b)
+    calls = 0
+    pcg = bl.CG(max_iter=1000, M=bl.HutchinsonDiagonal(probes=probes))(mv, b)
+    assert plain.converged and pcg.converged
+    torch.testing.assert_close(pcg.x, plain.x, rtol=1e-8, atol=0)
+    torch.testing.assert_close(pcg.x, torch.linalg.solve(A, b), rtol=1e-8, atol=0)
+    # measured: 6 iterations against 663 (exact Jacobi also takes 6); the probes count as matvecs
+    assert pcg.n_iter <= 10 and plain.n_iter >= 300
+    assert calls == pcg.n_matvec == probes + pcg.n_iter + 1
+    assert pcg.n_matvec < plain.n_matvec / 4
+
+
+def test_pcg_recipe_in_batched_mode_equals_single_solves() -> None:
+    B, n = 3, 40
+    As = torch.stack([dominant(n, 10.0 ** (i + 2), seed=i) for i in range(B)])
+    b = torch.randn(B, n, dtype=D, generator=torch.Generator().manual_seed(0))
+    cg = bl.CG(M=bl.HutchinsonDiagonal(probes=8))
+    res = cg(lambda V: torch.einsum("bij,bj->bi", As, V), b)
+    assert res.problem_status == (bl.LinearStatus.CONVERGED,) * B
+    assert res.problem_n_iter is not None
+    for i in range(B):
+        one = cg(lambda v, i=i: As[i] @ v, b[i])
+        torch.testing.assert_close(res.x[i], one.x, rtol=1e-9, atol=1e-12)
+        assert int(res.problem_n_iter[i]) == one.n_iter
+
+
+def test_hutchinson_diagonal_converges_to_the_diagonal() -> None:
+    n = 30
+    A = spd(n, 20.0, seed=5)
+    off = A - torch.diag(torch.diag(A))
+    std1 = off.pow(2).sum(dim=1).sqrt()  # the standard deviation of one probe's estimate
+
+    def mv(v: torch.Tensor) -> torch.Tensor:
+        return A @ v
+
+    errors = []
+    for probes in (100, 1600):
+        est = bl.hutchinson_diagonal(mv, torch.zeros(n, dtype=D), probes=probes, seed=3)
+        z = (est - torch.diag(A)) / (std1 / probes**0.5)
+        assert float(z.abs().max()) < 5.0  # within five standard deviations, entry by entry
+        errors.append(float((est - torch.diag(A)).norm()))
+    assert errors[1] < errors[0] / 2  # the error falls like 1 / sqrt(probes): 4x here
+    # a diagonal matrix is read exactly by one probe (z_i^2 = 1)
+    d = torch.linspace(1, 5, n, dtype=D)
+    torch.testing.assert_close(bl.hutchinson_diagonal(lambda v: d * v, d, probes=1), d, rtol=0, atol=0)
+    # batched: row b is problem b's diagonal, from the same probes as a single call
+    As = torch.stack([A, 2 * A])
+    est = bl.hutchinson_diagonal(lambda V: torch.einsum("bij,bj->bi", As, V), torch.zeros(2, n, dtype=D), 50)
+    one = bl.hutchinson_diagonal(mv, torch.zeros(n, dtype=D), 50)
+    torch.testing.assert_close(est, torch.stack([one, 2 * one]), rtol=1e-12, atol=1e-12)
+
+
+def test_preconditioner_guards() -> None:
+    like = torch.zeros(3, dtype=D)
+    with pytest.raises(ValueError, match=r"hutchinson_diagonal\(probes=0\): probes must be an integer >= 1"):
+        bl.hutchinson_diagonal(lambda v: v, like, probes=0)
+    with pytest.raises(ValueError, match=r"like must be \(n,\) or \(B, n\)"):
+        bl.hutchinson_diagonal(lambda v: v, torch.zeros(2, 2, 2, dtype=D), probes=1)
+    with pytest.raises(ValueError, match="2 diagonal entries are not finite and > 0"):
+        bl.DiagonalPreconditioner(torch.tensor([1.0, 0.0, float("nan")], dtype=D))
+    with pytest.raises(ValueError, match="diagonal must be a"):
+        bl.DiagonalPreconditioner(torch.ones(2, 2, 2, dtype=D))
+    with pytest.raises(ValueError, match=r"floor=0.0\): floor must be in \(0, 1\]"):
+        bl.DiagonalPreconditioner.estimate(lambda v: v, like, probes=1, floor=0.0)
+    for sick in (lambda v: v * float("nan"), lambda v: -v):
+        with pytest.warns(bl.BilevelWarning, match=r"\[0\] has NaN or infinity or no positive entry"):
+            M = bl.DiagonalPreconditioner.estimate(sick, like, probes=1)
+        assert torch.equal(M.diagonal, torch.ones(3, dtype=D))  # left unpreconditioned
+    d = torch.tensor([1.0, -1e-3, 2.0], dtype=D)
+    with pytest.warns(bl.BilevelWarning, match="1 of 3 estimated diagonal entries were below 1e-06"):
+        M = bl.DiagonalPreconditioner.estimate(lambda v: d * v, like, probes=1)
+    torch.testing.assert_close(M.diagonal, torch.tensor([1.0, 2e-6, 2.0], dtype=D))
+    for kwargs, match in [
+        (dict(probes=0), "probes must be an integer >= 1"),
+        (dict(probes=2.5), "probes must be an integer >= 1"),
+        (dict(floor=0.0), "floor must be in"),
+        (dict(floor=2.0), "floor must be in"),
+        (dict(floor=float("nan")), "floor must be in"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            bl.HutchinsonDiagonal(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"CG\(M=5\): expected a callable"):
+        bl.CG(M=5)  # type: ignore[arg-type]

@@ -1,0 +1,1012 @@
+"""A batched convex quadratic program solver in torch, differentiated through its KKT conditions.
+
+Solves, for each problem of a batch,
+
+    minimize    1/2 x'Qx + q'x
+    subject to  Ax = b,  Gx <= h
+
+by a primal-dual interior-point method (Mehrotra's predictor-corrector, as in CVXOPT's
+``coneqp`` and qpth's batched PDIPM) with the slacks s = h - Gx >= 0 and multipliers z >= 0
+(inequalities) and y (equalities).  Each Newton step eliminates s and z and solves the reduced
+(n x n) system
+
+    [ Q + G'DG   A' ] [dx]   [r1]
+    [ A          0  ] [dy] = [r2],        D = diag(z / s),
+
+by one batched Cholesky factorization of K = Q + G'DG + rho A'A (adding rho A'A leaves the
+solution unchanged, as A dx = r2, and makes K definite wherever the problem has a unique solution
+even if Q is only semidefinite) and one of the Schur complement A K^-1 A' (p x p).  Where Q is
+positive definite (and well conditioned) and it costs less, the step is solved in the constraint
+space instead (`_DualNewton`, qpth's formulation): one Cholesky factorization of
+E Q^-1 E' + diag(s/z, 0) (E = [G; A], size m + p), with Q's factor and E Q^-1 E' computed once
+per solve.  Either way predictor and corrector share the factorization (in the reduced form the
+corrector's solve gets one step of iterative refinement once z/s spans many orders of
+magnitude).  Problems stop one by one when the relative primal and dual residuals fall below
+``tol`` and the relative duality gap below ``tol / 100``; a stopped problem's step is masked
+(``torch.where``), and the loop reads one pair of flags from the device per iteration.
+Infeasibility and unboundedness are recognized by certificates on the iterates (Farkas: z >= 0,
+y with G'z + A'y = 0, h'z + b'y < 0; a ray d with Qd = 0, Ad = 0, Gd <= 0, q'd < 0), checked
+every third iteration and once more for a problem that stalled or hit
+``max_iter``; one neither solved nor certified ends with the status ``MAX_ITER`` or ``STALLED``.
+
+The gradient (OptNet, Amos & Kolter 2017): at the solution the KKT conditions
+F(x, z, y; Q, q, G, h, A, b) = 0 read
+
+    Qx + q + G'z + A'y = 0,     z * (Gx - h) = 0,     Ax - b = 0,
+
+and the implicit function theorem gives dL/dtheta = -u' dF/dtheta with (dF/d(x, z, y))' u =
+(dL/dx, 0, 0).  With w = z * u_z this is the symmetric system
+
+    [ Q   G'          A' ] [u_x]   [dL/dx]
+    [ G   -diag(s/z)  0  ] [w  ] = [0    ]
+    [ A   0           0  ] [u_y]   [0    ],
+
+solved by one batched LU factorization (see `_adjoint` for why not with the interior-point
+method's reduced matrix), and
+
+    dL/dq = -u_x,   dL/dQ = -(u_x x' + x u_x')/2,   dL/dG = -(w x' + z u_x'),   dL/dh = w,
+    dL/dA = -(u_y x' + y u_x'),   dL/db = u_y.
+
+The solution map is differentiable where strict complementarity holds (each constraint has
+s_i > 0 or z_i > 0) and the active constraints' rows with A's have full row rank.  At a weakly
+active constraint (s_i = z_i = 0) it has one-sided derivatives only; there the gradient returned
+is that of the interior-point path's end (the weight s_i / z_i as found by the solver), which lies
+between the one-sided ones (the constraint counts as partly active).  Where the active rows and
+A are linearly dependent (a redundant active constraint) the multipliers are not unique but x
+is: dL/dq and dL/dQ stay exact, dL/dG and dL/dh are split between the dependent rows.
+
+References:
+    Amos & Kolter, "OptNet: differentiable optimization as a layer in neural networks",
+    ICML 2017.  Vandenberghe, "The CVXOPT linear and quadratic cone program solvers", 2010.
+    Nocedal & Wright, "Numerical Optimization", 2nd ed., section 16.6 (Mehrotra's method).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import warnings
+from typing import Any
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ._errors import (
+    BilevelError,
+    BilevelWarning,
+    ConvergenceError,
+    LinearSolveError,
+    NonFiniteError,
+    StructureError,
+)
+
+__all__ = [
+    "QPError",
+    "QPInfeasibleError",
+    "QPInfo",
+    "QPNonConvexError",
+    "QPStatus",
+    "QPUnboundedError",
+    "default_tol",
+    "solve_qp",
+]
+
+
+class QPStatus(enum.Enum):
+    """Why the QP solver stopped, for one problem of a batch.  `message` says what to do."""
+
+    SOLVED = "solved: primal and dual residuals and the duality gap below tol"
+    MAX_ITER = (
+        "hit the iteration cap (max_iter) before tol: raise max_iter, loosen tol, or rescale the "
+        "problem (entries of very different magnitudes slow interior-point methods)"
+    )
+    PRIMAL_INFEASIBLE = (
+        "primal infeasible: no x satisfies Ax = b and Gx <= h (a certificate z >= 0, y with "
+        "G'z + A'y = 0 and h'z + b'y < 0 was found); check h and b"
+    )
+    DUAL_INFEASIBLE = (
+        "unbounded below (dual infeasible): a direction d with Qd = 0, Ad = 0, Gd <= 0 and q'd < 0 "
+        "was found; add constraints or a positive definite Q"
+    )
+    STALLED = (
+        "stalled before tol: the reduced KKT matrix could no longer be factorized (the iterate is "
+        "at the limit of the working precision); its residuals are in the info: loosen tol, use "
+        "float64, or rescale the problem"
+    )
+    NONFINITE = "a NaN or infinity appeared in the iterates: rescale the problem"
+
+    @property
+    def message(self) -> str:
+        return self.value
+
+
+#: Per-problem status codes of `QPInfo.codes`: a status's index here.
+_STATUSES: tuple[QPStatus, ...] = tuple(QPStatus)
+_RUNNING = -1
+_SOLVED, _MAX_ITER, _PRIMAL_INF, _DUAL_INF, _STALLED, _NONFINITE = (
+    _STATUSES.index(s)
+    for s in (
+        QPStatus.SOLVED,
+        QPStatus.MAX_ITER,
+        QPStatus.PRIMAL_INFEASIBLE,
+        QPStatus.DUAL_INFEASIBLE,
+        QPStatus.STALLED,
+        QPStatus.NONFINITE,
+    )
+)
+
+
+class QPError(BilevelError):
+    """A quadratic program that cannot be solved or differentiated as given.
+
+    Attributes:
+        problems: the indices (in the batch) of the problems at fault; ``(0,)`` for one problem.
+    """
+
+    def __init__(self, *args: object, problems: tuple[int, ...] = (), info: Any = None) -> None:
+        super().__init__(*args, info=info)
+        self.problems = problems
+
+
+class QPInfeasibleError(QPError):
+    """No point satisfies the constraints (primal infeasibility)."""
+
+
+class QPUnboundedError(QPError):
+    """The objective is unbounded below on the feasible set, or its minimizer is not unique."""
+
+
+class QPNonConvexError(QPError, ValueError):
+    """Q is not positive semidefinite: the problem is not convex."""
+
+
+@dataclasses.dataclass(frozen=True)
+class QPInfo:
+    """Diagnostics of one batched QP solve.  Tensors have shape (B,) (B = 1 for one problem).
+
+    Attributes:
+        codes: per-problem status codes, the index of the status in ``tuple(QPStatus)``.
+        n_iter: per-problem interior-point iterations until it stopped.
+        primal_residual: max(||Ax - b||_inf, ||Gx + s - h||_inf) at the answer.
+        dual_residual: ||Qx + q + G'z + A'y||_inf at the answer.
+        gap: the duality gap s'z at the answer.
+        iterations: iterations the batch ran (the slowest problem's).
+    """
+
+    codes: torch.Tensor
+    n_iter: torch.Tensor
+    primal_residual: torch.Tensor
+    dual_residual: torch.Tensor
+    gap: torch.Tensor
+    iterations: int
+
+    @property
+    def statuses(self) -> tuple[QPStatus, ...]:
+        """The status of each problem."""
+        return tuple(_STATUSES[c] for c in self.codes.tolist())
+
+    @property
+    def converged(self) -> bool:
+        """Whether every problem was solved."""
+        return bool((self.codes == 0).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+@dataclasses.dataclass(frozen=True)
+class _Problem:
+    """Inputs with a leading batch dimension of size 1 (shared) or B; G, A with m or p = 0 rows."""
+
+    Q: torch.Tensor  # (1|B, n, n), symmetrized
+    q: torch.Tensor  # (1|B, n)
+    G: torch.Tensor  # (1|B, m, n)
+    h: torch.Tensor  # (1|B, m)
+    A: torch.Tensor  # (1|B, p, n)
+    b: torch.Tensor  # (1|B, p)
+    B: int
+    batched: bool
+
+    @property
+    def n(self) -> int:
+        return self.Q.shape[-1]
+
+    @property
+    def m(self) -> int:
+        return self.G.shape[-2]
+
+    @property
+    def p(self) -> int:
+        return self.A.shape[-2]
+
+
+def _where(batched: bool, index: int) -> str:
+    return f"problem {index} of the batch" if batched else "the problem"
+
+
+def _prepare(
+    who: str,
+    Q: Any,
+    q: Any,
+    G: Any,
+    h: Any,
+    A: Any,
+    b: Any,
+) -> tuple[_Problem, tuple[torch.Tensor | None, ...]]:
+    """Check shapes, dtypes and devices; give every input a leading batch dimension."""
+    if (G is None) != (h is None):
+        raise TypeError(f"{who}: give G and h together (Gx <= h), or neither")
+    if (A is None) != (b is None):
+        raise TypeError(f"{who}: give A and b together (Ax = b), or neither")
+    args = {"Q": Q, "q": q, "G": G, "h": h, "A": A, "b": b}
+    for name, t in args.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{who}: {name} must be a Tensor, got {type(t).__name__}")
+    if not isinstance(Q, torch.Tensor) or not isinstance(q, torch.Tensor):
+        raise TypeError(f"{who}: Q and q are required Tensors")
+    if not Q.is_floating_point():
+        raise TypeError(f"{who}: Q has dtype {Q.dtype}; expected float32 or float64")
+    for name, t in args.items():
+        if t is None:
+            continue
+        if t.dtype != Q.dtype:
+            raise StructureError(f"{who}: {name} has dtype {t.dtype} but Q has {Q.dtype}; use one dtype")
+        if t.device != Q.device:
+            raise StructureError(f"{who}: {name} is on {t.device} but Q is on {Q.device}; use one device")
+    matrices = {"Q": Q, "G": G, "A": A}
+    vectors = {"q": q, "h": h, "b": b}
+    for name, t in matrices.items():
+        if t is not None and t.ndim not in (2, 3):
+            raise StructureError(
+                f"{who}: {name} has shape {tuple(t.shape)}; expected (rows, n) or (B, rows, n)"
+            )
+    for name, t in vectors.items():
+        if t is not None and t.ndim not in (1, 2):
+            raise StructureError(f"{who}: {name} has shape {tuple(t.shape)}; expected (k,) or (B, k)")
+    sizes = {
+        name: t.shape[0]
+        for name, t in args.items()
+        if t is not None and t.ndim == (3 if name in matrices else 2)
+    }
+    if len(set(sizes.values()) - {1}) > 1:
+        listed = ", ".join(f"{k}: {v}" for k, v in sizes.items())
+        raise StructureError(f"{who}: the inputs' batch sizes differ ({listed}); use one B (or 1 to share)")
+    B = max(sizes.values(), default=1)
+    batched = bool(sizes)
+    n = Q.shape[-1]
+    if Q.shape[-2] != n:
+        raise StructureError(f"{who}: Q has shape {tuple(Q.shape)}; it must be square (n, n)")
+    if q.shape[-1] != n:
+        raise StructureError(f"{who}: q has {q.shape[-1]} entries but Q is {n} x {n}")
+    for mat, vec in (("G", "h"), ("A", "b")):
+        M, v = args[mat], args[vec]
+        if M is None:
+            continue
+        if M.shape[-1] != n:
+            raise StructureError(f"{who}: {mat} has {M.shape[-1]} columns but Q is {n} x {n}")
+        if v.shape[-1] != M.shape[-2]:
+            raise StructureError(f"{who}: {vec} has {v.shape[-1]} entries but {mat} has {M.shape[-2]} rows")
+    if A is not None and A.shape[-2] > n:
+        raise QPError(
+            f"{who}: A has {A.shape[-2]} rows but x has {n} entries: an equality matrix with more rows "
+            "than columns has no full row rank; drop redundant equalities"
+        )
+
+    def mat3(t: torch.Tensor | None, rows: int) -> torch.Tensor:
+        if t is None:
+            return Q.new_zeros(1, rows, n)
+        return t if t.ndim == 3 else t.unsqueeze(0)
+
+    def vec2(t: torch.Tensor | None) -> torch.Tensor:
+        if t is None:
+            return Q.new_zeros(1, 0)
+        return t if t.ndim == 2 else t.unsqueeze(0)
+
+    Qb = mat3(Q, n)
+    prob = _Problem(
+        Q=0.5 * (Qb + Qb.mT),
+        q=vec2(q),
+        G=mat3(G, 0),
+        h=vec2(h),
+        A=mat3(A, 0),
+        b=vec2(b),
+        B=B,
+        batched=batched,
+    )
+    return prob, (Q, q, G, h, A, b)
+
+
+def _check_values(who: str, prob: _Problem) -> None:
+    """Non-finite entries, Q not PSD, A without full row rank: typed errors naming the problem."""
+    B, batched = prob.B, prob.batched
+    names = ("Q", "q", "G", "h", "A", "b")
+    inputs = (prob.Q, prob.q, prob.G, prob.h, prob.A, prob.b)
+    # One reduction per input, summed: a NaN or infinity anywhere makes its problem's sum
+    # non-finite (finite sums that overflow are told apart below, per input).
+    total = sum((t.flatten(1).sum(1) for t in inputs if t.numel()), torch.zeros(1, dtype=prob.Q.dtype))
+    bad = ~torch.isfinite(total)
+    eps = torch.finfo(prob.Q.dtype).eps
+    # Q is PSD up to rounding iff Q + delta I is positive definite for a shift delta far above
+    # rounding but far below the scale of Q's entries.
+    scale = prob.Q.abs().amax(dim=(-2, -1), keepdim=True)
+    delta = math.sqrt(eps) * (1.0 + scale)
+    eye = torch.eye(prob.n, dtype=prob.Q.dtype, device=prob.Q.device)
+    _, q_info = torch.linalg.cholesky_ex(torch.nan_to_num(prob.Q) + delta * eye)
+    rank_bad: torch.Tensor | None = None
+    if prob.p:
+        AAt = prob.A @ prob.A.mT
+        L, a_info = torch.linalg.cholesky_ex(torch.nan_to_num(AAt))
+        d = L.diagonal(dim1=-2, dim2=-1).abs()
+        # A relative pivot below sqrt(eps) means AA' is singular to working precision.
+        rank_bad = (a_info != 0) | (d.amin(-1) <= math.sqrt(eps) * d.amax(-1).clamp_min(eps))
+    flags = torch.stack(
+        [bad.expand(B), (q_info != 0).expand(B)] + ([rank_bad.expand(B)] if rank_bad is not None else [])
+    ).cpu()
+    which: list[str] = []
+    if flags[0].any():
+        i = int(flags[0].nonzero()[0])
+        for nm, t in zip(names, inputs):
+            if t.numel() and not bool(torch.isfinite(t[min(i, t.shape[0] - 1)]).all()):
+                which.append(nm)
+    if which:
+        raise NonFiniteError(
+            f"{who}: {_where(batched, i)} has NaN or infinite entries in {', '.join(which)}",
+        )
+    if flags[1].any():
+        idx = tuple(int(i) for i in flags[1].nonzero().flatten())
+        raise QPNonConvexError(
+            f"{who}: Q of {_where(batched, idx[0])} is not positive semidefinite (Cholesky of Q + "
+            f"{math.sqrt(eps):.1e}(1 + max|Q|) I failed): the problem is not convex; use a PSD Q, e.g. "
+            "L L' + eps I",
+            problems=idx,
+        )
+    if rank_bad is not None and flags[2].any():
+        idx = tuple(int(i) for i in flags[2].nonzero().flatten())
+        raise QPError(
+            f"{who}: the equality matrix A of {_where(batched, idx[0])} has no full row rank (AA' is "
+            "singular): drop redundant equalities Ax = b (their multipliers, and so the gradient, are "
+            "not unique)",
+            problems=idx,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The reduced KKT system
+
+
+class _KKT:
+    """The factorization of [[H, A'], [A, 0]] with H = Q + G'DG, for a batch; `solve` reuses it."""
+
+    def __init__(self, prob: _Problem, d: torch.Tensor | None, rhoAtA: torch.Tensor | None) -> None:
+        H = prob.Q
+        if d is not None and prob.m:
+            H = H + (prob.G.mT * d.unsqueeze(-2)) @ prob.G
+        if rhoAtA is not None:
+            H = H + rhoAtA
+        self.L, info = torch.linalg.cholesky_ex(H)
+        self.ok = info == 0
+        self.A = prob.A
+        self.p = prob.p
+        self.M: torch.Tensor | None = None
+        self.LS: torch.Tensor | None = None
+        if self.p:
+            self.M = torch.cholesky_solve(prob.A.mT.expand(self.L.shape[0], -1, -1), self.L)
+            self.LS, info_s = torch.linalg.cholesky_ex(prob.A @ self.M)
+            self.ok = self.ok & (info_s == 0)
+
+    def solve(
+        self, r1: torch.Tensor, r2: torch.Tensor | None, rho: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """u, v with H u + A'v = r1, A u = r2 (r2 = None: zero).  r1 (B, n), r2 (B, p)."""
+        if not self.p:
+            return torch.cholesky_solve(r1.unsqueeze(-1), self.L).squeeze(-1), None
+        assert self.M is not None and self.LS is not None and rho is not None
+        # K u + A'v = r1 + rho A'r2 with K = H + rho A'A (the same equations, as A u = r2).
+        if r2 is not None:
+            r1 = r1 + rho.squeeze(-1) * (r2.unsqueeze(-2) @ self.A).squeeze(-2)
+        u = torch.cholesky_solve(r1.unsqueeze(-1), self.L)
+        s = self.A @ u
+        if r2 is not None:
+            s = s - r2.unsqueeze(-1)
+        v = torch.cholesky_solve(s, self.LS)
+        return (u - self.M @ v).squeeze(-1), v.squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The interior-point method
+
+
+@dataclasses.dataclass(frozen=True)
+class _Solution:
+    """The iterates at the answer, (B, n), (B, m), (B, m), (B, p), and the diagnostics."""
+
+    x: torch.Tensor
+    s: torch.Tensor
+    z: torch.Tensor
+    y: torch.Tensor
+    info: QPInfo
+
+
+def _mv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Batched matrix-vector product: M (B, r, c), v (B, c) -> (B, r).
+
+    ``bmm`` on equal batch sizes: a third of the dispatches of a broadcasting ``@``, which
+    matters at batch 1, where the interior-point loop is bound by per-op overhead.
+    """
+    return torch.bmm(M, v.unsqueeze(-1)).squeeze(-1)
+
+
+def _mtv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Batched M'v: M (B, r, c), v (B, r) -> (B, c)."""
+    return torch.bmm(v.unsqueeze(-2), M).squeeze(-2)
+
+
+def _inf_norm(v: torch.Tensor) -> torch.Tensor:
+    """max_i |v_i| over the last dimension (0 for an empty one), one op."""
+    return torch.linalg.vector_norm(v, math.inf, dim=-1) if v.shape[-1] else v.new_zeros(v.shape[:-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Newton:
+    """One interior-point iteration's linear algebra: directions for any complementarity target."""
+
+    prob: _Problem
+    kkt: _KKT
+    rho: torch.Tensor | None
+    s: torch.Tensor
+    z: torch.Tensor
+    d: torch.Tensor  # z / s
+    r1: torch.Tensor  # -r_dual - G'(d * r_ineq), the part of the right-hand side that rc leaves
+    rp_in: torch.Tensor
+    r2: torch.Tensor | None  # -r_eq
+
+    def direction(
+        self, rc: torch.Tensor, refine: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(dx, ds, dz, dy) of the Newton system with s * dz + z * ds = -rc (rc (B, m))."""
+        prob = self.prob
+        G, A = prob.G, prob.A
+        r1 = self.r1 + _mtv(G, rc / self.s)
+        dx, dy = self.kkt.solve(r1, self.r2, self.rho)
+        Gdx = _mv(G, dx)
+        if refine:
+            # One step of iterative refinement, with the residual computed from Q, G and D
+            # unformed: near the solution D = z/s spans many orders of magnitude, so the factor
+            # of Q + G'DG has lost Q's digits (an error of eps * max D), and the dual residual
+            # would stall at that error instead of reaching tol.
+            res1 = r1 - _mv(prob.Q, dx) - _mtv(G, self.d * Gdx)
+            res2 = None
+            if dy is not None:
+                res1 = res1 - _mtv(A, dy)
+                assert self.r2 is not None
+                res2 = self.r2 - _mv(A, dx)
+            cx, cy = self.kkt.solve(res1, res2, self.rho)
+            dx = dx + cx
+            if dy is not None and cy is not None:
+                dy = dy + cy
+            Gdx = _mv(G, dx)
+        dz = self.d * (Gdx + self.rp_in) - rc / self.s
+        ds = -self.rp_in - Gdx
+        return dx, ds, dz, dy
+
+    @property
+    def ok(self) -> torch.Tensor:
+        """Per problem: the factorization succeeded, (B,) bool."""
+        return self.kkt.ok
+
+    def max_step(self, ds: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+        """The largest step in [0, 1] that keeps s + a ds and z + a dz non-negative, (B,)."""
+        return _max_step(self.s, self.z, ds, dz)
+
+
+def _max_step(s: torch.Tensor, z: torch.Tensor, ds: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+    v = torch.cat([s, z], -1)
+    dv = torch.cat([ds, dz], -1)
+    return torch.where(dv < 0, -v / dv, torch.inf).amin(-1).clamp(max=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _DualSpace:
+    """What the constraint-space Newton step reuses across iterations (Q positive definite).
+
+    With E = [G; A] (k = m + p rows): the Cholesky factor of Q, Q^-1 E' and E Q^-1 E'.
+    """
+
+    LQ: torch.Tensor  # (B, n, n)
+    QinvEt: torch.Tensor  # (B, n, k)
+    EQinvEt: torch.Tensor  # (B, k, k)
+    E: torch.Tensor  # (B, k, n)
+
+    @staticmethod
+    def build(prob: _Problem, LQ: torch.Tensor) -> _DualSpace:
+        E = torch.cat([prob.G, prob.A], -2)
+        QinvEt = torch.cholesky_solve(E.mT, LQ)
+        return _DualSpace(LQ, QinvEt, torch.bmm(E, QinvEt), E)
+
+
+class _DualNewton:
+    """One iteration's Newton directions in the constraint space, for Q positive definite.
+
+    Eliminating dx = Q^-1 (-r_d - E' dl) (dl = (dz, dy)) leaves the (m + p) system
+
+        (E Q^-1 E' + diag(s/z, 0)) dl = E Q^-1 (-r_d) - (-r_ineq + rc/z, -r_eq),
+
+    qpth's formulation: the per-iteration work is one Cholesky factorization of size m + p (no
+    Q + G'DG to form: 2 m n^2 flops less per iteration), and the weights enter as s/z on the
+    diagonal, where an active constraint's s/z ~ 0 and an inactive one's huge value are both
+    harmless to rounding (the reduced form's z/s multiplies rounding errors instead).
+    """
+
+    def __init__(
+        self,
+        prob: _Problem,
+        ds_: _DualSpace,
+        s: torch.Tensor,
+        z: torch.Tensor,
+        rd: torch.Tensor,
+        rp_in: torch.Tensor,
+        rp_eq: torch.Tensor,
+    ) -> None:
+        self.prob, self.space, self.s, self.z, self.rp_in, self.rp_eq = prob, ds_, s, z, rp_in, rp_eq
+        w = s / z
+        if prob.p:
+            w = torch.cat([w, w.new_zeros(w.shape[0], prob.p)], -1)
+        self.LS, info = torch.linalg.cholesky_ex(ds_.EQinvEt + torch.diag_embed(w))
+        self._ok = info == 0
+        self.u0 = torch.cholesky_solve(-rd.unsqueeze(-1), ds_.LQ)  # (B, n, 1)
+        # the right-hand side without its rc part: E Q^-1 (-r_d) + (r_ineq, r_eq)
+        r_primal = torch.cat([rp_in, rp_eq], -1) if prob.p else rp_in
+        self.base = torch.bmm(ds_.E, self.u0).squeeze(-1) + r_primal
+
+    @property
+    def ok(self) -> torch.Tensor:
+        return self._ok
+
+    def direction(
+        self, rc: torch.Tensor, refine: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(dx, ds, dz, dy) of the Newton system with s * dz + z * ds = -rc (rc (B, m))."""
+        m = self.prob.m
+        rcz = rc / self.z
+        if self.prob.p:
+            rcz = torch.cat([rcz, rcz.new_zeros(rcz.shape[0], self.prob.p)], -1)
+        dl = torch.cholesky_solve((self.base - rcz).unsqueeze(-1), self.LS)
+        dx = (self.u0 - torch.bmm(self.space.QinvEt, dl)).squeeze(-1)
+        dl = dl.squeeze(-1)
+        dz = dl[:, :m]
+        ds = -self.rp_in - _mv(self.prob.G, dx)
+        return dx, ds, dz, (dl[:, m:] if self.prob.p else None)
+
+    def max_step(self, ds: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+        return _max_step(self.s, self.z, ds, dz)
+
+
+def _certificates(
+    prob: _Problem,
+    x: torch.Tensor,
+    z: torch.Tensor,
+    y: torch.Tensor,
+    Qx: torch.Tensor,
+    Gx: torch.Tensor,
+    dual_part: torch.Tensor,
+    scale_p: torch.Tensor,
+    scale_d: torch.Tensor,
+) -> torch.Tensor:
+    """Per problem: `_PRIMAL_INF`, `_DUAL_INF` where the iterate certifies it, else `_RUNNING`.
+
+    The iterates grow without bound on such problems, so the tests are relative to their size:
+    z >= 0, y with G'z + A'y = 0 and h'z + b'y < 0 prove Ax = b, Gx <= h infeasible (Farkas);
+    d = x with Qd = 0, Ad = 0, Gd <= 0 and q'd < 0 proves the objective unbounded below.
+    ``dual_part`` is G'z + A'y.
+    """
+    eps = torch.finfo(x.dtype).eps
+    eps_inf = 1e4 * eps
+    B = x.shape[0]
+    h_B, b_B, q_B = prob.h.expand(B, -1), prob.b.expand(B, -1), prob.q.expand(B, -1)
+    zy = torch.maximum(_inf_norm(z), _inf_norm(y)).clamp_min(eps)
+    p_cert = (
+        (_inf_norm(dual_part) <= eps_inf * zy * scale_d)
+        & ((h_B * z).sum(-1) + (b_B * y).sum(-1) < -math.sqrt(eps) * zy * scale_p)
+        & (zy > 1e6 * scale_d * scale_p)
+    )
+    xn = _inf_norm(x).clamp_min(eps)
+    d_cert = (
+        (_inf_norm(Qx) <= eps_inf * xn * scale_d)
+        & ((Gx.amax(-1) if prob.m else xn.new_zeros(())) <= eps_inf * xn * scale_p)
+        & ((q_B * x).sum(-1) < -math.sqrt(eps) * xn)
+        & (xn > 1e6 * scale_p * scale_d)
+    )
+    if prob.p:
+        d_cert = d_cert & (_inf_norm(_mv(prob.A, x)) <= eps_inf * xn * scale_p)
+    return torch.where(p_cert, _PRIMAL_INF, torch.where(d_cert, _DUAL_INF, _RUNNING))
+
+
+def _ipm(prob: _Problem, tol: float, max_iter: int) -> _Solution:
+    """Mehrotra's predictor-corrector on the batch, from CVXOPT's starting point."""
+    B, n, m, p = prob.B, prob.n, prob.m, prob.p
+    # Shared matrices as (B, ...) views (no copies), for `_mv` and `_mtv`.
+    prob = dataclasses.replace(
+        prob, Q=prob.Q.expand(B, n, n), G=prob.G.expand(B, m, n), A=prob.A.expand(B, p, n)
+    )
+    Q, q, G, h, A, b = prob.Q, prob.q, prob.G, prob.h, prob.A, prob.b
+    dt, dev = Q.dtype, Q.device
+    eps = torch.finfo(dt).eps
+    rho: torch.Tensor | None = None
+    rhoAtA: torch.Tensor | None = None
+    if p:
+        # rho scales A'A to Q's magnitude, so that K = H + rho A'A is neither dominated by it nor
+        # left singular where Q is.
+        a2 = (A * A).sum(-1).amax(-1).clamp_min(eps)
+        rho = ((1.0 + Q.abs().amax(dim=(-2, -1))) / a2).reshape(-1, 1, 1)
+        rhoAtA = rho * (A.mT @ A)
+    scale_p = 1.0 + torch.maximum(_inf_norm(h), _inf_norm(b)).expand(B)
+    scale_d = 1.0 + _inf_norm(q).expand(B)
+    q_B = q.expand(B, n)
+    h_B = h.expand(B, m)
+    b_B = b.expand(B, p)
+
+    # Starting point (CVXOPT's): the solution of min 1/2 x'Qx + q'x + 1/2 ||Gx - h||^2 s.t. Ax = b
+    # gives x and s = h - Gx, z = Gx - h, each shifted into the positive orthant.
+    kkt = _KKT(prob, torch.ones(1, m, dtype=dt, device=dev) if m else None, rhoAtA)
+    if not bool(kkt.ok.all()):
+        bad = tuple(int(i) for i in (~kkt.ok).expand(B).nonzero().flatten())
+        raise QPUnboundedError(
+            f"QPLayer: {_where(prob.batched, bad[0])} has no unique solution: Q + G'G + A'A is singular, "
+            "so some direction d with Qd = 0, Gd = 0, Ad = 0 leaves the objective unchanged (or, where "
+            "q'd != 0, unbounded); add constraints or make Q positive definite",
+            problems=bad,
+        )
+    x, y = kkt.solve(-q_B + _mtv(G, h_B), b_B if p else None, rho)
+    if y is None:
+        y = Q.new_zeros(B, 0)
+    r = _mv(G, x) - h_B
+    if m:
+        s0, z0 = -r, r
+        ts = -s0.amin(-1, keepdim=True)
+        tz = -z0.amin(-1, keepdim=True)
+        s = s0 + torch.where(ts >= 0, 1.0 + ts, 0.0)
+        z = z0 + torch.where(tz >= 0, 1.0 + tz, 0.0)
+    else:
+        s = z = Q.new_zeros(B, 0)
+
+    # The constraint-space Newton step (`_DualNewton`) where Q is positive definite and one
+    # factorization of size m + p costs less than forming and factorizing Q + G'DG (n x n).
+    space: _DualSpace | None = None
+    if m and (m + p) ** 3 <= 6 * m * n * n + n**3:
+        LQ, q_info = torch.linalg.cholesky_ex(Q)
+        piv = LQ.diagonal(dim1=-2, dim2=-1)
+        # well conditioned enough that Q^-1 E' keeps its digits (pivot ratio^2 = 1/cond)
+        flags0 = torch.stack(
+            [(q_info == 0).all(), (piv.amin(-1) >= math.sqrt(math.sqrt(eps)) * piv.amax(-1)).all()]
+        ).tolist()
+        if all(flags0):
+            space = _DualSpace.build(prob, LQ)
+
+    codes = torch.full((B,), _RUNNING, dtype=torch.long, device=dev)
+    n_iter = torch.zeros(B, dtype=torch.long, device=dev)
+    # The gap is held 100x tighter than the residuals: x and the multipliers are off by about
+    # mu / (the smaller of s_i, z_i), and the gradient by that times the conditioning of the
+    # active set (measured: gradient error ~ 1e3 x gap), while the gap, unlike the dual residual,
+    # keeps falling geometrically down to rounding.
+    tol_gap = max(1e-2 * tol, 10 * eps)
+    it = 0
+    running = torch.ones(B, dtype=torch.bool, device=dev)
+    saved = torch.zeros(B, dtype=torch.bool, device=dev)
+    stalled = torch.zeros(B, dtype=torch.bool, device=dev)
+    kept: tuple[torch.Tensor, ...] = (x, s, z, y)
+    kept_res: tuple[torch.Tensor, ...] = (x.new_zeros(B),) * 3
+    any_saved = False
+    while True:
+        # Residuals and per-problem stopping at the current point.
+        Qx = _mv(Q, x)
+        Gx = _mv(G, x)
+        Gz = _mtv(G, z)
+        dual_part = Gz
+        rp_in = Gx + s - h_B
+        res_p = _inf_norm(rp_in)
+        rel_p = torch.maximum(_inf_norm(Gx), _inf_norm(s))
+        if p:
+            Ax = _mv(A, x)
+            dual_part = Gz + _mtv(A, y)
+            rp_eq = Ax - b_B
+            res_p = torch.maximum(res_p, _inf_norm(rp_eq))
+            rel_p = torch.maximum(rel_p, _inf_norm(Ax))
+        rd = Qx + q_B + dual_part
+        res_d = _inf_norm(rd)
+        gap = (s * z).sum(-1)
+        pobj_scale = 1.0 + (0.5 * Qx + q_B).mul(x).sum(-1).abs()
+        # Relative to the size of the terms that make up each residual (OSQP's test): rounding
+        # leaves a residual of about eps times those, whatever the data's scale.
+        rel_d = torch.maximum(torch.maximum(_inf_norm(Qx), _inf_norm(dual_part)), _inf_norm(Gz))
+        ok_res = (res_p <= tol * (scale_p + rel_p)) & (res_d <= tol * (scale_d + rel_d))
+        good = ok_res & (gap <= tol * pobj_scale)
+        ok = good & (gap <= tol_gap * pobj_scale)
+        finite = torch.isfinite(res_d + res_p + gap)
+        if m and any_saved:
+            # Near the end the weights z/s of the active constraints reach 1/eps and a step can
+            # lose the accuracy already reached (rounding in the reduced system, amplified by
+            # z/s, lands in the dual residual).  An iterate good to tol (gap below tol, not yet
+            # tol/100) is kept, and a problem whose next steps break down or undo it returns to it.
+            revert = running & saved & ~ok & (~ok_res | ~finite | stalled)
+            x, s, z, y = (torch.where(revert.unsqueeze(-1), a, c) for a, c in zip(kept, (x, s, z, y)))
+            res_p, res_d, gap = (torch.where(revert, a, c) for a, c in zip(kept_res, (res_p, res_d, gap)))
+            ok = ok | revert
+            finite = finite | revert
+            stalled = stalled & ~revert
+            good = good & ~revert
+        new = torch.where(ok, _SOLVED, torch.where(stalled, _STALLED, _RUNNING))
+        new = torch.where(finite, new, _NONFINITE)
+        if it % 3 == 2 or it >= max_iter:
+            # Infeasibility certificates every third iteration: they are for problems that do
+            # not converge (and once more at the end, for those that stalled).
+            cert = _certificates(prob, x, z, y, Qx, Gx, dual_part, scale_p, scale_d)
+            new = torch.where(new == _RUNNING, cert, new)
+        keep = running & good & ~ok
+        codes = torch.where(codes == _RUNNING, new, codes)
+        running = codes == _RUNNING
+        # The loop's one host read: whether any problem runs, and whether one has an iterate to keep.
+        flags = torch.stack([running.any(), keep.any()]).tolist() if m else [False, False]
+        if flags[1]:
+            keep = keep & running
+            kept = tuple(torch.where(keep.unsqueeze(-1), a, c) for a, c in zip((x, s, z, y), kept))
+            kept_res = tuple(torch.where(keep, a, c) for a, c in zip((res_p, res_d, gap), kept_res))
+            saved = saved | keep
+            any_saved = True
+        if it >= max_iter or not flags[0] or not m:
+            break
+        it += 1
+        n_iter = n_iter + running.long()
+
+        step: _Newton | _DualNewton
+        if space is not None:
+            step = _DualNewton(prob, space, s, z, rd, rp_in, rp_eq if p else rp_in[:, :0])
+        else:
+            d = z / s
+            kkt = _KKT(prob, d, rhoAtA)
+            step = _Newton(prob, kkt, rho, s, z, d, -rd - _mtv(G, d * rp_in), rp_in, -rp_eq if p else None)
+        # Predictor (affine scaling): the Newton step towards s * z = 0.
+        rc_aff = s * z
+        _, ds_a, dz_a, _ = step.direction(rc_aff)
+        a_aff = step.max_step(ds_a, dz_a).unsqueeze(-1)
+        mu = gap / m
+        mu_aff = ((s + a_aff * ds_a) * (z + a_aff * dz_a)).sum(-1) / m
+        sigma = (mu_aff / mu).clamp(0.0, 1.0) ** 3
+        # Corrector: aim at sigma * mu on the central path, with Mehrotra's second-order term;
+        # the same factorization.
+        # (refined from the fourth iteration on, when z/s starts to span many orders of magnitude)
+        dx, ds, dz, dy = step.direction(rc_aff + ds_a * dz_a - (sigma * mu).unsqueeze(-1), refine=it > 3)
+        alpha = 0.99 * step.max_step(ds, dz)
+        # Stopped problems keep their iterate (a masked step: the batch keeps its shapes).
+        # (torch.where, not a zero step: a failed factorization's NaN times 0 is NaN.)
+        move = (running & step.ok & torch.isfinite(alpha)).unsqueeze(-1)
+        alpha = alpha.unsqueeze(-1)
+        x = torch.where(move, torch.addcmul(x, alpha, dx), x)
+        s = torch.where(move, torch.addcmul(s, alpha, ds), s)
+        z = torch.where(move, torch.addcmul(z, alpha, dz), z)
+        if dy is not None:
+            y = torch.where(move, torch.addcmul(y, alpha, dy), y)
+        # A problem whose factorization failed cannot move: it is reported (or returns to its
+        # kept iterate) at the next check, not silently frozen.
+        stalled = stalled | (running & ~step.ok)
+
+    codes = torch.where(codes == _RUNNING, _MAX_ITER, codes)
+    unsolved = (codes == _MAX_ITER) | (codes == _STALLED)
+    if m and bool(unsolved.any()):
+        Gz = _mtv(G, z)
+        dual_part = Gz + _mtv(A, y) if p else Gz
+        cert = _certificates(prob, x, z, y, _mv(Q, x), _mv(G, x), dual_part, scale_p, scale_d)
+        codes = torch.where(unsolved & (cert != _RUNNING), cert, codes)
+    return _Solution(x, s, z, y, QPInfo(codes, n_iter, res_p, res_d, gap, it))
+
+
+# ---------------------------------------------------------------------------------------------
+# The autograd function and the entry point
+
+
+class _QPFunction(torch.autograd.Function):
+    """x*(Q, q, G, h, A, b); the solution is computed outside and passed in (``sol``)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        sol: _Solution,
+        prob: _Problem,
+        Q: torch.Tensor,
+        q: torch.Tensor,
+        G: torch.Tensor | None,
+        h: torch.Tensor | None,
+        A: torch.Tensor | None,
+        b: torch.Tensor | None,
+    ) -> torch.Tensor:
+        ctx.sol = sol
+        ctx.prob = prob
+        ctx.shapes = tuple(None if t is None else t.shape for t in (Q, q, G, h, A, b))
+        x = sol.x
+        return x.clone() if prob.batched else x[0].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_x: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        sol: _Solution = ctx.sol
+        prob: _Problem = ctx.prob
+        g = grad_x if prob.batched else grad_x.unsqueeze(0)
+        u, w, v = _adjoint(prob, sol, g.expand(prob.B, prob.n))
+        x, z, y = sol.x, sol.z, sol.y
+
+        def outer(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            return a.unsqueeze(-1) * c.unsqueeze(-2)
+
+        full = (
+            -0.5 * (outer(u, x) + outer(x, u)),  # dQ (the objective sees Q's symmetric part)
+            -u,  # dq
+            -(outer(w, x) + outer(z, u)),  # dG
+            w,  # dh
+            -(outer(v, x) + outer(y, u)),  # dA
+            v,  # db
+        )
+        grads: list[torch.Tensor | None] = []
+        for gfull, shape, need in zip(full, ctx.shapes, ctx.needs_input_grad[2:]):
+            if shape is None or not need:
+                grads.append(None)
+            elif len(shape) == gfull.ndim:  # this input had the batch dimension
+                grads.append(gfull)
+            else:  # shared by the batch: the sum of the problems' gradients
+                grads.append(gfull.sum(0))
+        return (None, None, *grads)
+
+
+def _adjoint(
+    prob: _Problem, sol: _Solution, g: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """u, w, v solving the transposed KKT system at the answer for dL/dx = g (B, n).
+
+        [ Q   G'          A' ] [u]   [g]
+        [ G   -diag(s/z)  0  ] [w] = [0]
+        [ A   0           0  ] [v]   [0]
+
+    This is (dF/d(x, z, y))' (u, w / z, v) = (g, 0, 0) for the KKT conditions F, scaled by z.
+    It is solved unreduced (one batched LU of size n + m + p) rather than with the
+    interior-point method's reduced matrix Q + G'DG: there an active constraint's weight
+    D = z/s ~ 1e12 swamps Q's entries in rounding, an error of eps * D in the gradient, while
+    here s/z sits alone on the diagonal: an active row (s/z ~ 0) holds G_i u = 0 to rounding, an
+    inactive one (s/z huge) gets w_i ~ 0.
+
+    Raises:
+        LinearSolveError: the system is singular for a problem (named): the solution is not a
+            differentiable function of the inputs there (e.g. Q singular on the null space of the
+            active constraints).
+    """
+    B, n, m, p = prob.B, prob.n, prob.m, prob.p
+    dt = g.dtype
+    eps = torch.finfo(dt).eps
+    Q = prob.Q.expand(B, n, n)
+    G = prob.G.expand(B, m, n)
+    A = prob.A.expand(B, p, n)
+    c = (sol.s.clamp_min(0.0) / sol.z.clamp_min(eps * eps)).clamp(max=1.0 / (eps * eps))
+    zeros = g.new_zeros
+    K = torch.cat(
+        [
+            torch.cat([Q, G.mT, A.mT], -1),
+            torch.cat([G, torch.diag_embed(-c), zeros(B, m, p)], -1),
+            torch.cat([A, zeros(B, p, m), zeros(B, p, p)], -1),
+        ],
+        -2,
+    )
+    LU, piv, info = torch.linalg.lu_factor_ex(K)
+    rhs = torch.cat([g, zeros(B, m + p)], -1).unsqueeze(-1)
+    sol_all = torch.linalg.lu_solve(LU, piv, rhs).squeeze(-1)
+    bad = (info != 0) | ~torch.isfinite(sol_all).all(-1)
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero().flatten())
+        raise LinearSolveError(
+            f"QPLayer backward: the KKT system at the answer of {_where(prob.batched, idx[0])} is "
+            "singular: the solution is not differentiable there (Q is singular on the null space of "
+            "the active constraints, or active constraints and equalities are linearly dependent "
+            "with weakly active ones); make Q positive definite or remove redundant constraints"
+        )
+    return sol_all[:, :n], sol_all[:, n : n + m], sol_all[:, n + m :]
+
+
+def _raise_failures(who: str, info: QPInfo, batched: bool, throw: bool) -> None:
+    statuses = info.statuses
+    if all(s is QPStatus.SOLVED for s in statuses):
+        return
+    errors: dict[QPStatus, type[BilevelError]] = {
+        QPStatus.PRIMAL_INFEASIBLE: QPInfeasibleError,
+        QPStatus.DUAL_INFEASIBLE: QPUnboundedError,
+        QPStatus.NONFINITE: NonFiniteError,
+    }
+    for status in (QPStatus.NONFINITE, QPStatus.PRIMAL_INFEASIBLE, QPStatus.DUAL_INFEASIBLE):
+        idx = tuple(i for i, s in enumerate(statuses) if s is status)
+        if idx:
+            msg = f"{who}: {_where(batched, idx[0])} is {status.message}"
+            if len(idx) > 1:
+                msg += f" (also problems {list(idx[1:])})"
+            cls = errors[status]
+            if issubclass(cls, QPError):
+                raise cls(msg, problems=idx, info=info)
+            raise cls(msg, info=info)
+    idx = tuple(i for i, s in enumerate(statuses) if s in (QPStatus.MAX_ITER, QPStatus.STALLED))
+    i = idx[0]
+    msg = (
+        f"{who}: {_where(batched, i)} {statuses[i].message} (primal residual "
+        f"{float(info.primal_residual[i]):.2e}, dual {float(info.dual_residual[i]):.2e}, gap "
+        f"{float(info.gap[i]):.2e} after {int(info.n_iter[i])} iterations)"
+    )
+    if len(idx) > 1:
+        msg += f"; also problems {list(idx[1:])}"
+    if throw:
+        raise ConvergenceError(msg, info=info)
+    warnings.warn(msg, BilevelWarning, stacklevel=3)
+
+
+def default_tol(dtype: torch.dtype) -> float:
+    """The default stopping tolerance: 1e-9 in float64, 1e-5 in float32 (what rounding allows).
+
+    Near the solution the active constraints' weights z/s reach ~1/tol and amplify rounding in
+    the dual update; below about 1e-9 (float64) the dual residual stalls at that rounding.
+    """
+    return 1e-5 if dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+
+
+def solve_qp(
+    Q: torch.Tensor,
+    q: torch.Tensor,
+    G: torch.Tensor | None = None,
+    h: torch.Tensor | None = None,
+    A: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+    *,
+    tol: float | None = None,
+    max_iter: int = 50,
+    throw: bool = True,
+    check: bool = True,
+    who: str = "solve_qp",
+) -> tuple[torch.Tensor, QPInfo]:
+    """Solve min 1/2 x'Qx + q'x s.t. Ax = b, Gx <= h for a batch of problems, differentiably.
+
+    Args:
+        Q: (n, n) or (B, n, n), positive semidefinite (only its symmetric part is used).
+        q: (n,) or (B, n).
+        G, h: (m, n) or (B, m, n) and (m,) or (B, m): inequalities Gx <= h (both or neither).
+        A, b: (p, n) or (B, p, n) and (p,) or (B, p): equalities Ax = b, A of full row rank.
+        tol: stopping tolerance on the relative primal and dual residuals (the relative
+            duality gap must fall below max(tol / 100, 10 eps)); default `default_tol` of the dtype.
+        max_iter: interior-point iterations at most.
+        throw: on the iteration cap, raise `ConvergenceError` (``True``) or warn with
+            `BilevelWarning` and return the last iterate.
+        check: check the values (finite, Q PSD, A of full row rank) before solving.
+        who: the name used in error messages.
+
+    Returns:
+        x of shape (B, n) if any input has a batch dimension, else (n,), differentiable in every
+        input by the KKT conditions at x; and the `QPInfo`.
+
+    Raises:
+        StructureError: shapes, batch sizes, dtypes or devices that do not match.
+        NonFiniteError: a NaN or infinity in an input or the iterates (names the problem).
+        QPNonConvexError: Q not positive semidefinite (names the problem).
+        QPError: A without full row rank (names the problem).
+        QPInfeasibleError: no x satisfies the constraints (names the problem).
+        QPUnboundedError: the objective is unbounded below, or the minimizer is not unique.
+        ConvergenceError: ``max_iter`` reached (with ``throw=True``).
+    """
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
+        raise ValueError(f"{who}(max_iter={max_iter!r}): must be an int >= 0")
+    prob, raw = _prepare(who, Q, q, G, h, A, b)
+    if tol is None:
+        tol = default_tol(prob.Q.dtype)
+    if not tol > 0:
+        raise ValueError(f"{who}(tol={tol!r}): must be > 0")
+    if check:
+        _check_values(who, prob)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in raw)
+    with torch.no_grad():
+        sol = _ipm(prob, tol, max_iter)
+    _raise_failures(who, sol.info, prob.batched, throw)
+    if needs_grad:
+        return _QPFunction.apply(sol, prob, *raw), sol.info
+    x = sol.x if prob.batched else sol.x[0]
+    return x, sol.info
