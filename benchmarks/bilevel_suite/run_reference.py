@@ -39,13 +39,13 @@ import sys
 import time
 import types
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 jax.config.update("jax_enable_x64", True)
 
@@ -56,7 +56,9 @@ BEST_PARAMS_FILE = {
     "ijcnn1": "ijcnn1_best_params.yml",
     "covtype": "covtype_best_params.yml",
 }
-SOLVER_FILES = {"SOBA": "soba", "SABA": "saba", "AmIGO": "amigo", "jaxopt_GD": "jaxopt_gd", "jaxopt_ITD": "jaxopt_itd"}
+SOLVER_FILES = {
+    "SOBA": "soba", "SABA": "saba", "AmIGO": "amigo", "jaxopt_GD": "jaxopt_gd", "jaxopt_ITD": "jaxopt_itd",
+}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,7 +66,7 @@ SOLVER_FILES = {"SOBA": "soba", "SABA": "saba", "AmIGO": "amigo", "jaxopt_GD": "
 
 
 class _BaseSolver:
-    parameters: dict[str, list[Any]] = {}
+    parameters: ClassVar[dict[str, list[Any]]] = {}
 
     def __init__(self, **kwargs: Any) -> None:
         for k, v in self.parameters.items():
