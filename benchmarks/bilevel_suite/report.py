@@ -118,7 +118,7 @@ def fmt(t: float) -> str:
 def report(name: str) -> str:
     problem = PROBLEMS[name]()
     runs: list[dict[str, Any]] = []
-    for side in ("ours", "reference"):
+    for side in ("ours", "ours-compile", "reference"):
         path = RESULTS / f"{side}_{name}.json"
         if path.exists():
             runs += json.loads(path.read_text())["runs"]
@@ -151,11 +151,13 @@ def report(name: str) -> str:
         out.append(f"| {run['solver']} | {side} | " + " | ".join(cells) + f" | {per_epoch} |")
     pairs = []
     for s in ("SOBA", "SABA"):
-        ours = [r for r in runs if r["solver"] == s and not r["framework"].startswith("jax")]
+        ours = [r for r in runs if r["solver"] == f"{s}-compile"] or [
+            r for r in runs if r["solver"] == s and not r["framework"].startswith("jax")
+        ]
         ref = [r for r in runs if r["solver"] == s and r["framework"].startswith("jax")]
         if ours and ref:
             a, b = epoch_time(ours[0], problem.n_inner), epoch_time(ref[0], problem.n_inner)
-            pairs.append(f"{s} {a:.3f} s / {b:.3f} s = {a / b:.2f}x")
+            pairs.append(f"{ours[0]['solver']} {a:.3f} s / {b:.3f} s = {a / b:.2f}x")
     if pairs:
         out.append("\nTime per epoch, ours / benchmark: " + "; ".join(pairs) + ".")
     out.append(f"\n![{name}](../results/bilevel_suite/{name}.png)\n")
