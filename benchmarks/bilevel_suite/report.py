@@ -1,0 +1,178 @@
+"""Plot and tabulate the suite: our solvers (solid) against benchmark_bilevel's JAX solvers (dashed).
+
+Reads ``results/bilevel_suite/ours_<problem>.json`` (``run_ours.py``) and
+``reference_<problem>.json`` (``run_reference.py``), computes every record's metric with
+``problems.py`` in float64 (the same code for both sides):
+
+* quadratic, ijcnn1: relative suboptimality of the value function
+  (h(x) - h*) / (h(x0) - h*), with h* from `problems.reference_optimum`;
+* covtype: the validation misclassification rate at the solver's inner iterate (the
+  benchmark's metric there).
+
+Writes ``results/bilevel_suite/<problem>.png`` and prints a markdown table: time to reach
+relative suboptimality 1e-2, 1e-4, 1e-6 (covtype: to come within 0.002 of the lowest validation
+error any solver reached), and, for SOBA and SABA, time per epoch ours / reference.
+
+Run::
+
+    PYTHONPATH=. python -m benchmarks.bilevel_suite.report --problems quadratic,ijcnn1,covtype
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .problems import PROBLEMS, SuiteProblem, reference_optimum
+
+RESULTS = Path("results/bilevel_suite")
+LEVELS = (1e-2, 1e-4, 1e-6)
+COVTYPE_SLACK = 0.002
+MAX_POINTS = 80  # records scored per run (log-spaced in time): the metric costs a solve each
+
+
+def _thin(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if len(records) <= MAX_POINTS:
+        return records
+    t = np.array([r["t"] for r in records])
+    grid = np.geomspace(max(t[1], 1e-4), t[-1], MAX_POINTS)
+    keep = sorted({0, len(records) - 1, *np.searchsorted(t, grid).clip(0, len(records) - 1).tolist()})
+    return [records[i] for i in keep]
+
+
+def optimum(problem: SuiteProblem) -> float:
+    """h*, cached in ``results/bilevel_suite/optimum_<name>.json``."""
+    path = RESULTS / f"optimum_{problem.name}.json"
+    if path.exists():
+        return float(json.loads(path.read_text())["h_star"])
+    h_star, x_star = reference_optimum(problem)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(h_star=h_star, x_star=x_star.tolist())))
+    return h_star
+
+
+def score(problem: SuiteProblem, runs: list[dict[str, Any]], h_star: float | None) -> None:
+    """Add ``metric`` to every kept record (in place) and thin the records."""
+    h0 = problem.value_and_grad(problem.x0)[0] if h_star is not None else math.nan
+    for run in runs:
+        run["records"] = _thin(run["records"])
+        for r in run["records"]:
+            x = torch.tensor(r["x"], dtype=torch.float64)
+            if not bool(torch.isfinite(x).all()):
+                r["metric"] = math.inf
+            elif h_star is None:
+                assert problem.validation_error is not None
+                r["metric"] = problem.validation_error(torch.tensor(r["z"], dtype=torch.float64))
+            else:
+                r["metric"] = max((problem.value_and_grad(x)[0] - h_star) / (h0 - h_star), 0.0)
+
+
+def time_to(run: dict[str, Any], level: float) -> float:
+    for r in run["records"]:
+        if r["metric"] <= level:
+            return float(r["t"])
+    return math.inf
+
+
+def epoch_time(run: dict[str, Any], n_inner: int) -> float:
+    last = run["records"][-1]
+    epochs = last["iter"] * run["batch_size"] / n_inner
+    return float(last["t"] / epochs) if epochs else math.nan
+
+
+def plot(problem: str, runs: list[dict[str, Any]], ylabel: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run in runs:
+        ref = run["framework"].startswith("jax")
+        t = [max(r["t"], 1e-3) for r in run["records"]]
+        m = [max(r["metric"], 1e-12) if math.isfinite(r["metric"]) else np.nan for r in run["records"]]
+        ax.plot(t, m, ls="--" if ref else "-", marker="." if ref else None,
+                label=f"{run['solver']} ({'benchmark, JAX' if ref else 'ours'})")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("time (s, one thread)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(problem)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def fmt(t: float) -> str:
+    return "—" if not math.isfinite(t) else f"{t:.2f}"
+
+
+def report(name: str) -> str:
+    problem = PROBLEMS[name]()
+    runs: list[dict[str, Any]] = []
+    for side in ("ours", "ours-compile", "reference"):
+        path = RESULTS / f"{side}_{name}.json"
+        if path.exists():
+            runs += json.loads(path.read_text())["runs"]
+    if not runs:
+        return f"{name}: no results in {RESULTS}\n"
+    covtype = name == "covtype"
+    h_star = None if covtype else optimum(problem)
+    score(problem, runs, h_star)
+    ylabel = "validation error" if covtype else "relative suboptimality (h(x) - h*) / (h(x0) - h*)"
+    plot(name, runs, ylabel, RESULTS / f"{name}.png")
+    out = [f"### {name}\n"]
+    if covtype:
+        best = min(r["metric"] for run in runs for r in run["records"])
+        out.append(f"Lowest validation error reached: {best:.4f}.\n")
+        target = best + COVTYPE_SLACK
+        out.append(f"| solver | side | final val. error | time to <= {target:.4f} (s) | s / epoch |")
+        out.append("|---|---|---|---|---|")
+    else:
+        out.append(f"h* = {h_star:.10g}.\n")
+        out.append("| solver | side | time to 1e-2 (s) | 1e-4 | 1e-6 | final subopt. | s / epoch |")
+        out.append("|---|---|---|---|---|---|---|")
+    for run in runs:
+        side = "benchmark (JAX)" if run["framework"].startswith("jax") else "ours"
+        per_epoch = fmt(epoch_time(run, problem.n_inner)) if run["stochastic"] else "—"
+        final = run["records"][-1]["metric"]
+        if covtype:
+            cells = [f"{final:.4f}", fmt(time_to(run, best + COVTYPE_SLACK))]
+        else:
+            cells = [fmt(time_to(run, lv)) for lv in LEVELS] + [f"{final:.2e}"]
+        out.append(f"| {run['solver']} | {side} | " + " | ".join(cells) + f" | {per_epoch} |")
+    pairs = []
+    for s in ("SOBA", "SABA"):
+        ours = [r for r in runs if r["solver"] == f"{s}-compile"] or [
+            r for r in runs if r["solver"] == s and not r["framework"].startswith("jax")
+        ]
+        ref = [r for r in runs if r["solver"] == s and r["framework"].startswith("jax")]
+        if ours and ref:
+            a, b = epoch_time(ours[0], problem.n_inner), epoch_time(ref[0], problem.n_inner)
+            pairs.append(f"{ours[0]['solver']} {a:.3f} s / {b:.3f} s = {a / b:.2f}x")
+    if pairs:
+        out.append("\nTime per epoch, ours / benchmark: " + "; ".join(pairs) + ".")
+    out.append(f"\n![{name}](../results/bilevel_suite/{name}.png)\n")
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--problems", default="quadratic,ijcnn1,covtype")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    text = "".join(report(name) for name in a.problems.split(","))
+    (RESULTS / "table.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
