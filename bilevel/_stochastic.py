@@ -488,6 +488,12 @@ def _check_chunk(state: _State, norms: torch.Tensor, finite: torch.Tensor) -> No
     rows: list[list[float]] = norms.tolist()
     flags: list[list[bool]] = finite.tolist()
     t0 = state.t
+    limit = state.max_norm * state.scale
+    # The usual case, every iteration fine, in one pass (NaN <= limit is False).
+    if all(n <= limit for row in rows for n in row) and all(all(f) for f in flags):
+        state.prev_norms, state.prev_t = rows[-1], t0 + len(rows) - 1
+        state.outputs.clear()
+        return
     for i, (row, (inner_ok, outer_ok)) in enumerate(zip(rows, flags)):
         t = t0 + i
         oracles = [
@@ -766,9 +772,15 @@ def _func_directions(
 
 
 def _compiled(
-    who: str, fn: Callable[..., tuple[torch.Tensor, ...]]
+    who: str, fn: Callable[..., tuple[torch.Tensor, ...]], *, cpp_wrapper: bool = False
 ) -> Callable[..., tuple[torch.Tensor, ...]]:
-    """``torch.compile(fn, fullgraph=True)``, whose tracing failures say what to do."""
+    """``torch.compile(fn, fullgraph=True)``, whose tracing failures say what to do.
+
+    ``cpp_wrapper``: Inductor's C++ wrapper instead of its Python one.  A chunk's graph has a
+    buffer per intermediate of every iteration (hundreds), each allocated and passed by the
+    Python wrapper at about a microsecond apiece; in C++ that cost mostly goes, for a longer
+    compilation.
+    """
     # dynamic=False: a shorter last batch gets its own static graph rather than a symbolic
     # one for every shape (slower, and recompiled once more anyway).
     # Dynamo keeps its graphs, and its limit of 8 recompilations, per code object.  The kernels
@@ -777,7 +789,10 @@ def _compiled(
     fresh = types.FunctionType(
         fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
     )
-    compiled = torch.compile(fresh, fullgraph=True, dynamic=False)
+    options: dict[str, str | int | bool | Callable[..., object]] | None = (
+        {"cpp_wrapper": True} if cpp_wrapper else None
+    )
+    compiled = torch.compile(fresh, fullgraph=True, dynamic=False, options=options)
 
     def call(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         try:
@@ -873,7 +888,7 @@ def _compiled_steps(
             )
         return z, v, x, torch.stack(norms), torch.stack(finite)
 
-    fused_many = _compiled(who, many)
+    fused_many = _compiled(who, many, cpp_wrapper=True)
     table_in, table_out = state.inner.table(), state.outer.table()
 
     def chunk_step(s: _State) -> None:
@@ -978,9 +993,11 @@ class SOBA:
             at its iteration (the norms and oracle checks of a chunk are read once, after
             it); ``time_limit`` is tested between chunks, so a run may exceed it by up to one
             chunk; records fall between chunks, so take ``eval_every`` a multiple of K.  The
-            result is the one-by-one result up to rounding.  On small models K = 16 to 64
-            cuts the time per iteration several-fold (the per-call cost of a compiled
-            function, about 100 us on a CPU, is paid once per chunk).
+            result is the one-by-one result up to rounding.  On small models K = 16 to 32
+            about halves the time per iteration against ``chunk=1`` on a CPU (the per-call
+            cost of a compiled function, about 100 us, is paid once per chunk; the chunk's
+            graph is built with Inductor's C++ wrapper, whose compilation adds seconds to
+            a minute; ``benchmarks/stochastic_speed.py`` measures it).
 
     Raises:
         ValueError, TypeError: a step size <= 0, a batch size < 1, a schedule that is not callable.
