@@ -294,7 +294,7 @@ def main() -> None:
     p.add_argument("--mode", choices=["all", "ours", "jax"], default="all")
     p.add_argument("--benchmark-dir", type=Path, help="a copy of benchmark_bilevel (for the JAX side)")
     p.add_argument("--peers-python", default="benchmarks/.venv-peers/bin/python", help="python with jax")
-    p.add_argument("--chunks", default="16,64", help="chunk sizes K to time, comma-separated")
+    p.add_argument("--chunks", default="16", help="chunk sizes K to time, comma-separated")
     p.add_argument("--warm", type=int, default=1536, help="iterations before the timed window (compiled)")
     p.add_argument("--measured", type=int, default=3072, help="timed iterations (compiled)")
     p.add_argument("--eager-iters", type=int, default=256, help="timed iterations (eager)")
