@@ -621,3 +621,119 @@ def test_nan_oracle_named_with_sparse_checks(monkeypatch: pytest.MonkeyPatch) ->
         SOBA(5.0, 0.01, batch_size=8, check_every=20).run(
             quad.problem(), torch.zeros(5, dtype=F64), torch.zeros(3, dtype=F64), max_iter=5000
         )
+
+
+# --------------------------------------------------------------------------------------------
+# compile=True, chunk=K: K iterations per compiled call
+# --------------------------------------------------------------------------------------------
+
+
+def _count_chunks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Spy on the chunk checker: one entry (the chunk's first iteration) per chunk run."""
+    import bilevel._stochastic as stochastic
+
+    calls: list[int] = []
+    real = stochastic._check_chunk
+
+    def spy(state: object, norms: torch.Tensor, finite: torch.Tensor) -> None:
+        calls.append(state.t)  # type: ignore[attr-defined]
+        real(state, norms, finite)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(stochastic, "_check_chunk", spy)
+    return calls
+
+
+@pytest.mark.slow  # three compilations per run (chunk, single step, shorter last batch)
+@pytest.mark.parametrize("solver", [SOBA, SABA], ids=lambda s: s.__name__)
+@pytest.mark.parametrize(
+    ("n", "chunk", "eval_every"),
+    [
+        (12, 4, None),  # every batch full: chunks only, the last 3 iterations one by one
+        (13, 2, 6),  # a batch of one sample every epoch, records every 6: chunks and single steps
+    ],
+)
+def test_chunked_iterates_equal_reference(
+    monkeypatch: pytest.MonkeyPatch, solver: type, n: int, chunk: int, eval_every: int | None
+) -> None:
+    calls = _count_chunks(monkeypatch)
+    p = Ridge(n, 8, 4)
+    z0, x0 = start(p)
+    records: list[int] = []
+    res = solver(inner_lr=0.2, outer_lr=0.1, batch_size=4, compile=True, chunk=chunk).run(
+        p.torch_problem(),
+        torch.tensor(z0),
+        torch.tensor(x0),
+        max_iter=23,
+        seed=5,
+        eval_every=eval_every,
+        callback=lambda r: records.append(r.iteration),
+    )
+    ref = ref_soba if solver is SOBA else ref_saba
+    assert_iterates(res, ref(p, z0, x0, 23, 0.2, 0.1, 4, seed=5))
+    assert res.n_iter == 23
+    # chunks ran, never across a record, and the records fell where asked
+    assert calls
+    if eval_every is None:
+        assert calls == list(range(0, 20, chunk)) and records == [23]
+    else:
+        assert records == [0, 6, 12, 18, 23]
+        assert all((t // eval_every) == ((t + chunk - 1) // eval_every) for t in calls)
+
+
+@pytest.mark.slow  # compiles
+def test_chunked_nan_named_at_its_iteration(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _count_chunks(monkeypatch)
+    p = Ridge(12, 32, 4)
+    pb = p.torch_problem()
+    # poison one sample of the outer batch drawn at iteration 6 (the documented recipe): its
+    # gradient is NaN there and only there; iteration 6 is the third of the chunk 4..7
+    _, so = samplers(p, 4, seed=2)
+    drawn = [so.next()[1] for _ in range(7)]
+    poison = torch.zeros(32, dtype=F64)
+    poison[int(drawn[6][0])] = math.nan
+    assert all(int(drawn[6][0]) not in d for d in drawn[:6])
+
+    def outer(z: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return pb.outer(z, x, idx) + poison[idx].mean() * z.sum()
+
+    bad = StochasticBilevel(pb.inner, outer, 12, 32)
+    z0, x0 = (torch.tensor(t) for t in start(p))
+    with pytest.raises(NonFiniteError, match=r"outer oracle's gradient is NaN or infinite at iteration 6\b"):
+        SABA(0.1, 0.1, batch_size=4, compile=True, chunk=4).run(bad, z0, x0, max_iter=40, seed=2)
+    assert calls == [0, 4]
+
+
+@pytest.mark.slow  # compiles
+@pytest.mark.parametrize("solver", [SOBA, SABA], ids=lambda s: s.__name__)
+def test_chunked_divergence_named_as_one_by_one(solver: type) -> None:
+    p = Ridge(12, 8, 4)
+    z0, x0 = (torch.tensor(t) for t in start(p))
+    messages = []
+    for kw in ({}, {"compile": True, "chunk": 4}):
+        with pytest.raises(ConvergenceError, match=r"diverged at iteration \d+: .*lower inner_lr") as err:
+            solver(40.0, 0.1, batch_size=4, max_norm=1e3, **kw).run(p.torch_problem(), z0, x0, max_iter=400)
+        messages.append(str(err.value))
+    iteration = [int(m.split("diverged at iteration ")[1].split(":")[0]) for m in messages]
+    assert iteration[0] == iteration[1]
+
+
+@pytest.mark.slow  # compiles
+def test_chunked_time_limit_stops_between_chunks() -> None:
+    p = Ridge(12, 8, 4)
+    z0, x0 = (torch.tensor(t) for t in start(p))
+    # the first chunk (compilation included) outlasts the limit: the run stops after it
+    res = SOBA(0.1, 0.1, batch_size=4, compile=True, chunk=8).run(
+        p.torch_problem(), z0, x0, max_iter=1000, time_limit=1e-3
+    )
+    assert res.status is StochasticStop.TIME_LIMIT and res.n_iter == 8
+
+
+def test_bad_chunk_settings() -> None:
+    with pytest.raises(ValueError, match=r"SOBA\(chunk=0\): must be an int >= 1"):
+        SOBA(0.1, 0.1, compile=True, chunk=0)
+    with pytest.raises(ValueError, match=r"SABA\(chunk=True\): must be an int >= 1"):
+        SABA(0.1, 0.1, compile=True, chunk=True)  # type: ignore[arg-type]
+    with pytest.raises(
+        ValueError, match=r"SABA\(chunk=8\): chunks of iterations are compiled .*compile=True"
+    ):
+        SABA(0.1, 0.1, chunk=8)
