@@ -511,19 +511,37 @@ def _max_step(s: torch.Tensor, z: torch.Tensor, ds: torch.Tensor, dz: torch.Tens
 class _DualSpace:
     """What the constraint-space Newton step reuses across iterations (Q positive definite).
 
-    With E = [G; A] (k = m + p rows): the Cholesky factor of Q, Q^-1 E' and E Q^-1 E'.
+    With E = [G; A] (k = m + p rows): Q^-1, Q^-1 E' and E Q^-1 E', formed once per solve.  Q^-1
+    is formed explicitly (Q is well conditioned where this space is used) so that each
+    iteration's products with it are one ``bmm`` each, not a triangular solve pair.
     """
 
-    LQ: torch.Tensor  # (B, n, n)
+    Qinv: torch.Tensor  # (B, n, n)
     QinvEt: torch.Tensor  # (B, n, k)
     EQinvEt: torch.Tensor  # (B, k, k)
     E: torch.Tensor  # (B, k, n)
 
     @staticmethod
     def build(prob: _Problem, LQ: torch.Tensor) -> _DualSpace:
-        E = torch.cat([prob.G, prob.A], -2)
-        QinvEt = torch.cholesky_solve(E.mT, LQ)
-        return _DualSpace(LQ, QinvEt, torch.bmm(E, QinvEt), E)
+        E = torch.cat([prob.G, prob.A], -2) if prob.p else prob.G
+        Qinv = torch.cholesky_inverse(LQ)
+        QinvEt = torch.bmm(Qinv, E.mT)
+        return _DualSpace(Qinv, QinvEt, torch.bmm(E, QinvEt), E)
+
+    def factor(self, w: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Cholesky factor of E Q^-1 E' + diag(w, 0) (w (B, m); p zeros) and its info (B,)."""
+        M = self.EQinvEt.clone()
+        M.diagonal(dim1=-2, dim2=-1)[:, : w.shape[-1]].add_(w)
+        return torch.linalg.cholesky_ex(M)
+
+
+def _chol_solve(L: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """(L L')^-1 r for a lower Cholesky factor L (B, k, k) and r (B, k, c).
+
+    Two triangular solves: ``torch.cholesky_solve`` copies the factor on every call (to column
+    major), which at batch 64 costs as much as the solves themselves.
+    """
+    return torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, r, upper=False), upper=True)
 
 
 class _DualNewton:
@@ -550,12 +568,9 @@ class _DualNewton:
         rp_eq: torch.Tensor,
     ) -> None:
         self.prob, self.space, self.s, self.z, self.rp_in, self.rp_eq = prob, ds_, s, z, rp_in, rp_eq
-        w = s / z
-        if prob.p:
-            w = torch.cat([w, w.new_zeros(w.shape[0], prob.p)], -1)
-        self.LS, info = torch.linalg.cholesky_ex(ds_.EQinvEt + torch.diag_embed(w))
+        self.LS, info = ds_.factor(s / z, prob.p)
         self._ok = info == 0
-        self.u0 = torch.cholesky_solve(-rd.unsqueeze(-1), ds_.LQ)  # (B, n, 1)
+        self.u0 = torch.bmm(ds_.Qinv, rd.unsqueeze(-1)).neg_()  # Q^-1 (-r_d), (B, n, 1)
         # the right-hand side without its rc part: E Q^-1 (-r_d) + (r_ineq, r_eq)
         r_primal = torch.cat([rp_in, rp_eq], -1) if prob.p else rp_in
         self.base = torch.bmm(ds_.E, self.u0).squeeze(-1) + r_primal
@@ -569,11 +584,10 @@ class _DualNewton:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(dx, ds, dz, dy) of the Newton system with s * dz + z * ds = -rc (rc (B, m))."""
         m = self.prob.m
-        rcz = rc / self.z
-        if self.prob.p:
-            rcz = torch.cat([rcz, rcz.new_zeros(rcz.shape[0], self.prob.p)], -1)
-        dl = torch.cholesky_solve((self.base - rcz).unsqueeze(-1), self.LS)
-        dx = (self.u0 - torch.bmm(self.space.QinvEt, dl)).squeeze(-1)
+        rhs = self.base.clone()
+        rhs[:, :m].sub_(rc / self.z)
+        dl = _chol_solve(self.LS, rhs.unsqueeze(-1))
+        dx = torch.baddbmm(self.u0, self.space.QinvEt, dl, alpha=-1.0).squeeze(-1)
         dl = dl.squeeze(-1)
         dz = dl[:, :m]
         ds = -self.rp_in - _mv(self.prob.G, dx)
