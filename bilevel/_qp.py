@@ -318,8 +318,12 @@ def _prepare(
     return prob, (Q, q, G, h, A, b)
 
 
-def _check_values(who: str, prob: _Problem) -> None:
-    """Non-finite entries, Q not PSD, A without full row rank: typed errors naming the problem."""
+def _check_values(who: str, prob: _Problem, q_info: torch.Tensor) -> None:
+    """Non-finite entries, Q not PSD, A without full row rank: typed errors naming the problem.
+
+    ``q_info``: the info of ``torch.linalg.cholesky_ex(prob.Q)`` (0 where Q is positive
+    definite, hence PSD; only where it is not is Q tested again with a shift).
+    """
     B, batched = prob.B, prob.batched
     names = ("Q", "q", "G", "h", "A", "b")
     inputs = (prob.Q, prob.q, prob.G, prob.h, prob.A, prob.b)
@@ -328,12 +332,6 @@ def _check_values(who: str, prob: _Problem) -> None:
     total = sum((t.flatten(1).sum(1) for t in inputs if t.numel()), torch.zeros(1, dtype=prob.Q.dtype))
     bad = ~torch.isfinite(total)
     eps = torch.finfo(prob.Q.dtype).eps
-    # Q is PSD up to rounding iff Q + delta I is positive definite for a shift delta far above
-    # rounding but far below the scale of Q's entries.
-    scale = prob.Q.abs().amax(dim=(-2, -1), keepdim=True)
-    delta = math.sqrt(eps) * (1.0 + scale)
-    eye = torch.eye(prob.n, dtype=prob.Q.dtype, device=prob.Q.device)
-    _, q_info = torch.linalg.cholesky_ex(torch.nan_to_num(prob.Q) + delta * eye)
     rank_bad: torch.Tensor | None = None
     if prob.p:
         AAt = prob.A @ prob.A.mT
@@ -344,6 +342,14 @@ def _check_values(who: str, prob: _Problem) -> None:
     flags = torch.stack(
         [bad.expand(B), (q_info != 0).expand(B)] + ([rank_bad.expand(B)] if rank_bad is not None else [])
     ).cpu()
+    if flags[1].any():
+        # Q is PSD up to rounding iff Q + delta I is positive definite for a shift delta far
+        # above rounding but far below the scale of Q's entries.
+        scale = prob.Q.abs().amax(dim=(-2, -1), keepdim=True)
+        delta = math.sqrt(eps) * (1.0 + scale)
+        eye = torch.eye(prob.n, dtype=prob.Q.dtype, device=prob.Q.device)
+        _, shifted_info = torch.linalg.cholesky_ex(torch.nan_to_num(prob.Q) + delta * eye)
+        flags[1] = (shifted_info != 0).expand(B).cpu()
     which: list[str] = []
     if flags[0].any():
         i = int(flags[0].nonzero()[0])
@@ -427,6 +433,8 @@ class _Solution:
     z: torch.Tensor
     y: torch.Tensor
     info: QPInfo
+    #: the constraint-space matrices, where the solver used them (the backward reuses them)
+    space: _DualSpace | None = None
 
 
 def _mv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -523,8 +531,9 @@ class _DualSpace:
 
     @staticmethod
     def build(prob: _Problem, LQ: torch.Tensor) -> _DualSpace:
+        """From prob (matrices expanded to the batch) and Q's Cholesky factor LQ (1 or B, n, n)."""
         E = torch.cat([prob.G, prob.A], -2) if prob.p else prob.G
-        Qinv = torch.cholesky_inverse(LQ)
+        Qinv = torch.cholesky_inverse(LQ).expand(prob.B, -1, -1)
         QinvEt = torch.bmm(Qinv, E.mT)
         return _DualSpace(Qinv, QinvEt, torch.bmm(E, QinvEt), E)
 
@@ -637,9 +646,24 @@ def _certificates(
     return torch.where(p_cert, _PRIMAL_INF, torch.where(d_cert, _DUAL_INF, _RUNNING))
 
 
-def _ipm(prob: _Problem, tol: float, max_iter: int) -> _Solution:
-    """Mehrotra's predictor-corrector on the batch, from CVXOPT's starting point."""
+def _constraint_space_pays(n: int, m: int, p: int) -> bool:
+    """Whether one Cholesky of size m + p per iteration costs less than forming and factorizing
+    Q + G'DG (n x n), the test for the constraint-space step (where Q is positive definite)."""
+    return m > 0 and (m + p) ** 3 <= 6 * m * n * n + n**3
+
+
+def _ipm(
+    prob: _Problem,
+    tol: float,
+    max_iter: int,
+    chol_Q: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> _Solution:
+    """Mehrotra's predictor-corrector on the batch, from CVXOPT's starting point.
+
+    ``chol_Q``: ``torch.linalg.cholesky_ex(prob.Q)`` where the caller has it already.
+    """
     B, n, m, p = prob.B, prob.n, prob.m, prob.p
+    prob_in = prob
     # Shared matrices as (B, ...) views (no copies), for `_mv` and `_mtv`.
     prob = dataclasses.replace(
         prob, Q=prob.Q.expand(B, n, n), G=prob.G.expand(B, m, n), A=prob.A.expand(B, p, n)
@@ -647,49 +671,17 @@ def _ipm(prob: _Problem, tol: float, max_iter: int) -> _Solution:
     Q, q, G, h, A, b = prob.Q, prob.q, prob.G, prob.h, prob.A, prob.b
     dt, dev = Q.dtype, Q.device
     eps = torch.finfo(dt).eps
-    rho: torch.Tensor | None = None
-    rhoAtA: torch.Tensor | None = None
-    if p:
-        # rho scales A'A to Q's magnitude, so that K = H + rho A'A is neither dominated by it nor
-        # left singular where Q is.
-        a2 = (A * A).sum(-1).amax(-1).clamp_min(eps)
-        rho = ((1.0 + Q.abs().amax(dim=(-2, -1))) / a2).reshape(-1, 1, 1)
-        rhoAtA = rho * (A.mT @ A)
     scale_p = 1.0 + torch.maximum(_inf_norm(h), _inf_norm(b)).expand(B)
     scale_d = 1.0 + _inf_norm(q).expand(B)
     q_B = q.expand(B, n)
     h_B = h.expand(B, m)
     b_B = b.expand(B, p)
 
-    # Starting point (CVXOPT's): the solution of min 1/2 x'Qx + q'x + 1/2 ||Gx - h||^2 s.t. Ax = b
-    # gives x and s = h - Gx, z = Gx - h, each shifted into the positive orthant.
-    kkt = _KKT(prob, torch.ones(1, m, dtype=dt, device=dev) if m else None, rhoAtA)
-    if not bool(kkt.ok.all()):
-        bad = tuple(int(i) for i in (~kkt.ok).expand(B).nonzero().flatten())
-        raise QPUnboundedError(
-            f"QPLayer: {_where(prob.batched, bad[0])} has no unique solution: Q + G'G + A'A is singular, "
-            "so some direction d with Qd = 0, Gd = 0, Ad = 0 leaves the objective unchanged (or, where "
-            "q'd != 0, unbounded); add constraints or make Q positive definite",
-            problems=bad,
-        )
-    x, y = kkt.solve(-q_B + _mtv(G, h_B), b_B if p else None, rho)
-    if y is None:
-        y = Q.new_zeros(B, 0)
-    r = _mv(G, x) - h_B
-    if m:
-        s0, z0 = -r, r
-        ts = -s0.amin(-1, keepdim=True)
-        tz = -z0.amin(-1, keepdim=True)
-        s = s0 + torch.where(ts >= 0, 1.0 + ts, 0.0)
-        z = z0 + torch.where(tz >= 0, 1.0 + tz, 0.0)
-    else:
-        s = z = Q.new_zeros(B, 0)
-
     # The constraint-space Newton step (`_DualNewton`) where Q is positive definite and one
     # factorization of size m + p costs less than forming and factorizing Q + G'DG (n x n).
     space: _DualSpace | None = None
-    if m and (m + p) ** 3 <= 6 * m * n * n + n**3:
-        LQ, q_info = torch.linalg.cholesky_ex(Q)
+    if _constraint_space_pays(n, m, p):
+        LQ, q_info = chol_Q if chol_Q is not None else torch.linalg.cholesky_ex(prob_in.Q)
         piv = LQ.diagonal(dim1=-2, dim2=-1)
         # well conditioned enough that Q^-1 E' keeps its digits (pivot ratio^2 = 1/cond)
         flags0 = torch.stack(
@@ -697,6 +689,50 @@ def _ipm(prob: _Problem, tol: float, max_iter: int) -> _Solution:
         ).tolist()
         if all(flags0):
             space = _DualSpace.build(prob, LQ)
+            # Starting point (CVXOPT's, below) in this space: with s = h - Gx and z = Gx - h
+            # its KKT system is the Newton system's with s/z = 1.
+            LS, s_info = space.factor(torch.ones(1, m, dtype=dt, device=dev).expand(B, m), p)
+            if bool((s_info == 0).all()):
+                u = torch.bmm(space.Qinv, q_B.unsqueeze(-1)).neg_()
+                e = torch.cat([h_B, b_B], -1) if p else h_B
+                lam = _chol_solve(LS, (torch.bmm(space.E, u).squeeze(-1) - e).unsqueeze(-1))
+                x = torch.baddbmm(u, space.QinvEt, lam, alpha=-1.0).squeeze(-1)
+                y = lam.squeeze(-1)[:, m:]
+            else:  # A without full row rank (not checked): the reduced form names the problem
+                space = None
+
+    rho: torch.Tensor | None = None
+    rhoAtA: torch.Tensor | None = None
+    if p and space is None:
+        # rho scales A'A to Q's magnitude, so that K = H + rho A'A is neither dominated by it nor
+        # left singular where Q is.
+        a2 = (A * A).sum(-1).amax(-1).clamp_min(eps)
+        rho = ((1.0 + Q.abs().amax(dim=(-2, -1))) / a2).reshape(-1, 1, 1)
+        rhoAtA = rho * (A.mT @ A)
+
+    if space is None:
+        # Starting point (CVXOPT's): the solution of min 1/2 x'Qx + q'x + 1/2 ||Gx - h||^2
+        # s.t. Ax = b gives x and s = h - Gx, z = Gx - h, each shifted into the positive orthant.
+        kkt = _KKT(prob, torch.ones(1, m, dtype=dt, device=dev) if m else None, rhoAtA)
+        if not bool(kkt.ok.all()):
+            bad = tuple(int(i) for i in (~kkt.ok).expand(B).nonzero().flatten())
+            raise QPUnboundedError(
+                f"QPLayer: {_where(prob.batched, bad[0])} has no unique solution: Q + G'G + A'A is "
+                "singular, so some direction d with Qd = 0, Gd = 0, Ad = 0 leaves the objective "
+                "unchanged (or, where q'd != 0, unbounded); add constraints or make Q positive definite",
+                problems=bad,
+            )
+        x, y_ = kkt.solve(-q_B + _mtv(G, h_B), b_B if p else None, rho)
+        y = Q.new_zeros(B, 0) if y_ is None else y_
+    if m:
+        r = _mv(G, x) - h_B
+        s0, z0 = -r, r
+        ts = -s0.amin(-1, keepdim=True)
+        tz = -z0.amin(-1, keepdim=True)
+        s = s0 + torch.where(ts >= 0, 1.0 + ts, 0.0)
+        z = z0 + torch.where(tz >= 0, 1.0 + tz, 0.0)
+    else:
+        s = z = Q.new_zeros(B, 0)
 
     codes = torch.full((B,), _RUNNING, dtype=torch.long, device=dev)
     n_iter = torch.zeros(B, dtype=torch.long, device=dev)
@@ -812,7 +848,7 @@ def _ipm(prob: _Problem, tol: float, max_iter: int) -> _Solution:
         dual_part = Gz + _mtv(A, y) if p else Gz
         cert = _certificates(prob, x, z, y, _mv(Q, x), _mv(G, x), dual_part, scale_p, scale_d)
         codes = torch.where(unsolved & (cert != _RUNNING), cert, codes)
-    return _Solution(x, s, z, y, QPInfo(codes, n_iter, res_p, res_d, gap, it))
+    return _Solution(x, s, z, y, QPInfo(codes, n_iter, res_p, res_d, gap, it), space)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1014,11 +1050,15 @@ def solve_qp(
         tol = default_tol(prob.Q.dtype)
     if not tol > 0:
         raise ValueError(f"{who}(tol={tol!r}): must be > 0")
-    if check:
-        _check_values(who, prob)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in raw)
     with torch.no_grad():
-        sol = _ipm(prob, tol, max_iter)
+        # One Cholesky of Q serves the convexity check and the constraint-space step.
+        chol_Q = None
+        if check or _constraint_space_pays(prob.n, prob.m, prob.p):
+            chol_Q = torch.linalg.cholesky_ex(prob.Q)
+        if check and chol_Q is not None:
+            _check_values(who, prob, chol_Q[1])
+        sol = _ipm(prob, tol, max_iter, chol_Q)
     _raise_failures(who, sol.info, prob.batched, throw)
     if needs_grad:
         return _QPFunction.apply(sol, prob, *raw), sol.info
