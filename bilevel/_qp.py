@@ -931,10 +931,25 @@ def _adjoint(
     B, n, m, p = prob.B, prob.n, prob.m, prob.p
     dt = g.dtype
     eps = torch.finfo(dt).eps
+    c = (sol.s.clamp_min(0.0) / sol.z.clamp_min(eps * eps)).clamp(max=1.0 / (eps * eps))
+    if sol.space is not None:
+        # Q positive definite and well conditioned (the solver worked in the constraint space):
+        # eliminating u = Q^-1 (g - G'w - A'v) leaves (E Q^-1 E' + diag(s/z, 0)) (w, v) = E Q^-1 g,
+        # the Newton system's matrix at the answer, one Cholesky of size m + p instead of an
+        # LU of size n + m + p.  s/z again sits alone on the diagonal (an active row's ~0, an
+        # inactive one's huge value); where the factorization fails (active rows linearly
+        # dependent with s/z at 0) the unreduced LU below decides.
+        space = sol.space
+        L, info = space.factor(c, p)
+        Qg = torch.bmm(space.Qinv, g.unsqueeze(-1))
+        wv = _chol_solve(L, torch.bmm(space.E, Qg))
+        u = torch.baddbmm(Qg, space.QinvEt, wv, alpha=-1.0).squeeze(-1)
+        wv = wv.squeeze(-1)
+        if bool(((info == 0) & torch.isfinite(wv).all(-1)).all()):
+            return u, wv[:, :m], wv[:, m:]
     Q = prob.Q.expand(B, n, n)
     G = prob.G.expand(B, m, n)
     A = prob.A.expand(B, p, n)
-    c = (sol.s.clamp_min(0.0) / sol.z.clamp_min(eps * eps)).clamp(max=1.0 / (eps * eps))
     zeros = g.new_zeros
     K = torch.cat(
         [
