@@ -499,20 +499,23 @@ class _Newton:
         ds = -self.rp_in - Gdx
         return dx, ds, dz, dy
 
+    def affine(self, rc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ds, dz) of the predictor (the step length and Mehrotra's second-order term need no more)."""
+        _, ds, dz, _ = self.direction(rc)
+        return ds, dz
+
     @property
     def ok(self) -> torch.Tensor:
         """Per problem: the factorization succeeded, (B,) bool."""
         return self.kkt.ok
 
-    def max_step(self, ds: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
-        """The largest step in [0, 1] that keeps s + a ds and z + a dz non-negative, (B,)."""
-        return _max_step(self.s, self.z, ds, dz)
 
+def _max_step(v: torch.Tensor, dv: torch.Tensor, eta: torch.Tensor | float) -> torch.Tensor:
+    """eta times the largest step in [0, 1] that keeps v + a dv >= 0, (B,), for v > 0 (B, k).
 
-def _max_step(s: torch.Tensor, z: torch.Tensor, ds: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
-    v = torch.cat([s, z], -1)
-    dv = torch.cat([ds, dz], -1)
-    return torch.where(dv < 0, -v / dv, torch.inf).amin(-1).clamp(max=1.0)
+    1 / max(1, max_i -dv_i / v_i): one division and one reduction for the whole batch.
+    """
+    return (dv / v).amin(-1).clamp(max=-1.0).reciprocal().mul(eta).neg()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -573,37 +576,49 @@ class _DualNewton:
         s: torch.Tensor,
         z: torch.Tensor,
         rd: torch.Tensor,
-        rp_in: torch.Tensor,
-        rp_eq: torch.Tensor,
+        rp: torch.Tensor,
     ) -> None:
-        self.prob, self.space, self.s, self.z, self.rp_in, self.rp_eq = prob, ds_, s, z, rp_in, rp_eq
-        self.LS, info = ds_.factor(s / z, prob.p)
-        self._ok = info == 0
+        """rd: the dual residual (B, n); rp: the primal residuals (Gx + s - h, Ax - b), (B, m + p)."""
+        self.prob, self.space, self.s, self.z = prob, ds_, s, z
+        m, p = prob.m, prob.p
+        LS, info = ds_.factor(s / z, p)
+        self.LS, self.LSt = LS, LS.mT
+        self.ok = info == 0
         self.u0 = torch.bmm(ds_.Qinv, rd.unsqueeze(-1)).neg_()  # Q^-1 (-r_d), (B, n, 1)
-        # the right-hand side without its rc part: E Q^-1 (-r_d) + (r_ineq, r_eq)
-        r_primal = torch.cat([rp_in, rp_eq], -1) if prob.p else rp_in
-        self.base = torch.bmm(ds_.E, self.u0).squeeze(-1) + r_primal
+        # the right-hand side without its rc part: E Q^-1 (-r_d) + (r_ineq, r_eq), (B, m + p, 1)
+        self.base = torch.baddbmm(rp.unsqueeze(-1), ds_.E, self.u0)
+        self.neg_rp_in = (rp[:, :m] if p else rp).neg().unsqueeze(-1)
+        self.pad = s.new_zeros(s.shape[0], p) if p else None
 
-    @property
-    def ok(self) -> torch.Tensor:
-        return self._ok
+    def _dl(self, rc: torch.Tensor) -> torch.Tensor:
+        rcz = rc / self.z
+        if self.pad is not None:
+            rcz = torch.cat([rcz, self.pad], -1)
+        r = self.base - rcz.unsqueeze(-1)
+        return torch.linalg.solve_triangular(
+            self.LSt, torch.linalg.solve_triangular(self.LS, r, upper=False), upper=True
+        )
+
+    def affine(self, rc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ds, dz) of the predictor, ds from s * dz + z * ds = -rc (it only sets the step
+        length and Mehrotra's second-order term, so dx and the primal rows are not formed)."""
+        dl = self._dl(rc).squeeze(-1)
+        dz = dl[:, : self.prob.m] if self.pad is not None else dl
+        return torch.addcmul(rc, self.s, dz).div_(self.z).neg_(), dz
 
     def direction(
         self, rc: torch.Tensor, refine: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(dx, ds, dz, dy) of the Newton system with s * dz + z * ds = -rc (rc (B, m))."""
         m = self.prob.m
-        rhs = self.base.clone()
-        rhs[:, :m].sub_(rc / self.z)
-        dl = _chol_solve(self.LS, rhs.unsqueeze(-1))
-        dx = torch.baddbmm(self.u0, self.space.QinvEt, dl, alpha=-1.0).squeeze(-1)
+        dl = self._dl(rc)
+        dx = torch.baddbmm(self.u0, self.space.QinvEt, dl, alpha=-1.0)
+        # ds from the primal rows (G dx + ds = -r_ineq), which the step then keeps satisfied
+        ds = torch.baddbmm(self.neg_rp_in, self.prob.G, dx, alpha=-1.0).squeeze(-1)
         dl = dl.squeeze(-1)
-        dz = dl[:, :m]
-        ds = -self.rp_in - _mv(self.prob.G, dx)
-        return dx, ds, dz, (dl[:, m:] if self.prob.p else None)
-
-    def max_step(self, ds: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
-        return _max_step(self.s, self.z, ds, dz)
+        if self.pad is None:
+            return dx.squeeze(-1), ds, dl, None
+        return dx.squeeze(-1), ds, dl[:, :m], dl[:, m:]
 
 
 def _certificates(
@@ -734,6 +749,14 @@ def _ipm(
     else:
         s = z = Q.new_zeros(B, 0)
 
+    # E = [G; A] and e = (h, b): the primal rows in one product per iteration.
+    E = space.E if space is not None else (torch.cat([G, A], -2) if p else G)
+    e_B = torch.cat([h_B, b_B], -1) if p else h_B
+    # status codes as tensors (a Python number in torch.where is one more dispatch each time)
+    c_solved, c_stalled, c_running, c_nonfinite = (
+        torch.tensor(c, device=dev) for c in (_SOLVED, _STALLED, _RUNNING, _NONFINITE)
+    )
+    one = torch.ones((), dtype=dt, device=dev)
     codes = torch.full((B,), _RUNNING, dtype=torch.long, device=dev)
     n_iter = torch.zeros(B, dtype=torch.long, device=dev)
     # The gap is held 100x tighter than the residuals: x and the multipliers are off by about
@@ -751,29 +774,29 @@ def _ipm(
     while True:
         # Residuals and per-problem stopping at the current point.
         Qx = _mv(Q, x)
-        Gx = _mv(G, x)
-        Gz = _mtv(G, z)
-        dual_part = Gz
-        rp_in = Gx + s - h_B
-        res_p = _inf_norm(rp_in)
-        rel_p = torch.maximum(_inf_norm(Gx), _inf_norm(s))
+        Ex = _mv(E, x)
+        dual_part = _mtv(E, torch.cat([z, y], -1) if p else z)  # G'z + A'y
+        rp = Ex - e_B
         if p:
-            Ax = _mv(A, x)
-            dual_part = Gz + _mtv(A, y)
-            rp_eq = Ax - b_B
-            res_p = torch.maximum(res_p, _inf_norm(rp_eq))
-            rel_p = torch.maximum(rel_p, _inf_norm(Ax))
-        rd = Qx + q_B + dual_part
+            rp[:, :m].add_(s)
+        else:
+            rp.add_(s)
+        res_p = _inf_norm(rp)
+        rd = torch.add(Qx, q_B).add_(dual_part)
         res_d = _inf_norm(rd)
-        gap = (s * z).sum(-1)
-        pobj_scale = 1.0 + (0.5 * Qx + q_B).mul(x).sum(-1).abs()
+        sz = s * z
+        gap = sz.sum(-1)
+        pobj_scale = torch.add(q_B, Qx, alpha=0.5).mul_(x).sum(-1).abs_().add_(1.0)
         # Relative to the size of the terms that make up each residual (OSQP's test): rounding
         # leaves a residual of about eps times those, whatever the data's scale.
-        rel_d = torch.maximum(torch.maximum(_inf_norm(Qx), _inf_norm(dual_part)), _inf_norm(Gz))
-        ok_res = (res_p <= tol * (scale_p + rel_p)) & (res_d <= tol * (scale_d + rel_d))
-        good = ok_res & (gap <= tol * pobj_scale)
-        ok = good & (gap <= tol_gap * pobj_scale)
-        finite = torch.isfinite(res_d + res_p + gap)
+        rel_p = torch.maximum(_inf_norm(Ex), _inf_norm(s))
+        rel_d = torch.maximum(_inf_norm(Qx), _inf_norm(dual_part))
+        worst = torch.maximum(res_p / (scale_p + rel_p), res_d / (scale_d + rel_d))
+        gap_rel = gap / pobj_scale
+        ok_res = worst <= tol
+        good = ok_res & (gap_rel <= tol)
+        ok = ok_res & (gap_rel <= tol_gap)
+        finite = torch.isfinite(worst + gap_rel)
         if m and any_saved:
             # Near the end the weights z/s of the active constraints reach 1/eps and a step can
             # lose the accuracy already reached (rounding in the reduced system, amplified by
@@ -786,16 +809,17 @@ def _ipm(
             finite = finite | revert
             stalled = stalled & ~revert
             good = good & ~revert
-        new = torch.where(ok, _SOLVED, torch.where(stalled, _STALLED, _RUNNING))
-        new = torch.where(finite, new, _NONFINITE)
+        new = torch.where(
+            finite, torch.where(ok, c_solved, torch.where(stalled, c_stalled, c_running)), c_nonfinite
+        )
         if it % 3 == 2 or it >= max_iter:
             # Infeasibility certificates every third iteration: they are for problems that do
             # not converge (and once more at the end, for those that stalled).
-            cert = _certificates(prob, x, z, y, Qx, Gx, dual_part, scale_p, scale_d)
-            new = torch.where(new == _RUNNING, cert, new)
+            cert = _certificates(prob, x, z, y, Qx, Ex[:, :m], dual_part, scale_p, scale_d)
+            new = torch.where(new == c_running, cert, new)
         keep = running & good & ~ok
-        codes = torch.where(codes == _RUNNING, new, codes)
-        running = codes == _RUNNING
+        codes = torch.where(running, new, codes)
+        running = codes == c_running
         # The loop's one host read: whether any problem runs, and whether one has an iterate to keep.
         flags = torch.stack([running.any(), keep.any()]).tolist() if m else [False, False]
         if flags[1]:
@@ -807,39 +831,49 @@ def _ipm(
         if it >= max_iter or not flags[0] or not m:
             break
         it += 1
-        n_iter = n_iter + running.long()
+        n_iter.add_(running)
 
         step: _Newton | _DualNewton
         if space is not None:
-            step = _DualNewton(prob, space, s, z, rd, rp_in, rp_eq if p else rp_in[:, :0])
+            step = _DualNewton(prob, space, s, z, rd, rp)
         else:
+            rp_in = rp[:, :m]
             d = z / s
             kkt = _KKT(prob, d, rhoAtA)
-            step = _Newton(prob, kkt, rho, s, z, d, -rd - _mtv(G, d * rp_in), rp_in, -rp_eq if p else None)
+            step = _Newton(
+                prob, kkt, rho, s, z, d, -rd - _mtv(G, d * rp_in), rp_in, -rp[:, m:] if p else None
+            )
         # Predictor (affine scaling): the Newton step towards s * z = 0.
-        rc_aff = s * z
-        _, ds_a, dz_a, _ = step.direction(rc_aff)
-        a_aff = step.max_step(ds_a, dz_a).unsqueeze(-1)
-        mu = gap / m
-        mu_aff = ((s + a_aff * ds_a) * (z + a_aff * dz_a)).sum(-1) / m
-        sigma = (mu_aff / mu).clamp(0.0, 1.0) ** 3
+        v = torch.cat([s, z], -1)
+        ds_a, dz_a = step.affine(sz)
+        a_aff = _max_step(v, torch.cat([ds_a, dz_a], -1), 1.0).unsqueeze(-1)
+        # sigma = (mu_aff / mu)^3, mu = s'z / m
+        gap_aff = (torch.addcmul(s, a_aff, ds_a) * torch.addcmul(z, a_aff, dz_a)).sum(-1)
+        sigma = (gap_aff / gap).clamp(0.0, 1.0) ** 3
         # Corrector: aim at sigma * mu on the central path, with Mehrotra's second-order term;
         # the same factorization.
         # (refined from the fourth iteration on, when z/s starts to span many orders of magnitude)
-        dx, ds, dz, dy = step.direction(rc_aff + ds_a * dz_a - (sigma * mu).unsqueeze(-1), refine=it > 3)
-        alpha = 0.99 * step.max_step(ds, dz)
+        rc = torch.addcmul(sz, ds_a, dz_a).sub_((sigma * gap).mul_(1.0 / m).unsqueeze(-1))
+        dx, ds, dz, dy = step.direction(rc, refine=it > 3)
+        # The fraction of the way to the boundary: 0.99 (CVXOPT's), and closer once the residuals
+        # are within 1e4 tol and the predictor needed little centering (sigma small): then the
+        # gap falls by 1/sigma per iteration instead of 100 (Mehrotra's adaptive step; far from
+        # the solution a step this long would leave the central path).
+        eta = 1.0 - torch.where(worst <= 1e4 * tol, sigma, one).clamp(1e-6, 1e-2)
+        alpha = _max_step(v, torch.cat([ds, dz], -1), eta)
         # Stopped problems keep their iterate (a masked step: the batch keeps its shapes).
         # (torch.where, not a zero step: a failed factorization's NaN times 0 is NaN.)
-        move = (running & step.ok & torch.isfinite(alpha)).unsqueeze(-1)
+        moved = step.ok & torch.isfinite(alpha)
+        move = (running & moved).unsqueeze(-1)
         alpha = alpha.unsqueeze(-1)
         x = torch.where(move, torch.addcmul(x, alpha, dx), x)
         s = torch.where(move, torch.addcmul(s, alpha, ds), s)
         z = torch.where(move, torch.addcmul(z, alpha, dz), z)
         if dy is not None:
             y = torch.where(move, torch.addcmul(y, alpha, dy), y)
-        # A problem whose factorization failed cannot move: it is reported (or returns to its
-        # kept iterate) at the next check, not silently frozen.
-        stalled = stalled | (running & ~step.ok)
+        # A problem whose factorization failed (or whose step is not finite) cannot move: it is
+        # reported (or returns to its kept iterate) at the next check, not silently frozen.
+        stalled = stalled | (running & ~moved)
 
     codes = torch.where(codes == _RUNNING, _MAX_ITER, codes)
     unsolved = (codes == _MAX_ITER) | (codes == _STALLED)
