@@ -510,12 +510,14 @@ class _Newton:
         return self.kkt.ok
 
 
-def _max_step(v: torch.Tensor, dv: torch.Tensor, eta: torch.Tensor | float) -> torch.Tensor:
+def _max_step(v: torch.Tensor, dv: torch.Tensor, neg_eta: torch.Tensor | None = None) -> torch.Tensor:
     """eta times the largest step in [0, 1] that keeps v + a dv >= 0, (B,), for v > 0 (B, k).
 
     1 / max(1, max_i -dv_i / v_i): one division and one reduction for the whole batch.
+    ``neg_eta``: -eta, (B,) (``None``: eta = 1).  NaN where dv has one.
     """
-    return (dv / v).amin(-1).clamp(max=-1.0).reciprocal().mul(eta).neg()
+    r = (dv / v).amin(-1).clamp(max=-1.0)
+    return r.reciprocal().neg_() if neg_eta is None else neg_eta / r
 
 
 @dataclasses.dataclass(frozen=True)
@@ -543,7 +545,8 @@ class _DualSpace:
     def factor(self, w: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The Cholesky factor of E Q^-1 E' + diag(w, 0) (w (B, m); p zeros) and its info (B,)."""
         M = self.EQinvEt.clone()
-        M.diagonal(dim1=-2, dim2=-1)[:, : w.shape[-1]].add_(w)
+        diag = M.diagonal(dim1=-2, dim2=-1)
+        (diag[:, : w.shape[-1]] if p else diag).add_(w)
         return torch.linalg.cholesky_ex(M)
 
 
@@ -586,8 +589,9 @@ class _DualNewton:
         self.ok = info == 0
         self.u0 = torch.bmm(ds_.Qinv, rd.unsqueeze(-1)).neg_()  # Q^-1 (-r_d), (B, n, 1)
         # the right-hand side without its rc part: E Q^-1 (-r_d) + (r_ineq, r_eq), (B, m + p, 1)
-        self.base = torch.baddbmm(rp.unsqueeze(-1), ds_.E, self.u0)
-        self.neg_rp_in = (rp[:, :m] if p else rp).neg().unsqueeze(-1)
+        rp_col = rp.unsqueeze(-1)
+        self.base = torch.baddbmm(rp_col, ds_.E, self.u0)
+        self.rp_in = rp_col[:, :m] if p else rp_col
         self.pad = s.new_zeros(s.shape[0], p) if p else None
 
     def _dl(self, rc: torch.Tensor) -> torch.Tensor:
@@ -614,7 +618,7 @@ class _DualNewton:
         dl = self._dl(rc)
         dx = torch.baddbmm(self.u0, self.space.QinvEt, dl, alpha=-1.0)
         # ds from the primal rows (G dx + ds = -r_ineq), which the step then keeps satisfied
-        ds = torch.baddbmm(self.neg_rp_in, self.prob.G, dx, alpha=-1.0).squeeze(-1)
+        ds = torch.baddbmm(self.rp_in, self.prob.G, dx).neg_().squeeze(-1)
         dl = dl.squeeze(-1)
         if self.pad is None:
             return dx.squeeze(-1), ds, dl, None
@@ -796,7 +800,7 @@ def _ipm(
         ok_res = worst <= tol
         good = ok_res & (gap_rel <= tol)
         ok = ok_res & (gap_rel <= tol_gap)
-        finite = torch.isfinite(worst + gap_rel)
+        finite = (worst + gap_rel) < math.inf  # false for NaN too
         if m and any_saved:
             # Near the end the weights z/s of the active constraints reach 1/eps and a step can
             # lose the accuracy already reached (rounding in the reduced system, amplified by
@@ -812,9 +816,10 @@ def _ipm(
         new = torch.where(
             finite, torch.where(ok, c_solved, torch.where(stalled, c_stalled, c_running)), c_nonfinite
         )
-        if it % 3 == 2 or it >= max_iter:
-            # Infeasibility certificates every third iteration: they are for problems that do
-            # not converge (and once more at the end, for those that stalled).
+        if (it % 3 == 2 and it >= 5) or it >= max_iter:
+            # Infeasibility certificates every third iteration from the fifth: they are for
+            # problems that do not converge, whose iterates need a few iterations to grow to
+            # a certificate (and once more at the end, for those that stalled).
             cert = _certificates(prob, x, z, y, Qx, Ex[:, :m], dual_part, scale_p, scale_d)
             new = torch.where(new == c_running, cert, new)
         keep = running & good & ~ok
@@ -846,7 +851,7 @@ def _ipm(
         # Predictor (affine scaling): the Newton step towards s * z = 0.
         v = torch.cat([s, z], -1)
         ds_a, dz_a = step.affine(sz)
-        a_aff = _max_step(v, torch.cat([ds_a, dz_a], -1), 1.0).unsqueeze(-1)
+        a_aff = _max_step(v, torch.cat([ds_a, dz_a], -1)).unsqueeze(-1)
         # sigma = (mu_aff / mu)^3, mu = s'z / m
         gap_aff = (torch.addcmul(s, a_aff, ds_a) * torch.addcmul(z, a_aff, dz_a)).sum(-1)
         sigma = (gap_aff / gap).clamp(0.0, 1.0) ** 3
@@ -855,15 +860,17 @@ def _ipm(
         # (refined from the fourth iteration on, when z/s starts to span many orders of magnitude)
         rc = torch.addcmul(sz, ds_a, dz_a).sub_((sigma * gap).mul_(1.0 / m).unsqueeze(-1))
         dx, ds, dz, dy = step.direction(rc, refine=it > 3)
-        # The fraction of the way to the boundary: 0.99 (CVXOPT's), and closer once the residuals
-        # are within 1e4 tol and the predictor needed little centering (sigma small): then the
-        # gap falls by 1/sigma per iteration instead of 100 (Mehrotra's adaptive step; far from
-        # the solution a step this long would leave the central path).
-        eta = 1.0 - torch.where(worst <= 1e4 * tol, sigma, one).clamp(1e-6, 1e-2)
-        alpha = _max_step(v, torch.cat([ds, dz], -1), eta)
+        # The fraction eta of the way to the boundary: 0.99 (CVXOPT's) far from the solution,
+        # 1 - sigma (clipped to [1 - 1e-2, 1 - 1e-6]) once the residuals are within 1e4 tol: where
+        # the predictor needed little centering (sigma small), the gap then falls by about
+        # 1/sigma per iteration instead of 100, which saves one or two iterations (an adaptive
+        # step as in Mehrotra's and OOQP's implementations; used from the start, long steps
+        # drove infeasible problems to a singular Newton system before their certificate).
+        neg_eta = torch.where(worst <= 1e4 * tol, sigma, one).clamp(1e-6, 1e-2).sub_(1.0)
+        alpha = _max_step(v, torch.cat([ds, dz], -1), neg_eta)
         # Stopped problems keep their iterate (a masked step: the batch keeps its shapes).
         # (torch.where, not a zero step: a failed factorization's NaN times 0 is NaN.)
-        moved = step.ok & torch.isfinite(alpha)
+        moved = step.ok & (alpha > 0)  # false for NaN too
         move = (running & moved).unsqueeze(-1)
         alpha = alpha.unsqueeze(-1)
         x = torch.where(move, torch.addcmul(x, alpha, dx), x)
