@@ -756,18 +756,25 @@ def _ipm(
     # E = [G; A] and e = (h, b): the primal rows in one product per iteration.
     E = space.E if space is not None else (torch.cat([G, A], -2) if p else G)
     e_B = torch.cat([h_B, b_B], -1) if p else h_B
-    # status codes as tensors (a Python number in torch.where is one more dispatch each time)
-    c_solved, c_stalled, c_running, c_nonfinite = (
-        torch.tensor(c, device=dev) for c in (_SOLVED, _STALLED, _RUNNING, _NONFINITE)
-    )
-    one = torch.ones((), dtype=dt, device=dev)
-    codes = torch.full((B,), _RUNNING, dtype=torch.long, device=dev)
-    n_iter = torch.zeros(B, dtype=torch.long, device=dev)
     # The gap is held 100x tighter than the residuals: x and the multipliers are off by about
     # mu / (the smaller of s_i, z_i), and the gradient by that times the conditioning of the
     # active set (measured: gradient error ~ 1e3 x gap), while the gap, unlike the dual residual,
     # keeps falling geometrically down to rounding.
     tol_gap = max(1e-2 * tol, 10 * eps)
+
+    def full(value: float, dtype: torch.dtype = dt) -> torch.Tensor:
+        return torch.full((B,), value, dtype=dtype, device=dev)
+
+    # Status codes and constants as (B,) tensors: at batch 1 the loop is bound by dispatches,
+    # and an op between tensors of one shape costs about a third of one with a Python number.
+    c_solved, c_stalled, c_running, c_nonfinite = (
+        full(c, torch.long) for c in (_SOLVED, _STALLED, _RUNNING, _NONFINITE)
+    )
+    t_tol, t_tol_gap, t_near, t_inf, t_zero, t_one, t_inv_m = (
+        full(c) for c in (tol, tol_gap, 1e4 * tol, math.inf, 0.0, 1.0, 1.0 / max(m, 1))
+    )
+    codes = full(_RUNNING, torch.long)
+    n_iter = full(0, torch.long)
     it = 0
     running = torch.ones(B, dtype=torch.bool, device=dev)
     saved = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -790,25 +797,25 @@ def _ipm(
         res_d = _inf_norm(rd)
         sz = s * z
         gap = sz.sum(-1)
-        pobj_scale = torch.add(q_B, Qx, alpha=0.5).mul_(x).sum(-1).abs_().add_(1.0)
+        pobj_scale = torch.add(q_B, Qx, alpha=0.5).mul_(x).sum(-1).abs_().add_(t_one)
         # Relative to the size of the terms that make up each residual (OSQP's test): rounding
         # leaves a residual of about eps times those, whatever the data's scale.
         rel_p = torch.maximum(_inf_norm(Ex), _inf_norm(s))
         rel_d = torch.maximum(_inf_norm(Qx), _inf_norm(dual_part))
         worst = torch.maximum(res_p / (scale_p + rel_p), res_d / (scale_d + rel_d))
         gap_rel = gap / pobj_scale
-        ok_res = worst <= tol
-        good = ok_res & (gap_rel <= tol)
-        ok = ok_res & (gap_rel <= tol_gap)
-        finite = (worst + gap_rel) < math.inf  # false for NaN too
+        ok_res = worst <= t_tol
+        good = ok_res & (gap_rel <= t_tol)
+        ok = ok_res & (gap_rel <= t_tol_gap)
+        finite = (worst + gap_rel) < t_inf  # false for NaN too
+        revert: torch.Tensor | None = None
         if m and any_saved:
             # Near the end the weights z/s of the active constraints reach 1/eps and a step can
             # lose the accuracy already reached (rounding in the reduced system, amplified by
             # z/s, lands in the dual residual).  An iterate good to tol (gap below tol, not yet
-            # tol/100) is kept, and a problem whose next steps break down or undo it returns to it.
+            # tol/100) is kept, and a problem whose next steps break down or undo it returns to it
+            # (below, after the host read says that one does).
             revert = running & saved & ~ok & (~ok_res | ~finite | stalled)
-            x, s, z, y = (torch.where(revert.unsqueeze(-1), a, c) for a, c in zip(kept, (x, s, z, y)))
-            res_p, res_d, gap = (torch.where(revert, a, c) for a, c in zip(kept_res, (res_p, res_d, gap)))
             ok = ok | revert
             finite = finite | revert
             stalled = stalled & ~revert
@@ -825,8 +832,13 @@ def _ipm(
         keep = running & good & ~ok
         codes = torch.where(running, new, codes)
         running = codes == c_running
-        # The loop's one host read: whether any problem runs, and whether one has an iterate to keep.
-        flags = torch.stack([running.any(), keep.any()]).tolist() if m else [False, False]
+        # The loop's one host read: whether any problem runs, whether one has an iterate to keep,
+        # whether one returns to its kept iterate.
+        anys = [running.any(), keep.any()] + ([revert.any()] if revert is not None else [])
+        flags = torch.stack(anys).tolist() if m else [False, False]
+        if revert is not None and flags[2]:
+            x, s, z, y = (torch.where(revert.unsqueeze(-1), a, c) for a, c in zip(kept, (x, s, z, y)))
+            res_p, res_d, gap = (torch.where(revert, a, c) for a, c in zip(kept_res, (res_p, res_d, gap)))
         if flags[1]:
             keep = keep & running
             kept = tuple(torch.where(keep.unsqueeze(-1), a, c) for a, c in zip((x, s, z, y), kept))
@@ -854,11 +866,12 @@ def _ipm(
         a_aff = _max_step(v, torch.cat([ds_a, dz_a], -1)).unsqueeze(-1)
         # sigma = (mu_aff / mu)^3, mu = s'z / m
         gap_aff = (torch.addcmul(s, a_aff, ds_a) * torch.addcmul(z, a_aff, dz_a)).sum(-1)
-        sigma = (gap_aff / gap).clamp(0.0, 1.0) ** 3
+        ratio = (gap_aff / gap).clamp(0.0, 1.0)
+        sigma = ratio * ratio * ratio
         # Corrector: aim at sigma * mu on the central path, with Mehrotra's second-order term;
         # the same factorization.
         # (refined from the fourth iteration on, when z/s starts to span many orders of magnitude)
-        rc = torch.addcmul(sz, ds_a, dz_a).sub_((sigma * gap).mul_(1.0 / m).unsqueeze(-1))
+        rc = torch.addcmul(sz, ds_a, dz_a).sub_((sigma * gap).mul_(t_inv_m).unsqueeze(-1))
         dx, ds, dz, dy = step.direction(rc, refine=it > 3)
         # The fraction eta of the way to the boundary: 0.99 (CVXOPT's) far from the solution,
         # 1 - sigma (clipped to [1 - 1e-2, 1 - 1e-6]) once the residuals are within 1e4 tol: where
@@ -866,11 +879,11 @@ def _ipm(
         # 1/sigma per iteration instead of 100, which saves one or two iterations (an adaptive
         # step as in Mehrotra's and OOQP's implementations; used from the start, long steps
         # drove infeasible problems to a singular Newton system before their certificate).
-        neg_eta = torch.where(worst <= 1e4 * tol, sigma, one).clamp(1e-6, 1e-2).sub_(1.0)
+        neg_eta = torch.where(worst <= t_near, sigma, t_one).clamp(1e-6, 1e-2).sub_(t_one)
         alpha = _max_step(v, torch.cat([ds, dz], -1), neg_eta)
         # Stopped problems keep their iterate (a masked step: the batch keeps its shapes).
         # (torch.where, not a zero step: a failed factorization's NaN times 0 is NaN.)
-        moved = step.ok & (alpha > 0)  # false for NaN too
+        moved = step.ok & (alpha > t_zero)  # false for NaN too
         move = (running & moved).unsqueeze(-1)
         alpha = alpha.unsqueeze(-1)
         x = torch.where(move, torch.addcmul(x, alpha, dx), x)
