@@ -18,15 +18,17 @@ solution unchanged, as A dx = r2, and makes K definite wherever the problem has 
 even if Q is only semidefinite) and one of the Schur complement A K^-1 A' (p x p).  Where Q is
 positive definite (and well conditioned) and it costs less, the step is solved in the constraint
 space instead (`_DualNewton`, qpth's formulation): one Cholesky factorization of
-E Q^-1 E' + diag(s/z, 0) (E = [G; A], size m + p), with Q's factor and E Q^-1 E' computed once
-per solve.  Either way predictor and corrector share the factorization (in the reduced form the
-corrector's solve gets one step of iterative refinement once z/s spans many orders of
-magnitude).  Problems stop one by one when the relative primal and dual residuals fall below
+E Q^-1 E' + diag(s/z, 0) (E = [G; A], size m + p), with Q^-1 and E Q^-1 E' computed once per
+solve (Q's Cholesky factor also serves the convexity check).  Either way predictor and corrector
+share the factorization (in the reduced form the corrector's solve gets one step of iterative
+refinement once z/s spans many orders of magnitude).  Steps go 0.99 of the way to the boundary,
+and up to 1 - 1e-6 of it once the residuals are within 1e4 tol (an adaptive step: 1 - sigma).
+Problems stop one by one when the relative primal and dual residuals fall below
 ``tol`` and the relative duality gap below ``tol / 100``; a stopped problem's step is masked
-(``torch.where``), and the loop reads one pair of flags from the device per iteration.
+(``torch.where``), and the loop reads its flags from the device once per iteration.
 Infeasibility and unboundedness are recognized by certificates on the iterates (Farkas: z >= 0,
 y with G'z + A'y = 0, h'z + b'y < 0; a ray d with Qd = 0, Ad = 0, Gd <= 0, q'd < 0), checked
-every third iteration and once more for a problem that stalled or hit
+every third iteration from the fifth and once more for a problem that stalled or hit
 ``max_iter``; one neither solved nor certified ends with the status ``MAX_ITER`` or ``STALLED``.
 
 The gradient (OptNet, Amos & Kolter 2017): at the solution the KKT conditions
@@ -41,8 +43,10 @@ and the implicit function theorem gives dL/dtheta = -u' dF/dtheta with (dF/d(x, 
     [ G   -diag(s/z)  0  ] [w  ] = [0    ]
     [ A   0           0  ] [u_y]   [0    ],
 
-solved by one batched LU factorization (see `_adjoint` for why not with the interior-point
-method's reduced matrix), and
+solved, where the solver worked in the constraint space, by one Cholesky factorization of
+E Q^-1 E' + diag(s/z, 0) (eliminating u_x; size m + p), else (or where that factorization fails)
+by one batched LU factorization of the whole matrix (see `_adjoint` for why not with the
+interior-point method's reduced matrix), and
 
     dL/dq = -u_x,   dL/dQ = -(u_x x' + x u_x')/2,   dL/dG = -(w x' + z u_x'),   dL/dh = w,
     dL/dA = -(u_y x' + y u_x'),   dL/db = u_y.
@@ -971,7 +975,11 @@ def _adjoint(
         [ A   0           0  ] [v]   [0]
 
     This is (dF/d(x, z, y))' (u, w / z, v) = (g, 0, 0) for the KKT conditions F, scaled by z.
-    It is solved unreduced (one batched LU of size n + m + p) rather than with the
+    Where the solver used the constraint space (Q positive definite and well conditioned), u is
+    eliminated and (E Q^-1 E' + diag(s/z, 0)) (w, v) = E Q^-1 g is solved by one Cholesky
+    factorization of size m + p, with the same property as below (s/z alone on the diagonal).
+    Otherwise, and where that factorization fails for a problem, the system is solved
+    unreduced (one batched LU of size n + m + p) rather than with the
     interior-point method's reduced matrix Q + G'DG: there an active constraint's weight
     D = z/s ~ 1e12 swamps Q's entries in rounding, an error of eps * D in the gradient, while
     here s/z sits alone on the diagonal: an active row (s/z ~ 0) holds G_i u = 0 to rounding, an
