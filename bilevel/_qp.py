@@ -833,13 +833,13 @@ def _ipm(
             # a certificate (and once more at the end, for those that stalled).
             cert = _certificates(prob, x, z, y, Qx, Ex[:, :m], dual_part, scale_p, scale_d)
             new = torch.where(new == c_running, cert, new)
-        keep = running & good & ~ok
+        keep = running & (good > ok)  # good and not ok, one op on bools
         codes = torch.where(running, new, codes)
         running = codes == c_running
         # The loop's one host read: whether any problem runs, whether one has an iterate to keep,
         # whether one returns to its kept iterate.
-        anys = [running.any(), keep.any()] + ([revert.any()] if revert is not None else [])
-        flags = torch.stack(anys).tolist() if m else [False, False]
+        masks = [running, keep] + ([revert] if revert is not None else [])
+        flags = torch.stack(masks).any(-1).tolist() if m else [False, False]
         if revert is not None and flags[2]:
             x, s, z, y = (torch.where(revert.unsqueeze(-1), a, c) for a, c in zip(kept, (x, s, z, y)))
             res_p, res_d, gap = (torch.where(revert, a, c) for a, c in zip(kept_res, (res_p, res_d, gap)))
@@ -897,7 +897,7 @@ def _ipm(
             y = torch.where(move, torch.addcmul(y, alpha, dy), y)
         # A problem whose factorization failed (or whose step is not finite) cannot move: it is
         # reported (or returns to its kept iterate) at the next check, not silently frozen.
-        stalled = stalled | (running & ~moved)
+        stalled = stalled | (running > moved)
 
     codes = torch.where(codes == _RUNNING, _MAX_ITER, codes)
     unsolved = (codes == _MAX_ITER) | (codes == _STALLED)
