@@ -608,11 +608,11 @@ class _DualNewton:
         )
 
     def affine(self, rc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ds, dz) of the predictor, ds from s * dz + z * ds = -rc (it only sets the step
-        length and Mehrotra's second-order term, so dx and the primal rows are not formed)."""
-        dl = self._dl(rc).squeeze(-1)
-        dz = dl[:, : self.prob.m] if self.pad is not None else dl
-        return torch.addcmul(rc, self.s, dz).div_(self.z).neg_(), dz
+        """(ds, dz) of the predictor.  ds comes from the primal rows, as in `direction` (from
+        s * dz + z * ds = -rc instead, two products fewer, infeasible problems no longer grew
+        their iterates into a certificate)."""
+        _, ds, dz, _ = self.direction(rc)
+        return ds, dz
 
     def direction(
         self, rc: torch.Tensor, refine: bool = False
@@ -786,6 +786,13 @@ def _ipm(
     kept: tuple[torch.Tensor, ...] = (x, s, z, y)
     kept_res: tuple[torch.Tensor, ...] = (x.new_zeros(B),) * 3
     any_saved = False
+    # Once at most half the batch still runs, the running problems continue as a smaller batch
+    # (the others' answers are written out): the last iterations, where a few slow problems
+    # remain, then cost what those few cost.  `idx`: the running batch's rows in the whole one.
+    space_all = space
+    idx = torch.arange(B, device=dev)
+    outs: list[torch.Tensor] | None = None
+    nb = B
     while True:
         # Residuals and per-problem stopping at the current point.
         Qx = _mv(Q, x)
@@ -839,7 +846,7 @@ def _ipm(
         # The loop's one host read: whether any problem runs, whether one has an iterate to keep,
         # whether one returns to its kept iterate.
         masks = [running, keep] + ([revert] if revert is not None else [])
-        flags = torch.stack(masks).any(-1).tolist() if m else [False, False]
+        flags = torch.stack(masks).sum(-1).tolist() if m else [0, 0]
         if revert is not None and flags[2]:
             x, s, z, y = (torch.where(revert.unsqueeze(-1), a, c) for a, c in zip(kept, (x, s, z, y)))
             res_p, res_d, gap = (torch.where(revert, a, c) for a, c in zip(kept_res, (res_p, res_d, gap)))
@@ -851,6 +858,36 @@ def _ipm(
             any_saved = True
         if it >= max_iter or not flags[0] or not m:
             break
+        if nb >= 4 and 2 * flags[0] <= nb:
+            state = (x, s, z, y, codes, n_iter, res_p, res_d, gap)
+            if outs is None:
+                outs = [t.clone() for t in state]
+            for o, t in zip(outs, state):
+                o[idx] = t
+            sel = running.nonzero().squeeze(-1)
+            idx, nb = idx[sel], int(flags[0])
+            x, s, z, y, codes, n_iter, running, saved, stalled = (
+                t[sel] for t in (x, s, z, y, codes, n_iter, running, saved, stalled)
+            )
+            # what the step below uses of this iteration's residuals
+            rd, rp, sz, gap, worst = (t[sel] for t in (rd, rp, sz, gap, worst))
+            kept = tuple(t[sel] for t in kept)
+            kept_res = tuple(t[sel] for t in kept_res)
+            prob = dataclasses.replace(
+                prob, Q=Q[sel], q=q_B[sel], G=G[sel], h=h_B[sel], A=A[sel], b=b_B[sel], B=nb
+            )
+            Q, G, A, q_B, h_B, b_B = prob.Q, prob.G, prob.A, prob.q, prob.h, prob.b
+            E, e_B, scale_p, scale_d = E[sel], e_B[sel], scale_p[sel], scale_d[sel]
+            if space is not None:
+                space = _DualSpace(space.Qinv[sel], space.QinvEt[sel], space.EQinvEt[sel], E)
+            if rho is not None and rhoAtA is not None:
+                rho, rhoAtA = rho[sel], rhoAtA[sel]
+            c_solved, c_stalled, c_running, c_nonfinite = (
+                t[sel] for t in (c_solved, c_stalled, c_running, c_nonfinite)
+            )
+            t_tol, t_tol_gap, t_near, t_inf, t_zero, t_one, t_inv_m = (
+                t[sel] for t in (t_tol, t_tol_gap, t_near, t_inf, t_zero, t_one, t_inv_m)
+            )
         it += 1
         n_iter.add_(running)
 
@@ -906,7 +943,11 @@ def _ipm(
         dual_part = Gz + _mtv(A, y) if p else Gz
         cert = _certificates(prob, x, z, y, _mv(Q, x), _mv(G, x), dual_part, scale_p, scale_d)
         codes = torch.where(unsolved & (cert != _RUNNING), cert, codes)
-    return _Solution(x, s, z, y, QPInfo(codes, n_iter, res_p, res_d, gap, it), space)
+    if outs is not None:
+        for o, t in zip(outs, (x, s, z, y, codes, n_iter, res_p, res_d, gap)):
+            o[idx] = t
+        x, s, z, y, codes, n_iter, res_p, res_d, gap = outs
+    return _Solution(x, s, z, y, QPInfo(codes, n_iter, res_p, res_d, gap, it), space_all)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -609,3 +609,38 @@ def test_backward_work_is_one_small_cholesky() -> None:
     assert iters <= 10
     # setup and the final check: ~250 dispatches; each iteration ~130 (p = 0, batch 1)
     assert sum(fwd.ops.values()) <= 300 + 140 * iters, (iters, sum(fwd.ops.values()))
+
+
+def test_batch_continues_with_the_running_problems() -> None:
+    """Once at most half the batch runs, the solver continues with those problems alone: every
+    problem's answer, iteration count and status are those of its own solve, an infeasible
+    problem among them is named by its index in the whole batch, and the gradients match."""
+    B, n, m = 8, 6, 8
+    inputs = known_qp(71, n, m, 0, 3, B=B)["inputs"]
+    # different scales of q: the problems converge after different numbers of iterations
+    inputs["q"] = inputs["q"] * torch.logspace(-3, 3, B, dtype=F64).unsqueeze(-1)
+    inputs["h"] = inputs["h"] * torch.logspace(-3, 3, B, dtype=F64).unsqueeze(-1)
+    args = args_of(inputs, m, 0)
+    leaves = {k: v.clone().requires_grad_() for k, v in args.items() if v is not None}
+    with _CountOps() as count:
+        x, info = solve_qp(**leaves)
+    assert count.ops["aten.nonzero"] >= 1  # the batch shrank at least once
+    assert len(set(info.n_iter.tolist())) > 1
+    w = torch.randn(B, n, dtype=F64, generator=torch.Generator().manual_seed(2))
+    grads_b = torch.autograd.grad((x * w).sum(), list(leaves.values()))
+    for i in range(B):
+        single = {k: v[i].clone().requires_grad_() for k, v in args.items() if v is not None}
+        xi, info_i = solve_qp(**single)
+        torch.testing.assert_close(x[i].detach(), xi.detach(), rtol=1e-9, atol=1e-9)
+        assert int(info.n_iter[i]) == int(info_i.n_iter[0])
+        gi = torch.autograd.grad((xi * w[i]).sum(), list(single.values()))
+        for a, c in zip(grads_b, gi):
+            torch.testing.assert_close(a[i], c, rtol=1e-7, atol=1e-8)
+    # an infeasible problem (x0 <= -1 and -x0 <= -1) among them: named by its index in the batch
+    G = inputs["G"].clone()
+    h = inputs["h"].clone()
+    G[5, :2] = 0.0
+    G[5, 0, 0], G[5, 1, 0], h[5, 0], h[5, 1] = 1.0, -1.0, -1.0, -1.0
+    with pytest.raises(QPInfeasibleError, match=r"problem 5 of the batch is primal infeasible") as e:
+        solve_qp(inputs["Q"], inputs["q"], G, h)
+    assert e.value.problems == (5,)
