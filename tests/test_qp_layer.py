@@ -611,16 +611,24 @@ def test_backward_work_is_one_small_cholesky() -> None:
     assert sum(fwd.ops.values()) <= 300 + 140 * iters, (iters, sum(fwd.ops.values()))
 
 
-def test_batch_continues_with_the_running_problems() -> None:
+@pytest.mark.parametrize(
+    ("n", "m", "p"),
+    [
+        (6, 8, 0),  # the constraint-space Newton system
+        (3, 20, 1),  # the reduced (n x n) one, with an equality
+    ],
+)
+def test_batch_continues_with_the_running_problems(n: int, m: int, p: int) -> None:
     """Once at most half the batch runs, the solver continues with those problems alone: every
     problem's answer, iteration count and status are those of its own solve, an infeasible
     problem among them is named by its index in the whole batch, and the gradients match."""
-    B, n, m = 8, 6, 8
-    inputs = known_qp(71, n, m, 0, 3, B=B)["inputs"]
+    B = 8
+    inputs = known_qp(71, n, m, p, 2, B=B)["inputs"]
     # different scales of q: the problems converge after different numbers of iterations
     inputs["q"] = inputs["q"] * torch.logspace(-3, 3, B, dtype=F64).unsqueeze(-1)
     inputs["h"] = inputs["h"] * torch.logspace(-3, 3, B, dtype=F64).unsqueeze(-1)
-    args = args_of(inputs, m, 0)
+    inputs["b"] = inputs["b"] * torch.logspace(-3, 3, B, dtype=F64).unsqueeze(-1)
+    args = args_of(inputs, m, p)
     leaves = {k: v.clone().requires_grad_() for k, v in args.items() if v is not None}
     with _CountOps() as count:
         x, info = solve_qp(**leaves)
@@ -642,5 +650,5 @@ def test_batch_continues_with_the_running_problems() -> None:
     G[5, :2] = 0.0
     G[5, 0, 0], G[5, 1, 0], h[5, 0], h[5, 1] = 1.0, -1.0, -1.0, -1.0
     with pytest.raises(QPInfeasibleError, match=r"problem 5 of the batch is primal infeasible") as e:
-        solve_qp(inputs["Q"], inputs["q"], G, h)
+        solve_qp(**{**args, "G": G, "h": h})
     assert e.value.problems == (5,)
