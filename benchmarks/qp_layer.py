@@ -117,6 +117,13 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=30.0, help="seconds per implementation and cell")
     ap.add_argument("--cvx-budget", type=float, default=30.0)
     ap.add_argument("--cvx-max-work", type=int, default=64 * 200, help="skip cvxpylayers above B * n")
+    ap.add_argument(
+        "--cells",
+        nargs="+",
+        default=None,
+        metavar="BxN",
+        help="only these cells, e.g. 1x10 64x50 (instead of --batches x --sizes)",
+    )
     ap.add_argument("--out", default="results/qp_layer")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -127,54 +134,57 @@ def main() -> None:
             versions[name] = md.version(name)
         except md.PackageNotFoundError:
             versions[name] = None
+    if args.cells:
+        grid = [(int(c.split("x")[0]), int(c.split("x")[1])) for c in args.cells]
+    else:
+        grid = [(B, n) for n in args.sizes for B in args.batches]
     cells = []
-    for n in args.sizes:
-        for B in args.batches:
-            data = problems(B, n, seed=1000 * n + B)
-            impls: dict[str, Solve] = {"bilevel": bilevel_solver(), "qpth": qpth_solver()}
-            skipped = []
-            if B * n <= args.cvx_max_work:
-                serial = {"n_jobs_forward": 1, "n_jobs_backward": 1}
-                matched = {"eps": 1e-9, "mode": "dense", **serial}
-                impls["cvxpylayers eps=1e-9"] = cvxpylayers_solver(n, matched)
-                impls["cvxpylayers default"] = cvxpylayers_solver(n, serial)
-            else:
-                skipped = ["cvxpylayers eps=1e-9", "cvxpylayers default"]
-            # accuracy: one call each (also the warm-up, not timed), against bilevel's answer
-            _, ref_x, ref_g = run_once(impls["bilevel"], data)
-            acc: dict[str, dict[str, float]] = {}
-            times: dict[str, list[float]] = {k: [] for k in impls}
-            for name, solve in impls.items():
-                if name == "bilevel":
-                    continue
-                _, x, g = run_once(solve, data)
-                acc[name] = {
-                    "x": max_diff(x, ref_x),
-                    **{f"d{k}": max_diff(a, c) for k, a, c in zip("qGh", g, ref_g)},
-                }
-            # timing rounds, interleaved
-            order = list(impls)
-            for r in range(args.rounds):
-                names = order if r % 2 == 0 else order[::-1]
-                for name in names:
-                    budget = args.cvx_budget if name.startswith("cvxpylayers") else args.budget
-                    if sum(times[name]) > budget:
-                        continue
-                    times[name].append(run_once(impls[name], data)[0])
-            med = {k: statistics.median(v) for k, v in times.items()}
-            cell = {
-                "B": B,
-                "n": n,
-                "m": n,
-                "median_s": med,
-                "rounds": {k: len(v) for k, v in times.items()},
-                "speedup": {k: med[k] / med["bilevel"] for k in med if k != "bilevel"},
-                "max_diff_vs_bilevel": acc,
-                "skipped": skipped,
+    for B, n in grid:
+        data = problems(B, n, seed=1000 * n + B)
+        impls: dict[str, Solve] = {"bilevel": bilevel_solver(), "qpth": qpth_solver()}
+        skipped = []
+        if B * n <= args.cvx_max_work:
+            serial = {"n_jobs_forward": 1, "n_jobs_backward": 1}
+            matched = {"eps": 1e-9, "mode": "dense", **serial}
+            impls["cvxpylayers eps=1e-9"] = cvxpylayers_solver(n, matched)
+            impls["cvxpylayers default"] = cvxpylayers_solver(n, serial)
+        else:
+            skipped = ["cvxpylayers eps=1e-9", "cvxpylayers default"]
+        # accuracy: one call each (also the warm-up, not timed), against bilevel's answer
+        _, ref_x, ref_g = run_once(impls["bilevel"], data)
+        acc: dict[str, dict[str, float]] = {}
+        times: dict[str, list[float]] = {k: [] for k in impls}
+        for name, solve in impls.items():
+            if name == "bilevel":
+                continue
+            _, x, g = run_once(solve, data)
+            acc[name] = {
+                "x": max_diff(x, ref_x),
+                **{f"d{k}": max_diff(a, c) for k, a, c in zip("qGh", g, ref_g)},
             }
-            cells.append(cell)
-            line = ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in med.items())
-            print(f"B={B:4d} n={n:4d}: {line}", flush=True)
+        # timing rounds, interleaved
+        order = list(impls)
+        for r in range(args.rounds):
+            names = order if r % 2 == 0 else order[::-1]
+            for name in names:
+                budget = args.cvx_budget if name.startswith("cvxpylayers") else args.budget
+                if sum(times[name]) > budget:
+                    continue
+                times[name].append(run_once(impls[name], data)[0])
+        med = {k: statistics.median(v) for k, v in times.items()}
+        cell = {
+            "B": B,
+            "n": n,
+            "m": n,
+            "median_s": med,
+            "rounds": {k: len(v) for k, v in times.items()},
+            "speedup": {k: med[k] / med["bilevel"] for k in med if k != "bilevel"},
+            "max_diff_vs_bilevel": acc,
+            "skipped": skipped,
+        }
+        cells.append(cell)
+        line = ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in med.items())
+        print(f"B={B:4d} n={n:4d}: {line}", flush=True)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -18,15 +18,17 @@ solution unchanged, as A dx = r2, and makes K definite wherever the problem has 
 even if Q is only semidefinite) and one of the Schur complement A K^-1 A' (p x p).  Where Q is
 positive definite (and well conditioned) and it costs less, the step is solved in the constraint
 space instead (`_DualNewton`, qpth's formulation): one Cholesky factorization of
-E Q^-1 E' + diag(s/z, 0) (E = [G; A], size m + p), with Q's factor and E Q^-1 E' computed once
-per solve.  Either way predictor and corrector share the factorization (in the reduced form the
-corrector's solve gets one step of iterative refinement once z/s spans many orders of
-magnitude).  Problems stop one by one when the relative primal and dual residuals fall below
-``tol`` and the relative duality gap below ``tol / 100``; a stopped problem's step is masked
-(``torch.where``), and the loop reads one pair of flags from the device per iteration.
+E Q^-1 E' + diag(s/z, 0) (E = [G; A], size m + p), with Q^-1 and E Q^-1 E' computed once per
+solve (Q's Cholesky factor also serves the convexity check).  Either way predictor and corrector
+share the factorization (in the reduced form the corrector's solve gets one step of iterative
+refinement once z/s spans many orders of magnitude).  Steps go 0.99 of the way to the boundary,
+and up to 1 - 1e-6 of it once the residuals are within 1e4 tol (an adaptive step: 1 - sigma).
+Problems stop one by one when the relative primal and dual residuals fall below
+``tol`` and the relative duality gap below ``tol / 1000``; a stopped problem's step is masked
+(``torch.where``), and the loop reads its flags from the device once per iteration.
 Infeasibility and unboundedness are recognized by certificates on the iterates (Farkas: z >= 0,
 y with G'z + A'y = 0, h'z + b'y < 0; a ray d with Qd = 0, Ad = 0, Gd <= 0, q'd < 0), checked
-every third iteration and once more for a problem that stalled or hit
+every third iteration from the fifth and once more for a problem that stalled or hit
 ``max_iter``; one neither solved nor certified ends with the status ``MAX_ITER`` or ``STALLED``.
 
 The gradient (OptNet, Amos & Kolter 2017): at the solution the KKT conditions
@@ -41,8 +43,10 @@ and the implicit function theorem gives dL/dtheta = -u' dF/dtheta with (dF/d(x, 
     [ G   -diag(s/z)  0  ] [w  ] = [0    ]
     [ A   0           0  ] [u_y]   [0    ],
 
-solved by one batched LU factorization (see `_adjoint` for why not with the interior-point
-method's reduced matrix), and
+solved, where the solver worked in the constraint space, by one Cholesky factorization of
+E Q^-1 E' + diag(s/z, 0) (eliminating u_x; size m + p), else (or where that factorization fails)
+by one batched LU factorization of the whole matrix (see `_adjoint` for why not with the
+interior-point method's reduced matrix), and
 
     dL/dq = -u_x,   dL/dQ = -(u_x x' + x u_x')/2,   dL/dG = -(w x' + z u_x'),   dL/dh = w,
     dL/dA = -(u_y x' + y u_x'),   dL/db = u_y.
@@ -318,8 +322,12 @@ def _prepare(
     return prob, (Q, q, G, h, A, b)
 
 
-def _check_values(who: str, prob: _Problem) -> None:
-    """Non-finite entries, Q not PSD, A without full row rank: typed errors naming the problem."""
+def _check_values(who: str, prob: _Problem, q_info: torch.Tensor) -> None:
+    """Non-finite entries, Q not PSD, A without full row rank: typed errors naming the problem.
+
+    ``q_info``: the info of ``torch.linalg.cholesky_ex(prob.Q)`` (0 where Q is positive
+    definite, hence PSD; only where it is not is Q tested again with a shift).
+    """
     B, batched = prob.B, prob.batched
     names = ("Q", "q", "G", "h", "A", "b")
     inputs = (prob.Q, prob.q, prob.G, prob.h, prob.A, prob.b)
@@ -328,12 +336,6 @@ def _check_values(who: str, prob: _Problem) -> None:
     total = sum((t.flatten(1).sum(1) for t in inputs if t.numel()), torch.zeros(1, dtype=prob.Q.dtype))
     bad = ~torch.isfinite(total)
     eps = torch.finfo(prob.Q.dtype).eps
-    # Q is PSD up to rounding iff Q + delta I is positive definite for a shift delta far above
-    # rounding but far below the scale of Q's entries.
-    scale = prob.Q.abs().amax(dim=(-2, -1), keepdim=True)
-    delta = math.sqrt(eps) * (1.0 + scale)
-    eye = torch.eye(prob.n, dtype=prob.Q.dtype, device=prob.Q.device)
-    _, q_info = torch.linalg.cholesky_ex(torch.nan_to_num(prob.Q) + delta * eye)
     rank_bad: torch.Tensor | None = None
     if prob.p:
         AAt = prob.A @ prob.A.mT
@@ -344,6 +346,14 @@ def _check_values(who: str, prob: _Problem) -> None:
     flags = torch.stack(
         [bad.expand(B), (q_info != 0).expand(B)] + ([rank_bad.expand(B)] if rank_bad is not None else [])
     ).cpu()
+    if flags[1].any():
+        # Q is PSD up to rounding iff Q + delta I is positive definite for a shift delta far
+        # above rounding but far below the scale of Q's entries.
+        scale = prob.Q.abs().amax(dim=(-2, -1), keepdim=True)
+        delta = math.sqrt(eps) * (1.0 + scale)
+        eye = torch.eye(prob.n, dtype=prob.Q.dtype, device=prob.Q.device)
+        _, shifted_info = torch.linalg.cholesky_ex(torch.nan_to_num(prob.Q) + delta * eye)
+        flags[1] = (shifted_info != 0).expand(B).cpu()
     which: list[str] = []
     if flags[0].any():
         i = int(flags[0].nonzero()[0])
@@ -427,6 +437,8 @@ class _Solution:
     z: torch.Tensor
     y: torch.Tensor
     info: QPInfo
+    #: the constraint-space matrices, where the solver used them (the backward reuses them)
+    space: _DualSpace | None = None
 
 
 def _mv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -491,39 +503,64 @@ class _Newton:
         ds = -self.rp_in - Gdx
         return dx, ds, dz, dy
 
+    def affine(self, rc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ds, dz) of the predictor (the step length and Mehrotra's second-order term need no more)."""
+        _, ds, dz, _ = self.direction(rc)
+        return ds, dz
+
     @property
     def ok(self) -> torch.Tensor:
         """Per problem: the factorization succeeded, (B,) bool."""
         return self.kkt.ok
 
-    def max_step(self, ds: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
-        """The largest step in [0, 1] that keeps s + a ds and z + a dz non-negative, (B,)."""
-        return _max_step(self.s, self.z, ds, dz)
 
+def _max_step(v: torch.Tensor, dv: torch.Tensor, neg_eta: torch.Tensor | None = None) -> torch.Tensor:
+    """eta times the largest step in [0, 1] that keeps v + a dv >= 0, (B,), for v > 0 (B, k).
 
-def _max_step(s: torch.Tensor, z: torch.Tensor, ds: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
-    v = torch.cat([s, z], -1)
-    dv = torch.cat([ds, dz], -1)
-    return torch.where(dv < 0, -v / dv, torch.inf).amin(-1).clamp(max=1.0)
+    1 / max(1, max_i -dv_i / v_i): one division and one reduction for the whole batch.
+    ``neg_eta``: -eta, (B,) (``None``: eta = 1).  NaN where dv has one.
+    """
+    r = (dv / v).amin(-1).clamp(max=-1.0)
+    return r.reciprocal().neg_() if neg_eta is None else neg_eta / r
 
 
 @dataclasses.dataclass(frozen=True)
 class _DualSpace:
     """What the constraint-space Newton step reuses across iterations (Q positive definite).
 
-    With E = [G; A] (k = m + p rows): the Cholesky factor of Q, Q^-1 E' and E Q^-1 E'.
+    With E = [G; A] (k = m + p rows): Q^-1, Q^-1 E' and E Q^-1 E', formed once per solve.  Q^-1
+    is formed explicitly (Q is well conditioned where this space is used) so that each
+    iteration's products with it are one ``bmm`` each, not a triangular solve pair.
     """
 
-    LQ: torch.Tensor  # (B, n, n)
+    Qinv: torch.Tensor  # (B, n, n)
     QinvEt: torch.Tensor  # (B, n, k)
     EQinvEt: torch.Tensor  # (B, k, k)
     E: torch.Tensor  # (B, k, n)
 
     @staticmethod
     def build(prob: _Problem, LQ: torch.Tensor) -> _DualSpace:
-        E = torch.cat([prob.G, prob.A], -2)
-        QinvEt = torch.cholesky_solve(E.mT, LQ)
-        return _DualSpace(LQ, QinvEt, torch.bmm(E, QinvEt), E)
+        """From prob (matrices expanded to the batch) and Q's Cholesky factor LQ (1 or B, n, n)."""
+        E = torch.cat([prob.G, prob.A], -2) if prob.p else prob.G
+        Qinv = torch.cholesky_inverse(LQ).expand(prob.B, -1, -1)
+        QinvEt = torch.bmm(Qinv, E.mT)
+        return _DualSpace(Qinv, QinvEt, torch.bmm(E, QinvEt), E)
+
+    def factor(self, w: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Cholesky factor of E Q^-1 E' + diag(w, 0) (w (B, m); p zeros) and its info (B,)."""
+        M = self.EQinvEt.clone()
+        diag = M.diagonal(dim1=-2, dim2=-1)
+        (diag[:, : w.shape[-1]] if p else diag).add_(w)
+        return torch.linalg.cholesky_ex(M)
+
+
+def _chol_solve(L: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """(L L')^-1 r for a lower Cholesky factor L (B, k, k) and r (B, k, c).
+
+    Two triangular solves: ``torch.cholesky_solve`` copies the factor on every call (to column
+    major), which at batch 64 costs as much as the solves themselves.
+    """
+    return torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, r, upper=False), upper=True)
 
 
 class _DualNewton:
@@ -546,41 +583,50 @@ class _DualNewton:
         s: torch.Tensor,
         z: torch.Tensor,
         rd: torch.Tensor,
-        rp_in: torch.Tensor,
-        rp_eq: torch.Tensor,
+        rp: torch.Tensor,
     ) -> None:
-        self.prob, self.space, self.s, self.z, self.rp_in, self.rp_eq = prob, ds_, s, z, rp_in, rp_eq
-        w = s / z
-        if prob.p:
-            w = torch.cat([w, w.new_zeros(w.shape[0], prob.p)], -1)
-        self.LS, info = torch.linalg.cholesky_ex(ds_.EQinvEt + torch.diag_embed(w))
-        self._ok = info == 0
-        self.u0 = torch.cholesky_solve(-rd.unsqueeze(-1), ds_.LQ)  # (B, n, 1)
-        # the right-hand side without its rc part: E Q^-1 (-r_d) + (r_ineq, r_eq)
-        r_primal = torch.cat([rp_in, rp_eq], -1) if prob.p else rp_in
-        self.base = torch.bmm(ds_.E, self.u0).squeeze(-1) + r_primal
+        """rd: the dual residual (B, n); rp: the primal residuals (Gx + s - h, Ax - b), (B, m + p)."""
+        self.prob, self.space, self.s, self.z = prob, ds_, s, z
+        m, p = prob.m, prob.p
+        LS, info = ds_.factor(s / z, p)
+        self.LS, self.LSt = LS, LS.mT
+        self.ok = info == 0
+        self.u0 = torch.bmm(ds_.Qinv, rd.unsqueeze(-1)).neg_()  # Q^-1 (-r_d), (B, n, 1)
+        # the right-hand side without its rc part: E Q^-1 (-r_d) + (r_ineq, r_eq), (B, m + p, 1)
+        rp_col = rp.unsqueeze(-1)
+        self.base = torch.baddbmm(rp_col, ds_.E, self.u0)
+        self.rp_in = rp_col[:, :m] if p else rp_col
+        self.pad = s.new_zeros(s.shape[0], p) if p else None
 
-    @property
-    def ok(self) -> torch.Tensor:
-        return self._ok
+    def _dl(self, rc: torch.Tensor) -> torch.Tensor:
+        rcz = rc / self.z
+        if self.pad is not None:
+            rcz = torch.cat([rcz, self.pad], -1)
+        r = self.base - rcz.unsqueeze(-1)
+        return torch.linalg.solve_triangular(
+            self.LSt, torch.linalg.solve_triangular(self.LS, r, upper=False), upper=True
+        )
+
+    def affine(self, rc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ds, dz) of the predictor.  ds comes from the primal rows, as in `direction` (from
+        s * dz + z * ds = -rc instead, two products fewer, infeasible problems no longer grew
+        their iterates into a certificate)."""
+        _, ds, dz, _ = self.direction(rc)
+        return ds, dz
 
     def direction(
         self, rc: torch.Tensor, refine: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(dx, ds, dz, dy) of the Newton system with s * dz + z * ds = -rc (rc (B, m))."""
         m = self.prob.m
-        rcz = rc / self.z
-        if self.prob.p:
-            rcz = torch.cat([rcz, rcz.new_zeros(rcz.shape[0], self.prob.p)], -1)
-        dl = torch.cholesky_solve((self.base - rcz).unsqueeze(-1), self.LS)
-        dx = (self.u0 - torch.bmm(self.space.QinvEt, dl)).squeeze(-1)
+        dl = self._dl(rc)
+        dx = torch.baddbmm(self.u0, self.space.QinvEt, dl, alpha=-1.0)
+        # ds from the primal rows (G dx + ds = -r_ineq), which the step then keeps satisfied
+        ds = torch.baddbmm(self.rp_in, self.prob.G, dx).neg_().squeeze(-1)
         dl = dl.squeeze(-1)
-        dz = dl[:, :m]
-        ds = -self.rp_in - _mv(self.prob.G, dx)
-        return dx, ds, dz, (dl[:, m:] if self.prob.p else None)
-
-    def max_step(self, ds: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
-        return _max_step(self.s, self.z, ds, dz)
+        if self.pad is None:
+            return dx.squeeze(-1), ds, dl, None
+        return dx.squeeze(-1), ds, dl[:, :m], dl[:, m:]
 
 
 def _certificates(
@@ -623,9 +669,24 @@ def _certificates(
     return torch.where(p_cert, _PRIMAL_INF, torch.where(d_cert, _DUAL_INF, _RUNNING))
 
 
-def _ipm(prob: _Problem, tol: float, max_iter: int) -> _Solution:
-    """Mehrotra's predictor-corrector on the batch, from CVXOPT's starting point."""
+def _constraint_space_pays(n: int, m: int, p: int) -> bool:
+    """Whether one Cholesky of size m + p per iteration costs less than forming and factorizing
+    Q + G'DG (n x n), the test for the constraint-space step (where Q is positive definite)."""
+    return m > 0 and (m + p) ** 3 <= 6 * m * n * n + n**3
+
+
+def _ipm(
+    prob: _Problem,
+    tol: float,
+    max_iter: int,
+    chol_Q: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> _Solution:
+    """Mehrotra's predictor-corrector on the batch, from CVXOPT's starting point.
+
+    ``chol_Q``: ``torch.linalg.cholesky_ex(prob.Q)`` where the caller has it already.
+    """
     B, n, m, p = prob.B, prob.n, prob.m, prob.p
+    prob_in = prob
     # Shared matrices as (B, ...) views (no copies), for `_mv` and `_mtv`.
     prob = dataclasses.replace(
         prob, Q=prob.Q.expand(B, n, n), G=prob.G.expand(B, m, n), A=prob.A.expand(B, p, n)
@@ -633,36 +694,61 @@ def _ipm(prob: _Problem, tol: float, max_iter: int) -> _Solution:
     Q, q, G, h, A, b = prob.Q, prob.q, prob.G, prob.h, prob.A, prob.b
     dt, dev = Q.dtype, Q.device
     eps = torch.finfo(dt).eps
-    rho: torch.Tensor | None = None
-    rhoAtA: torch.Tensor | None = None
-    if p:
-        # rho scales A'A to Q's magnitude, so that K = H + rho A'A is neither dominated by it nor
-        # left singular where Q is.
-        a2 = (A * A).sum(-1).amax(-1).clamp_min(eps)
-        rho = ((1.0 + Q.abs().amax(dim=(-2, -1))) / a2).reshape(-1, 1, 1)
-        rhoAtA = rho * (A.mT @ A)
     scale_p = 1.0 + torch.maximum(_inf_norm(h), _inf_norm(b)).expand(B)
     scale_d = 1.0 + _inf_norm(q).expand(B)
     q_B = q.expand(B, n)
     h_B = h.expand(B, m)
     b_B = b.expand(B, p)
 
-    # Starting point (CVXOPT's): the solution of min 1/2 x'Qx + q'x + 1/2 ||Gx - h||^2 s.t. Ax = b
-    # gives x and s = h - Gx, z = Gx - h, each shifted into the positive orthant.
-    kkt = _KKT(prob, torch.ones(1, m, dtype=dt, device=dev) if m else None, rhoAtA)
-    if not bool(kkt.ok.all()):
-        bad = tuple(int(i) for i in (~kkt.ok).expand(B).nonzero().flatten())
-        raise QPUnboundedError(
-            f"QPLayer: {_where(prob.batched, bad[0])} has no unique solution: Q + G'G + A'A is singular, "
-            "so some direction d with Qd = 0, Gd = 0, Ad = 0 leaves the objective unchanged (or, where "
-            "q'd != 0, unbounded); add constraints or make Q positive definite",
-            problems=bad,
-        )
-    x, y = kkt.solve(-q_B + _mtv(G, h_B), b_B if p else None, rho)
-    if y is None:
-        y = Q.new_zeros(B, 0)
-    r = _mv(G, x) - h_B
+    # The constraint-space Newton step (`_DualNewton`) where Q is positive definite and one
+    # factorization of size m + p costs less than forming and factorizing Q + G'DG (n x n).
+    space: _DualSpace | None = None
+    if _constraint_space_pays(n, m, p):
+        LQ, q_info = chol_Q if chol_Q is not None else torch.linalg.cholesky_ex(prob_in.Q)
+        piv = LQ.diagonal(dim1=-2, dim2=-1)
+        # well conditioned enough that Q^-1 E' keeps its digits (pivot ratio^2 = 1/cond)
+        flags0 = torch.stack(
+            [(q_info == 0).all(), (piv.amin(-1) >= math.sqrt(math.sqrt(eps)) * piv.amax(-1)).all()]
+        ).tolist()
+        if all(flags0):
+            space = _DualSpace.build(prob, LQ)
+            # Starting point (CVXOPT's, below) in this space: with s = h - Gx and z = Gx - h
+            # its KKT system is the Newton system's with s/z = 1.
+            LS, s_info = space.factor(torch.ones(1, m, dtype=dt, device=dev).expand(B, m), p)
+            if bool((s_info == 0).all()):
+                u = torch.bmm(space.Qinv, q_B.unsqueeze(-1)).neg_()
+                e = torch.cat([h_B, b_B], -1) if p else h_B
+                lam = _chol_solve(LS, (torch.bmm(space.E, u).squeeze(-1) - e).unsqueeze(-1))
+                x = torch.baddbmm(u, space.QinvEt, lam, alpha=-1.0).squeeze(-1)
+                y = lam.squeeze(-1)[:, m:]
+            else:  # A without full row rank (not checked): the reduced form names the problem
+                space = None
+
+    rho: torch.Tensor | None = None
+    rhoAtA: torch.Tensor | None = None
+    if p and space is None:
+        # rho scales A'A to Q's magnitude, so that K = H + rho A'A is neither dominated by it nor
+        # left singular where Q is.
+        a2 = (A * A).sum(-1).amax(-1).clamp_min(eps)
+        rho = ((1.0 + Q.abs().amax(dim=(-2, -1))) / a2).reshape(-1, 1, 1)
+        rhoAtA = rho * (A.mT @ A)
+
+    if space is None:
+        # Starting point (CVXOPT's): the solution of min 1/2 x'Qx + q'x + 1/2 ||Gx - h||^2
+        # s.t. Ax = b gives x and s = h - Gx, z = Gx - h, each shifted into the positive orthant.
+        kkt = _KKT(prob, torch.ones(1, m, dtype=dt, device=dev) if m else None, rhoAtA)
+        if not bool(kkt.ok.all()):
+            bad = tuple(int(i) for i in (~kkt.ok).expand(B).nonzero().flatten())
+            raise QPUnboundedError(
+                f"QPLayer: {_where(prob.batched, bad[0])} has no unique solution: Q + G'G + A'A is "
+                "singular, so some direction d with Qd = 0, Gd = 0, Ad = 0 leaves the objective "
+                "unchanged (or, where q'd != 0, unbounded); add constraints or make Q positive definite",
+                problems=bad,
+            )
+        x, y_ = kkt.solve(-q_B + _mtv(G, h_B), b_B if p else None, rho)
+        y = Q.new_zeros(B, 0) if y_ is None else y_
     if m:
+        r = _mv(G, x) - h_B
         s0, z0 = -r, r
         ts = -s0.amin(-1, keepdim=True)
         tz = -z0.amin(-1, keepdim=True)
@@ -671,26 +757,30 @@ def _ipm(prob: _Problem, tol: float, max_iter: int) -> _Solution:
     else:
         s = z = Q.new_zeros(B, 0)
 
-    # The constraint-space Newton step (`_DualNewton`) where Q is positive definite and one
-    # factorization of size m + p costs less than forming and factorizing Q + G'DG (n x n).
-    space: _DualSpace | None = None
-    if m and (m + p) ** 3 <= 6 * m * n * n + n**3:
-        LQ, q_info = torch.linalg.cholesky_ex(Q)
-        piv = LQ.diagonal(dim1=-2, dim2=-1)
-        # well conditioned enough that Q^-1 E' keeps its digits (pivot ratio^2 = 1/cond)
-        flags0 = torch.stack(
-            [(q_info == 0).all(), (piv.amin(-1) >= math.sqrt(math.sqrt(eps)) * piv.amax(-1)).all()]
-        ).tolist()
-        if all(flags0):
-            space = _DualSpace.build(prob, LQ)
-
-    codes = torch.full((B,), _RUNNING, dtype=torch.long, device=dev)
-    n_iter = torch.zeros(B, dtype=torch.long, device=dev)
-    # The gap is held 100x tighter than the residuals: x and the multipliers are off by about
+    # E = [G; A] and e = (h, b): the primal rows in one product per iteration.
+    E = space.E if space is not None else (torch.cat([G, A], -2) if p else G)
+    e_B = torch.cat([h_B, b_B], -1) if p else h_B
+    # The gap is held 1000x tighter than the residuals: x and the multipliers are off by about
     # mu / (the smaller of s_i, z_i), and the gradient by that times the conditioning of the
     # active set (measured: gradient error ~ 1e3 x gap), while the gap, unlike the dual residual,
-    # keeps falling geometrically down to rounding.
-    tol_gap = max(1e-2 * tol, 10 * eps)
+    # keeps falling geometrically down to rounding.  (At tol / 100 the adaptive step below left
+    # x off by up to 8e-7 on 64 random problems with n = 200, against 9e-8 with 0.99 steps; at
+    # tol / 1000 by 2e-9, for at most one more iteration.)
+    tol_gap = max(1e-3 * tol, 10 * eps)
+
+    def full(value: float, dtype: torch.dtype = dt) -> torch.Tensor:
+        return torch.full((B,), value, dtype=dtype, device=dev)
+
+    # Status codes and constants as (B,) tensors: at batch 1 the loop is bound by dispatches,
+    # and an op between tensors of one shape costs about a third of one with a Python number.
+    c_solved, c_stalled, c_running, c_nonfinite = (
+        full(c, torch.long) for c in (_SOLVED, _STALLED, _RUNNING, _NONFINITE)
+    )
+    t_tol, t_tol_gap, t_near, t_inf, t_zero, t_one, t_inv_m = (
+        full(c) for c in (tol, tol_gap, 1e4 * tol, math.inf, 0.0, 1.0, 1.0 / max(m, 1))
+    )
+    codes = full(_RUNNING, torch.long)
+    n_iter = full(0, torch.long)
     it = 0
     running = torch.ones(B, dtype=torch.bool, device=dev)
     saved = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -698,56 +788,70 @@ def _ipm(prob: _Problem, tol: float, max_iter: int) -> _Solution:
     kept: tuple[torch.Tensor, ...] = (x, s, z, y)
     kept_res: tuple[torch.Tensor, ...] = (x.new_zeros(B),) * 3
     any_saved = False
+    # Once at most half the batch still runs, the running problems continue as a smaller batch
+    # (the others' answers are written out): the last iterations, where a few slow problems
+    # remain, then cost what those few cost.  `idx`: the running batch's rows in the whole one.
+    space_all = space
+    idx = torch.arange(B, device=dev)
+    outs: list[torch.Tensor] | None = None
+    nb = B
     while True:
         # Residuals and per-problem stopping at the current point.
         Qx = _mv(Q, x)
-        Gx = _mv(G, x)
-        Gz = _mtv(G, z)
-        dual_part = Gz
-        rp_in = Gx + s - h_B
-        res_p = _inf_norm(rp_in)
-        rel_p = torch.maximum(_inf_norm(Gx), _inf_norm(s))
+        Ex = _mv(E, x)
+        dual_part = _mtv(E, torch.cat([z, y], -1) if p else z)  # G'z + A'y
+        rp = Ex - e_B
         if p:
-            Ax = _mv(A, x)
-            dual_part = Gz + _mtv(A, y)
-            rp_eq = Ax - b_B
-            res_p = torch.maximum(res_p, _inf_norm(rp_eq))
-            rel_p = torch.maximum(rel_p, _inf_norm(Ax))
-        rd = Qx + q_B + dual_part
+            rp[:, :m].add_(s)
+        else:
+            rp.add_(s)
+        res_p = _inf_norm(rp)
+        rd = torch.add(Qx, q_B).add_(dual_part)
         res_d = _inf_norm(rd)
-        gap = (s * z).sum(-1)
-        pobj_scale = 1.0 + (0.5 * Qx + q_B).mul(x).sum(-1).abs()
+        sz = s * z
+        gap = sz.sum(-1)
+        pobj_scale = torch.add(q_B, Qx, alpha=0.5).mul_(x).sum(-1).abs_().add_(t_one)
         # Relative to the size of the terms that make up each residual (OSQP's test): rounding
         # leaves a residual of about eps times those, whatever the data's scale.
-        rel_d = torch.maximum(torch.maximum(_inf_norm(Qx), _inf_norm(dual_part)), _inf_norm(Gz))
-        ok_res = (res_p <= tol * (scale_p + rel_p)) & (res_d <= tol * (scale_d + rel_d))
-        good = ok_res & (gap <= tol * pobj_scale)
-        ok = good & (gap <= tol_gap * pobj_scale)
-        finite = torch.isfinite(res_d + res_p + gap)
+        rel_p = torch.maximum(_inf_norm(Ex), _inf_norm(s))
+        rel_d = torch.maximum(_inf_norm(Qx), _inf_norm(dual_part))
+        worst = torch.maximum(res_p / (scale_p + rel_p), res_d / (scale_d + rel_d))
+        gap_rel = gap / pobj_scale
+        ok_res = worst <= t_tol
+        good = ok_res & (gap_rel <= t_tol)
+        ok = ok_res & (gap_rel <= t_tol_gap)
+        finite = (worst + gap_rel) < t_inf  # false for NaN too
+        revert: torch.Tensor | None = None
         if m and any_saved:
             # Near the end the weights z/s of the active constraints reach 1/eps and a step can
             # lose the accuracy already reached (rounding in the reduced system, amplified by
             # z/s, lands in the dual residual).  An iterate good to tol (gap below tol, not yet
-            # tol/100) is kept, and a problem whose next steps break down or undo it returns to it.
+            # tol/1000) is kept, and a problem whose next steps break down or undo it returns to it
+            # (below, after the host read says that one does).
             revert = running & saved & ~ok & (~ok_res | ~finite | stalled)
-            x, s, z, y = (torch.where(revert.unsqueeze(-1), a, c) for a, c in zip(kept, (x, s, z, y)))
-            res_p, res_d, gap = (torch.where(revert, a, c) for a, c in zip(kept_res, (res_p, res_d, gap)))
             ok = ok | revert
             finite = finite | revert
             stalled = stalled & ~revert
             good = good & ~revert
-        new = torch.where(ok, _SOLVED, torch.where(stalled, _STALLED, _RUNNING))
-        new = torch.where(finite, new, _NONFINITE)
-        if it % 3 == 2 or it >= max_iter:
-            # Infeasibility certificates every third iteration: they are for problems that do
-            # not converge (and once more at the end, for those that stalled).
-            cert = _certificates(prob, x, z, y, Qx, Gx, dual_part, scale_p, scale_d)
-            new = torch.where(new == _RUNNING, cert, new)
-        keep = running & good & ~ok
-        codes = torch.where(codes == _RUNNING, new, codes)
-        running = codes == _RUNNING
-        # The loop's one host read: whether any problem runs, and whether one has an iterate to keep.
-        flags = torch.stack([running.any(), keep.any()]).tolist() if m else [False, False]
+        new = torch.where(
+            finite, torch.where(ok, c_solved, torch.where(stalled, c_stalled, c_running)), c_nonfinite
+        )
+        if (it % 3 == 2 and it >= 5) or it >= max_iter:
+            # Infeasibility certificates every third iteration from the fifth: they are for
+            # problems that do not converge, whose iterates need a few iterations to grow to
+            # a certificate (and once more at the end, for those that stalled).
+            cert = _certificates(prob, x, z, y, Qx, Ex[:, :m], dual_part, scale_p, scale_d)
+            new = torch.where(new == c_running, cert, new)
+        keep = running & (good > ok)  # good and not ok, one op on bools
+        codes = torch.where(running, new, codes)
+        running = codes == c_running
+        # The loop's one host read: whether any problem runs, whether one has an iterate to keep,
+        # whether one returns to its kept iterate.
+        masks = [running, keep] + ([revert] if revert is not None else [])
+        flags = torch.stack(masks).sum(-1).tolist() if m else [0, 0]
+        if revert is not None and flags[2]:
+            x, s, z, y = (torch.where(revert.unsqueeze(-1), a, c) for a, c in zip(kept, (x, s, z, y)))
+            res_p, res_d, gap = (torch.where(revert, a, c) for a, c in zip(kept_res, (res_p, res_d, gap)))
         if flags[1]:
             keep = keep & running
             kept = tuple(torch.where(keep.unsqueeze(-1), a, c) for a, c in zip((x, s, z, y), kept))
@@ -756,40 +860,83 @@ def _ipm(prob: _Problem, tol: float, max_iter: int) -> _Solution:
             any_saved = True
         if it >= max_iter or not flags[0] or not m:
             break
+        if nb >= 4 and 2 * flags[0] <= nb:
+            state = (x, s, z, y, codes, n_iter, res_p, res_d, gap)
+            if outs is None:
+                outs = [t.clone() for t in state]
+            for o, t in zip(outs, state):
+                o[idx] = t
+            sel = running.nonzero().squeeze(-1)
+            idx, nb = idx[sel], int(flags[0])
+            x, s, z, y, codes, n_iter, running, saved, stalled = (
+                t[sel] for t in (x, s, z, y, codes, n_iter, running, saved, stalled)
+            )
+            # what the step below uses of this iteration's residuals
+            rd, rp, sz, gap, worst = (t[sel] for t in (rd, rp, sz, gap, worst))
+            kept = tuple(t[sel] for t in kept)
+            kept_res = tuple(t[sel] for t in kept_res)
+            prob = dataclasses.replace(
+                prob, Q=Q[sel], q=q_B[sel], G=G[sel], h=h_B[sel], A=A[sel], b=b_B[sel], B=nb
+            )
+            Q, G, A, q_B, h_B, b_B = prob.Q, prob.G, prob.A, prob.q, prob.h, prob.b
+            E, e_B, scale_p, scale_d = E[sel], e_B[sel], scale_p[sel], scale_d[sel]
+            if space is not None:
+                space = _DualSpace(space.Qinv[sel], space.QinvEt[sel], space.EQinvEt[sel], E)
+            if rho is not None and rhoAtA is not None:
+                rho, rhoAtA = rho[sel], rhoAtA[sel]
+            c_solved, c_stalled, c_running, c_nonfinite = (
+                t[sel] for t in (c_solved, c_stalled, c_running, c_nonfinite)
+            )
+            t_tol, t_tol_gap, t_near, t_inf, t_zero, t_one, t_inv_m = (
+                t[sel] for t in (t_tol, t_tol_gap, t_near, t_inf, t_zero, t_one, t_inv_m)
+            )
         it += 1
-        n_iter = n_iter + running.long()
+        n_iter.add_(running)
 
         step: _Newton | _DualNewton
         if space is not None:
-            step = _DualNewton(prob, space, s, z, rd, rp_in, rp_eq if p else rp_in[:, :0])
+            step = _DualNewton(prob, space, s, z, rd, rp)
         else:
+            rp_in = rp[:, :m]
             d = z / s
             kkt = _KKT(prob, d, rhoAtA)
-            step = _Newton(prob, kkt, rho, s, z, d, -rd - _mtv(G, d * rp_in), rp_in, -rp_eq if p else None)
+            step = _Newton(
+                prob, kkt, rho, s, z, d, -rd - _mtv(G, d * rp_in), rp_in, -rp[:, m:] if p else None
+            )
         # Predictor (affine scaling): the Newton step towards s * z = 0.
-        rc_aff = s * z
-        _, ds_a, dz_a, _ = step.direction(rc_aff)
-        a_aff = step.max_step(ds_a, dz_a).unsqueeze(-1)
-        mu = gap / m
-        mu_aff = ((s + a_aff * ds_a) * (z + a_aff * dz_a)).sum(-1) / m
-        sigma = (mu_aff / mu).clamp(0.0, 1.0) ** 3
+        v = torch.cat([s, z], -1)
+        ds_a, dz_a = step.affine(sz)
+        a_aff = _max_step(v, torch.cat([ds_a, dz_a], -1)).unsqueeze(-1)
+        # sigma = (mu_aff / mu)^3, mu = s'z / m
+        gap_aff = (torch.addcmul(s, a_aff, ds_a) * torch.addcmul(z, a_aff, dz_a)).sum(-1)
+        ratio = (gap_aff / gap).clamp(0.0, 1.0)
+        sigma = ratio * ratio * ratio
         # Corrector: aim at sigma * mu on the central path, with Mehrotra's second-order term;
         # the same factorization.
         # (refined from the fourth iteration on, when z/s starts to span many orders of magnitude)
-        dx, ds, dz, dy = step.direction(rc_aff + ds_a * dz_a - (sigma * mu).unsqueeze(-1), refine=it > 3)
-        alpha = 0.99 * step.max_step(ds, dz)
+        rc = torch.addcmul(sz, ds_a, dz_a).sub_((sigma * gap).mul_(t_inv_m).unsqueeze(-1))
+        dx, ds, dz, dy = step.direction(rc, refine=it > 3)
+        # The fraction eta of the way to the boundary: 0.99 (CVXOPT's) far from the solution,
+        # 1 - sigma (clipped to [1 - 1e-2, 1 - 1e-6]) once the residuals are within 1e4 tol: where
+        # the predictor needed little centering (sigma small), the gap then falls by about
+        # 1/sigma per iteration instead of 100, which saves one or two iterations (an adaptive
+        # step as in Mehrotra's and OOQP's implementations; used from the start, long steps
+        # drove infeasible problems to a singular Newton system before their certificate).
+        neg_eta = torch.where(worst <= t_near, sigma, t_one).clamp(1e-6, 1e-2).sub_(t_one)
+        alpha = _max_step(v, torch.cat([ds, dz], -1), neg_eta)
         # Stopped problems keep their iterate (a masked step: the batch keeps its shapes).
         # (torch.where, not a zero step: a failed factorization's NaN times 0 is NaN.)
-        move = (running & step.ok & torch.isfinite(alpha)).unsqueeze(-1)
+        moved = step.ok & (alpha > t_zero)  # false for NaN too
+        move = (running & moved).unsqueeze(-1)
         alpha = alpha.unsqueeze(-1)
         x = torch.where(move, torch.addcmul(x, alpha, dx), x)
         s = torch.where(move, torch.addcmul(s, alpha, ds), s)
         z = torch.where(move, torch.addcmul(z, alpha, dz), z)
         if dy is not None:
             y = torch.where(move, torch.addcmul(y, alpha, dy), y)
-        # A problem whose factorization failed cannot move: it is reported (or returns to its
-        # kept iterate) at the next check, not silently frozen.
-        stalled = stalled | (running & ~step.ok)
+        # A problem whose factorization failed (or whose step is not finite) cannot move: it is
+        # reported (or returns to its kept iterate) at the next check, not silently frozen.
+        stalled = stalled | (running > moved)
 
     codes = torch.where(codes == _RUNNING, _MAX_ITER, codes)
     unsolved = (codes == _MAX_ITER) | (codes == _STALLED)
@@ -798,7 +945,11 @@ def _ipm(prob: _Problem, tol: float, max_iter: int) -> _Solution:
         dual_part = Gz + _mtv(A, y) if p else Gz
         cert = _certificates(prob, x, z, y, _mv(Q, x), _mv(G, x), dual_part, scale_p, scale_d)
         codes = torch.where(unsolved & (cert != _RUNNING), cert, codes)
-    return _Solution(x, s, z, y, QPInfo(codes, n_iter, res_p, res_d, gap, it))
+    if outs is not None:
+        for o, t in zip(outs, (x, s, z, y, codes, n_iter, res_p, res_d, gap)):
+            o[idx] = t
+        x, s, z, y, codes, n_iter, res_p, res_d, gap = outs
+    return _Solution(x, s, z, y, QPInfo(codes, n_iter, res_p, res_d, gap, it), space_all)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -867,7 +1018,11 @@ def _adjoint(
         [ A   0           0  ] [v]   [0]
 
     This is (dF/d(x, z, y))' (u, w / z, v) = (g, 0, 0) for the KKT conditions F, scaled by z.
-    It is solved unreduced (one batched LU of size n + m + p) rather than with the
+    Where the solver used the constraint space (Q positive definite and well conditioned), u is
+    eliminated and (E Q^-1 E' + diag(s/z, 0)) (w, v) = E Q^-1 g is solved by one Cholesky
+    factorization of size m + p, with the same property as below (s/z alone on the diagonal).
+    Otherwise, and where that factorization fails for a problem, the system is solved
+    unreduced (one batched LU of size n + m + p) rather than with the
     interior-point method's reduced matrix Q + G'DG: there an active constraint's weight
     D = z/s ~ 1e12 swamps Q's entries in rounding, an error of eps * D in the gradient, while
     here s/z sits alone on the diagonal: an active row (s/z ~ 0) holds G_i u = 0 to rounding, an
@@ -881,10 +1036,25 @@ def _adjoint(
     B, n, m, p = prob.B, prob.n, prob.m, prob.p
     dt = g.dtype
     eps = torch.finfo(dt).eps
+    c = (sol.s.clamp_min(0.0) / sol.z.clamp_min(eps * eps)).clamp(max=1.0 / (eps * eps))
+    if sol.space is not None:
+        # Q positive definite and well conditioned (the solver worked in the constraint space):
+        # eliminating u = Q^-1 (g - G'w - A'v) leaves (E Q^-1 E' + diag(s/z, 0)) (w, v) = E Q^-1 g,
+        # the Newton system's matrix at the answer, one Cholesky of size m + p instead of an
+        # LU of size n + m + p.  s/z again sits alone on the diagonal (an active row's ~0, an
+        # inactive one's huge value); where the factorization fails (active rows linearly
+        # dependent with s/z at 0) the unreduced LU below decides.
+        space = sol.space
+        L, info = space.factor(c, p)
+        Qg = torch.bmm(space.Qinv, g.unsqueeze(-1))
+        wv = _chol_solve(L, torch.bmm(space.E, Qg))
+        u = torch.baddbmm(Qg, space.QinvEt, wv, alpha=-1.0).squeeze(-1)
+        wv = wv.squeeze(-1)
+        if bool(((info == 0) & torch.isfinite(wv).all(-1)).all()):
+            return u, wv[:, :m], wv[:, m:]
     Q = prob.Q.expand(B, n, n)
     G = prob.G.expand(B, m, n)
     A = prob.A.expand(B, p, n)
-    c = (sol.s.clamp_min(0.0) / sol.z.clamp_min(eps * eps)).clamp(max=1.0 / (eps * eps))
     zeros = g.new_zeros
     K = torch.cat(
         [
@@ -973,7 +1143,7 @@ def solve_qp(
         G, h: (m, n) or (B, m, n) and (m,) or (B, m): inequalities Gx <= h (both or neither).
         A, b: (p, n) or (B, p, n) and (p,) or (B, p): equalities Ax = b, A of full row rank.
         tol: stopping tolerance on the relative primal and dual residuals (the relative
-            duality gap must fall below max(tol / 100, 10 eps)); default `default_tol` of the dtype.
+            duality gap must fall below max(tol / 1000, 10 eps)); default `default_tol` of the dtype.
         max_iter: interior-point iterations at most.
         throw: on the iteration cap, raise `ConvergenceError` (``True``) or warn with
             `BilevelWarning` and return the last iterate.
@@ -1000,11 +1170,15 @@ def solve_qp(
         tol = default_tol(prob.Q.dtype)
     if not tol > 0:
         raise ValueError(f"{who}(tol={tol!r}): must be > 0")
-    if check:
-        _check_values(who, prob)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in raw)
     with torch.no_grad():
-        sol = _ipm(prob, tol, max_iter)
+        # One Cholesky of Q serves the convexity check and the constraint-space step.
+        chol_Q = None
+        if check or _constraint_space_pays(prob.n, prob.m, prob.p):
+            chol_Q = torch.linalg.cholesky_ex(prob.Q)
+        if check and chol_Q is not None:
+            _check_values(who, prob, chol_Q[1])
+        sol = _ipm(prob, tol, max_iter, chol_Q)
     _raise_failures(who, sol.info, prob.batched, throw)
     if needs_grad:
         return _QPFunction.apply(sol, prob, *raw), sol.info

@@ -421,7 +421,7 @@ class QPLayer(nn.Module):
 
     Args:
         tol: stopping tolerance on the relative primal and dual residuals (the relative duality
-            gap must fall below max(tol / 100, 10 eps)); default 1e-9 in float64, 1e-5 in float32.
+            gap must fall below max(tol / 1000, 10 eps)); default 1e-9 in float64, 1e-5 in float32.
         max_iter: interior-point iterations at most (default 50; 10-20 is typical).
         throw: on the iteration cap, raise `bilevel.ConvergenceError` (default) or warn with
             `bilevel.BilevelWarning` and return the last iterate.

@@ -10,6 +10,8 @@ equality QP  min 1/2 x'Qx + q'x  s.t.  G_A x = h_A, Ax = b  (one dense solve, au
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import warnings
 from typing import Any
 
@@ -19,6 +21,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bilevel import BilevelWarning, ConvergenceError, LinearSolveError, NonFiniteError, StructureError
 from bilevel._qp import (
@@ -28,8 +31,11 @@ from bilevel._qp import (
     QPStatus,
     QPUnboundedError,
     _adjoint,
+    _DualSpace,
+    _ipm,
     _prepare,
     _Solution,
+    default_tol,
     solve_qp,
 )
 from bilevel.layers import QPLayer
@@ -527,3 +533,122 @@ def test_both_newton_systems(n: int, m: int, p: int, active: int) -> None:
     w = torch.ones(n, dtype=F64)
     for k, a, c in zip(leaves, grads(x, list(leaves.values()), w), grads(xr, list(ref.values()), w)):
         torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6, msg=lambda s, k=k: f"d{k}: {s}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The backward's two linear solves, and the work they cost
+
+
+def _solved(inputs: dict[str, torch.Tensor]) -> tuple[Any, _Solution]:
+    """The problem and the solver's answer (with the constraint-space matrices where it used them)."""
+    prob, _ = _prepare("t", inputs["Q"], inputs["q"], inputs["G"], inputs["h"], inputs["A"], inputs["b"])
+    with torch.no_grad():
+        sol = _ipm(prob, default_tol(F64), 50, torch.linalg.cholesky_ex(prob.Q))
+    return prob, sol
+
+
+@pytest.mark.parametrize("p", [0, 2])
+def test_constraint_space_backward_equals_unreduced_lu(p: int) -> None:
+    """Q positive definite: the backward's Cholesky of E Q^-1 E' + diag(s/z, 0) (size m + p) gives
+    the adjoint of the unreduced LU of the whole KKT matrix (size n + m + p)."""
+    inputs = known_qp(51, 6, 8, p, 3, B=4)["inputs"]
+    prob, sol = _solved(inputs)
+    assert sol.space is not None  # the constraint-space path is the one under test
+    g = torch.randn(4, 6, dtype=F64, generator=torch.Generator().manual_seed(1))
+    reduced = _adjoint(prob, sol, g)
+    full = _adjoint(prob, dataclasses.replace(sol, space=None), g)
+    for a, c in zip(reduced, full):
+        torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-9)
+
+
+def test_constraint_space_backward_falls_back_to_lu() -> None:
+    """Two copies of an exactly active row (s = 0): E Q^-1 E' + diag(s/z) is singular, its
+    Cholesky fails, and the unreduced LU decides (here: singular too, named), never a silent
+    gradient from a failed factorization."""
+    Q = torch.eye(2, dtype=F64).expand(2, 2, 2)
+    G = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [1.0, 0.0]]], dtype=F64)
+    prob, _ = _prepare("t", Q, torch.zeros(2, 2, dtype=F64), G, torch.zeros(2, 2, dtype=F64), None, None)
+    space = _DualSpace.build(
+        dataclasses.replace(prob, Q=prob.Q, G=prob.G, A=prob.A.expand(2, 0, 2)),
+        torch.linalg.cholesky(prob.Q),
+    )
+    zeros = torch.zeros(2, 2, dtype=F64)
+    sol = _Solution(zeros, zeros, torch.ones(2, 2, dtype=F64), torch.zeros(2, 0, dtype=F64), None, space)  # type: ignore[arg-type]
+    with pytest.raises(
+        LinearSolveError, match=r"KKT system at the answer of problem 1 of the batch is singular"
+    ):
+        _adjoint(prob, sol, torch.ones(2, 2, dtype=F64))
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_backward_work_is_one_small_cholesky() -> None:
+    """Count the work: with Q positive definite the backward factorizes E Q^-1 E' + diag(s/z)
+    once (no LU of the (n + m) KKT matrix) in a few dozen dispatches, and the forward of a small
+    problem (n = m = 10) stays within its dispatch budget (the loop at batch 1 is bound by them)."""
+    inputs = known_qp(61, 10, 10, 0, 4)["inputs"]
+    leaves = {k: inputs[k].clone().requires_grad_() for k in ("Q", "q", "G", "h")}
+    layer = QPLayer()
+    with _CountOps() as fwd:
+        x = layer(**leaves)
+    with _CountOps() as bwd:
+        x.sum().backward()
+    assert bwd.ops["aten.linalg_lu_factor_ex"] == 0
+    assert bwd.ops["aten.linalg_cholesky_ex"] == 1
+    assert sum(bwd.ops.values()) <= 80, bwd.ops
+    assert layer.last_info is not None
+    iters = layer.last_info.iterations
+    assert iters <= 10
+    # setup and the final check: ~250 dispatches; each iteration ~130 (p = 0, batch 1)
+    assert sum(fwd.ops.values()) <= 300 + 140 * iters, (iters, sum(fwd.ops.values()))
+
+
+@pytest.mark.parametrize(
+    ("n", "m", "p"),
+    [
+        (6, 8, 0),  # the constraint-space Newton system
+        (3, 20, 1),  # the reduced (n x n) one, with an equality
+    ],
+)
+def test_batch_continues_with_the_running_problems(n: int, m: int, p: int) -> None:
+    """Once at most half the batch runs, the solver continues with those problems alone: every
+    problem's answer, iteration count and status are those of its own solve, an infeasible
+    problem among them is named by its index in the whole batch, and the gradients match."""
+    B = 8
+    inputs = known_qp(71, n, m, p, 2, B=B)["inputs"]
+    # different scales of q: the problems converge after different numbers of iterations
+    inputs["q"] = inputs["q"] * torch.logspace(-3, 3, B, dtype=F64).unsqueeze(-1)
+    inputs["h"] = inputs["h"] * torch.logspace(-3, 3, B, dtype=F64).unsqueeze(-1)
+    inputs["b"] = inputs["b"] * torch.logspace(-3, 3, B, dtype=F64).unsqueeze(-1)
+    args = args_of(inputs, m, p)
+    leaves = {k: v.clone().requires_grad_() for k, v in args.items() if v is not None}
+    with _CountOps() as count:
+        x, info = solve_qp(**leaves)
+    assert count.ops["aten.nonzero"] >= 1  # the batch shrank at least once
+    assert len(set(info.n_iter.tolist())) > 1
+    w = torch.randn(B, n, dtype=F64, generator=torch.Generator().manual_seed(2))
+    grads_b = torch.autograd.grad((x * w).sum(), list(leaves.values()))
+    for i in range(B):
+        single = {k: v[i].clone().requires_grad_() for k, v in args.items() if v is not None}
+        xi, info_i = solve_qp(**single)
+        torch.testing.assert_close(x[i].detach(), xi.detach(), rtol=1e-9, atol=1e-9)
+        assert int(info.n_iter[i]) == int(info_i.n_iter[0])
+        gi = torch.autograd.grad((xi * w[i]).sum(), list(single.values()))
+        for a, c in zip(grads_b, gi):
+            torch.testing.assert_close(a[i], c, rtol=1e-7, atol=1e-8)
+    # an infeasible problem (x0 <= -1 and -x0 <= -1) among them: named by its index in the batch
+    G = inputs["G"].clone()
+    h = inputs["h"].clone()
+    G[5, :2] = 0.0
+    G[5, 0, 0], G[5, 1, 0], h[5, 0], h[5, 1] = 1.0, -1.0, -1.0, -1.0
+    with pytest.raises(QPInfeasibleError, match=r"problem 5 of the batch is primal infeasible") as e:
+        solve_qp(**{**args, "G": G, "h": h})
+    assert e.value.problems == (5,)
