@@ -1131,8 +1131,8 @@ class SABA:
     SABA; smaller batches are closer to the paper's per-sample memory at more memory).
 
     Args:
-        inner_lr, outer_lr, batch_size, outer_batch_size, max_norm, check_every, compile,
-            chunk: as in `SOBA`.
+        inner_lr, outer_lr, batch_size, outer_batch_size, max_norm, check_every, compile, chunk: as
+            in `SOBA`.
         inner_schedule, outer_schedule: as in `SOBA`; SABA's analysis takes constant steps.
 
     Raises:
