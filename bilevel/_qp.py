@@ -515,12 +515,13 @@ class _Newton:
 
 
 def _max_step(v: torch.Tensor, dv: torch.Tensor, neg_eta: torch.Tensor | None = None) -> torch.Tensor:
-    """eta times the largest step in [0, 1] that keeps v + a dv >= 0, (B,), for v > 0 (B, k).
+    """eta times the largest step in [0, 1] that keeps v + a dv >= 0 for v > 0 (B, k).
 
     1 / max(1, max_i -dv_i / v_i): one division and one reduction for the whole batch.
-    ``neg_eta``: -eta, (B,) (``None``: eta = 1).  NaN where dv has one.
+    ``neg_eta``: -eta, (B,), and the step is (B,); ``None``: eta = 1, and the step is (B, 1)
+    (the column that scales a direction).  NaN where dv has one.
     """
-    r = (dv / v).amin(-1).clamp(max=-1.0)
+    r = (dv / v).amin(-1, keepdim=neg_eta is None).clamp(max=-1.0)
     return r.reciprocal().neg_() if neg_eta is None else neg_eta / r
 
 
@@ -548,9 +549,11 @@ class _DualSpace:
 
     def factor(self, w: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The Cholesky factor of E Q^-1 E' + diag(w, 0) (w (B, m); p zeros) and its info (B,)."""
-        M = self.EQinvEt.clone()
-        diag = M.diagonal(dim1=-2, dim2=-1)
-        (diag[:, : w.shape[-1]] if p else diag).add_(w)
+        if p:
+            M = self.EQinvEt.clone()
+            M.diagonal(dim1=-2, dim2=-1)[:, : w.shape[-1]].add_(w)
+        else:  # the off-diagonal entries plus exact zeros: two dispatches instead of three
+            M = self.EQinvEt + torch.diag_embed(w)
         return torch.linalg.cholesky_ex(M)
 
 
@@ -611,8 +614,10 @@ class _DualNewton:
         """(ds, dz) of the predictor.  ds comes from the primal rows, as in `direction` (from
         s * dz + z * ds = -rc instead, two products fewer, infeasible problems no longer grew
         their iterates into a certificate)."""
-        _, ds, dz, _ = self.direction(rc)
-        return ds, dz
+        dl = self._dl(rc)
+        dx = torch.baddbmm(self.u0, self.space.QinvEt, dl, alpha=-1.0)
+        ds = torch.baddbmm(self.rp_in, self.prob.G, dx).neg_().squeeze(-1)
+        return ds, (dl if self.pad is None else dl[:, : self.prob.m]).squeeze(-1)
 
     def direction(
         self, rc: torch.Tensor, refine: bool = False
@@ -776,8 +781,8 @@ def _ipm(
     c_solved, c_stalled, c_running, c_nonfinite = (
         full(c, torch.long) for c in (_SOLVED, _STALLED, _RUNNING, _NONFINITE)
     )
-    t_tol, t_tol_gap, t_near, t_inf, t_zero, t_one, t_inv_m = (
-        full(c) for c in (tol, tol_gap, 1e4 * tol, math.inf, 0.0, 1.0, 1.0 / max(m, 1))
+    t_tol, t_tol_gap, t_near, t_inf, t_zero, t_one = (
+        full(c) for c in (tol, tol_gap, 1e4 * tol, math.inf, 0.0, 1.0)
     )
     codes = full(_RUNNING, torch.long)
     n_iter = full(0, torch.long)
@@ -788,6 +793,9 @@ def _ipm(
     kept: tuple[torch.Tensor, ...] = (x, s, z, y)
     kept_res: tuple[torch.Tensor, ...] = (x.new_zeros(B),) * 3
     any_saved = False
+    # [s; z] in one tensor (s and z are its halves), for the step length and one masked update;
+    # None where s or z was replaced (formed again at the step).
+    v: torch.Tensor | None = None
     # Once at most half the batch still runs, the running problems continue as a smaller batch
     # (the others' answers are written out): the last iterations, where a few slow problems
     # remain, then cost what those few cost.  `idx`: the running batch's rows in the whole one.
@@ -797,8 +805,9 @@ def _ipm(
     nb = B
     while True:
         # Residuals and per-problem stopping at the current point.
-        Qx = _mv(Q, x)
-        Ex = _mv(E, x)
+        xc = x.unsqueeze(-1)
+        Qx = torch.bmm(Q, xc).squeeze(-1)
+        Ex = torch.bmm(E, xc).squeeze(-1)
         dual_part = _mtv(E, torch.cat([z, y], -1) if p else z)  # G'z + A'y
         rp = Ex - e_B
         if p:
@@ -813,8 +822,9 @@ def _ipm(
         pobj_scale = torch.add(q_B, Qx, alpha=0.5).mul_(x).sum(-1).abs_().add_(t_one)
         # Relative to the size of the terms that make up each residual (OSQP's test): rounding
         # leaves a residual of about eps times those, whatever the data's scale.
-        rel_p = torch.maximum(_inf_norm(Ex), _inf_norm(s))
-        rel_d = torch.maximum(_inf_norm(Qx), _inf_norm(dual_part))
+        # (each one reduction over the terms side by side)
+        rel_p = _inf_norm(torch.cat([Ex, s], -1))
+        rel_d = torch.linalg.vector_norm(torch.stack([Qx, dual_part], -2), math.inf, dim=(-2, -1))
         worst = torch.maximum(res_p / (scale_p + rel_p), res_d / (scale_d + rel_d))
         gap_rel = gap / pobj_scale
         ok_res = worst <= t_tol
@@ -828,11 +838,12 @@ def _ipm(
             # z/s, lands in the dual residual).  An iterate good to tol (gap below tol, not yet
             # tol/1000) is kept, and a problem whose next steps break down or undo it returns to it
             # (below, after the host read says that one does).
-            revert = running & saved & ~ok & (~ok_res | ~finite | stalled)
+            # (on bools a > b is a & ~b and a <= b is ~a | b: one op each)
+            revert = ((running & saved) > ok) & ((ok_res & finite) <= stalled)
             ok = ok | revert
             finite = finite | revert
-            stalled = stalled & ~revert
-            good = good & ~revert
+            stalled = stalled > revert
+            good = good > revert
         new = torch.where(
             finite, torch.where(ok, c_solved, torch.where(stalled, c_stalled, c_running)), c_nonfinite
         )
@@ -851,6 +862,7 @@ def _ipm(
         flags = torch.stack(masks).sum(-1).tolist() if m else [0, 0]
         if revert is not None and flags[2]:
             x, s, z, y = (torch.where(revert.unsqueeze(-1), a, c) for a, c in zip(kept, (x, s, z, y)))
+            v = None
             res_p, res_d, gap = (torch.where(revert, a, c) for a, c in zip(kept_res, (res_p, res_d, gap)))
         if flags[1]:
             keep = keep & running
@@ -871,6 +883,7 @@ def _ipm(
             x, s, z, y, codes, n_iter, running, saved, stalled = (
                 t[sel] for t in (x, s, z, y, codes, n_iter, running, saved, stalled)
             )
+            v = None
             # what the step below uses of this iteration's residuals
             rd, rp, sz, gap, worst = (t[sel] for t in (rd, rp, sz, gap, worst))
             kept = tuple(t[sel] for t in kept)
@@ -887,8 +900,8 @@ def _ipm(
             c_solved, c_stalled, c_running, c_nonfinite = (
                 t[sel] for t in (c_solved, c_stalled, c_running, c_nonfinite)
             )
-            t_tol, t_tol_gap, t_near, t_inf, t_zero, t_one, t_inv_m = (
-                t[sel] for t in (t_tol, t_tol_gap, t_near, t_inf, t_zero, t_one, t_inv_m)
+            t_tol, t_tol_gap, t_near, t_inf, t_zero, t_one = (
+                t[sel] for t in (t_tol, t_tol_gap, t_near, t_inf, t_zero, t_one)
             )
         it += 1
         n_iter.add_(running)
@@ -904,17 +917,18 @@ def _ipm(
                 prob, kkt, rho, s, z, d, -rd - _mtv(G, d * rp_in), rp_in, -rp[:, m:] if p else None
             )
         # Predictor (affine scaling): the Newton step towards s * z = 0.
-        v = torch.cat([s, z], -1)
+        if v is None:
+            v = torch.cat([s, z], -1)
         ds_a, dz_a = step.affine(sz)
-        a_aff = _max_step(v, torch.cat([ds_a, dz_a], -1)).unsqueeze(-1)
-        # sigma = (mu_aff / mu)^3, mu = s'z / m
-        gap_aff = (torch.addcmul(s, a_aff, ds_a) * torch.addcmul(z, a_aff, dz_a)).sum(-1)
-        ratio = (gap_aff / gap).clamp(0.0, 1.0)
-        sigma = ratio * ratio * ratio
+        a_aff = _max_step(v, torch.cat([ds_a, dz_a], -1))  # (B, 1)
+        # sigma = (mu_aff / mu)^3, mu = s'z / m; (B, 1) columns
+        gap_c = gap.unsqueeze(-1)
+        gap_aff = (torch.addcmul(s, a_aff, ds_a) * torch.addcmul(z, a_aff, dz_a)).sum(-1, keepdim=True)
+        sigma_c = (gap_aff / gap_c).clamp(0.0, 1.0).pow(3)
         # Corrector: aim at sigma * mu on the central path, with Mehrotra's second-order term;
         # the same factorization.
         # (refined from the fourth iteration on, when z/s starts to span many orders of magnitude)
-        rc = torch.addcmul(sz, ds_a, dz_a).sub_((sigma * gap).mul_(t_inv_m).unsqueeze(-1))
+        rc = torch.addcmul(sz, ds_a, dz_a).addcmul_(sigma_c, gap_c, value=-1.0 / m)
         dx, ds, dz, dy = step.direction(rc, refine=it > 3)
         # The fraction eta of the way to the boundary: 0.99 (CVXOPT's) far from the solution,
         # 1 - sigma (clipped to [1 - 1e-2, 1 - 1e-6]) once the residuals are within 1e4 tol: where
@@ -922,16 +936,18 @@ def _ipm(
         # 1/sigma per iteration instead of 100, which saves one or two iterations (an adaptive
         # step as in Mehrotra's and OOQP's implementations; used from the start, long steps
         # drove infeasible problems to a singular Newton system before their certificate).
-        neg_eta = torch.where(worst <= t_near, sigma, t_one).clamp(1e-6, 1e-2).sub_(t_one)
-        alpha = _max_step(v, torch.cat([ds, dz], -1), neg_eta)
+        neg_eta = torch.where(worst <= t_near, sigma_c.squeeze(-1), t_one).clamp(1e-6, 1e-2).sub_(t_one)
+        dv = torch.cat([ds, dz], -1)
+        alpha = _max_step(v, dv, neg_eta)
         # Stopped problems keep their iterate (a masked step: the batch keeps its shapes).
         # (torch.where, not a zero step: a failed factorization's NaN times 0 is NaN.)
         moved = step.ok & (alpha > t_zero)  # false for NaN too
-        move = (running & moved).unsqueeze(-1)
+        # (a batch of one runs here: its problem is running)
+        move = (moved if nb == 1 else running & moved).unsqueeze(-1)
         alpha = alpha.unsqueeze(-1)
         x = torch.where(move, torch.addcmul(x, alpha, dx), x)
-        s = torch.where(move, torch.addcmul(s, alpha, ds), s)
-        z = torch.where(move, torch.addcmul(z, alpha, dz), z)
+        v = torch.where(move, torch.addcmul(v, alpha, dv), v)
+        s, z = v.split(m, -1)
         if dy is not None:
             y = torch.where(move, torch.addcmul(y, alpha, dy), y)
         # A problem whose factorization failed (or whose step is not finite) cannot move: it is
