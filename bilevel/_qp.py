@@ -455,6 +455,11 @@ def _mtv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.bmm(v.unsqueeze(-2), M).squeeze(-2)
 
 
+def _col_inf_norm(v: torch.Tensor) -> torch.Tensor:
+    """max_i |v_i| of columns v (B, k, c) -> (B,) (0 for k = 0), one op."""
+    return torch.linalg.vector_norm(v, math.inf, dim=(-2, -1)) if v.shape[-2] else v.new_zeros(v.shape[:-2])
+
+
 def _inf_norm(v: torch.Tensor) -> torch.Tensor:
     """max_i |v_i| over the last dimension (0 for an empty one), one op."""
     return torch.linalg.vector_norm(v, math.inf, dim=-1) if v.shape[-1] else v.new_zeros(v.shape[:-1])
@@ -477,7 +482,15 @@ class _Newton:
     def direction(
         self, rc: torch.Tensor, refine: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(dx, ds, dz, dy) of the Newton system with s * dz + z * ds = -rc (rc (B, m))."""
+        """(dx, ds, dz, dy) of the Newton system with s * dz + z * ds = -rc, as columns (B, k, 1)
+        like rc (B, m, 1)."""
+        dx, ds, dz, dy = self._direction(rc.squeeze(-1), refine)
+        return dx.unsqueeze(-1), ds.unsqueeze(-1), dz.unsqueeze(-1), None if dy is None else dy.unsqueeze(-1)
+
+    def _direction(
+        self, rc: torch.Tensor, refine: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`direction` on vectors (B, k)."""
         prob = self.prob
         G, A = prob.G, prob.A
         r1 = self.r1 + _mtv(G, rc / self.s)
@@ -504,9 +517,10 @@ class _Newton:
         return dx, ds, dz, dy
 
     def affine(self, rc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ds, dz) of the predictor (the step length and Mehrotra's second-order term need no more)."""
-        _, ds, dz, _ = self.direction(rc)
-        return ds, dz
+        """(ds, dz) of the predictor (the step length and Mehrotra's second-order term need no
+        more), columns (B, m, 1) like rc."""
+        _, ds, dz, _ = self._direction(rc.squeeze(-1), False)
+        return ds.unsqueeze(-1), dz.unsqueeze(-1)
 
     @property
     def ok(self) -> torch.Tensor:
@@ -515,13 +529,13 @@ class _Newton:
 
 
 def _max_step(v: torch.Tensor, dv: torch.Tensor, neg_eta: torch.Tensor | None = None) -> torch.Tensor:
-    """eta times the largest step in [0, 1] that keeps v + a dv >= 0 for v > 0 (B, k).
+    """eta times the largest step in [0, 1] that keeps v + a dv >= 0 for v > 0 (B, k, 1).
 
     1 / max(1, max_i -dv_i / v_i): one division and one reduction for the whole batch.
-    ``neg_eta``: -eta, (B,), and the step is (B,); ``None``: eta = 1, and the step is (B, 1)
-    (the column that scales a direction).  NaN where dv has one.
+    ``neg_eta``: -eta, (B,), and the step is (B,); ``None``: eta = 1, and the step is (B, 1, 1)
+    (what scales a direction).  NaN where dv has one.
     """
-    r = (dv / v).amin(-1, keepdim=neg_eta is None).clamp(max=-1.0)
+    r = (dv / v).amin((-2, -1), keepdim=neg_eta is None).clamp(max=-1.0)
     return r.reciprocal().neg_() if neg_eta is None else neg_eta / r
 
 
@@ -588,24 +602,24 @@ class _DualNewton:
         rd: torch.Tensor,
         rp: torch.Tensor,
     ) -> None:
-        """rd: the dual residual (B, n); rp: the primal residuals (Gx + s - h, Ax - b), (B, m + p)."""
+        """Columns: s, z (B, m, 1); rd the dual residual (B, n, 1); rp the primal residuals
+        (Gx + s - h, Ax - b), (B, m + p, 1)."""
         self.prob, self.space, self.s, self.z = prob, ds_, s, z
         m, p = prob.m, prob.p
-        LS, info = ds_.factor(s / z, p)
+        LS, info = ds_.factor((s / z).squeeze(-1), p)
         self.LS, self.LSt = LS, LS.mT
         self.ok = info == 0
-        self.u0 = torch.bmm(ds_.Qinv, rd.unsqueeze(-1)).neg_()  # Q^-1 (-r_d), (B, n, 1)
+        self.u0 = torch.bmm(ds_.Qinv, rd).neg_()  # Q^-1 (-r_d), (B, n, 1)
         # the right-hand side without its rc part: E Q^-1 (-r_d) + (r_ineq, r_eq), (B, m + p, 1)
-        rp_col = rp.unsqueeze(-1)
-        self.base = torch.baddbmm(rp_col, ds_.E, self.u0)
-        self.rp_in = rp_col[:, :m] if p else rp_col
-        self.pad = s.new_zeros(s.shape[0], p) if p else None
+        self.base = torch.baddbmm(rp, ds_.E, self.u0)
+        self.rp_in = rp[:, :m] if p else rp
+        self.pad = s.new_zeros(s.shape[0], p, 1) if p else None
 
     def _dl(self, rc: torch.Tensor) -> torch.Tensor:
-        rcz = rc / self.z
         if self.pad is not None:
-            rcz = torch.cat([rcz, self.pad], -1)
-        r = self.base - rcz.unsqueeze(-1)
+            r = self.base - torch.cat([rc / self.z, self.pad], -2)
+        else:
+            r = torch.addcdiv(self.base, rc, self.z, value=-1.0)
         return torch.linalg.solve_triangular(
             self.LSt, torch.linalg.solve_triangular(self.LS, r, upper=False), upper=True
         )
@@ -616,22 +630,22 @@ class _DualNewton:
         their iterates into a certificate)."""
         dl = self._dl(rc)
         dx = torch.baddbmm(self.u0, self.space.QinvEt, dl, alpha=-1.0)
-        ds = torch.baddbmm(self.rp_in, self.prob.G, dx).neg_().squeeze(-1)
-        return ds, (dl if self.pad is None else dl[:, : self.prob.m]).squeeze(-1)
+        ds = torch.baddbmm(self.rp_in, self.prob.G, dx).neg_()
+        return ds, dl if self.pad is None else dl[:, : self.prob.m]
 
     def direction(
         self, rc: torch.Tensor, refine: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(dx, ds, dz, dy) of the Newton system with s * dz + z * ds = -rc (rc (B, m))."""
+        """(dx, ds, dz, dy) of the Newton system with s * dz + z * ds = -rc, as columns (B, k, 1)
+        like rc (B, m, 1)."""
         m = self.prob.m
         dl = self._dl(rc)
         dx = torch.baddbmm(self.u0, self.space.QinvEt, dl, alpha=-1.0)
         # ds from the primal rows (G dx + ds = -r_ineq), which the step then keeps satisfied
-        ds = torch.baddbmm(self.rp_in, self.prob.G, dx).neg_().squeeze(-1)
-        dl = dl.squeeze(-1)
+        ds = torch.baddbmm(self.rp_in, self.prob.G, dx).neg_()
         if self.pad is None:
-            return dx.squeeze(-1), ds, dl, None
-        return dx.squeeze(-1), ds, dl[:, :m], dl[:, m:]
+            return dx, ds, dl, None
+        return dx, ds, dl[:, :m], dl[:, m:]
 
 
 def _certificates(
@@ -765,6 +779,14 @@ def _ipm(
     # E = [G; A] and e = (h, b): the primal rows in one product per iteration.
     E = space.E if space is not None else (torch.cat([G, A], -2) if p else G)
     e_B = torch.cat([h_B, b_B], -1) if p else h_B
+    # The loop keeps its vectors as columns (B, k, 1), the shape of the batched products, so
+    # that an iteration needs no conversions: x, [s; z] in one tensor (s and z its halves, for
+    # the step length and one masked update), y; E' and the right-hand sides q, e likewise.
+    Et, q_c, e_c = E.mT, q_B.unsqueeze(-1), e_B.unsqueeze(-1)
+    xc, yc = x.unsqueeze(-1), y.unsqueeze(-1)
+    v0 = torch.cat([s, z], -1).unsqueeze(-1)
+    sc, zc = v0.split(m, -2) if m else (s.unsqueeze(-1), z.unsqueeze(-1))
+    vc: torch.Tensor | None = v0
     # The gap is held 1000x tighter than the residuals: x and the multipliers are off by about
     # mu / (the smaller of s_i, z_i), and the gradient by that times the conditioning of the
     # active set (measured: gradient error ~ 1e3 x gap), while the gap, unlike the dual residual,
@@ -790,12 +812,9 @@ def _ipm(
     running = torch.ones(B, dtype=torch.bool, device=dev)
     saved = torch.zeros(B, dtype=torch.bool, device=dev)
     stalled = torch.zeros(B, dtype=torch.bool, device=dev)
-    kept: tuple[torch.Tensor, ...] = (x, s, z, y)
+    kept: tuple[torch.Tensor, ...] = (xc, sc, zc, yc)
     kept_res: tuple[torch.Tensor, ...] = (x.new_zeros(B),) * 3
     any_saved = False
-    # [s; z] in one tensor (s and z are its halves), for the step length and one masked update;
-    # None where s or z was replaced (formed again at the step).
-    v: torch.Tensor | None = None
     # Once at most half the batch still runs, the running problems continue as a smaller batch
     # (the others' answers are written out): the last iterations, where a few slow problems
     # remain, then cost what those few cost.  `idx`: the running batch's rows in the whole one.
@@ -805,26 +824,25 @@ def _ipm(
     nb = B
     while True:
         # Residuals and per-problem stopping at the current point.
-        xc = x.unsqueeze(-1)
-        Qx = torch.bmm(Q, xc).squeeze(-1)
-        Ex = torch.bmm(E, xc).squeeze(-1)
-        dual_part = _mtv(E, torch.cat([z, y], -1) if p else z)  # G'z + A'y
-        rp = Ex - e_B
+        Qx = torch.bmm(Q, xc)
+        Ex = torch.bmm(E, xc)
+        dual_part = torch.bmm(Et, torch.cat([zc, yc], -2) if p else zc)  # G'z + A'y
+        rp = Ex - e_c
         if p:
-            rp[:, :m].add_(s)
+            rp[:, :m].add_(sc)
         else:
-            rp.add_(s)
-        res_p = _inf_norm(rp)
-        rd = torch.add(Qx, q_B).add_(dual_part)
-        res_d = _inf_norm(rd)
-        sz = s * z
-        gap = sz.sum(-1)
-        pobj_scale = torch.add(q_B, Qx, alpha=0.5).mul_(x).sum(-1).abs_().add_(t_one)
+            rp.add_(sc)
+        res_p = _col_inf_norm(rp)
+        rd = torch.add(Qx, q_c).add_(dual_part)
+        res_d = _col_inf_norm(rd)
+        sz = sc * zc
+        gap = sz.sum((-2, -1))
+        pobj_scale = torch.add(q_c, Qx, alpha=0.5).mul_(xc).sum((-2, -1)).abs_().add_(t_one)
         # Relative to the size of the terms that make up each residual (OSQP's test): rounding
         # leaves a residual of about eps times those, whatever the data's scale.
         # (each one reduction over the terms side by side)
-        rel_p = _inf_norm(torch.cat([Ex, s], -1))
-        rel_d = torch.linalg.vector_norm(torch.stack([Qx, dual_part], -2), math.inf, dim=(-2, -1))
+        rel_p = _col_inf_norm(torch.cat([Ex, sc], -2))
+        rel_d = _col_inf_norm(torch.cat([Qx, dual_part], -1))
         worst = torch.maximum(res_p / (scale_p + rel_p), res_d / (scale_d + rel_d))
         gap_rel = gap / pobj_scale
         ok_res = worst <= t_tol
@@ -851,7 +869,8 @@ def _ipm(
             # Infeasibility certificates every third iteration from the fifth: they are for
             # problems that do not converge, whose iterates need a few iterations to grow to
             # a certificate (and once more at the end, for those that stalled).
-            cert = _certificates(prob, x, z, y, Qx, Ex[:, :m], dual_part, scale_p, scale_d)
+            x, z, y, Qx_, Gx, dual_ = (t.squeeze(-1) for t in (xc, zc, yc, Qx, Ex[:, :m], dual_part))
+            cert = _certificates(prob, x, z, y, Qx_, Gx, dual_, scale_p, scale_d)
             new = torch.where(new == c_running, cert, new)
         keep = running & (good > ok)  # good and not ok, one op on bools
         codes = torch.where(running, new, codes)
@@ -861,29 +880,31 @@ def _ipm(
         masks = [running, keep] + ([revert] if revert is not None else [])
         flags = torch.stack(masks).sum(-1).tolist() if m else [0, 0]
         if revert is not None and flags[2]:
-            x, s, z, y = (torch.where(revert.unsqueeze(-1), a, c) for a, c in zip(kept, (x, s, z, y)))
-            v = None
+            back = revert.view(-1, 1, 1)
+            xc, sc, zc, yc = (torch.where(back, a, c) for a, c in zip(kept, (xc, sc, zc, yc)))
+            vc = None
             res_p, res_d, gap = (torch.where(revert, a, c) for a, c in zip(kept_res, (res_p, res_d, gap)))
         if flags[1]:
             keep = keep & running
-            kept = tuple(torch.where(keep.unsqueeze(-1), a, c) for a, c in zip((x, s, z, y), kept))
+            keep_c = keep.view(-1, 1, 1)
+            kept = tuple(torch.where(keep_c, a, c) for a, c in zip((xc, sc, zc, yc), kept))
             kept_res = tuple(torch.where(keep, a, c) for a, c in zip((res_p, res_d, gap), kept_res))
             saved = saved | keep
             any_saved = True
         if it >= max_iter or not flags[0] or not m:
             break
         if nb >= 4 and 2 * flags[0] <= nb:
-            state = (x, s, z, y, codes, n_iter, res_p, res_d, gap)
+            state = (xc, sc, zc, yc, codes, n_iter, res_p, res_d, gap)
             if outs is None:
                 outs = [t.clone() for t in state]
             for o, t in zip(outs, state):
                 o[idx] = t
             sel = running.nonzero().squeeze(-1)
             idx, nb = idx[sel], int(flags[0])
-            x, s, z, y, codes, n_iter, running, saved, stalled = (
-                t[sel] for t in (x, s, z, y, codes, n_iter, running, saved, stalled)
+            xc, sc, zc, yc, codes, n_iter, running, saved, stalled = (
+                t[sel] for t in (xc, sc, zc, yc, codes, n_iter, running, saved, stalled)
             )
-            v = None
+            vc = None
             # what the step below uses of this iteration's residuals
             rd, rp, sz, gap, worst = (t[sel] for t in (rd, rp, sz, gap, worst))
             kept = tuple(t[sel] for t in kept)
@@ -893,6 +914,7 @@ def _ipm(
             )
             Q, G, A, q_B, h_B, b_B = prob.Q, prob.G, prob.A, prob.q, prob.h, prob.b
             E, e_B, scale_p, scale_d = E[sel], e_B[sel], scale_p[sel], scale_d[sel]
+            Et, q_c, e_c = E.mT, q_B.unsqueeze(-1), e_B.unsqueeze(-1)
             if space is not None:
                 space = _DualSpace(space.Qinv[sel], space.QinvEt[sel], space.EQinvEt[sel], E)
             if rho is not None and rhoAtA is not None:
@@ -908,22 +930,24 @@ def _ipm(
 
         step: _Newton | _DualNewton
         if space is not None:
-            step = _DualNewton(prob, space, s, z, rd, rp)
+            step = _DualNewton(prob, space, sc, zc, rd, rp)
         else:
-            rp_in = rp[:, :m]
+            s, z, rd_, rp_ = (t.squeeze(-1) for t in (sc, zc, rd, rp))
+            rp_in = rp_[:, :m]
             d = z / s
             kkt = _KKT(prob, d, rhoAtA)
             step = _Newton(
-                prob, kkt, rho, s, z, d, -rd - _mtv(G, d * rp_in), rp_in, -rp[:, m:] if p else None
+                prob, kkt, rho, s, z, d, -rd_ - _mtv(G, d * rp_in), rp_in, -rp_[:, m:] if p else None
             )
         # Predictor (affine scaling): the Newton step towards s * z = 0.
-        if v is None:
-            v = torch.cat([s, z], -1)
+        if vc is None:
+            vc = torch.cat([sc, zc], -2)
         ds_a, dz_a = step.affine(sz)
-        a_aff = _max_step(v, torch.cat([ds_a, dz_a], -1))  # (B, 1)
-        # sigma = (mu_aff / mu)^3, mu = s'z / m; (B, 1) columns
-        gap_c = gap.unsqueeze(-1)
-        gap_aff = (torch.addcmul(s, a_aff, ds_a) * torch.addcmul(z, a_aff, dz_a)).sum(-1, keepdim=True)
+        a_aff = _max_step(vc, torch.cat([ds_a, dz_a], -2))  # (B, 1, 1)
+        # sigma = (mu_aff / mu)^3, mu = s'z / m; (B, 1, 1)
+        gap_c = gap.view(-1, 1, 1)
+        gap_aff = torch.addcmul(sc, a_aff, ds_a).mul_(torch.addcmul(zc, a_aff, dz_a))
+        gap_aff = gap_aff.sum((-2, -1), keepdim=True)
         sigma_c = (gap_aff / gap_c).clamp(0.0, 1.0).pow(3)
         # Corrector: aim at sigma * mu on the central path, with Mehrotra's second-order term;
         # the same factorization.
@@ -936,35 +960,37 @@ def _ipm(
         # 1/sigma per iteration instead of 100, which saves one or two iterations (an adaptive
         # step as in Mehrotra's and OOQP's implementations; used from the start, long steps
         # drove infeasible problems to a singular Newton system before their certificate).
-        neg_eta = torch.where(worst <= t_near, sigma_c.squeeze(-1), t_one).clamp(1e-6, 1e-2).sub_(t_one)
-        dv = torch.cat([ds, dz], -1)
-        alpha = _max_step(v, dv, neg_eta)
+        neg_eta = torch.where(worst <= t_near, sigma_c.view(-1), t_one).clamp(1e-6, 1e-2).sub_(t_one)
+        dv = torch.cat([ds, dz], -2)
+        alpha = _max_step(vc, dv, neg_eta)
         # Stopped problems keep their iterate (a masked step: the batch keeps its shapes).
         # (torch.where, not a zero step: a failed factorization's NaN times 0 is NaN.)
         moved = step.ok & (alpha > t_zero)  # false for NaN too
         # (a batch of one runs here: its problem is running)
-        move = (moved if nb == 1 else running & moved).unsqueeze(-1)
-        alpha = alpha.unsqueeze(-1)
-        x = torch.where(move, torch.addcmul(x, alpha, dx), x)
-        v = torch.where(move, torch.addcmul(v, alpha, dv), v)
-        s, z = v.split(m, -1)
+        move = (moved if nb == 1 else running & moved).view(-1, 1, 1)
+        alpha = alpha.view(-1, 1, 1)
+        xc = torch.where(move, torch.addcmul(xc, alpha, dx), xc)
+        vc = torch.where(move, torch.addcmul(vc, alpha, dv), vc)
+        sc, zc = vc.split(m, -2)
         if dy is not None:
-            y = torch.where(move, torch.addcmul(y, alpha, dy), y)
+            yc = torch.where(move, torch.addcmul(yc, alpha, dy), yc)
         # A problem whose factorization failed (or whose step is not finite) cannot move: it is
         # reported (or returns to its kept iterate) at the next check, not silently frozen.
         stalled = stalled | (running > moved)
 
     codes = torch.where(codes == _RUNNING, _MAX_ITER, codes)
     unsolved = (codes == _MAX_ITER) | (codes == _STALLED)
+    x, s, z, y = (t.squeeze(-1) for t in (xc, sc, zc, yc))
     if m and bool(unsolved.any()):
         Gz = _mtv(G, z)
         dual_part = Gz + _mtv(A, y) if p else Gz
         cert = _certificates(prob, x, z, y, _mv(Q, x), _mv(G, x), dual_part, scale_p, scale_d)
         codes = torch.where(unsolved & (cert != _RUNNING), cert, codes)
     if outs is not None:
-        for o, t in zip(outs, (x, s, z, y, codes, n_iter, res_p, res_d, gap)):
+        for o, t in zip(outs, (xc, sc, zc, yc, codes, n_iter, res_p, res_d, gap)):
             o[idx] = t
-        x, s, z, y, codes, n_iter, res_p, res_d, gap = outs
+        xc, sc, zc, yc, codes, n_iter, res_p, res_d, gap = outs
+        x, s, z, y = (t.squeeze(-1) for t in (xc, sc, zc, yc))
     return _Solution(x, s, z, y, QPInfo(codes, n_iter, res_p, res_d, gap, it), space_all)
 
 
