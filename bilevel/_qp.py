@@ -333,8 +333,11 @@ def _check_values(who: str, prob: _Problem, q_info: torch.Tensor) -> None:
     inputs = (prob.Q, prob.q, prob.G, prob.h, prob.A, prob.b)
     # One reduction per input, summed: a NaN or infinity anywhere makes its problem's sum
     # non-finite (finite sums that overflow are told apart below, per input).
-    total = sum((t.flatten(1).sum(1) for t in inputs if t.numel()), torch.zeros(1, dtype=prob.Q.dtype))
-    bad = ~torch.isfinite(total)
+    sums = [t.sum((1, 2) if t.ndim == 3 else 1) for t in inputs if t.numel()]
+    total = sums[0] if sums else prob.Q.new_zeros(1)
+    for t in sums[1:]:
+        total = total + t
+    bad = (total - total) != 0  # t - t is 0 for finite t, NaN otherwise: isfinite in two ops
     eps = torch.finfo(prob.Q.dtype).eps
     rank_bad: torch.Tensor | None = None
     if prob.p:
@@ -346,7 +349,8 @@ def _check_values(who: str, prob: _Problem, q_info: torch.Tensor) -> None:
     flags = torch.stack(
         [bad.expand(B), (q_info != 0).expand(B)] + ([rank_bad.expand(B)] if rank_bad is not None else [])
     ).cpu()
-    if flags[1].any():
+    any_flag = flags.any(-1).tolist()  # one host read for the three tests
+    if any_flag[1]:
         # Q is PSD up to rounding iff Q + delta I is positive definite for a shift delta far
         # above rounding but far below the scale of Q's entries.
         scale = prob.Q.abs().amax(dim=(-2, -1), keepdim=True)
@@ -354,8 +358,9 @@ def _check_values(who: str, prob: _Problem, q_info: torch.Tensor) -> None:
         eye = torch.eye(prob.n, dtype=prob.Q.dtype, device=prob.Q.device)
         _, shifted_info = torch.linalg.cholesky_ex(torch.nan_to_num(prob.Q) + delta * eye)
         flags[1] = (shifted_info != 0).expand(B).cpu()
+        any_flag[1] = bool(flags[1].any())
     which: list[str] = []
-    if flags[0].any():
+    if any_flag[0]:
         i = int(flags[0].nonzero()[0])
         for nm, t in zip(names, inputs):
             if t.numel() and not bool(torch.isfinite(t[min(i, t.shape[0] - 1)]).all()):
@@ -364,7 +369,7 @@ def _check_values(who: str, prob: _Problem, q_info: torch.Tensor) -> None:
         raise NonFiniteError(
             f"{who}: {_where(batched, i)} has NaN or infinite entries in {', '.join(which)}",
         )
-    if flags[1].any():
+    if any_flag[1]:
         idx = tuple(int(i) for i in flags[1].nonzero().flatten())
         raise QPNonConvexError(
             f"{who}: Q of {_where(batched, idx[0])} is not positive semidefinite (Cholesky of Q + "
@@ -372,7 +377,7 @@ def _check_values(who: str, prob: _Problem, q_info: torch.Tensor) -> None:
             "L L' + eps I",
             problems=idx,
         )
-    if rank_bad is not None and flags[2].any():
+    if rank_bad is not None and any_flag[2]:
         idx = tuple(int(i) for i in flags[2].nonzero().flatten())
         raise QPError(
             f"{who}: the equality matrix A of {_where(batched, idx[0])} has no full row rank (AA' is "
@@ -658,8 +663,9 @@ def _certificates(
     dual_part: torch.Tensor,
     scale_p: torch.Tensor,
     scale_d: torch.Tensor,
-) -> torch.Tensor:
-    """Per problem: `_PRIMAL_INF`, `_DUAL_INF` where the iterate certifies it, else `_RUNNING`.
+) -> torch.Tensor | None:
+    """Per problem: `_PRIMAL_INF`, `_DUAL_INF` where the iterate certifies it, else `_RUNNING`;
+    ``None`` where no problem's iterate has grown enough for either (none is certified).
 
     The iterates grow without bound on such problems, so the tests are relative to their size:
     z >= 0, y with G'z + A'y = 0 and h'z + b'y < 0 prove Ax = b, Gx <= h infeasible (Farkas);
@@ -671,17 +677,23 @@ def _certificates(
     B = x.shape[0]
     h_B, b_B, q_B = prob.h.expand(B, -1), prob.b.expand(B, -1), prob.q.expand(B, -1)
     zy = torch.maximum(_inf_norm(z), _inf_norm(y)).clamp_min(eps)
+    xn = _inf_norm(x).clamp_min(eps)
+    big = 1e6 * scale_d * scale_p
+    grown_zy, grown_x = zy > big, xn > big
+    # Both certificates need iterates grown past `big`: where none has, one host read spares
+    # the tests (a converging problem's iterates stay near the data's scale).
+    if not bool((grown_zy | grown_x).any()):
+        return None
     p_cert = (
         (_inf_norm(dual_part) <= eps_inf * zy * scale_d)
         & ((h_B * z).sum(-1) + (b_B * y).sum(-1) < -math.sqrt(eps) * zy * scale_p)
-        & (zy > 1e6 * scale_d * scale_p)
+        & grown_zy
     )
-    xn = _inf_norm(x).clamp_min(eps)
     d_cert = (
         (_inf_norm(Qx) <= eps_inf * xn * scale_d)
         & ((Gx.amax(-1) if prob.m else xn.new_zeros(())) <= eps_inf * xn * scale_p)
         & ((q_B * x).sum(-1) < -math.sqrt(eps) * xn)
-        & (xn > 1e6 * scale_p * scale_d)
+        & grown_x
     )
     if prob.p:
         d_cert = d_cert & (_inf_norm(_mv(prob.A, x)) <= eps_inf * xn * scale_p)
@@ -871,14 +883,23 @@ def _ipm(
             # a certificate (and once more at the end, for those that stalled).
             x, z, y, Qx_, Gx, dual_ = (t.squeeze(-1) for t in (xc, zc, yc, Qx, Ex[:, :m], dual_part))
             cert = _certificates(prob, x, z, y, Qx_, Gx, dual_, scale_p, scale_d)
-            new = torch.where(new == c_running, cert, new)
-        keep = running & (good > ok)  # good and not ok, one op on bools
-        codes = torch.where(running, new, codes)
+            if cert is not None:
+                new = torch.where(new == c_running, cert, new)
+        # (a batch of one gets here only while its problem runs: no masks with `running`)
+        if nb == 1:
+            keep = good > ok  # good and not ok, one op on bools
+            codes = new
+        else:
+            keep = running & (good > ok)
+            codes = torch.where(running, new, codes)
         running = codes == c_running
         # The loop's one host read: whether any problem runs, whether one has an iterate to keep,
         # whether one returns to its kept iterate.
         masks = [running, keep] + ([revert] if revert is not None else [])
-        flags = torch.stack(masks).sum(-1).tolist() if m else [0, 0]
+        if not m:
+            flags = [0, 0]
+        else:
+            flags = (torch.cat(masks) if nb == 1 else torch.stack(masks).sum(-1)).tolist()
         if revert is not None and flags[2]:
             back = revert.view(-1, 1, 1)
             xc, sc, zc, yc = (torch.where(back, a, c) for a, c in zip(kept, (xc, sc, zc, yc)))
@@ -926,7 +947,8 @@ def _ipm(
                 t[sel] for t in (t_tol, t_tol_gap, t_near, t_inf, t_zero, t_one)
             )
         it += 1
-        n_iter.add_(running)
+        if B > 1:  # (a single problem's count is `it`, set at the end)
+            n_iter.add_(running)
 
         step: _Newton | _DualNewton
         if space is not None:
@@ -981,11 +1003,14 @@ def _ipm(
     codes = torch.where(codes == _RUNNING, _MAX_ITER, codes)
     unsolved = (codes == _MAX_ITER) | (codes == _STALLED)
     x, s, z, y = (t.squeeze(-1) for t in (xc, sc, zc, yc))
+    if B == 1:
+        n_iter.fill_(it)
     if m and bool(unsolved.any()):
         Gz = _mtv(G, z)
         dual_part = Gz + _mtv(A, y) if p else Gz
         cert = _certificates(prob, x, z, y, _mv(Q, x), _mv(G, x), dual_part, scale_p, scale_d)
-        codes = torch.where(unsolved & (cert != _RUNNING), cert, codes)
+        if cert is not None:
+            codes = torch.where(unsolved & (cert != _RUNNING), cert, codes)
     if outs is not None:
         for o, t in zip(outs, (xc, sc, zc, yc, codes, n_iter, res_p, res_d, gap)):
             o[idx] = t
