@@ -568,11 +568,9 @@ class _DualSpace:
 
     def factor(self, w: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The Cholesky factor of E Q^-1 E' + diag(w, 0) (w (B, m); p zeros) and its info (B,)."""
-        if p:
-            M = self.EQinvEt.clone()
-            M.diagonal(dim1=-2, dim2=-1)[:, : w.shape[-1]].add_(w)
-        else:  # the off-diagonal entries plus exact zeros: two dispatches instead of three
-            M = self.EQinvEt + torch.diag_embed(w)
+        M = self.EQinvEt.clone()
+        diag = M.diagonal(dim1=-2, dim2=-1)
+        (diag[:, : w.shape[-1]] if p else diag).add_(w)
         return torch.linalg.cholesky_ex(M)
 
 
@@ -725,7 +723,7 @@ def _ipm(
     Q, q, G, h, A, b = prob.Q, prob.q, prob.G, prob.h, prob.A, prob.b
     dt, dev = Q.dtype, Q.device
     eps = torch.finfo(dt).eps
-    scale_p = 1.0 + torch.maximum(_inf_norm(h), _inf_norm(b)).expand(B)
+    scale_p = 1.0 + (torch.maximum(_inf_norm(h), _inf_norm(b)) if p else _inf_norm(h)).expand(B)
     scale_d = 1.0 + _inf_norm(q).expand(B)
     q_B = q.expand(B, n)
     h_B = h.expand(B, m)
@@ -816,14 +814,17 @@ def _ipm(
         full(c, torch.long) for c in (_SOLVED, _STALLED, _RUNNING, _NONFINITE)
     )
     t_tol, t_tol_gap, t_near, t_inf, t_zero, t_one = (
-        full(c) for c in (tol, tol_gap, 1e4 * tol, math.inf, 0.0, 1.0)
+        torch.tensor([tol, tol_gap, 1e4 * tol, math.inf, 0.0, 1.0], dtype=dt, device=dev)
+        .unsqueeze(-1)
+        .expand(-1, B)
+        .unbind(0)
     )
-    codes = full(_RUNNING, torch.long)
+    # (tensors that the loop replaces, never changes in place, may start as one)
+    codes = c_running
     n_iter = full(0, torch.long)
     it = 0
     running = torch.ones(B, dtype=torch.bool, device=dev)
-    saved = torch.zeros(B, dtype=torch.bool, device=dev)
-    stalled = torch.zeros(B, dtype=torch.bool, device=dev)
+    saved = stalled = torch.zeros(B, dtype=torch.bool, device=dev)
     kept: tuple[torch.Tensor, ...] = (xc, sc, zc, yc)
     kept_res: tuple[torch.Tensor, ...] = (x.new_zeros(B),) * 3
     any_saved = False
