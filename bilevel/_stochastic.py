@@ -951,7 +951,37 @@ _RUN_DOC = """
 
 
 @dataclasses.dataclass(frozen=True)
-class SOBA:
+class _SingleLoop:
+    """The settings SOBA and SABA share (documented on each), checked at construction."""
+
+    inner_lr: float
+    outer_lr: float
+    batch_size: int = 64
+    outer_batch_size: int | None = None
+    inner_schedule: StepSchedule = Constant()
+    outer_schedule: StepSchedule = Constant()
+    max_norm: float = 1e10
+    check_every: int = 100
+    compile: bool = False
+    chunk: int = 1
+
+    def __post_init__(self) -> None:
+        who = type(self).__name__
+        _validate_common(
+            who,
+            {"inner_lr": self.inner_lr, "outer_lr": self.outer_lr},
+            self.batch_size,
+            self.outer_batch_size,
+            {"inner_schedule": self.inner_schedule, "outer_schedule": self.outer_schedule},
+            self.max_norm,
+        )
+        _check_every(who, self.check_every)
+        _check_flag(who, "compile", self.compile)
+        _check_chunk_setting(who, self.chunk, self.compile)
+
+
+@dataclasses.dataclass(frozen=True)
+class SOBA(_SingleLoop):
     """Stochastic Bilevel Algorithm (Dagréou et al. 2022): one step of z, v and x per iteration.
 
     At iteration t, with an inner batch B (scale s_B, see the module doc) and an outer batch B':
@@ -1002,30 +1032,6 @@ class SOBA:
     Raises:
         ValueError, TypeError: a step size <= 0, a batch size < 1, a schedule that is not callable.
     """
-
-    inner_lr: float
-    outer_lr: float
-    batch_size: int = 64
-    outer_batch_size: int | None = None
-    inner_schedule: StepSchedule = Constant()
-    outer_schedule: StepSchedule = Constant()
-    max_norm: float = 1e10
-    check_every: int = 100
-    compile: bool = False
-    chunk: int = 1
-
-    def __post_init__(self) -> None:
-        _validate_common(
-            "SOBA",
-            {"inner_lr": self.inner_lr, "outer_lr": self.outer_lr},
-            self.batch_size,
-            self.outer_batch_size,
-            {"inner_schedule": self.inner_schedule, "outer_schedule": self.outer_schedule},
-            self.max_norm,
-        )
-        _check_every("SOBA", self.check_every)
-        _check_flag("SOBA", "compile", self.compile)
-        _check_chunk_setting("SOBA", self.chunk, self.compile)
 
     def run(
         self,
@@ -1113,7 +1119,7 @@ class SOBA:
 
 
 @dataclasses.dataclass(frozen=True)
-class SABA:
+class SABA(_SingleLoop):
     """Stochastic Average Bilevel Algorithm (Dagréou et al. 2022): SOBA with SAGA estimates.
 
     Each of the five stochastic terms (grad_z G, (d2G/dz2) v, (d2G/dx dz) v on the inner batch;
@@ -1138,30 +1144,6 @@ class SABA:
     Raises:
         ValueError, TypeError: as `SOBA`.
     """
-
-    inner_lr: float
-    outer_lr: float
-    batch_size: int = 64
-    outer_batch_size: int | None = None
-    inner_schedule: StepSchedule = Constant()
-    outer_schedule: StepSchedule = Constant()
-    max_norm: float = 1e10
-    check_every: int = 100
-    compile: bool = False
-    chunk: int = 1
-
-    def __post_init__(self) -> None:
-        _validate_common(
-            "SABA",
-            {"inner_lr": self.inner_lr, "outer_lr": self.outer_lr},
-            self.batch_size,
-            self.outer_batch_size,
-            {"inner_schedule": self.inner_schedule, "outer_schedule": self.outer_schedule},
-            self.max_norm,
-        )
-        _check_every("SABA", self.check_every)
-        _check_flag("SABA", "compile", self.compile)
-        _check_chunk_setting("SABA", self.chunk, self.compile)
 
     def run(
         self,
