@@ -979,6 +979,65 @@ class _SingleLoop:
         _check_flag(who, "compile", self.compile)
         _check_chunk_setting(who, self.chunk, self.compile)
 
+    def run(
+        self,
+        problem: StochasticBilevel,
+        z0: torch.Tensor,
+        x0: torch.Tensor,
+        *,
+        max_iter: int = 1000,
+        seed: int = 0,
+        callback: Callback | None = None,
+        eval_every: int | None = None,
+        time_limit: float | None = None,
+        metric: Metric | None = None,
+    ) -> StochasticResult:
+        state = _start(
+            type(self).__name__,
+            problem,
+            z0,
+            x0,
+            self.batch_size,
+            self.outer_batch_size,
+            seed,
+            {"z": "inner_lr", "v": "inner_lr", "x": "outer_lr"},
+            self.max_norm,
+        )
+        step, chunked = self._steps(state)
+        return _drive(
+            state,
+            step,
+            max_iter=max_iter,
+            callback=callback,
+            eval_every=eval_every,
+            time_limit=time_limit,
+            metric=metric,
+            check_every=self.check_every,
+            chunk=chunked,
+        )
+
+    def _steps(self, state: _State) -> tuple[Callable[[_State], None], _Chunked]:
+        """The method's one-iteration step on ``state`` (eager or compiled), and its chunked step."""
+        raise NotImplementedError
+
+
+#: A compiled step over K iterations and its K, where the run may take chunks.
+_Chunked = tuple[int, Callable[[_State], None]] | None
+
+
+def _draw(
+    s: _State,
+) -> tuple[int, int, tuple[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The next inner and outer batches and their directions (checked): (j, k, (g, Hv, cross v), (gz, gx))."""
+    ora = s.oracles
+    j = s.inner.next()
+    g, hvp, cross = ora.inner_directions(s.z, s.x, s.v, s.inner.batches[j])
+    _note(s, "gradient, HVP or cross term", "inner", g, hvp, cross)
+    k = s.outer.next()
+    gz, gx = ora.outer_grads(s.z, s.x, s.outer.batches[k])
+    _note(s, "gradient", "outer", gz, gx)
+    return j, k, (g, hvp, cross), (gz, gx)
+
 
 @dataclasses.dataclass(frozen=True)
 class SOBA(_SingleLoop):
@@ -1033,41 +1092,13 @@ class SOBA(_SingleLoop):
         ValueError, TypeError: a step size <= 0, a batch size < 1, a schedule that is not callable.
     """
 
-    def run(
-        self,
-        problem: StochasticBilevel,
-        z0: torch.Tensor,
-        x0: torch.Tensor,
-        *,
-        max_iter: int = 1000,
-        seed: int = 0,
-        callback: Callback | None = None,
-        eval_every: int | None = None,
-        time_limit: float | None = None,
-        metric: Metric | None = None,
-    ) -> StochasticResult:
-        state = _start(
-            "SOBA",
-            problem,
-            z0,
-            x0,
-            self.batch_size,
-            self.outer_batch_size,
-            seed,
-            {"z": "inner_lr", "v": "inner_lr", "x": "outer_lr"},
-            self.max_norm,
-        )
+    def _steps(self, state: _State) -> tuple[Callable[[_State], None], _Chunked]:
         ora = state.oracles
         inner_lr, outer_lr = float(self.inner_lr), float(self.outer_lr)
         inner_schedule, outer_schedule = self.inner_schedule, self.outer_schedule
 
         def step(s: _State) -> None:
-            j = s.inner.next()
-            g, hvp, cross = ora.inner_directions(s.z, s.x, s.v, s.inner.batches[j])
-            _note(s, "gradient, HVP or cross term", "inner", g, hvp, cross)
-            k = s.outer.next()
-            gz, gx = ora.outer_grads(s.z, s.x, s.outer.batches[k])
-            _note(s, "gradient", "outer", gz, gx)
+            j, k, (g, hvp, cross), (gz, gx) = _draw(s)
             rho = inner_lr * inner_schedule(s.t)
             gamma = outer_lr * outer_schedule(s.t)
             si, so = s.inner.scales[j], s.outer.scales[k]
@@ -1076,7 +1107,7 @@ class SOBA(_SingleLoop):
                 s.v.add_(hvp, alpha=-rho * si).add_(gz, alpha=-rho * so)
                 s.x.add_(cross, alpha=-gamma * si).add_(gx, alpha=-gamma * so)
 
-        chunked: tuple[int, Callable[[_State], None]] | None = None
+        chunked: _Chunked = None
         if self.compile:
             directions = _func_directions(ora)
 
@@ -1105,17 +1136,7 @@ class SOBA(_SingleLoop):
 
             compiled_step, chunked = _compiled_steps("SOBA", state, body, coef_row, (), self.chunk)
 
-        return _drive(
-            state,
-            compiled_step if self.compile else step,
-            max_iter=max_iter,
-            callback=callback,
-            eval_every=eval_every,
-            time_limit=time_limit,
-            metric=metric,
-            check_every=self.check_every,
-            chunk=chunked,
-        )
+        return (compiled_step if self.compile else step), chunked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1145,30 +1166,7 @@ class SABA(_SingleLoop):
         ValueError, TypeError: as `SOBA`.
     """
 
-    def run(
-        self,
-        problem: StochasticBilevel,
-        z0: torch.Tensor,
-        x0: torch.Tensor,
-        *,
-        max_iter: int = 1000,
-        seed: int = 0,
-        callback: Callback | None = None,
-        eval_every: int | None = None,
-        time_limit: float | None = None,
-        metric: Metric | None = None,
-    ) -> StochasticResult:
-        state = _start(
-            "SABA",
-            problem,
-            z0,
-            x0,
-            self.batch_size,
-            self.outer_batch_size,
-            seed,
-            {"z": "inner_lr", "v": "inner_lr", "x": "outer_lr"},
-            self.max_norm,
-        )
+    def _steps(self, state: _State) -> tuple[Callable[[_State], None], _Chunked]:
         ora = state.oracles
         dz, dx = state.z.numel(), state.x.numel()
         # One table per level, the level's terms side by side in a row: [grad_z G | Hv | cross v]
@@ -1189,7 +1187,7 @@ class SABA(_SingleLoop):
             mem[j] = new
             return direction
 
-        chunked: tuple[int, Callable[[_State], None]] | None = None
+        chunked: _Chunked = None
         if self.compile:
             directions = _func_directions(ora)
 
@@ -1235,12 +1233,7 @@ class SABA(_SingleLoop):
             )
 
         def step(s: _State) -> None:
-            j = s.inner.next()
-            g, hvp, cross = ora.inner_directions(s.z, s.x, s.v, s.inner.batches[j])
-            _note(s, "gradient, HVP or cross term", "inner", g, hvp, cross)
-            k = s.outer.next()
-            gz, gx = ora.outer_grads(s.z, s.x, s.outer.batches[k])
-            _note(s, "gradient", "outer", gz, gx)
+            j, k, (g, hvp, cross), (gz, gx) = _draw(s)
             with torch.no_grad():
                 d_in = saga(
                     mem_in, avg_in, torch.cat((g, hvp, cross)), j, s.inner.weights[j], s.inner.scales[j]
@@ -1252,17 +1245,7 @@ class SABA(_SingleLoop):
                 s.v.add_(d_in[dz : 2 * dz] + d_out[:dz], alpha=-rho)
                 s.x.add_(d_in[2 * dz :] + d_out[dz:], alpha=-gamma)
 
-        return _drive(
-            state,
-            compiled_step if self.compile else step,
-            max_iter=max_iter,
-            callback=callback,
-            eval_every=eval_every,
-            time_limit=time_limit,
-            metric=metric,
-            check_every=self.check_every,
-            chunk=chunked,
-        )
+        return (compiled_step if self.compile else step), chunked
 
 
 @dataclasses.dataclass(frozen=True)
