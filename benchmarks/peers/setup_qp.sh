@@ -13,14 +13,16 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 PY="${PY:-python3}"
 VENV="${VENV:-$ROOT/benchmarks/.venv-qp}"
 TORCH="${TORCH:-torch==2.13.0}"
-INDEX="${INDEX:-https://download.pytorch.org/whl/cpu}"
+# INDEX: an extra package index for torch (e.g. https://download.pytorch.org/whl/cpu) where the
+# pinned CPU build is not on the default one; empty by default.
+INDEX="${INDEX:-}"
 
 "$PY" -m venv "$VENV"
 PIP="$VENV/bin/pip"
 "$PIP" install -q --upgrade pip
-# torch first, from the CPU index (no CUDA wheels); every later install repeats the pin so that
-# no resolver replaces it.
-"$PIP" install -q "$TORCH" --extra-index-url "$INDEX"
+# torch first (the CPU build, no CUDA wheels); every later install repeats the pin so that no
+# resolver replaces it.
+"$PIP" install -q "$TORCH" ${INDEX:+--extra-index-url "$INDEX"}
 "$PIP" install -q cvxpy diffcp cvxpylayers numpy scipy "$TORCH"
 "$PIP" install -q --no-deps qpth
 "$VENV/bin/python" - <<'PY'
