@@ -685,6 +685,72 @@ class _DualNewton:
         return dx, ds, dl[:, :m], dl[:, m:]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Polish:
+    """What the active-set polish (`_polish`) reuses across iterations, constraint space only.
+
+    u = Q^-1 (-q) (B, n, 1) and r = E u - e (B, k, 1) (e = (h, b)), from the starting point;
+    ``piv_min`` (B, k): the smallest Cholesky pivot accepted for each row, sqrt(sqrt(eps) M_ii),
+    below which the guessed active rows count as linearly dependent; ``eye`` (k, k) and
+    ``zero`` (B, k, 1) fill the inactive rows; ``eq`` (B, p, 1) true (equalities are active).
+    """
+
+    u: torch.Tensor
+    r: torch.Tensor
+    piv_min: torch.Tensor
+    eye: torch.Tensor
+    zero: torch.Tensor
+    eq: torch.Tensor | None
+
+    def select(self, sel: torch.Tensor) -> _Polish:
+        """The rows ``sel`` of the batch."""
+        eq = None if self.eq is None else self.eq[sel]
+        return _Polish(self.u[sel], self.r[sel], self.piv_min[sel], self.eye, self.zero[sel], eq)
+
+
+def _polish(
+    space: _DualSpace, pol: _Polish, a: torch.Tensor, e_c: torch.Tensor, tol: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The solution of the equality-constrained QP on a guessed active set.
+
+    With the rows where ``a`` is true taken as active (and the equalities), x = Q^-1 (-q - E_A' l),
+    (E_A Q^-1 E_A') l = E_A Q^-1 (-q) - e_A: one Cholesky factorization of size m + p (the
+    inactive rows and columns replaced by the identity), as OSQP's solution polishing does.
+    Where the guess is right, this is the answer to rounding, reached in fewer iterations than
+    the interior point's last ones (which shrink the duality gap geometrically): the active
+    constraints hold exactly, s = 0 there and z = 0 on the inactive ones.
+
+    Args:
+        space: the constraint-space matrices; pol: `_Polish`; a: the guess, (B, m, 1) bool;
+            e_c: (h, b), (B, k, 1); tol: (B,), the least margin by which the active
+            rows' multipliers and the inactive rows' slacks must be positive.
+
+    Returns:
+        x, s, z, y (columns), Ex (B, k, 1), and per problem (B,) whether the candidate is usable:
+        the factorization succeeded with no pivot below ``pol.piv_min`` (the active rows are
+        linearly independent) and every multiplier and slack exceeds ``tol`` (strict
+        complementarity: a weakly active constraint, s = z = 0, is left to the interior point,
+        whose gradient there is documented in `_adjoint`).  Whether x solves the QP to tol is
+        for the caller's residual test.
+    """
+    m = a.shape[-2]
+    act = torch.cat([a, pol.eq], -2) if pol.eq is not None else a
+    M = torch.where(act & act.mT, space.EQinvEt, pol.eye)
+    L, info = torch.linalg.cholesky_ex(M)
+    lam = _chol_solve(L, torch.where(act, pol.r, pol.zero))
+    x = _bmv(space.QinvEt, space.EQinv, lam, pol.u, -1.0)
+    Ex = _bmv(space.E, space.Et, x)
+    slack = e_c - Ex
+    zero = pol.zero
+    if pol.eq is not None:
+        lam_m, y, slack, zero = lam[:, :m], lam[:, m:], slack[:, :m], zero[:, :m]
+    else:
+        lam_m, y = lam, lam[:, m:]
+    margin = torch.where(a, lam_m, slack).amin((-2, -1))
+    usable = (info == 0) & (L.diagonal(dim1=-2, dim2=-1) >= pol.piv_min).all(-1) & (margin > tol)
+    return x, torch.where(a, zero, slack), torch.where(a, lam_m, zero), y, Ex, usable
+
+
 def _certificates(
     prob: _Problem,
     x: torch.Tensor,
@@ -766,6 +832,7 @@ def _ipm(
     # The constraint-space Newton step (`_DualNewton`) where Q is positive definite and one
     # factorization of size m + p costs less than forming and factorizing Q + G'DG (n x n).
     space: _DualSpace | None = None
+    pol: _Polish | None = None
     if _constraint_space_pays(n, m, p):
         LQ, q_info = chol_Q if chol_Q is not None else torch.linalg.cholesky_ex(prob_in.Q)
         piv = LQ.diagonal(dim1=-2, dim2=-1)
@@ -781,11 +848,21 @@ def _ipm(
             if bool((s_info == 0).all()):
                 u = _bmv(space.Qinv, space.Qinv, q_B.unsqueeze(-1)).neg_()
                 e = torch.cat([h_B, b_B], -1) if p else h_B
-                lam = _chol_solve(LS, (_bmv(space.E, space.Et, u).squeeze(-1) - e).unsqueeze(-1))
+                r0 = _bmv(space.E, space.Et, u).sub_(e.unsqueeze(-1))
+                lam = _chol_solve(LS, r0)
                 x = _bmv(space.QinvEt, space.EQinv, lam, u, -1.0).squeeze(-1)
                 y = lam.squeeze(-1)[:, m:]
+                k = m + p
+                pol = _Polish(
+                    u,
+                    r0,
+                    space.EQinvEt.diagonal(dim1=-2, dim2=-1).mul(math.sqrt(eps)).sqrt_(),
+                    torch.eye(k, dtype=dt, device=dev),
+                    x.new_zeros(B, k, 1),
+                    torch.ones(B, p, 1, dtype=torch.bool, device=dev) if p else None,
+                )
             else:  # A without full row rank (not checked): the reduced form names the problem
-                space = None
+                space = pol = None
 
     rho: torch.Tensor | None = None
     rhoAtA: torch.Tensor | None = None
@@ -849,8 +926,8 @@ def _ipm(
     c_solved, c_stalled, c_running, c_nonfinite = (
         full(c, torch.long) for c in (_SOLVED, _STALLED, _RUNNING, _NONFINITE)
     )
-    t_tol, t_tol_gap, t_near, t_inf, t_zero, t_one = (
-        torch.tensor([tol, tol_gap, 1e4 * tol, math.inf, 0.0, 1.0], dtype=dt, device=dev)
+    t_tol, t_tol_gap, t_near, t_polish, t_inf, t_zero, t_one = (
+        torch.tensor([tol, tol_gap, 1e4 * tol, max(1e-3, 10 * tol), math.inf, 0.0, 1.0], dtype=dt, device=dev)
         .unsqueeze(-1)
         .expand(-1, B)
         .unbind(0)
@@ -871,10 +948,17 @@ def _ipm(
     idx = torch.arange(B, device=dev)
     outs: list[torch.Tensor] | None = None
     nb = B
-    while True:
-        # Residuals and per-problem stopping at the current point.
+    s_prev: torch.Tensor | None = None  # the previous iterate's s and z (the polish's guess)
+    z_prev: torch.Tensor | None = None
+
+    def measure(
+        xc: torch.Tensor, sc: torch.Tensor, zc: torch.Tensor, yc: torch.Tensor, Ex: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """Residuals of an iterate: Qx, Ex, G'z + A'y, rp, rd, their norms, s * z, the gap, and
+        the relative measures the stopping test compares with tol."""
         Qx = _bmv(Q, Q, xc)  # (Q is symmetric)
-        Ex = _bmv(E, Et_c, xc)
+        if Ex is None:
+            Ex = _bmv(E, Et_c, xc)
         dual_part = _bmv(Et, E, torch.cat([zc, yc], -2) if p else zc)  # G'z + A'y
         rp = Ex - e_c
         if p:
@@ -893,7 +977,11 @@ def _ipm(
         rel_p = _col_inf_norm(torch.cat([Ex, sc], -2))
         rel_d = _col_inf_norm(torch.cat([Qx, dual_part], -1))
         worst = torch.maximum(res_p / (scale_p + rel_p), res_d / (scale_d + rel_d))
-        gap_rel = gap / pobj_scale
+        return Qx, Ex, dual_part, rp, rd, res_p, res_d, sz, gap, worst, gap / pobj_scale
+
+    while True:
+        # Residuals and per-problem stopping at the current point.
+        Qx, Ex, dual_part, rp, rd, res_p, res_d, sz, gap, worst, gap_rel = measure(xc, sc, zc, yc)
         ok_res = worst <= t_tol
         good = ok_res & (gap_rel <= t_tol)
         ok = ok_res & (gap_rel <= t_tol_gap)
@@ -933,6 +1021,14 @@ def _ipm(
         # The loop's one host read: whether any problem runs, whether one has an iterate to keep,
         # whether one returns to its kept iterate.
         masks = [running, keep] + ([revert] if revert is not None else [])
+        near: torch.Tensor | None = None
+        if pol is not None:
+            # The polish is tried on the running problems whose relative residuals are below
+            # 1e-3: on random problems (n = 10-200) it then succeeded at the first or second
+            # try, with one to five iterations less than at 1e-5 (1e-1: two tries more for
+            # 0.1-0.6 iterations less).
+            near = (worst <= t_polish) & running
+            masks.append(near)
         if not m:
             flags = [0, 0]
         else:
@@ -949,6 +1045,31 @@ def _ipm(
             kept_res = tuple(torch.where(keep, a, c) for a, c in zip((res_p, res_d, gap), kept_res))
             saved = saved | keep
             any_saved = True
+        if near is not None and pol is not None and space is not None and flags[-1]:
+            # Active-set polish: where the equality-constrained QP on the guessed active set
+            # passes the same stopping test (its gap is 0), it is the answer.
+            # The active set guessed by Tapia's indicator: an active constraint's s falls
+            # faster than its z from one iterate to the next, an inactive one's z faster than its
+            # s (El-Bakry, Tapia & Zhang 1994; more reliable than z > s, which compares slacks
+            # with multipliers: on random problems it guessed right where z > s missed 1-6 rows).
+            if s_prev is not None and z_prev is not None:
+                guess = (sc / s_prev) < (zc / z_prev)
+            else:
+                guess = zc > sc
+            cand = _polish(space, pol, guess, e_c, t_tol)
+            c_res_p, c_res_d, _, c_gap, c_worst, c_gap_rel = measure(*cand[:5])[5:]
+            acc = near & cand[5] & (c_worst <= t_tol) & (c_gap_rel <= t_tol_gap)
+            n_acc = int(acc.sum())
+            if n_acc:
+                acc_c = acc.view(-1, 1, 1)
+                xc, sc, zc, yc = (torch.where(acc_c, a, c) for a, c in zip(cand[:4], (xc, sc, zc, yc)))
+                res_p, res_d, gap = (
+                    torch.where(acc, a, c) for a, c in zip((c_res_p, c_res_d, c_gap), (res_p, res_d, gap))
+                )
+                vc = None
+                codes = torch.where(acc, c_solved, codes)
+                running = running > acc
+                flags[0] -= n_acc
         if it >= max_iter or not flags[0] or not m:
             break
         if nb >= 4 and 2 * flags[0] <= nb:
@@ -975,13 +1096,17 @@ def _ipm(
             Et, Et_c, q_c, e_c = E.mT, Et_c[sel], q_B.unsqueeze(-1), e_B.unsqueeze(-1)
             if space is not None:
                 space = space.select(sel)
+            if pol is not None:
+                pol = pol.select(sel)
+            if s_prev is not None and z_prev is not None:
+                s_prev, z_prev = s_prev[sel], z_prev[sel]
             if rho is not None and rhoAtA is not None:
                 rho, rhoAtA = rho[sel], rhoAtA[sel]
             c_solved, c_stalled, c_running, c_nonfinite = (
                 t[sel] for t in (c_solved, c_stalled, c_running, c_nonfinite)
             )
-            t_tol, t_tol_gap, t_near, t_inf, t_zero, t_one = (
-                t[sel] for t in (t_tol, t_tol_gap, t_near, t_inf, t_zero, t_one)
+            t_tol, t_tol_gap, t_near, t_polish, t_inf, t_zero, t_one = (
+                t[sel] for t in (t_tol, t_tol_gap, t_near, t_polish, t_inf, t_zero, t_one)
             )
         it += 1
         if B > 1:  # (a single problem's count is `it`, set at the end)
@@ -1029,6 +1154,8 @@ def _ipm(
         move = (moved if nb == 1 else running & moved).view(-1, 1, 1)
         alpha = alpha.view(-1, 1, 1)
         xc = torch.where(move, torch.addcmul(xc, alpha, dx), xc)
+        if pol is not None:
+            s_prev, z_prev = sc, zc
         vc = torch.where(move, torch.addcmul(vc, alpha, dv), vc)
         sc, zc = vc.split(m, -2)
         if dy is not None:
