@@ -24,7 +24,11 @@ share the factorization (in the reduced form the corrector's solve gets one step
 refinement once z/s spans many orders of magnitude).  Steps go 0.99 of the way to the boundary,
 and up to 1 - 1e-6 of it once the residuals are within 1e4 tol (an adaptive step: 1 - sigma).
 Problems stop one by one when the relative primal and dual residuals fall below
-``tol`` and the relative duality gap below ``tol / 1000``; a stopped problem's step is masked
+``tol`` and the relative duality gap below ``tol / 1000``, or, in the constraint space, once an
+active-set polish passes that test (OSQP's solution polishing: the equality-constrained QP on the
+active set guessed by Tapia's indicator, tried once the residuals are below 1e-3 and accepted only
+with strict complementarity and linearly independent active rows; see `_polish`: it ends the loop
+two to five iterations early on random problems); a stopped problem's step is masked
 (``torch.where``), and the loop reads its flags from the device once per iteration.
 Infeasibility and unboundedness are recognized by certificates on the iterates (Farkas: z >= 0,
 y with G'z + A'y = 0, h'z + b'y < 0; a ray d with Qd = 0, Ad = 0, Gd <= 0, q'd < 0), checked
