@@ -414,7 +414,8 @@ class QPLayer(nn.Module):
     The forward pass is a batched primal-dual interior-point method in torch (Mehrotra's
     predictor-corrector, one Cholesky factorization per iteration, of the reduced n x n system
     or, for a positive definite Q where that is cheaper, of the (m + p) constraint-space system,
-    shared by predictor and corrector; problems stop one by one), on the inputs' device and
+    shared by predictor and corrector; in the latter an active-set polish ends it early where
+    the guessed active set is right; problems stop one by one), on the inputs' device and
     dtype.  The backward pass differentiates the KKT conditions at the answer (OptNet): one
     batched linear solve, gradients for every input that requires grad.  See `bilevel._qp` for
     the equations and what the gradient is at a weakly active constraint.
