@@ -448,6 +448,9 @@ class _Solution:
     info: QPInfo
     #: the constraint-space matrices, where the solver used them (the backward reuses them)
     space: _DualSpace | None = None
+    #: where the active-set polish gave every problem's answer: its Cholesky factor (B, k, k)
+    #: and active rows (B, k, 1), the backward's matrix at that answer (see `_adjoint`)
+    polished: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def _mv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -641,12 +644,17 @@ class _DualNewton:
         z: torch.Tensor,
         rd: torch.Tensor,
         rp: torch.Tensor,
+        eye: torch.Tensor | None = None,
     ) -> None:
         """Columns: s, z (B, m, 1); rd the dual residual (B, n, 1); rp the primal residuals
-        (Gx + s - h, Ax - b), (B, m + p, 1)."""
+        (Gx + s - h, Ax - b), (B, m + p, 1); ``eye``: the identity (m, m), used where p = 0."""
         self.prob, self.space, self.s, self.z = prob, ds_, s, z
         m, p = prob.m, prob.p
-        LS, info = ds_.factor((s / z).squeeze(-1), p)
+        if eye is not None and not p:
+            # E Q^-1 E' + I diag(s/z) in one op (the row s/z scales the identity's columns)
+            LS, info = torch.linalg.cholesky_ex(torch.addcmul(ds_.EQinvEt, eye, (s / z).mT))
+        else:
+            LS, info = ds_.factor((s / z).squeeze(-1), p)
         self.LS, self.LSt = LS, LS.mT
         self.ok = info == 0
         self.u0 = _bmv(ds_.Qinv, ds_.Qinv, rd).neg_()  # Q^-1 (-r_d), (B, n, 1)
@@ -714,7 +722,7 @@ class _Polish:
 
 def _polish(
     space: _DualSpace, pol: _Polish, a: torch.Tensor, e_c: torch.Tensor, tol: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, ...]:
     """The solution of the equality-constrained QP on a guessed active set.
 
     With the rows where ``a`` is true taken as active (and the equalities), x = Q^-1 (-q - E_A' l),
@@ -735,7 +743,8 @@ def _polish(
         linearly independent) and every multiplier and slack exceeds ``tol`` (strict
         complementarity: a weakly active constraint, s = z = 0, is left to the interior point,
         whose gradient there is documented in `_adjoint`).  Whether x solves the QP to tol is
-        for the caller's residual test.
+        for the caller's residual test.  Then the factor L (B, k, k) and the active rows
+        (B, k, 1, the equalities' included).
     """
     m = a.shape[-2]
     act = torch.cat([a, pol.eq], -2) if pol.eq is not None else a
@@ -752,7 +761,7 @@ def _polish(
         lam_m, y = lam, lam[:, m:]
     margin = torch.where(a, lam_m, slack).amin((-2, -1))
     usable = (info == 0) & (L.diagonal(dim1=-2, dim2=-1) >= pol.piv_min).all(-1) & (margin > tol)
-    return x, torch.where(a, zero, slack), torch.where(a, lam_m, zero), y, Ex, usable
+    return x, torch.where(a, zero, slack), torch.where(a, lam_m, zero), y, Ex, usable, L, act
 
 
 def _certificates(
@@ -893,13 +902,13 @@ def _ipm(
         y = Q.new_zeros(B, 0) if y_ is None else y_
     if m:
         r = _mv(G, x) - h_B
-        s0, z0 = -r, r
-        ts = -s0.amin(-1, keepdim=True)
-        tz = -z0.amin(-1, keepdim=True)
-        s = s0 + torch.where(ts >= 0, 1.0 + ts, 0.0)
-        z = z0 + torch.where(tz >= 0, 1.0 + tz, 0.0)
+        # s0 = -r and z0 = r side by side, (B, 2, m), each shifted by its own t = -min
+        sz0 = torch.stack([r.neg(), r], -2)
+        t = sz0.amin(-1, keepdim=True).neg_()
+        # ([s; z] as one column, (B, 2m, 1))
+        v0 = torch.add(sz0, torch.where(t >= 0, 1.0 + t, 0.0)).view(B, 2 * m, 1)
     else:
-        s = z = Q.new_zeros(B, 0)
+        v0 = Q.new_zeros(B, 0, 1)
 
     # E = [G; A] and e = (h, b): the primal rows in one product per iteration.
     E = space.E if space is not None else (torch.cat([G, A], -2) if p else G)
@@ -911,8 +920,8 @@ def _ipm(
     # E' stored contiguously for `_bmv`'s row form (B > 1)
     Et_c = space.Et if space is not None else (Et.contiguous() if B > 1 else Et)
     xc, yc = x.unsqueeze(-1), y.unsqueeze(-1)
-    v0 = torch.cat([s, z], -1).unsqueeze(-1)
-    sc, zc = v0.split(m, -2) if m else (s.unsqueeze(-1), z.unsqueeze(-1))
+    # (split_with_sizes: `Tensor.split` goes through Python, at three times the cost)
+    sc, zc = v0.split_with_sizes((m, m), -2) if m else (v0, v0)
     vc: torch.Tensor | None = v0
     # The gap is held 1000x tighter than the residuals: x and the multipliers are off by about
     # mu / (the smaller of s_i, z_i), and the gradient by that times the conditioning of the
@@ -925,41 +934,59 @@ def _ipm(
     def full(value: float, dtype: torch.dtype = dt) -> torch.Tensor:
         return torch.full((B,), value, dtype=dtype, device=dev)
 
-    # Status codes and constants as (B,) tensors: at batch 1 the loop is bound by dispatches,
-    # and an op between tensors of one shape costs about a third of one with a Python number.
-    c_solved, c_stalled, c_running, c_nonfinite = (
-        full(c, torch.long) for c in (_SOLVED, _STALLED, _RUNNING, _NONFINITE)
-    )
-    t_tol, t_tol_gap, t_near, t_polish, t_inf, t_zero, t_one = (
-        torch.tensor([tol, tol_gap, 1e4 * tol, max(1e-3, 10 * tol), math.inf, 0.0, 1.0], dtype=dt, device=dev)
-        .unsqueeze(-1)
+    # A single problem (B = 1) keeps its status in Python values, decided from one host read per
+    # iteration of its measures (and of whether the last step moved): at batch 1 the loop is bound
+    # by per-op overhead, and the per-problem masks of the batch path below cost about twenty
+    # ops per iteration.  Both paths apply the same tests (a batch's answers and iteration counts
+    # match those of its problems solved one by one).
+    scalar = B == 1 and m > 0
+    # Constants as (B,) tensors: at batch 1 the loop is bound by dispatches, and an op between
+    # tensors of one shape costs about a third of one with a Python number.
+    # (t_far: the step's -eta far from the solution, -0.99)
+    t_tol, t_tol_gap, t_near, t_polish, t_inf, t_zero, t_one, t_far = (
+        torch.tensor(
+            [[tol], [tol_gap], [1e4 * tol], [max(1e-3, 10 * tol)], [math.inf], [0.0], [1.0], [1e-2 - 1.0]],
+            dtype=dt,
+            device=dev,
+        )
         .expand(-1, B)
         .unbind(0)
     )
-    # (tensors that the loop replaces, never changes in place, may start as one)
-    codes = c_running
-    n_iter = full(0, torch.long)
     it = 0
-    running = torch.ones(B, dtype=torch.bool, device=dev)
-    saved = stalled = torch.zeros(B, dtype=torch.bool, device=dev)
     kept: tuple[torch.Tensor, ...] = (xc, sc, zc, yc)
-    kept_res: tuple[torch.Tensor, ...] = (x.new_zeros(B),) * 3
     any_saved = False
-    # Once at most half the batch still runs, the running problems continue as a smaller batch
-    # (the others' answers are written out): the last iterations, where a few slow problems
-    # remain, then cost what those few cost.  `idx`: the running batch's rows in the whole one.
     space_all = space
-    idx = torch.arange(B, device=dev)
     outs: list[torch.Tensor] | None = None
     nb = B
+    if scalar:
+        # (the batch path's state, unused by a single problem's path: placeholders)
+        c_solved = c_stalled = c_running = c_nonfinite = codes = n_iter = t_zero
+        running = saved = stalled = idx = t_zero
+        kept_res: tuple[torch.Tensor, ...] = ()
+    else:
+        # per-problem status codes, iteration counts and flags, (B,)
+        c_solved, c_stalled, c_running, c_nonfinite = (
+            full(c, torch.long) for c in (_SOLVED, _STALLED, _RUNNING, _NONFINITE)
+        )
+        # (tensors that the loop replaces, never changes in place, may start as one)
+        codes = c_running
+        n_iter = full(0, torch.long)
+        running = torch.ones(B, dtype=torch.bool, device=dev)
+        saved = stalled = torch.zeros(B, dtype=torch.bool, device=dev)
+        kept_res = (x.new_zeros(B),) * 3
+        # Once at most half the batch still runs, the running problems continue as a smaller
+        # batch (the others' answers are written out): the last iterations, where a few slow
+        # problems remain, then cost what those few cost.  `idx`: the running batch's rows in
+        # the whole one.
+        idx = torch.arange(B, device=dev)
     s_prev: torch.Tensor | None = None  # the previous iterate's s and z (the polish's guess)
     z_prev: torch.Tensor | None = None
 
-    def measure(
+    def residuals(
         xc: torch.Tensor, sc: torch.Tensor, zc: torch.Tensor, yc: torch.Tensor, Ex: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, ...]:
-        """Residuals of an iterate: Qx, Ex, G'z + A'y, rp, rd, their norms, s * z, the gap, and
-        the relative measures the stopping test compares with tol."""
+        """Residuals of an iterate: Qx, Ex, G'z + A'y, rp, rd, their norms and the larger relative
+        one, which the stopping test compares with tol."""
         Qx = _bmv(Q, Q, xc)  # (Q is symmetric)
         if Ex is None:
             Ex = _bmv(E, Et_c, xc)
@@ -972,86 +999,144 @@ def _ipm(
         res_p = _col_inf_norm(rp)
         rd = torch.add(Qx, q_c).add_(dual_part)
         res_d = _col_inf_norm(rd)
-        sz = sc * zc
-        gap = sz.sum((-2, -1))
-        pobj_scale = torch.add(q_c, Qx, alpha=0.5).mul_(xc).sum((-2, -1)).abs_().add_(t_one)
         # Relative to the size of the terms that make up each residual (OSQP's test): rounding
         # leaves a residual of about eps times those, whatever the data's scale.
         # (each one reduction over the terms side by side)
         rel_p = _col_inf_norm(torch.cat([Ex, sc], -2))
         rel_d = _col_inf_norm(torch.cat([Qx, dual_part], -1))
         worst = torch.maximum(res_p / (scale_p + rel_p), res_d / (scale_d + rel_d))
+        return Qx, Ex, dual_part, rp, rd, res_p, res_d, worst
+
+    def measure(
+        xc: torch.Tensor, sc: torch.Tensor, zc: torch.Tensor, yc: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """`residuals`, with s * z, the gap and the relative gap after the residuals' norms."""
+        Qx, Ex, dual_part, rp, rd, res_p, res_d, worst = residuals(xc, sc, zc, yc)
+        sz = sc * zc
+        gap = sz.sum((-2, -1))
+        pobj_scale = torch.add(q_c, Qx, alpha=0.5).mul_(xc).sum((-2, -1)).abs_().add_(t_one)
         return Qx, Ex, dual_part, rp, rd, res_p, res_d, sz, gap, worst, gap / pobj_scale
+
+    code, run1, saved1, stalled1 = _RUNNING, True, False, False
+    moved: torch.Tensor | None = None  # where(factorization ok, step length, 0) of the last step
+    back1: tuple[Any, ...] = ()  # the iterate before the last step, its measures and values
+    vals: list[float] = []
+    tol_near, tol_polish = 1e4 * tol, max(1e-3, 10 * tol)
+    # the polish's factor and active rows, where it gave every problem's answer (the backward's)
+    polished: tuple[torch.Tensor, torch.Tensor] | None = None
 
     while True:
         # Residuals and per-problem stopping at the current point.
-        Qx, Ex, dual_part, rp, rd, res_p, res_d, sz, gap, worst, gap_rel = measure(xc, sc, zc, yc)
-        ok_res = worst <= t_tol
-        good = ok_res & (gap_rel <= t_tol)
-        ok = ok_res & (gap_rel <= t_tol_gap)
-        finite = (worst + gap_rel) < t_inf  # false for NaN too
-        revert: torch.Tensor | None = None
-        if m and any_saved:
-            # Near the end the weights z/s of the active constraints reach 1/eps and a step can
-            # lose the accuracy already reached (rounding in the reduced system, amplified by
-            # z/s, lands in the dual residual).  An iterate good to tol (gap below tol, not yet
-            # tol/1000) is kept, and a problem whose next steps break down or undo it returns to it
-            # (below, after the host read says that one does).
-            # (on bools a > b is a & ~b and a <= b is ~a | b: one op each)
-            revert = ((running & saved) > ok) & ((ok_res & finite) <= stalled)
-            ok = ok | revert
-            finite = finite | revert
-            stalled = stalled > revert
-            good = good > revert
-        new = torch.where(
-            finite, torch.where(ok, c_solved, torch.where(stalled, c_stalled, c_running)), c_nonfinite
-        )
-        if (it % 3 == 2 and it >= 5) or it >= max_iter:
-            # Infeasibility certificates every third iteration from the fifth: they are for
-            # problems that do not converge, whose iterates need a few iterations to grow to
-            # a certificate (and once more at the end, for those that stalled).
-            x, z, y, Qx_, Gx, dual_ = (t.squeeze(-1) for t in (xc, zc, yc, Qx, Ex[:, :m], dual_part))
-            cert = _certificates(prob, x, z, y, Qx_, Gx, dual_, scale_p, scale_d)
-            if cert is not None:
-                new = torch.where(new == c_running, cert, new)
-        # (a batch of one gets here only while its problem runs: no masks with `running`)
-        if nb == 1:
-            keep = good > ok  # good and not ok, one op on bools
-            codes = new
-        else:
-            keep = running & (good > ok)
-            codes = torch.where(running, new, codes)
-        running = codes == c_running
-        # The loop's one host read: whether any problem runs, whether one has an iterate to keep,
-        # whether one returns to its kept iterate.
-        masks = [running, keep] + ([revert] if revert is not None else [])
+        meas = measure(xc, sc, zc, yc)
+        if scalar:
+            read = [meas[9], meas[10]] if moved is None else [meas[9], meas[10], moved]
+            vals = torch.cat(read).tolist()
+            if moved is not None and not vals[2] > 0.0:
+                # The step failed (its factorization, or a non-finite or zero step): the problem
+                # keeps the iterate before it, whose measures are at hand.
+                (xc, sc, zc, yc, vc), meas, vals = back1
+                stalled1 = True
+            moved = None
+        Qx, Ex, dual_part, rp, rd, res_p, res_d, sz, gap, worst, gap_rel = meas
         near: torch.Tensor | None = None
-        if pol is not None:
-            # The polish is tried on the running problems whose relative residuals are below
-            # 1e-3: on random problems (n = 10-200) it then succeeded at the first or second
-            # try, with one to five iterations less than at 1e-5 (1e-1: two tries more for
-            # 0.1-0.6 iterations less).
-            near = (worst <= t_polish) & running
-            masks.append(near)
-        if not m:
-            flags = [0, 0]
+        if scalar:
+            w1, g1 = vals[0], vals[1]
+            ok_res1 = w1 <= tol
+            ok1 = ok_res1 and g1 <= tol_gap
+            good1 = ok_res1 and g1 <= tol and not ok1
+            finite1 = w1 + g1 < math.inf  # false for NaN too
+            # (the batch path's revert, below)
+            revert1 = saved1 and not ok1 and (stalled1 or not (ok_res1 and finite1))
+            if revert1:
+                ok1 = finite1 = True
+                stalled1 = good1 = False
+            code = (
+                _NONFINITE if not finite1 else _SOLVED if ok1 else _STALLED if stalled1 else _RUNNING
+            )
+            if code == _RUNNING and ((it % 3 == 2 and it >= 5) or it >= max_iter):
+                x, z, y, Qx_, Gx, dual_ = (t.squeeze(-1) for t in (xc, zc, yc, Qx, Ex[:, :m], dual_part))
+                cert = _certificates(prob, x, z, y, Qx_, Gx, dual_, scale_p, scale_d)
+                if cert is not None:
+                    code = int(cert[0])
+            run1 = code == _RUNNING
+            if revert1:
+                xc, sc, zc, yc = kept
+                vc = None
+                res_p, res_d, gap = kept_res
+            if good1 and run1:
+                kept = (xc, sc, zc, yc)
+                kept_res = (res_p, res_d, gap)
+                saved1 = True
+            try_polish = pol is not None and run1 and w1 <= tol_polish
         else:
-            flags = (torch.cat(masks) if nb == 1 else torch.stack(masks).sum(-1)).tolist()
-        if revert is not None and flags[2]:
-            back = revert.view(-1, 1, 1)
-            xc, sc, zc, yc = (torch.where(back, a, c) for a, c in zip(kept, (xc, sc, zc, yc)))
-            vc = None
-            res_p, res_d, gap = (torch.where(revert, a, c) for a, c in zip(kept_res, (res_p, res_d, gap)))
-        if flags[1]:
-            keep = keep & running
-            keep_c = keep.view(-1, 1, 1)
-            kept = tuple(torch.where(keep_c, a, c) for a, c in zip((xc, sc, zc, yc), kept))
-            kept_res = tuple(torch.where(keep, a, c) for a, c in zip((res_p, res_d, gap), kept_res))
-            saved = saved | keep
-            any_saved = True
-        if near is not None and pol is not None and space is not None and flags[-1]:
+            try_polish = False
+            ok_res = worst <= t_tol
+            good = ok_res & (gap_rel <= t_tol)
+            ok = ok_res & (gap_rel <= t_tol_gap)
+            finite = (worst + gap_rel) < t_inf  # false for NaN too
+            revert: torch.Tensor | None = None
+            if m and any_saved:
+                # Near the end the weights z/s of the active constraints reach 1/eps and a step can
+                # lose the accuracy already reached (rounding in the reduced system, amplified by
+                # z/s, lands in the dual residual).  An iterate good to tol (gap below tol, not yet
+                # tol/1000) is kept, and a problem whose next steps break down or undo it returns to it
+                # (below, after the host read says that one does).
+                # (on bools a > b is a & ~b and a <= b is ~a | b: one op each)
+                revert = ((running & saved) > ok) & ((ok_res & finite) <= stalled)
+                ok = ok | revert
+                finite = finite | revert
+                stalled = stalled > revert
+                good = good > revert
+            new = torch.where(
+                finite, torch.where(ok, c_solved, torch.where(stalled, c_stalled, c_running)), c_nonfinite
+            )
+            if (it % 3 == 2 and it >= 5) or it >= max_iter:
+                # Infeasibility certificates every third iteration from the fifth: they are for
+                # problems that do not converge, whose iterates need a few iterations to grow to
+                # a certificate (and once more at the end, for those that stalled).
+                x, z, y, Qx_, Gx, dual_ = (t.squeeze(-1) for t in (xc, zc, yc, Qx, Ex[:, :m], dual_part))
+                cert = _certificates(prob, x, z, y, Qx_, Gx, dual_, scale_p, scale_d)
+                if cert is not None:
+                    new = torch.where(new == c_running, cert, new)
+            # (a batch of one gets here only while its problem runs: no masks with `running`)
+            if nb == 1:
+                keep = good > ok  # good and not ok, one op on bools
+                codes = new
+            else:
+                keep = running & (good > ok)
+                codes = torch.where(running, new, codes)
+            running = codes == c_running
+            # The loop's one host read: whether any problem runs, whether one has an iterate to keep,
+            # whether one returns to its kept iterate.
+            masks = [running, keep] + ([revert] if revert is not None else [])
+            if pol is not None:
+                # The polish is tried on the running problems whose relative residuals are below
+                # 1e-3: on random problems (n = 10-200) it then succeeded at the first or second
+                # try, with one to five iterations less than at 1e-5 (1e-1: two tries more for
+                # 0.1-0.6 iterations less).
+                near = (worst <= t_polish) & running
+                masks.append(near)
+            if not m:
+                flags = [0, 0]
+            else:
+                flags = (torch.cat(masks) if nb == 1 else torch.stack(masks).sum(-1)).tolist()
+            try_polish = near is not None and bool(flags[-1])
+            if revert is not None and flags[2]:
+                back = revert.view(-1, 1, 1)
+                xc, sc, zc, yc = (torch.where(back, a, c) for a, c in zip(kept, (xc, sc, zc, yc)))
+                vc = None
+                res_p, res_d, gap = (torch.where(revert, a, c) for a, c in zip(kept_res, (res_p, res_d, gap)))
+            if flags[1]:
+                keep = keep & running
+                keep_c = keep.view(-1, 1, 1)
+                kept = tuple(torch.where(keep_c, a, c) for a, c in zip((xc, sc, zc, yc), kept))
+                kept_res = tuple(torch.where(keep, a, c) for a, c in zip((res_p, res_d, gap), kept_res))
+                saved = saved | keep
+                any_saved = True
+        if try_polish and pol is not None and space is not None:
             # Active-set polish: where the equality-constrained QP on the guessed active set
-            # passes the same stopping test (its gap is 0), it is the answer.
+            # passes the same stopping test, it is the answer.  (Its gap s'z is 0, each product
+            # having a factor 0, so the residuals alone decide.)
             # The active set guessed by Tapia's indicator: an active constraint's s falls
             # faster than its z from one iterate to the next, an inactive one's z faster than its
             # s (El-Bakry, Tapia & Zhang 1994; more reliable than z > s, which compares slacks
@@ -1061,20 +1146,31 @@ def _ipm(
             else:
                 guess = zc > sc
             cand = _polish(space, pol, guess, e_c, t_tol)
-            c_res_p, c_res_d, _, c_gap, c_worst, c_gap_rel = measure(*cand[:5])[5:]
-            acc = near & cand[5] & (c_worst <= t_tol) & (c_gap_rel <= t_tol_gap)
-            n_acc = int(acc.sum())
-            if n_acc:
-                acc_c = acc.view(-1, 1, 1)
-                xc, sc, zc, yc = (torch.where(acc_c, a, c) for a, c in zip(cand[:4], (xc, sc, zc, yc)))
-                res_p, res_d, gap = (
-                    torch.where(acc, a, c) for a, c in zip((c_res_p, c_res_d, c_gap), (res_p, res_d, gap))
-                )
-                vc = None
-                codes = torch.where(acc, c_solved, codes)
-                running = running > acc
-                flags[0] -= n_acc
-        if it >= max_iter or not flags[0] or not m:
+            c_res_p, c_res_d, c_worst = residuals(*cand[:5])[5:]
+            if scalar:
+                if bool(cand[5] & (c_worst <= t_tol)):
+                    xc, sc, zc, yc = cand[:4]
+                    res_p, res_d, gap = c_res_p, c_res_d, t_zero
+                    code, run1 = _SOLVED, False
+                    polished = cand[6], cand[7]
+            else:
+                assert near is not None
+                acc = near & cand[5] & (c_worst <= t_tol)
+                n_acc = int(acc.sum())
+                if n_acc:
+                    acc_c = acc.view(-1, 1, 1)
+                    xc, sc, zc, yc = (torch.where(acc_c, a, c) for a, c in zip(cand[:4], (xc, sc, zc, yc)))
+                    res_p, res_d, gap = (
+                        torch.where(acc, a, c)
+                        for a, c in zip((c_res_p, c_res_d, t_zero), (res_p, res_d, gap))
+                    )
+                    vc = None
+                    codes = torch.where(acc, c_solved, codes)
+                    running = running > acc
+                    flags[0] -= n_acc
+                    if n_acc == B:  # (every problem of the whole batch, at once)
+                        polished = cand[6], cand[7]
+        if it >= max_iter or not m or not (run1 if scalar else flags[0]):
             break
         if nb >= 4 and 2 * flags[0] <= nb:
             state = (xc, sc, zc, yc, codes, n_iter, res_p, res_d, gap)
@@ -1109,8 +1205,8 @@ def _ipm(
             c_solved, c_stalled, c_running, c_nonfinite = (
                 t[sel] for t in (c_solved, c_stalled, c_running, c_nonfinite)
             )
-            t_tol, t_tol_gap, t_near, t_polish, t_inf, t_zero, t_one = (
-                t[sel] for t in (t_tol, t_tol_gap, t_near, t_polish, t_inf, t_zero, t_one)
+            t_tol, t_tol_gap, t_near, t_polish, t_inf, t_zero, t_one, t_far = (
+                t[sel] for t in (t_tol, t_tol_gap, t_near, t_polish, t_inf, t_zero, t_one, t_far)
             )
         it += 1
         if B > 1:  # (a single problem's count is `it`, set at the end)
@@ -1118,7 +1214,7 @@ def _ipm(
 
         step: _Newton | _DualNewton
         if space is not None:
-            step = _DualNewton(prob, space, sc, zc, rd, rp)
+            step = _DualNewton(prob, space, sc, zc, rd, rp, None if pol is None else pol.eye)
         else:
             s, z, rd_, rp_ = (t.squeeze(-1) for t in (sc, zc, rd, rp))
             rp_in = rp_[:, :m]
@@ -1148,32 +1244,52 @@ def _ipm(
         # 1/sigma per iteration instead of 100, which saves one or two iterations (an adaptive
         # step as in Mehrotra's and OOQP's implementations; used from the start, long steps
         # drove infeasible problems to a singular Newton system before their certificate).
-        neg_eta = torch.where(worst <= t_near, sigma_c.view(-1), t_one).clamp(1e-6, 1e-2).sub_(t_one)
+        if scalar:
+            neg_eta = sigma_c.view(-1).clamp(1e-6, 1e-2).sub_(t_one) if vals[0] <= tol_near else t_far
+        else:
+            neg_eta = torch.where(worst <= t_near, sigma_c.view(-1), t_one).clamp(1e-6, 1e-2).sub_(t_one)
         dv = torch.cat([ds, dz], -2)
         alpha = _max_step(vc, dv, neg_eta)
-        # Stopped problems keep their iterate (a masked step: the batch keeps its shapes).
-        # (torch.where, not a zero step: a failed factorization's NaN times 0 is NaN.)
-        moved = step.ok & (alpha > t_zero)  # false for NaN too
-        # (a batch of one runs here: its problem is running)
-        move = (moved if nb == 1 else running & moved).view(-1, 1, 1)
-        alpha = alpha.view(-1, 1, 1)
-        xc = torch.where(move, torch.addcmul(xc, alpha, dx), xc)
         if pol is not None:
             s_prev, z_prev = sc, zc
-        vc = torch.where(move, torch.addcmul(vc, alpha, dv), vc)
-        sc, zc = vc.split(m, -2)
-        if dy is not None:
-            yc = torch.where(move, torch.addcmul(yc, alpha, dy), yc)
-        # A problem whose factorization failed (or whose step is not finite) cannot move: it is
-        # reported (or returns to its kept iterate) at the next check, not silently frozen.
-        stalled = stalled | (running > moved)
+        if scalar:
+            # The step is taken; whether it moved is read with the next measures, which return
+            # to the iterate before it where it did not.
+            back1 = ((xc, sc, zc, yc, vc), meas, vals)
+            moved = torch.where(step.ok, alpha, t_zero)
+            alpha = alpha.view(-1, 1, 1)
+            xc = torch.addcmul(xc, alpha, dx)
+            vc = torch.addcmul(vc, alpha, dv)
+            if dy is not None:
+                yc = torch.addcmul(yc, alpha, dy)
+        else:
+            # Stopped problems keep their iterate (a masked step: the batch keeps its shapes).
+            # (torch.where, not a zero step: a failed factorization's NaN times 0 is NaN.)
+            moved_ = step.ok & (alpha > t_zero)  # false for NaN too
+            # (a batch of one runs here: its problem is running)
+            move = (moved_ if nb == 1 else running & moved_).view(-1, 1, 1)
+            alpha = alpha.view(-1, 1, 1)
+            xc = torch.where(move, torch.addcmul(xc, alpha, dx), xc)
+            vc = torch.where(move, torch.addcmul(vc, alpha, dv), vc)
+            if dy is not None:
+                yc = torch.where(move, torch.addcmul(yc, alpha, dy), yc)
+            # A problem whose factorization failed (or whose step is not finite) cannot move: it
+            # is reported (or returns to its kept iterate) at the next check, not silently frozen.
+            stalled = stalled | (running > moved_)
+        sc, zc = vc.split_with_sizes((m, m), -2)
 
-    codes = torch.where(codes == _RUNNING, _MAX_ITER, codes)
-    unsolved = (codes == _MAX_ITER) | (codes == _STALLED)
+    if scalar:
+        code = _MAX_ITER if code == _RUNNING else code
+        codes = torch.full((1,), code, dtype=torch.long, device=dev)
+        any_unsolved = code in (_MAX_ITER, _STALLED)
+    else:
+        codes = torch.where(codes == _RUNNING, _MAX_ITER, codes)
+        any_unsolved = bool(((codes == _MAX_ITER) | (codes == _STALLED)).any()) if m else False
     x, s, z, y = (t.squeeze(-1) for t in (xc, sc, zc, yc))
     if B == 1:
-        n_iter.fill_(it)
-    if m and bool(unsolved.any()):
+        n_iter = torch.full((1,), it, dtype=torch.long, device=dev)
+    if any_unsolved:
+        unsolved = (codes == _MAX_ITER) | (codes == _STALLED)
         Gz = _mtv(G, z)
         dual_part = Gz + _mtv(A, y) if p else Gz
         cert = _certificates(prob, x, z, y, _mv(Q, x), _mv(G, x), dual_part, scale_p, scale_d)
@@ -1184,7 +1300,7 @@ def _ipm(
             o[idx] = t
         xc, sc, zc, yc, codes, n_iter, res_p, res_d, gap = outs
         x, s, z, y = (t.squeeze(-1) for t in (xc, sc, zc, yc))
-    return _Solution(x, s, z, y, QPInfo(codes, n_iter, res_p, res_d, gap, it), space_all)
+    return _Solution(x, s, z, y, QPInfo(codes, n_iter, res_p, res_d, gap, it), space_all, polished)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1224,19 +1340,22 @@ class _QPFunction(torch.autograd.Function):
         def outer(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
             return a.unsqueeze(-1) * c.unsqueeze(-2)
 
+        # (formed only for the inputs that need them: at batch 1 each is a few dispatches)
         full = (
-            -0.5 * (outer(u, x) + outer(x, u)),  # dQ (the objective sees Q's symmetric part)
-            -u,  # dq
-            -(outer(w, x) + outer(z, u)),  # dG
-            w,  # dh
-            -(outer(v, x) + outer(y, u)),  # dA
-            v,  # db
+            lambda: -0.5 * (outer(u, x) + outer(x, u)),  # dQ (the objective sees Q's symmetric part)
+            lambda: -u,  # dq
+            lambda: -(outer(w, x) + outer(z, u)),  # dG
+            lambda: w,  # dh
+            lambda: -(outer(v, x) + outer(y, u)),  # dA
+            lambda: v,  # db
         )
         grads: list[torch.Tensor | None] = []
-        for gfull, shape, need in zip(full, ctx.shapes, ctx.needs_input_grad[2:]):
+        for make, shape, need in zip(full, ctx.shapes, ctx.needs_input_grad[2:]):
             if shape is None or not need:
                 grads.append(None)
-            elif len(shape) == gfull.ndim:  # this input had the batch dimension
+                continue
+            gfull = make()
+            if len(shape) == gfull.ndim:  # this input had the batch dimension
                 grads.append(gfull)
             else:  # shared by the batch: the sum of the problems' gradients
                 grads.append(gfull.sum(0))
@@ -1271,7 +1390,6 @@ def _adjoint(
     B, n, m, p = prob.B, prob.n, prob.m, prob.p
     dt = g.dtype
     eps = torch.finfo(dt).eps
-    c = (sol.s.clamp_min(0.0) / sol.z.clamp_min(eps * eps)).clamp(max=1.0 / (eps * eps))
     if sol.space is not None:
         # Q positive definite and well conditioned (the solver worked in the constraint space):
         # eliminating u = Q^-1 (g - G'w - A'v) leaves (E Q^-1 E' + diag(s/z, 0)) (w, v) = E Q^-1 g,
@@ -1280,13 +1398,28 @@ def _adjoint(
         # inactive one's huge value); where the factorization fails (active rows linearly
         # dependent with s/z at 0) the unreduced LU below decides.
         space = sol.space
-        L, info = space.factor(c, p)
         Qg = _bmv(space.Qinv, space.Qinv, g.unsqueeze(-1))
-        wv = _chol_solve(L, _bmv(space.E, space.Et, Qg))
+        rhs = _bmv(space.E, space.Et, Qg)
+        if sol.polished is not None:
+            # At a polished answer s = 0 on the active rows and z = 0 on the others, so s/z is 0
+            # on the active rows and (clamped, below) 1/eps^2 on the others, whose w is then 0 to
+            # rounding: the polish's factor (the active rows' block, the identity elsewhere) with
+            # the inactive rows' right-hand side set to 0 solves the same system.
+            L, act = sol.polished
+            wv = _chol_solve(L, torch.where(act, rhs, 0.0))
+            ok = True
+        else:
+            c = (sol.s.clamp_min(0.0) / sol.z.clamp_min(eps * eps)).clamp(max=1.0 / (eps * eps))
+            L, info = space.factor(c, p)
+            wv = _chol_solve(L, rhs)
+            ok = bool((info == 0).all())
         u = _bmv(space.QinvEt, space.EQinv, wv, Qg, -1.0).squeeze(-1)
         wv = wv.squeeze(-1)
-        if bool(((info == 0) & torch.isfinite(wv).all(-1)).all()):
+        # (a NaN or infinity anywhere makes the sum non-finite; one that overflows only sends the
+        # batch to the LU below)
+        if ok and math.isfinite(float(wv.sum())):
             return u, wv[:, :m], wv[:, m:]
+    c = (sol.s.clamp_min(0.0) / sol.z.clamp_min(eps * eps)).clamp(max=1.0 / (eps * eps))
     Q = prob.Q.expand(B, n, n)
     G = prob.G.expand(B, m, n)
     A = prob.A.expand(B, p, n)
