@@ -95,14 +95,19 @@ def cvxpylayers_solver(n: int, solver_args: dict[str, Any]) -> Solve:
     return solve
 
 
-def run_once(solve: Solve, data: dict[str, torch.Tensor]) -> tuple[float, torch.Tensor, list[torch.Tensor]]:
-    """One forward+backward; returns (seconds, x, [dq, dG, dh])."""
+def run_once(
+    solve: Solve, data: dict[str, torch.Tensor]
+) -> tuple[float, float, torch.Tensor, list[torch.Tensor]]:
+    """One forward+backward; returns (wall seconds, the process's CPU seconds, x, [dq, dG, dh]).
+
+    CPU time is what a loaded machine leaves comparable: wall time then includes the waits for
+    a core."""
     leaves = [data[k].clone().requires_grad_() for k in ("q", "G", "h")]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     x = solve(data["Q"], *leaves)
     (x * data["w"]).sum().backward()
-    dt = time.perf_counter() - t0
-    return dt, x.detach(), [t.grad for t in leaves]  # type: ignore[misc]
+    dt, dc = time.perf_counter() - t0, time.process_time() - c0
+    return dt, dc, x.detach(), [t.grad for t in leaves]  # type: ignore[misc]
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -151,13 +156,14 @@ def main() -> None:
         else:
             skipped = ["cvxpylayers eps=1e-9", "cvxpylayers default"]
         # accuracy: one call each (also the warm-up, not timed), against bilevel's answer
-        _, ref_x, ref_g = run_once(impls["bilevel"], data)
+        _, _, ref_x, ref_g = run_once(impls["bilevel"], data)
         acc: dict[str, dict[str, float]] = {}
         times: dict[str, list[float]] = {k: [] for k in impls}
+        cpu: dict[str, list[float]] = {k: [] for k in impls}
         for name, solve in impls.items():
             if name == "bilevel":
                 continue
-            _, x, g = run_once(solve, data)
+            _, _, x, g = run_once(solve, data)
             acc[name] = {
                 "x": max_diff(x, ref_x),
                 **{f"d{k}": max_diff(a, c) for k, a, c in zip("qGh", g, ref_g)},
@@ -170,8 +176,11 @@ def main() -> None:
                 budget = args.cvx_budget if name.startswith("cvxpylayers") else args.budget
                 if sum(times[name]) > budget:
                     continue
-                times[name].append(run_once(impls[name], data)[0])
+                wall, cpu_s, _, _ = run_once(impls[name], data)
+                times[name].append(wall)
+                cpu[name].append(cpu_s)
         med = {k: statistics.median(v) for k, v in times.items()}
+        med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
         cell = {
             "B": B,
             "n": n,
@@ -179,12 +188,18 @@ def main() -> None:
             "median_s": med,
             "rounds": {k: len(v) for k, v in times.items()},
             "speedup": {k: med[k] / med["bilevel"] for k in med if k != "bilevel"},
+            "median_cpu_s": med_cpu,
+            "speedup_cpu": {k: med_cpu[k] / med_cpu["bilevel"] for k in med_cpu if k != "bilevel"},
             "max_diff_vs_bilevel": acc,
             "skipped": skipped,
         }
         cells.append(cell)
         line = ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in med.items())
-        print(f"B={B:4d} n={n:4d}: {line}", flush=True)
+        line_cpu = ", ".join(
+            f"{k} {1e3 * v:.2f} ms" + ("" if k == "bilevel" else f" ({v / med_cpu['bilevel']:.2f}x)")
+            for k, v in med_cpu.items()
+        )
+        print(f"B={B:4d} n={n:4d}: {line}; CPU time: {line_cpu}", flush=True)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,8 @@ and the implicit function theorem gives dL/dtheta = -u' dF/dtheta with (dF/d(x, 
     [ A   0           0  ] [u_y]   [0    ],
 
 solved, where the solver worked in the constraint space, by one Cholesky factorization of
-E Q^-1 E' + diag(s/z, 0) (eliminating u_x; size m + p), else (or where that factorization fails)
+E Q^-1 E' + diag(s/z, 0) (eliminating u_x; size m + p; at an answer the active-set polish gave,
+with the polish's factor, the same matrix to rounding), else (or where that factorization fails)
 by one batched LU factorization of the whole matrix (see `_adjoint` for why not with the
 interior-point method's reduced matrix), and
 
