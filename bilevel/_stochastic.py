@@ -1155,18 +1155,18 @@ class SOBA(_SingleLoop):
             NumPy or data-dependent Python branches); a failure raises a `BilevelError`
             saying so.  The result equals the eager one up to rounding.
         chunk: with ``compile=True``, iterations per compiled call (>= 1).  K > 1 compiles
-            the K iterations into one graph (a longer compilation, growing with K), run
-            whenever the next K iterations draw full-size batches on both levels and end by
-            ``max_iter`` and the next record; the others (around a shorter last batch, a
-            remainder) run one by one.  Each iteration is still checked and a failure named
-            at its iteration (the norms and oracle checks of a chunk are read once, after
-            it); ``time_limit`` is tested between chunks, so a run may exceed it by up to one
-            chunk; records fall between chunks, so take ``eval_every`` a multiple of K.  The
-            result is the one-by-one result up to rounding.  On small models K = 16 to 32
-            about halves the time per iteration against ``chunk=1`` on a CPU (the per-call
-            cost of a compiled function, about 100 us, is paid once per chunk; the chunk's
-            graph is built with Inductor's C++ wrapper, whose compilation adds seconds to
-            a minute; ``benchmarks/stochastic_speed.py`` measures it).
+            K iterations into one graph (a longer compilation, growing with K: minutes for
+            K = 16 with a cold Inductor cache).  A call takes the next K iterations, or fewer
+            where a record, ``max_iter`` or a shorter last batch (whose shape the graph does
+            not have) comes first, the rest of the K idle (computed and discarded); fewer
+            than K / 4 and the iteration runs alone, as with ``chunk=1``.  Each iteration is
+            still checked and a failure named at its iteration (the norms and oracle checks
+            of a chunk are read once, after it); ``time_limit`` is tested between calls, so a
+            run may exceed it by up to one chunk.  The result is the one-by-one result up to
+            rounding.  On small models K = 16 takes a fraction of ``chunk=1``'s time per
+            iteration on a CPU (the per-call cost of a compiled function, about 100 us, is
+            paid once per chunk; ``benchmarks/stochastic_speed.py`` and
+            ``benchmarks/bilevel_suite`` measure it).
 
     Raises:
         ValueError, TypeError: a step size <= 0, a batch size < 1, a schedule that is not callable.
