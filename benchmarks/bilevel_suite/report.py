@@ -197,7 +197,7 @@ def report(name: str) -> str:
 
 
 def timing_report(names: list[str]) -> str:
-    """The per-epoch table from ``timing_ours_<problem>.json`` and ``timing_reference_<problem>.json``.
+    """The per-epoch table from ``timing_ours_<problem>*.json`` and ``timing_reference_<problem>*.json``.
 
     One row per problem and solver: the JAX scan's seconds per epoch, ours in each
     configuration with its ratio to JAX (the median over ``--repeats`` passes), and the best.
@@ -206,10 +206,9 @@ def timing_report(names: list[str]) -> str:
     for name in names:
         n_inner = PROBLEMS[name]().n_inner
         sides = {}
-        for side in ("ours", "reference"):
-            path = RESULTS / f"timing_{side}_{name}.json"
-            if path.exists():
-                sides[side] = json.loads(path.read_text())["runs"]
+        for side in ("ours", "reference"):  # timing_<side>_<problem>[<suffix>].json: all passes
+            for path in sorted(RESULTS.glob(f"timing_{side}_{name}*.json")):
+                sides.setdefault(side, []).extend(json.loads(path.read_text())["runs"])
         if len(sides) < 2:
             continue
         cell: dict[tuple[str, str], list[float]] = {}

@@ -18,6 +18,14 @@ Run::
 
     PYTHONPATH=. taskset -c 1 python -m benchmarks.bilevel_suite.run_ours --problem quadratic \\
         --max-time 60 --out results/bilevel_suite/ours_quadratic.json
+
+Timing mode (``--timing``): SOBA and SABA in the configurations ``--configs`` (eager,
+``compile=True``, ``compile=True, chunk=K``), ``--windows`` windows of ``EVAL_FREQ`` iterations
+each at `TIMING_STEPS` (run_reference.py's ``--timing`` runs the JAX side the same way);
+``report.py --timing`` turns both into seconds per epoch::
+
+    PYTHONPATH=. taskset -c 0 python -m benchmarks.bilevel_suite.run_ours --problem covtype --timing \\
+        --configs eager,compile,chunk16 --out results/bilevel_suite/timing_ours_covtype.json
 """
 
 from __future__ import annotations
