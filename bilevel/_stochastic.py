@@ -291,19 +291,25 @@ class _Sampler:
         """The id of the next batch."""
         return self.take(1)[0]
 
-    def full(self, ids: list[int]) -> bool:
-        """Whether every batch in ids has ``batch_size`` samples (a chunk needs one shape)."""
-        return all(self.sizes[j] == self.batch_size for j in ids)
+    def full_run(self, ids: list[int]) -> int:
+        """How many of the batches ids, from the first, have ``batch_size`` samples (a chunk
+        needs one shape)."""
+        for i, j in enumerate(ids):
+            if self.sizes[j] != self.batch_size:
+                return i
+        return len(ids)
 
     def table(self) -> torch.Tensor:
-        """All batches as one (n_batches, batch_size) long tensor; a short last batch is padded
-        with index 0 (its row is never read: chunks take full batches only)."""
+        """All batches as one (n_batches + 1, batch_size) long tensor.  A short last batch is
+        padded with index 0 (its row is never read: chunks take full batches only); the extra
+        last row, id ``n_batches``, is the batch of a chunk's idle iterations (see
+        `_compiled_steps`)."""
         if self._table is None:
             rows = [
                 torch.nn.functional.pad(b, (0, self.batch_size - len(b))) if len(b) < self.batch_size else b
                 for b in self.batches
             ]
-            self._table = torch.stack(rows)
+            self._table = torch.stack([*rows, torch.zeros_like(rows[0])])
         return self._table
 
 
@@ -636,14 +642,14 @@ def _drive(
     time_limit: float | None,
     metric: Metric | None,
     check_every: int,
-    chunk: tuple[int, Callable[[_State], None]] | None = None,
+    chunk: _Chunked = None,
 ) -> StochasticResult:
     """The loop the solvers share: steps, divergence checks, records, callback, stop rules.
 
-    With ``chunk = (K, chunk_step)``, ``chunk_step(state)`` runs the K iterations from state.t
-    and checks each (`_check_chunk`); it is used whenever the next K iterations all fit before
-    max_iter and the next record and draw full-size batches on both levels; the other
-    iterations run one by one through ``step``.
+    With ``chunk = (K, chunk_step)``, ``chunk_step(state, p)`` runs the p <= K iterations from
+    state.t in one compiled call and checks each (`_check_chunk`); p is the number of
+    iterations before the next record, max_iter or the next shorter batch on either level
+    (`_chunk_length`); the iterations a chunk does not take run one by one through ``step``.
     """
     who = state.who
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
@@ -699,9 +705,9 @@ def _drive(
         status = StochasticStop.CALLBACK
     tic = time.perf_counter()
     while not stop and state.t < max_iter:
-        if chunk is not None and _chunk_fits(state, chunk[0], max_iter, eval_every):
-            chunk[1](state)
-            state.t += chunk[0]
+        if chunk is not None and (p := _chunk_length(state, chunk[0], max_iter, eval_every)):
+            chunk[1](state, p)
+            state.t += p
         else:
             step(state)
             # Between chunks (which check every iteration) a single step is checked too, so a
@@ -734,15 +740,24 @@ def _drive(
     )
 
 
-def _chunk_fits(state: _State, k: int, max_iter: int, eval_every: int | None) -> bool:
-    """Whether the next k iterations can run as one chunk: they end by max_iter and by the next
-    record, and every batch they draw has the full batch size (one graph, one shape)."""
+def _chunk_length(state: _State, k: int, max_iter: int, eval_every: int | None) -> int:
+    """How many of the next iterations a chunk of k runs: those before max_iter, the next
+    record and the next shorter batch on either level (a chunk's graph has one batch shape),
+    at most k; 0 (run one step alone) when that is under k / 4.
+
+    A chunk costs about its k iterations whether all are taken or not (the idle ones compute
+    and discard); one compiled step alone costs about as much as 4 iterations inside a chunk
+    on small models (its per-call cost, about 100 us on a CPU, against tens of microseconds),
+    so a chunk pays from k / 4 iterations on.
+    """
     end = max_iter if eval_every is None else min(max_iter, (state.t // eval_every + 1) * eval_every)
-    return (
-        state.t + k <= end
-        and state.inner.full(state.inner.upcoming(k))
-        and state.outer.full(state.outer.upcoming(k))
+    p = min(
+        k,
+        end - state.t,
+        state.inner.full_run(state.inner.upcoming(k)),
+        state.outer.full_run(state.outer.upcoming(k)),
     )
+    return p if 4 * p >= k else 0
 
 
 def _func_directions(
@@ -789,10 +804,10 @@ def _compiled(
     fresh = types.FunctionType(
         fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
     )
-    options: dict[str, str | int | bool | Callable[..., object]] | None = (
-        {"cpp_wrapper": True} if cpp_wrapper else None
-    )
-    compiled = torch.compile(fresh, fullgraph=True, dynamic=False, options=options)
+    options: dict[str, object] = {"post_grad_custom_post_pass": _small_matmuls_as_loops()}
+    if cpp_wrapper:
+        options["cpp_wrapper"] = True
+    compiled = torch.compile(fresh, fullgraph=True, dynamic=False, options=options)  # type: ignore[arg-type]
 
     def call(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         try:
@@ -807,6 +822,58 @@ def _compiled(
         return out
 
     return call
+
+
+#: The largest m k n of a CPU matrix product that `_SmallMatmulsAsLoops` rewrites.
+_SMALL_MM = 1 << 16
+
+
+@functools.cache
+def _small_matmuls_as_loops() -> object:
+    """Inductor post-grad pass: a CPU ``mm(a, b)`` of at most `_SMALL_MM` multiply-adds becomes
+    ``(a[:, :, None] * b[None]).sum(1)``, which Inductor fuses into its own C++ loops.
+
+    A mini-batch oracle's products are small (a batch of 64 against a few columns: tens of
+    thousands of multiply-adds), and an external BLAS call costs tens of microseconds for
+    them, about its cost for a product a hundred times larger; an iteration of SOBA on a
+    logistic regression has six.  As loops they cost a few microseconds each.  The sums run
+    in another order than BLAS's: results equal up to rounding.  ``uuid`` keys Inductor's
+    cache on the rewrite.  (Built on first use: importing Inductor is slow.)
+    """
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class SmallMatmulsAsLoops(CustomGraphPass):
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            aten = torch.ops.aten
+            for node in list(graph.nodes):
+                if node.op != "call_function" or node.target is not aten.mm.default:
+                    continue
+                a, b = node.args
+                va = a.meta.get("val") if isinstance(a, torch.fx.Node) else None
+                vb = b.meta.get("val") if isinstance(b, torch.fx.Node) else None
+                if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)):
+                    continue
+                shape = (*va.shape, vb.shape[1])
+                small = all(isinstance(d, int) for d in shape) and math.prod(shape) <= _SMALL_MM
+                if va.device.type != "cpu" or not small:
+                    continue
+                with graph.inserting_before(node):
+                    ua = graph.call_function(aten.unsqueeze.default, (a, 2))
+                    ub = graph.call_function(aten.unsqueeze.default, (b, 0))
+                    prod = graph.call_function(aten.mul.Tensor, (ua, ub))
+                    total = graph.call_function(aten.sum.dim_IntList, (prod, [1]))
+                with va.fake_mode:  # type: ignore[attr-defined]
+                    ua.meta["val"] = va.unsqueeze(2)
+                    ub.meta["val"] = vb.unsqueeze(0)
+                    prod.meta["val"] = ua.meta["val"] * ub.meta["val"]
+                    total.meta["val"] = prod.meta["val"].sum(1)
+                node.replace_all_uses_with(total)
+                graph.erase_node(node)
+
+        def uuid(self) -> str:
+            return f"bilevel-small-matmuls-as-loops-{_SMALL_MM}"
+
+    return SmallMatmulsAsLoops()
 
 
 def _first_lines(err: Exception) -> str:
@@ -826,7 +893,7 @@ def _compiled_steps(
     coef_row: Callable[[_State, int, int, int], list[float]],
     bufs: tuple[torch.Tensor, ...],
     chunk: int,
-) -> tuple[Callable[[_State], None], tuple[int, Callable[[_State], None]] | None]:
+) -> tuple[Callable[[_State], None], _Chunked]:
     """The compiled single step and, for ``chunk > 1``, the compiled chunk of iterations.
 
     ``body(z, x, v, idx_in, idx_out, j_in, j_out, coef, bufs)`` is one iteration on the inner
@@ -841,6 +908,13 @@ def _compiled_steps(
     argument handling, about 100 us on a CPU) is paid once per K iterations.  It returns the
     norms of (z, v, x) after every iteration and whether each iteration's oracle outputs were
     finite, read once per chunk, so a failure is still named at its iteration.
+
+    A call may take p < K iterations (before a record, ``max_iter`` or a shorter batch, whose
+    shape the graph does not have): the last K - p are idle, with zero coefficients, the
+    extra batch id of each level (``n_batches``: the table's last row; SABA's memories have
+    the same extra row, a scratch the idle iterations write) and ``keep`` False, which keeps
+    z, v, x as they were whatever the idle iteration computed; ``body`` must leave its other
+    buffers unchanged at zero coefficients (SABA's averages: see its body).
     """
     dev, dtype = state.z.device, state.z.dtype
 
@@ -874,14 +948,16 @@ def _compiled_steps(
         j_in: torch.Tensor,
         j_out: torch.Tensor,
         coefs: torch.Tensor,
+        keep: torch.Tensor,
         *bufs: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         idx_in, idx_out = table_in.index_select(0, j_in), table_out.index_select(0, j_out)
         norms, finite = [], []
         for i in range(chunk):
-            z, v, x, ins, outs = body(
+            z2, v2, x2, ins, outs = body(
                 z, x, v, idx_in[i], idx_out[i], j_in[i : i + 1], j_out[i : i + 1], coefs[i], bufs
             )
+            z, v, x = (torch.where(keep[i], new, old) for new, old in ((z2, z), (v2, v), (x2, x)))
             norms.append(torch.stack([torch.linalg.vector_norm(t) for t in (z, v, x)]))
             finite.append(
                 torch.stack([torch.isfinite(torch.cat(ins)).all(), torch.isfinite(torch.cat(outs)).all()])
@@ -891,24 +967,27 @@ def _compiled_steps(
     fused_many = _compiled(who, many, cpp_wrapper=True)
     table_in, table_out = state.inner.table(), state.outer.table()
 
-    def chunk_step(s: _State) -> None:
-        js, ks = s.inner.take(chunk), s.outer.take(chunk)
-        coefs = torch.tensor(
-            [coef_row(s, s.t + i, j, k) for i, (j, k) in enumerate(zip(js, ks))], dtype=dtype, device=dev
-        )
+    idle_in, idle_out = state.inner.n_batches, state.outer.n_batches
+    keeps = [torch.arange(chunk, device=dev) < p for p in range(chunk + 1)]
+
+    def chunk_step(s: _State, p: int) -> None:
+        js, ks = s.inner.take(p), s.outer.take(p)
+        rows = [coef_row(s, s.t + i, j, k) for i, (j, k) in enumerate(zip(js, ks))]
+        rows += [[0.0] * len(rows[0])] * (chunk - p)
         s.z, s.v, s.x, norms, finite = fused_many(
             s.z,
             s.x,
             s.v,
             table_in,
             table_out,
-            torch.tensor(js, device=dev),
-            torch.tensor(ks, device=dev),
-            coefs,
+            torch.tensor(js + [idle_in] * (chunk - p), device=dev),
+            torch.tensor(ks + [idle_out] * (chunk - p), device=dev),
+            torch.tensor(rows, dtype=dtype, device=dev),
+            keeps[p],
             *bufs,
         )
         s.norms = None
-        _check_chunk(s, norms, finite)
+        _check_chunk(s, norms[:p], finite[:p])
 
     return step, (chunk, chunk_step)
 
@@ -1021,8 +1100,9 @@ class _SingleLoop:
         raise NotImplementedError
 
 
-#: A compiled step over K iterations and its K, where the run may take chunks.
-_Chunked = tuple[int, Callable[[_State], None]] | None
+#: A compiled step over up to K iterations and its K, where the run may take chunks:
+#: ``chunk_step(state, p)`` runs the next p <= K iterations.
+_Chunked = tuple[int, Callable[[_State, int], None]] | None
 
 
 def _draw(
@@ -1075,18 +1155,18 @@ class SOBA(_SingleLoop):
             NumPy or data-dependent Python branches); a failure raises a `BilevelError`
             saying so.  The result equals the eager one up to rounding.
         chunk: with ``compile=True``, iterations per compiled call (>= 1).  K > 1 compiles
-            the K iterations into one graph (a longer compilation, growing with K), run
-            whenever the next K iterations draw full-size batches on both levels and end by
-            ``max_iter`` and the next record; the others (around a shorter last batch, a
-            remainder) run one by one.  Each iteration is still checked and a failure named
-            at its iteration (the norms and oracle checks of a chunk are read once, after
-            it); ``time_limit`` is tested between chunks, so a run may exceed it by up to one
-            chunk; records fall between chunks, so take ``eval_every`` a multiple of K.  The
-            result is the one-by-one result up to rounding.  On small models K = 16 to 32
-            about halves the time per iteration against ``chunk=1`` on a CPU (the per-call
-            cost of a compiled function, about 100 us, is paid once per chunk; the chunk's
-            graph is built with Inductor's C++ wrapper, whose compilation adds seconds to
-            a minute; ``benchmarks/stochastic_speed.py`` measures it).
+            K iterations into one graph (a longer compilation, growing with K: minutes for
+            K = 16 with a cold Inductor cache).  A call takes the next K iterations, or fewer
+            where a record, ``max_iter`` or a shorter last batch (whose shape the graph does
+            not have) comes first, the rest of the K idle (computed and discarded); fewer
+            than K / 4 and the iteration runs alone, as with ``chunk=1``.  Each iteration is
+            still checked and a failure named at its iteration (the norms and oracle checks
+            of a chunk are read once, after it); ``time_limit`` is tested between calls, so a
+            run may exceed it by up to one chunk.  The result is the one-by-one result up to
+            rounding.  On small models K = 16 takes a fraction of ``chunk=1``'s time per
+            iteration on a CPU (the per-call cost of a compiled function, about 100 us, is
+            paid once per chunk; ``benchmarks/stochastic_speed.py`` and
+            ``benchmarks/bilevel_suite`` measure it).
 
     Raises:
         ValueError, TypeError: a step size <= 0, a batch size < 1, a schedule that is not callable.
@@ -1171,8 +1251,9 @@ class SABA(_SingleLoop):
         dz, dx = state.z.numel(), state.x.numel()
         # One table per level, the level's terms side by side in a row: [grad_z G | Hv | cross v]
         # and [grad_z F | grad_x F], so one batch's memory update is a few vector operations.
-        mem_in = state.z.new_zeros((state.inner.n_batches, 2 * dz + dx))
-        mem_out = state.z.new_zeros((state.outer.n_batches, dz + dx))
+        # One row per batch, plus a scratch row (id n_batches) for a chunk's idle iterations.
+        mem_in = state.z.new_zeros((state.inner.n_batches + 1, 2 * dz + dx))
+        mem_out = state.z.new_zeros((state.outer.n_batches + 1, dz + dx))
         avg_in = state.z.new_zeros(2 * dz + dx)
         avg_out = state.z.new_zeros(dz + dx)
         inner_lr, outer_lr = float(self.inner_lr), float(self.outer_lr)
@@ -1209,8 +1290,10 @@ class SABA(_SingleLoop):
                 diff_out = new_out - mem_out.index_select(0, j_out)[0]
                 d_in = avg_in + coef[1] * diff_in
                 d_out = avg_out + coef[3] * diff_out
-                avg_in.add_(coef[0] * diff_in)
-                avg_out.add_(coef[2] * diff_out)
+                # An idle iteration of a chunk has weight 0: the averages stay as they were even
+                # where its outputs are not finite (0 * NaN is NaN).
+                avg_in.add_(torch.where(coef[0] > 0, coef[0] * diff_in, 0.0))
+                avg_out.add_(torch.where(coef[2] > 0, coef[2] * diff_out, 0.0))
                 mem_in.index_copy_(0, j_in, new_in.view(1, -1))
                 mem_out.index_copy_(0, j_out, new_out.view(1, -1))
                 z2 = z - coef[4] * d_in[:dz]

@@ -183,7 +183,8 @@ def _run(
 ) -> dict[str, object]:
     return dict(
         solver="S", framework="bilevel (torch)", stochastic=batch is not None, batch_size=batch,
-        records=[dict(t=t, iter=i, metric=m) for t, i, m in zip(times, iters, metrics, strict=True)],
+        records=[dict(t=t, iter=i, metric=m, x=[0.0], z=[0.0])
+                 for t, i, m in zip(times, iters, metrics, strict=True)],
     )  # fmt: skip
 
 
@@ -192,8 +193,19 @@ def test_report_time_to_level_and_epoch_time() -> None:
     assert R.time_to(run, 1e-2) == 1.0
     assert R.time_to(run, 1e-4) == 2.0
     assert math.isinf(R.time_to(run, 1e-6))
-    # 400 iterations of batch 64 over 1280 samples = 20 epochs in 4 s
+    # windows after the first: 100 iterations in 1 s, 200 in 2 s; 1280 / 64 = 20 iterations
+    # per epoch at 0.01 s each
     assert R.epoch_time(run, 1280) == pytest.approx(0.2)
+    run["records"][-1]["z"] = [math.nan]  # type: ignore[index]
+    assert math.isnan(R.epoch_time(run, 1280))
+
+
+def test_per_epoch_leaves_out_the_first_window_and_takes_the_median() -> None:
+    # the first window holds the compilation; one later window an outlier (a second graph)
+    window_s = [30.0, 0.10, 0.11, 5.0, 0.12, 0.10]
+    per_it = 0.11 / 64  # median of [0.10, 0.11, 5.0, 0.12, 0.10] / 64
+    assert R.per_epoch(window_s, [64] * 6, 64, 20_000) == pytest.approx(per_it * 20_000 / 64)
+    assert math.isnan(R.per_epoch([1.0], [64], 64, 20_000))
 
 
 def test_report_thinning_keeps_ends_and_order() -> None:

@@ -628,15 +628,16 @@ def test_nan_oracle_named_with_sparse_checks(monkeypatch: pytest.MonkeyPatch) ->
 # --------------------------------------------------------------------------------------------
 
 
-def _count_chunks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Spy on the chunk checker: one entry (the chunk's first iteration) per chunk run."""
+def _count_chunks(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Spy on the chunk checker: one entry (the chunk's first iteration, the iterations it
+    took) per chunk run."""
     import bilevel._stochastic as stochastic
 
-    calls: list[int] = []
+    calls: list[tuple[int, int]] = []
     real = stochastic._check_chunk
 
     def spy(state: object, norms: torch.Tensor, finite: torch.Tensor) -> None:
-        calls.append(state.t)  # type: ignore[attr-defined]
+        calls.append((state.t, len(norms)))  # type: ignore[attr-defined]
         real(state, norms, finite)  # type: ignore[arg-type]
 
     monkeypatch.setattr(stochastic, "_check_chunk", spy)
@@ -648,8 +649,10 @@ def _count_chunks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 @pytest.mark.parametrize(
     ("n", "chunk", "eval_every"),
     [
-        (12, 4, None),  # every batch full: chunks only, the last 3 iterations one by one
-        (13, 2, 6),  # a batch of one sample every epoch, records every 6: chunks and single steps
+        (12, 4, None),  # every batch full: five full chunks, the last 3 iterations a partial one
+        # a batch of one sample every epoch (at most 3 full batches in a row), records every 6:
+        # partial chunks of 2 to 6 iterations, single steps (the short batch; a run of 1 < 8 / 4)
+        (13, 8, 6),
     ],
 )
 def test_chunked_iterates_equal_reference(
@@ -674,10 +677,11 @@ def test_chunked_iterates_equal_reference(
     # chunks ran, never across a record, and the records fell where asked
     assert calls
     if eval_every is None:
-        assert calls == list(range(0, 20, chunk)) and records == [23]
+        assert calls == [(t, 4) for t in range(0, 20, 4)] + [(20, 3)] and records == [23]
     else:
         assert records == [0, 6, 12, 18, 23]
-        assert all((t // eval_every) == ((t + chunk - 1) // eval_every) for t in calls)
+        assert all(t // eval_every == (t + k - 1) // eval_every for t, k in calls)
+        assert all(2 <= k <= 6 for _, k in calls) and sum(k for _, k in calls) < 23
 
 
 @pytest.mark.slow  # compiles
@@ -700,7 +704,34 @@ def test_chunked_nan_named_at_its_iteration(monkeypatch: pytest.MonkeyPatch) -> 
     z0, x0 = (torch.tensor(t) for t in start(p))
     with pytest.raises(NonFiniteError, match=r"outer oracle's gradient is NaN or infinite at iteration 6\b"):
         SABA(0.1, 0.1, batch_size=4, compile=True, chunk=4).run(bad, z0, x0, max_iter=40, seed=2)
-    assert calls == [0, 4]
+    assert calls == [(0, 4), (4, 4)]
+
+
+@pytest.mark.slow  # compiles
+@pytest.mark.parametrize("solver", [SOBA, SABA], ids=lambda s: s.__name__)
+def test_chunk_idle_iterations_change_nothing(monkeypatch: pytest.MonkeyPatch, solver: type) -> None:
+    # max_iter = 2 with chunk = 4: one call of 2 iterations and 2 idle ones, which run on the
+    # idle batch (sample 0, four times).  The inner oracle is NaN on sample 0, which the two
+    # real iterations (seed 3) do not draw: the idle iterations' NaN must not reach z, v, x or
+    # SABA's averages, and nothing is reported.
+    calls = _count_chunks(monkeypatch)
+    p = Ridge(12, 8, 4)
+    pb = p.torch_problem()
+    si, _ = samplers(p, 4, seed=3)
+    assert all(0 not in si.next()[1] for _ in range(2))
+    poison = torch.zeros(12, dtype=F64)
+    poison[0] = math.nan
+
+    def inner(z: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return pb.inner(z, x, idx) + poison[idx].mean() * z.sum()
+
+    z0, x0 = start(p)
+    res = solver(inner_lr=0.2, outer_lr=0.1, batch_size=4, compile=True, chunk=4).run(
+        StochasticBilevel(inner, pb.outer, 12, 8), torch.tensor(z0), torch.tensor(x0), max_iter=2, seed=3
+    )
+    assert calls == [(0, 2)]
+    ref = ref_soba if solver is SOBA else ref_saba
+    assert_iterates(res, ref(p, z0, x0, 2, 0.2, 0.1, 4, seed=3))
 
 
 @pytest.mark.slow  # compiles

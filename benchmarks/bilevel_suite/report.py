@@ -13,14 +13,22 @@ Writes ``results/bilevel_suite/<problem>.png`` and prints a markdown table: time
 relative suboptimality 1e-2, 1e-4, 1e-6 (covtype: to come within 0.002 of the lowest validation
 error any solver reached), and, for SOBA and SABA, time per epoch ours / reference.
 
+Time per epoch, one definition for both sides (`per_epoch`): the median over the windows
+between records (the first, which holds the compilation on either side, left out) of the
+time per iteration, times the iterations per epoch n_inner / batch size.  ``--timing`` prints
+it from the runners' timing mode (``run_ours.py --timing``, ``run_reference.py --timing``:
+fixed iterations at steps that keep both sides finite), ours in each configuration run.
+
 Run::
 
     PYTHONPATH=. python -m benchmarks.bilevel_suite.report --problems quadratic,ijcnn1,covtype
+    PYTHONPATH=. python -m benchmarks.bilevel_suite.report --timing
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 from pathlib import Path
@@ -64,11 +72,13 @@ def score(problem: SuiteProblem, runs: list[dict[str, Any]], h_star: float | Non
         run["records"] = _thin(run["records"])
         for r in run["records"]:
             x = torch.tensor(r["x"], dtype=torch.float64)
-            if not bool(torch.isfinite(x).all()):
+            z = torch.tensor(r["z"], dtype=torch.float64)
+            # A NaN z would score as the error of argmax(NaN) = class 0 on covtype.
+            if not bool(torch.isfinite(x).all() and torch.isfinite(z).all()):
                 r["metric"] = math.inf
             elif h_star is None:
                 assert problem.validation_error is not None
-                r["metric"] = problem.validation_error(torch.tensor(r["z"], dtype=torch.float64))
+                r["metric"] = problem.validation_error(z)
             else:
                 r["metric"] = max((problem.value_and_grad(x)[0] - h_star) / (h0 - h_star), 0.0)
 
@@ -80,10 +90,30 @@ def time_to(run: dict[str, Any], level: float) -> float:
     return math.inf
 
 
+def per_epoch(window_s: list[float], window_iters: list[int], batch_size: int, n_inner: int) -> float:
+    """Seconds per epoch: the median over the windows but the first of the time per iteration,
+    times the iterations per epoch n_inner / batch_size; NaN with fewer than two windows."""
+    rates = sorted(t / k for t, k in zip(window_s[1:], window_iters[1:], strict=True) if k > 0)
+    if not rates:
+        return math.nan
+    mid = len(rates) // 2
+    rate = rates[mid] if len(rates) % 2 else 0.5 * (rates[mid - 1] + rates[mid])
+    return rate * n_inner / batch_size
+
+
 def epoch_time(run: dict[str, Any], n_inner: int) -> float:
-    last = run["records"][-1]
-    epochs = last["iter"] * run["batch_size"] / n_inner
-    return float(last["t"] / epochs) if epochs else math.nan
+    """`per_epoch` from a run's records (every record a window end); NaN for a run that ended
+    non-finite (its later windows time NaN arithmetic)."""
+    recs = run["records"]
+    if not all(math.isfinite(v) for v in recs[-1]["x"] + recs[-1]["z"]):
+        return math.nan
+    pairs = list(itertools.pairwise(recs))
+    return per_epoch(
+        [b["t"] - a["t"] for a, b in pairs],
+        [b["iter"] - a["iter"] for a, b in pairs],
+        run["batch_size"],
+        n_inner,
+    )
 
 
 def plot(problem: str, runs: list[dict[str, Any]], ylabel: str, path: Path) -> None:
@@ -126,6 +156,8 @@ def report(name: str) -> str:
         return f"{name}: no results in {RESULTS}\n"
     covtype = name == "covtype"
     h_star = None if covtype else optimum(problem)
+    for run in runs:  # before score() thins the records
+        run["s_per_epoch"] = epoch_time(run, problem.n_inner) if run["stochastic"] else math.nan
     score(problem, runs, h_star)
     ylabel = "validation error" if covtype else "relative suboptimality (h(x) - h*) / (h(x0) - h*)"
     plot(name, runs, ylabel, RESULTS / f"{name}.png")
@@ -142,13 +174,13 @@ def report(name: str) -> str:
         out.append("|---|---|---|---|---|---|---|")
     for run in runs:
         side = "benchmark (JAX)" if run["framework"].startswith("jax") else "ours"
-        per_epoch = fmt(epoch_time(run, problem.n_inner)) if run["stochastic"] else "—"
+        epoch_s = fmt(run["s_per_epoch"])
         final = run["records"][-1]["metric"]
         if covtype:
             cells = [f"{final:.4f}", fmt(time_to(run, best + COVTYPE_SLACK))]
         else:
             cells = [fmt(time_to(run, lv)) for lv in LEVELS] + [f"{final:.2e}"]
-        out.append(f"| {run['solver']} | {side} | " + " | ".join(cells) + f" | {per_epoch} |")
+        out.append(f"| {run['solver']} | {side} | " + " | ".join(cells) + f" | {epoch_s} |")
     pairs = []
     for s in ("SOBA", "SABA"):
         ours = [r for r in runs if r["solver"] == f"{s}-compile"] or [
@@ -156,7 +188,7 @@ def report(name: str) -> str:
         ]
         ref = [r for r in runs if r["solver"] == s and r["framework"].startswith("jax")]
         if ours and ref:
-            a, b = epoch_time(ours[0], problem.n_inner), epoch_time(ref[0], problem.n_inner)
+            a, b = ours[0]["s_per_epoch"], ref[0]["s_per_epoch"]
             pairs.append(f"{ours[0]['solver']} {a:.3f} s / {b:.3f} s = {a / b:.2f}x")
     if pairs:
         out.append("\nTime per epoch, ours / benchmark: " + "; ".join(pairs) + ".")
@@ -164,11 +196,64 @@ def report(name: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def timing_report(names: list[str]) -> str:
+    """The per-epoch table from ``timing_ours_<problem>*.json`` and ``timing_reference_<problem>*.json``.
+
+    One row per problem and solver: the JAX scan's seconds per epoch, ours in each
+    configuration with its ratio to JAX (the median over ``--repeats`` passes), and the best.
+    """
+    rows, configs = [], []
+    for name in names:
+        n_inner = PROBLEMS[name]().n_inner
+        sides = {}
+        for side in ("ours", "reference"):  # timing_<side>_<problem>[<suffix>].json: all passes
+            for path in sorted(RESULTS.glob(f"timing_{side}_{name}*.json")):
+                sides.setdefault(side, []).extend(json.loads(path.read_text())["runs"])
+        if len(sides) < 2:
+            continue
+        cell: dict[tuple[str, str], list[float]] = {}
+        finite: dict[tuple[str, str], bool] = {}
+        for side, runs in sides.items():
+            for run in runs:
+                key = (run["solver"], run["config"])
+                k = run["iters_per_window"]
+                value = per_epoch(run["window_s"], [k] * len(run["window_s"]), run["batch_size"], n_inner)
+                cell.setdefault(key, []).append(value)
+                finite[key] = finite.get(key, True) and run["finite"]
+                if side == "ours" and run["config"] not in configs:
+                    configs.append(run["config"])
+        for solver in ("SOBA", "SABA"):
+            if (solver, "jax scan") not in cell:
+                continue
+            jax_s = float(np.median(cell[(solver, "jax scan")]))
+            ours = {c: float(np.median(cell[(solver, c)])) for c in configs if (solver, c) in cell}
+            flag = "" if all(f for (s, _), f in finite.items() if s == solver) else " (non-finite end)"
+            best = min(ours, key=lambda c: ours[c]) if ours else None
+            cells = [f"{ours[c]:.4f} ({ours[c] / jax_s:.2f}x)" if c in ours else "—" for c in configs]
+            best_cell = f"{best}: **{ours[best] / jax_s:.2f}x**" if best else "—"
+            rows.append(
+                f"| {name} | {solver}{flag} | {jax_s:.4f} | " + " | ".join(cells) + f" | {best_cell} |"
+            )
+    head = (
+        "| problem | solver | JAX (s / epoch) | "
+        + " | ".join(f"ours {c}" for c in configs)
+        + " | best / JAX |"
+    )
+    rule = "|---" * (4 + len(configs)) + "|"
+    return "\n".join([head, rule, *rows]) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--problems", default="quadratic,ijcnn1,covtype")
+    p.add_argument("--timing", action="store_true", help="the per-epoch table of the timing mode")
     a = p.parse_args()
     torch.set_num_threads(1)
+    if a.timing:
+        text = timing_report(a.problems.split(","))
+        (RESULTS / "timing.md").write_text(text)
+        print(text)
+        return
     text = "".join(report(name) for name in a.problems.split(","))
     (RESULTS / "table.md").write_text(text)
     print(text)

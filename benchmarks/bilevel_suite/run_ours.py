@@ -18,11 +18,20 @@ Run::
 
     PYTHONPATH=. taskset -c 1 python -m benchmarks.bilevel_suite.run_ours --problem quadratic \\
         --max-time 60 --out results/bilevel_suite/ours_quadratic.json
+
+Timing mode (``--timing``): SOBA and SABA in the configurations ``--configs`` (eager,
+``compile=True``, ``compile=True, chunk=K``), ``--windows`` windows of ``EVAL_FREQ`` iterations
+each at `TIMING_STEPS` (run_reference.py's ``--timing`` runs the JAX side the same way);
+``report.py --timing`` turns both into seconds per epoch::
+
+    PYTHONPATH=. taskset -c 0 python -m benchmarks.bilevel_suite.run_ours --problem covtype --timing \\
+        --configs eager,compile,chunk16 --out results/bilevel_suite/timing_ours_covtype.json
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -50,11 +59,27 @@ from .problems import PROBLEMS, SuiteProblem
 
 # The benchmark's best parameters (config/quadratics_021424_best_params.yml,
 # ijcnn1_best_params.yml, covtype_best_params.yml): (step_size, outer_ratio).  SOBA has none for
-# the quadratic there; it takes SABA's, as run_reference.py does.
+# the quadratic there; it takes SABA's, as run_reference.py does.  SABA has none for covtype:
+# run_reference.py then runs the benchmark's SABA at its defaults (0.1, 1.0), and so do we.
 BEST = {
     "quadratic": {"SOBA": (0.1, 1.0), "SABA": (0.1, 1.0), "StocBiO": (0.1, 1.0)},
     "ijcnn1": {"SOBA": (0.03125, 0.01), "SABA": (0.125, 1.0), "StocBiO": (0.125, 1.0)},
-    "covtype": {"SOBA": (1.0, 0.01), "SABA": (1.0, 0.01), "StocBiO": (0.0625, 0.01)},
+    "covtype": {"SOBA": (1.0, 0.01), "SABA": (0.1, 1.0), "StocBiO": (0.0625, 0.01)},
+}
+# The steps of the timing mode (``--timing``), the same in run_reference.py: the best ones,
+# except SOBA on ijcnn1, whose best outer step (3.1) diverges on this data on both sides (the
+# time of an iteration does not depend on the step while the iterates stay finite; it does
+# once they are NaN, so the timing steps keep them finite).
+TIMING_STEPS = {
+    "quadratic": {"SOBA": (0.1, 1.0), "SABA": (0.1, 1.0)},
+    "ijcnn1": {"SOBA": (0.03125, 1.0), "SABA": (0.125, 1.0)},
+    "covtype": {"SOBA": (1.0, 0.01), "SABA": (0.1, 1.0)},
+}
+#: Our configurations the timing mode can run: name -> SOBA / SABA keyword arguments.
+TIMING_CONFIGS: dict[str, dict[str, Any]] = {
+    "eager": {},
+    "compile": {"compile": True},
+    **{f"chunk{k}": {"compile": True, "chunk": k} for k in (8, 16, 32, 64)},
 }
 # Iterations between records (as run_reference.EVAL_FREQ).
 EVAL_FREQ = {"quadratic": 64, "ijcnn1": 512, "covtype": 256}
@@ -124,15 +149,12 @@ def run_stochastic(
     moves earlier by the difference (the compilation time, kept in the first record's
     ``compile_s``).
     """
-    step, ratio = BEST[problem.name][name]
-    common: dict[str, Any] = dict(inner_lr=step, outer_lr=step / ratio, batch_size=64)
     solver: Any
-    if name == "SOBA":
-        solver = SOBA(**common, inner_schedule=Decay(0.5), outer_schedule=Decay(0.5), compile=compile)
-    elif name == "SABA":
-        solver = SABA(**common, compile=compile)
+    if name in ("SOBA", "SABA"):
+        solver = _solver(problem.name, name, BEST[problem.name][name], compile=compile)
     else:
-        solver = StocBiO(**common, n_inner_steps=10, n_neumann_steps=10)
+        step, ratio = BEST[problem.name][name]
+        solver = StocBiO(step, step / ratio, batch_size=64, n_inner_steps=10, n_neumann_steps=10)
     sp = StochasticBilevel(problem.inner, problem.outer, problem.n_inner, problem.n_outer)
     snaps: list[tuple[list[float], list[float]]] = []
 
@@ -160,6 +182,58 @@ def run_stochastic(
     return records
 
 
+def _solver(problem: str, name: str, steps: tuple[float, float], **options: Any) -> SOBA | SABA:
+    step, ratio = steps
+    common: dict[str, Any] = dict(inner_lr=step, outer_lr=step / ratio, batch_size=64, **options)
+    if name == "SOBA":
+        return SOBA(**common, inner_schedule=Decay(0.5), outer_schedule=Decay(0.5))
+    return SABA(**common)
+
+
+def time_stochastic(problem: SuiteProblem, name: str, config: str, windows: int, seed: int) -> Snapshot:
+    """Time per epoch of SOBA or SABA in one of `TIMING_CONFIGS`, at the `TIMING_STEPS`.
+
+    Runs ``windows`` windows of ``EVAL_FREQ`` iterations (the benchmark's scan length: one
+    jitted call on its side) and records each window's solver time (records excluded).  The
+    time per iteration is the median window time over the windows after the first, divided
+    by the window length: the first window holds the compilation, and a later window holding
+    the compilation of a shorter last batch's graph is an outlier the median leaves out.  The
+    time per epoch is that times n_inner / 64 (iterations per epoch), as report.py computes
+    it for run_reference.py's timing records.
+    """
+    solver = _solver(problem.name, name, TIMING_STEPS[problem.name][name], **TIMING_CONFIGS[config])
+    sp = StochasticBilevel(problem.inner, problem.outer, problem.n_inner, problem.n_outer)
+    every = EVAL_FREQ[problem.name]
+    res = solver.run(
+        sp, problem.z0.clone(), problem.x0.clone(), max_iter=windows * every, seed=seed, eval_every=every
+    )
+    t = [r.time for r in res.history]
+    window_s = [b - a for a, b in itertools.pairwise(t)]
+    finite = bool(torch.isfinite(res.x).all() and torch.isfinite(res.z).all())
+    return dict(
+        solver=name, config=config, steps=TIMING_STEPS[problem.name][name], batch_size=64,
+        iters_per_window=every, window_s=window_s, finite=finite,
+    )  # fmt: skip
+
+
+def main_timing(a: argparse.Namespace, problem: SuiteProblem) -> None:
+    """``--timing``: the configurations in turn, round-robin ``--repeats`` times (one process)."""
+    names = [n for n in a.solvers.split(",") if n in ("SOBA", "SABA")] or ["SOBA", "SABA"]
+    runs = []
+    for rep in range(a.repeats):
+        for name in names:
+            for config in a.configs.split(","):
+                run = time_stochastic(problem, name, config, a.windows, a.seed)
+                w = sorted(run["window_s"][1:])
+                ms = w[len(w) // 2] * 1e3
+                print(f"{a.problem} {name} {config} (pass {rep}): median {ms:.1f} ms per "
+                      f"{run['iters_per_window']} iterations, finite={run['finite']}",
+                      flush=True)  # fmt: skip
+                runs.append(run)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(dict(problem=a.problem, side="ours", torch=torch.__version__, runs=runs)))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--problem", choices=sorted(PROBLEMS), required=True)
@@ -169,11 +243,20 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="3 s per solver: a smoke run")
     p.add_argument("--compile", action="store_true", help="SOBA and SABA with compile=True (warmed up)")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--timing", action="store_true",
+                   help="time per epoch of SOBA / SABA (--solvers) in --configs, timing steps")  # fmt: skip
+    p.add_argument("--configs", default="compile,chunk16,chunk32",
+                   help=f"with --timing: of {sorted(TIMING_CONFIGS)}")  # fmt: skip
+    p.add_argument("--windows", type=int, default=20, help="with --timing: windows of EVAL_FREQ iterations")
+    p.add_argument("--repeats", type=int, default=1, help="with --timing: passes over the configurations")
     a = p.parse_args()
     torch.set_num_threads(1)
     problem = PROBLEMS[a.problem]()
     if not (P_DATA / f"{a.problem}.npz").exists():  # written once: a reader may be running
         problem.save_npz()
+    if a.timing:
+        main_timing(a, problem)
+        return
     max_time = 3.0 if a.quick else a.max_time
     runs = []
     for name in a.solvers.split(","):

@@ -56,6 +56,13 @@ BEST_PARAMS_FILE = {
     "ijcnn1": "ijcnn1_best_params.yml",
     "covtype": "covtype_best_params.yml",
 }
+# The steps of the timing mode (``--timing``): (step_size, outer_ratio), the same as
+# run_ours.TIMING_STEPS (this runner's interpreter has no torch to import them from).
+TIMING_STEPS = {
+    "quadratic": {"SOBA": (0.1, 1.0), "SABA": (0.1, 1.0)},
+    "ijcnn1": {"SOBA": (0.03125, 1.0), "SABA": (0.125, 1.0)},
+    "covtype": {"SOBA": (1.0, 0.01), "SABA": (0.1, 1.0)},
+}
 SOLVER_FILES = {
     "SOBA": "soba", "SABA": "saba", "AmIGO": "amigo", "jaxopt_GD": "jaxopt_gd", "jaxopt_ITD": "jaxopt_itd",
 }  # fmt: skip
@@ -262,6 +269,40 @@ def run_solver(
     )  # fmt: skip
 
 
+def time_solver(
+    bench: Path, problem: str, solver_name: str, obj: dict[str, Any], windows: int, seed: int
+) -> dict[str, Any]:
+    """Time per window of ``EVAL_FREQ`` iterations (one jitted ``lax.scan`` call) of the
+    benchmark's SOBA or SABA at the timing steps, compiled beforehand (Benchopt's warm-up).
+
+    Each window is timed to ``block_until_ready`` on the iterates; report.py turns the median
+    over the windows after the first into a time per epoch as for run_ours.py's records.
+    """
+    mod = _load(bench / "solvers" / f"{SOLVER_FILES[solver_name]}.py", f"bb_solver_{solver_name}")
+    step, ratio = TIMING_STEPS[problem][solver_name]
+    params: dict[str, Any] = dict(step_size=step, outer_ratio=ratio, batch_size=64,
+                                  eval_freq=EVAL_FREQ[problem], random_state=seed)  # fmt: skip
+    if solver_name == "SABA":
+        params["mode_init_memory"] = "zero"
+    solver = mod.Solver(**params)
+    solver.set_objective(**obj)
+    window_s: list[float] = []
+    state = {"calls": 0, "t": 0.0}
+
+    def callback() -> bool:
+        if state["calls"]:
+            jax.block_until_ready((solver.inner_var, solver.outer_var))
+            window_s.append(time.perf_counter() - state["t"])
+        state["calls"] += 1
+        state["t"] = time.perf_counter()
+        return state["calls"] <= windows
+
+    solver.run(callback)
+    finite = all(bool(np.isfinite(np.asarray(t)).all()) for t in (solver.outer_var, solver.inner_var))
+    return dict(solver=solver_name, config="jax scan", steps=[step, ratio], batch_size=solver.batch_size,
+                iters_per_window=EVAL_FREQ[problem], window_s=window_s, finite=finite)  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--benchmark-dir", type=Path, required=True, help="a copy of benchmark_bilevel")
@@ -272,6 +313,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="3 s per solver: a smoke run")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--timing", action="store_true", help="time per epoch of SOBA / SABA at the timing steps")
+    p.add_argument("--windows", type=int, default=20, help="with --timing: windows of EVAL_FREQ iterations")
+    p.add_argument("--repeats", type=int, default=1, help="with --timing: passes over the solvers")
     a = p.parse_args()
     bench = a.benchmark_dir.resolve()
     if not (bench / "solvers" / "soba.py").exists():
@@ -284,6 +328,22 @@ def main() -> None:
     sys.path.insert(0, str(bench))
     data = dict(np.load(npz))
     obj = build_problem(bench, a.problem, data)
+    if a.timing:
+        names = [n for n in a.solvers.split(",") if n in ("SOBA", "SABA")] or ["SOBA", "SABA"]
+        runs = []
+        for rep in range(a.repeats):
+            for name in names:
+                run = time_solver(bench, a.problem, name, obj, a.windows, a.seed)
+                w = sorted(run["window_s"][1:])
+                ms = w[len(w) // 2] * 1e3
+                print(f"{a.problem} {name} jax (pass {rep}): median {ms:.2f} ms per "
+                      f"{run['iters_per_window']} iterations, finite={run['finite']}",
+                      flush=True)  # fmt: skip
+                runs.append(run)
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        out = dict(problem=a.problem, side="reference", jax=jax.__version__, runs=runs)
+        a.out.write_text(json.dumps(out))
+        return
     max_time = 3.0 if a.quick else a.max_time
     runs = []
     for name in a.solvers.split(","):
