@@ -804,7 +804,9 @@ def _compiled(
     fresh = types.FunctionType(
         fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
     )
-    options: dict[str, object] = {"post_grad_custom_post_pass": _small_matmuls_as_loops()}
+    options: dict[str, object] = {}
+    if (small_mm := _small_matmuls_as_loops()) is not None:
+        options["post_grad_custom_post_pass"] = small_mm
     if cpp_wrapper:
         options["cpp_wrapper"] = True
     compiled = torch.compile(fresh, fullgraph=True, dynamic=False, options=options)  # type: ignore[arg-type]
@@ -829,7 +831,7 @@ _SMALL_MM = 1 << 16
 
 
 @functools.cache
-def _small_matmuls_as_loops() -> object:
+def _small_matmuls_as_loops() -> object | None:
     """Inductor post-grad pass: a CPU ``mm(a, b)`` of at most `_SMALL_MM` multiply-adds becomes
     ``(a[:, :, None] * b[None]).sum(1)``, which Inductor fuses into its own C++ loops.
 
@@ -838,9 +840,13 @@ def _small_matmuls_as_loops() -> object:
     them, about its cost for a product a hundred times larger; an iteration of SOBA on a
     logistic regression has six.  As loops they cost a few microseconds each.  The sums run
     in another order than BLAS's: results equal up to rounding.  ``uuid`` keys Inductor's
-    cache on the rewrite.  (Built on first use: importing Inductor is slow.)
+    cache on the rewrite.  (Built on first use: importing Inductor is slow.)  ``None`` on a
+    torch whose Inductor has no custom graph passes (the products then stay BLAS calls).
     """
-    from torch._inductor.custom_graph_pass import CustomGraphPass
+    try:
+        from torch._inductor.custom_graph_pass import CustomGraphPass
+    except ImportError:
+        return None
 
     class SmallMatmulsAsLoops(CustomGraphPass):
         def __call__(self, graph: torch.fx.Graph) -> None:
