@@ -170,6 +170,4 @@ def matrix(names: list[str] | None = None) -> list[tuple[SolverCase, str]]:
 #: Cases of the float32 matrix that stop short of TOL, and why (strict xfails: a fix shows).
 FLOAT32_LIMITS = {
     ("lbfgs", "ridge"): "SciPy's line search on f's float32 values stalls at ||g|| ~ 3e-3 (f ~ 1e3)",
-    ("trust_region", "rosenbrock"): "the float32 model's predicted decrease drowns in f's rounding "
-    "near the valley floor: the radius collapses at ||g|| ~ 1e-4",
 }

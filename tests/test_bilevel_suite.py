@@ -112,6 +112,35 @@ def test_oracles_are_means_over_the_batch(
     assert float(p.outer(z, x, idx)) == pytest.approx(loop_out, rel=1e-12)
 
 
+@pytest.mark.parametrize("name", ["quadratic", "ijcnn1", "covtype"])
+def test_full_batch_oracles_equal_the_gathered_ones(
+    name: str, small_quadratic: P.SuiteProblem, small_ijcnn1: P.SuiteProblem, small_covtype: P.SuiteProblem
+) -> None:
+    p = {"quadratic": small_quadratic, "ijcnn1": small_ijcnn1, "covtype": small_covtype}[name]
+    gen = torch.Generator().manual_seed(4)
+    z = torch.randn(p.dim_inner, dtype=torch.float64, generator=gen)
+    x = torch.randn(p.dim_outer, dtype=torch.float64, generator=gen) * 0.5
+    for oracle, n in ((p.inner, p.n_inner), (p.outer, p.n_outer)):
+        assert float(oracle(z, x, None)) == pytest.approx(float(oracle(z, x, torch.arange(n))), rel=1e-12)
+
+
+def test_covtype_inner_solution_where_the_penalty_vanishes(small_covtype: P.SuiteProblem) -> None:
+    """At log-weights of -18 the training features' null space (one-hot groups summing to one)
+    is curved by exp(-18) only: z*(x) must still be stationary for the oracle, and orthogonal to
+    that null space (where the penalty puts it)."""
+    p = small_covtype
+    X = torch.from_numpy(p.arrays["X_train"])
+    assert int(torch.linalg.matrix_rank(X)) < X.shape[1]  # the case this test is about
+    x = torch.full((p.dim_outer,), -18.0, dtype=torch.float64)
+    z = p.inner_solution(x)
+    zr = z.clone().requires_grad_(True)
+    (gz,) = torch.autograd.grad(p.inner(zr, x, None), zr)
+    assert float(gz.norm()) < 1e-9
+    _, sv, Vt = torch.linalg.svd(X, full_matrices=False)
+    null = Vt[int((sv > 1e-10 * sv[0]).sum()) :]
+    assert float((null @ z.reshape(54, 7)).abs().max()) < 1e-8 * float(z.abs().max())
+
+
 @pytest.mark.parametrize("name", ["ijcnn1", "covtype"])
 def test_logistic_value_function_and_hypergradient(
     name: str, small_ijcnn1: P.SuiteProblem, small_covtype: P.SuiteProblem
@@ -214,3 +243,18 @@ def test_report_thinning_keeps_ends_and_order() -> None:
     assert len(kept) <= R.MAX_POINTS + 2
     assert kept[0] is recs[0] and kept[-1] is recs[-1]
     assert [r["t"] for r in kept] == sorted(r["t"] for r in kept)
+
+
+def test_reference_optimum_in_a_box_is_stationary_on_its_faces(
+    small_covtype: P.SuiteProblem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """covtype's h* is a box's minimum: inside, grad h = 0; on a face, grad h points out of it."""
+    lo, hi = -6.0, 10.0
+    monkeypatch.setitem(P.OPTIMUM_BOUNDS, "covtype", (lo, hi))
+    h_star, x_star = P.reference_optimum(small_covtype)
+    assert h_star < small_covtype.value_and_grad(small_covtype.x0)[0]
+    assert (x_star >= lo).all() and (x_star <= hi).all()
+    g = small_covtype.value_and_grad(torch.from_numpy(x_star))[1].numpy()
+    interior = (x_star > lo + 1e-8) & (x_star < hi - 1e-8)
+    assert np.abs(g[interior]).max(initial=0.0) < 1e-6
+    assert (g[x_star <= lo + 1e-8] >= -1e-6).all()  # h would grow into the box

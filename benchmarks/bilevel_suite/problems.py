@@ -34,8 +34,8 @@ its inner problem loses strong convexity as exp(x) -> 0, softmax logits being in
 shared by all classes).
 
 Oracles follow the package's mini-batch contract: ``inner(z, x, idx)`` and ``outer(z, x, idx)``
-return the mean loss over the samples ``idx`` (a LongTensor); the regularizer is added once per
-call, as in the benchmark's ``f_inner``.
+return the mean loss over the samples ``idx`` (a LongTensor; ``None``: all samples, without a
+gather); the regularizer is added once per call, as in the benchmark's ``f_inner``.
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-Oracle = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``(z, x, idx) -> scalar``: the mean loss over the samples ``idx``, or over all of them for
+#: ``idx=None`` (what a full-batch method calls: no gather copies the data).
+Oracle = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 DATA_DIR = Path("results/bilevel_suite/data")
 
@@ -195,10 +197,10 @@ def _quadratic_loss(arr: dict[str, torch.Tensor]) -> Oracle:
     n = arr["hess_inner"].shape[0]
     full = {k: v.mean(0) for k, v in arr.items()}
 
-    def loss(z: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def loss(z: torch.Tensor, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
         # The loss is linear in the matrices, so the batch mean of the losses is the loss of the
         # batch means; on the full data those are computed once (the gather would copy them all).
-        m = full if idx.numel() == n else {k: v[idx].mean(0) for k, v in arr.items()}
+        m = full if idx is None or idx.numel() == n else {k: v[idx].mean(0) for k, v in arr.items()}
         return (
             0.5 * z @ m["hess_inner"] @ z + 0.5 * x @ m["hess_outer"] @ x + x @ m["cross"] @ z
             + m["linear_inner"] @ z + m["linear_outer"] @ x
@@ -290,12 +292,15 @@ def _newton(
             z = z - step
             continue
         # Armijo backtracking; Newton on these self-concordant losses takes full steps near z*.
+        # Far from z* with a nearly flat direction (curvature exp(x_k) only) the Newton step
+        # can be orders of magnitude too long: backtrack until the step is below z's rounding.
         t = 1.0
         z_new = z - step
-        while float(value(z_new)) > float(f) - 0.25 * t * float(g @ step) and t > 1e-8:
+        floor = 1e-15 * (1.0 + float(z.norm())) / max(float(step.norm()), 1e-300)
+        while float(value(z_new)) > float(f) - 0.25 * t * float(g @ step) and t > floor:
             t *= 0.5
             z_new = z - t * step
-        if t <= 1e-8:
+        if t <= floor:
             # No decrease left at float64 resolution: z is the minimizer to precision if the
             # gradient is small, otherwise the problem is too ill-conditioned to trust z.
             if float(g.norm()) <= 1e-7:
@@ -337,75 +342,104 @@ def _logreg_problem(
             return 0.5 * (torch.exp(x) * z * z).sum()
         return 0.5 * torch.exp(x) @ (z.reshape(d, K) ** 2).sum(0)
 
-    def inner(z: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def inner(z: torch.Tensor, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        if idx is None:
+            return data_loss(z, Xt, Yt) + penalty(z, x)
         return data_loss(z, Xt[idx], Yt[idx]) + penalty(z, x)
 
-    def outer(z: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def outer(z: torch.Tensor, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        if idx is None:
+            return data_loss(z, Xv, Yv)
         return data_loss(z, Xv[idx], Yv[idx])
 
     X64, Y64 = torch.from_numpy(Xtr).double(), torch.from_numpy(Ytr).double()
     Xv64, Yv64 = torch.from_numpy(Xval).double(), torch.from_numpy(Yval).double()
     n = X64.shape[0]
+    # Multinomial: the metric solves the inner problem in the row space of the training
+    # features: writing z = Q w per class, Q an orthonormal basis of that space, is exact, since
+    # the data term sees only X z and the penalty, the same on every feature of a class, puts
+    # z*'s component in the null space of X at zero.  Without it a rank-deficient X (covtype's
+    # one-hot groups each sum to one, and a category absent from training is a zero column)
+    # leaves Newton directions of curvature exp(x_k) only.  Binary: one weight per feature,
+    # which a rotation would mix, so Q = I (ijcnn1's X has full rank).
+    if binary:
+        Q = torch.eye(d, dtype=torch.float64)
+    else:
+        _, sv, Vt = torch.linalg.svd(X64, full_matrices=False)
+        Q = Vt[: int((sv > 1e-10 * sv[0]).sum())].T  # (d, r)
+    r = Q.shape[1]
+    Xr, Xvr = X64 @ Q, Xv64 @ Q
+
+    def lift(w: torch.Tensor) -> torch.Tensor:
+        """z = Q w per class, flattened row-major (d, K) as the oracles' z."""
+        return Q @ w if binary else (Q @ w.reshape(r, K)).reshape(-1)
 
     def reg_diag(x: torch.Tensor) -> torch.Tensor:
-        """The penalty's Hessian diagonal exp(x) per coordinate of z (row-major (d, K))."""
-        return torch.exp(x) if binary else torch.exp(x).repeat(d)
+        """The penalty's Hessian diagonal exp(x) per coordinate of w (row-major (r, K))."""
+        return torch.exp(x) if binary else torch.exp(x).repeat(r)
 
     def data_grad_hess(
         z: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, hess: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        m = X.shape[0]
+        m, p = X.shape
         if binary:
             s = X @ z
             f = F.softplus(-Y * s).mean()
-            p = torch.sigmoid(-Y * s)  # d/ds softplus(-y s) = -y sigmoid(-y s)
-            g = X.T @ (-Y * p) / m
-            H = (X * (p * (1 - p))[:, None]).T @ X / m if hess else torch.empty(0)
+            pr = torch.sigmoid(-Y * s)  # d/ds softplus(-y s) = -y sigmoid(-y s)
+            g = X.T @ (-Y * pr) / m
+            H = (X * (pr * (1 - pr))[:, None]).T @ X / m if hess else torch.empty(0)
             return f, g, H
-        logits = X @ z.reshape(d, K)
+        logits = X @ z.reshape(p, K)
         f = (torch.logsumexp(logits, 1) - (logits * Y).sum(1)).mean()
         P = torch.softmax(logits, 1)
         g = (X.T @ (P - Y) / m).reshape(-1)
         if not hess:
             return f, g, torch.empty(0)
         # H[(i,k),(j,l)] = mean_n X_ni X_nj (P_nk d_kl - P_nk P_nl)
-        H = torch.zeros(d, K, d, K, dtype=X.dtype)
+        H = torch.zeros(p, K, p, K, dtype=X.dtype)
         for k in range(K):
             H[:, k, :, k] = (X * P[:, k : k + 1]).T @ X / m
-        M = (X[:, :, None] * P[:, None, :]).reshape(m, d * K)
-        return f, g, H.reshape(d * K, d * K) - M.T @ M / m
+        M = (X[:, :, None] * P[:, None, :]).reshape(m, p * K)
+        return f, g, H.reshape(p * K, p * K) - M.T @ M / m
 
-    cache: dict[str, torch.Tensor] = {"z": torch.from_numpy(z0).double().clone()}
+    # The start's component in the row space (z0 = 0 for covtype; ijcnn1's X has full rank).
+    z0_64 = torch.from_numpy(z0).double()
+    w0 = Q.T @ z0_64 if binary else Q.T @ z0_64.reshape(d, K)
+    cache: dict[str, torch.Tensor] = {"w": w0.reshape(-1).clone()}
 
-    def inner_solution(x: torch.Tensor) -> torch.Tensor:
+    def reduced_solution(x: torch.Tensor) -> torch.Tensor:
+        """w*(x), float64 (r K,), by Newton warm-started from the last answer (the metric is
+        evaluated along trajectories)."""
         x = x.double()
         lam = reg_diag(x)
 
-        def gh(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            f, g, H = data_grad_hess(z, X64, Y64)
-            return f + 0.5 * (lam * z * z).sum(), g + lam * z, H + torch.diag(lam)
+        def gh(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            f, g, H = data_grad_hess(w, Xr, Y64)
+            return f + 0.5 * (lam * w * w).sum(), g + lam * w, H + torch.diag(lam)
 
-        def val(z: torch.Tensor) -> torch.Tensor:
-            return data_loss(z, X64, Y64) + 0.5 * (lam * z * z).sum()
+        def val(w: torch.Tensor) -> torch.Tensor:
+            return data_loss(lift(w), X64, Y64) + 0.5 * (lam * w * w).sum()
 
-        # Warm start from the last answer: the metric is evaluated along trajectories.
-        z = _newton(val, gh, cache["z"])
-        cache["z"] = z
-        return z
+        w = _newton(val, gh, cache["w"])
+        cache["w"] = w
+        return w
+
+    def inner_solution(x: torch.Tensor) -> torch.Tensor:
+        return lift(reduced_solution(x))
 
     def value_and_grad(x: torch.Tensor) -> tuple[float, torch.Tensor]:
         x = x.double()
-        z = inner_solution(x)
+        w = reduced_solution(x)
         lam = reg_diag(x)
-        _, _, H = data_grad_hess(z, X64, Y64)
-        fval, gz, _ = data_grad_hess(z, Xv64, Yv64, hess=False)
-        u = torch.linalg.solve(H + torch.diag(lam), gz)
-        # d2G/dx dz: d/dx_j of exp(x) z (the inner gradient's penalty part) is exp(x_j) z on the
-        # coordinates x_j weighs; grad h = dF/dx - (d2G/dx dz) u with dF/dx = 0.
+        _, _, H = data_grad_hess(w, Xr, Y64)
+        fval, gw, _ = data_grad_hess(w, Xvr, Yv64, hess=False)
+        u = torch.linalg.solve(H + torch.diag(lam), gw)
+        # d2G/dx dw: d/dx_j of exp(x) w (the inner gradient's penalty part) is exp(x_j) w on the
+        # coordinates x_j weighs; grad h = dF/dx - (d2G/dx dw) u with dF/dx = 0.
         if binary:
-            gx = -torch.exp(x) * z * u
+            gx = -torch.exp(x) * w * u
         else:
-            gx = -torch.exp(x) * (z * u).reshape(d, K).sum(0)
+            gx = -torch.exp(x) * (w * u).reshape(r, K).sum(0)
         return float(fval), gx
 
     def validation_error(z: torch.Tensor) -> float:
@@ -488,16 +522,26 @@ PROBLEMS: dict[str, Callable[..., SuiteProblem]] = {
 }
 
 
+#: Boxes on x for `reference_optimum`.  covtype's h has no minimizer: it keeps falling as five of
+#: the seven log-weights go to -inf, where the inner problem loses strong convexity (softmax
+#: logits are invariant to a shift shared by all classes, so the data term is flat along it and
+#: only exp(x) curves it; beyond x ~ -20 float64 Newton no longer solves it).  Its h* is the
+#: minimum over this box, and x* sits on the box's lower face in those coordinates.
+OPTIMUM_BOUNDS: dict[str, tuple[float, float]] = {"covtype": (-15.0, 10.0)}
+
+
 def reference_optimum(
-    problem: SuiteProblem, gtol: float = 1e-9, max_iter: int = 500
+    problem: SuiteProblem, gtol: float = 1e-9, max_iter: int = 3000
 ) -> tuple[float, np.ndarray]:
-    """h* and x*: closed form for the quadratic; otherwise L-BFGS on the exact (h, grad h).
+    """h* and x*: closed form for the quadratic; otherwise L-BFGS(-B) on the exact (h, grad h),
+    within `OPTIMUM_BOUNDS` where the problem has a box there.
 
     Returns:
         (h*, x*) in float64.
 
     Raises:
-        RuntimeError: L-BFGS stopped with ||grad h|| > 1e3 gtol (h* would not be trustworthy).
+        RuntimeError: L-BFGS stopped with a (projected) ||grad h|| > 1e3 gtol (h* would not be
+            trustworthy).
     """
     if problem.name == "quadratic":
         qv = quadratic_value(problem)
@@ -509,9 +553,14 @@ def reference_optimum(
         v, g = problem.value_and_grad(torch.from_numpy(x))
         return v, g.numpy()
 
+    box = OPTIMUM_BOUNDS.get(problem.name)
     res = minimize(fun, problem.x0.numpy(), jac=True, method="L-BFGS-B",
+                   bounds=None if box is None else [box] * problem.dim_outer,
                    options={"gtol": gtol, "ftol": 1e-16, "maxiter": max_iter})  # fmt: skip
-    gnorm = float(np.linalg.norm(fun(res.x)[1]))
+    g = fun(res.x)[1]
+    if box is not None:  # the projected gradient: no component pushing out through a face
+        g = np.where(((res.x <= box[0]) & (g > 0)) | ((res.x >= box[1]) & (g < 0)), 0.0, g)
+    gnorm = float(np.linalg.norm(g))
     if gnorm > 1e3 * gtol:
         raise RuntimeError(f"reference_optimum({problem.name}): L-BFGS stopped at ||grad h|| = {gnorm:.3g}")
     return float(res.fun), res.x

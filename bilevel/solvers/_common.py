@@ -13,9 +13,10 @@ they propose the next iterate.  Everything else lives here, once:
 Counting convention (what ``n_fev``, ``n_gev`` and ``n_hvp`` of the result mean):
 ``n_gev`` counts gradient evaluations (a forward and a backward pass; the objective
 value comes with it and is not counted again), ``n_fev`` counts objective values
-computed without a gradient, ``n_hvp`` counts Hessian-vector products (each runs
-the objective once, under ``torch.func.jvp`` of ``torch.func.grad``).  In batched
-mode one call of the objective evaluates all B problems and counts once.
+computed without a gradient, ``n_hvp`` counts Hessian-vector products (each one
+backward pass through a gradient graph built by `Oracle.linearize`, which runs the
+objective once and counts as one ``n_gev``).  In batched mode one call of the
+objective evaluates all B problems and counts once.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.func
 
 from .. import _sync
 from .._errors import StructureError
@@ -232,8 +232,6 @@ class Oracle:
         self.n_fev = 0
         self.n_gev = 0
         self.n_hvp = 0
-        self.hvp_backend = "torch.func"
-        self.hvp_fallback_reason = ""
 
     # -- structure
 
@@ -302,42 +300,38 @@ class Oracle:
                 g = torch.zeros_like(Xr)
         return f.detach(), g.detach()
 
-    def hvp(self, X: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-        """Hessian-vector products, row by row: (d2 f_b / dx_b^2) V_b, shape (B, n) (one n_hvp).
+    def linearize(self, X: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The Hessian-vector product map at ``X``: ``V -> (d2 f_b / dx_b^2) V_b``, shapes (B, n).
 
-        Forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``); if the
-        objective cannot be traced by ``torch.func`` (in-place buffer updates, ops
-        without forward-mode rules), double backward from then on.
+        Reverse-over-reverse through one retained graph: the forward pass and the gradient,
+        with its graph, are computed here, once (one objective call, counted as one n_gev),
+        and each product then costs one backward pass through that gradient (one n_hvp), with
+        no objective call.  A truncated CG runs all its products at one point, so this is
+        several times cheaper than forward-over-reverse (``torch.func.jvp`` of ``grad``),
+        which re-runs the forward and backward passes and pays the functorch transforms' fixed
+        overhead on every product.  ``X`` is detached: the products carry no graph to the
+        caller, in differentiable mode too (the Newton direction is not differentiated).
         """
-        self.n_hvp += 1
-        X = X.detach()
-        if self.hvp_backend == "torch.func":
-            try:
-                grad_fn = torch.func.grad(lambda Y: self._losses(Y).sum())
-                return torch.func.jvp(grad_fn, (X,), (V.detach(),))[1].detach()
-            except (RuntimeError, NotImplementedError, TypeError) as err:
-                self.hvp_backend = "autograd"
-                self.hvp_fallback_reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        self.n_gev += 1
         with torch.enable_grad():
-            Xr = X.requires_grad_(True)
+            Xr = X.detach().requires_grad_(True)
             f = self._losses(Xr).sum()
-            if not f.requires_grad:
-                return torch.zeros_like(X)
-            (g,) = torch.autograd.grad(f, Xr, create_graph=True, allow_unused=True, materialize_grads=True)
-            if not g.requires_grad:  # the gradient is constant: the objective is linear in phi
-                return torch.zeros_like(X)
-            (hv,) = torch.autograd.grad(
-                g, Xr, grad_outputs=V.detach(), allow_unused=True, materialize_grads=True
-            )
-        return hv.detach()
+            g: torch.Tensor | None = None
+            if f.requires_grad:
+                (g,) = torch.autograd.grad(
+                    f, Xr, create_graph=True, allow_unused=True, materialize_grads=True
+                )
 
-    def info(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if self.n_hvp:
-            out["hvp_backend"] = self.hvp_backend
-            if self.hvp_fallback_reason:
-                out["hvp_fallback_reason"] = self.hvp_fallback_reason
-        return out
+        def hvp(V: torch.Tensor) -> torch.Tensor:
+            self.n_hvp += 1
+            if g is None or not g.requires_grad:  # the objective is constant or linear in phi
+                return torch.zeros_like(Xr)
+            (hv,) = torch.autograd.grad(
+                g, Xr, grad_outputs=V.detach(), retain_graph=True, allow_unused=True, materialize_grads=True
+            )
+            return hv.detach()
+
+        return hvp
 
 
 # --------------------------------------------------------------------------- the shared loop
@@ -427,7 +421,6 @@ def iterate(
     if tol == 0 and st.g_at_x:
         # measured once, at the end
         st.gn = torch.where(torch.isnan(st.gn), rownorm(st.g.detach()).double(), st.gn)
-    info = {**info, **oracle.info()}
     if getattr(method, "reports_negative_curvature", False):
         # (Newton methods only; their loops read the device anyway)
         info["n_negative_curvature"] = st.n_negcurv.cpu() if oracle.batched else int(st.n_negcurv[0])

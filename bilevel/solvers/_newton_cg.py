@@ -47,13 +47,14 @@ class NewtonCG:
             Each problem has its own CG and its own step.
 
     Call:
-        ``solver(objective, init, theta) -> SolverResult``.  Cost per Newton step: up
-        to ``cg_iters`` HVPs and one gradient per line-search trial (usually one).
+        ``solver(objective, init, theta) -> SolverResult``.  Cost per Newton step: one
+        gradient with its graph (counted in ``n_gev``), then up to ``cg_iters`` HVPs, each
+        one backward pass through that graph (reverse-over-reverse, see
+        `Oracle.linearize`), and one gradient per line-search trial (usually one).
         ``info``: ``n_negative_curvature`` (Newton steps whose CG met p'Hp <= 0; a
         (B,) tensor in batched mode), ``cg_iters_per_step`` (CG iterations of each
-        Newton step, the most over the batch), ``hvp_backend`` (``"torch.func"``, or
-        ``"autograd"`` after a fallback, with ``hvp_fallback_reason``), plus the
-        ``problem_*`` fields of batched mode.  Unless it converged, ``message``
+        Newton step, the most over the batch), plus the ``problem_*`` fields of batched
+        mode.  Unless it converged, ``message``
         (`SolverResult.reason`) says why in terms of ``newton_iters``, ``tol`` and the line
         search (the cap is ``newton_iters``, not ``max_iter``).
 
@@ -117,7 +118,7 @@ def truncated_cg(
     problem stopping on the forcing rule ||H d + g|| <= min(0.5, sqrt(||g||)) ||g||.
 
     Args:
-        oracle: provides Hessian-vector products at ``x``.
+        oracle: linearized once at ``x`` (`Oracle.linearize`); the CG's products reuse it.
         x: points, shape (B, n).
         g: gradients at ``x``, shape (B, n).
         active: problems to solve for (the others get d = 0).
@@ -129,7 +130,7 @@ def truncated_cg(
     """
     gnorm = rownorm(g).to(g.dtype)
     res = cg_solve(
-        lambda V: oracle.hvp(x, V),
+        oracle.linearize(x),
         -g * active[:, None],
         max_iter=max_iter,
         tol=forcing_tolerance(gnorm),

@@ -52,12 +52,13 @@ class TrustRegionNewtonCG:
 
     Call:
         ``solver(objective, init, theta) -> SolverResult``.  Cost per iteration: up to
-        ``cg_iters`` HVPs and one gradient (at the trial point, which is the next iterate's
+        ``cg_iters`` HVPs (one gradient with its graph, then one backward pass each, as in
+        `NewtonCG`) and one gradient (at the trial point, which is the next iterate's
         gradient if the step is taken).  ``info``: ``n_negative_curvature`` (iterations whose
         CG met p'Hp <= 0), ``n_boundary`` (steps that ended on the boundary, negative
         curvature included), ``n_rejected`` (steps with rho <= eta), ``radius`` (each problem's
         final radius) -- (B,) tensors in batched mode, numbers otherwise -- plus
-        ``cg_iters_per_step`` and ``hvp_backend`` as in `NewtonCG`.  Negative curvature is
+        ``cg_iters_per_step`` as in `NewtonCG`.  Negative curvature is
         not a failure here: it is what the boundary step uses.  A problem whose radius
         shrinks below the rounding of its iterate (eps (1 + ||x||)) without an accepted step
         stops with ``LINE_SEARCH_FAILED``.
@@ -129,7 +130,7 @@ class _TrustRegionMethod:
         cfg, oracle = self.cfg, self.oracle
         gn = rownorm(g)
         res = cg_solve(
-            lambda V: oracle.hvp(x, V),
+            oracle.linearize(x),
             -g * active[:, None],
             max_iter=cfg.cg_iters,
             tol=forcing_tolerance(gn.to(g.dtype)),
