@@ -4,7 +4,10 @@
 reference version (``tests/equivalence_cases.py --write``): meta-gradients and their diagnostics for
 every algorithm, engine and learned lambda in float64, six 20-step command-line runs (trained
 parameters, learned lambda, console output, metrics, log), their ``eval`` outputs and refusals.
-Numbers must agree to 1e-12 (relative, float64), text exactly.
+Numbers must agree to 1e-8 (relative, float64), text exactly.  Not closer: float64 results move
+with the CPU the kernels run on (oneDNN and BLAS pick their blocking, hence their summation order,
+by instruction set), by up to 4e-10 relative after a 20-step run on an AMD EPYC against the
+reference's Intel machine; any change of what is computed moves them by orders of magnitude more.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import torch
 from bilevel.metalearn import load_checkpoint, load_run
 
 DATA = Path(__file__).parent / "data"
-RTOL = ATOL = 1e-12
+RTOL = 1e-8
+ATOL = 1e-12
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +48,9 @@ def _assert_same(new: Any, old: Any, where: str) -> None:
         for i, (a, b) in enumerate(zip(new, old)):
             _assert_same(a, b, f"{where}[{i}]")
     elif isinstance(old, float) and not isinstance(old, bool):
-        assert isinstance(new, (int, float)) and math.isclose(new, old, rel_tol=RTOL, abs_tol=ATOL), (
-            f"{where}: {new!r} != {old!r}"
-        )
+        assert isinstance(new, (int, float)) and (
+            math.isclose(new, old, rel_tol=RTOL, abs_tol=ATOL) or (math.isnan(new) and math.isnan(old))
+        ), f"{where}: {new!r} != {old!r}"
     else:
         assert new == old or _same_missing(new, old), f"{where}: {new!r} != {old!r}"
 
@@ -59,7 +63,7 @@ def test_meta_gradients_equal_the_reference(reference: dict[str, Any]) -> None:
 def test_cli_runs_equal_the_reference(reference: dict[str, Any]) -> None:
     """Trained parameters, learned lambda, console, metrics, log, eval output and refusals."""
     torch.set_num_threads(1)
-    _assert_same(_as_reference(cases.run_cases()), reference["runs"], "runs")
+    _assert_same(_as_reference(cases.run_cases()), _eval_parsed(reference["runs"]), "runs")
 
 
 #: Algorithms registered after the reference was written: a refusal's "(it applies to ...)" list of
@@ -94,9 +98,20 @@ def _as_reference(runs: dict[str, Any]) -> dict[str, Any]:
                 for line in se.splitlines(True)
                 if not line.startswith("settings that differ from training")
             )
-            run = {**run, "eval": [code, json.dumps(res, indent=2) + "\n", se]}
+            run = {**run, "eval": [code, res, se]}
         out[name] = run
     return out
+
+
+def _eval_parsed(runs: dict[str, Any]) -> dict[str, Any]:
+    """The reference's runs with each ``eval`` JSON text parsed, so that its numbers are compared
+    as numbers (to `RTOL`), not as the digits they were printed with."""
+    return {
+        name: {**run, "eval": [run["eval"][0], json.loads(run["eval"][1]), run["eval"][2]]}
+        if "eval" in run
+        else run
+        for name, run in runs.items()
+    }
 
 
 def _without_added_algos(text: str) -> str:
