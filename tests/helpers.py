@@ -171,3 +171,16 @@ def matrix(names: list[str] | None = None) -> list[tuple[SolverCase, str]]:
 FLOAT32_LIMITS = {
     ("lbfgs", "ridge"): "SciPy's line search on f's float32 values stalls at ||g|| ~ 3e-3 (f ~ 1e3)",
 }
+
+
+def run_cli(argv: list[str], capsys: Any) -> tuple[int, str, str]:
+    """``python -m bilevel.metalearn`` with ``argv`` in this process: (exit code, stdout, stderr),
+    an argparse exit included (``capsys``: pytest's fixture)."""
+    from bilevel.metalearn.training.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out = capsys.readouterr()
+    return int(code or 0), out.out, out.err

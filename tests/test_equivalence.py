@@ -69,6 +69,10 @@ def test_cli_runs_equal_the_reference(reference: dict[str, Any]) -> None:
 #: Algorithms registered after the reference was written: a refusal's "(it applies to ...)" list of
 #: the algorithms that read a flag names them too (the registry's one rule).
 _ADDED_ALGOS = ("anil", "meta-sgd")
+#: `TrainConfig` fields added after the reference was written, with their defaults: a run that
+#: leaves them at the default computes what the reference computed, and its saved configuration
+#: must hold them at that default.
+_CONFIG_ADDED = {"task_chunk": None}
 #: What ``eval`` adds to its JSON beyond the reference's fields (the run's provenance).
 _EVAL_ADDED = ("differs_from_training", "data_notes", "trained_with_version")
 
@@ -85,6 +89,7 @@ def _as_reference(runs: dict[str, Any]) -> dict[str, Any]:
     """
     out = {}
     for name, run in runs.items():
+        run = _without_added_config(run)
         if "stderr" in run:
             kept = (ln for ln in run["stderr"].splitlines(True) if not ln.startswith("warning: "))
             run = {**run, "stderr": _without_added_algos("".join(kept))}
@@ -101,6 +106,20 @@ def _as_reference(runs: dict[str, Any]) -> dict[str, Any]:
             run = {**run, "eval": [code, res, se]}
         out[name] = run
     return out
+
+
+def _without_added_config(value: Any) -> Any:
+    """``value`` with `_CONFIG_ADDED` taken out of every saved `TrainConfig` (a dict with an
+    ``algo`` and a ``meta_batch``), after checking that each holds its default."""
+    if isinstance(value, list):
+        return [_without_added_config(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "algo" in value and "meta_batch" in value:
+        for k, default in _CONFIG_ADDED.items():
+            assert value.get(k, default) == default, f"config field {k}: {value.get(k)!r} != {default!r}"
+        value = {k: v for k, v in value.items() if k not in _CONFIG_ADDED}
+    return {k: _without_added_config(v) for k, v in value.items()}
 
 
 def _eval_parsed(runs: dict[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import run_cli
 from torch import nn
 
 import bilevel as bl
@@ -37,7 +38,6 @@ from bilevel.metalearn import (
 from bilevel.metalearn.batched import batched_model
 from bilevel.metalearn.models import make_functional, mse, omniglot_cnn, sinusoid_mlp
 from bilevel.metalearn.tasks import Task
-from bilevel.metalearn.training.cli import main
 from bilevel.metalearn.training.config import ConfigError
 
 D = torch.float64
@@ -266,15 +266,6 @@ def test_the_learners_fill_the_gradients_of_every_meta_parameter() -> None:
         torch.testing.assert_close(adapted.params[k][i], t.detach() - learner.step_sizes[k].detach() * q)
 
 
-def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out = capsys.readouterr()
-    return int(code or 0), out.out, out.err
-
-
 SINE = ["--dataset", "sinusoid", "--meta-batch", "3", "--inner-steps", "1", "--meta-steps", "8"]
 SINE += ["--log-every", "2", "--test-tasks", "6", "--eval-batch", "3", "--checkpoint-every", "0"]
 
@@ -283,7 +274,7 @@ def test_meta_sgd_through_the_command_line_and_its_checkpoint(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "run"
-    code, _, err = _run(
+    code, _, err = run_cli(
         ["train", "--algo", "meta-sgd", *SINE, "--inner-lr", "0.02", "--meta-lr", "0.01", "--out", str(out)],
         capsys,
     )
@@ -311,7 +302,7 @@ def test_meta_sgd_through_the_command_line_and_its_checkpoint(
     # loaded, it predicts as the trained state did: the final evaluation's loss again
     run = load_run(out / "checkpoint.pt")
     assert set(run.params) == set(ck["theta"])
-    code, so, err = _run(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--test-tasks", "6"], capsys)
+    code, so, err = run_cli(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--test-tasks", "6"], capsys)
     assert code == 0, err
     assert math.isclose(json.loads(so)["loss"], metrics["test_loss"], rel_tol=1e-6)
     # with the step sizes at their start, the same tasks give another loss: the round trip carries them
@@ -326,7 +317,7 @@ def test_meta_sgd_through_the_command_line_and_its_checkpoint(
 
 def test_anil_through_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
-    code, _, err = _run(["train", "--algo", "anil", *SINE, "--inner-lr", "0.1", "--out", str(out)], capsys)
+    code, _, err = run_cli(["train", "--algo", "anil", *SINE, "--inner-lr", "0.1", "--out", str(out)], capsys)
     assert code == 0, err
     assert "on the head alone" in err
     metrics = json.loads((out / "metrics.json").read_text())
@@ -358,7 +349,7 @@ def test_anil_through_the_command_line(tmp_path: Path, capsys: pytest.CaptureFix
 def test_flags_they_refuse(
     algo: str, flags: list[str], message: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    code, _, err = _run(["train", "--algo", algo, *SINE, *flags, "--out", str(tmp_path / "r")], capsys)
+    code, _, err = run_cli(["train", "--algo", algo, *SINE, *flags, "--out", str(tmp_path / "r")], capsys)
     assert code == 2
     assert re.search(message.format(algo=algo), err), err
 
@@ -486,10 +477,10 @@ def test_a_resumed_meta_sgd_run_ends_where_a_straight_one_does(
     ]
     flags += ["--threads", "1"]
     parts, straight = tmp_path / "parts", tmp_path / "straight"
-    assert _run([*flags, "--meta-steps", "4", "--out", str(parts)], capsys)[0] == 0
-    code, _, err = _run([*flags, "--meta-steps", "8", "--resume", "--out", str(parts)], capsys)
+    assert run_cli([*flags, "--meta-steps", "4", "--out", str(parts)], capsys)[0] == 0
+    code, _, err = run_cli([*flags, "--meta-steps", "8", "--resume", "--out", str(parts)], capsys)
     assert code == 0 and "resuming from step 4 " in err, err
-    assert _run([*flags, "--meta-steps", "8", "--out", str(straight)], capsys)[0] == 0
+    assert run_cli([*flags, "--meta-steps", "8", "--out", str(straight)], capsys)[0] == 0
     a, b = load_checkpoint(parts / "checkpoint.pt"), load_checkpoint(straight / "checkpoint.pt")
     assert a["step"] == b["step"] == 8 and any(k.startswith("lr:") for k in a["theta"])
     for k in b["theta"]:

@@ -22,6 +22,8 @@ from bilevel.metalearn import ConfigError, TrainConfig
         ("damping", -0.1, "must be finite and >= 0"),
         ("seed", -1, "must be >= 0"),
         ("threads", 0, "must be >= 1"),
+        ("task_chunk", 0, "must be >= 1 .tasks per meta-gradient chunk"),
+        ("task_chunk", 2.0, "must be an integer"),
         ("newton_iters", 0, "must be >= 1"),
         ("meta_batch", 2.5, "must be an integer"),
         ("ways", True, "must be an integer"),

@@ -134,6 +134,7 @@ def experiment(
     dtype: str = "float32",
     seed: int = 0,
     data_root: str | None = None,
+    task_chunk: int | None = None,
 ) -> Experiment:
     """Our training code's problem for these settings (what ``python -m bilevel.metalearn train`` builds).
 
@@ -154,6 +155,7 @@ def experiment(
         inner_lr=inner_lr,
         lam=lam,
         cg_iters=cg_iters,
+        task_chunk=task_chunk,
         init="torch",
         seed=seed,
         dtype=dtype,
@@ -529,6 +531,7 @@ def pair_experiment(
     dtype: str = "float32",
     seed: int = 0,
     data_root: str | None = None,
+    task_chunk: int | None = None,
 ) -> tuple[Experiment, dict[str, Any]]:
     """Our experiment for ``pair`` (its peer's example settings, or the given inner and CG steps)
     and those settings."""
@@ -552,6 +555,7 @@ def pair_experiment(
         dtype=dtype,
         seed=seed,
         data_root=data_root,
+        task_chunk=task_chunk,
     )
     return exp, {**s, "lam": lam}
 

@@ -89,6 +89,7 @@ def build(
         cg_iters=cg_iters,
         dtype=dtype,
         data_root=args.data_root,
+        task_chunk=args.task_chunk,
     )
     ours = mp.Ours(exp)
     peer = mp.make_peer(
@@ -223,6 +224,7 @@ def _sub(cmd: str, case: Case, args: argparse.Namespace, extra: list[str]) -> di
         "--meta-batch", str(args.meta_batch),
         *(["--cpu", str(args.cpu)] if args.cpu is not None else []),
         *(["--data-root", args.data_root] if args.data_root else []),
+        *(["--task-chunk", str(args.task_chunk)] if args.task_chunk else []),
         *extra,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -313,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=7, help="timed rounds (each side one step per round)")
     p.add_argument("--agree-batch", type=int, default=4, help="tasks of the float64 agreement check")
     p.add_argument("--side", choices=("ours", "peer"), default="ours")
+    p.add_argument(
+        "--task-chunk", type=int, default=None, help="ours: tasks per meta-gradient chunk (default: all)"
+    )
     p.add_argument("--cpu", type=int, default=None, help="pin to this core")
     p.add_argument("--data-root", default=None, help="default: $BILEVEL_DATA_ROOT")
     p.add_argument("--out", default="results/metastep")

@@ -167,6 +167,7 @@ def meta_gradient(
     diagnostics: bool = True,
     batched: BatchedModel | None = None,
     lanczos_steps: int = 0,
+    task_chunk: int | None = None,
 ) -> tuple[Params, dict[str, torch.Tensor] | None, MetaStats]:
     """The average task meta-gradient of a meta-batch (Algorithm 1's direction).
 
@@ -191,6 +192,11 @@ def meta_gradient(
         lanczos_steps: with ``diagnostics``, estimate `MetaStats.min_eig` (the smallest
             eigenvalue of I + Lhat''/lam at each inner answer) with this many Lanczos steps
             (one HVP each); 0: not estimated (NaN, also for lam = 0).
+        task_chunk: compute the meta-batch ``task_chunk`` tasks at a time and add up their
+            gradients (``None``: all B tasks at once).  Each task's meta-gradient depends on
+            that task alone, so the result is the same up to rounding; the peak memory is that
+            of one chunk's graphs (the inner loops, and MAML's unrolled path, of
+            ``task_chunk`` tasks instead of B), for more, smaller calls.
 
     Returns:
         ``(grad, lam_grad, stats)``: the mean meta-gradient by name (like ``theta``),
@@ -200,19 +206,54 @@ def meta_gradient(
 
     Raises:
         NonFiniteError: the inner solve diverged in some task.
-        ValueError: a learned lam with a kind other than `Implicit`.
+        ValueError: a learned lam with a kind other than `Implicit`; ``lanczos_steps`` < 0;
+            ``task_chunk`` not a positive integer.
     """
     if lanczos_steps < 0:
         raise ValueError(f"meta_gradient(lanczos_steps={lanczos_steps}): must be >= 0")
-    mb = MetaBatch(
-        as_batched(model, batched, vectorize), loss, classification, batch, theta, algo.weight(lam)
-    )
-    if mb.learned and not algo.meta_gradient.learns_lam:
-        raise ValueError("a learned lam needs the Implicit meta-gradient (iMAML)")
-    out = algo.meta_gradient.apply(algo.inner, mb)
-    mean = {k: t / mb.B for k, t in out.grad.items()}
-    lam_grad = None if out.lam_grad is None else {k: t / mb.B for k, t in out.lam_grad.items()}
-    return mean, lam_grad, _stats(mb, out, diagnostics, lanczos_steps)
+    if task_chunk is not None and (
+        isinstance(task_chunk, bool) or not isinstance(task_chunk, int) or task_chunk < 1
+    ):
+        raise ValueError(
+            f"meta_gradient(task_chunk={task_chunk!r}): a positive number of tasks, or None for all at once"
+        )
+    engine = as_batched(model, batched, vectorize)
+    weight = algo.weight(lam)
+    B = batch.support_x.shape[0]
+    size = B if task_chunk is None else min(B, task_chunk)
+    grad: Params = {}
+    lam_grad: dict[str, torch.Tensor] | None = None
+    stats: list[MetaStats] = []
+    for start in range(0, B, size):
+        part = batch if size == B else Task(*(t[start : start + size] for t in batch))
+        mb = MetaBatch(engine, loss, classification, part, theta, weight)
+        if mb.learned and not algo.meta_gradient.learns_lam:
+            raise ValueError("a learned lam needs the Implicit meta-gradient (iMAML)")
+        out = algo.meta_gradient.apply(algo.inner, mb)
+        # per-task sums (detached: the chunk's graph is freed before the next chunk runs)
+        grad = _add(grad, out.grad)
+        if out.lam_grad is not None:
+            lam_grad = _add(lam_grad or {}, out.lam_grad)
+        stats.append(_stats(mb, out, diagnostics, lanczos_steps))
+    mean = {k: t / B for k, t in grad.items()}
+    lam_mean = None if lam_grad is None else {k: t / B for k, t in lam_grad.items()}
+    return mean, lam_mean, stats[0] if len(stats) == 1 else _concat_stats(stats)
+
+
+def _add(total: dict[str, torch.Tensor], part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``total + part`` by name (``total`` empty: ``part``), detached."""
+    if not total:
+        return {k: v.detach() for k, v in part.items()}
+    return {k: total[k] + part[k].detach() for k in total}
+
+
+def _concat_stats(parts: list[MetaStats]) -> MetaStats:
+    """The per-task stats of consecutive chunks of a meta-batch, as one `MetaStats` over all tasks."""
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(MetaStats):
+        values = [getattr(p, f.name) for p in parts]
+        fields[f.name] = None if any(v is None for v in values) else torch.cat(values)
+    return MetaStats(**fields)
 
 
 def adapt(

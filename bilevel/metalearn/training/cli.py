@@ -294,6 +294,13 @@ def _engine_flags(t: argparse.ArgumentParser, d: TrainConfig) -> None:
         "for the CNNs and the MLP",
     )
     t.add_argument(
+        "--task-chunk",
+        type=int,
+        default=None,
+        help="compute the meta-gradient this many tasks at a time (default: the whole meta-batch); "
+        "the same step up to rounding, with the peak memory of one chunk",
+    )
+    t.add_argument(
         "--compile",
         nargs="?",
         const="default",

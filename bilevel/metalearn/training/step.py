@@ -12,6 +12,7 @@ diagnostics are read by the log, on logged steps only.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -275,8 +276,12 @@ class MetaStep:
     ) -> tuple[Params, dict[str, torch.Tensor] | None, MetaStats]:
         cfg, exp = self.cfg, self.exp
         try:
-            # the meta-step's checks read the device once it is queued, not while it is
-            with deferred_checks():
+            # On an accelerator the meta-step's checks read the device once it is queued, not
+            # while it is.  On the CPU a read is free, and a queued check keeps the tensors it
+            # reads (and their graphs) alive to the end of the step: with task chunks, every
+            # chunk's (measured: +88 MiB at 32 tasks of 5-way 1-shot MAML, one task per chunk).
+            deferred = deferred_checks() if exp.device.type != "cpu" else contextlib.nullcontext()
+            with deferred:
                 g, lam_grad, stats = meta_gradient(
                     exp.algorithm,
                     exp.model_fn,
@@ -289,6 +294,7 @@ class MetaStep:
                     batched=exp.batched,
                     diagnostics=logged,
                     lanczos_steps=cfg.lanczos_steps if logged else 0,
+                    task_chunk=cfg.task_chunk,
                 )
         except NonFiniteError as err:
             self._check_inputs(state, batch)
