@@ -156,3 +156,28 @@ def test_task_chunk_through_the_command_line_trains_the_samerun_cli(
     assert math.isclose(results["whole"]["test_loss"], results["chunked"]["test_loss"], rel_tol=1e-9)
     code, _, err = run_cli(["train", *SINE, "--task-chunk", "0", "--out", str(tmp_path / "bad")], capsys)
     assert code == 2 and "--task-chunk" in err and "must be >= 1" in err
+
+
+@pytest.mark.parametrize("learner", ["MAML", "IMAML"])
+def test_a_learner_step_in_chunks_fills_the_same_gradients(learner: str) -> None:
+    from bilevel.metalearn import IMAML, MAML
+    from bilevel.solvers import GradientDescent
+
+    grads = []
+    for chunk in (None, 2):
+        model = omniglot_cnn(WAYS, hidden=3, image_size=8).double()
+        torch.manual_seed(0)
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+        inner = GradientDescent(lr=0.1, max_iter=2, tol=0.0)
+        meta = (
+            MAML(model, inner=inner) if learner == "MAML" else IMAML(model, lam=2.0, inner=inner, cg_iters=3)
+        )
+        loss, stats = meta.step(_images(5), return_stats=True, task_chunk=chunk)
+        assert stats.query_loss.shape == (B,)
+        grads.append((loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = grads
+    _same(l1, l0)
+    assert list(g1) == list(g0) and len(g0) > 0
+    for n in g0:
+        _same(g1[n], g0[n])

@@ -480,7 +480,7 @@ class MetaLearner:
 
     # -- the API
     def step(
-        self, tasks: Tasks, *, return_stats: bool = False
+        self, tasks: Tasks, *, return_stats: bool = False, task_chunk: int | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, MetaStats]:
         """Meta-gradient of a meta-batch, added to ``p.grad`` of every trainable ``p`` of the model.
 
@@ -495,6 +495,9 @@ class MetaLearner:
                 inputs must have the parameters' dtype.
             return_stats: also return the per-task `MetaStats` (losses, inner-solver and CG
                 diagnostics).
+            task_chunk: compute the meta-batch this many tasks at a time (`meta_gradient`'s
+                ``task_chunk``): the same gradient to rounding, with one chunk's graphs in
+                memory at a time; ``None``: all B tasks at once.
 
         Returns:
             The mean query loss after adaptation (a detached 0-d tensor), and the `MetaStats` if
@@ -528,6 +531,7 @@ class MetaLearner:
                 classification=kind == "classification",
                 vectorize=self._vectorize,
                 batched=bm,
+                task_chunk=task_chunk,
             )
         with torch.no_grad():
             for n, p in {**theta, **self._meta_extra()}.items():
