@@ -72,7 +72,7 @@ _ADDED_ALGOS = ("anil", "meta-sgd")
 #: `TrainConfig` fields added after the reference was written, with their defaults: a run that
 #: leaves them at the default computes what the reference computed, and its saved configuration
 #: must hold them at that default.
-_CONFIG_ADDED = {"task_chunk": None}
+_CONFIG_ADDED = {"task_chunk": None, "eval_every_minutes": None}
 #: What ``eval`` adds to its JSON beyond the reference's fields (the run's provenance).
 _EVAL_ADDED = ("differs_from_training", "data_notes", "trained_with_version")
 

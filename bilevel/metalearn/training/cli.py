@@ -252,10 +252,17 @@ def _evaluation_flags(t: argparse.ArgumentParser, d: TrainConfig) -> None:
         f"(default {d.eval_every}: never)",
     )
     t.add_argument(
+        "--eval-every-minutes",
+        type=float,
+        default=None,
+        help="the same check each time the training clock (--clock, evaluations left out) passes a "
+        "multiple of this many minutes: curves at equal compute (default: never)",
+    )
+    t.add_argument(
         "--eval-tasks",
         type=int,
         default=None,
-        help=f"tasks per periodic check, with --eval-every (default {d.eval_tasks})",
+        help=f"tasks per periodic check, with --eval-every or --eval-every-minutes (default {d.eval_tasks})",
     )
     t.add_argument(
         "--eval-batch", type=int, default=None, help=f"tasks per evaluation call (default {d.eval_batch})"
@@ -436,8 +443,15 @@ def _check_applies(args: argparse.Namespace, algo: str, dataset: str) -> None:
                     f"argument {_flag(name)}: {meaning}; {what} {chosen} does not use it (it applies to "
                     f"{', '.join(applies)}): drop it"
                 )
-    if getattr(args, "eval_tasks", None) is not None and not getattr(args, "eval_every", None):
-        raise UsageError("argument --eval-tasks: sizes the periodic evaluation; give --eval-every N too")
+    if (
+        getattr(args, "eval_tasks", None) is not None
+        and not getattr(args, "eval_every", None)
+        and getattr(args, "eval_every_minutes", None) is None
+    ):
+        raise UsageError(
+            "argument --eval-tasks: sizes the periodic evaluation; give --eval-every N or "
+            "--eval-every-minutes M too"
+        )
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -86,6 +86,7 @@ _FLOATS: dict[str, tuple[bool, str]] = {
 # optional float fields (None allowed): whether 0 is allowed, and what the field is
 _OPTIONAL_FLOATS: dict[str, tuple[bool, str]] = {
     "time_limit": (False, "minutes of meta-training (None: no limit)"),
+    "eval_every_minutes": (False, "minutes of training between periodic evaluations (None: never)"),
     "clip_grad_norm": (False, "the largest meta-gradient norm (None: no clipping)"),
     "eval_lam": (True, "lambda when adapting at evaluation (None: as trained)"),
 }
@@ -101,6 +102,7 @@ RESUMABLE = frozenset(
         "eval_lam",
         "test_tasks",
         "eval_every",
+        "eval_every_minutes",
         "eval_tasks",
         "eval_batch",
         "log_every",
@@ -187,6 +189,10 @@ class TrainConfig:
         test_tasks: fixed test tasks for the final evaluation (600 in the protocol).
         eval_every, eval_tasks: a curve of accuracy on the first ``eval_tasks`` fixed test
             tasks every ``eval_every`` steps (monitoring only: nothing is selected on it).
+        eval_every_minutes: the same evaluation each time the training clock (``clock``,
+            evaluations left out) passes a multiple of this many minutes, at the first step
+            boundary after it: curves at equal compute (accuracy after 10, 20, 30 ... minutes),
+            whatever a step costs.  None: never.  With ``eval_every`` too, both apply.
         eval_batch: tasks per vmapped evaluation call.
         time_limit: stop meta-training after this many minutes (None: no limit).
         log_every: steps between log records.
@@ -254,6 +260,7 @@ class TrainConfig:
     init: str = "glorot"
     test_tasks: int = 600
     eval_every: int = 0
+    eval_every_minutes: float | None = None
     eval_tasks: int = 100
     eval_batch: int = 25
     time_limit: float | None = None

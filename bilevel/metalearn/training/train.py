@@ -43,6 +43,7 @@ checkpoints them, `StopSignal` (`signals`) turns SIGTERM into a stop after the c
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -139,11 +140,14 @@ def _train(
     ):
         meta_step = MetaStep(cfg, exp, d, len(tasks), recorder.clock, stop)
         halt = cfg.past_time_limit(recorder.clock.start)
+        marks = _TimeMarks(cfg.eval_every_minutes, recorder.clock.start)
         while state.step < cfg.meta_steps and not halt:
             record = meta_step(state, prefetch.get(state.step) if tasks else None)
             halt = record.halt
             recorder.step(record, state)
-            if cfg.eval_every and state.step % cfg.eval_every == 0 and d.main:
+            # rank 0's clock, summed with the step (record.sums.clock): every rank decides alike
+            due = marks.passed(record.sums.clock)
+            if ((cfg.eval_every and state.step % cfg.eval_every == 0) or due) and d.main:
                 recorder.evaluate(state)
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
                 recorder.save(state)
@@ -159,3 +163,20 @@ def _train(
         )
     finish(d)  # the other ranks wait here while rank 0 evaluates
     return metrics
+
+
+class _TimeMarks:
+    """The multiples of ``minutes`` (None: none) on the training clock, from ``start`` seconds on:
+    `passed` says whether the clock has passed the next one since the last call (several passed
+    at once count as one)."""
+
+    def __init__(self, minutes: float | None, start: float) -> None:
+        self.step = None if minutes is None else 60.0 * minutes
+        self.next = math.inf if self.step is None else (math.floor(start / self.step) + 1) * self.step
+
+    def passed(self, seconds: float) -> bool:
+        if seconds < self.next:
+            return False
+        assert self.step is not None
+        self.next = (math.floor(seconds / self.step) + 1) * self.step
+        return True
