@@ -69,7 +69,7 @@ def usage_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
     [
         (["--log-every", "0"], "argument --log-every: 0 is refused: must be >= 1"),
         (["--eval-every", "1", "--eval-tasks", "0"], "argument --eval-tasks: 0 is refused: must be >= 1"),
-        (["--eval-tasks", "5"], "argument --eval-tasks: .* give --eval-every N or --eval-every-minutes M too"),
+        (["--eval-tasks", "5"], "argument --eval-tasks: .* --eval-every N or --eval-every-minutes M too"),
         (["--time-limit", "-1"], "argument --time-limit: -1.0 is refused: must be finite and > 0"),
         (["--meta-lr", "nan"], "argument --meta-lr: nan is refused"),
         (["--seed", "-3"], "argument --seed: -3 is refused: must be >= 0"),
