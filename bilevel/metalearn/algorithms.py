@@ -196,7 +196,11 @@ def meta_gradient(
             gradients (``None``: all B tasks at once).  Each task's meta-gradient depends on
             that task alone, so the result is the same up to rounding; the peak memory is that
             of one chunk's graphs (the inner loops, and MAML's unrolled path, of
-            ``task_chunk`` tasks instead of B), for more, smaller calls.
+            ``task_chunk`` tasks instead of B), for more, smaller calls.  Inside a
+            `bilevel.deferred_checks` block (the training loop's meta-step on an accelerator)
+            the queued checks hold the tensors they read, and with them parts of each chunk's
+            graph, to the end of the block: there the saving is smaller (not measured on an
+            accelerator).
 
     Returns:
         ``(grad, lam_grad, stats)``: the mean meta-gradient by name (like ``theta``),
