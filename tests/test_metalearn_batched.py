@@ -99,8 +99,9 @@ def test_batched_model_is_none_for_other_modules() -> None:
 )
 @pytest.mark.parametrize("which", ["exact:native", "exact:few-ops", "exact:auto", "fast:auto"])
 @pytest.mark.parametrize("channels_last", [True, False], ids=["channels-last", "nchw"])
+@pytest.mark.parametrize("B", [1, 3], ids=["one-task", "three-tasks"])
 def test_batched_model_hvp_by_double_backward_equals_per_task_hvp(
-    model: ConvNet, which: str, channels_last: bool, monkeypatch: pytest.MonkeyPatch
+    model: ConvNet, which: str, channels_last: bool, B: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Autograd's double backward through the batched model (the implicit layer's HVPs; MAML)
     against per-task forward-over-reverse through the module (BatchStatNorm2d), float64, in
@@ -114,7 +115,6 @@ def test_batched_model_hvp_by_double_backward_equals_per_task_hvp(
     bm = batched_model(model, double_backward=double_backward)
     assert bm is not None
     forward = getattr(bm, form)
-    B = 3
     x = torch.rand(B, 6, model.in_channels, *model.image_size, dtype=torch.float64, generator=_gen(1))
     y = torch.arange(3).repeat(2)[:6].remainder(model.ways).expand(B, -1)
     phi = {k: v + 0.1 * torch.randn(B, *v.shape, dtype=v.dtype, generator=_gen(2)) for k, v in params.items()}
@@ -271,3 +271,30 @@ def test_fast_batched_model_forward_over_reverse_hvp_equals_per_task_hvp() -> No
 
     _, hv = jvp(grad(total), (phi,), (u,))
     _assert_per_task_hvps(hv, fn, phi, u, x, y, tol=1e-10)
+
+
+def _graph_ops(t: torch.Tensor) -> set[str]:
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo.extend(n for n, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("B, native", [(1, True), (2, False)])
+def test_auto_double_backward_is_native_for_one_task_only(B: int, native: bool) -> None:
+    """``auto``: PyTorch's own conv and norm (one fused node each) for one task per call, the
+    few-op layers for more."""
+    model = omniglot_cnn(3, hidden=4, image_size=12)
+    _, params = make_functional(model, _gen(0), dtype=torch.float64)
+    bm = batched_model(model)
+    assert bm is not None
+    phi = {k: v.expand(B, *v.shape).clone().requires_grad_(True) for k, v in params.items()}
+    x = torch.rand(B, 6, 1, 12, 12, dtype=torch.float64, generator=_gen(1))
+    ops = _graph_ops(bm.exact(phi, x))
+    assert ("NativeBatchNormBackward0" in ops) is native
+    assert ("ConvolutionBackward0" in ops) is native
