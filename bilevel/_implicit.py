@@ -226,14 +226,18 @@ class _Call:
             check_finite(tree, what)
             return
         rows, per_leaf = finite_problems(tree)
-        defer_check(functools.partial(self._raise_rows, rows, per_leaf, tree, what))
+        # the queued check keeps the keys, not the tensors (nor their graphs) to the block's end
+        keys = None if isinstance(tree, torch.Tensor) else list(_keys(tree))
+        defer_check(functools.partial(self._raise_rows, rows, per_leaf, keys, what))
 
-    def _raise_rows(self, rows: torch.Tensor, per_leaf: torch.Tensor, tree: TensorTree, what: str) -> None:
+    def _raise_rows(
+        self, rows: torch.Tensor, per_leaf: torch.Tensor, keys: list[Any] | None, what: str
+    ) -> None:
         if bool(rows.all()):
             return
         bad = torch.nonzero(~rows).flatten().tolist()
         leaf = int(torch.nonzero(~per_leaf[:, bad[0]]).flatten()[0])
-        key = "" if isinstance(tree, torch.Tensor) else f"[{list(_keys(tree))[leaf]!r}]"
+        key = "" if keys is None else f"[{keys[leaf]!r}]"
         raise NonFiniteError(
             f"{self.name}: {what}{key} contains NaN or infinity{self._blame(bad)}: check the inputs of "
             "those problems, lower the inner step size, or solve the inner problem more carefully",
@@ -454,6 +458,10 @@ class _Call:
         if not any(wrt):
             return tuple(None for _ in theta)
         point = self.point
+        # Let go of the forward's graph of F here: a check queued by `deferred_checks` keeps this
+        # object to the block's end, and with it that graph (a second backward, retain_graph=True,
+        # builds F again from the saved x and theta).
+        self.point = None
         if point is None or point.wrt != wrt:
             point = Point(self.problem.condition, self.problem.init, self.problem.theta_like, x, theta, wrt)
         lin = self.problem.linearize(point)

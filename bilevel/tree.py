@@ -180,7 +180,17 @@ def batch_size(tree: TensorTree, name: str) -> int:
     return int(B)
 
 
-def _label(tree: TensorTree, what: str, i: int) -> str:
+def _names(tree: TensorTree) -> TensorTree | dict[str, None]:
+    """What `_label` reads of ``tree``, without its tensors: a dict's keys, a tensor or a sequence."""
+    if isinstance(tree, torch.Tensor):
+        return _NO_TENSOR
+    return dict.fromkeys(tree.keys()) if isinstance(tree, Mapping) else ()
+
+
+_NO_TENSOR = torch.empty(0)
+
+
+def _label(tree: TensorTree | dict[str, None], what: str, i: int) -> str:
     if isinstance(tree, torch.Tensor):
         return what
     if isinstance(tree, Mapping):
@@ -497,15 +507,18 @@ def check_finite(tree: TensorTree, what: str, *, batched: bool = False) -> None:
         batched: ``tree`` holds B problems along the leading dimension of every leaf: the
             message names the problems too.
     """
+    # The queued check keeps the tree's keys for its message, not its tensors: inside
+    # `deferred_checks` it lives to the end of the block, and a leaf would keep its graph alive.
+    names = _names(tree)
     if batched:
         rows, per_leaf = finite_problems(tree)
-        defer_check(lambda: _raise_if_rows_not_finite(rows, per_leaf, tree, what))
+        defer_check(lambda: _raise_if_rows_not_finite(rows, per_leaf, names, what))
         return
     ok = all_finite(leaves(tree, name=what))
-    defer_check(lambda: _raise_if_not_finite(ok, tree, what))
+    defer_check(lambda: _raise_if_not_finite(ok, names, what))
 
 
-def _raise_if_not_finite(ok: torch.Tensor, tree: TensorTree, what: str) -> None:
+def _raise_if_not_finite(ok: torch.Tensor, tree: TensorTree | dict[str, None], what: str) -> None:
     if bool(ok.all()):
         return
     i = int(torch.nonzero(~ok).flatten()[0])
@@ -516,7 +529,7 @@ def _raise_if_not_finite(ok: torch.Tensor, tree: TensorTree, what: str) -> None:
 
 
 def _raise_if_rows_not_finite(
-    rows: torch.Tensor, per_leaf: torch.Tensor, tree: TensorTree, what: str
+    rows: torch.Tensor, per_leaf: torch.Tensor, tree: TensorTree | dict[str, None], what: str
 ) -> None:
     if bool(rows.all()):
         return

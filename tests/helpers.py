@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import problems as P
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from bilevel.solvers import Armijo, GradientDescent, Nesterov, NewtonCG, ScipyLBFGS, TrustRegionNewtonCG
 
@@ -184,3 +187,42 @@ def run_cli(argv: list[str], capsys: Any) -> tuple[int, str, str]:
         code = e.code if isinstance(e.code, int) else 1
     out = capsys.readouterr()
     return int(code or 0), out.out, out.err
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """The peak bytes of the CPU tensors created while it is active and still alive (``peak``).
+
+    Every op's outputs are counted by storage (views of one storage once) until the last tensor
+    on that storage dies; tensors that existed before (parameters, inputs) are not counted.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, tuple[int, int]] = {}  # storage address -> (tensors on it, bytes)
+        self.current = 0
+        self.peak = 0
+
+    def _release(self, key: int) -> None:
+        n, nbytes = self.live[key]
+        if n > 1:
+            self.live[key] = (n - 1, nbytes)
+        else:
+            del self.live[key]
+            self.current -= nbytes
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key == 0:
+                continue
+            n, nbytes = self.live.get(key, (0, storage.nbytes()))
+            if n == 0:
+                self.current += nbytes
+                self.peak = max(self.peak, self.current)
+            self.live[key] = (n + 1, nbytes)
+            weakref.finalize(t, self._release, key)
+        return out

@@ -18,6 +18,10 @@ Subcommands (each comparison runs in its own processes):
   (the first included, since memory a step frees stays with the allocator), and ``VmHWM`` (peak
   RSS) is read from ``/proc/self/status``; reported: the peak above the RSS before the steps (what
   meta-training adds to the process) and the process's peak, set-up included.
+* ``tensors``: both sides in one process, one warm-up step each, then one step each under
+  `LiveTensorBytes`: the peak of the bytes held by tensors the step creates (saved activations,
+  parameter copies, gradients; not the allocator's cache, oneDNN's kernels or scratch space,
+  which the RSS of ``memory`` includes).  Exact and free of the allocator's noise.
 * ``agree``: float64, one meta-step's meta-gradient of each side from the same parameters on the
   same tasks (``--agree-batch`` of them); relative error ||theirs - ours|| / ||ours||.
 * ``all``: every case of `CASES` (or ``--pairs``), each subcommand in its own subprocess pinned to
@@ -51,7 +55,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[2] / "tests"))
 import meta_peers as mp
+from helpers import LiveTensorBytes
 
 from bilevel.metalearn.tasks import Task
 
@@ -157,6 +163,19 @@ def cmd_memory(args: argparse.Namespace) -> dict[str, Any]:
         "peak_mib": max(hwm, setup_peak) / 1024,
         "step_peak_mib": (hwm - rss0) / 1024,
     }
+
+
+def cmd_tensors(args: argparse.Namespace) -> dict[str, Any]:
+    one_thread(args.cpu)
+    exp, ours, peer = build(args)
+    bs = batches(exp, 2)
+    peak = {}
+    for name, side in (("peer", peer), ("ours", ours)):
+        side.step(bs[0])
+        with LiveTensorBytes() as count:
+            side.step(bs[1])
+        peak[name] = count.peak / 2**20
+    return {"tensor_peak_mib": peak, "ratio": peak["ours"] / peak["peer"], "task_chunk": args.task_chunk}
 
 
 def rel_err(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -304,7 +323,7 @@ def cmd_all(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=("time", "memory", "agree", "all"))
+    p.add_argument("command", choices=("time", "memory", "tensors", "agree", "all"))
     p.add_argument("--pair", choices=tuple(mp.PAIRS), default="l2l-maml")
     p.add_argument("--pairs", nargs="*", choices=tuple(mp.PAIRS), help="all: only these pairs")
     p.add_argument("--ways", type=int, default=5)
@@ -322,8 +341,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", default=None, help="default: $BILEVEL_DATA_ROOT")
     p.add_argument("--out", default="results/metastep")
     args = p.parse_args(argv)
-    fn = {"time": cmd_time, "memory": cmd_memory, "agree": cmd_agree, "all": cmd_all}[args.command]
-    print(json.dumps(fn(args)), flush=True)
+    commands = {
+        "time": cmd_time,
+        "memory": cmd_memory,
+        "tensors": cmd_tensors,
+        "agree": cmd_agree,
+        "all": cmd_all,
+    }
+    print(json.dumps(commands[args.command](args)), flush=True)
     return 0
 
 

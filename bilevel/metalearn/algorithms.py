@@ -198,9 +198,11 @@ def meta_gradient(
             of one chunk's graphs (the inner loops, and MAML's unrolled path, of
             ``task_chunk`` tasks instead of B), for more, smaller calls.  Inside a
             `bilevel.deferred_checks` block (the training loop's meta-step on an accelerator)
-            the queued checks hold the tensors they read, and with them parts of each chunk's
-            graph, to the end of the block: there the saving is smaller (not measured on an
-            accelerator).
+            the queued checks keep each task's inner answer and backward solution (detached)
+            to the end of the block, not the chunks' graphs: measured on CPU in float32, 32
+            tasks of 5-way 1-shot at one task per chunk, the saved tensors' peak was 21 MiB
+            for MAML (8 MiB without the block) and 50 MiB for iMAML with 5 inner steps
+            (11 MiB).
 
     Returns:
         ``(grad, lam_grad, stats)``: the mean meta-gradient by name (like ``theta``),

@@ -22,7 +22,7 @@ from torch.autograd.function import once_differentiable
 
 import bilevel as bl
 from bilevel.solvers import GradientDescent, Nesterov, NewtonCG, TrustRegionNewtonCG
-from bilevel.tree import problems_named, ravel, rows_finite, unravel_like, unravel_rows
+from bilevel.tree import problems_named, ravel, rows_finite, tree_map, unravel_like, unravel_rows
 
 from .batched import BatchedModel, task_losses
 from .models import LossFn, Params
@@ -364,7 +364,10 @@ def checked(res: bl.SolverResult, remedies: str) -> bl.SolverResult:
     (now, or at the end of a `bilevel.deferred_checks` block).  The error names the tasks, carries
     ``res`` as its ``info`` (per-task statuses in ``problem_status``) and says ``remedies``
     (`divergence_remedies`)."""
-    bl.defer_check(functools.partial(_raise_if_diverged, res, remedies))
+    # Queued, the check lives to the block's end: it keeps the answer detached, not its graph
+    # (the whole unrolled inner loop of a task chunk that has long been differentiated).
+    detached = res.replace(x=tree_map(torch.Tensor.detach, res.x))
+    bl.defer_check(functools.partial(_raise_if_diverged, detached, remedies))
     return res
 
 
