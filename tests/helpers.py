@@ -192,8 +192,9 @@ def run_cli(argv: list[str], capsys: Any) -> tuple[int, str, str]:
 class LiveTensorBytes(TorchDispatchMode):
     """The peak bytes of the CPU tensors created while it is active and still alive (``peak``).
 
-    Every op's outputs are counted by storage (views of one storage once) until the last tensor
-    on that storage dies; tensors that existed before (parameters, inputs) are not counted.
+    Every op's new outputs are counted by storage (views of one storage once) until the last
+    tensor on that storage dies; tensors that existed before (parameters, inputs), views of them
+    and ops that write into them are not counted.
     """
 
     def __init__(self) -> None:
@@ -212,13 +213,18 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, torch.Tensor)
+        }
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
                 continue
             storage = t.untyped_storage()
             key = storage.data_ptr()
-            if key == 0:
-                continue
+            if key == 0 or (key in inputs and key not in self.live):
+                continue  # a view of (or a write into) a tensor made before
             n, nbytes = self.live.get(key, (0, storage.nbytes()))
             if n == 0:
                 self.current += nbytes
