@@ -157,7 +157,8 @@ def banner(cfg: TrainConfig, exp: Experiment, device: torch.device, world: int) 
     if cfg.dataset == "sinusoid":
         task = f"sinusoid regression, {cfg.shots} support and {cfg.queries} query points"
     else:
-        task = f"{cfg.dataset} {cfg.ways}-way {cfg.shots}-shot, {cfg.queries} queries per class"
+        queries = "1 query" if cfg.queries == 1 else f"{cfg.queries} queries"
+        task = f"{cfg.dataset} {cfg.ways}-way {cfg.shots}-shot, {queries} per class"
     if cfg.algo == "imaml-hf":
         region = " (trust region)" if cfg.inner_solver == "trust-region" else " (line search)"
         inner = f"{cfg.newton_iters} Newton steps of {cfg.cg_iters} CG" + region
