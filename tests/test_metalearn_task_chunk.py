@@ -110,6 +110,23 @@ def test_a_bad_task_chunk_is_refused(bad: object) -> None:
         meta_gradient(algo, fn, F.cross_entropy, theta, _images(3), task_chunk=bad)  # type: ignore[arg-type]
 
 
+def test_live_tensor_bytes_counts_new_storages_once_while_alive() -> None:
+    """The measure the memory tests rely on: new tensors by storage, views of them once, tensors
+    made before and writes into them not at all, and the peak outlives what was freed."""
+    before = torch.zeros(1000)
+    with LiveTensorBytes() as count:
+        a = torch.ones(1000)  # 4,000 bytes
+        view = a[10:20].reshape(2, 5)
+        before.add_(1)  # in place into an older tensor
+        old_view = before[:500]
+        b = a * 2  # 4,000 more: the peak
+        del a, view, b
+        c = torch.ones(250)  # 1,000: after the others were freed
+    assert count.peak == 8000
+    assert count.current == 1000
+    del c, old_view
+
+
 @pytest.mark.parametrize("algo_name", ["maml", "imaml-gd"])
 def test_chunks_lower_the_peak_memory_of_a_meta_step(algo_name: str) -> None:
     """All B tasks' graphs at once (MAML's unrolled paths; iMAML's inner loops and the graph its
