@@ -156,6 +156,31 @@ def test_chunks_lower_the_peak_memory_of_a_meta_step(algo_name: str) -> None:
     assert deferred < single + 4 * 16 * n * 4, (deferred, single, n)
 
 
+@pytest.mark.parametrize("algo_name", list(ALGOS))
+def test_a_chunk_holds_nothing_of_the_chunks_before(algo_name: str) -> None:
+    """At one task per chunk, 8 tasks peak where one task does, plus the running sum of the
+    gradients (one theta-sized tensor): no earlier chunk's answers, gradients or raveled theta
+    stay alive through the next chunk's graph."""
+    model = omniglot_cnn(5, hidden=16, image_size=28)
+    fn, theta = make_functional(model, torch.Generator().manual_seed(0), dtype=torch.float32)
+    if algo_name == "meta-sgd":
+        theta = {**theta, **{f"lr:{k}": torch.full_like(v, 0.1) for k, v in theta.items()}}
+    algo = make_algorithm(algo_name, **ALGOS[algo_name])  # type: ignore[arg-type]
+    x = _images(5, b=8, size=28)
+    batch = Task(x.support_x.float(), x.support_y, x.query_x.float(), x.query_y)
+
+    def peak(tasks: int) -> int:
+        part = Task(*(t[:tasks] for t in batch))
+        with LiveTensorBytes() as count:
+            meta_gradient(algo, fn, F.cross_entropy, theta, part, batched=batched_model(model),
+                          diagnostics=False, task_chunk=1)  # fmt: skip
+        return count.peak
+
+    one, eight = peak(1), peak(8)
+    size = 4 * sum(t.numel() for t in theta.values())  # theta's bytes, the running sum's
+    assert eight <= one + 1.25 * size, (algo_name, one, eight, size)
+
+
 SINE = ["--dataset", "sinusoid", "--meta-batch", "5", "--inner-steps", "2", "--meta-steps", "6"]
 SINE += ["--log-every", "2", "--test-tasks", "6", "--eval-batch", "3", "--checkpoint-every", "0"]
 SINE += ["--dtype", "float64", "--algo", "maml", "--inner-lr", "0.05"]
@@ -197,3 +222,20 @@ def test_a_learner_step_in_chunks_fills_the_same_gradients(learner: str) -> None
     assert list(g1) == list(g0) and len(g0) > 0
     for n in g0:
         _same(g1[n], g0[n])
+
+
+@pytest.mark.parametrize("bad", ["shape", "dtype"])
+def test_a_theta_ravel_of_another_shape_or_dtype_is_refused(bad: str) -> None:
+    from bilevel.metalearn.batched import as_batched
+    from bilevel.metalearn.metabatch import MetaBatch
+
+    model = omniglot_cnn(5, hidden=8, image_size=8)
+    fn, theta = make_functional(model, torch.Generator().manual_seed(0), dtype=torch.float32)
+    n = sum(t.numel() for t in theta.values())
+    flat = torch.zeros(n + 1) if bad == "shape" else torch.zeros(n, dtype=torch.float64)
+    algo = make_algorithm("maml", inner_steps=1)
+    x = _images(1, b=2)
+    batch = Task(x.support_x.float(), x.support_y, x.query_x.float(), x.query_y)
+    with pytest.raises(ValueError, match="ravel of theta"):
+        MetaBatch(as_batched(fn, None, False), F.cross_entropy, True, batch, theta, algo.weight(None),
+                  theta_flat=flat)  # fmt: skip

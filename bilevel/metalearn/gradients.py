@@ -230,19 +230,19 @@ class Unrolled:
         return mb.minimize(inner, fixed_path=True)
 
     def apply(self, inner: InnerSolver, mb: MetaBatch) -> Outcome:
-        theta = {k: v.detach().requires_grad_(True) for k, v in mb.theta.items()}
+        leaf, theta = mb.theta_leaf()
         solver = batched_solver(inner, mb.weight, differentiable=True)
         with torch.enable_grad():
             res = checked(
-                solver(mb.objective(exact=True), mb.init(theta), theta),
+                solver(mb.objective(exact=True), mb.init(leaf), theta),
                 divergence_remedies(inner, mb.weight, fixed_path=True),
             )
             X: torch.Tensor = res.x  # type: ignore[assignment]
             ql, qa = mb.query(X)
             # the unrolled gradient sums the tasks': a NaN query loss names its task first
             check_task_rows("the query losses", ql, _QUERY_NAN)
-            grads = torch.autograd.grad(ql.sum(), list(theta.values()), allow_unused=True)
-        return Outcome(or_zeros(theta, grads), None, X.detach(), ql.detach(), qa, res)
+            (grad,) = torch.autograd.grad(ql.sum(), leaf, allow_unused=True, materialize_grads=True)
+        return Outcome(mb.tree(grad), None, X.detach(), ql.detach(), qa, res)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -553,16 +553,16 @@ class LearnedSteps:
         return self._path(inner, mb, mb.init(), mb.flat(self._steps(mb)), graph=False)
 
     def apply(self, inner: InnerSolver, mb: MetaBatch) -> Outcome:
-        theta = {k: v.detach().requires_grad_(True) for k, v in mb.theta.items()}
-        steps = {k: v.detach().requires_grad_(True) for k, v in self._steps(mb).items()}
+        leaf, _ = mb.theta_leaf()
+        alpha = mb.flat(self._steps(mb)).requires_grad_(True)  # a new raveled copy: a leaf
         with torch.enable_grad():
-            res = self._path(inner, mb, mb.init(theta), mb.flat(steps), graph=True)
+            res = self._path(inner, mb, mb.init(leaf), alpha, graph=True)
             X: torch.Tensor = res.x  # type: ignore[assignment]
             ql, qa = mb.query(X)
             check_task_rows("the query losses", ql, _QUERY_NAN)
-            leaves = {**theta, **{STEP_PREFIX + k: v for k, v in steps.items()}}
-            grads = torch.autograd.grad(ql.sum(), list(leaves.values()), allow_unused=True)
-        return Outcome(or_zeros(leaves, grads), None, X.detach(), ql.detach(), qa, res.replace(x=X.detach()))
+            g_theta, g_alpha = torch.autograd.grad(ql.sum(), (leaf, alpha), materialize_grads=True)
+        grad = {**mb.tree(g_theta), **{STEP_PREFIX + k: v for k, v in mb.tree(g_alpha).items()}}
+        return Outcome(grad, None, X.detach(), ql.detach(), qa, res.replace(x=X.detach()))
 
 
 MetaGradientKind = Union[Implicit, Unrolled, FirstOrder, ReptileStep, ReleasedCG, HeadOnly, LearnedSteps]

@@ -107,6 +107,8 @@ class MetaBatch:
         batch: Task,
         theta: Params,
         weight: ProximalWeight,
+        *,
+        theta_flat: torch.Tensor | None = None,
     ) -> None:
         self.bm = bm
         self.loss = loss
@@ -120,7 +122,17 @@ class MetaBatch:
         self.names = list(self.theta)
         self.shapes = [tuple(v.shape) for v in self.theta.values()]
         self.sizes = [v.numel() for v in self.theta.values()]
-        self.theta_flat = self.flat(self.theta)
+        n = sum(self.sizes)
+        if theta_flat is not None and (
+            theta_flat.shape != (n,) or theta_flat.dtype != next(iter(self.theta.values())).dtype
+        ):
+            raise ValueError(
+                f"MetaBatch(theta_flat=...): the ({n},) ravel of theta, not {tuple(theta_flat.shape)} "
+                f"{theta_flat.dtype}"
+            )
+        #: theta raveled (n,), detached; ``theta_flat`` passes in the one of another chunk of the
+        #: same meta-batch (theta's values, raveled once)
+        self.theta_flat = self.flat(self.theta) if theta_flat is None else theta_flat.detach()
         self.B = batch.support_x.shape[0]
         self.weight = weight
         self.learned = weight.learned
@@ -239,10 +251,21 @@ class MetaBatch:
 
         return matvec
 
-    def init(self, theta: Params | None = None) -> torch.Tensor:
-        """X = theta for every task: an expanded (B, n) view (attached to ``theta`` if it is)."""
-        t = self.theta_flat if theta is None else self.flat(theta)
+    def init(self, flat: torch.Tensor | None = None) -> torch.Tensor:
+        """X = theta for every task: an expanded (B, n) view of ``flat`` (default `theta_flat`;
+        attached to it where it requires grad, as `theta_leaf`'s does)."""
+        t = self.theta_flat if flat is None else flat
         return t.unsqueeze(0).expand(self.B, -1)
+
+    def theta_leaf(self) -> tuple[torch.Tensor, Params]:
+        """A new (n,) leaf over `theta_flat`'s memory that requires grad, and theta's tensors as
+        views of it by name.
+
+        Differentiating in the leaf gives the whole meta-gradient as one (n,) tensor, and
+        ``init(leaf)`` starts the tasks there: no second raveled copy of theta in the graph.
+        """
+        leaf = self.theta_flat.detach().requires_grad_(True)
+        return leaf, self.tree(leaf)
 
     def minimize(
         self, solver: InnerSolver, *, prox: bool = True, fixed_path: bool = False
