@@ -46,6 +46,8 @@ __all__ = [
     "finite_problems",
     "is_tuple",
     "leaves",
+    "pack",
+    "packed_ravel",
     "problems_named",
     "ravel",
     "ravel_batch",
@@ -227,6 +229,50 @@ def ravel(
     if len(ts) == 1:
         return _cast(ts[0].reshape(-1), dtype)
     return torch.cat([_cast(t.reshape(-1), dtype) for t in ts])
+
+
+def pack(tree: TensorTree) -> TensorTree:
+    """A copy of ``tree`` whose leaves lie back to back, in leaf order, in one new contiguous
+    buffer, so that `packed_ravel` reads it raveled with no copy.
+
+    The leaves are views of the buffer that autograd treats as leaves (``requires_grad_`` and an
+    optimizer's in-place updates work on them as on separate tensors).  A model's parameters
+    kept this way save the (n,) copy that raveling them for a batched solver would make.
+
+    Raises:
+        TypeError: leaves of different dtypes or devices.
+    """
+    ts = leaves(tree)
+    kinds = {(t.dtype, t.device) for t in ts}
+    if len(kinds) > 1:
+        raise TypeError(f"pack: the leaves must share one dtype and device, not {sorted(map(str, kinds))}")
+    with torch.no_grad():
+        buffer = torch.cat([t.detach().reshape(-1) for t in ts])
+    views = buffer.split([t.numel() for t in ts])
+    return unflatten(tree, [v.view(t.shape) for v, t in zip(views, ts)])
+
+
+def packed_ravel(tree: TensorTree) -> torch.Tensor | None:
+    """`ravel` of ``tree`` as a detached view of its leaves' memory, where they lie back to back,
+    contiguous and in leaf order, in one storage (as `pack` lays them out); ``None`` otherwise.
+
+    Returns:
+        (n,) tensor sharing memory with the leaves (writing into it writes into them), or ``None``.
+    """
+    ts = leaves(tree)
+    first = ts[0]
+    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    end = offset
+    for t in ts:
+        if (
+            t.untyped_storage().data_ptr() != storage
+            or t.dtype != first.dtype
+            or t.storage_offset() != end
+            or not t.is_contiguous()
+        ):
+            return None
+        end += t.numel()
+    return first.detach().as_strided((end - offset,), (1,), offset)
 
 
 def _flat_size(flat: torch.Tensor, n: int, ndim: int, what: str) -> None:

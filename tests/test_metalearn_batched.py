@@ -285,13 +285,16 @@ def _graph_ops(t: torch.Tensor) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("B, native", [(1, True), (2, False)])
-def test_auto_double_backward_is_native_for_one_task_only(B: int, native: bool) -> None:
-    """``auto``: PyTorch's own conv and norm (one fused node each) for one task per call, the
-    few-op layers for more."""
+@pytest.mark.parametrize("B", [1, 2])
+@pytest.mark.parametrize("double_backward, native", [("auto", False), ("few-ops", False), ("native", True)])
+def test_auto_double_backward_takes_the_few_op_layers_for_any_number_of_tasks(
+    B: int, double_backward: str, native: bool
+) -> None:
+    """``auto``: the few-op convolution and norm for one task per call as for many (they hold
+    less than PyTorch's double backward there too); ``native``: PyTorch's own nodes."""
     model = omniglot_cnn(3, hidden=4, image_size=12)
     _, params = make_functional(model, _gen(0), dtype=torch.float64)
-    bm = batched_model(model)
+    bm = batched_model(model, double_backward=double_backward)
     assert bm is not None
     phi = {k: v.expand(B, *v.shape).clone().requires_grad_(True) for k, v in params.items()}
     x = torch.rand(B, 6, 1, 12, 12, dtype=torch.float64, generator=_gen(1))

@@ -87,3 +87,23 @@ def test_batch_norm_function_gradgradcheck() -> None:
     torch.testing.assert_close(f(x, gamma, beta), ref, rtol=0, atol=1e-13)
     assert torch.autograd.gradcheck(f, (x, gamma, beta))
     assert torch.autograd.gradgradcheck(f, (x, gamma, beta))
+
+
+def test_batch_norm_gradient_node_gives_the_same_product_every_time_through_one_graph() -> None:
+    """The node keeps its cotangent-free terms for the next product (CG's matvecs reuse one
+    graph): the first, second and third products through one graph equal fresh graphs'."""
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64, generator=_gen(0), requires_grad=True)
+    gamma = torch.rand(4, dtype=torch.float64, generator=_gen(1)).add(0.5).requires_grad_(True)
+    gy = torch.randn(3, 4, 5, 5, dtype=torch.float64, generator=_gen(2), requires_grad=True)
+    var, mean = torch.var_mean(x.detach(), (0, 2, 3), correction=0)
+    invstd = torch.rsqrt(var + 1e-5)
+    us = [torch.randn(3, 4, 5, 5, dtype=torch.float64, generator=_gen(10 + i)) for i in range(3)]
+
+    def vjp(u: torch.Tensor, out: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
+        out = out or BatchNormGrad.apply(gy, x, gamma, mean, invstd, 1e-5)
+        return torch.autograd.grad(out[0], (gy, x, gamma), u, retain_graph=True)
+
+    shared = BatchNormGrad.apply(gy, x, gamma, mean, invstd, 1e-5)
+    for u in us:
+        for got, ref in zip(vjp(u, shared), vjp(u)):
+            torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-13)

@@ -1049,3 +1049,41 @@ def test_batched_check_finite_names_the_problems() -> None:
     rows, per_leaf = T.finite_problems(bad)
     assert rows.tolist() == [True, True, False]
     assert per_leaf.tolist() == [[True] * 3, [True] * 3, [True, True, False]]
+
+
+# ------------------------------------------------------------------------ packed trees
+
+
+def test_pack_lays_the_leaves_back_to_back_and_packed_ravel_reads_them_in_place() -> None:
+    tree = {"w": torch.randn(3, 4, dtype=D), "b": torch.randn(4, dtype=D), "s": torch.tensor(2.0, dtype=D)}
+    packed = T.pack(tree)
+    assert list(packed) == list(tree)
+    for k in tree:
+        assert torch.equal(packed[k], tree[k]) and packed[k].shape == tree[k].shape
+    flat = T.packed_ravel(packed)
+    assert flat is not None and torch.equal(flat, T.ravel(tree))
+    flat[0] = 7.0  # a view: the leaves see it, the tree packed from is untouched
+    assert packed["w"][0, 0] == 7.0 and tree["w"][0, 0] != 7.0
+    # leaves that require grad and an optimizer's in-place step keep the layout
+    leaves = {k: v.requires_grad_(True) for k, v in packed.items()}
+    sum((v**2).sum() for v in leaves.values()).backward()  # type: ignore[union-attr]
+    torch.optim.Adam(list(leaves.values()), lr=0.1).step()
+    after = T.packed_ravel(leaves)
+    assert after is not None and not after.requires_grad
+    assert torch.equal(after, torch.cat([v.detach().reshape(-1) for v in leaves.values()]))
+
+
+def test_packed_ravel_is_none_unless_the_leaves_lie_back_to_back_in_order() -> None:
+    buf = torch.arange(20.0)
+    assert T.packed_ravel({"a": torch.randn(3), "b": torch.randn(2)}) is None  # two storages
+    assert T.packed_ravel((buf[5:10], buf[0:5])) is None  # out of order
+    assert T.packed_ravel((buf[0:5], buf[6:10])) is None  # a gap
+    assert T.packed_ravel((buf[:12].view(3, 4).t(),)) is None  # not contiguous
+    assert T.packed_ravel((buf[0:4], buf[4:8].view(torch.int32))) is None  # another dtype
+    got = T.packed_ravel((buf[2:6].view(2, 2), buf[6:9]))
+    assert got is not None and torch.equal(got, buf[2:9])
+
+
+def test_pack_refuses_leaves_of_different_dtypes() -> None:
+    with pytest.raises(TypeError, match="one dtype and device"):
+        T.pack({"a": torch.zeros(2), "b": torch.zeros(2, dtype=D)})

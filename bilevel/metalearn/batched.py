@@ -255,12 +255,10 @@ def batched_model(model: nn.Module, *, double_backward: str = "auto") -> Batched
             norms whose backward passes are a few differentiable ops (`GroupedConv2d`,
             `ConvWeightGrad`, `BatchNorm`, `BatchNormGrad`: 370 ops per HVP), as fast as ``native`` on CPU
             (measured, 1 thread: HVP 0.43-0.52 s vs 0.46-0.54 s, imaml-gd meta-step 0.96x) and a
-            fraction of the kernel launches that bound an accelerator.  ``auto``: ``native`` for
-            a call on one task (its convolution is a plain one, nothing to loop over, and its
-            fused norm saves fewer tensors: measured with one task per chunk, 32 tasks of
-            20-way 1-shot MAML with 5 inner steps, 44 MiB of saved tensors at the step's peak
-            against 62 MiB, and a 5-way 1-shot step about 1.1x faster), ``few-ops`` for more,
-            on every device.  All three are exact (tested against per-task HVPs in float64).
+            fraction of the kernel launches that bound an accelerator, and it holds less (one
+            task per chunk, 32 tasks of 20-way 1-shot MAML: 40.9 MiB of live tensors at the
+            step's peak against 42.8 MiB with 5 inner steps, 18.4 against 20.3 MiB with one).
+            ``auto``: ``few-ops``.  All are exact (tested against per-task HVPs in float64).
 
     Raises:
         ValueError: an unknown ``double_backward``.
@@ -274,7 +272,7 @@ def batched_model(model: nn.Module, *, double_backward: str = "auto") -> Batched
         # written-out norm in float64); only its vmap batching rule is wrong (BatchStatNorm2d).
         native = _convnet_batched(model, conv=_grouped_conv, norm=_batch_norm)
         few = _convnet_batched(model, conv=GroupedConv2d.apply, norm=BatchNorm.apply)
-        exact = {"native": native, "few-ops": few, "auto": _one_or_many(native, few)}[double_backward]
+        exact = {"native": native, "few-ops": few, "auto": few}[double_backward]
         return BatchedModel(
             exact, native, _convnet_single(model), cpu_chunk=4, flat_cross_entropy=_flat_convnet_ce(model)
         )
@@ -284,17 +282,6 @@ def batched_model(model: nn.Module, *, double_backward: str = "auto") -> Batched
             f, f, lambda p, x: f({k: v.unsqueeze(0) for k, v in p.items()}, x.unsqueeze(0))[0]
         )
     return None
-
-
-def _one_or_many(
-    one: Callable[[Params, torch.Tensor], torch.Tensor], many: Callable[[Params, torch.Tensor], torch.Tensor]
-) -> Callable[[Params, torch.Tensor], torch.Tensor]:
-    """``one`` for a call on a single task (``x`` of shape (1, N, ...)), else ``many``."""
-
-    def bfn(p: Params, x: torch.Tensor) -> torch.Tensor:
-        return one(p, x) if x.shape[0] == 1 else many(p, x)
-
-    return bfn
 
 
 def _blocks(model: ConvNet) -> list[tuple[str, int, int, float, bool]]:

@@ -22,7 +22,14 @@ from torch.autograd.function import once_differentiable
 
 import bilevel as bl
 from bilevel.solvers import GradientDescent, Nesterov, NewtonCG, TrustRegionNewtonCG
-from bilevel.tree import problems_named, ravel, rows_finite, tree_map, unravel_like, unravel_rows
+from bilevel.tree import (
+    packed_ravel,
+    problems_named,
+    ravel,
+    rows_finite,
+    unravel_like,
+    unravel_rows,
+)
 
 from .batched import BatchedModel, task_losses
 from .models import LossFn, Params
@@ -132,6 +139,10 @@ class MetaBatch:
             )
         #: theta raveled (n,), detached; ``theta_flat`` passes in the one of another chunk of the
         #: same meta-batch (theta's values, raveled once)
+        if theta_flat is None:
+            # theta kept packed (`bilevel.tree.pack`, as the training state keeps it) is read
+            # in place: one theta-sized copy fewer at every meta-step's peak
+            theta_flat = packed_ravel(tuple(self.theta[k] for k in self.names))
         self.theta_flat = self.flat(self.theta) if theta_flat is None else theta_flat.detach()
         self.B = batch.support_x.shape[0]
         self.weight = weight
@@ -385,12 +396,12 @@ def divergence_remedies(solver: InnerSolver, weight: ProximalWeight | None, *, f
 def checked(res: bl.SolverResult, remedies: str) -> bl.SolverResult:
     """Stop on a diverged inner solve: its NaN would otherwise be frozen out of the answer silently
     (now, or at the end of a `bilevel.deferred_checks` block).  The error names the tasks, carries
-    ``res`` as its ``info`` (per-task statuses in ``problem_status``) and says ``remedies``
-    (`divergence_remedies`)."""
-    # Queued, the check lives to the block's end: it keeps the answer detached, not its graph
-    # (the whole unrolled inner loop of a task chunk that has long been differentiated).
-    detached = res.replace(x=tree_map(torch.Tensor.detach, res.x))
-    bl.defer_check(functools.partial(_raise_if_diverged, detached, remedies))
+    ``res`` without its answer (``x=None``) as its ``info`` (per-task statuses in
+    ``problem_status``) and says ``remedies`` (`divergence_remedies`)."""
+    # Queued, the check lives to the block's end: it keeps the statuses, neither the answers
+    # (one theta-sized row per task of every chunk) nor their graph (the whole unrolled inner
+    # loop of a task chunk that has long been differentiated).
+    bl.defer_check(functools.partial(_raise_if_diverged, res.replace(x=None), remedies))
     return res
 
 

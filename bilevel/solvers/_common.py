@@ -542,7 +542,9 @@ def _stop(st: _LoopState, accept: torch.Tensor, tol: float, measured: bool) -> N
 def _result(oracle: Oracle, st: _LoopState, tol: float, info: dict[str, Any]) -> SolverResult:
     """The `SolverResult`, its per-problem fields read on the host when its first host value is."""
     B, values_known, batched = oracle.B, oracle.values_known, oracle.batched
-    code, last_negcurv, n_iter, gn, fun = st.code, st.last_negcurv, st.n_iter, st.gn, st.f.detach()
+    # detached: a result read late (a check queued by `bilevel.deferred_checks`) must not keep a
+    # differentiable path's graph alive through its gradient norms or values
+    code, last_negcurv, n_iter, gn, fun = st.code, st.last_negcurv, st.n_iter, st.gn.detach(), st.f.detach()
 
     def read() -> dict[str, Any]:
         # (one copy each: on the CPU these are free, elsewhere only the first one waits)

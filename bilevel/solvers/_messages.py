@@ -80,11 +80,14 @@ def explain(
         ``result`` with ``message`` set ("" if it converged), composed when first read: the
         result's host values are then read too, not before.
     """
+    # the message reads the host values, never x: composed late (a check queued to the end of
+    # a `bilevel.deferred_checks` block), it must not keep x, nor a differentiable path's graph
+    facts = result.replace(x=None)
     return result.replace(
         message=HostValues(
             lambda: {
                 "message": _message(
-                    result,
+                    facts,
                     who,
                     cap=cap,
                     tol=tol,

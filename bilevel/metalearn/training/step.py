@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ... import CheckpointError, NonFiniteError, deferred_checks
-from ...tree import all_finite
+from ...tree import all_finite, pack
 from ..algorithms import MetaStats, meta_gradient
 from ..models import Params
 from ..proximal import ProximalWeight, lam_from_config
@@ -76,7 +76,8 @@ class TrainState:
     """What meta-training changes and a checkpoint keeps.
 
     Attributes:
-        theta: the meta-parameters by name (leaves that require grad).
+        theta: the meta-parameters by name (leaves that require grad, views of one buffer:
+            `bilevel.tree.pack`).
         lam: the proximal weight; its learned log-lambda leaves are trained with theta.
         optimizer: Adam over `leaves`.
         step: meta-steps done.
@@ -90,7 +91,8 @@ class TrainState:
     @classmethod
     def start(cls, cfg: TrainConfig, exp: Experiment, d: Dist) -> TrainState:
         """The state before the first meta-step: ``exp.theta`` and ``cfg.lam``, rank 0's on every rank."""
-        theta = {k: v.detach().clone().requires_grad_(True) for k, v in exp.theta.items()}
+        # packed: the meta-step reads theta raveled without copying it
+        theta = {k: v.requires_grad_(True) for k, v in pack(exp.theta).items()}  # type: ignore[union-attr]
         lam = lam_from_config(cfg.learn_lam, cfg.lam, list(theta), device=exp.device, dtype=exp.dtype)
         leaves = [*theta.values(), *lam.leaves().values()]
         broadcast_([t.detach() for t in leaves], d)
