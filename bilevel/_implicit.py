@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import math
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
@@ -182,28 +183,37 @@ class _Problem:
     recorder: _ValueRecorder | None = None
 
 
-class _Call:
-    """One call of the layer, handed to the autograd Function (not a tensor, so not saved): the
-    problem, the policy, the diagnostics it fills in, and the graph it keeps for backward."""
+class _Checks:
+    """The checks of one call that `deferred_checks` may queue, and all that they read: the call's
+    name, policy and theta's structure, and its `ImplicitInfo` weakly.
 
-    def __init__(self, problem: _Problem, policy: ImplicitPolicy) -> None:
-        self.problem = problem
+    A queued check keeps no answer, backward solution or graph of the call to the end of the
+    block (it is given the solver's results without their solutions).  Where nobody holds the
+    call's info any more when a queued check fails, its error carries a stand-in with the
+    checks' own figures (residual, failed problems, the results without their solutions).
+    """
+
+    def __init__(self, name: str, policy: ImplicitPolicy, theta_like: TensorTree, info: ImplicitInfo) -> None:
+        self.name = name
         self.policy = policy
-        self.linear_solver = policy.backward_solver(problem.symmetric)
-        self.info = ImplicitInfo()
-        #: build F's graph in the forward pass and keep it for backward (set by `_run`)
-        self.keep_graph = False
-        self.point: Point | None = None
+        self.theta_like = theta_like
+        self._info = weakref.ref(info)
+        self._stand_in: ImplicitInfo | None = None
 
     @property
-    def name(self) -> str:
-        return self.problem.name
+    def info(self) -> ImplicitInfo:
+        info = self._info()
+        if info is None:
+            if self._stand_in is None:
+                self._stand_in = ImplicitInfo()
+            info = self._stand_in
+        return info
 
     def _fail(self, err: Exception) -> None:
         if self.policy.throw:
             raise err
         if self.policy.warn:
-            # the caller of implicit_argmin (forward pass, not deferred): _fail < _settle < defer_check
+            # the caller of implicit_argmin (forward pass, not deferred): _fail < settle < defer_check
             # < solve < forward < Function.apply < _run < implicit_argmin < caller
             warnings.warn(f"{err} (throw=False: continuing)", BilevelWarning, stacklevel=9)
 
@@ -219,18 +229,7 @@ class _Call:
             self.info.failed_problems = tuple(failed)
         return self._where(failed)
 
-    def _check_finite(self, tree: TensorTree, what: str) -> None:
-        """Raise `NonFiniteError` if ``tree`` (like x) has NaN or infinity, naming the leaf and, in
-        batched mode, the problems (also in ``info.failed_problems``)."""
-        if not self.policy.batched:
-            check_finite(tree, what)
-            return
-        rows, per_leaf = finite_problems(tree)
-        # the queued check keeps the keys, not the tensors (nor their graphs) to the block's end
-        keys = None if isinstance(tree, torch.Tensor) else list(_keys(tree))
-        defer_check(functools.partial(self._raise_rows, rows, per_leaf, keys, what))
-
-    def _raise_rows(
+    def raise_rows(
         self, rows: torch.Tensor, per_leaf: torch.Tensor, keys: list[Any] | None, what: str
     ) -> None:
         if bool(rows.all()):
@@ -244,27 +243,17 @@ class _Call:
             info=self.info,
         )
 
-    def _flat(self, ts: Leaves, dtype: torch.dtype) -> torch.Tensor:
-        """Leaves like x as one vector (n,), or as a (B, n) matrix in batched mode."""
-        return ravel_batch(ts, dtype=dtype) if self.policy.batched else ravel(ts, dtype=dtype)
-
-    def _unflat(self, flat: torch.Tensor, like: Leaves) -> Leaves:
-        out = unravel_batch(flat, like) if self.policy.batched else unravel_like(flat, like)
-        return leaves(out)
-
-    def _norms(self, ts: Leaves) -> torch.Tensor:
-        """Per-problem Euclidean norms (B,) in float64 (shape (1,) when not batched)."""
-        return batch_norm(ts, batched=self.policy.batched)
-
-    def _settle(self, result: SolverResult, per: torch.Tensor | None, value: torch.Tensor | None) -> None:
+    def settle(self, result: SolverResult, per: torch.Tensor | None, value: torch.Tensor | None) -> None:
         """The forward pass's checks of the solver's answer (host reads), and its residual in `info`.
 
         Args:
-            result: what the solver returned.
+            result: what the solver returned (its ``x`` is not read: the queue passes ``None``).
             per: the measured per-problem residuals ||F_b||, float64 (B,) or (1,); ``None``: take
                 the solver's own ``problem_grad_norm`` / ``grad_norm`` (not measured).
             value: the objective's value at the answer where it was recorded with ``per``.
         """
+        if self._info() is None:  # the stand-in (see the class) records what this check knows
+            self.info.solver_result = result
         measured = per is not None
         if per is None:
             if self.policy.batched and result.problem_grad_norm is not None:
@@ -323,6 +312,125 @@ class _Call:
                 stacklevel=8,  # the caller of implicit_argmin / implicit_root / fixed_point (not deferred)
             )
 
+    def check_backward_solve(
+        self, res: LinearSolveResult, rhs_finite: torch.Tensor, finite: torch.Tensor, rhs_name: str
+    ) -> None:
+        """Raise (or warn) unless the backward solve converged or ran its budget (host reads),
+        naming the problems that failed; a problem that ran its fixed budget (``BUDGET``) is not one.
+
+        Args:
+            res: the linear solve's result.
+            rhs_finite: per problem, whether its right-hand side is finite, bool (B,) or (1,).
+            finite: per problem, whether its row of ``res.x`` is finite, bool (B,) or (1,).
+            rhs_name: what the right-hand side is, for the message.
+        """
+        if self._info() is None:
+            self.info.backward.append(res)
+        if not bool(rhs_finite.all()):
+            bad = torch.nonzero(~rhs_finite).flatten().tolist()
+            raise NonFiniteError(
+                f"{self.name}: {rhs_name} has NaN or infinity{self._blame(bad)}: the backward pass "
+                "received it so; check what is computed from the layer's output there",
+                info=self.info,
+            )
+        nonfinite = sorted(set(res.problems_with(LinearStatus.NONFINITE)) | set(_false(finite)))
+        if nonfinite:
+            raise NonFiniteError(
+                f"{self.name}: the backward linear solve produced NaN or infinity{self._blame(nonfinite)}: "
+                f"{LinearStatus.NONFINITE.message}",
+                info=self.info,
+            )
+        if res.status is LinearStatus.NEGATIVE_CURVATURE:
+            self._fail(
+                NegativeCurvatureError(
+                    f"{self.name}: backward solve: {res.status.message} (after {res.n_iter} iterations)"
+                    f"{self._blame(res.problems_with(LinearStatus.NEGATIVE_CURVATURE))}",
+                    info=self.info,
+                )
+            )
+        elif res.failed_problems():
+            # BUDGET (a fixed number of iterations, rtol = atol = 0, asked for and run) is no failure
+            self._fail(
+                LinearSolveError(
+                    f"{self.name}: backward solve stopped with status {res.status.name} after "
+                    f"{res.n_iter} iterations, relative residual {res.relative_residual:.3e}"
+                    f"{self._blame(res.failed_problems())}: {res.status.message}",
+                    info=self.info,
+                )
+            )
+
+    def check_gradient(self, finite: torch.Tensor, index: list[int], rows: list[torch.Tensor]) -> None:
+        """Raise `NonFiniteError` if the gradient has NaN or infinity, naming the theta leaf and, in
+        batched mode, the problems whose rows have it where theta is per problem (every leaf
+        with the batch's leading size).
+
+        Args:
+            finite: per gradient leaf, whether it is finite.
+            index: the theta leaf of each gradient leaf.
+            rows: per-problem masks (B,) of the gradient leaves where theta is per problem, else empty.
+        """
+        if bool(finite.all()):
+            return
+        leaf = index[int(torch.nonzero(~finite).flatten()[0])]
+        key = f"[{_keys(self.theta_like)[leaf]!r}]" if not isinstance(self.theta_like, torch.Tensor) else ""
+        bad = sorted({i for r in rows for i in _false(r)})
+        where = (
+            self._blame(bad)
+            if bad
+            else (
+                " in a part shared by the problems of the batch (every problem's answer, dL/dx and "
+                "backward solve are finite: the NaN comes from the objective's derivative in theta)"
+                if self.policy.batched
+                else ""
+            )
+        )
+        raise NonFiniteError(
+            f"{self.name}: the gradient with respect to theta{key} has NaN or infinity{where}",
+            info=self.info,
+        )
+
+
+class _Call:
+    """One call of the layer, handed to the autograd Function (not a tensor, so not saved): the
+    problem, the policy, the diagnostics it fills in, and the graph it keeps for backward."""
+
+    def __init__(self, problem: _Problem, policy: ImplicitPolicy) -> None:
+        self.problem = problem
+        self.policy = policy
+        self.linear_solver = policy.backward_solver(problem.symmetric)
+        self.info = ImplicitInfo()
+        self.checks = _Checks(problem.name, policy, problem.theta_like, self.info)
+        #: build F's graph in the forward pass and keep it for backward (set by `_run`)
+        self.keep_graph = False
+        self.point: Point | None = None
+
+    @property
+    def name(self) -> str:
+        return self.problem.name
+
+    def _check_finite(self, tree: TensorTree, what: str) -> None:
+        """Raise `NonFiniteError` if ``tree`` (like x) has NaN or infinity, naming the leaf and, in
+        batched mode, the problems (also in ``info.failed_problems``)."""
+        if not self.policy.batched:
+            check_finite(tree, what)
+            return
+        rows, per_leaf = finite_problems(tree)
+        # the queued check keeps the keys, not the tensors (nor their graphs) to the block's end
+        keys = None if isinstance(tree, torch.Tensor) else list(_keys(tree))
+        defer_check(functools.partial(self.checks.raise_rows, rows, per_leaf, keys, what))
+
+    def _flat(self, ts: Leaves, dtype: torch.dtype) -> torch.Tensor:
+        """Leaves like x as one vector (n,), or as a (B, n) matrix in batched mode."""
+        return ravel_batch(ts, dtype=dtype) if self.policy.batched else ravel(ts, dtype=dtype)
+
+    def _unflat(self, flat: torch.Tensor, like: Leaves) -> Leaves:
+        out = unravel_batch(flat, like) if self.policy.batched else unravel_like(flat, like)
+        return leaves(out)
+
+    def _norms(self, ts: Leaves) -> torch.Tensor:
+        """Per-problem Euclidean norms (B,) in float64 (shape (1,) when not batched)."""
+        return batch_norm(ts, batched=self.policy.batched)
+
     def solve(self, theta: Leaves, init_leaves: Leaves) -> Leaves:
         theta_tree = unflatten(self.problem.theta_like, list(theta))
         # theta may be shared by the problems of a batch: its leaves are named, not its rows
@@ -358,7 +466,7 @@ class _Call:
         )
         self.info.problem_residual_norm = per if self.policy.batched else None
         # every check below reads the device: now, or at the end of a `deferred_checks` block
-        defer_check(functools.partial(self._settle, result, per, value))
+        defer_check(functools.partial(self.checks.settle, result.replace(x=None), per, value))
         # An output must not alias an input of the Function.
         inputs = (*theta, *init_leaves)
         return tuple(t.clone() if any(t is s for s in inputs) else t.detach() for t in x)
@@ -400,7 +508,11 @@ class _Call:
         self.info.backward.append(res)
         defer_check(
             functools.partial(
-                self._check_backward_solve, res, self._rows_finite(b), self._rows_finite(res.x), rhs_name
+                self.checks.check_backward_solve,
+                res.replace(x=res.x.new_empty(0)),  # the statuses, not the solution
+                self._rows_finite(b),
+                self._rows_finite(res.x),
+                rhs_name,
             )
         )
         return self._unflat(res.x, x)
@@ -408,51 +520,6 @@ class _Call:
     def _rows_finite(self, flat: torch.Tensor) -> torch.Tensor:
         """Per problem, whether a flat (B, n) matrix is finite, bool (B,) ((1,) for one problem)."""
         return rows_finite(flat) if self.policy.batched else torch.isfinite(flat).all().reshape(1)
-
-    def _check_backward_solve(
-        self, res: LinearSolveResult, rhs_finite: torch.Tensor, finite: torch.Tensor, rhs_name: str
-    ) -> None:
-        """Raise (or warn) unless the backward solve converged or ran its budget (host reads),
-        naming the problems that failed; a problem that ran its fixed budget (``BUDGET``) is not one.
-
-        Args:
-            res: the linear solve's result.
-            rhs_finite: per problem, whether its right-hand side is finite, bool (B,) or (1,).
-            finite: per problem, whether its row of ``res.x`` is finite, bool (B,) or (1,).
-            rhs_name: what the right-hand side is, for the message.
-        """
-        if not bool(rhs_finite.all()):
-            bad = torch.nonzero(~rhs_finite).flatten().tolist()
-            raise NonFiniteError(
-                f"{self.name}: {rhs_name} has NaN or infinity{self._blame(bad)}: the backward pass "
-                "received it so; check what is computed from the layer's output there",
-                info=self.info,
-            )
-        nonfinite = sorted(set(res.problems_with(LinearStatus.NONFINITE)) | set(_false(finite)))
-        if nonfinite:
-            raise NonFiniteError(
-                f"{self.name}: the backward linear solve produced NaN or infinity{self._blame(nonfinite)}: "
-                f"{LinearStatus.NONFINITE.message}",
-                info=self.info,
-            )
-        if res.status is LinearStatus.NEGATIVE_CURVATURE:
-            self._fail(
-                NegativeCurvatureError(
-                    f"{self.name}: backward solve: {res.status.message} (after {res.n_iter} iterations)"
-                    f"{self._blame(res.problems_with(LinearStatus.NEGATIVE_CURVATURE))}",
-                    info=self.info,
-                )
-            )
-        elif res.failed_problems():
-            # BUDGET (a fixed number of iterations, rtol = atol = 0, asked for and run) is no failure
-            self._fail(
-                LinearSolveError(
-                    f"{self.name}: backward solve stopped with status {res.status.name} after "
-                    f"{res.n_iter} iterations, relative residual {res.relative_residual:.3e}"
-                    f"{self._blame(res.failed_problems())}: {res.status.message}",
-                    info=self.info,
-                )
-            )
 
     def backward(self, x: Leaves, theta: Leaves, v: Leaves, wrt: tuple[bool, ...]) -> tuple[Any, ...]:
         if not any(wrt):
@@ -488,44 +555,13 @@ class _Call:
             rows = [rows_finite(g) for _, g in present] if per_problem else []
             defer_check(
                 functools.partial(
-                    self._check_gradient, all_finite([g for _, g in present]), [i for i, _ in present], rows
+                    self.checks.check_gradient,
+                    all_finite([g for _, g in present]),
+                    [i for i, _ in present],
+                    rows,
                 )
             )
         return grads
-
-    def _check_gradient(self, finite: torch.Tensor, index: list[int], rows: list[torch.Tensor]) -> None:
-        """Raise `NonFiniteError` if the gradient has NaN or infinity, naming the theta leaf and, in
-        batched mode, the problems whose rows have it where theta is per problem (every leaf
-        with the batch's leading size).
-
-        Args:
-            finite: per gradient leaf, whether it is finite.
-            index: the theta leaf of each gradient leaf.
-            rows: per-problem masks (B,) of the gradient leaves where theta is per problem, else empty.
-        """
-        if bool(finite.all()):
-            return
-        leaf = index[int(torch.nonzero(~finite).flatten()[0])]
-        key = (
-            f"[{_keys(self.problem.theta_like)[leaf]!r}]"
-            if not isinstance(self.problem.theta_like, torch.Tensor)
-            else ""
-        )
-        bad = sorted({i for r in rows for i in _false(r)})
-        where = (
-            self._blame(bad)
-            if bad
-            else (
-                " in a part shared by the problems of the batch (every problem's answer, dL/dx and "
-                "backward solve are finite: the NaN comes from the objective's derivative in theta)"
-                if self.policy.batched
-                else ""
-            )
-        )
-        raise NonFiniteError(
-            f"{self.name}: the gradient with respect to theta{key} has NaN or infinity{where}",
-            info=self.info,
-        )
 
     def jvp(self, x: Leaves, theta: Leaves, tangents: tuple[torch.Tensor | None, ...]) -> Leaves:
         """Forward mode: dx = -(dF/dx)^-1 (dF/dtheta) t, for an argmin (symmetric dF/dx)."""

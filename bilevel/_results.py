@@ -250,6 +250,10 @@ class LinearSolveResult:
     def converged(self) -> bool:
         return self.status is LinearStatus.CONVERGED
 
+    def replace(self, **changes: Any) -> LinearSolveResult:
+        """A copy with ``changes`` (``dataclasses.replace``) that reads no `HostValues`."""
+        return _replace(self, changes)
+
     @property
     def relative_residual(self) -> float:
         return self.residual_norm / self.b_norm if self.b_norm > 0 else self.residual_norm

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import gc
 import inspect
+import math
 import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -14,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_config
+from helpers import LiveTensorBytes
 from test_metalearn_compile import _problem  # a 3-task meta-batch of the Omniglot CNN, random images
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -113,6 +116,43 @@ def test_an_exception_in_the_block_is_explained_by_the_failed_check_queued_befor
         with bl.deferred_checks():
             bl.implicit_argmin(_quad, torch.zeros(2, dtype=D), torch.ones(2, dtype=D), _exact)
             raise KeyError("unrelated")
+
+
+def test_a_queued_check_keeps_no_answer_and_its_error_carries_the_diagnostics() -> None:
+    """A queued check holds the call's info weakly and the solver's result without its answer: an
+    answer the caller dropped is freed before the block ends, and the error then carries a
+    stand-in info with the check's figures; an info the caller holds is the error's."""
+    n = 1000  # an answer of 8,000 bytes
+
+    def far(objective: Any, init: Any, theta: torch.Tensor) -> torch.Tensor:
+        return 2.0 * theta + 0.1  # ||F|| = 0.1 * sqrt(n), above the default optimality_tol
+
+    theta = torch.ones(n, dtype=D, requires_grad=True)
+    with pytest.raises(bl.OptimalityError, match="exceeds optimality_tol") as dropped:
+        with LiveTensorBytes() as count, bl.deferred_checks():
+            bl.implicit_argmin(_quad, torch.zeros(n, dtype=D), theta, far)
+            gc.collect()
+            queued = count.current  # (an assertion here would be chained under the check's error)
+    # what the queued check holds (a residual, a value), not the answer (nor the graph)
+    assert 0 < queued < 8 * n / 10, queued
+    info = dropped.value.info
+    assert isinstance(info, bl.ImplicitInfo)
+    assert info.residual_norm == pytest.approx(0.1 * math.sqrt(n), rel=1e-12)
+    assert info.solver_result is not None and info.solver_result.x is None
+
+    with pytest.raises(bl.OptimalityError) as held:
+        with bl.deferred_checks():
+            _, kept = bl.implicit_argmin(_quad, torch.zeros(n, dtype=D), theta, far, return_info=True)
+    assert held.value.info is kept
+    assert kept.residual_norm == pytest.approx(0.1 * math.sqrt(n), rel=1e-12)
+    assert kept.solver_result is not None and isinstance(kept.solver_result.x, torch.Tensor)
+
+    # the backward solve's check: a stand-in with the solve's statuses, not its solution
+    with pytest.raises(bl.LinearSolveError, match="status MAX_ITER") as short:
+        with bl.deferred_checks():
+            _cg_budget_short()
+    solves = short.value.info.backward
+    assert [r.status for r in solves] == [bl.LinearStatus.MAX_ITER] and solves[0].x.numel() == 0
 
 
 def test_nested_blocks_check_at_the_end_of_the_outermost() -> None:
