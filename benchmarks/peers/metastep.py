@@ -22,6 +22,10 @@ Subcommands (each comparison runs in its own processes):
   `LiveTensorBytes`: the peak of the bytes held by tensors the step creates (saved activations,
   parameter copies, gradients; not the allocator's cache, oneDNN's kernels or scratch space,
   which the RSS of ``memory`` includes).  Exact and free of the allocator's noise.
+* ``allocator``: both sides in one process, one warm-up step each, then one step each under
+  ``torch.profiler`` with ``profile_memory``: the peak of the bytes PyTorch's CPU allocator holds
+  above the start of the step, every allocation included (the kernels' scratch too, which
+  ``tensors`` does not see); not oneDNN's own buffers, Python objects or code pages.
 * ``agree``: float64, one meta-step's meta-gradient of each side from the same parameters on the
   same tasks (``--agree-batch`` of them); relative error ||theirs - ours|| / ||ours||.
 * ``all``: every case of `CASES` (or ``--pairs``), each subcommand in its own subprocess pinned to
@@ -154,6 +158,7 @@ def cmd_memory(args: argparse.Namespace) -> dict[str, Any]:
     # step's peak from an RSS measured after a warm-up step.
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
     rss0 = _status_kib("VmRSS")
+    file0, anon0 = _status_kib("RssFile"), _status_kib("RssAnon")
     for b in bs:
         side.step(b)
     hwm = _status_kib("VmHWM")
@@ -162,20 +167,54 @@ def cmd_memory(args: argparse.Namespace) -> dict[str, Any]:
         "rss_before_mib": rss0 / 1024,
         "peak_mib": max(hwm, setup_peak) / 1024,
         "step_peak_mib": (hwm - rss0) / 1024,
+        # What the steps left resident, split: file-backed pages (library code read for the first
+        # time, shared with other processes) and anonymous memory (heap, allocator caches).
+        "file_added_mib": (_status_kib("RssFile") - file0) / 1024,
+        "anon_added_mib": (_status_kib("RssAnon") - anon0) / 1024,
     }
 
 
-def cmd_tensors(args: argparse.Namespace) -> dict[str, Any]:
+def tensor_peak(step: Callable[[], None]) -> float:
+    """Peak bytes held by the tensors ``step()`` creates (`LiveTensorBytes`)."""
+    with LiveTensorBytes() as count:
+        step()
+    return float(count.peak)
+
+
+def allocator_peak(step: Callable[[], None]) -> float:
+    """Peak bytes PyTorch's CPU allocator holds during ``step()`` above what it held at its start."""
+    cpu = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=cpu, profile_memory=True) as prof:
+        step()
+    events = prof.profiler.kineto_results.events()  # type: ignore[union-attr]
+    deltas = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    held = peak = 0
+    for _, nbytes in deltas:
+        held += nbytes
+        peak = max(peak, held)
+    return float(peak)
+
+
+def _peaks(
+    args: argparse.Namespace, measure: Callable[[Callable[[], None]], float], key: str
+) -> dict[str, Any]:
+    """Both sides in one process: a warm-up step each, then ``measure`` of one step each, MiB."""
     one_thread(args.cpu)
     exp, ours, peer = build(args)
     bs = batches(exp, 2)
     peak = {}
     for name, side in (("peer", peer), ("ours", ours)):
         side.step(bs[0])
-        with LiveTensorBytes() as count:
-            side.step(bs[1])
-        peak[name] = count.peak / 2**20
-    return {"tensor_peak_mib": peak, "ratio": peak["ours"] / peak["peer"], "task_chunk": args.task_chunk}
+        peak[name] = measure(lambda side=side: side.step(bs[1])) / 2**20
+    return {key: peak, "ratio": peak["ours"] / peak["peer"], "task_chunk": args.task_chunk}
+
+
+def cmd_tensors(args: argparse.Namespace) -> dict[str, Any]:
+    return _peaks(args, tensor_peak, "tensor_peak_mib")
+
+
+def cmd_allocator(args: argparse.Namespace) -> dict[str, Any]:
+    return _peaks(args, allocator_peak, "allocator_peak_mib")
 
 
 def rel_err(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -323,7 +362,7 @@ def cmd_all(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=("time", "memory", "tensors", "agree", "all"))
+    p.add_argument("command", choices=("time", "memory", "tensors", "allocator", "agree", "all"))
     p.add_argument("--pair", choices=tuple(mp.PAIRS), default="l2l-maml")
     p.add_argument("--pairs", nargs="*", choices=tuple(mp.PAIRS), help="all: only these pairs")
     p.add_argument("--ways", type=int, default=5)
@@ -345,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         "time": cmd_time,
         "memory": cmd_memory,
         "tensors": cmd_tensors,
+        "allocator": cmd_allocator,
         "agree": cmd_agree,
         "all": cmd_all,
     }
