@@ -13,8 +13,9 @@ run whose folder holds a checkpoint (``--resume``): the runs can be spread over 
 ``summary`` reads the runs' evaluations (a stopped or running run too) and writes
 ``summary.md``: per algorithm and mark, the accuracy of each seed (the first evaluation at or after
 the mark, with its 95% interval over the test tasks) and their mean with the 95% interval of the
-seeds' spread (t-distribution; one seed: its own interval); and ``report/``, the ``report``
-command's figures of all runs overlaid (accuracy against CPU time).
+seeds' spread (t-distribution; one seed: its own interval); per mark, which algorithm is ahead
+and which are level with it (`pick`); and ``report/``, the ``report`` command's figures of all
+runs overlaid (accuracy against CPU time).
 
 Run (from the repository root; about 100 CPU-minutes per run)::
 
@@ -119,6 +120,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
         "| algorithm | " + " | ".join(f"{m:g} CPU-min" for m in marks) + " |",
         "|---|" + "---|" * len(marks),
     ]
+    stats: dict[float, dict[str, tuple[float, float, int]]] = {m: {} for m in marks}
     for algo in args.algos:
         cells = []
         for m in marks:
@@ -129,11 +131,15 @@ def cmd_summary(args: argparse.Namespace) -> int:
                 e = at_mark(list(r.evals), m) if r is not None else None
                 if e is not None:
                     per_seed.append((s, e["accuracy"], e["ci95"], e["step"]))
+            if per_seed:
+                stats[m][algo] = (*mean_interval(per_seed), len(per_seed))
             cells.append(_cell(per_seed) if per_seed else "not reached" if started else "not run")
         lines.append(f"| {algo} | " + " | ".join(cells) + " |")
     lines += ["", "Cells: mean over the seeds run so far +- the 95% interval of their spread (one seed: its "
               "interval over the test tasks, percent); in brackets each seed's accuracy and meta-steps "
-              "by then; not reached: the runs have not trained that long yet."]  # fmt: skip
+              "by then; not reached: the runs have not trained that long yet.", ""]  # fmt: skip
+    for m in marks:
+        lines.append(f"- {pick(m, stats[m], args.algos, len(args.seeds))}")
     out = args.out / args.task
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text("\n".join(lines) + "\n")
@@ -143,15 +149,41 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cell(per_seed: list[tuple[int, float, float, int]]) -> str:
+def mean_interval(per_seed: list[tuple[int, float, float, int]]) -> tuple[float, float]:
+    """(mean accuracy, half-width of its 95% interval) over ``(seed, accuracy, ci95, steps)`` rows:
+    the t interval of the seeds' spread, or one seed's own interval over the test tasks."""
     accs = [a for _, a, _, _ in per_seed]
     mean = statistics.fmean(accs)
     if len(accs) == 1:
-        half = per_seed[0][2]
-    else:
-        half = T95.get(len(accs) - 1, 1.96) * statistics.stdev(accs) / math.sqrt(len(accs))
+        return mean, per_seed[0][2]
+    return mean, T95.get(len(accs) - 1, 1.96) * statistics.stdev(accs) / math.sqrt(len(accs))
+
+
+def _cell(per_seed: list[tuple[int, float, float, int]]) -> str:
+    mean, half = mean_interval(per_seed)
     seeds = ", ".join(f"s{s}: {a:.2f} ({n})" for s, a, _, n in per_seed)
     return f"{mean:.2f} +- {half:.2f} [{seeds}]"
+
+
+def pick(minutes: float, at: dict[str, tuple[float, float, int]], algos: list[str], seeds: int) -> str:
+    """Which algorithm is ahead at ``minutes``, from ``at[algo] = (mean, half-width, seeds)``.
+
+    The leader has the highest mean; an algorithm whose 95% interval overlaps the leader's
+    (|difference| <= the sum of the half-widths) is level with it.  Provisional until every
+    algorithm has ``seeds`` seeds there.
+    """
+    if not at:
+        return f"{minutes:g} CPU-min: no run has reached it"
+    leader = max(at, key=lambda a: at[a][0])
+    m, h, _ = at[leader]
+    level = [a for a in at if a != leader and m - at[a][0] <= h + at[a][1]]
+    fig = lambda a: f"{a} {at[a][0]:.2f} +- {at[a][1]:.2f}"  # noqa: E731
+    text = f"{minutes:g} CPU-min: **{fig(leader)}** ahead"
+    text += f", level with {', '.join(fig(a) for a in level)} (overlapping intervals)" if level else " of all"
+    missing = [a for a in algos if at.get(a, (0, 0, 0))[2] < seeds]
+    if missing:
+        text += f"; provisional: {', '.join(missing)} short of {seeds} seeds"
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
