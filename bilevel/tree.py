@@ -254,12 +254,15 @@ def pack(tree: TensorTree) -> TensorTree:
 
 def packed_ravel(tree: TensorTree) -> torch.Tensor | None:
     """`ravel` of ``tree`` as a detached view of its leaves' memory, where they lie back to back,
-    contiguous and in leaf order, in one storage (as `pack` lays them out); ``None`` otherwise.
+    contiguous and in leaf order, in one storage (as `pack` lays them out); ``None`` otherwise
+    (an empty tree too).
 
     Returns:
         (n,) tensor sharing memory with the leaves (writing into it writes into them), or ``None``.
     """
     ts = leaves(tree)
+    if not ts:
+        return None
     first = ts[0]
     storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
     end = offset

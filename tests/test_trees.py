@@ -1080,6 +1080,7 @@ def test_packed_ravel_is_none_unless_the_leaves_lie_back_to_back_in_order() -> N
     assert T.packed_ravel((buf[0:5], buf[6:10])) is None  # a gap
     assert T.packed_ravel((buf[:12].view(3, 4).t(),)) is None  # not contiguous
     assert T.packed_ravel((buf[0:4], buf[4:8].view(torch.int32))) is None  # another dtype
+    assert T.packed_ravel({}) is None and T.packed_ravel(()) is None  # no leaves
     got = T.packed_ravel((buf[2:6].view(2, 2), buf[6:9]))
     assert got is not None and torch.equal(got, buf[2:9])
 

@@ -554,7 +554,8 @@ class LearnedSteps:
 
     def apply(self, inner: InnerSolver, mb: MetaBatch) -> Outcome:
         leaf, _ = mb.theta_leaf()
-        alpha = mb.flat(self._steps(mb)).requires_grad_(True)  # a new raveled copy: a leaf
+        # a leaf of its own (`flat` is a view of the step sizes where there is one parameter)
+        alpha = mb.flat(self._steps(mb)).detach().requires_grad_(True)
         with torch.enable_grad():
             res = self._path(inner, mb, mb.init(leaf), alpha, graph=True)
             X: torch.Tensor = res.x  # type: ignore[assignment]
