@@ -397,12 +397,9 @@ def rownorm(a: torch.Tensor) -> torch.Tensor:
 
 
 def rows_finite(*ts: torch.Tensor) -> torch.Tensor:
-    """Per-problem mask: every entry of every (B,) or (B, n) tensor is finite, shape (B,)."""
-    ok = torch.ones(ts[0].shape[0], dtype=torch.bool, device=ts[0].device)
-    for t in ts:
-        fin = torch.isfinite(t)
-        ok &= fin.reshape(fin.shape[0], -1).all(dim=1)
-    return ok
+    """Per-problem mask: every entry of every (B,) or (B, n) tensor is finite, shape (B,)
+    (`finite_problems` of the tensors: no temporary the size of a tensor)."""
+    return finite_problems(ts)[0]
 
 
 def tree_dot(a: TensorTree, b: TensorTree) -> torch.Tensor:
@@ -526,14 +523,19 @@ def finite_problems(tree: TensorTree) -> tuple[torch.Tensor, torch.Tensor]:
     """
     ts = leaves(tree, name="finite_problems' argument")
     B = batch_size(tree, "tree")
-    peaks = [
-        torch.linalg.vector_norm(t.detach().reshape(B, -1), float("inf"), dim=1)
-        if t.numel()
-        else torch.zeros(B, device=t.device)
-        for t in ts
-    ]
-    per_leaf = torch.isfinite(torch.stack([p.to(peaks[0].device) for p in peaks]))
+    per_leaf = torch.stack([_rows_finite(t.detach().reshape(B, -1)).to(ts[0].device) for t in ts])
     return per_leaf.all(0), per_leaf
+
+
+def _rows_finite(rows: torch.Tensor) -> torch.Tensor:
+    """Whether each row of a (B, n) tensor is finite, bool (B,): a floating-point row by its
+    largest magnitude (finite exactly when every entry is), one reduction and no temporary of
+    the tensor's size as ``isfinite`` makes."""
+    if not rows.is_floating_point():
+        return torch.isfinite(rows).all(dim=1)
+    if not rows.shape[1]:
+        return torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
+    return torch.isfinite(torch.linalg.vector_norm(rows, float("inf"), dim=1))
 
 
 def problems_named(idx: Sequence[int], *, noun: str = "problem", of: str = "the batch") -> str:

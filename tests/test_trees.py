@@ -283,6 +283,27 @@ def test_one_flattener_for_one_problem_rows_and_dtypes(kind: str) -> None:
         assert T.unravel_batch(X, a) is X
 
 
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.int64]
+)
+def test_rows_finite_equals_isfinite_row_by_row_without_a_tensor_sized_temporary(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(1)
+    X = (100 * torch.randn(6, 50, 3, generator=g, dtype=torch.float64)).to(dtype)
+    if dtype.is_floating_point or dtype.is_complex:
+        X[1, 7, 0] = torch.nan
+        X[3, 0, 2] = torch.inf
+        X[4, 49, 1] = -torch.inf
+        X[5, 2, 1] = torch.finfo(dtype).max  # large but finite
+    Y = torch.zeros(6, 0, dtype=dtype)  # rows without entries are finite
+    want = torch.isfinite(X).reshape(6, -1).all(dim=1)
+    with H.LiveTensorBytes() as count:
+        got = T.rows_finite(X, Y, X[:, 0, 0])
+    assert got.tolist() == want.tolist()
+    if dtype.is_floating_point:
+        assert got.tolist() == [True, False, True, False, False, True]
+        assert count.peak < X.numel(), count.peak  # not even a bool per entry
+
+
 def test_row_operations_and_norms() -> None:
     g = torch.Generator().manual_seed(5)
     A, Bm = torch.randn(4, 7, generator=g, dtype=D), torch.randn(4, 7, generator=g, dtype=D)
