@@ -47,12 +47,14 @@ from ._sync import defer_check
 from ._types import LinearSolver, Objective, RootFn, TensorTree
 from .conditions import Condition, Stationarity
 from .tree import (
+    LeafNames,
     aligned,
     all_finite,
     batch_norm,
     batch_size,
     check_finite,
     finite_problems,
+    leaf_names,
     leaves,
     problems_named,
     ravel,
@@ -185,7 +187,7 @@ class _Problem:
 
 class _Checks:
     """The checks of one call that `deferred_checks` may queue, and all that they read: the call's
-    name, policy and theta's structure, and its `ImplicitInfo` weakly.
+    name, policy and theta's leaf names, and its `ImplicitInfo` weakly.
 
     A queued check keeps no answer, backward solution or graph of the call to the end of the
     block (it is given the solver's results without their solutions).  Where nobody holds the
@@ -193,10 +195,10 @@ class _Checks:
     checks' own figures (residual, failed problems, the results without their solutions).
     """
 
-    def __init__(self, name: str, policy: ImplicitPolicy, theta_like: TensorTree, info: ImplicitInfo) -> None:
+    def __init__(self, name: str, policy: ImplicitPolicy, theta_names: LeafNames, info: ImplicitInfo) -> None:
         self.name = name
         self.policy = policy
-        self.theta_like = theta_like
+        self.theta_names = theta_names
         self._info = weakref.ref(info)
         self._stand_in: ImplicitInfo | None = None
 
@@ -229,17 +231,14 @@ class _Checks:
             self.info.failed_problems = tuple(failed)
         return self._where(failed)
 
-    def raise_rows(
-        self, rows: torch.Tensor, per_leaf: torch.Tensor, keys: list[Any] | None, what: str
-    ) -> None:
+    def raise_rows(self, rows: torch.Tensor, per_leaf: torch.Tensor, names: LeafNames, what: str) -> None:
         if bool(rows.all()):
             return
         bad = torch.nonzero(~rows).flatten().tolist()
         leaf = int(torch.nonzero(~per_leaf[:, bad[0]]).flatten()[0])
-        key = "" if keys is None else f"[{keys[leaf]!r}]"
         raise NonFiniteError(
-            f"{self.name}: {what}{key} contains NaN or infinity{self._blame(bad)}: check the inputs of "
-            "those problems, lower the inner step size, or solve the inner problem more carefully",
+            f"{self.name}: {names.label(what, leaf)} contains NaN or infinity{self._blame(bad)}: check the "
+            "inputs of those problems, lower the inner step size, or solve the inner problem more carefully",
             info=self.info,
         )
 
@@ -372,7 +371,6 @@ class _Checks:
         if bool(finite.all()):
             return
         leaf = index[int(torch.nonzero(~finite).flatten()[0])]
-        key = f"[{_keys(self.theta_like)[leaf]!r}]" if not isinstance(self.theta_like, torch.Tensor) else ""
         bad = sorted({i for r in rows for i in _false(r)})
         where = (
             self._blame(bad)
@@ -385,7 +383,8 @@ class _Checks:
             )
         )
         raise NonFiniteError(
-            f"{self.name}: the gradient with respect to theta{key} has NaN or infinity{where}",
+            f"{self.name}: {self.theta_names.label('the gradient with respect to theta', leaf)} has NaN "
+            f"or infinity{where}",
             info=self.info,
         )
 
@@ -399,7 +398,7 @@ class _Call:
         self.policy = policy
         self.linear_solver = policy.backward_solver(problem.symmetric)
         self.info = ImplicitInfo()
-        self.checks = _Checks(problem.name, policy, problem.theta_like, self.info)
+        self.checks = _Checks(problem.name, policy, leaf_names(problem.theta_like), self.info)
         #: build F's graph in the forward pass and keep it for backward (set by `_run`)
         self.keep_graph = False
         self.point: Point | None = None
@@ -415,9 +414,8 @@ class _Call:
             check_finite(tree, what)
             return
         rows, per_leaf = finite_problems(tree)
-        # the queued check keeps the keys, not the tensors (nor their graphs) to the block's end
-        keys = None if isinstance(tree, torch.Tensor) else list(_keys(tree))
-        defer_check(functools.partial(self.checks.raise_rows, rows, per_leaf, keys, what))
+        # the queued check keeps the names, not the tensors (nor their graphs) to the block's end
+        defer_check(functools.partial(self.checks.raise_rows, rows, per_leaf, leaf_names(tree), what))
 
     def _flat(self, ts: Leaves, dtype: torch.dtype) -> torch.Tensor:
         """Leaves like x as one vector (n,), or as a (B, n) matrix in batched mode."""
@@ -596,11 +594,6 @@ class _Call:
 def _false(mask: torch.Tensor) -> list[int]:
     """The indices where a bool (B,) mask is False (a host read)."""
     return torch.nonzero(~mask).flatten().tolist()
-
-
-def _keys(tree: TensorTree) -> list[Any]:
-    """A tree's leaf names: a dict's keys, a tuple's positions."""
-    return list(tree.keys()) if isinstance(tree, dict) else list(range(len(leaves(tree))))
 
 
 def _describe(obj: object) -> str:

@@ -24,7 +24,9 @@ matrices, `rowdot`, `rownorm` and `rows_finite` are the per-problem reductions t
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -33,6 +35,7 @@ from ._sync import defer_check
 from ._types import TensorTree
 
 __all__ = [
+    "LeafNames",
     "aligned",
     "all_finite",
     "batch_axpy",
@@ -45,6 +48,7 @@ __all__ = [
     "check_like",
     "finite_problems",
     "is_tuple",
+    "leaf_names",
     "leaves",
     "pack",
     "packed_ravel",
@@ -182,22 +186,32 @@ def batch_size(tree: TensorTree, name: str) -> int:
     return int(B)
 
 
-def _names(tree: TensorTree) -> TensorTree | dict[str, None]:
-    """What `_label` reads of ``tree``, without its tensors: a dict's keys, a tensor or a sequence."""
+@dataclasses.dataclass(frozen=True)
+class LeafNames:
+    """How messages name a tree's leaves, kept without its tensors (a queued check holds this,
+    not the tree and its graph): ``what`` for a single tensor, ``what['key']`` for a dict's
+    leaf, ``what[i]`` for a sequence's.  Made by `leaf_names`.
+
+    Attributes:
+        single: the tree is one tensor.
+        keys: a dict's keys in leaf order; ``()`` for a sequence.
+    """
+
+    single: bool
+    keys: tuple[Any, ...] = ()
+
+    def label(self, what: str, i: int) -> str:
+        """The name of leaf ``i`` of the tree called ``what``."""
+        if self.single:
+            return what
+        return f"{what}[{self.keys[i]!r}]" if self.keys else f"{what}[{i}]"
+
+
+def leaf_names(tree: TensorTree) -> LeafNames:
+    """The `LeafNames` of ``tree`` (a Tensor, a dict or a sequence of Tensors)."""
     if isinstance(tree, torch.Tensor):
-        return _NO_TENSOR
-    return dict.fromkeys(tree.keys()) if isinstance(tree, Mapping) else ()
-
-
-_NO_TENSOR = torch.empty(0)
-
-
-def _label(tree: TensorTree | dict[str, None], what: str, i: int) -> str:
-    if isinstance(tree, torch.Tensor):
-        return what
-    if isinstance(tree, Mapping):
-        return f"{what}[{list(tree.keys())[i]!r}]"
-    return f"{what}[{i}]"
+        return LeafNames(single=True)
+    return LeafNames(single=False, keys=tuple(tree.keys()) if isinstance(tree, Mapping) else ())
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -558,9 +572,9 @@ def check_finite(tree: TensorTree, what: str, *, batched: bool = False) -> None:
         batched: ``tree`` holds B problems along the leading dimension of every leaf: the
             message names the problems too.
     """
-    # The queued check keeps the tree's keys for its message, not its tensors: inside
+    # The queued check keeps the tree's names for its message, not its tensors: inside
     # `deferred_checks` it lives to the end of the block, and a leaf would keep its graph alive.
-    names = _names(tree)
+    names = leaf_names(tree)
     if batched:
         rows, per_leaf = finite_problems(tree)
         defer_check(lambda: _raise_if_rows_not_finite(rows, per_leaf, names, what))
@@ -569,25 +583,25 @@ def check_finite(tree: TensorTree, what: str, *, batched: bool = False) -> None:
     defer_check(lambda: _raise_if_not_finite(ok, names, what))
 
 
-def _raise_if_not_finite(ok: torch.Tensor, tree: TensorTree | dict[str, None], what: str) -> None:
+def _raise_if_not_finite(ok: torch.Tensor, names: LeafNames, what: str) -> None:
     if bool(ok.all()):
         return
     i = int(torch.nonzero(~ok).flatten()[0])
     raise NonFiniteError(
-        f"{_label(tree, what, i)} contains NaN or infinity: check the inputs, lower the inner "
+        f"{names.label(what, i)} contains NaN or infinity: check the inputs, lower the inner "
         "step size, or solve the inner problem more carefully"
     )
 
 
 def _raise_if_rows_not_finite(
-    rows: torch.Tensor, per_leaf: torch.Tensor, tree: TensorTree | dict[str, None], what: str
+    rows: torch.Tensor, per_leaf: torch.Tensor, names: LeafNames, what: str
 ) -> None:
     if bool(rows.all()):
         return
     bad = torch.nonzero(~rows).flatten().tolist()
     leaf = int(torch.nonzero(~per_leaf[:, bad[0]]).flatten()[0])
     raise NonFiniteError(
-        f"{_label(tree, what, leaf)} contains NaN or infinity in {problems_named(bad)}: check the inputs "
+        f"{names.label(what, leaf)} contains NaN or infinity in {problems_named(bad)}: check the inputs "
         "of those problems, lower the inner step size, or solve the inner problem more carefully"
     )
 

@@ -302,6 +302,40 @@ def test_a_nan_answer_names_its_problem() -> None:
         bl.implicit_argmin(q.per_problem, init, q.theta, _exact(q), batched=True)
 
 
+def test_a_nan_leaf_of_a_dict_is_named_by_its_key() -> None:
+    """The answer's leaf (batched: with its problem) and the theta leaf whose gradient is not finite
+    are named by their keys."""
+    B = 3
+    theta = torch.ones(B, 2, dtype=D)
+
+    def G(phi: dict[str, torch.Tensor], th: torch.Tensor) -> torch.Tensor:
+        return 0.5 * ((phi["a"] - th) ** 2).sum() + 0.5 * (phi["b"] ** 2).sum()
+
+    def solver(objective, init, th):  # type: ignore[no-untyped-def]
+        b = torch.zeros(B, 1, dtype=D)
+        b[1, 0] = float("nan")
+        return {"a": th.clone(), "b": b}
+
+    init = {"a": torch.zeros(B, 2, dtype=D), "b": torch.zeros(B, 1, dtype=D)}
+    with pytest.raises(
+        bl.NonFiniteError, match=r"answer\['b'\] contains NaN or infinity in problem\(s\) \[1\] of the batch"
+    ):
+        bl.implicit_argmin(G, init, theta, solver, batched=True)
+
+    # d2G/dtheta dphi is infinite in theta['v'] (sqrt at 0), finite in theta['w']
+    th = {"w": torch.ones(2, dtype=D, requires_grad=True), "v": torch.zeros(1, dtype=D, requires_grad=True)}
+
+    def G2(phi: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        return 0.5 * ((phi - t["w"]) ** 2).sum() + 1e-3 * phi[0] * torch.sqrt(t["v"][0])
+
+    def exact(objective, init, t):  # type: ignore[no-untyped-def]
+        return t["w"] - 1e-3 * torch.sqrt(t["v"][0]) * torch.tensor([1.0, 0.0], dtype=D)
+
+    phi = bl.implicit_argmin(G2, torch.zeros(2, dtype=D), th, exact)
+    with pytest.raises(bl.NonFiniteError, match=r"gradient with respect to theta\['v'\] has NaN or infinity"):
+        phi.sum().backward()
+
+
 def test_a_nan_objective_names_its_problem() -> None:
     q = P.batched_quadratic()
     bump = torch.tensor([0.0, float("inf"), 0.0, 0.0], dtype=D)  # problem 1: +inf, a finite gradient

@@ -304,6 +304,14 @@ def test_rows_finite_equals_isfinite_row_by_row_without_a_tensor_sized_temporary
         assert count.peak < X.numel(), count.peak  # not even a bool per entry
 
 
+def test_leaf_names_label_a_tensor_a_dict_leaf_and_a_sequence_leaf() -> None:
+    t = torch.zeros(2)
+    assert T.leaf_names(t).label("x", 0) == "x"
+    assert T.leaf_names({"w": t, "b": t}).label("x", 1) == "x['b']"
+    assert T.leaf_names((t, t)).label("x", 1) == "x[1]"
+    assert T.leaf_names({"w": t}) == T.LeafNames(single=False, keys=("w",))  # no tensor kept
+
+
 def test_row_operations_and_norms() -> None:
     g = torch.Generator().manual_seed(5)
     A, Bm = torch.randn(4, 7, generator=g, dtype=D), torch.randn(4, 7, generator=g, dtype=D)
