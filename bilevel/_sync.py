@@ -61,6 +61,12 @@ def deferred_checks() -> Iterator[None]:
     exception raised inside the block runs the queued checks first: if one fails, its error is
     raised, chained to the exception (the earlier failure usually explains the later one).
     Blocks nest: an inner block's checks run at the end of the outermost one.
+
+    The queued checks hold what they read (statuses, norms, masks, names), not the answers,
+    backward solutions or graphs of the calls, so a block adds no memory that grows with what it
+    computes.  An implicit layer's error carries the call's `ImplicitInfo` where the caller still
+    holds it (``return_info=True``), else a stand-in with the checks' figures (residual, failed
+    problems, the results without their solutions).
     """
     if _QUEUE.get() is not None:
         yield
