@@ -306,12 +306,13 @@ def versions() -> dict[str, str]:
 def tables(results: list[dict[str, Any]]) -> str:
     lines = [
         "| peer (ours) | task | inner steps | peer CPU ms | ours CPU ms | peer / ours | "
-        "peak MiB above step start: peer / ours | float64 rel. error | load |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "RSS peak MiB above step start: peer / ours | live tensors | allocator | float64 rel. error | load |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         c, t = r["case"], r["time"]
         m = r["memory"]
+        live, alloc = r["tensors"]["tensor_peak_mib"], r["allocator"]["allocator_peak_mib"]
         agree = f"{r['agree']['rel_err']:.1e}"
         if "rel_err_cg1" in r["agree"]:
             agree += f" (1 CG step: {r['agree']['rel_err_cg1']:.1e})"
@@ -319,7 +320,9 @@ def tables(results: list[dict[str, Any]]) -> str:
             f"| {c['pair']} ({mp.PAIRS[c['pair']]['ours']}) | {c['ways']}-way {c['shots']}-shot, "
             f"{c['queries']} q | {c['inner_steps']} | {1e3 * t['median_cpu_s']['peer']:.0f} | "
             f"{1e3 * t['median_cpu_s']['ours']:.0f} | **{t['ratio_cpu']:.2f}** | "
-            f"{m['peer']['step_peak_mib']:.0f} / {m['ours']['step_peak_mib']:.0f} | {agree} | "
+            f"{m['peer']['step_peak_mib']:.0f} / {m['ours']['step_peak_mib']:.0f} | "
+            f"{live['peer']:.1f} / {live['ours']:.1f} | {alloc['peer']:.1f} / {alloc['ours']:.1f} | "
+            f"{agree} | "
             f"{t['load_before'][0]:.1f}-{t['load_after'][0]:.1f} |"
         )
     return "\n".join(lines) + "\n"
@@ -343,6 +346,8 @@ def cmd_all(args: argparse.Namespace) -> dict[str, Any]:
         r["agree"] = _sub("agree", case, args, ["--agree-batch", str(args.agree_batch)])
         r["time"] = _sub("time", case, args, ["--repeats", str(args.repeats)])
         r["memory"] = {side: _sub("memory", case, args, ["--side", side]) for side in ("peer", "ours")}
+        r["tensors"] = _sub("tensors", case, args, [])
+        r["allocator"] = _sub("allocator", case, args, [])
         results.append(r)
         t = r["time"]
         print(
