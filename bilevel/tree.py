@@ -537,8 +537,13 @@ def finite_problems(tree: TensorTree) -> tuple[torch.Tensor, torch.Tensor]:
     """
     ts = leaves(tree, name="finite_problems' argument")
     B = batch_size(tree, "tree")
-    per_leaf = torch.stack([_rows_finite(t.detach().reshape(B, -1)).to(ts[0].device) for t in ts])
+    per_leaf = torch.stack([_rows_finite(_rows(t.detach(), B)).to(ts[0].device) for t in ts])
     return per_leaf.all(0), per_leaf
+
+
+def _rows(t: torch.Tensor, B: int) -> torch.Tensor:
+    """``t`` as a (B, n) matrix (n = 0 for an empty ``t``, which ``reshape(B, -1)`` refuses at B = 0)."""
+    return t.reshape(B, -1) if t.numel() else t.new_empty((B, 0))
 
 
 def _rows_finite(rows: torch.Tensor) -> torch.Tensor:

@@ -302,6 +302,9 @@ def test_rows_finite_equals_isfinite_row_by_row_without_a_tensor_sized_temporary
     if dtype.is_floating_point:
         assert got.tolist() == [True, False, True, False, False, True]
         assert count.peak < X.numel(), count.peak  # not even a bool per entry
+    # an empty batch: no problem, no failure
+    assert T.rows_finite(X[:0]).shape == (0,)
+    assert T.finite_problems({"a": X[:0], "b": Y[:0]})[1].shape == (2, 0)
 
 
 def test_leaf_names_label_a_tensor_a_dict_leaf_and_a_sequence_leaf() -> None:
