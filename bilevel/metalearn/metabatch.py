@@ -137,12 +137,12 @@ class MetaBatch:
                 f"MetaBatch(theta_flat=...): the ({n},) ravel of theta, not {tuple(theta_flat.shape)} "
                 f"{theta_flat.dtype}"
             )
-        #: theta raveled (n,), detached; ``theta_flat`` passes in the one of another chunk of the
-        #: same meta-batch (theta's values, raveled once)
         if theta_flat is None:
             # theta kept packed (`bilevel.tree.pack`, as the training state keeps it) is read
             # in place: one theta-sized copy fewer at every meta-step's peak
             theta_flat = packed_ravel(tuple(self.theta[k] for k in self.names))
+        #: theta raveled (n,), detached; ``theta_flat`` passes in the one of another chunk of the
+        #: same meta-batch (theta's values, raveled once)
         self.theta_flat = self.flat(self.theta) if theta_flat is None else theta_flat.detach()
         self.B = batch.support_x.shape[0]
         self.weight = weight
