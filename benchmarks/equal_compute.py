@@ -133,7 +133,9 @@ def cmd_summary(args: argparse.Namespace) -> int:
                     per_seed.append((s, e["accuracy"], e["ci95"], e["step"]))
             if per_seed:
                 stats[m][algo] = (*mean_interval(per_seed), len(per_seed))
-            cells.append(_cell(per_seed) if per_seed else "not reached" if started else "not run")
+            cells.append(
+                _cell(per_seed, stats[m][algo]) if per_seed else "not reached" if started else "not run"
+            )
         lines.append(f"| {algo} | " + " | ".join(cells) + " |")
     lines += ["", "Cells: mean over the seeds run so far +- the 95% interval of their spread (one seed: its "
               "interval over the test tasks, percent); in brackets each seed's accuracy and meta-steps "
@@ -159,8 +161,8 @@ def mean_interval(per_seed: list[tuple[int, float, float, int]]) -> tuple[float,
     return mean, T95.get(len(accs) - 1, 1.96) * statistics.stdev(accs) / math.sqrt(len(accs))
 
 
-def _cell(per_seed: list[tuple[int, float, float, int]]) -> str:
-    mean, half = mean_interval(per_seed)
+def _cell(per_seed: list[tuple[int, float, float, int]], stat: tuple[float, float, int]) -> str:
+    mean, half, _ = stat
     seeds = ", ".join(f"s{s}: {a:.2f} ({n})" for s, a, _, n in per_seed)
     return f"{mean:.2f} +- {half:.2f} [{seeds}]"
 
