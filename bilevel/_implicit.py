@@ -464,7 +464,7 @@ class _Call:
         )
         self.info.problem_residual_norm = per if self.policy.batched else None
         # every check below reads the device: now, or at the end of a `deferred_checks` block
-        defer_check(functools.partial(self.checks.settle, result.replace(x=None), per, value))
+        defer_check(functools.partial(self.checks.settle, result.facts(), per, value))
         # An output must not alias an input of the Function.
         inputs = (*theta, *init_leaves)
         return tuple(t.clone() if any(t is s for s in inputs) else t.detach() for t in x)
@@ -507,7 +507,7 @@ class _Call:
         defer_check(
             functools.partial(
                 self.checks.check_backward_solve,
-                res.replace(x=res.x.new_empty(0)),  # the statuses, not the solution
+                res.facts(),
                 self._rows_finite(b),
                 self._rows_finite(res.x),
                 rhs_name,

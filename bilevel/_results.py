@@ -161,6 +161,14 @@ class SolverResult:
         """A copy with ``changes`` (``dataclasses.replace``) that reads no `HostValues`."""
         return _replace(self, changes)
 
+    def facts(self) -> SolverResult:
+        """This result without its answer (``x=None``): statuses, counts, norms and message.
+
+        What a message composed late or a check queued to the end of a
+        `bilevel.deferred_checks` block keeps, so that neither keeps the answer alive, nor the
+        graph of a differentiable solver's path.  Reads no `HostValues`."""
+        return _replace(self, {"x": None})
+
     @property
     def reason(self) -> str:
         """Why the solver stopped and what to do: `message` where the solver gave one, else
@@ -253,6 +261,12 @@ class LinearSolveResult:
     def replace(self, **changes: Any) -> LinearSolveResult:
         """A copy with ``changes`` (``dataclasses.replace``) that reads no `HostValues`."""
         return _replace(self, changes)
+
+    def facts(self) -> LinearSolveResult:
+        """This result without its solution (``x`` empty, shape (0,), on ``x``'s dtype and
+        device): statuses, counts and norms, for a check queued to the end of a
+        `bilevel.deferred_checks` block.  Reads no `HostValues`."""
+        return _replace(self, {"x": self.x.new_empty(0)})
 
     @property
     def relative_residual(self) -> float:

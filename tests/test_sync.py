@@ -190,6 +190,26 @@ def test_host_values_are_read_once_on_first_access_and_kept_unread_by_replace() 
         bl.SolverResult(torch.zeros(2), status="budget")  # type: ignore[arg-type]
 
 
+def test_facts_drop_the_answer_and_keep_the_unread_host_values() -> None:
+    calls: list[int] = []
+
+    def read() -> dict[str, Any]:
+        calls.append(1)
+        return {"status": bl.LinearStatus.CONVERGED, "residual_norm": 1e-9, "b_norm": 2.0}
+
+    hv = bl.HostValues(read)
+    x = torch.ones(3, dtype=D)
+    lin = bl.LinearSolveResult(x, status=hv, n_iter=4, n_matvec=5, residual_norm=hv, b_norm=hv)
+    facts = lin.facts()
+    assert calls == [] and facts.x.shape == (0,) and facts.x.dtype == D
+    assert facts.status is bl.LinearStatus.CONVERGED
+    assert (facts.n_iter, facts.n_matvec, facts.b_norm) == (4, 5, 2.0)
+    assert calls == [1] and lin.x is x  # the original keeps its solution
+    res = bl.SolverResult(x, status=bl.SolverStatus.BUDGET, n_iter=7, n_hvp=3)
+    kept = res.facts()
+    assert kept.x is None and (kept.status, kept.n_iter, kept.n_hvp) == (bl.SolverStatus.BUDGET, 7, 3)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, D])
 def test_a_lazy_batched_result_holds_the_values_of_its_problems(dtype: torch.dtype) -> None:
     """Per-problem GD on 1/2 a_b ||x - c_b||^2 from 0 after k steps of lr: x = (1 - (1 - lr a_b)^k) c_b

@@ -396,12 +396,12 @@ def divergence_remedies(solver: InnerSolver, weight: ProximalWeight | None, *, f
 def checked(res: bl.SolverResult, remedies: str) -> bl.SolverResult:
     """Stop on a diverged inner solve: its NaN would otherwise be frozen out of the answer silently
     (now, or at the end of a `bilevel.deferred_checks` block).  The error names the tasks, carries
-    ``res`` without its answer (``x=None``) as its ``info`` (per-task statuses in
+    ``res.facts()`` (without its answer) as its ``info`` (per-task statuses in
     ``problem_status``) and says ``remedies`` (`divergence_remedies`)."""
     # Queued, the check lives to the block's end: it keeps the statuses, neither the answers
     # (one theta-sized row per task of every chunk) nor their graph (the whole unrolled inner
     # loop of a task chunk that has long been differentiated).
-    bl.defer_check(functools.partial(_raise_if_diverged, res.replace(x=None), remedies))
+    bl.defer_check(functools.partial(_raise_if_diverged, res.facts(), remedies))
     return res
 
 

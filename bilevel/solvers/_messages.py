@@ -82,7 +82,7 @@ def explain(
     """
     # the message reads the host values, never x: composed late (a check queued to the end of
     # a `bilevel.deferred_checks` block), it must not keep x, nor a differentiable path's graph
-    facts = result.replace(x=None)
+    facts = result.facts()
     return result.replace(
         message=HostValues(
             lambda: {
