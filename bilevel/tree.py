@@ -232,7 +232,8 @@ def ravel(
         dtype: cast to this dtype (leaf by leaf, only where it differs).
 
     Raises:
-        StructureError: with ``like``: another structure, other keys or other shapes (named).
+        StructureError: with ``like``: another structure, other keys or other shapes (named); a
+            tree without tensors (a vector of no dtype or device).
     """
     if like is not None:
         paired = _paired((like, tree), ("like", "tree"))
@@ -240,6 +241,8 @@ def ravel(
         ts = tuple(t for _, (_, t) in paired)
     else:
         ts = leaves(tree)
+    if not ts:
+        raise StructureError(f"ravel: the tree {tree!r} holds no tensors (its vector would have no dtype)")
     if len(ts) == 1:
         return _cast(ts[0].reshape(-1), dtype)
     return torch.cat([_cast(t.reshape(-1), dtype) for t in ts])
@@ -253,10 +256,14 @@ def pack(tree: TensorTree) -> TensorTree:
     optimizer's in-place updates work on them as on separate tensors).  A model's parameters
     kept this way save the (n,) copy that raveling them for a batched solver would make.
 
+    A tree without tensors comes back as it is (there is nothing to lay out).
+
     Raises:
         TypeError: leaves of different dtypes or devices.
     """
     ts = leaves(tree)
+    if not ts:
+        return tree
     kinds = {(t.dtype, t.device) for t in ts}
     if len(kinds) > 1:
         raise TypeError(f"pack: the leaves must share one dtype and device, not {sorted(map(str, kinds))}")

@@ -1120,3 +1120,12 @@ def test_packed_ravel_is_none_unless_the_leaves_lie_back_to_back_in_order() -> N
 def test_pack_refuses_leaves_of_different_dtypes() -> None:
     with pytest.raises(TypeError, match="one dtype and device"):
         T.pack({"a": torch.zeros(2), "b": torch.zeros(2, dtype=D)})
+
+
+@pytest.mark.parametrize("empty", [{}, (), []], ids=["dict", "tuple", "list"])
+def test_a_tree_without_tensors_packs_as_itself_and_refuses_to_ravel(empty: Any) -> None:
+    assert T.pack(empty) == empty
+    with pytest.raises(bl.StructureError, match="holds no tensors"):
+        T.ravel(empty)
+    with pytest.raises(bl.StructureError, match="holds no tensors"):
+        T.ravel(empty, dtype=D)
