@@ -85,9 +85,10 @@ class Ridge:
 class RefSampler:
     """The documented batch recipe, written out independently of the library."""
 
-    def __init__(self, n: int, b: int, ss: np.random.SeedSequence) -> None:
+    def __init__(self, n: int, b: int, ss: np.random.SeedSequence, contiguous: bool = False) -> None:
         self.rng = np.random.default_rng(ss)
-        perm = self.rng.permutation(n)
+        # contiguous: Benchopt's batches, consecutive blocks of the stored order
+        perm = np.arange(n) if contiguous else self.rng.permutation(n)
         self.batches = [perm[i : i + b] for i in range(0, n, b)]
         self.nb, self.n = len(self.batches), n
         self.order: list[int] = []
@@ -101,9 +102,9 @@ class RefSampler:
         return j, self.batches[j], w, self.nb * w
 
 
-def samplers(p: Ridge, b: int, seed: int) -> tuple[RefSampler, RefSampler]:
+def samplers(p: Ridge, b: int, seed: int, contiguous: bool = False) -> tuple[RefSampler, RefSampler]:
     si, so = np.random.SeedSequence(seed).spawn(2)
-    return RefSampler(p.n, b, si), RefSampler(p.m, b, so)
+    return RefSampler(p.n, b, si, contiguous), RefSampler(p.m, b, so, contiguous)
 
 
 def ref_soba(
@@ -117,9 +118,10 @@ def ref_soba(
     seed: int,
     e_in: float = 0.0,
     e_out: float = 0.0,
+    contiguous: bool = False,
 ) -> tuple[np.ndarray, ...]:
     """SOBA (Dagréou et al. 2022, Algorithm 1), step sizes rho / (t+1)^e_in, gamma / (t+1)^e_out."""
-    si, so = samplers(p, b, seed)
+    si, so = samplers(p, b, seed, contiguous)
     z, x, v = z.copy(), x.copy(), np.zeros_like(z)
     for t in range(steps):
         _, i, _, s = si.next()
@@ -216,6 +218,32 @@ def test_soba_iterates_equal_reference(b: int) -> None:
     )
     assert res.n_iter == 9
     assert_iterates(res, ref_soba(p, z0, x0, 9, 0.2, 0.1, b, seed=3))
+
+
+@pytest.mark.parametrize("b", [3, 5])
+def test_contiguous_batches_are_consecutive_blocks_and_iterates_equal_reference(b: int) -> None:
+    p = Ridge(10, 8, 4)
+    problem = p.torch_problem()
+    seen: list[list[int]] = []
+
+    def inner(z: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        seen.append(idx.tolist())
+        return problem.inner(z, x, idx)
+
+    z0, x0 = start(p)
+    res = SOBA(inner_lr=0.2, outer_lr=0.1, batch_size=b, contiguous_batches=True).run(
+        StochasticBilevel(inner, problem.outer, p.n, p.m), torch.tensor(z0), torch.tensor(x0), max_iter=9, seed=3
+    )
+    assert_iterates(res, ref_soba(p, z0, x0, 9, 0.2, 0.1, b, seed=3, contiguous=True))
+    blocks = [list(range(i, min(i + b, p.n))) for i in range(0, p.n, b)]
+    calls = [q for q in seen if q]  # one inner call per iteration
+    assert all(q in blocks for q in calls)
+    epoch = len(blocks)
+    assert sorted(map(tuple, calls[:epoch])) == sorted(map(tuple, blocks))  # each block once per epoch
+    assert calls[:epoch] != blocks or calls[epoch : 2 * epoch] != blocks  # in a random order
+    assert batch_schedule(7, 3, np.random.default_rng(0), contiguous=True)[2].tolist() == [6]
+    with pytest.raises(TypeError, match="contiguous_batches"):
+        SABA(0.1, 0.1, contiguous_batches="yes")  # type: ignore[arg-type]
 
 
 def test_soba_decreasing_steps_equal_reference() -> None:

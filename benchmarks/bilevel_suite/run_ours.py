@@ -81,6 +81,12 @@ TIMING_CONFIGS: dict[str, dict[str, Any]] = {
     "eager": {},
     "compile": {"compile": True},
     **{f"chunk{k}": {"compile": True, "chunk": k} for k in (8, 16, 32, 64)},
+    # the benchmark's batches: consecutive row blocks (the suite's rows are i.i.d., so in
+    # random order), which its JAX solvers slice; the others draw a random partition
+    **{
+        f"{name}-blocks": {**options, "contiguous_batches": True}
+        for name, options in (("eager", {}), ("chunk16", {"compile": True, "chunk": 16}))
+    },
 }
 # Iterations between records (as run_reference.EVAL_FREQ).
 EVAL_FREQ = {"quadratic": 64, "ijcnn1": 512, "covtype": 256}
