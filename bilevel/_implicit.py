@@ -42,6 +42,7 @@ from ._errors import (
 from ._hvp import HVPLike, Linearization, Point, as_oracle, call_scalar, gradient_condition
 from ._policy import UNSET, BackwardX0, ImplicitPolicy, Unset, resolve_policy
 from ._results import LinearSolveResult, SolverResult
+from ._settings import check_flag
 from ._status import LinearStatus, SolverStatus
 from ._sync import defer_check
 from ._types import LinearSolver, Objective, RootFn, TensorTree
@@ -699,6 +700,7 @@ def _refuse_transform(name: str, err: RuntimeError) -> None:
 
 
 def _run(call: _Call, theta: TensorTree, return_info: bool) -> Any:
+    check_flag(call.problem.name, "return_info", return_info)
     theta_leaves = leaves(theta, name="theta")
     init_leaves = tuple(t.detach() for t in leaves(call.problem.init, name="init"))
     call.keep_graph = torch.is_grad_enabled() and any(t.requires_grad for t in theta_leaves)

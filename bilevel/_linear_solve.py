@@ -42,6 +42,7 @@ from ._errors import BilevelWarning
 from ._nystrom import NystromApproximation, nystrom_approximation
 from ._preconditioners import PreconditionerRecipe
 from ._results import HostValues, LinearSolveResult
+from ._settings import check_flag, check_int, check_positive
 from ._status import LINEAR_SEVERITY, LinearStatus, severity, worst
 from ._types import Matvec
 from .tree import rowdot, rownorm
@@ -69,12 +70,12 @@ def default_rtol(dtype: torch.dtype) -> float:
 
 
 def _check_config(name: str, max_iter: int | None, rtol: float | None, atol: float) -> None:
-    if max_iter is not None and max_iter < 0:
-        raise ValueError(f"{name}(max_iter={max_iter}): max_iter must be >= 0")
-    if rtol is not None and not rtol >= 0:
-        raise ValueError(f"{name}(rtol={rtol}): rtol must be >= 0")
-    if not atol >= 0:
-        raise ValueError(f"{name}(atol={atol}): atol must be >= 0")
+    # an infinite tolerance would report CONVERGED at x = 0 (a zero gradient, silently)
+    if max_iter is not None:
+        check_int(name, "max_iter", max_iter, 0)
+    if rtol is not None:
+        check_positive(name, "rtol", rtol, allow_zero=True)
+    check_positive(name, "atol", atol, allow_zero=True)
 
 
 def _check_b(name: str, b: torch.Tensor, x0: torch.Tensor | None) -> None:
@@ -555,6 +556,9 @@ class CG:
 
     def __post_init__(self) -> None:
         _check_config("CG", self.max_iter, self.rtol, self.atol)
+        check_flag("CG", "check_residual", self.check_residual)
+        if isinstance(self.M, type):
+            raise TypeError(f"CG(M={self.M.__name__}): pass an instance, e.g. M={self.M.__name__}()")
         if self.M is not None and not callable(self.M):
             if not isinstance(self.M, PreconditionerRecipe):
                 raise TypeError(

@@ -23,6 +23,7 @@ import torch
 
 from ._hvp import HVPLike, as_oracle
 from ._linear_solve import CG, GMRES
+from ._settings import check_flag
 from ._types import LinearSolver
 
 __all__ = ["UNSET", "BackwardX0", "ImplicitPolicy", "Unset", "resolve_policy"]
@@ -106,9 +107,7 @@ class ImplicitPolicy:
 
     def __post_init__(self) -> None:
         for flag in ("throw", "warn", "measure_residual", "batched"):
-            value = getattr(self, flag)
-            if not isinstance(value, bool):
-                raise TypeError(f"ImplicitPolicy({flag}={value!r}): {flag} must be True or False")
+            check_flag("ImplicitPolicy", flag, getattr(self, flag))
         tol = self.optimality_tol
         if tol is not None:
             if isinstance(tol, bool) or not isinstance(tol, (int, float)):

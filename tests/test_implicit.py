@@ -474,6 +474,10 @@ def test_negative_curvature_in_cg() -> None:
 def test_bad_arguments() -> None:
     with pytest.raises(TypeError, match="solver must be a callable"):
         bl.implicit_argmin(_quad, torch.zeros(3, dtype=D), THETA, solver=None)
+    with pytest.raises(
+        TypeError, match=r"implicit_argmin\(return_info='yes'\): return_info must be True or False"
+    ):
+        bl.implicit_argmin(_quad, torch.zeros(3, dtype=D), THETA, _exact, return_info="yes")  # type: ignore[call-overload]
     with pytest.raises(ValueError, match="optimality_tol"):
         bl.implicit_argmin(_quad, torch.zeros(3, dtype=D), THETA, _exact, optimality_tol=-1.0)
     with pytest.raises(TypeError, match="must be floating point"):

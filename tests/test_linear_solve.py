@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -157,6 +159,28 @@ def test_singular_dense_is_breakdown() -> None:
 def test_bad_configuration(make_solver, match: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match=match):
         make_solver()
+
+
+@pytest.mark.parametrize(
+    "cls", [bl.CG, bl.MINRES, bl.GMRES, bl.BiCGStab, bl.Neumann], ids=lambda c: c.__name__
+)
+def test_an_infinite_tolerance_or_a_non_number_is_refused(cls: type) -> None:
+    # rtol = inf would report CONVERGED at x = 0 after no iteration: a zero gradient, silently
+    for bad in ({"rtol": math.inf}, {"atol": math.inf}, {"rtol": math.nan}):
+        with pytest.raises(ValueError, match=rf"{cls.__name__}\({next(iter(bad))}=.*must be >= 0"):
+            cls(**bad)
+    for bad in ({"max_iter": "5"}, {"max_iter": 2.5}, {"max_iter": True}, {"rtol": "1e-3"}, {"atol": None}):
+        with pytest.raises(TypeError, match=rf"{cls.__name__}\({next(iter(bad))}="):
+            cls(**bad)
+
+
+def test_cg_refuses_a_non_bool_flag_and_a_preconditioner_class() -> None:
+    with pytest.raises(TypeError, match=r"CG\(check_residual='no'\): check_residual must be True or False"):
+        bl.CG(check_residual="no")  # type: ignore[arg-type]
+    with pytest.raises(
+        TypeError, match=r"CG\(M=HutchinsonDiagonal\): pass an instance, e.g. M=HutchinsonDiagonal\(\)"
+    ):
+        bl.CG(M=bl.HutchinsonDiagonal)  # type: ignore[arg-type]
 
 
 def test_bad_shapes() -> None:

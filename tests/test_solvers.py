@@ -505,6 +505,13 @@ def test_bad_types_raise() -> None:
         GradientDescent(lr=0.1, max_iter=1.5)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="expected Armijo or None"):
         NewtonCG(line_search="armijo")  # type: ignore[arg-type]
+    # a flag taken by truthiness would turn "False" on
+    with pytest.raises(TypeError, match=r"Nesterov\(restart='False'\): restart must be True or False"):
+        Nesterov(lr=0.1, restart="False")  # type: ignore[arg-type]
+    for make in (lambda: GradientDescent(lr=0.1, batched=1), lambda: Nesterov(lr=0.1, batched="yes"),
+                 lambda: NewtonCG(batched=None), lambda: TrustRegionNewtonCG(batched=0)):  # fmt: skip
+        with pytest.raises(TypeError, match="batched must be True or False"):
+            make()
 
 
 def test_configurations_are_frozen() -> None:

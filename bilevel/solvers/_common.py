@@ -34,6 +34,7 @@ import torch
 from .. import _sync
 from .._errors import StructureError
 from .._results import HostValues, SolverResult
+from .._settings import check_flag, check_int, check_positive
 from .._status import SolverStatus, worst
 from .._types import Objective, TensorTree
 from ..tree import (
@@ -53,6 +54,7 @@ __all__ = [
     "Method",
     "Oracle",
     "Step",
+    "check_flag",
     "check_int",
     "check_positive",
     "detach_tree",
@@ -62,26 +64,6 @@ __all__ = [
     "tree_from_arrays",
     "tree_to_arrays",
 ]
-
-
-# --------------------------------------------------------------------------- configuration checks
-
-
-def check_positive(who: str, name: str, value: float, *, allow_zero: bool = False) -> None:
-    """Raise ``ValueError("Who(name=value): name must be > 0")`` unless value is a finite positive number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{who}({name}={value!r}): {name} must be a number")
-    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        raise ValueError(f"{who}({name}={value!r}): {name} must be {'>= 0' if allow_zero else '> 0'}")
-
-
-def check_int(who: str, name: str, value: int, minimum: int) -> None:
-    """Raise unless ``value`` is an int >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{who}({name}={value!r}): {name} must be an int")
-    if value < minimum:
-        raise ValueError(f"{who}({name}={value!r}): {name} must be >= {minimum}")
 
 
 def lazy_import(module: str, extra: str, who: str) -> ModuleType:

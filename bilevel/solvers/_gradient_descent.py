@@ -8,7 +8,7 @@ import torch
 
 from .._results import SolverResult
 from .._types import Objective, TensorTree
-from ._common import Oracle, Step, check_int, check_positive, iterate
+from ._common import Oracle, Step, check_flag, check_int, check_positive, iterate
 from ._line_search import Armijo, StepHalving
 from ._messages import check_setting, explain
 
@@ -77,6 +77,7 @@ class GradientDescent:
         for name in ("lr", "max_iter", "tol"):
             check_setting("GradientDescent", name, getattr(self, name))
         check_positive("GradientDescent", "lr", self.lr)
+        check_flag("GradientDescent", "batched", self.batched)
         check_int("GradientDescent", "max_iter", self.max_iter, 0)
         check_positive("GradientDescent", "tol", self.tol, allow_zero=True)
         if self.line_search is not None and not isinstance(self.line_search, (Armijo, StepHalving)):

@@ -10,7 +10,7 @@ import torch
 from .._results import SolverResult
 from .._types import Objective, TensorTree
 from ..tree import rowdot
-from ._common import Oracle, Step, check_int, check_positive, iterate
+from ._common import Oracle, Step, check_flag, check_int, check_positive, iterate
 from ._messages import check_setting, explain
 
 __all__ = ["Nesterov"]
@@ -83,6 +83,8 @@ class Nesterov:
         for name in ("lr", "momentum", "mu"):
             check_setting("Nesterov", name, getattr(self, name))
         check_positive("Nesterov", "lr", self.lr)
+        check_flag("Nesterov", "restart", self.restart)
+        check_flag("Nesterov", "batched", self.batched)
         check_int("Nesterov", "max_iter", self.max_iter, 0)
         check_positive("Nesterov", "tol", self.tol, allow_zero=True)
         if self.momentum is not None:

@@ -11,7 +11,7 @@ from .._results import SolverResult
 from .._status import LinearStatus
 from .._types import Objective, TensorTree
 from ..tree import rowdot, rownorm
-from ._common import Oracle, Step, check_int, check_positive, iterate
+from ._common import Oracle, Step, check_flag, check_int, check_positive, iterate
 from ._line_search import Armijo
 from ._messages import check_setting, explain
 
@@ -77,6 +77,7 @@ class NewtonCG:
         for name in ("newton_iters", "cg_iters", "line_search"):
             check_setting("NewtonCG", name, getattr(self, name))
         check_int("NewtonCG", "newton_iters", self.newton_iters, 0)
+        check_flag("NewtonCG", "batched", self.batched)
         check_int("NewtonCG", "cg_iters", self.cg_iters, 1)
         check_positive("NewtonCG", "tol", self.tol, allow_zero=True)
         if self.line_search is not None and not isinstance(self.line_search, Armijo):

@@ -24,7 +24,7 @@ from .._results import SolverResult
 from .._types import Objective, TensorTree
 from ..conditions import ProjectedFixedPoint, Projection, Prox, ProximalFixedPoint
 from ..tree import check_like, ravel_batch, rowdot, rows_finite
-from ._common import Oracle, Step, check_int, check_positive, iterate
+from ._common import Oracle, Step, check_flag, check_int, check_positive, iterate
 from ._messages import check_setting, explain
 
 __all__ = ["ProjectedGradient", "ProximalGradient"]
@@ -38,8 +38,7 @@ def _check_common(who: str, cfg: Any) -> None:
     check_int(who, "max_iter", cfg.max_iter, 0)
     check_positive(who, "tol", cfg.tol, allow_zero=True)
     for name in ("accelerated", "restart", "backtracking", "batched"):
-        if not isinstance(getattr(cfg, name), bool):
-            raise TypeError(f"{who}({name}={getattr(cfg, name)!r}): {name} must be True or False")
+        check_flag(who, name, getattr(cfg, name))
     s = cfg.shrink
     if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 < s < 1.0:
         raise ValueError(f"{who}(shrink={s!r}): shrink must be in (0, 1)")

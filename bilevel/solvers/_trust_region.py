@@ -13,7 +13,7 @@ from .._results import SolverResult
 from .._status import LinearStatus
 from .._types import Objective, TensorTree
 from ..tree import rownorm, rows_finite
-from ._common import Oracle, Step, check_int, check_positive, iterate
+from ._common import Oracle, Step, check_flag, check_int, check_positive, iterate
 from ._messages import check_setting, explain
 from ._newton_cg import forcing_tolerance
 
@@ -86,6 +86,7 @@ class TrustRegionNewtonCG:
         for name in ("newton_iters", "cg_iters", "radius"):
             check_setting("TrustRegionNewtonCG", name, getattr(self, name))
         check_int("TrustRegionNewtonCG", "newton_iters", self.newton_iters, 0)
+        check_flag("TrustRegionNewtonCG", "batched", self.batched)
         check_int("TrustRegionNewtonCG", "cg_iters", self.cg_iters, 1)
         check_positive("TrustRegionNewtonCG", "radius", self.radius)
         check_positive("TrustRegionNewtonCG", "max_radius", self.max_radius)
