@@ -366,18 +366,47 @@ class Damped:
     shift: float | TensorTree | Mapping[str, float] | tuple[float, ...]
     oracle: HVPOracle | None = None
 
+    def __post_init__(self) -> None:
+        parts = (
+            self.shift.values()
+            if isinstance(self.shift, Mapping)
+            else (self.shift if isinstance(self.shift, (tuple, list)) else (self.shift,))
+        )
+        for s in parts:
+            if isinstance(s, torch.Tensor) and s.ndim == 0 and s.is_floating_point():
+                continue  # its value is not read here: that would wait for an accelerator
+            if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s < 0:
+                raise ValueError(
+                    f"Damped(shift={self.shift!r}): each shift must be a finite number >= 0 "
+                    "(a float or a 0-d floating tensor), one, or one per leaf of phi in a tuple or dict"
+                )
+        if self.oracle is not None and not isinstance(self.oracle, HVPOracle):
+            raise TypeError(
+                f"Damped(oracle={self.oracle!r}): expected None or an HVP oracle (bl.ReverseOverReverse())"
+            )
+
     def linearize(self, objective: Objective, point: Point) -> Linearization:
         base = (self.oracle if self.oracle is not None else ReverseOverReverse()).linearize(objective, point)
         shift = self.shift
         shifts: tuple[float | torch.Tensor, ...] | None
+        like = point.phi_like
         if isinstance(shift, (int, float)):
             shifts = None
         elif isinstance(shift, Mapping):
-            shifts = tuple(shift.values())
-        elif isinstance(shift, (tuple, list)):
-            shifts = tuple(shift)
+            keys = list(like.keys()) if isinstance(like, Mapping) else None
+            if keys is None or set(keys) != set(shift.keys()):
+                raise StructureError(
+                    f"Damped(shift={shift!r}): a dict of shifts needs phi's keys "
+                    f"{keys if keys is not None else '(phi is not a dict)'}"
+                )
+            shifts = tuple(shift[k] for k in keys)  # in phi's order, whatever the dict's
         else:
-            shifts = (shift,)
+            shifts = tuple(shift) if isinstance(shift, (tuple, list)) else (shift,)
+            if len(shifts) != len(point.phi):
+                raise StructureError(
+                    f"Damped(shift={shift!r}): {len(shifts)} shifts for the {len(point.phi)} leaves of phi; "
+                    "give one number, or one per leaf"
+                )
 
         def matvec(v: Leaves) -> Leaves:
             hv = base.matvec(v)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -107,3 +108,50 @@ def test_bad_hvp_argument() -> None:
         bl.implicit_argmin(lambda p, t: (p**2).sum(), torch.zeros(2), torch.zeros(2), lambda *a: a[1], hvp=3)
     with pytest.raises(ValueError, match="eps must be > 0"):
         bl.FiniteDifferenceHVP(eps=0.0)
+
+
+def _damped_grad(shift: Any, keys: tuple[str, ...] = ("a", "b")) -> tuple[torch.Tensor, ...]:
+    """theta's gradient of sum(c * phi) through argmin 0.5 p'Ap - t'p with Damped(shift): the
+    damped backward system gives (A + S)^-1 c, S the shifts on each leaf's coordinates."""
+    g = torch.Generator().manual_seed(3)
+    M = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    A = M @ M.T + 5 * torch.eye(5, dtype=torch.float64)
+    c = torch.randn(5, dtype=torch.float64, generator=g)
+    sizes = {"a": 2, "b": 3}
+
+    def G(p: dict[str, torch.Tensor], t: torch.Tensor) -> torch.Tensor:
+        flat = torch.cat([p["a"], p["b"]])
+        return 0.5 * flat @ A @ flat - t @ flat
+
+    def solve(obj: Any, init: Any, t: torch.Tensor) -> bl.SolverResult:
+        x = torch.linalg.solve(A, t.detach())
+        return bl.SolverResult({"a": x[:2], "b": x[2:]}, status=bl.SolverStatus.CONVERGED)
+
+    t = torch.randn(5, dtype=torch.float64, generator=g).requires_grad_(True)
+    init = {k: torch.zeros(sizes[k], dtype=torch.float64) for k in keys}
+    phi = bl.implicit_argmin(G, init, t, solve, hvp=bl.Damped(shift), linear_solver=bl.DenseSolve())
+    (torch.cat([phi["a"], phi["b"]]) @ c).backward()
+    assert t.grad is not None
+    return t.grad, A, c
+
+
+def test_damped_shifts_each_leaf_by_its_own_number_whatever_the_dict_order() -> None:
+    got, A, c = _damped_grad(0.5)
+    torch.testing.assert_close(got, torch.linalg.solve(A + 0.5 * torch.eye(5, dtype=torch.float64), c))
+    S = torch.diag(torch.tensor([1.0, 1.0, 4.0, 4.0, 4.0], dtype=torch.float64))
+    for shift in ({"a": 1.0, "b": 4.0}, {"b": 4.0, "a": 1.0}):
+        for keys in (("a", "b"), ("b", "a")):  # phi's own key order
+            got, A, c = _damped_grad(shift, keys)
+            torch.testing.assert_close(got, torch.linalg.solve(A + S, c))
+
+
+def test_damped_refuses_shifts_that_do_not_fit_phi() -> None:
+    with pytest.raises(bl.StructureError, match=r"3 shifts for the 2 leaves of phi"):
+        _damped_grad((1.0, 2.0, 3.0))
+    with pytest.raises(bl.StructureError, match=r"a dict of shifts needs phi's keys \['a', 'b'\]"):
+        _damped_grad({"a": 1.0, "c": 2.0})
+    for bad in (-1.0, float("nan"), "a", (1.0, None)):
+        with pytest.raises(ValueError, match="each shift must be a finite number >= 0"):
+            bl.Damped(bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"Damped\(oracle=3\)"):
+        bl.Damped(1.0, 3)  # type: ignore[arg-type]
