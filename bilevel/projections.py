@@ -217,9 +217,11 @@ def affine(y: torch.Tensor, A: torch.Tensor, b: Param) -> torch.Tensor:
     gram = A @ A.transpose(-1, -2)
     L, info = torch.linalg.cholesky_ex(gram)
     d = torch.diagonal(L, dim1=-2, dim2=-1).abs()
-    # a pivot below sqrt(m eps) of the largest: A A' is singular in this precision
+    # A A' is singular in this precision where a pivot falls below 10 sqrt(m eps) of the largest:
+    # an exactly singular Gram's last pivot is the square root of its rounding error, about
+    # sqrt(eps) of the largest (a condition number of A A' above ~ 1 / (100 m eps) is refused)
     eps = torch.finfo(y.dtype).eps
-    tiny = (d.min(dim=-1).values <= (m * eps) ** 0.5 * d.max(dim=-1).values) | (info != 0)
+    tiny = (d.min(dim=-1).values <= 10 * (m * eps) ** 0.5 * d.max(dim=-1).values) | (info != 0)
     check_values("affine", "A is not of full row rank (A A' is singular): drop its redundant rows", tiny)
     r = (A @ y[..., None]).squeeze(-1) - bt
     w = torch.cholesky_solve(r[..., None].expand(*torch.broadcast_shapes(A.shape[:-2], lead), m, 1), L)
@@ -236,6 +238,7 @@ def _normal(
         raise StructureError(f"{who}: a must have the last dimension n = {y.shape[-1]}, got a scalar")
     bt = as_param(who, "b", b, y, y.shape[:-1])
     sq = (at * at).sum(dim=-1)
+    check_values(who, "the normal a has NaN or infinite entries", ~torch.isfinite(sq))
     check_values(who, "the normal a is zero (the set is empty or everything): give a != 0", sq == 0)
     return at, sq, bt
 

@@ -310,6 +310,21 @@ BAD: list[tuple[Callable[[], Any], type[Exception], str]] = [
         "b has shape",
     ),
     (lambda: P.hyperplane(Y, torch.zeros(4, dtype=D), 0.0), ValueError, "normal a is zero"),
+    (
+        lambda: P.hyperplane(Y, torch.tensor([float("nan"), 1, 1, 1], dtype=D), 0.0),
+        ValueError,
+        "NaN or infinite",
+    ),
+    # exactly rank 1, b inconsistent: the Gram's last pivot is the square root of rounding error
+    (
+        lambda: P.affine(
+            torch.tensor([1.0, -2, 0.5], dtype=D),
+            torch.tensor([[1.0, 1, 0], [2, 2, 0]], dtype=D),
+            torch.tensor([1.0, 3], dtype=D),
+        ),
+        ValueError,
+        "A is not of full row rank",
+    ),
     (lambda: P.halfspace(Y, torch.ones(3, dtype=D), 0.0), bl.StructureError, "a has shape"),
     (lambda: P.halfspace(Y, 1.0, 0.0), bl.StructureError, "a must have the last dimension"),
 ]
