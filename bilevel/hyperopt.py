@@ -56,6 +56,7 @@ from ._errors import BilevelError, NonFiniteError, StructureError
 from ._hvp import HVPLike
 from ._implicit import ImplicitInfo, implicit_argmin
 from ._policy import UNSET, ImplicitPolicy, Unset, resolve_policy
+from ._settings import check_flag
 from ._status import LinearStatus, SolverStatus
 from ._stochastic import SABA as SABA
 from ._stochastic import SOBA as SOBA
@@ -657,6 +658,7 @@ def minimize_hyper(
         raise TypeError(f"minimize_hyper: problem must be a HyperProblem, got {type(problem).__name__}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"minimize_hyper(steps={steps!r}): steps must be an int >= 1")
+    check_flag("minimize_hyper", "warm_start", warm_start)
     _check_hyper("minimize_hyper", hyper_init)
     hyper_leaves = [t.detach().clone().requires_grad_(True) for t in leaves(hyper_init)]
     factory = outer if outer is not None else _default_outer
@@ -667,6 +669,13 @@ def minimize_hyper(
         raise TypeError(
             f"minimize_hyper: outer(params) returned a {type(optimizer).__name__}; expected a "
             "torch.optim.Optimizer built on the given params"
+        )
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if not all(id(t) in held for t in hyper_leaves):
+        # it would step other tensors: hyper would never move, and its gradients pile up
+        raise ValueError(
+            "minimize_hyper: outer(params) returned an optimizer that does not hold the params it "
+            "was given; build it on them, e.g. outer=lambda params: torch.optim.Adam(params, lr=0.1)"
         )
     tracker = _Tracker("minimize_hyper", callback, score, patience)
     state: dict[str, Any] = {"init": params_init, "x0": None, "step": 0}
@@ -743,6 +752,7 @@ def search_hyper(
     """
     if not isinstance(problem, HyperProblem):
         raise TypeError(f"search_hyper: problem must be a HyperProblem, got {type(problem).__name__}")
+    check_flag("search_hyper", "warm_start", warm_start)
     tracker = _Tracker("search_hyper", callback, score, patience)
     init = params_init
     last: TensorTree | None = None

@@ -307,6 +307,14 @@ def test_drivers_reject_bad_arguments() -> None:
         minimize_hyper(p, z, z, steps=0)
     with pytest.raises(TypeError, match=r"torch\.optim\.Optimizer"):
         minimize_hyper(p, z, z, outer=lambda ps: ps)  # type: ignore[arg-type,return-value]
+    # an optimizer on other tensors would never move hyper, and its gradients would pile up
+    other = [torch.zeros(1, requires_grad=True)]
+    with pytest.raises(ValueError, match="does not hold the params it was given"):
+        minimize_hyper(p, z, z, steps=2, outer=lambda ps: torch.optim.Adam(other))
+    with pytest.raises(TypeError, match=r"minimize_hyper\(warm_start='no'\)"):
+        minimize_hyper(p, z, z, warm_start="no")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"search_hyper\(warm_start=1\)"):
+        search_hyper(p, [z], z, warm_start=1)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="floating point"):
         minimize_hyper(p, torch.zeros(6, dtype=torch.int64), z)
     with pytest.raises(bl.NonFiniteError, match="hyper"):
