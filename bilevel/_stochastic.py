@@ -57,13 +57,15 @@ import functools
 import math
 import time
 import types
+import warnings
 from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
 import torch
 
-from ._errors import BilevelError, ConvergenceError, NonFiniteError, StructureError
+from ._errors import BilevelError, BilevelWarning, ConvergenceError, NonFiniteError, StructureError
+from ._settings import check_flag
 from ._sync import host_checks
 
 __all__ = [
@@ -336,6 +338,28 @@ class _Oracles:
         self.zshape = zshape
         self.xshape = xshape
         self.iteration = 0
+        self.warned_no_cross = False
+
+    def _no_cross(self) -> None:
+        """Warn, once, that grad_z G does not depend on x: x then never sees the inner problem."""
+        if not self.warned_no_cross:
+            self.warned_no_cross = True
+            warnings.warn(
+                "StochasticBilevel: the inner oracle's gradient in z does not depend on x (a detached "
+                "copy of x, or x used through NumPy?), so the hypergradient has no implicit term and x "
+                "moves along grad_x F alone; make the inner loss a differentiable function of x",
+                BilevelWarning,
+                stacklevel=4,
+            )
+
+    def _grad_z(self, loss: torch.Tensor, zr: torch.Tensor, create_graph: bool) -> torch.Tensor:
+        (g,) = torch.autograd.grad(loss, zr, create_graph=create_graph, allow_unused=True)
+        if g is None:
+            raise StructureError(
+                "StochasticBilevel: the inner oracle's value does not depend on z; it must be the "
+                "inner loss as a differentiable function of z (do not detach z or compute it in NumPy)"
+            )
+        return g
 
     def _vars(self, z: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return (
@@ -374,9 +398,11 @@ class _Oracles:
                     "StochasticBilevel: the inner oracle's value does not depend on z; it must be the "
                     "inner loss as a differentiable function of z (do not detach z or compute it in NumPy)"
                 )
-            (g,) = torch.autograd.grad(loss, zr, create_graph=True)
+            g = self._grad_z(loss, zr, True)
             if g.requires_grad:
                 hvp, cross = torch.autograd.grad(g, (zr, xr), v.view(self.zshape), allow_unused=True)
+                if cross is None:
+                    self._no_cross()
             else:
                 # G linear in z (no curvature): the inner problem has no unique solution, which
                 # the divergence checks will report; the terms are zero.
@@ -391,15 +417,14 @@ class _Oracles:
         """grad_z G on the inner batch idx, flat."""
         with torch.enable_grad():
             zr, xr = self._vars(z, x)
-            loss = self._call("inner", zr, xr, idx)
-            (g,) = torch.autograd.grad(loss, zr)
+            g = self._grad_z(self._call("inner", zr, xr, idx), zr, False)
         return g.reshape(-1)
 
     def hvp(self, z: torch.Tensor, x: torch.Tensor, u: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """(d2G/dz2) u on the inner batch idx, flat."""
         with torch.enable_grad():
             zr, xr = self._vars(z, x)
-            (g,) = torch.autograd.grad(self._call("inner", zr, xr, idx), zr, create_graph=True)
+            g = self._grad_z(self._call("inner", zr, xr, idx), zr, True)
             if not g.requires_grad:
                 return torch.zeros_like(z)
             (h,) = torch.autograd.grad(g, zr, u.view(self.zshape))
@@ -409,11 +434,14 @@ class _Oracles:
         """(d2G/dx dz) u on the inner batch idx, flat."""
         with torch.enable_grad():
             zr, xr = self._vars(z, x)
-            (g,) = torch.autograd.grad(self._call("inner", zr, xr, idx), zr, create_graph=True)
+            g = self._grad_z(self._call("inner", zr, xr, idx), zr, True)
             if not g.requires_grad:
                 return torch.zeros_like(x)
             (c,) = torch.autograd.grad(g, xr, u.view(self.zshape), allow_unused=True)
-        return torch.zeros_like(x) if c is None else c.reshape(-1)
+        if c is None:
+            self._no_cross()
+            return torch.zeros_like(x)
+        return c.reshape(-1)
 
     def outer_grads(
         self, z: torch.Tensor, x: torch.Tensor, idx: torch.Tensor
@@ -1079,8 +1107,8 @@ class _SingleLoop:
             self.max_norm,
         )
         _check_every(who, self.check_every)
-        _check_flag(who, "compile", self.compile)
-        _check_flag(who, "contiguous_batches", self.contiguous_batches)
+        check_flag(who, "compile", self.compile)
+        check_flag(who, "contiguous_batches", self.contiguous_batches)
         _check_chunk_setting(who, self.chunk, self.compile)
 
     def run(
@@ -1410,7 +1438,7 @@ class StocBiO:
         if self.neumann_lr is not None:
             lrs["neumann_lr"] = self.neumann_lr
         _validate_common("StocBiO", lrs, self.batch_size, self.outer_batch_size, {}, self.max_norm)
-        _check_flag("StocBiO", "contiguous_batches", self.contiguous_batches)
+        check_flag("StocBiO", "contiguous_batches", self.contiguous_batches)
         for name, lo in (("n_inner_steps", 1), ("n_neumann_steps", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
@@ -1487,11 +1515,6 @@ class StocBiO:
             metric=metric,
             check_every=self.check_every,
         )
-
-
-def _check_flag(who: str, name: str, value: bool) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{who}({name}={value!r}): expected True or False")
 
 
 def _check_chunk_setting(who: str, chunk: int, compile: bool) -> None:

@@ -14,12 +14,13 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from bilevel import BilevelError, ConvergenceError, NonFiniteError, StructureError
+from bilevel import BilevelError, BilevelWarning, ConvergenceError, NonFiniteError, StructureError
 from bilevel.hyperopt import (
     SABA,
     SOBA,
@@ -232,7 +233,11 @@ def test_contiguous_batches_are_consecutive_blocks_and_iterates_equal_reference(
 
     z0, x0 = start(p)
     res = SOBA(inner_lr=0.2, outer_lr=0.1, batch_size=b, contiguous_batches=True).run(
-        StochasticBilevel(inner, problem.outer, p.n, p.m), torch.tensor(z0), torch.tensor(x0), max_iter=9, seed=3
+        StochasticBilevel(inner, problem.outer, p.n, p.m),
+        torch.tensor(z0),
+        torch.tensor(x0),
+        max_iter=9,
+        seed=3,
     )
     assert_iterates(res, ref_soba(p, z0, x0, 9, 0.2, 0.1, b, seed=3, contiguous=True))
     blocks = [list(range(i, min(i + b, p.n))) for i in range(0, p.n, b)]
@@ -558,6 +563,11 @@ def test_bad_oracles_and_inputs() -> None:
     detached = StochasticBilevel(lambda z, x, i: z.detach().sum(), pb.outer, 10, 8)
     with pytest.raises(StructureError, match="does not depend on z"):
         SOBA(0.1, 0.1, batch_size=3).run(detached, z0, x0)
+    # z detached, the loss still differentiable through x: the same error, not autograd's
+    through_x = StochasticBilevel(lambda z, x, i: ((z.detach() - x) ** 2).sum(), pb.outer, 10, 8)
+    for solver in (SOBA(0.1, 0.1, batch_size=3), StocBiO(0.1, 0.1, batch_size=3)):
+        with pytest.raises(StructureError, match="does not depend on z"):
+            solver.run(through_x, z0, x0, max_iter=2)
     with pytest.raises(NonFiniteError, match="z0 has NaN"):
         SOBA(0.1, 0.1, batch_size=3).run(pb, torch.full((4,), math.nan, dtype=F64), x0)
     with pytest.raises(StructureError, match="same dtype and device"):
@@ -626,7 +636,7 @@ def test_compile_failure_says_what_to_do() -> None:
         SOBA(0.1, 0.1, batch_size=5, compile=True).run(
             problem, torch.zeros(4, dtype=F64), torch.zeros(4, dtype=F64)
         )
-    with pytest.raises(TypeError, match=r"SABA\(compile=1\): expected True or False"):
+    with pytest.raises(TypeError, match=r"SABA\(compile=1\): compile must be True or False"):
         SABA(0.1, 0.1, compile=1)  # type: ignore[arg-type]
 
 
@@ -796,3 +806,19 @@ def test_bad_chunk_settings() -> None:
         ValueError, match=r"SABA\(chunk=8\): chunks of iterations are compiled .*compile=True"
     ):
         SABA(0.1, 0.1, chunk=8)
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [SOBA(0.1, 0.1, batch_size=3), SABA(0.1, 0.1, batch_size=3), StocBiO(0.1, 0.1, batch_size=3)],
+    ids=["SOBA", "SABA", "StocBiO"],
+)
+def test_an_inner_oracle_blind_to_x_is_warned_once(solver: Any) -> None:
+    """x detached in the inner loss: no implicit term, so x moves along grad_x F alone (here 0)."""
+    pb = Ridge(10, 8, 4).torch_problem()
+    blind = StochasticBilevel(lambda z, x, i: pb.inner(z, x.detach(), i), lambda z, x, i: (z**2).sum(), 10, 8)
+    x0 = torch.full((4,), 0.3, dtype=F64)
+    with pytest.warns(BilevelWarning, match="does not depend on x") as record:
+        res = solver.run(blind, torch.zeros(4, dtype=F64), x0, max_iter=6)
+    assert sum("does not depend on x" in str(w.message) for w in record) == 1
+    assert torch.equal(res.x, x0)
