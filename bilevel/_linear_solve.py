@@ -84,6 +84,10 @@ def _check_b(name: str, b: torch.Tensor, x0: torch.Tensor | None) -> None:
             f"{name}: b must be a 1-D tensor (one system) or a 2-D tensor (B, n) of B systems, "
             f"got {getattr(b, 'shape', type(b))}"
         )
+    if not b.is_floating_point():
+        raise TypeError(f"{name}: b has dtype {b.dtype}; it must be floating point (b.double(), b.float())")
+    if b.numel() == 0:
+        raise ValueError(f"{name}: b of shape {tuple(b.shape)} is empty (no systems, or systems of size 0)")
     if x0 is not None and (x0.shape != b.shape or x0.dtype != b.dtype):
         raise ValueError(
             f"{name}: x0 has shape {tuple(x0.shape)} and dtype {x0.dtype}; "
@@ -106,7 +110,7 @@ class _Counted:
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        out = self._matvec(v)
+        out = _tensor_out(self._matvec(v), "matvec")
         if out.shape != self._b.shape:
             raise ValueError(
                 f"{self._name}: matvec returned shape {tuple(out.shape)} for an input of shape "
@@ -424,7 +428,31 @@ def _single(res: LinearSolveResult) -> LinearSolveResult:
 
 def _as_rows(matvec: Matvec) -> Matvec:
     """A matvec on 1-D vectors as one on (1, n) matrices."""
-    return lambda V: matvec(V[0]).unsqueeze(0)
+    return lambda V: _tensor_out(matvec(V[0]), "matvec").unsqueeze(0)
+
+
+def _shape_checked(M: Matvec) -> Matvec:
+    """``M`` whose outputs are checked to be tensors shaped like its inputs."""
+
+    def checked(r: torch.Tensor) -> torch.Tensor:
+        out = _tensor_out(M(r), "preconditioner M")
+        if out.shape != r.shape:
+            raise ValueError(
+                f"CG: the preconditioner M returned shape {tuple(out.shape)} for a residual of shape "
+                f"{tuple(r.shape)}; M(r) ~ A^-1 r must be shaped like r"
+            )
+        return out
+
+    return checked
+
+
+def _tensor_out(out: object, what: str) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(
+            f"the linear solve's {what} returned a {type(out).__name__}; "
+            "it must return a tensor shaped like its input"
+        )
+    return out
 
 
 def _block_diagonal(
@@ -581,6 +609,8 @@ class CG:
             counted = _Counted(matvec, b, "CG")
             M = M.build(counted, b)
             spent = counted.calls
+        if M is not None:
+            M = _shape_checked(M)
         res = cg_solve(
             matvec if batched else _as_rows(matvec),
             rows,

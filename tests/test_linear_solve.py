@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -188,6 +189,42 @@ def test_bad_shapes() -> None:
         bl.CG()(lambda v: v, torch.ones(2, 2, 2, dtype=D))
     with pytest.raises(ValueError, match="matvec returned shape"):
         bl.CG()(lambda v: v[:2], torch.ones(3, dtype=D))
+
+
+SOLVERS = [
+    bl.CG(),
+    bl.MINRES(),
+    bl.GMRES(),
+    bl.BiCGStab(),
+    bl.Neumann(),
+    bl.DenseSolve(),
+    bl.Nystrom(1, rho=1.0),
+]
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=lambda s: type(s).__name__)
+def test_empty_integer_or_non_tensor_inputs_are_named(solver: Any) -> None:
+    who = type(solver).__name__
+    for empty in (torch.zeros(0, 2, dtype=D), torch.zeros(0, dtype=D)):
+        with pytest.raises(ValueError, match=rf"{who}: b of shape .* is empty"):
+            solver(lambda v: v, empty)
+    with pytest.raises(TypeError, match=rf"{who}: b has dtype torch.int64; it must be floating point"):
+        solver(lambda v: v, torch.tensor([1, 2]))
+    for out in ((lambda v: (v,)), (lambda v: None)):
+        with pytest.raises(TypeError, match=r"matvec returned a (tuple|NoneType); it must return a tensor"):
+            solver(out, torch.ones(2, dtype=D))
+
+
+def test_a_preconditioner_of_the_wrong_shape_is_named() -> None:
+    A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=D)
+    with pytest.raises(
+        ValueError, match=r"preconditioner M returned shape \(1,\) for a residual of shape \(2,\)"
+    ):
+        bl.CG(M=lambda r: r[..., :1])(lambda v: A @ v, torch.ones(2, dtype=D))
+    with pytest.raises(TypeError, match="preconditioner M returned a NoneType"):
+        bl.CG(M=lambda r: None)(lambda v: A @ v, torch.ones(2, dtype=D))
+    res = bl.CG(M=lambda r: r / 4)(lambda v: A @ v, torch.ones(2, dtype=D))
+    torch.testing.assert_close(res.x, torch.linalg.solve(A, torch.ones(2, dtype=D)))
 
 
 # ---------------------------------------------------------------------------------- batched mode
