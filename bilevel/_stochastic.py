@@ -599,6 +599,8 @@ def _validate_common(
         if isinstance(b, bool) or not isinstance(b, int) or b < 1:
             raise ValueError(f"{who}({name}={b!r}): the batch size must be an int >= 1")
     for name, s in schedules.items():
+        if isinstance(s, type):
+            raise TypeError(f"{who}({name}={s.__name__}): pass an instance, e.g. Constant() or Decay(0.5)")
         if not callable(s):
             raise TypeError(
                 f"{who}({name}={s!r}): expected a schedule t -> factor, e.g. Constant() or Decay(0.5)"
@@ -716,7 +718,12 @@ def _drive(
         loss = state.oracles.outer_loss(state.z, state.x, all_outer)
         value = math.nan
         if metric is not None:
-            value = float(metric(state.z.view(zshape).clone(), state.x.view(xshape).clone()))
+            got = metric(state.z.view(zshape).clone(), state.x.view(xshape).clone())
+            number = isinstance(got, (int, float, np.number)) and not isinstance(got, bool)
+            if not (number or (isinstance(got, torch.Tensor) and got.numel() == 1)):
+                what = f"a tensor of shape {tuple(got.shape)}" if isinstance(got, torch.Tensor) else repr(got)
+                raise TypeError(f"{state.who}.run: metric(z, x) returned {what}; it must return a number")
+            value = float(got)
         rec = StochasticRecord(
             iteration=state.t,
             time=elapsed,

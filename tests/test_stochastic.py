@@ -602,6 +602,8 @@ def test_bad_settings() -> None:
         StocBiO(0.1, 0.1, n_inner_steps=0)
     with pytest.raises(TypeError, match="expected a schedule"):
         SOBA(0.1, 0.1, inner_schedule=0.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"SOBA\(inner_schedule=Decay\): pass an instance"):
+        SOBA(0.1, 0.1, inner_schedule=Decay)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"Decay\(exponent=-1\)"):
         Decay(-1)
     assert Constant()(7) == 1.0 and Decay(0.5)(3) == 0.5
@@ -822,3 +824,17 @@ def test_an_inner_oracle_blind_to_x_is_warned_once(solver: Any) -> None:
         res = solver.run(blind, torch.zeros(4, dtype=F64), x0, max_iter=6)
     assert sum("does not depend on x" in str(w.message) for w in record) == 1
     assert torch.equal(res.x, x0)
+
+
+def test_a_metric_that_returns_no_number_is_named() -> None:
+    pb = Ridge(10, 8, 4).torch_problem()
+    z0 = torch.zeros(4, dtype=F64)
+    for bad, what in ((lambda z, x: "a", "'a'"), (lambda z, x: z, r"a tensor of shape \(4,\)")):
+        with pytest.raises(
+            TypeError, match=rf"SOBA.run: metric\(z, x\) returned {what}; it must return a number"
+        ):
+            SOBA(0.1, 0.1, batch_size=3).run(pb, z0, z0, max_iter=2, eval_every=1, metric=bad)
+    res = SOBA(0.1, 0.1, batch_size=3).run(pb, z0, z0, max_iter=2, eval_every=1, metric=lambda z, x: z.sum())
+    # a one-element tensor is a number: recorded as a float, at the iterates of its record
+    assert res.history[0].metric == 0.0 and res.history[-1].iteration == 2
+    assert res.history[-1].metric == pytest.approx(float(res.z.sum()), rel=1e-12)
