@@ -756,6 +756,11 @@ def search_hyper(
     tracker = _Tracker("search_hyper", callback, score, patience)
     init = params_init
     last: TensorTree | None = None
+    if not isinstance(candidates, Iterable):
+        raise TypeError(
+            f"search_hyper: candidates must be an iterable of hyperparameter values (a list of "
+            f"tensors or trees, or a tensor of rows), got {type(candidates).__name__}"
+        )
     for i, hyper in enumerate(candidates):
         _check_hyper("search_hyper", hyper)
         with torch.no_grad():

@@ -177,7 +177,12 @@ def batch_size(tree: TensorTree, name: str) -> int:
     B = ts[0].shape[0] if ts[0].ndim else None
     for i, t in enumerate(ts):
         size = t.shape[0] if t.ndim else None
-        if size is None or size != B:
+        if size is None:
+            raise StructureError(
+                f"{name}{_key(tree, i)} is a 0-d tensor: every leaf of a batched tree needs a leading "
+                "batch dimension B (one entry per problem)"
+            )
+        if size != B:
             raise StructureError(
                 f"{name}{_key(tree, i)} has leading size {size} but {name}{_key(tree, 0)} has {B}: every "
                 "leaf of a batched tree needs the same leading batch dimension B"

@@ -313,6 +313,8 @@ def test_drivers_reject_bad_arguments() -> None:
         minimize_hyper(p, z, z, steps=2, outer=lambda ps: torch.optim.Adam(other))
     with pytest.raises(TypeError, match=r"minimize_hyper\(warm_start='no'\)"):
         minimize_hyper(p, z, z, warm_start="no")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="candidates must be an iterable of hyperparameter values"):
+        search_hyper(p, 3, z)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"search_hyper\(warm_start=1\)"):
         search_hyper(p, [z], z, warm_start=1)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="floating point"):

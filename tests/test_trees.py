@@ -1129,3 +1129,13 @@ def test_a_tree_without_tensors_packs_as_itself_and_refuses_to_ravel(empty: Any)
         T.ravel(empty)
     with pytest.raises(bl.StructureError, match="holds no tensors"):
         T.ravel(empty, dtype=D)
+
+
+def test_batch_size_names_a_leaf_without_a_batch_dimension() -> None:
+    assert T.batch_size({"a": torch.zeros(4, 2), "b": torch.zeros(4)}, "x") == 4
+    with pytest.raises(bl.StructureError, match=r"x\[0\] is a 0-d tensor: every leaf of a batched tree"):
+        T.batch_size((torch.zeros(()),), "x")
+    with pytest.raises(bl.StructureError, match=r"x\['b'\] is a 0-d tensor"):
+        T.batch_size({"a": torch.zeros(3), "b": torch.zeros(())}, "x")
+    with pytest.raises(bl.StructureError, match=r"x\['b'\] has leading size 2 but x\['a'\] has 3"):
+        T.batch_size({"a": torch.zeros(3), "b": torch.zeros(2)}, "x")
