@@ -105,7 +105,9 @@ def _simplex(y: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
     # same tau, as u_k = tau there, but ">=" counts an entry on the threshold in the support, as
     # clamp_min's derivative 1 at 0 below does: a one-sided Jacobian on that kink).  The last such
     # k rather than their count, so that a tie broken by rounding cannot shift it; k = 1 always holds.
-    rho = ((u - css / k >= 0).to(y.dtype) * k).amax(dim=-1, keepdim=True).long()
+    # k = 1 fails only where y has NaN or infinity (the comparisons are then False): clamped, tau
+    # is NaN there, and so is the answer, as every other projection answers a non-finite point
+    rho = ((u - css / k >= 0).to(y.dtype) * k).amax(dim=-1, keepdim=True).long().clamp_min(1)
     tau = torch.gather(css, -1, rho - 1) / rho.to(y.dtype)
     return torch.clamp_min(y - tau, 0.0)
 

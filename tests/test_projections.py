@@ -341,3 +341,14 @@ def test_value_checks_wait_for_a_deferred_block() -> None:
         with bl.deferred_checks():
             out = P.simplex(Y, -1.0)
             assert out.shape == Y.shape  # computed; the check runs when the block ends
+
+
+def test_a_non_finite_point_projects_to_non_finite_in_its_row_only() -> None:
+    # the sort-based threshold used to index out of bounds on NaN; now NaN in, NaN out, as the
+    # other projections answer (a solver then reports NONFINITE)
+    y = torch.tensor([[0.3, 1.0, -0.2], [float("nan"), 0.0, 1.0], [float("inf"), 1.0, 0.0]], dtype=D)
+    for project in (P.simplex, P.l1_ball):
+        out = project(y)
+        assert not bool(torch.isfinite(out[1:]).all(dim=-1).any())
+        torch.testing.assert_close(out[0], project(y[:1])[0])
+    torch.testing.assert_close(P.simplex(y[:1])[0], torch.tensor([0.15, 0.85, 0.0], dtype=D))
