@@ -253,10 +253,11 @@ class HyperProblem:
             for leaf in leaves(params):
                 if leaf.requires_grad:
                     leaf.register_hook(_outer_gradient_check(float(loss.detach()), at))
-        elif torch.is_grad_enabled() and not any(t.requires_grad for t in leaves(hyper)):
-            # No leaf of hyper requires grad: give the loss a backward that says so, instead of
-            # torch's "element 0 of tensors does not require grad and does not have a grad_fn".
-            loss = _NoHypergradient.apply(loss, torch.zeros((), device=loss.device, requires_grad=True))
+        elif torch.is_grad_enabled():
+            # Give the loss a backward that says why it has no gradient, instead of torch's
+            # "element 0 of tensors does not require grad and does not have a grad_fn".
+            why = _NO_HYPER if not any(t.requires_grad for t in leaves(hyper)) else _CONSTANT_LOSS
+            loss = _NoHypergradient.apply(loss, torch.zeros((), device=loss.device, requires_grad=True), why)
         return HyperEvaluation(loss=loss, params=params, info=info)
 
 
@@ -283,21 +284,31 @@ def _raise_if_nonfinite_outer_gradient(finite: torch.Tensor, loss: float, at: st
         )
 
 
+_NO_HYPER = (
+    "HyperProblem.evaluate: backward() on the outer loss, but no tensor of hyper requires "
+    "grad, so there is no hypergradient to compute: create the hyperparameters with "
+    "requires_grad=True (e.g. torch.zeros(d, requires_grad=True), or "
+    "theta.requires_grad_()) before calling evaluate"
+)
+_CONSTANT_LOSS = (
+    "HyperProblem: backward() on an outer loss that depends on neither the inner answer nor the "
+    "hyperparameters (a constant, or computed from detached tensors or NumPy): its hypergradient "
+    "would be zero by construction; make outer_objective(params, hyper) a differentiable "
+    "function of params"
+)
+
+
 class _NoHypergradient(torch.autograd.Function):
-    """The identity on the outer loss, whose backward explains that hyper needs requires_grad."""
+    """The identity on the outer loss, whose backward raises ``why`` (no hypergradient exists)."""
 
     @staticmethod
-    def forward(ctx: Any, loss: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, loss: torch.Tensor, anchor: torch.Tensor, why: str) -> torch.Tensor:
+        ctx.why = why
         return loss.clone()
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None]:
-        raise BilevelError(
-            "HyperProblem.evaluate: backward() on the outer loss, but no tensor of hyper requires "
-            "grad, so there is no hypergradient to compute: create the hyperparameters with "
-            "requires_grad=True (e.g. torch.zeros(d, requires_grad=True), or "
-            "theta.requires_grad_()) before calling evaluate"
-        )
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, None]:
+        raise BilevelError(ctx.why)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -513,6 +513,13 @@ def test_nonfinite_hypergradient_from_the_direct_term_names_the_step() -> None:
         minimize_hyper(p, z, z, steps=3)
 
 
+def test_an_outer_loss_blind_to_params_and_hyper_is_named() -> None:
+    p = HyperProblem(ridge, lambda w, t: torch.tensor(1.0, dtype=D), bl.solvers.ScipyLBFGS(tol=1e-8))
+    z = torch.zeros(6, dtype=D)
+    with pytest.raises(bl.BilevelError, match="depends on neither the inner answer nor the hyperparameters"):
+        minimize_hyper(p, z, z, steps=2)
+
+
 def test_hyper_without_requires_grad_is_named() -> None:
     z = torch.zeros(6, dtype=D)
     ev = ridge_problem().evaluate(torch.zeros(6, dtype=D), z)
