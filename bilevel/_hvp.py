@@ -104,6 +104,7 @@ class Point:
         self._F: Leaves | None = None
         #: set by `vjp_theta`: True when F depends on none of the theta leaves differentiated
         self.theta_unused = False
+        self._warned_phi = False
 
     def tree(self, like: TensorTree, xs: Leaves) -> TensorTree:
         return unflatten(like, list(xs))
@@ -129,7 +130,19 @@ class Point:
 
     def vjp_phi(self, v: Leaves) -> Leaves:
         """(dF/dphi)^T v by reverse mode through the retained graph."""
-        return _zeros_for_none(self._vjp(self.phi, v), self.phi)
+        got = self._vjp(self.phi, v)
+        if all(g is None for g in got) and not self._warned_phi:
+            # the backward system is then zero: say why before a solver reports its symptom
+            # (CG's "negative curvature", another's breakdown)
+            self._warned_phi = True
+            warnings.warn(
+                "the optimality condition does not depend on phi: its Jacobian in phi (for an argmin, "
+                "the Hessian) is zero, so the backward system has no solution.  The objective may use "
+                "a detached copy of phi (phi.detach(), .item(), NumPy) or be linear in phi",
+                BilevelWarning,
+                stacklevel=2,
+            )
+        return _zeros_for_none(got, self.phi)
 
     def vjp_theta(self, w: Leaves) -> tuple[torch.Tensor | None, ...]:
         """(dF/dtheta)^T w for the theta leaves in ``wrt`` (None elsewhere)."""

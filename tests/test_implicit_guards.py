@@ -85,3 +85,14 @@ def test_forward_warnings_point_at_the_callers_line() -> None:
     with pytest.warns(bl.BilevelWarning, match="exceeds optimality_tol") as rec2:
         bl.implicit_argmin(_G, torch.zeros(2, dtype=D), theta, lambda o, i, th: 2.0 * th + 0.1, throw=False)
     assert {w.filename for w in [*rec, *rec2]} == {__file__}
+
+
+def test_an_objective_blind_to_phi_is_named_before_the_solver_blames_the_hessian() -> None:
+    # phi detached inside the objective: grad_phi G has no graph to phi, the Hessian is zero
+    theta = torch.tensor([0.7, -0.3], dtype=D, requires_grad=True)
+    blind = lambda phi, th: _G(phi.detach(), th) + 0.0 * phi.sum()  # noqa: E731
+    phi = bl.implicit_argmin(blind, torch.zeros(2, dtype=D), theta, _exact, optimality_tol=None)
+    with pytest.warns(bl.BilevelWarning, match="does not depend on phi") as record:
+        with pytest.raises(bl.LinearSolveError):
+            phi.sum().backward()
+    assert sum("does not depend on phi" in str(w.message) for w in record) == 1  # once per point

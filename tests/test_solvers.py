@@ -539,6 +539,13 @@ def test_bad_inputs_raise(solver) -> None:  # type: ignore[no-untyped-def]
         solver(lambda x, th: x[0].sum() + x[1].sum(), (torch.zeros(2, dtype=D), torch.zeros(2)), theta)
     with pytest.raises(TypeError, match="returned a float"):
         solver(lambda x, th: 1.0, torch.zeros(3, dtype=D), theta)
+    with pytest.raises(bl.StructureError, match=r"init has no entries \(shapes \[\(0,\)\]\)"):
+        solver(quad, torch.zeros(0, dtype=D), theta)
+    # phi detached inside the objective: every point is stationary; the start comes back, warned
+    with pytest.warns(bl.BilevelWarning, match="the objective does not depend on phi") as record:
+        res = solver(lambda x, th: quad(x.detach(), th), torch.ones(3, dtype=D), theta)
+    assert res.status is bl.SolverStatus.CONVERGED and torch.equal(res.x, torch.ones(3, dtype=D))
+    assert sum("does not depend on phi" in str(w.message) for w in record) == 1
 
 
 # ----------------------------------------------------------------------------- implicit hypergradients

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any, Protocol
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 
 from .. import _sync
-from .._errors import StructureError
+from .._errors import BilevelWarning, StructureError
 from .._results import HostValues, SolverResult
 from .._settings import check_flag, check_int, check_positive
 from .._status import SolverStatus, worst
@@ -197,6 +198,11 @@ class Oracle:
                 raise StructureError(f"{who}(batched=True): init has an empty batch")
         else:
             self.B = 1
+            if all(t.numel() == 0 for t in ls):
+                raise StructureError(
+                    f"{who}: init has no entries (shapes {[tuple(t.shape) for t in ls]}): nothing to solve"
+                )
+        self._warned_constant = False
         # in batched mode the message names the problems whose start is not finite
         check_finite(init, "init", batched=batched)
         start = init if differentiable else detach_tree(init)
@@ -280,7 +286,21 @@ class Oracle:
                 (g,) = torch.autograd.grad(f.sum(), Xr, allow_unused=True, materialize_grads=True)
             else:  # the objective does not depend on phi
                 g = torch.zeros_like(Xr)
+                self._warn_constant()
         return f.detach(), g.detach()
+
+    def _warn_constant(self) -> None:
+        """Every point is stationary for an objective without a graph to phi: the solver stops at
+        its start, CONVERGED.  Say so once, as that is rarely what was meant."""
+        if not self._warned_constant:
+            self._warned_constant = True
+            warnings.warn(
+                f"{self.who}: the objective does not depend on phi (its value has no graph to phi: "
+                "a detached copy of phi, .item() or NumPy?), so its gradient is zero everywhere and "
+                "the start is returned as converged; compute the objective from the phi it receives",
+                BilevelWarning,
+                stacklevel=4,
+            )
 
     def linearize(self, X: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """The Hessian-vector product map at ``X``: ``V -> (d2 f_b / dx_b^2) V_b``, shapes (B, n).
