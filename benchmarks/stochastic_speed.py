@@ -282,6 +282,108 @@ def run_jax(bench: Path, eval_freq: int, calls: int) -> list[dict[str, Any]]:
     return rows
 
 
+# ------------------------------------------------------------------------------------------
+# The floor: one SOBA iteration without any library, compiled by each side (--floor)
+# ------------------------------------------------------------------------------------------
+
+FLOOR_STEP = (0.03, 0.003)  # (rho, gamma): constant; the time does not depend on them
+
+
+def floor_indices(sampling: str, iters: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(iters, BATCH) inner and outer row indices: random rows, or consecutive row blocks at
+    random starts (the benchmark's batches), the same arrays for both sides."""
+    rng = np.random.default_rng(seed)
+    if sampling == "random":
+        return rng.integers(0, N_INNER, (iters, BATCH)), rng.integers(0, N_OUTER, (iters, BATCH))
+    block = np.arange(BATCH)
+    starts = rng.integers(0, N_INNER - BATCH, (iters, 1)), rng.integers(0, N_OUTER - BATCH, (iters, 1))
+    return starts[0] + block, starts[1] + block
+
+
+def floor_torch(sampling: str, k: int, reps: int) -> dict[str, Any]:
+    """K SOBA iterations unrolled into one ``torch.compile``-d graph: the same derivatives as
+    `SOBA` (grad of the inner loss, one vector-Jacobian product of it for the HVP and the cross
+    term, the outer gradient), no checks, no schedule, no Python between iterations."""
+    import torch
+    from torch.func import grad, vjp
+
+    torch.set_num_threads(1)
+    d = {key: torch.tensor(v) for key, v in make_data().items()}
+    a, y, a2, y2 = d["a"], d["y"], d["a2"], d["y2"]
+    rho, gamma = FLOOR_STEP
+
+    def inner(z: Any, x: Any, ab: Any, yb: Any) -> Any:
+        return torch.nn.functional.softplus(-yb * (ab @ z)).mean() + 0.5 * (x.exp() * z * z).sum()
+
+    def outer(z: Any, ab: Any, yb: Any) -> Any:
+        return torch.nn.functional.softplus(-yb * (ab @ z)).mean()
+
+    def chunk(z: Any, v: Any, x: Any, ii: Any, oo: Any) -> Any:
+        for t in range(k):
+            i, o = ii[t], oo[t]
+            g, pull = vjp(lambda zz, xx, i=i: grad(inner)(zz, xx, a[i], y[i]), z, x)
+            hv, cross = pull(v)
+            go = grad(outer)(z, a2[o], y2[o])
+            z, v, x = z - rho * g, v - rho * (hv + go), x - gamma * cross
+        return z, v, x
+
+    fn = torch.compile(chunk, fullgraph=True, dynamic=False)
+    ii, oo = (torch.as_tensor(q) for q in floor_indices(sampling, k * reps))
+    z = v = x = torch.zeros(DIM, dtype=torch.float64)
+    tic = time.perf_counter()
+    fn(z, v, x, ii[:k], oo[:k])
+    first = time.perf_counter() - tic
+    times = []
+    for r in range(reps):
+        tic = time.perf_counter()
+        z, v, x = fn(z, v, x, ii[r * k : (r + 1) * k], oo[r * k : (r + 1) * k])
+        times.append(time.perf_counter() - tic)
+    us = 1e6 * float(np.median(times)) / k
+    return {"solver": "SOBA", "impl": f"floor torch unrolled K={k}, {sampling}", "us_per_iter": us,
+            "ms_per_epoch": us * EPOCH / 1e3, "first_call_s": first}  # fmt: skip
+
+
+def floor_jax(sampling: str, k: int, reps: int) -> dict[str, Any]:
+    """The same K iterations as one jitted ``jax.lax.scan``, on the same index arrays."""
+    os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+    import jax
+    import jax.numpy as jnp
+
+    jax.config.update("jax_enable_x64", True)
+    d = {key: jnp.asarray(v) for key, v in make_data().items()}
+    a, y, a2, y2 = d["a"], d["y"], d["a2"], d["y2"]
+    rho, gamma = FLOOR_STEP
+
+    def inner(z: Any, x: Any, ab: Any, yb: Any) -> Any:
+        return jax.nn.softplus(-yb * (ab @ z)).mean() + 0.5 * (jnp.exp(x) * z * z).sum()
+
+    def outer(z: Any, ab: Any, yb: Any) -> Any:
+        return jax.nn.softplus(-yb * (ab @ z)).mean()
+
+    def step(carry: Any, io: Any) -> Any:
+        z, v, x = carry
+        i, o = io
+        g, pull = jax.vjp(lambda zz, xx: jax.grad(inner)(zz, xx, a[i], y[i]), z, x)
+        hv, cross = pull(v)
+        go = jax.grad(outer)(z, a2[o], y2[o])
+        return (z - rho * g, v - rho * (hv + go), x - gamma * cross), None
+
+    fn = jax.jit(lambda c, ii, oo: jax.lax.scan(step, c, (ii, oo))[0])
+    ii, oo = (jnp.asarray(q) for q in floor_indices(sampling, k * reps))
+    c = (jnp.zeros(DIM), jnp.zeros(DIM), jnp.zeros(DIM))
+    tic = time.perf_counter()
+    jax.block_until_ready(fn(c, ii[:k], oo[:k]))
+    first = time.perf_counter() - tic
+    times = []
+    for r in range(reps):
+        tic = time.perf_counter()
+        c = jax.block_until_ready(fn(c, ii[r * k : (r + 1) * k], oo[r * k : (r + 1) * k]))
+        times.append(time.perf_counter() - tic)
+    us = 1e6 * float(np.median(times)) / k
+    return {"solver": "SOBA", "impl": f"floor JAX scan of {k}, {sampling}", "us_per_iter": us,
+            "ms_per_epoch": us * EPOCH / 1e3, "first_call_s": first}  # fmt: skip
+
+
 def _fmt(r: dict[str, Any]) -> str:
     return (
         f"{r['solver']:5s} {r['impl']:34s} {r['us_per_iter']:9.1f} us/iter {r['ms_per_epoch']:9.1f} ms/epoch "
@@ -291,7 +393,7 @@ def _fmt(r: dict[str, Any]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--mode", choices=["all", "ours", "jax"], default="all")
+    p.add_argument("--mode", choices=["all", "ours", "jax", "floor-jax"], default="all")
     p.add_argument("--benchmark-dir", type=Path, help="a copy of benchmark_bilevel (for the JAX side)")
     p.add_argument("--peers-python", default="benchmarks/.venv-peers/bin/python", help="python with jax")
     p.add_argument("--chunks", default="16", help="chunk sizes K to time, comma-separated")
@@ -301,8 +403,19 @@ def main() -> None:
     p.add_argument("--eval-freq", type=int, default=512, help="iterations per jitted call (JAX)")
     p.add_argument("--calls", type=int, default=8, help="timed jitted calls (JAX)")
     p.add_argument("--json", type=Path, help="write the rows here")
+    p.add_argument("--floor", action="store_true",
+                   help="instead: SOBA's bare iteration compiled by torch (unrolled, --floor-k) and by JAX "
+                        "(scan), on random rows and on consecutive row blocks")  # fmt: skip
+    p.add_argument(
+        "--floor-k", type=int, default=16, help="with --floor: iterations per torch call (unrolled)"
+    )
+    p.add_argument("--floor-jax-k", type=int, default=256, help="with --floor: iterations per JAX scan call")
+    p.add_argument("--floor-reps", type=int, default=40, help="with --floor: timed calls per side")
     a = p.parse_args()
     rows: list[dict[str, Any]] = []
+    if a.floor:
+        main_floor(a)
+        return
     if a.mode in ("all", "jax"):
         if a.benchmark_dir is None:
             p.error("the JAX side needs --benchmark-dir (a copy of benchmark_bilevel)")
@@ -334,6 +447,40 @@ def main() -> None:
             f"{r['solver']:6s} {r['impl']:36s} {r['us_per_iter']:9.1f} {r['ms_per_epoch']:10.1f} "
             f"{r['first_call_s']:14.2f} {ratio:7.2f}"
         )
+    if a.json is not None:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(rows, indent=1))
+
+
+def main_floor(a: argparse.Namespace) -> None:
+    """``--floor``: JAX, torch, JAX again per sampling (alternating in one run: the machine is
+    noisy); the JAX side in the peers interpreter (``--mode floor-jax``)."""
+    if a.mode == "floor-jax":
+        print(json.dumps([floor_jax(s, a.floor_jax_k, a.floor_reps) for s in ("random", "blocks")]))
+        return
+    env = dict(os.environ, XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+    cmd = [a.peers_python, __file__, "--floor", "--mode", "floor-jax"]
+    cmd += ["--floor-jax-k", str(a.floor_jax_k), "--floor-reps", str(a.floor_reps)]
+    rows: list[dict[str, Any]] = []
+    for _ in range(2):  # JAX before and after ours
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+        rows += json.loads(out.stdout.strip().splitlines()[-1])
+        if not any(r["impl"].startswith("floor torch") for r in rows):
+            rows += [floor_torch(s, a.floor_k, a.floor_reps) for s in ("random", "blocks")]
+    for sampling in ("random", "blocks"):
+        ref = float(
+            np.mean(
+                [
+                    r["us_per_iter"]
+                    for r in rows
+                    if r["impl"].startswith("floor JAX") and sampling in r["impl"]
+                ]
+            )
+        )
+        for r in rows:
+            if sampling in r["impl"]:
+                print(f"{r['impl']:44s} {r['us_per_iter']:8.1f} us/iter  x JAX (mean of both passes) "
+                      f"{r['us_per_iter'] / ref:5.2f}  first call {r['first_call_s']:6.2f} s")  # fmt: skip
     if a.json is not None:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(rows, indent=1))
