@@ -221,9 +221,8 @@ def test_soba_iterates_equal_reference(b: int) -> None:
     assert_iterates(res, ref_soba(p, z0, x0, 9, 0.2, 0.1, b, seed=3))
 
 
-@pytest.mark.parametrize("b", [3, 5])
-def test_contiguous_batches_are_consecutive_blocks_and_iterates_equal_reference(b: int) -> None:
-    p = Ridge(10, 8, 4)
+def recording(p: Ridge) -> tuple[StochasticBilevel, list[list[int]]]:
+    """p's problem whose inner oracle records the batches it is called on."""
     problem = p.torch_problem()
     seen: list[list[int]] = []
 
@@ -231,9 +230,16 @@ def test_contiguous_batches_are_consecutive_blocks_and_iterates_equal_reference(
         seen.append(idx.tolist())
         return problem.inner(z, x, idx)
 
+    return StochasticBilevel(inner, problem.outer, p.n, p.m), seen
+
+
+@pytest.mark.parametrize("b", [3, 5])
+def test_contiguous_batches_are_consecutive_blocks_and_iterates_equal_reference(b: int) -> None:
+    p = Ridge(10, 8, 4)
+    problem, seen = recording(p)
     z0, x0 = start(p)
     res = SOBA(inner_lr=0.2, outer_lr=0.1, batch_size=b, contiguous_batches=True).run(
-        StochasticBilevel(inner, problem.outer, p.n, p.m),
+        problem,
         torch.tensor(z0),
         torch.tensor(x0),
         max_iter=9,
@@ -283,17 +289,9 @@ def test_stocbio_iterates_equal_reference(b: int) -> None:
 
 def test_batches_visit_every_sample_once_per_epoch() -> None:
     p = Ridge(10, 8, 4)
-    problem = p.torch_problem()
-    seen: list[list[int]] = []
-
-    def inner(z: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        seen.append(idx.tolist())
-        return problem.inner(z, x, idx)
-
+    problem, seen = recording(p)
     z0, x0 = start(p)
-    res = SOBA(0.1, 0.1, batch_size=3).run(
-        StochasticBilevel(inner, problem.outer, 10, 8), torch.tensor(z0), torch.tensor(x0), max_iter=8
-    )
+    res = SOBA(0.1, 0.1, batch_size=3).run(problem, torch.tensor(z0), torch.tensor(x0), max_iter=8)
     assert sorted(i for batch in seen[:4] for i in batch) == list(range(10))
     assert sorted(i for batch in seen[4:] for i in batch) == list(range(10))
     # the partition is fixed: the second epoch reuses the first epoch's batches
