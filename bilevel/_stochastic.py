@@ -1305,8 +1305,8 @@ class SABA(_SingleLoop):
     SABA; smaller batches are closer to the paper's per-sample memory at more memory).
 
     Args:
-        inner_lr, outer_lr, batch_size, outer_batch_size, max_norm, check_every, compile, chunk,
-            contiguous_batches: as in `SOBA`.
+        inner_lr, outer_lr, batch_size, outer_batch_size, max_norm, check_every: as in `SOBA`.
+        compile, chunk, contiguous_batches: as in `SOBA`.
         inner_schedule, outer_schedule: as in `SOBA`; SABA's analysis takes constant steps.
 
     Raises:
