@@ -370,9 +370,10 @@ class Damped:
     answer (iMAML's released code solves ((1 + d) I + H/lam) g = v, i.e. ``shift = d lam``).
 
     Args:
-        shift: a number, or per-leaf numbers in phi's structure (a tuple or dict of
-            floats or 0-d tensors, broadcast over each leaf), added times v to every
-            Hessian-vector product.
+        shift: added times v to every Hessian-vector product: a number or a 0-d tensor (every
+            leaf), a tensor broadcasting against phi's one leaf (e.g. one shift per coordinate
+            of a flat phi), or one such shift per leaf in phi's structure (a tuple, or a dict
+            by phi's keys).
         oracle: the HVP oracle to damp; ``None`` means the default (`ReverseOverReverse`).
     """
 
@@ -386,12 +387,13 @@ class Damped:
             else (self.shift if isinstance(self.shift, (tuple, list)) else (self.shift,))
         )
         for s in parts:
-            if isinstance(s, torch.Tensor) and s.ndim == 0 and s.is_floating_point():
-                continue  # its value is not read here: that would wait for an accelerator
+            if isinstance(s, torch.Tensor) and s.is_floating_point():
+                continue  # its values are not read here: that would wait for an accelerator
             if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s < 0:
                 raise ValueError(
-                    f"Damped(shift={self.shift!r}): each shift must be a finite number >= 0 "
-                    "(a float or a 0-d floating tensor), one, or one per leaf of phi in a tuple or dict"
+                    f"Damped(shift={self.shift!r}): each shift must be a finite number >= 0 or a "
+                    "floating tensor broadcasting against its leaf; one, or one per leaf of phi in a "
+                    "tuple or dict"
                 )
         if self.oracle is not None and not isinstance(self.oracle, HVPOracle):
             raise TypeError(
@@ -403,8 +405,8 @@ class Damped:
         shift = self.shift
         shifts: tuple[float | torch.Tensor, ...] | None
         like = point.phi_like
-        if isinstance(shift, (int, float)):
-            shifts = None
+        if isinstance(shift, (int, float)) or (isinstance(shift, torch.Tensor) and shift.ndim == 0):
+            shifts = None  # one shift for every leaf
         elif isinstance(shift, Mapping):
             keys = list(like.keys()) if isinstance(like, Mapping) else None
             if keys is None or set(keys) != set(shift.keys()):

@@ -145,12 +145,20 @@ def test_damped_shifts_each_leaf_by_its_own_number_whatever_the_dict_order() -> 
             torch.testing.assert_close(got, torch.linalg.solve(A + S, c))
 
 
+def test_damped_takes_a_tensor_shift_per_coordinate_or_one_for_every_leaf() -> None:
+    S = torch.diag(torch.tensor([1.0, 1.0, 4.0, 4.0, 4.0], dtype=torch.float64))
+    got, A, c = _damped_grad((torch.tensor([1.0, 1.0]), torch.tensor([4.0, 4.0, 4.0])))
+    torch.testing.assert_close(got, torch.linalg.solve(A + S, c))
+    got, A, c = _damped_grad(torch.tensor(0.5))  # 0-d: every leaf
+    torch.testing.assert_close(got, torch.linalg.solve(A + 0.5 * torch.eye(5, dtype=torch.float64), c))
+
+
 def test_damped_refuses_shifts_that_do_not_fit_phi() -> None:
     with pytest.raises(bl.StructureError, match=r"3 shifts for the 2 leaves of phi"):
         _damped_grad((1.0, 2.0, 3.0))
     with pytest.raises(bl.StructureError, match=r"a dict of shifts needs phi's keys \['a', 'b'\]"):
         _damped_grad({"a": 1.0, "c": 2.0})
-    for bad in (-1.0, float("nan"), "a", (1.0, None)):
+    for bad in (-1.0, float("nan"), "a", (1.0, None), torch.tensor([1, 2])):
         with pytest.raises(ValueError, match="each shift must be a finite number >= 0"):
             bl.Damped(bad)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"Damped\(oracle=3\)"):
