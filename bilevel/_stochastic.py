@@ -353,7 +353,10 @@ class _Oracles:
             )
 
     def _grad_z(self, loss: torch.Tensor, zr: torch.Tensor, create_graph: bool) -> torch.Tensor:
-        (g,) = torch.autograd.grad(loss, zr, create_graph=create_graph, allow_unused=True)
+        """grad_z of the inner loss; an error that says so where the loss has no graph to z."""
+        g = None
+        if loss.requires_grad:
+            (g,) = torch.autograd.grad(loss, zr, create_graph=create_graph, allow_unused=True)
         if g is None:
             raise StructureError(
                 "StochasticBilevel: the inner oracle's value does not depend on z; it must be the "
@@ -393,11 +396,6 @@ class _Oracles:
         with torch.enable_grad():
             zr, xr = self._vars(z, x)
             loss = self._call("inner", zr, xr, idx)
-            if not loss.requires_grad:
-                raise StructureError(
-                    "StochasticBilevel: the inner oracle's value does not depend on z; it must be the "
-                    "inner loss as a differentiable function of z (do not detach z or compute it in NumPy)"
-                )
             g = self._grad_z(loss, zr, True)
             if g.requires_grad:
                 hvp, cross = torch.autograd.grad(g, (zr, xr), v.view(self.zshape), allow_unused=True)
