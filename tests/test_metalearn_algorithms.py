@@ -303,6 +303,49 @@ def test_learned_lambda_gradient_matches_implicit_argmin(setup) -> None:  # type
 
 
 @ENGINES
+def test_damped_system_with_learned_lambda_per_tensor_equals_a_dense_solve(setup, engine) -> None:  # type: ignore[no-untyped-def]
+    """Damping and a learned lam per tensor together (``--learn-lam per-tensor --damping d``):
+    w = (H + (1 + d) diag(lam_row))^-1 grad L(phi), with H the dense support-loss Hessian at phi,
+    gives dL/dtheta = lam_row * w and dL/dlam_k = -<w, phi - theta> over tensor k's coordinates."""
+    fn, theta, batch = setup
+    names = list(theta)
+    n, d, lr, steps = flat(theta).numel(), 0.5, 0.02, 60
+    lam = {k: torch.tensor(20.0 + 3 * i, dtype=D) for i, k in enumerate(names)}
+    algo = MetaAlgorithm(
+        GradientDescent(lr=lr, max_iter=steps, tol=0.0), Implicit(cg_iters=4 * n, damping=d), 1.0
+    )
+    task = _one(batch, 1)
+    g, lam_grad, _ = meta_gradient(algo, fn, F.cross_entropy, theta, task, lam=lam, batched=engine)
+    assert lam_grad is not None
+
+    def support(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(fn(p, task.support_x[0]), task.support_y[0])
+
+    phi = dict(theta)
+    for _ in range(steps):
+        gr = torch.func.grad(
+            lambda p: support(p) + sum(0.5 * lam[k] * ((p[k] - theta[k]) ** 2).sum() for k in names)
+        )(phi)
+        phi = {k: phi[k] - lr * gr[k] for k in names}
+    sizes = [theta[k].numel() for k in names]
+
+    def unflat(z: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: c.view(theta[k].shape) for k, c in zip(names, torch.split(z, sizes))}
+
+    H = torch.func.hessian(lambda z: support(unflat(z)))(flat(phi))
+    lam_row = torch.cat([lam[k].expand(s) for k, s in zip(names, sizes)])
+    v = flat(torch.func.grad(lambda p: F.cross_entropy(fn(p, task.query_x[0]), task.query_y[0]))(phi))
+    w = torch.linalg.solve(H + torch.diag((1 + d) * lam_row), v)
+    torch.testing.assert_close(flat(g), lam_row * w, rtol=1e-8, atol=1e-11)
+    step = flat(phi) - flat(theta)
+    want = torch.stack([-(c * s).sum() for c, s in zip(torch.split(w, sizes), torch.split(step, sizes))])
+    torch.testing.assert_close(torch.stack([lam_grad[k] for k in names]), want, rtol=1e-7, atol=1e-12)
+    # and the damping is not idle: the undamped system gives another gradient
+    undamped = torch.linalg.solve(H + torch.diag(lam_row), v)
+    assert not torch.allclose(lam_row * w, lam_row * undamped, rtol=1e-3)
+
+
+@ENGINES
 def test_distance_is_the_inner_step_length(setup, engine) -> None:  # type: ignore[no-untyped-def]
     """One GD step of lr on G from theta (the proximal gradient is 0 there): ||phi - theta|| is
     lr ||grad Lhat(theta)||, per task, computed here with torch.func."""
