@@ -250,6 +250,9 @@ def _cg_start(
     alive = r_norm > tol
     codes = torch.full((B,), severity(LinearStatus.MAX_ITER), dtype=torch.int8, device=b.device)
     codes = torch.where(alive, codes, severity(LinearStatus.CONVERGED))
+    rz = rowdot(r, z)
+    if preconditioner is not None:
+        alive, codes = _positive_preconditioner(rz, alive, codes)
     # Below this the recursive residual is rounding noise: iterating on would let r and p
     # underflow and pAp round to 0, which would read as (spurious) negative curvature.
     floor = 1e-3 * torch.finfo(b.dtype).eps * b_norm
@@ -263,7 +266,7 @@ def _cg_start(
         x=x,
         r=r,
         p=z.clone(),
-        rz=rowdot(r, z),
+        rz=rz,
         r_norm=r_norm,
         b_norm=b_norm,
         tol=tol,
@@ -312,11 +315,22 @@ def _cg_iteration(st: _CGState, A: _Counted, preconditioner: Matvec | None, sync
     else:
         z = preconditioner(r)
         rz_new = rowdot(r, z)
+        alive, st.codes = _positive_preconditioner(rz_new, alive, st.codes)
     beta = torch.where(alive, rz_new / torch.where(st.rz != 0, st.rz, 1.0), 0.0)
     p_new = torch.addcmul(z, beta[:, None], p)
     st.p = p_new if sync and bool(alive.all()) else torch.where(alive[:, None], p_new, p)
     st.rz = torch.where(alive, rz_new, st.rz)
     st.alive = alive
+
+
+def _positive_preconditioner(
+    rz: torch.Tensor, alive: torch.Tensor, codes: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stop the running problems whose r'M(r) is not positive: M is not positive definite there
+    (CG would divide by it, and its next p'Ap <= 0 would blame A).  A NaN r'M(r) is left to the
+    NaN checks, which call it NONFINITE."""
+    bad = alive & ~(rz > 0) & torch.isfinite(rz)
+    return alive & ~bad, torch.where(bad, severity(LinearStatus.INDEFINITE_PRECONDITIONER), codes)
 
 
 def _cg_settle(st: _CGState, A: _Counted, b: torch.Tensor, check_residual: bool) -> None:
@@ -570,7 +584,9 @@ class CG:
 
     Non-positive curvature p'Ap <= 0 stops the iteration (of that problem) with status
     ``NEGATIVE_CURVATURE`` and returns the last iterate: A is not positive definite
-    (for a Hessian: the point is not a strict local minimum).
+    (for a Hessian: the point is not a strict local minimum).  A preconditioner that gives
+    r'M(r) <= 0 for a nonzero residual stops it with ``INDEFINITE_PRECONDITIONER`` instead,
+    so that M, not A, is blamed.
 
     References:
         Nocedal & Wright, Numerical Optimization, 2nd ed., Algorithm 5.3.

@@ -100,7 +100,18 @@ class DiagonalPreconditioner:
             )
 
     def __call__(self, r: torch.Tensor) -> torch.Tensor:
-        return r / self.diagonal
+        """``r / diagonal``: r of shape (n,) or (B, n), with a (B, n) diagonal only (B, n).
+
+        Raises:
+            ValueError: r's shape does not match the diagonal's.
+        """
+        d = self.diagonal
+        if r.shape[-1:] != d.shape[-1:] or (d.ndim == 2 and r.shape != d.shape):
+            raise ValueError(
+                f"DiagonalPreconditioner: a diagonal of shape {tuple(d.shape)} cannot precondition a "
+                f"residual of shape {tuple(r.shape)}: build it for the system being solved"
+            )
+        return r / d
 
     @classmethod
     def estimate(

@@ -52,6 +52,10 @@ class LinearStatus(enum.Enum):
         "CG met non-positive curvature p'Ap <= 0: the Hessian is not positive definite at "
         "this point (solve the inner problem more accurately, add damping, or use MINRES)"
     )
+    INDEFINITE_PRECONDITIONER = (
+        "the preconditioner is not positive definite: r'M(r) <= 0 for a nonzero residual r "
+        "(check M: a zero or negative diagonal, or a recipe estimated from an indefinite matrix)"
+    )
     BOUNDARY = (
         "CG reached the trust-region radius (Steihaug): the step ends on the boundary, as a "
         "trust-region method asks; not a solution of the system"
@@ -84,6 +88,7 @@ LINEAR_SEVERITY: tuple[LinearStatus, ...] = (
     LinearStatus.BOUNDARY,
     LinearStatus.MAX_ITER,
     LinearStatus.NEGATIVE_CURVATURE,
+    LinearStatus.INDEFINITE_PRECONDITIONER,
     LinearStatus.BREAKDOWN,
     LinearStatus.NONFINITE,
 )

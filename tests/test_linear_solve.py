@@ -535,3 +535,57 @@ def test_preconditioner_guards() -> None:
             bl.HutchinsonDiagonal(**kwargs)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"CG\(M=5\): expected a callable"):
         bl.CG(M=5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "M",
+    [lambda r: 0 * r, lambda r: -r, lambda r: r * torch.tensor([1.0, -1.0], dtype=D)],
+    ids=["zero", "neg", "mixed"],
+)
+def test_an_indefinite_preconditioner_is_blamed_not_the_matrix(M) -> None:  # type: ignore[no-untyped-def]
+    """A is SPD; M is zero, negative definite or indefinite: CG stops on r'M(r) <= 0 and says
+    INDEFINITE_PRECONDITIONER (before, the next p'Ap <= 0 read as A's negative curvature)."""
+    A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=D)
+    b = torch.tensor([1.0, 2.0], dtype=D)  # r'M(r) = 1 - 4 < 0 for the mixed one at the start
+    res = bl.CG(M=M)(lambda v: A @ v, b)
+    assert res.status is bl.LinearStatus.INDEFINITE_PRECONDITIONER
+    assert "preconditioner is not positive definite" in res.status.message
+    # batched: the problem whose M is negative stops, the other converges untouched
+    sign = torch.tensor([[-1.0], [1.0]], dtype=D)
+    both = bl.CG(M=lambda R: sign * R)(lambda V: V @ A.T, torch.stack([b, b]))
+    assert both.problem_status == (bl.LinearStatus.INDEFINITE_PRECONDITIONER, bl.LinearStatus.CONVERGED)
+    torch.testing.assert_close(both.x[1], torch.linalg.solve(A, b))
+
+
+def test_an_implicit_backward_names_an_indefinite_preconditioner() -> None:
+    """In the implicit layer's backward, a preconditioner that is not positive definite raises a
+    LinearSolveError that names it, not a NegativeCurvatureError blaming the Hessian."""
+    theta = torch.tensor([1.0, 2.0], dtype=D, requires_grad=True)
+    x = bl.implicit_argmin(
+        lambda x, t: 0.5 * (x * x).sum() * 2.0 - (x * t).sum(),
+        torch.zeros(2, dtype=D),
+        theta,
+        lambda f, x0, t: t.detach() / 2.0,
+        linear_solver=bl.CG(M=lambda r: -r),
+    )
+    with pytest.raises(
+        bl.LinearSolveError, match=r"INDEFINITE_PRECONDITIONER.*preconditioner is not positive"
+    ):
+        x.sum().backward()
+
+
+def test_a_diagonal_preconditioner_of_another_size_is_named() -> None:
+    A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=D)
+    M = bl.DiagonalPreconditioner(torch.ones(3, dtype=D))
+    with pytest.raises(
+        ValueError, match=r"diagonal of shape \(3,\) cannot precondition a residual of shape \(2,\)"
+    ):
+        bl.CG(M=M)(lambda v: A @ v, torch.ones(2, dtype=D))
+    rows = bl.DiagonalPreconditioner(torch.ones(3, 2, dtype=D))
+    with pytest.raises(
+        ValueError, match=r"diagonal of shape \(3, 2\) cannot precondition a residual of shape \(2, 2\)"
+    ):
+        bl.CG(M=rows)(lambda V: V @ A.T, torch.ones(2, 2, dtype=D))
+    # a (n,) diagonal serves every row of a batched solve
+    res = bl.CG(M=bl.DiagonalPreconditioner(torch.diag(A)))(lambda V: V @ A.T, torch.ones(2, 2, dtype=D))
+    assert res.problem_status == (bl.LinearStatus.CONVERGED,) * 2
