@@ -358,6 +358,28 @@ class _Checks:
                     info=self.info,
                 )
             )
+        elif self.policy.warn and LinearStatus.BUDGET in (res.problem_status or (res.status,)):
+            self._warn_worse_than_zero(res)
+
+    def _warn_worse_than_zero(self, res: LinearSolveResult) -> None:
+        """Warn where a solve that ran its fixed budget ended with a relative residual above 1: its
+        answer solves the system worse than zero does, so the gradient built on it is noise."""
+        if res.problem_residual_norm is not None and res.problem_b_norm is not None:
+            b = res.problem_b_norm
+            rel = (res.problem_residual_norm / torch.where(b > 0, b, 1.0)).tolist()
+        else:
+            rel = [res.relative_residual]
+        worse = [i for i, r in enumerate(rel) if r > 1.0]
+        if worse:
+            warnings.warn(
+                f"{self.name}: the backward solve ran its fixed budget ({res.n_iter} iteration(s)) and "
+                f"ended with a relative residual of {max(rel[i] for i in worse):.3g}, above 1"
+                f"{self._where(worse)}: its answer solves the system worse than zero does, so the "
+                "gradient is unreliable.  Give the linear solver more iterations (Nystrom: a higher "
+                "rank, or rho near the Hessian's small eigenvalues), or a tolerance to check",
+                BilevelWarning,
+                stacklevel=2,
+            )
 
     def check_gradient(self, finite: torch.Tensor, index: list[int], rows: list[torch.Tensor]) -> None:
         """Raise `NonFiniteError` if the gradient has NaN or infinity, naming the theta leaf and, in

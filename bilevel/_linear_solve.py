@@ -662,7 +662,9 @@ class Nystrom:
     rank + 1``).  The status compares it to the tolerance ``max(rtol * ||b||, atol)`` where
     one is given (``CONVERGED`` or ``MAX_ITER``: then raise ``rank`` or lower ``rho``); with no
     tolerance (``rtol=None`` or 0 and ``atol=0``, the default) the solve only reports it, with
-    status ``BUDGET``: the fixed work asked for, not a failure.
+    status ``BUDGET``: the fixed work asked for, not a failure.  In `implicit_argmin`'s backward
+    pass such an answer whose relative residual is above 1 (worse than x = 0) gives a
+    `BilevelWarning` (as any linear solver's ``BUDGET`` answer does there).
 
     Args:
         rank: k, the number of probes, 1 <= k <= n.

@@ -8,6 +8,8 @@ hypergradient through `bilevel.implicit_argmin`; B single solves for batched mod
 
 from __future__ import annotations
 
+import warnings
+
 import problems as P
 import pytest
 import torch
@@ -333,3 +335,46 @@ def test_per_feature_ridge_hypergradient_through_hyperopt() -> None:
         assert theta.grad is not None
         torch.testing.assert_close(theta.grad, reference, rtol=1e-8, atol=1e-12)
         assert ev.info.last_backward is not None and ev.info.last_backward.converged
+
+
+def test_a_budget_answer_worse_than_zero_warns_in_the_backward_pass() -> None:
+    """A rank-1 sketch with a small rho answers H w = v worse than w = 0 (relative residual 17.8
+    here): the implicit layer's backward warns, naming the problem in batched mode; a fitting
+    rho, or ``warn=False``, stays quiet.  The gradient is compared with the dense one."""
+    A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=D)
+    theta0 = torch.tensor([1.0, 2.0], dtype=D)
+
+    def grad_with(solver: bl.Nystrom, **kw: object) -> torch.Tensor:
+        t = theta0.clone().requires_grad_(True)
+        x = bl.implicit_argmin(
+            lambda p, th: 0.5 * p @ A @ p - th @ p,
+            torch.zeros(2, dtype=D),
+            t,
+            lambda f, x0, th: torch.linalg.solve(A, th.detach()),
+            linear_solver=solver,
+            **kw,  # type: ignore[arg-type]
+        )
+        x.sum().backward()
+        assert t.grad is not None
+        return t.grad
+
+    with pytest.warns(bl.BilevelWarning, match=r"relative residual of 17\.8, above 1: its answer solves"):
+        grad_with(bl.Nystrom(rank=1, rho=0.1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grad_with(bl.Nystrom(rank=1, rho=0.1), throw=False, warn=False)
+        exact = grad_with(bl.Nystrom(rank=2))
+    torch.testing.assert_close(exact, torch.linalg.solve(A, torch.ones(2, dtype=D)))
+    # batched: problem 1 (H = 0.1 I, which rank 1 with rho = 0.1 solves exactly) is not named
+    As = torch.stack([A, 0.1 * torch.eye(2, dtype=D)])
+    th = torch.stack([theta0, theta0]).requires_grad_(True)
+    x = bl.implicit_argmin(
+        lambda P, T: 0.5 * torch.einsum("bi,bij,bj->b", P, As, P) - (T * P).sum(1),
+        torch.zeros(2, 2, dtype=D),
+        th,
+        lambda f, x0, T: torch.linalg.solve(As, T.detach()),
+        linear_solver=bl.Nystrom(rank=1, rho=0.1),
+        batched=True,
+    )
+    with pytest.warns(bl.BilevelWarning, match=r"above 1 in problem\(s\) \[0\] of the batch:"):
+        x.sum().backward()
