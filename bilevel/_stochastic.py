@@ -607,6 +607,30 @@ def _validate_common(
         raise ValueError(f"{who}(max_norm={max_norm!r}): max_norm must be a number > 0")
 
 
+def _checked_schedule(who: str, name: str, schedule: StepSchedule) -> Callable[[int], float]:
+    """``schedule`` as a function that refuses a factor that is not a finite number >= 0: a NaN
+    or negative step would otherwise be blamed on the iterates (NONFINITE, divergence).  The
+    package's own schedules give such factors by construction and are passed through unwrapped
+    (the compiled loop calls them at every iteration)."""
+    if isinstance(schedule, (Constant, Decay)):
+        return schedule
+
+    def factor(t: int) -> float:
+        f = schedule(t)
+        try:
+            value = float(f)
+        except (TypeError, ValueError, RuntimeError):
+            value = math.nan
+        if isinstance(f, bool) or not (math.isfinite(value) and value >= 0):
+            raise ValueError(
+                f"{who}: {name}({t}) returned {f!r}; a schedule must return a finite factor >= 0 "
+                "of the base step size"
+            )
+        return value
+
+    return factor
+
+
 def _start(
     who: str,
     problem: StochasticBilevel,
@@ -1116,6 +1140,14 @@ class _SingleLoop:
         check_flag(who, "contiguous_batches", self.contiguous_batches)
         _check_chunk_setting(who, self.chunk, self.compile)
 
+    def _factors(self) -> tuple[Callable[[int], float], Callable[[int], float]]:
+        """The inner and outer schedules, each checked at every call (a plain float out)."""
+        who = type(self).__name__
+        return (
+            _checked_schedule(who, "inner_schedule", self.inner_schedule),
+            _checked_schedule(who, "outer_schedule", self.outer_schedule),
+        )
+
     def run(
         self,
         problem: StochasticBilevel,
@@ -1202,7 +1234,8 @@ class SOBA(_SingleLoop):
         batch_size: the inner batch size (<= n_inner).
         outer_batch_size: the outer batch size (<= n_outer); ``None``: ``batch_size``.
         inner_schedule, outer_schedule: factors of the step sizes per iteration
-            (`Constant` or `Decay`).
+            (`Constant`, `Decay`, or any ``t -> factor``; a factor that is not a finite
+            number >= 0 stops the run with a ``ValueError`` naming the schedule and t).
         max_norm: divergence threshold on the iterates' norms, relative to
             1 + ||z0|| + ||x0||.
         check_every: iterations between divergence checks on an accelerator (each reads the
@@ -1240,7 +1273,7 @@ class SOBA(_SingleLoop):
     def _steps(self, state: _State) -> tuple[Callable[[_State], None], _Chunked]:
         ora = state.oracles
         inner_lr, outer_lr = float(self.inner_lr), float(self.outer_lr)
-        inner_schedule, outer_schedule = self.inner_schedule, self.outer_schedule
+        inner_schedule, outer_schedule = self._factors()
 
         def step(s: _State) -> None:
             j, k, (g, hvp, cross), (gz, gx) = _draw(s)
@@ -1322,7 +1355,7 @@ class SABA(_SingleLoop):
         avg_in = state.z.new_zeros(2 * dz + dx)
         avg_out = state.z.new_zeros(dz + dx)
         inner_lr, outer_lr = float(self.inner_lr), float(self.outer_lr)
-        inner_schedule, outer_schedule = self.inner_schedule, self.outer_schedule
+        inner_schedule, outer_schedule = self._factors()
 
         def saga(
             mem: torch.Tensor, avg: torch.Tensor, new: torch.Tensor, j: int, w: float, s: float

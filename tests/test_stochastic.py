@@ -266,6 +266,30 @@ def test_soba_decreasing_steps_equal_reference() -> None:
     assert_iterates(res, ref_soba(p, z0, x0, 9, 0.2, 0.1, 3, seed=1, e_in=0.4, e_out=0.6))
 
 
+@pytest.mark.parametrize("solver", [SOBA, SABA], ids=lambda s: s.__name__)
+@pytest.mark.parametrize(
+    "factor, shown", [(math.nan, "nan"), (-0.5, "-0.5"), (math.inf, "inf"), ("fast", "'fast'")]
+)
+def test_a_schedule_that_returns_a_bad_factor_is_named(solver: type, factor: object, shown: str) -> None:
+    """A schedule whose factor at some t is NaN, negative, infinite or not a number stops the run
+    there with the schedule named, rather than as NONFINITE iterates or a silent reversal."""
+    p = Ridge(10, 8, 4)
+    z0, x0 = start(p)
+
+    def sick(t: int) -> object:
+        return 1.0 if t < 3 else factor
+
+    run = solver(0.2, 0.1, batch_size=3, outer_schedule=sick)
+    with pytest.raises(
+        ValueError, match=rf"{solver.__name__}: outer_schedule\(3\) returned {shown}; a schedule"
+    ):
+        run.run(p.torch_problem(), torch.tensor(z0), torch.tensor(x0), max_iter=9)
+    # a factor of 0 (the end of a schedule that decays to zero) is a step of 0, not an error
+    still = solver(0.2, 0.1, batch_size=3, inner_schedule=lambda t: 0.0, outer_schedule=lambda t: 0.0)
+    res = still.run(p.torch_problem(), torch.tensor(z0), torch.tensor(x0), max_iter=4)
+    torch.testing.assert_close(res.x, torch.tensor(x0), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("b", [3, 5])
 def test_saba_iterates_equal_reference(b: int) -> None:
     p = Ridge(10, 8, 4)
