@@ -65,7 +65,7 @@ import numpy as np
 import torch
 
 from ._errors import BilevelError, BilevelWarning, ConvergenceError, NonFiniteError, StructureError
-from ._settings import check_flag
+from ._settings import check_flag, check_int, check_positive
 from ._sync import host_checks
 
 __all__ = [
@@ -589,13 +589,10 @@ def _validate_common(
     max_norm: float,
 ) -> None:
     for name, lr in lrs.items():
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-            raise ValueError(f"{who}({name}={lr!r}): the step size must be a finite number > 0")
-    for name, b in (("batch_size", batch_size), ("outer_batch_size", outer_batch_size)):
-        if b is None and name == "outer_batch_size":
-            continue
-        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
-            raise ValueError(f"{who}({name}={b!r}): the batch size must be an int >= 1")
+        check_positive(who, name, lr)
+    check_int(who, "batch_size", batch_size, 1)
+    if outer_batch_size is not None:
+        check_int(who, "outer_batch_size", outer_batch_size, 1)
     for name, s in schedules.items():
         if isinstance(s, type):
             raise TypeError(f"{who}({name}={s.__name__}): pass an instance, e.g. Constant() or Decay(0.5)")
@@ -1135,7 +1132,7 @@ class _SingleLoop:
             {"inner_schedule": self.inner_schedule, "outer_schedule": self.outer_schedule},
             self.max_norm,
         )
-        _check_every(who, self.check_every)
+        check_int(who, "check_every", self.check_every, 1)
         check_flag(who, "compile", self.compile)
         check_flag(who, "contiguous_batches", self.contiguous_batches)
         _check_chunk_setting(who, self.chunk, self.compile)
@@ -1477,11 +1474,9 @@ class StocBiO:
             lrs["neumann_lr"] = self.neumann_lr
         _validate_common("StocBiO", lrs, self.batch_size, self.outer_batch_size, {}, self.max_norm)
         check_flag("StocBiO", "contiguous_batches", self.contiguous_batches)
-        for name, lo in (("n_inner_steps", 1), ("n_neumann_steps", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-                raise ValueError(f"StocBiO({name}={value!r}): must be an int >= {lo}")
-        _check_every("StocBiO", self.check_every)
+        check_int("StocBiO", "n_inner_steps", self.n_inner_steps, 1)
+        check_int("StocBiO", "n_neumann_steps", self.n_neumann_steps, 0)
+        check_int("StocBiO", "check_every", self.check_every, 1)
 
     def run(
         self,
@@ -1556,18 +1551,12 @@ class StocBiO:
 
 
 def _check_chunk_setting(who: str, chunk: int, compile: bool) -> None:
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"{who}(chunk={chunk!r}): must be an int >= 1 (iterations per compiled call)")
+    check_int(who, "chunk", chunk, 1)
     if chunk > 1 and not compile:
         raise ValueError(
             f"{who}(chunk={chunk}): chunks of iterations are compiled graphs; set compile=True "
             "(eager mode runs one iteration at a time)"
         )
-
-
-def _check_every(who: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{who}(check_every={value!r}): must be an int >= 1")
 
 
 for _cls in (SOBA, SABA, StocBiO):

@@ -59,6 +59,7 @@ from torch import nn
 from ._hvp import HVPLike
 from ._implicit import ImplicitInfo, fixed_point, implicit_argmin, implicit_root
 from ._policy import UNSET, ImplicitPolicy, Unset, resolve_policy
+from ._settings import check_flag, check_int
 from ._types import LinearSolver, Objective, RootFn, TensorTree
 from .conditions import Condition
 from .tree import leaves, unflatten
@@ -460,10 +461,9 @@ class QPLayer(nn.Module):
         super().__init__()
         if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0):
             raise ValueError(f"QPLayer(tol={tol!r}): must be a number > 0 or None")
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"QPLayer(max_iter={max_iter!r}): must be an int >= 1")
-        if not isinstance(throw, bool) or not isinstance(check, bool):
-            raise TypeError(f"QPLayer(throw={throw!r}, check={check!r}): must be True or False")
+        check_int("QPLayer", "max_iter", max_iter, 1)
+        check_flag("QPLayer", "throw", throw)
+        check_flag("QPLayer", "check", check)
         self.tol = tol
         self.max_iter = max_iter
         self.throw = throw

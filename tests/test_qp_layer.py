@@ -468,8 +468,8 @@ def test_iteration_cap_raises_or_warns() -> None:
         (dict(tol=-1.0), ValueError, r"tol=-1.0"),
         (dict(tol=0.0), ValueError, r"tol=0.0"),
         (dict(max_iter=0), ValueError, r"max_iter=0"),
-        (dict(max_iter=2.5), ValueError, r"max_iter=2.5"),
-        (dict(throw="yes"), TypeError, r"throw='yes'"),
+        (dict(max_iter=2.5), TypeError, r"max_iter=2.5\): max_iter must be an int"),
+        (dict(throw="yes"), TypeError, r"throw='yes'\): throw must be True or False"),
     ],
 )
 def test_layer_arguments(kwargs: dict[str, Any], err: type[Exception], match: str) -> None:

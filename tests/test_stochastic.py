@@ -612,15 +612,21 @@ def test_bad_settings() -> None:
         StochasticBilevel(f, f, 0, 8)
     with pytest.raises(TypeError, match=r"n_outer=2\.5"):
         StochasticBilevel(f, f, 10, 2.5)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"SOBA\(inner_lr=0\): the step size must be a finite number > 0"):
+    with pytest.raises(ValueError, match=r"SOBA\(inner_lr=0\): inner_lr must be > 0"):
         SOBA(0, 0.1)
+    with pytest.raises(TypeError, match=r"SOBA\(inner_lr='0.1'\): inner_lr must be a number"):
+        SOBA("0.1", 0.1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"SOBA\(outer_batch_size=2.5\): outer_batch_size must be an int"):
+        SOBA(0.1, 0.1, outer_batch_size=2.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"StocBiO\(check_every=0\): check_every must be >= 1"):
+        StocBiO(0.1, 0.1, check_every=0)
     with pytest.raises(ValueError, match=r"SABA\(outer_lr=nan\)"):
         SABA(0.1, math.nan)
     with pytest.raises(ValueError, match=r"SABA\(batch_size=0\)"):
         SABA(0.1, 0.1, batch_size=0)
     with pytest.raises(ValueError, match=r"StocBiO\(neumann_lr=-1.0\)"):
         StocBiO(0.1, 0.1, neumann_lr=-1.0)
-    with pytest.raises(ValueError, match=r"StocBiO\(n_inner_steps=0\): must be an int >= 1"):
+    with pytest.raises(ValueError, match=r"StocBiO\(n_inner_steps=0\): n_inner_steps must be >= 1"):
         StocBiO(0.1, 0.1, n_inner_steps=0)
     with pytest.raises(TypeError, match="expected a schedule"):
         SOBA(0.1, 0.1, inner_schedule=0.5)  # type: ignore[arg-type]
@@ -822,9 +828,9 @@ def test_chunked_time_limit_stops_between_chunks() -> None:
 
 
 def test_bad_chunk_settings() -> None:
-    with pytest.raises(ValueError, match=r"SOBA\(chunk=0\): must be an int >= 1"):
+    with pytest.raises(ValueError, match=r"SOBA\(chunk=0\): chunk must be >= 1"):
         SOBA(0.1, 0.1, compile=True, chunk=0)
-    with pytest.raises(ValueError, match=r"SABA\(chunk=True\): must be an int >= 1"):
+    with pytest.raises(TypeError, match=r"SABA\(chunk=True\): chunk must be an int"):
         SABA(0.1, 0.1, compile=True, chunk=True)  # type: ignore[arg-type]
     with pytest.raises(
         ValueError, match=r"SABA\(chunk=8\): chunks of iterations are compiled .*compile=True"
