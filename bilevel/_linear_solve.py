@@ -709,10 +709,8 @@ class Nystrom:
             raise ValueError(f"Nystrom(rank={self.rank!r}): rank must be an integer >= 1")
         if not (isinstance(self.rho, (int, float)) and math.isfinite(self.rho) and self.rho >= 0):
             raise ValueError(f"Nystrom(rho={self.rho!r}): rho must be a finite number >= 0")
-        if self.rtol is not None and not (math.isfinite(self.rtol) and self.rtol >= 0):
-            raise ValueError(f"Nystrom(rtol={self.rtol}): rtol must be None or a finite number >= 0")
-        if not (math.isfinite(self.atol) and self.atol >= 0):
-            raise ValueError(f"Nystrom(atol={self.atol}): atol must be a finite number >= 0")
+        _check_config("Nystrom", None, self.rtol, self.atol)
+        check_int("Nystrom", "seed", self.seed, 0)
 
     def __call__(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None = None) -> LinearSolveResult:
         _check_b("Nystrom", b, x0)

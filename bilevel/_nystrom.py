@@ -18,6 +18,7 @@ import warnings
 import torch
 
 from ._errors import BilevelWarning
+from ._settings import check_int
 from ._types import Matvec
 
 __all__ = ["NystromApproximation", "NystromPreconditioner", "gaussian_test_matrix", "nystrom_approximation"]
@@ -162,6 +163,7 @@ class NystromPreconditioner:
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"NystromPreconditioner(rank={self.rank!r}): rank must be an integer >= 1")
+        check_int("NystromPreconditioner", "seed", self.seed, 0)
 
     def build(self, matvec: Matvec, b: torch.Tensor) -> Matvec:
         n = b.shape[-1]

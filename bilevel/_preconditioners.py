@@ -22,6 +22,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from ._errors import BilevelWarning
+from ._settings import check_int
 from ._types import Matvec
 
 __all__ = ["DiagonalPreconditioner", "HutchinsonDiagonal", "PreconditionerRecipe", "hutchinson_diagonal"]
@@ -192,6 +193,7 @@ class HutchinsonDiagonal:
             raise ValueError(f"HutchinsonDiagonal(probes={self.probes!r}): probes must be an integer >= 1")
         if not (isinstance(self.floor, (int, float)) and math.isfinite(self.floor) and 0 < self.floor <= 1):
             raise ValueError(f"HutchinsonDiagonal(floor={self.floor!r}): floor must be in (0, 1]")
+        check_int("HutchinsonDiagonal", "seed", self.seed, 0)
 
     def build(self, matvec: Matvec, b: torch.Tensor) -> DiagonalPreconditioner:
         return DiagonalPreconditioner.estimate(matvec, b, self.probes, self.seed, self.floor)

@@ -138,21 +138,30 @@ def test_half_precision_factorizes_in_float32() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("kwargs", "err", "match"),
     [
-        (dict(rank=0), r"rank=0\): rank must be an integer >= 1"),
-        (dict(rank=True), "rank must be an integer"),
-        (dict(rank=2.0), "rank must be an integer"),
-        (dict(rank=3, rho=-1.0), r"rho=-1.0\): rho must be a finite number >= 0"),
-        (dict(rank=3, rho=float("nan")), "rho must be a finite number"),
-        (dict(rank=3, rho=float("inf")), "rho must be a finite number"),
-        (dict(rank=3, rtol=-1.0), "rtol must be None or a finite number >= 0"),
-        (dict(rank=3, atol=float("nan")), "atol must be a finite number >= 0"),
+        (dict(rank=0), ValueError, r"rank=0\): rank must be an integer >= 1"),
+        (dict(rank=True), ValueError, "rank must be an integer"),
+        (dict(rank=2.0), ValueError, "rank must be an integer"),
+        (dict(rank=3, rho=-1.0), ValueError, r"rho=-1.0\): rho must be a finite number >= 0"),
+        (dict(rank=3, rho=float("nan")), ValueError, "rho must be a finite number"),
+        (dict(rank=3, rho=float("inf")), ValueError, "rho must be a finite number"),
+        (dict(rank=3, rtol=-1.0), ValueError, r"Nystrom\(rtol=-1.0\): rtol must be >= 0"),
+        (dict(rank=3, rtol="a"), TypeError, r"Nystrom\(rtol='a'\): rtol must be a number"),
+        (dict(rank=3, atol=float("nan")), ValueError, r"Nystrom\(atol=nan\): atol must be >= 0"),
+        (dict(rank=3, seed="a"), TypeError, r"Nystrom\(seed='a'\): seed must be an int"),
     ],
 )
-def test_bad_configuration_is_refused(kwargs: dict, match: str) -> None:  # type: ignore[type-arg]
-    with pytest.raises(ValueError, match=match):
+def test_bad_configuration_is_refused(kwargs: dict, err: type[Exception], match: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(err, match=match):
         bl.Nystrom(**kwargs)
+
+
+def test_a_recipe_refuses_a_seed_that_is_not_an_int() -> None:
+    with pytest.raises(TypeError, match=r"NystromPreconditioner\(seed=1.5\): seed must be an int"):
+        bl.NystromPreconditioner(rank=2, seed=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"HutchinsonDiagonal\(seed=-1\): seed must be >= 0"):
+        bl.HutchinsonDiagonal(seed=-1)
 
 
 def test_rank_above_n_and_singular_rank_k_are_refused_at_the_call() -> None:
