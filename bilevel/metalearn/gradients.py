@@ -40,7 +40,10 @@ Deviations from the paper, each measured and switchable:
   (truncated CG, as in Steihaug's method); the event is counted in `MetaStats.negative_curvature`,
   never hidden.
 * ``Implicit(damping=d)`` solves ((1 + d) I + Lhat''/lam) g = v (`bilevel.Damped`), the damped
-  system of the authors' released code; the paper's system is ``d = 0``.
+  system of the authors' released code; the paper's system is ``d = 0``.  A learned lam (one
+  shared, or one per tensor) gets its gradient from the same damped solve, as theta does:
+  dL/dlam_k = -<w, phi - theta> over tensor k, w = (Lhat'' + (1 + d) lam)^-1 grad L(phi), which
+  is the exact derivative only at ``d = 0`` (tested against dense solves with and without).
 """
 
 from __future__ import annotations
