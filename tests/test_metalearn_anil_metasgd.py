@@ -35,6 +35,7 @@ from bilevel.metalearn import (
     meta_gradient,
     predict_batch,
 )
+from bilevel.metalearn.algorithms import evaluate_batch
 from bilevel.metalearn.batched import batched_model
 from bilevel.metalearn.models import make_functional, mse, omniglot_cnn, sinusoid_mlp
 from bilevel.metalearn.tasks import Task
@@ -382,6 +383,19 @@ def test_meta_sgd_guards() -> None:
         MetaSGD(sinusoid_mlp(), lr="0.1")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"MetaSGD\(steps=-1\): steps must be >= 0"):
         MetaSGD(sinusoid_mlp(), steps=-1)
+    # no inner step: the step sizes would never be used, never get a gradient
+    with pytest.raises(ValueError, match=r"MetaSGD\(steps=0\): Meta-SGD with 0 inner steps never uses"):
+        MetaSGD(sinusoid_mlp(), steps=0)
+    with pytest.raises(ConfigError, match=r"inner_steps.*Meta-SGD with 0 inner steps never uses"):
+        TrainConfig(algo="meta-sgd", inner_steps=0)
+    # the algorithm itself adapts with 0 steps (evaluating theta), and refuses to meta-train so
+    fn, theta = make_functional(MLP_, torch.Generator().manual_seed(0), dtype=D)
+    none = make_algorithm("meta-sgd", inner_steps=0)
+    tree = {**theta, **none.meta_parameters(theta)}
+    ql, _ = evaluate_batch(none, fn, mse, tree, _sines(0), classification=False)
+    assert bool(torch.isfinite(ql).all())
+    with pytest.raises(ValueError, match="Meta-SGD with 0 inner steps never uses"):
+        meta_gradient(none, fn, mse, tree, _sines(0), classification=False)
     with pytest.raises(ValueError, match=r"LearnedSteps .*fixed inner path"):
         bl.metalearn.MetaAlgorithm(bl.solvers.GradientDescent(lr=0.1, tol=1e-3), LearnedSteps(0.1), 0.0)
     with pytest.raises(ValueError, match="lam must be 0"):
@@ -392,6 +406,14 @@ def test_meta_sgd_guards() -> None:
         bl.StructureError, match=r"no learned step sizes lr:'net.fc0.weight'.*meta_parameters"
     ):
         meta_gradient(make_algorithm("meta-sgd"), fn, mse, theta, _sines(0), classification=False)
+
+
+def test_meta_sgd_without_inner_steps_is_refused_on_the_command_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    args = ["train", "--algo", "meta-sgd", *SINE, "--inner-steps", "0", "--out", str(tmp_path / "r")]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and "Meta-SGD with 0 inner steps never uses" in err, err
 
 
 def test_bad_heads() -> None:

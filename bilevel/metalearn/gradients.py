@@ -75,6 +75,7 @@ from .metabatch import (
 from .proximal import ProximalWeight, coerce
 
 __all__ = [
+    "NO_STEP",
     "FirstOrder",
     "HeadOnly",
     "Implicit",
@@ -477,6 +478,13 @@ class HeadOnly:
         )
 
 
+#: why Meta-SGD does not meta-train without an inner step
+NO_STEP = (
+    "Meta-SGD with 0 inner steps never uses its learned step sizes, so they would get no gradient and "
+    "stay at their start: take at least one inner step"
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class LearnedSteps:
     """Meta-SGD (Li et al. 2017): GD with a learned step size per parameter entry, unrolled.
@@ -509,7 +517,8 @@ class LearnedSteps:
         return {STEP_PREFIX + k: torch.full_like(v.detach(), float(self.init_lr)) for k, v in theta.items()}
 
     def check(self, inner: InnerSolver, lam: float) -> None:
-        """Refuse an inner solver other than fixed-step GD, or a proximal term."""
+        """Refuse an inner solver other than fixed-step GD, or a proximal term.  (No inner step is
+        allowed here, to evaluate theta itself; `apply` refuses it for meta-training.)"""
         _fixed_gd("LearnedSteps (Meta-SGD)", inner, lam)
 
     def _steps(self, mb: MetaBatch) -> Params:
@@ -556,6 +565,8 @@ class LearnedSteps:
         return self._path(inner, mb, mb.init(), mb.flat(self._steps(mb)), graph=False)
 
     def apply(self, inner: InnerSolver, mb: MetaBatch) -> Outcome:
+        if inner.max_iter == 0:  # type: ignore[union-attr]  # GradientDescent (check)
+            raise ValueError(NO_STEP)
         leaf, _ = mb.theta_leaf()
         # a leaf of its own (`flat` is a view of the step sizes where there is one parameter)
         alpha = mb.flat(self._steps(mb)).detach().requires_grad_(True)

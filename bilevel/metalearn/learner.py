@@ -56,6 +56,7 @@ from .algorithms import (
 )
 from .batched import BatchedModel, batched_model
 from .evaluation import EvalResult, Run, evaluate_tasks
+from .gradients import NO_STEP
 from .metabatch import INNER_SOLVERS, STEP_PREFIX, InnerSolver
 from .models import LossFn, Params, make_functional, mse
 from .tasks import Task, check_finite, stack_tasks
@@ -879,12 +880,12 @@ class MetaSGD(MetaLearner):
     Args:
         model: as in `MetaLearner`.
         lr: every step size's initial value (finite, > 0).
-        steps: inner steps (>= 0).
+        steps: inner steps (>= 1: with none the step sizes would never be used).
         task_type, loss, vectorize: as in `MetaLearner`.
 
     Raises:
         TypeError: ``lr`` not a number, ``steps`` not an int, or as in `MetaLearner`.
-        ValueError: ``lr`` not finite and > 0, ``steps`` negative, or as in `MetaLearner`.
+        ValueError: ``lr`` not finite and > 0, ``steps`` < 1, or as in `MetaLearner`.
     """
 
     def __init__(
@@ -900,6 +901,8 @@ class MetaSGD(MetaLearner):
         who = type(self).__name__
         lr = _number(who, "lr", lr, positive=True)
         steps = _count(who, "steps", steps)
+        if steps < 1:
+            raise ValueError(f"{who}(steps={steps}): {NO_STEP}")
         algo = MetaAlgorithm(GradientDescent(lr=lr, max_iter=steps, tol=0.0), LearnedSteps(lr), 0.0)
         super().__init__(model, algo, task_type=task_type, loss=loss, vectorize=vectorize)
         theta = {n: p.detach() for n, p in self._theta().items()}

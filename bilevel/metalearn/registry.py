@@ -27,6 +27,7 @@ from typing import Any
 from bilevel.solvers import GradientDescent, Nesterov, NewtonCG, StepHalving, TrustRegionNewtonCG
 
 from .gradients import (
+    NO_STEP,
     FirstOrder,
     HeadOnly,
     Implicit,
@@ -184,6 +185,8 @@ class AlgorithmEntry:
         meta_gradient: builds the meta-gradient kind.
         refusals: per switch it does not read (`SWITCHES`), why it refuses it when set, where
             that says more than the switch's own message.
+        min_inner_steps: the fewest inner steps it meta-trains with, and why (evaluation may take
+            fewer: 0 evaluates theta itself).
     """
 
     name: str
@@ -191,6 +194,7 @@ class AlgorithmEntry:
     inner: Mapping[str, Callable[[Settings], InnerSolver]]
     meta_gradient: Callable[[Settings], MetaGradientKind]
     refusals: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    min_inner_steps: tuple[int, str] = (0, "")
 
     @property
     def flags(self) -> frozenset[str]:
@@ -284,6 +288,7 @@ ALGORITHMS: dict[str, AlgorithmEntry] = {
             {"gd": _fixed_gd},
             lambda s: LearnedSteps(s.inner_lr),
             {"backtrack": "meta-sgd learns its inner step sizes along a fixed inner path: drop backtrack"},
+            min_inner_steps=(1, NO_STEP),
         ),
     )
 }

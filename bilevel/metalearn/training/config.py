@@ -289,6 +289,9 @@ class TrainConfig:
             why = entry.refusal(name, getattr(self, name))
             if why is not None:
                 raise ConfigError(name, getattr(self, name), why)
+        fewest, why = entry.min_inner_steps
+        if self.inner_steps < fewest:
+            raise ConfigError("inner_steps", self.inner_steps, why)
         self.algorithm()  # the algorithm's own checks
 
     def resume_conflicts(self, saved: TrainConfig) -> list[str]:
