@@ -20,8 +20,19 @@ import torch
 from conftest import tiny_config
 from torch import nn
 
-from bilevel import BilevelWarning, NonFiniteError
-from bilevel.metalearn import FOMAML, IMAML, MAML, Reptile, SinusoidTasks, Task, TrainConfig, train
+from bilevel import BilevelWarning, NonFiniteError, StructureError
+from bilevel.metalearn import (
+    ANIL,
+    FOMAML,
+    IMAML,
+    MAML,
+    MetaSGD,
+    Reptile,
+    SinusoidTasks,
+    Task,
+    TrainConfig,
+    train,
+)
 from bilevel.metalearn.algorithms import MetaStats
 from bilevel.metalearn.data.datasets import DatasetFormatError
 from bilevel.metalearn.data.images import max_image_pixels, open_image
@@ -202,6 +213,29 @@ def test_check_finite_names_the_meta_batch_position_of_a_ranks_task() -> None:
     with pytest.raises(NonFiniteError, match="rank: task 5 of the meta-batch has NaN in query_x"):
         check_finite(t._replace(query_x=x), "rank", index=[1, 5, 9])
     check_finite(t, "healthy")  # nothing to say
+
+
+@pytest.mark.parametrize("make", [lambda m: MAML(m), lambda m: ANIL(m, head="head"), lambda m: MetaSGD(m)])
+def test_inputs_the_model_cannot_take_are_named_before_any_work(make: Any) -> None:
+    """Sinusoid tasks into a CNN: a StructureError that names the inputs' shapes and the model's
+    own error (for ANIL too, rather than blaming its head); a fitting batch then runs, and the
+    probe leaves the model's train/eval state as it was (batch norm that tracks running
+    statistics is refused at construction, so the probe's eval mode changes no statistics)."""
+    learner = make(cnn())
+    for call in (learner.step, learner.adapt, learner.evaluate):
+        with pytest.raises(
+            StructureError,
+            match=r"the model cannot take these tasks' inputs: on task 0's support_x, of shape \(4, 1\) "
+            r"\(N = 4 examples of shape \(1,\)\), it raised RuntimeError: .*conv2d",
+        ):
+            call(waves())
+    model = cnn()
+    model.train()
+    model.features[0].eval()  # a mixed state, kept as it is
+    fit = make(model)
+    fit.step(images())
+    assert [m.training for m in model.modules()].count(False) == len(list(model.features[0].modules()))
+    assert not model.features[0].training and model.training
 
 
 @pytest.mark.parametrize(("bad", "match"), [(3, "label 3, outside 0 .. 2"), (-1, "label -1, outside 0 .. 2")])

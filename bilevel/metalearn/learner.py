@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import bilevel as bl
 from bilevel.solvers import GradientDescent
 
 from .algorithms import (
@@ -312,6 +313,7 @@ class MetaLearner:
         self._vectorize = vectorize
         self._fn = make_functional(model)[0]
         self._structured = batched_model(model)
+        self._fits: set[tuple[int, ...]] = set()  # per-example input shapes the model was seen to run on
         #: the number of model outputs per input shape (for the label range check)
         self._outputs: dict[tuple[Any, ...], int | None] = {}
 
@@ -359,7 +361,8 @@ class MetaLearner:
 
         Checked here, before any work: the format (a leading task dimension, agreeing shapes, the
         parameters' dtype), non-empty support sets (and query sets where ``query``), finite inputs
-        and targets, and a model the engine can run (see `_engine_check`).
+        and targets, inputs the model takes (`_check_fit`), and a model the engine can run (see
+        `_engine_check`).
         """
         if isinstance(tasks, Task):
             batch = tasks
@@ -413,7 +416,33 @@ class MetaLearner:
         batch = batch.to(like.device)
         # what the call reads: adaptation reads no query set
         check_finite(batch if query else batch._replace(query_x=qx[:, :0], query_y=qy[:, :0]), who)
+        self._check_fit(batch.support_x, who)
         return batch
+
+    def _check_fit(self, x: torch.Tensor, who: str) -> None:
+        """Refuse inputs the model cannot take, before the engine blames something else for it.
+
+        The first time an input shape is seen, the module runs on task 0's support inputs (no
+        gradient, batch norm on its running statistics, train/eval state restored).
+        """
+        shape = tuple(x.shape[2:])
+        if shape in self._fits:
+            return
+        modes = {m: m.training for m in self._model.modules()}
+        try:
+            with torch.no_grad():
+                self._model.eval()(x[0])
+        except (RuntimeError, ValueError, IndexError, TypeError) as err:
+            raise bl.StructureError(
+                f"{who}: the model cannot take these tasks' inputs: on task 0's support_x, of shape "
+                f"{tuple(x[0].shape)} (N = {x.shape[1]} examples of shape {shape}), it raised "
+                f"{type(err).__name__}: {str(err).splitlines()[0][:200]}.  The tasks' inputs must be "
+                "what the model takes (e.g. images (N, C, H, W) for a ConvNet, (N, features) for an MLP)"
+            ) from err
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+        self._fits.add(shape)
 
     def _kind(self, batch: Task, who: str) -> TaskType:
         kind = _label_kind(batch.support_y, who, "support_y")
@@ -515,6 +544,8 @@ class MetaLearner:
             NonFiniteError: NaN or infinity in a task's inputs or targets (the message names the
                 task and the tensor), or the inner solve diverged (lower the inner step size or
                 raise lam).
+            bilevel.StructureError: inputs the model cannot take (the model's own error is quoted
+                with the inputs' shapes).
         """
         who = f"{type(self).__name__}.step"
         theta = self._theta()
