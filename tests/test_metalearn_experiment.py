@@ -295,8 +295,12 @@ def test_labels_and_runs_are_checked(tmp_path: Path) -> None:
         dataclasses.replace(exp.run(), algorithm="imaml-gd")
     with pytest.raises(TypeError, match="non-empty dict"):
         dataclasses.replace(exp.run(), params={})
-    with pytest.raises(ValueError, match="both must be >= 1"):
+    with pytest.raises(ValueError, match="both must be ints >= 1"):
         evaluate_fixed(exp.run(), exp.test_sampler, 0)
+    with pytest.raises(ValueError, match=r"evaluate_fixed\(n_tasks=2, batch_size=1.5\): both must be ints"):
+        evaluate_fixed(exp.run(), exp.test_sampler, 2, batch_size=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"evaluate_tasks\(batch_size=2.5\): must be an int >= 1"):
+        evaluate_tasks(exp.run(), tasks, batch_size=2.5)  # type: ignore[arg-type]
 
 
 def test_reprs_are_short() -> None:

@@ -171,6 +171,10 @@ def test_empty_support_or_query_sets_are_refused() -> None:
         with pytest.raises(ValueError, match=r"the query sets are empty \(query_x \(3, 0, 1\)\)"):
             call(no_query)
     assert len(learner.adapt(no_query)) == B  # adaptation reads no query set
+    with pytest.raises(
+        TypeError, match=r"FOMAML.step\(return_stats='yes'\): return_stats must be True or False"
+    ):
+        learner.step(t, return_stats="yes")  # type: ignore[arg-type]
     none = Task(*(x[:0] for x in t))
     with pytest.raises(ValueError, match=r"FOMAML.step: the meta-batch holds no tasks \(B = 0\)"):
         learner.step(none)

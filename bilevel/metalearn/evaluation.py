@@ -332,8 +332,8 @@ def evaluate_tasks(
     _check_batch(batch, run)
     cfg = run.config
     size = batch_size if batch_size is not None else (cfg.eval_batch if cfg is not None else DEFAULT_BATCH)
-    if size < 1:
-        raise ValueError(f"evaluate_tasks(batch_size={size}): must be >= 1")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"evaluate_tasks(batch_size={size!r}): must be an int >= 1")
     vec = vectorize if vectorize is not None else (cfg.vectorize if cfg is not None else True)
     batch = batch.to(run.device)
     B = batch.support_x.shape[0]
@@ -371,8 +371,10 @@ def evaluate_fixed(
     """
     cfg = run.config
     size = batch_size if batch_size is not None else (cfg.eval_batch if cfg is not None else DEFAULT_BATCH)
-    if n_tasks < 1 or size < 1:
-        raise ValueError(f"evaluate_fixed(n_tasks={n_tasks}, batch_size={size}): both must be >= 1")
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in (n_tasks, size)):
+        raise ValueError(
+            f"evaluate_fixed(n_tasks={n_tasks!r}, batch_size={size!r}): both must be ints >= 1"
+        )
     dev = run.device if device is None else device
     results = []
     for s in range(0, n_tasks, size):

@@ -548,6 +548,8 @@ class MetaLearner:
                 with the inputs' shapes).
         """
         who = f"{type(self).__name__}.step"
+        if not isinstance(return_stats, bool):
+            raise TypeError(f"{who}(return_stats={return_stats!r}): return_stats must be True or False")
         theta = self._theta()
         first = next(iter(theta.values()))
         bm = self._engine_check(theta, who)
