@@ -87,6 +87,19 @@ def test_write_report_overlays_runs(tmp_path: Path) -> None:
         assert p.read_bytes()[:8] == PNG and p.stat().st_size > 5_000
 
 
+def test_seeds_of_one_algorithm_share_a_colour_and_differ_in_line_style(tmp_path: Path) -> None:
+    """Runs of one algorithm (seeds, settings) are one family: one colour each algorithm, in order
+    of first appearance; solid, dashed, dotted, dash-dot lines within it."""
+    from bilevel.metalearn.training.figures import _looks
+
+    specs = [("a0", "maml"), ("b0", "anil"), ("a1", "maml"), ("a2", "maml"), ("b1", "anil")]
+    runs = read_runs([fake_run(tmp_path / n, algo=algo, steps=10) for n, algo in specs])
+    colors, styles = _looks(runs, ["red", "blue", "green"])
+    assert [colors[n] for n, _ in specs] == ["red", "blue", "red", "red", "blue"]
+    assert [styles[n] for n, _ in specs] == ["-", "-", "--", ":", "--"]
+    assert write_report(runs, tmp_path / "out", dpi=40)[0].read_bytes()[:8] == PNG
+
+
 def test_report_of_a_real_regression_run(tmp_path: Path) -> None:
     """`train` writes a folder; the report reads it (no accuracy plot for regression)."""
     cfg = tiny_config(

@@ -25,11 +25,33 @@ def _num(x: Any) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class _Canvas:
-    """What every figure shares: pyplot, one colour per run, the resolution."""
+    """What every figure shares: pyplot, each run's colour (one per algorithm) and line style (one
+    per run of that algorithm: seeds or settings), the resolution."""
 
     plt: Any
     colors: dict[str, str]
+    styles: dict[str, str]
     dpi: int
+
+
+def _looks(runs: Sequence[RunLog], cycle: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Colours and line styles by run name: one colour per algorithm, in order of first
+    appearance, so that seeds of one algorithm read as one family; its runs take solid, dashed,
+    dotted and dash-dot lines in turn."""
+    algos: dict[str, int] = {}
+    seen: dict[str, int] = {}
+    colors: dict[str, str] = {}
+    styles: dict[str, str] = {}
+    for r in runs:
+        k = algos.setdefault(r.algo, len(algos))
+        nth = seen[r.algo] = seen.get(r.algo, -1) + 1
+        colors[r.name] = cycle[k % len(cycle)]
+        styles[r.name] = _STYLES[nth % len(_STYLES)]
+    return colors, styles
+
+
+#: line styles of the runs that share an algorithm's colour
+_STYLES = ("-", "--", ":", "-.")
 
 
 def _pyplot() -> Any:
@@ -159,7 +181,7 @@ def _eval_figure(
     for r in runs:
         for ax, xkey in ((axes[0], "step"), (axes[1], "time")):
             div = scale if xkey == "time" else 1.0
-            _plot_evals(ax, r, cv.colors[r.name], xkey, div, key, ci, lows, highs)
+            _plot_evals(ax, r, cv.colors[r.name], cv.styles[r.name], xkey, div, key, ci, lows, highs)
             _plot_final(ax, r, cv.colors[r.name], xkey, div, final_key, final_ci, lows, highs)
     axes[0].set_xlabel("meta-steps")
     axes[1].set_xlabel(f"training time ({unit}, {clocks} clock; evaluations not counted)")
@@ -197,6 +219,7 @@ def _plot_evals(
     ax: Axes,
     r: RunLog,
     color: str,
+    ls: str,
     xkey: str,
     div: float,
     key: str,
@@ -213,7 +236,7 @@ def _plot_evals(
     band_lo = [y - h for y, h in zip(ys, half)]
     band_hi = [y + h for y, h in zip(ys, half)]
     if xs:
-        ax.plot(xs, ys, "o-", color=color, ms=3.5, lw=1.5, label=_label(r))
+        ax.plot(xs, ys, marker="o", ls=ls, color=color, ms=3.5, lw=1.5, label=_label(r))
         ax.fill_between(xs, band_lo, band_hi, color=color, alpha=0.18, lw=0)
         lows += band_lo
         highs += band_hi
@@ -266,10 +289,10 @@ def _eval_limits(lows: list[float], highs: list[float], percent: bool) -> tuple[
     return lo, hi
 
 
-def _curve(ax: Axes, xs: list[float], ys: list[float], color: str, label: str) -> None:
+def _curve(ax: Axes, xs: list[float], ys: list[float], color: str, label: str, ls: str = "-") -> None:
     """Every logged value as a faint dot, and its moving average as the line."""
     ax.plot(xs, ys, ".", color=color, ms=2.5, alpha=0.35)
-    ax.plot(xs, _smooth(ys), "-", color=color, lw=1.6, label=label)
+    ax.plot(xs, _smooth(ys), ls=ls, color=color, lw=1.6, label=label)
 
 
 def _train_figure(runs: Sequence[RunLog], cv: _Canvas, path: Path) -> Path:
@@ -280,7 +303,7 @@ def _train_figure(runs: Sequence[RunLog], cv: _Canvas, path: Path) -> Path:
         q, s = _values(r.steps, "query_loss"), _values(r.steps, "support_loss")
         for ax, (xs, ys), acc in ((axes[0], q, seen[0]), (axes[1], s, seen[1])):
             if xs:
-                _curve(ax, xs, ys, cv.colors[r.name], _label(r))
+                _curve(ax, xs, ys, cv.colors[r.name], _label(r), cv.styles[r.name])
                 acc.extend(ys)
         lines.append(f"{_label(r)}: query loss {_num(_last(q[1]))}, support loss {_num(_last(s[1]))}")
     axes[0].set_title("query loss after adaptation (meta-batch mean)", fontsize=10)
@@ -313,7 +336,7 @@ def _diagnostics_figure(runs: Sequence[RunLog], cv: _Canvas, path: Path) -> Path
             neg = (xs, [n / r.meta_batch for n in counts])
         for ax, (xs, ys), acc in ((axes[0], g, seen[0]), (axes[1], cg, seen[1]), (axes[2], neg, seen[2])):
             if xs:
-                _curve(ax, xs, ys, c, _label(r))
+                _curve(ax, xs, ys, c, _label(r), cv.styles[r.name])
                 acc.extend(ys)
         line = f"{_label(r)}: inner ‖∇G‖ {_num(_last(g[1]))}"
         if cg[0]:
@@ -374,8 +397,7 @@ def write_report(runs: Sequence[RunLog | str | Path], out: str | Path, *, dpi: i
     plt = _pyplot()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    cv = _Canvas(plt, {r.name: cycle[i % len(cycle)] for i, r in enumerate(logs)}, dpi)
+    cv = _Canvas(plt, *_looks(logs, plt.rcParams["axes.prop_cycle"].by_key()["color"]), dpi)
     written = []
     cls = [r for r in logs if r.classification]
     if cls:
