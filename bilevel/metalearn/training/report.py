@@ -7,7 +7,8 @@ Command line::
 A run folder is what `bilevel.metalearn.training.train` writes: ``log.jsonl`` (one record per logged
 meta-step, one per periodic evaluation; written as training goes, so a running or stopped run can
 be read), ``metrics.json`` (the final evaluation, once training has ended) and ``config.json``.
-`write_report` draws, for one run or several overlaid (one colour per run throughout):
+`write_report` draws, for one run or several overlaid (one colour per algorithm, a line style per run
+of it, throughout):
 
 * ``test_accuracy.png`` (classification runs): accuracy on the fixed test tasks after adaptation,
   with its 95% interval as a band, against meta-steps and against training time; the final
