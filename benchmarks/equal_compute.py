@@ -14,8 +14,9 @@ run whose folder holds a checkpoint (``--resume``): the runs can be spread over 
 ``summary.md``: per algorithm and mark, the accuracy of each seed (the first evaluation at or after
 the mark, with its 95% interval over the test tasks) and their mean with the 95% interval of the
 seeds' spread (t-distribution; one seed: its own interval); per mark, which algorithm is ahead
-and which are level with it (`pick`); and ``report/``, the ``report`` command's figures of all
-runs overlaid (accuracy against CPU time).
+and which are level with it (`pick`); ``curves.png``, each algorithm's mean accuracy over its
+seeds against CPU-minutes with the band of that interval; and ``report/``, the ``report``
+command's figures of all runs overlaid (one colour per algorithm, a line style per seed).
 
 Run (from the repository root; about 100 CPU-minutes per run)::
 
@@ -148,7 +149,48 @@ def cmd_summary(args: argparse.Namespace) -> int:
     print("\n".join(lines))
     if runs:
         write_report(list(runs), out / "report")
+        plot_curves(args, runs, out / "curves.png")
     return 0
+
+
+def plot_curves(args: argparse.Namespace, runs: dict[Path, Any], path: Path) -> None:
+    """Accuracy against CPU-minutes, one line per algorithm: at each evaluation mark, the mean over
+    the seeds that reached it, with the band of its 95% interval (as in the table)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    marks = [args.every * k for k in range(1, int(args.minutes / args.every + 1e-9) + 1)]
+    for algo in args.algos:
+        xs, means, halves, counts = [], [], [], []
+        for m in marks:
+            per_seed = []
+            for s in args.seeds:
+                r = runs.get(run_dir(args.out, args.task, algo, s))
+                e = at_mark(list(r.evals), m) if r is not None else None
+                if e is not None:
+                    per_seed.append((s, e["accuracy"], e["ci95"], e["step"]))
+            if per_seed:
+                mean, half = mean_interval(per_seed)
+                xs.append(m)
+                means.append(mean)
+                halves.append(half)
+                counts.append(len(per_seed))
+        if xs:
+            line = ax.plot(xs, means, "o-", ms=3.5, label=f"{algo} ({min(counts)}-{max(counts)} seeds)")
+            lo = [a - h for a, h in zip(means, halves)]
+            hi = [a + h for a, h in zip(means, halves)]
+            ax.fill_between(xs, lo, hi, color=line[0].get_color(), alpha=0.15, lw=0)
+    ax.set_xlabel("training CPU-minutes (one thread; evaluations not counted)")
+    ax.set_ylabel(f"accuracy on {args.eval_tasks} test tasks (%)")
+    ax.set_title(f"Omniglot {args.task}, each algorithm at its preset: mean over seeds, 95% interval")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def mean_interval(per_seed: list[tuple[int, float, float, int]]) -> tuple[float, float]:
