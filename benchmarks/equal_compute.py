@@ -125,13 +125,8 @@ def cmd_summary(args: argparse.Namespace) -> int:
     for algo in args.algos:
         cells = []
         for m in marks:
-            per_seed, started = [], False
-            for s in args.seeds:
-                r = runs.get(run_dir(args.out, args.task, algo, s))
-                started |= r is not None
-                e = at_mark(list(r.evals), m) if r is not None else None
-                if e is not None:
-                    per_seed.append((s, e["accuracy"], e["ci95"], e["step"]))
+            started = any(run_dir(args.out, args.task, algo, s) in runs for s in args.seeds)
+            per_seed = seeds_at(args, runs, algo, m)
             if per_seed:
                 stats[m][algo] = (*mean_interval(per_seed), len(per_seed))
             cells.append(
@@ -166,12 +161,7 @@ def plot_curves(args: argparse.Namespace, runs: dict[Path, Any], path: Path) -> 
     for algo in args.algos:
         xs, means, halves, counts = [], [], [], []
         for m in marks:
-            per_seed = []
-            for s in args.seeds:
-                r = runs.get(run_dir(args.out, args.task, algo, s))
-                e = at_mark(list(r.evals), m) if r is not None else None
-                if e is not None:
-                    per_seed.append((s, e["accuracy"], e["ci95"], e["step"]))
+            per_seed = seeds_at(args, runs, algo, m)
             if per_seed:
                 mean, half = mean_interval(per_seed)
                 xs.append(m)
@@ -191,6 +181,19 @@ def plot_curves(args: argparse.Namespace, runs: dict[Path, Any], path: Path) -> 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def seeds_at(
+    args: argparse.Namespace, runs: dict[Path, Any], algo: str, minutes: float
+) -> list[tuple[int, float, float, int]]:
+    """``(seed, accuracy, ci95, meta-steps)`` of each seed of ``algo`` that has reached ``minutes``."""
+    rows = []
+    for s in args.seeds:
+        r = runs.get(run_dir(args.out, args.task, algo, s))
+        e = at_mark(list(r.evals), minutes) if r is not None else None
+        if e is not None:
+            rows.append((s, e["accuracy"], e["ci95"], e["step"]))
+    return rows
 
 
 def mean_interval(per_seed: list[tuple[int, float, float, int]]) -> tuple[float, float]:

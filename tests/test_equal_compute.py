@@ -1,11 +1,14 @@
-"""The equal-compute summary's arithmetic: the seeds' interval and which algorithm is ahead."""
+"""The equal-compute summary: the seeds' interval, which algorithm is ahead, the files it writes."""
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
+from pathlib import Path
 
 import pytest
+from test_metalearn_report import fake_run
 
 from benchmarks import equal_compute as EC
 
@@ -31,3 +34,23 @@ def test_pick_names_the_leader_the_algorithms_level_with_it_and_what_is_missing(
         "10 CPU-min: **anil 93.30 +- 0.10** ahead of all; provisional: fomaml, maml short of 3 seeds"
     )
     assert EC.pick(30, {}, ["anil"], 3) == "30 CPU-min: no run has reached it"
+
+
+def test_summary_writes_the_table_the_pick_and_the_curves(tmp_path: Path) -> None:
+    """Two algorithms x two seeds of fake runs (evaluations at 18, 38, 58 and 78 s): the table's
+    cells, the pick and curves.png from the same numbers."""
+    for algo, shift in (("maml", 0.0), ("anil", -5.0)):
+        for seed in (0, 1):
+            folder = fake_run(EC.run_dir(tmp_path, "5w1s", algo, seed), algo=algo)
+            lines = [json.loads(x) for x in (folder / "log.jsonl").read_text().splitlines()]
+            for rec in lines:
+                if "eval" in rec:
+                    rec["eval"]["accuracy"] += shift + seed
+            (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    args = ["summary", "--algos", "maml", "anil", "--seeds", "0", "1", "--every", "0.5"]
+    assert EC.main([*args, "--minutes", "1", "--marks", "0.5", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "5w1s" / "summary.md").read_text()
+    # at 0.5 min (30 s) the evaluation at 38 s: maml 69 and 70, anil 64 and 65
+    assert "| maml | 69.50 +- 6.35 [s0: 69.00 (20), s1: 70.00 (20)] |" in text
+    assert "0.5 CPU-min: **maml 69.50 +- 6.35** ahead, level with anil 64.50 +- 6.35" in text
+    assert (tmp_path / "5w1s" / "curves.png").read_bytes()[:4] == b"\x89PNG"
