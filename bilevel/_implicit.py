@@ -458,8 +458,12 @@ class _Call:
         check_finite(theta_tree, "theta")
         init = unflatten(self.problem.init, [t.detach() for t in init_leaves])
         self._check_finite(init, "init")
-        with torch.no_grad():
-            out = self.problem.solver(self.problem.objective, init, theta_tree)
+        try:
+            with torch.no_grad():
+                out = self.problem.solver(self.problem.objective, init, theta_tree)
+        except RuntimeError as err:
+            self._name_mixed_dtypes(err, init, theta_tree)
+            raise
         result = out if isinstance(out, SolverResult) else SolverResult(x=out, status=SolverStatus.UNKNOWN)
         # a dict answer is matched to init by key (and returned in init's order)
         answer = aligned(result.x, init, "the solver's answer", "init")
@@ -491,6 +495,21 @@ class _Call:
         # An output must not alias an input of the Function.
         inputs = (*theta, *init_leaves)
         return tuple(t.clone() if any(t is s for s in inputs) else t.detach() for t in x)
+
+    def _name_mixed_dtypes(self, err: RuntimeError, init: Any, theta: Any) -> None:
+        """Where the solver's call failed and init and theta hold floating leaves of different
+        dtypes (the usual cause of torch's dtype errors inside an objective), say so."""
+        ours = {str(t.dtype) for t in leaves(init) if t.is_floating_point()}
+        theirs = {
+            str(t.dtype) for t in leaves(theta) if isinstance(t, torch.Tensor) and t.is_floating_point()
+        }
+        if ours and theirs and ours != theirs:
+            first = str(err).splitlines()[0][:200] if str(err) else ""
+            raise StructureError(
+                f"{self.name}: the solver's call raised {type(err).__name__}: {first}.  "
+                f"init's leaves are {', '.join(sorted(ours))} and theta's {', '.join(sorted(theirs))}: "
+                "give them one dtype (e.g. init.to(theta.dtype)), the likely cause"
+            ) from err
 
     def linear_solve(
         self, lin: Linearization, x: Leaves, rhs: Leaves, rhs_name: str = "the incoming gradient dL/dx"

@@ -96,3 +96,28 @@ def test_an_objective_blind_to_phi_is_named_before_the_solver_blames_the_hessian
         with pytest.raises(bl.LinearSolveError):
             phi.sum().backward()
     assert sum("does not depend on phi" in str(w.message) for w in record) == 1  # once per point
+
+
+def test_a_solver_call_that_fails_on_mixed_dtypes_names_them() -> None:
+    """A float32 init with float64 theta: the objective's own dtype error comes back as a
+    StructureError naming both dtypes (its cause kept); with one dtype the call runs, and an
+    error of the objective that has nothing to do with dtypes is not rewritten."""
+    A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=D)
+    theta = torch.tensor([1.0, 2.0], dtype=D, requires_grad=True)
+
+    def G(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return 0.5 * p @ A @ p - t @ p
+
+    with pytest.raises(
+        bl.StructureError, match=r"init's leaves are torch.float32 and theta's torch.float64"
+    ) as e:
+        bl.implicit_argmin(G, torch.zeros(2), theta, bl.solvers.ScipyLBFGS())
+    assert isinstance(e.value.__cause__, RuntimeError)
+    x = bl.implicit_argmin(G, torch.zeros(2, dtype=D), theta, bl.solvers.ScipyLBFGS(tol=1e-10))
+    torch.testing.assert_close(x, torch.linalg.solve(A, theta.detach()), rtol=1e-7, atol=1e-9)
+
+    def broken(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("the objective's own failure")
+
+    with pytest.raises(RuntimeError, match="the objective's own failure"):
+        bl.implicit_argmin(broken, torch.zeros(2, dtype=D), theta, bl.solvers.ScipyLBFGS())
