@@ -1,7 +1,8 @@
 """One meta-step of the Omniglot CNN, counted and timed: ops, launches, busy fraction.
 
 For each algorithm (the CLI's presets of the paper's Omniglot protocol: imaml-gd 16 inner GD steps
-of 0.1, lam 2, 5 CG steps; fomaml 5 steps of 0.4; maml 1 step of 0.4; imaml-hf 3 x 5 Newton-CG)
+of 0.1, lam 2, 5 CG steps; fomaml 5 steps of 0.4; maml 1 step of 0.4; imaml-hf 3 x 5 Newton-CG;
+anil 5 head steps of 0.1; meta-sgd 1 step, learned sizes from 0.4)
 and each engine (``eager``, ``compiled`` = ``BatchedModel.compiled()``, the CLI's ``--compile``),
 one ``meta_gradient(..., diagnostics=False, batched=batched_model(model))`` call on a 5-way
 1-shot meta-batch of 32 tasks (15 queries per class, random 28 x 28 images, float32):
@@ -55,6 +56,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fomaml": dict(inner_steps=5, inner_lr=0.4),
     "maml": dict(inner_steps=1, inner_lr=0.4),
     "imaml-hf": dict(lam=2.0, cg_iters=5, newton_iters=3),
+    "anil": dict(inner_steps=5, inner_lr=0.1),
+    "meta-sgd": dict(inner_steps=1, inner_lr=0.4),
 }
 PROTOCOL_STEPS = 20_000
 
@@ -159,8 +162,9 @@ def main() -> None:
 
     def step(algo: Any, bm: Any, counter: OpCounter | None = None) -> Any:
         # as the training loop runs it: the checks read the device once the step is queued
+        tree = {**theta, **algo.meta_parameters(theta)}  # Meta-SGD's step sizes; none for the others
         with bl.deferred_checks():
-            out = meta_gradient(algo, fn, F.cross_entropy, theta, batch, diagnostics=False, batched=bm)
+            out = meta_gradient(algo, fn, F.cross_entropy, tree, batch, diagnostics=False, batched=bm)
             if counter is not None:
                 during["reads"] = counter.reads()
         return out
