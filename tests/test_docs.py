@@ -39,3 +39,15 @@ def test_page_runs(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         except Exception as e:
             raise AssertionError(f"{page.name}: block {i} failed: {type(e).__name__}: {e}\n{code}") from e
     assert os.getcwd() == str(tmp_path)
+
+
+def test_readme_first_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's first example, as written (its meta-learning block needs a meta-batch and is
+    run, against `meta_gradient`, by test_metalearn_algorithms.py)."""
+    monkeypatch.chdir(tmp_path)
+    code = blocks(DOCS.parent / "README.md")[0]
+    namespace: dict[str, object] = {"__name__": "__readme__"}
+    exec(compile(code, "README.md[block 0]", "exec"), namespace)
+    grad = namespace["log_lam"].grad  # type: ignore[attr-defined]
+    assert grad is not None and grad.shape == (5,) and bool(grad.isfinite().all())
+    assert namespace["info"].last_backward.converged  # type: ignore[attr-defined]
