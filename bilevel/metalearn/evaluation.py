@@ -372,9 +372,7 @@ def evaluate_fixed(
     cfg = run.config
     size = batch_size if batch_size is not None else (cfg.eval_batch if cfg is not None else DEFAULT_BATCH)
     if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in (n_tasks, size)):
-        raise ValueError(
-            f"evaluate_fixed(n_tasks={n_tasks!r}, batch_size={size!r}): both must be ints >= 1"
-        )
+        raise ValueError(f"evaluate_fixed(n_tasks={n_tasks!r}, batch_size={size!r}): both must be ints >= 1")
     dev = run.device if device is None else device
     results = []
     for s in range(0, n_tasks, size):
