@@ -423,7 +423,8 @@ class MetaLearner:
         """Refuse inputs the model cannot take, before the engine blames something else for it.
 
         The first time an input shape is seen, the module runs on task 0's support inputs (no
-        gradient, batch norm on its running statistics, train/eval state restored).
+        gradient, in eval mode so that no dropout draws random numbers; every module's train/eval
+        state restored after).
         """
         shape = tuple(x.shape[2:])
         if shape in self._fits:
