@@ -184,11 +184,14 @@ def affine(y: torch.Tensor, A: torch.Tensor, b: Param) -> torch.Tensor:
         b: shape (..., m) (or (m,), or a number).
 
     Returns:
-        Shape (..., n); smooth (an affine map of ``y`` and ``b``, rational in ``A``).
+        Shape (..., n); smooth (an affine map of ``y`` and ``b``, rational in ``A``).  Computed
+        from a QR factorization of ``A'``, so its relative error is about cond(A) eps, not the
+        cond(A)^2 eps of a solve with ``A A'``.
 
     Raises:
-        ValueError: ``A`` is not of full row rank (its Gram matrix A A' is numerically singular:
-            drop the redundant rows of A, or use `hyperplane` for m = 1).
+        ValueError: ``A`` has NaN or infinite entries, or is not of full row rank in this
+            precision (cond(A) above about 1 / sqrt(m eps), where less than half of the digits
+            would be left): drop the redundant rows of A, or use `hyperplane` for m = 1.
     """
     check_input("affine", y)
     if not isinstance(A, torch.Tensor) or A.ndim < 2:
@@ -216,18 +219,20 @@ def affine(y: torch.Tensor, A: torch.Tensor, b: Param) -> torch.Tensor:
     if torch.broadcast_shapes(A.shape[:-2], lead) != lead:
         raise StructureError(f"affine: A's batch shape {tuple(A.shape[:-2])} would enlarge y's {tuple(lead)}")
     bt = as_param("affine", "b", b, y, torch.Size([*lead, m]))
-    gram = A @ A.transpose(-1, -2)
-    L, info = torch.linalg.cholesky_ex(gram)
-    d = torch.diagonal(L, dim1=-2, dim2=-1).abs()
-    # A A' is singular in this precision where a pivot falls below 10 sqrt(m eps) of the largest:
-    # an exactly singular Gram's last pivot is the square root of its rounding error, about
-    # sqrt(eps) of the largest (a condition number of A A' above ~ 1 / (100 m eps) is refused)
+    check_values("affine", "A has NaN or infinite entries", ~torch.isfinite(A))
+    # A' = Q R, so A A' = R' R and the projection is y - Q (Q'y - R'^{-1} b): its error grows with
+    # cond(A), where solving with the Gram matrix A A' would square it
+    Q, R = torch.linalg.qr(A.transpose(-1, -2))
+    d = torch.diagonal(R, dim1=-2, dim2=-1).abs()
+    # A is refused where a pivot of R falls below sqrt(m eps) of the largest (cond(A) above about
+    # 1 / sqrt(m eps)): the answer keeps at least half of the precision's digits
     eps = torch.finfo(y.dtype).eps
-    tiny = (d.min(dim=-1).values <= 10 * (m * eps) ** 0.5 * d.max(dim=-1).values) | (info != 0)
+    tiny = d.min(dim=-1).values <= (m * eps) ** 0.5 * d.max(dim=-1).values
     check_values("affine", "A is not of full row rank (A A' is singular): drop its redundant rows", tiny)
-    r = (A @ y[..., None]).squeeze(-1) - bt
-    w = torch.cholesky_solve(r[..., None].expand(*torch.broadcast_shapes(A.shape[:-2], lead), m, 1), L)
-    return y - (A.transpose(-1, -2) @ w).squeeze(-1)
+    batch = torch.broadcast_shapes(A.shape[:-2], lead)
+    z = torch.linalg.solve_triangular(R.transpose(-1, -2), bt[..., None].expand(*batch, m, 1), upper=False)
+    qy = Q.transpose(-1, -2) @ y[..., None]
+    return y - (Q @ (qy - z)).squeeze(-1)
 
 
 def _normal(
