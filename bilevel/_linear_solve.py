@@ -705,10 +705,8 @@ class Nystrom:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"Nystrom(rank={self.rank!r}): rank must be an integer >= 1")
-        if not (isinstance(self.rho, (int, float)) and math.isfinite(self.rho) and self.rho >= 0):
-            raise ValueError(f"Nystrom(rho={self.rho!r}): rho must be a finite number >= 0")
+        check_int("Nystrom", "rank", self.rank, 1)
+        check_positive("Nystrom", "rho", self.rho, allow_zero=True)
         _check_config("Nystrom", None, self.rtol, self.atol)
         check_int("Nystrom", "seed", self.seed, 0)
 

@@ -161,8 +161,7 @@ class NystromPreconditioner:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"NystromPreconditioner(rank={self.rank!r}): rank must be an integer >= 1")
+        check_int("NystromPreconditioner", "rank", self.rank, 1)
         check_int("NystromPreconditioner", "seed", self.seed, 0)
 
     def build(self, matvec: Matvec, b: torch.Tensor) -> Matvec:

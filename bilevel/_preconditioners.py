@@ -40,6 +40,14 @@ class PreconditionerRecipe(Protocol):
     def build(self, matvec: Matvec, b: torch.Tensor) -> Matvec: ...
 
 
+def _check_floor(who: str, floor: float) -> None:
+    """``floor``, a fraction of the largest diagonal entry, is a number in (0, 1]."""
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)):
+        raise TypeError(f"{who}(floor={floor!r}): floor must be a number")
+    if not (math.isfinite(floor) and 0 < floor <= 1):
+        raise ValueError(f"{who}(floor={floor!r}): floor must be in (0, 1]")
+
+
 def hutchinson_diagonal(matvec: Matvec, like: torch.Tensor, probes: int, seed: int = 0) -> torch.Tensor:
     """Hutchinson's estimate of diag(A): the mean of z * (A z) over Rademacher probes z.
 
@@ -59,8 +67,7 @@ def hutchinson_diagonal(matvec: Matvec, like: torch.Tensor, probes: int, seed: i
     Raises:
         ValueError: ``probes < 1``, or ``like`` not 1-D or 2-D.
     """
-    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
-        raise ValueError(f"hutchinson_diagonal(probes={probes!r}): probes must be an integer >= 1")
+    check_int("hutchinson_diagonal", "probes", probes, 1)
     if like.ndim not in (1, 2):
         raise ValueError(f"hutchinson_diagonal: like must be (n,) or (B, n), got shape {tuple(like.shape)}")
     n = like.shape[-1]
@@ -134,8 +141,7 @@ class DiagonalPreconditioner:
         Raises:
             ValueError: ``floor`` outside (0, 1], or as `hutchinson_diagonal`.
         """
-        if not 0 < floor <= 1:
-            raise ValueError(f"DiagonalPreconditioner.estimate(floor={floor}): floor must be in (0, 1]")
+        _check_floor("DiagonalPreconditioner.estimate", floor)
         d = hutchinson_diagonal(matvec, like, probes, seed)
         rows = d if d.ndim == 2 else d.unsqueeze(0)
         top = torch.where(torch.isfinite(rows), rows, -math.inf).amax(dim=1, keepdim=True)
@@ -189,10 +195,8 @@ class HutchinsonDiagonal:
     floor: float = 1e-6
 
     def __post_init__(self) -> None:
-        if isinstance(self.probes, bool) or not isinstance(self.probes, int) or self.probes < 1:
-            raise ValueError(f"HutchinsonDiagonal(probes={self.probes!r}): probes must be an integer >= 1")
-        if not (isinstance(self.floor, (int, float)) and math.isfinite(self.floor) and 0 < self.floor <= 1):
-            raise ValueError(f"HutchinsonDiagonal(floor={self.floor!r}): floor must be in (0, 1]")
+        check_int("HutchinsonDiagonal", "probes", self.probes, 1)
+        _check_floor("HutchinsonDiagonal", self.floor)
         check_int("HutchinsonDiagonal", "seed", self.seed, 0)
 
     def build(self, matvec: Matvec, b: torch.Tensor) -> DiagonalPreconditioner:
