@@ -19,18 +19,21 @@ def check_flag(who: str, name: str, value: Any) -> None:
 
 
 def check_positive(who: str, name: str, value: float, *, allow_zero: bool = False) -> None:
-    """Raise ``ValueError("Who(name=value): name must be > 0")`` unless value is a finite positive
-    number (``>= 0`` with ``allow_zero``); a ``TypeError`` for a non-number (a bool, a string)."""
+    """Raise ``ValueError("Who(name=value): name must be > 0 and finite")`` unless value is a finite
+    positive number (``>= 0`` with ``allow_zero``); a ``TypeError`` for a non-number (a bool, a
+    string)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{who}({name}={value!r}): {name} must be a number")
+        raise TypeError(f"{who}({name}={value!r}): {name} must be a number, not {type(value).__name__}")
     ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
     if not ok:
-        raise ValueError(f"{who}({name}={value!r}): {name} must be {'>= 0' if allow_zero else '> 0'}")
+        raise ValueError(
+            f"{who}({name}={value!r}): {name} must be {'>= 0' if allow_zero else '> 0'} and finite"
+        )
 
 
 def check_int(who: str, name: str, value: int, minimum: int) -> None:
     """Raise unless ``value`` is an int (not a bool) >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{who}({name}={value!r}): {name} must be an int")
+        raise TypeError(f"{who}({name}={value!r}): {name} must be an int, not {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{who}({name}={value!r}): {name} must be >= {minimum}")

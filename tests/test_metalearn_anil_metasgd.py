@@ -372,7 +372,7 @@ def test_registry_entries_and_their_refusals() -> None:
 
 @pytest.mark.parametrize("bad", [0.0, -0.1, float("nan"), float("inf")])
 def test_bad_initial_step_sizes(bad: float) -> None:
-    with pytest.raises(ValueError, match="the initial step size must be a finite number > 0"):
+    with pytest.raises(ValueError, match=r"LearnedSteps\(init_lr=.*\): init_lr must be > 0 and finite"):
         LearnedSteps(bad)
     with pytest.raises(ValueError, match=r"MetaSGD\(lr=.*\): lr must be > 0 and finite"):
         MetaSGD(sinusoid_mlp(), lr=bad)

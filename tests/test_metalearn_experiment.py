@@ -295,11 +295,11 @@ def test_labels_and_runs_are_checked(tmp_path: Path) -> None:
         dataclasses.replace(exp.run(), algorithm="imaml-gd")
     with pytest.raises(TypeError, match="non-empty dict"):
         dataclasses.replace(exp.run(), params={})
-    with pytest.raises(ValueError, match="both must be ints >= 1"):
+    with pytest.raises(ValueError, match=r"evaluate_fixed\(n_tasks=0\): n_tasks must be >= 1"):
         evaluate_fixed(exp.run(), exp.test_sampler, 0)
-    with pytest.raises(ValueError, match=r"evaluate_fixed\(n_tasks=2, batch_size=1.5\): both must be ints"):
+    with pytest.raises(TypeError, match=r"evaluate_fixed\(batch_size=1.5\): batch_size must be an int"):
         evaluate_fixed(exp.run(), exp.test_sampler, 2, batch_size=1.5)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"evaluate_tasks\(batch_size=2.5\): must be an int >= 1"):
+    with pytest.raises(TypeError, match=r"evaluate_tasks\(batch_size=2.5\): batch_size must be an int"):
         evaluate_tasks(exp.run(), tasks, batch_size=2.5)  # type: ignore[arg-type]
 
 

@@ -102,11 +102,20 @@ def test_a_learned_lambda_gets_the_same_gradient_in_chunks() -> None:
         _same(g1[k], g0[k])
 
 
-@pytest.mark.parametrize("bad", [0, -1, 2.0, True, "2"])
-def test_a_bad_task_chunk_is_refused(bad: object) -> None:
+@pytest.mark.parametrize(
+    ("bad", "error", "match"),
+    [
+        (0, ValueError, "task_chunk must be >= 1"),
+        (-1, ValueError, "task_chunk must be >= 1"),
+        (2.0, TypeError, "task_chunk must be an int, not float"),
+        (True, TypeError, "task_chunk must be an int, not bool"),
+        ("2", TypeError, "task_chunk must be an int, not str"),
+    ],
+)
+def test_a_bad_task_chunk_is_refused(bad: object, error: type[Exception], match: str) -> None:
     fn, theta = make_functional(CNN, torch.Generator().manual_seed(0), dtype=D)
     algo = make_algorithm("maml", inner_steps=1, inner_lr=0.3)
-    with pytest.raises(ValueError, match=r"task_chunk=.*a positive number of tasks"):
+    with pytest.raises(error, match=rf"meta_gradient\(task_chunk=.*\): {match}"):
         meta_gradient(algo, fn, F.cross_entropy, theta, _images(3), task_chunk=bad)  # type: ignore[arg-type]
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 import bilevel as bl
+from bilevel.internal import check_int
 
 from .batched import BatchedModel, as_batched, task_losses
 from .gradients import (
@@ -214,14 +215,9 @@ def meta_gradient(
         ValueError: a learned lam with a kind other than `Implicit`; ``lanczos_steps`` < 0;
             ``task_chunk`` not a positive integer.
     """
-    if lanczos_steps < 0:
-        raise ValueError(f"meta_gradient(lanczos_steps={lanczos_steps}): must be >= 0")
-    if task_chunk is not None and (
-        isinstance(task_chunk, bool) or not isinstance(task_chunk, int) or task_chunk < 1
-    ):
-        raise ValueError(
-            f"meta_gradient(task_chunk={task_chunk!r}): a positive number of tasks, or None for all at once"
-        )
+    check_int("meta_gradient", "lanczos_steps", lanczos_steps, 0)
+    if task_chunk is not None:  # None: all tasks at once
+        check_int("meta_gradient", "task_chunk", task_chunk, 1)
     engine = as_batched(model, batched, vectorize)
     weight = algo.weight(lam)
     B = batch.support_x.shape[0]

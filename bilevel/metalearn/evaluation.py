@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
+from bilevel.internal import check_int
+
 from .algorithms import MetaAlgorithm, predict_batch
 from .batched import BatchedModel
 from .data.samplers import SinusoidTasks, TaskSampler
@@ -332,8 +334,7 @@ def evaluate_tasks(
     _check_batch(batch, run)
     cfg = run.config
     size = batch_size if batch_size is not None else (cfg.eval_batch if cfg is not None else DEFAULT_BATCH)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"evaluate_tasks(batch_size={size!r}): must be an int >= 1")
+    check_int("evaluate_tasks", "batch_size", size, 1)
     vec = vectorize if vectorize is not None else (cfg.vectorize if cfg is not None else True)
     batch = batch.to(run.device)
     B = batch.support_x.shape[0]
@@ -371,8 +372,8 @@ def evaluate_fixed(
     """
     cfg = run.config
     size = batch_size if batch_size is not None else (cfg.eval_batch if cfg is not None else DEFAULT_BATCH)
-    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in (n_tasks, size)):
-        raise ValueError(f"evaluate_fixed(n_tasks={n_tasks!r}, batch_size={size!r}): both must be ints >= 1")
+    check_int("evaluate_fixed", "n_tasks", n_tasks, 1)
+    check_int("evaluate_fixed", "batch_size", size, 1)
     dev = run.device if device is None else device
     results = []
     for s in range(0, n_tasks, size):

@@ -49,12 +49,12 @@ Deviations from the paper, each measured and switchable:
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, ClassVar, Union
 
 import torch
 
 import bilevel as bl
+from bilevel.internal import check_positive
 from bilevel.solvers import GradientDescent
 
 from .batched import task_losses
@@ -506,11 +506,7 @@ class LearnedSteps:
     init_lr: float = 0.1
 
     def __post_init__(self) -> None:
-        lr = self.init_lr
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
-            raise ValueError(
-                f"LearnedSteps(init_lr={lr!r}): the initial step size must be a finite number > 0"
-            )
+        check_positive("LearnedSteps", "init_lr", self.init_lr)
 
     def meta_parameters(self, theta: Params) -> Params:
         """The learned step sizes at their start: ``init_lr`` per entry, under ``"lr:<name>"``."""

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar, Literal, Union, cast
 
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bilevel as bl
+from bilevel.internal import check_flag, check_int, check_positive
 from bilevel.solvers import GradientDescent
 
 from .algorithms import (
@@ -146,22 +146,14 @@ _RANDOM_MODULES = (
 
 def _number(who: str, name: str, value: Any, *, positive: bool) -> float:
     """``value`` as a finite float, > 0 (``positive``) or >= 0; TypeError / ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{who}({name}={value!r}): {name} must be a number, not {type(value).__name__}")
-    if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
-        raise ValueError(
-            f"{who}({name}={value!r}): {name} must be {'> 0' if positive else '>= 0'} and finite"
-        )
+    check_positive(who, name, value, allow_zero=not positive)
     return float(value)
 
 
 def _count(who: str, name: str, value: Any) -> int:
     """``value`` as an int >= 0; TypeError / ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{who}({name}={value!r}): {name} must be an int, not {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{who}({name}={value!r}): {name} must be >= 0")
-    return value
+    check_int(who, name, value, 0)
+    return int(value)
 
 
 def _inner_solver(who: str, inner: Any, kinds: tuple[type, ...] = INNER_SOLVERS) -> None:
@@ -549,8 +541,7 @@ class MetaLearner:
                 with the inputs' shapes).
         """
         who = f"{type(self).__name__}.step"
-        if not isinstance(return_stats, bool):
-            raise TypeError(f"{who}(return_stats={return_stats!r}): return_stats must be True or False")
+        check_flag(who, "return_stats", return_stats)
         theta = self._theta()
         first = next(iter(theta.values()))
         bm = self._engine_check(theta, who)
