@@ -525,7 +525,8 @@ def all_finite(tree: TensorTree | Sequence[torch.Tensor]) -> torch.Tensor:
     """
     ts = leaves(tree, name="all_finite's argument")  # type: ignore[arg-type]
     floats = [t for t in ts if t.is_floating_point()]
-    if len(floats) != len(ts) or len({t.device for t in ts}) > 1 or not ts:
+    # the fused reduction has no identity for an empty tensor (which is finite)
+    if len(floats) != len(ts) or len({t.device for t in ts}) > 1 or not ts or any(t.numel() == 0 for t in ts):
         return torch.stack([torch.isfinite(t).all() for t in ts]) if ts else torch.ones(0, dtype=torch.bool)
     peaks = torch._foreach_norm([_unexpanded(t.detach()) for t in ts], float("inf"))
     return torch.isfinite(torch.stack(peaks))

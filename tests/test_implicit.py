@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 
+import helpers as H
 import numpy as np
 import pytest
 import scipy.optimize
@@ -482,3 +483,20 @@ def test_bad_arguments() -> None:
         bl.implicit_argmin(_quad, torch.zeros(3, dtype=D), THETA, _exact, optimality_tol=-1.0)
     with pytest.raises(TypeError, match="must be floating point"):
         bl.implicit_argmin(_quad, torch.zeros(3, dtype=torch.int64), THETA, _exact)
+
+
+@pytest.mark.parametrize("case", H.SOLVERS, ids=repr)
+def test_a_tree_with_an_empty_leaf_is_solved_and_differentiated(case: H.SolverCase) -> None:
+    """init {a: (3,), b: (0,)}: the empty leaf is carried through the solve and the backward pass;
+    the answer and gradient are those of the problem in a alone (a* = theta, d sum(a*) / d theta = 1)."""
+    theta = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64, requires_grad=True)
+
+    def G(p: dict[str, torch.Tensor], th: torch.Tensor) -> torch.Tensor:
+        return 0.5 * ((p["a"] - th) ** 2).sum() + (p["b"] ** 2).sum()
+
+    init = {"a": torch.zeros(3, dtype=torch.float64), "b": torch.zeros(0, dtype=torch.float64)}
+    x = bl.implicit_argmin(G, init, theta, solver=case(H.Scale(step=1.0, mu=1.0)))
+    assert x["b"].shape == (0,)
+    torch.testing.assert_close(x["a"], theta.detach(), rtol=0, atol=1e-6)
+    x["a"].sum().backward()
+    torch.testing.assert_close(theta.grad, torch.ones(3, dtype=torch.float64))

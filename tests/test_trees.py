@@ -340,6 +340,8 @@ def test_all_finite_is_a_per_leaf_mask_of_any_tree() -> None:
     assert T.all_finite(ok).tolist() == [True]
     assert bool(T.all_finite([ok, ok]).all()) and not bool(T.all_finite([ok, nan]).all())
     assert T.all_finite([]).shape == (0,)
+    # an empty leaf is finite (the fused max-magnitude reduction has no identity for it)
+    assert T.all_finite({"a": ok, "b": torch.zeros(0), "c": nan}).tolist() == [True, True, False]
 
 
 def test_one_severity_order() -> None:
