@@ -4,7 +4,11 @@ Every projection acts on the last dimension of ``y`` (shape ``(..., n)``): the l
 dimensions are independent problems, and the set's parameters broadcast against them (a
 radius of shape ``(...)`` or a scalar, bounds of shape ``(..., n)``, ``(n,)`` or scalars), so
 that each problem of a batch may have its own set.  The answer has the shape, dtype and
-device of ``y``.  Parameters given as Python numbers are converted to ``y``'s dtype.
+device of ``y``.  Parameters given as Python numbers are converted to ``y``'s dtype.  The
+parameters are checked (a NaN radius or bound raises); the points are not, since each check
+is a host read and these run in solvers' inner loops: NaN or infinity in ``y`` gives NaN in
+the answer (in that entry, or in its whole problem where the set couples the entries), which
+the solvers and layers that call them detect and report.
 
 They are written in torch operations only, so autograd gives their Jacobian in ``y`` and in
 the set's parameters: what the backward pass of `bilevel.conditions.ProjectedFixedPoint`
