@@ -213,7 +213,8 @@ def meta_gradient(
     Raises:
         NonFiniteError: the inner solve diverged in some task.
         ValueError: a learned lam with a kind other than `Implicit`; ``lanczos_steps`` < 0;
-            ``task_chunk`` not a positive integer.
+            ``task_chunk`` < 1.
+        TypeError: ``lanczos_steps`` or ``task_chunk`` is not an int.
     """
     check_int("meta_gradient", "lanczos_steps", lanczos_steps, 0)
     if task_chunk is not None:  # None: all tasks at once

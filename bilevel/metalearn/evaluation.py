@@ -318,7 +318,7 @@ def evaluate_tasks(
 
     Raises:
         TypeError: ``tasks`` is not a `Task` or a sequence of them; inputs are not floating, or
-            classification labels are not integers.
+            classification labels are not integers; ``batch_size`` is not an int.
         ValueError: no tasks; shapes without a leading task dimension or that disagree between
             fields or tasks; inputs of another dtype than the parameters; labels outside
             ``0..ways-1`` (runs with a configuration); ``batch_size < 1``.
@@ -369,6 +369,7 @@ def evaluate_fixed(
 
     Raises:
         ValueError: ``n_tasks < 1`` or ``batch_size < 1``.
+        TypeError: ``n_tasks`` or ``batch_size`` is not an int.
     """
     cfg = run.config
     size = batch_size if batch_size is not None else (cfg.eval_batch if cfg is not None else DEFAULT_BATCH)
