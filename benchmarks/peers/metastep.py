@@ -28,6 +28,8 @@ Subcommands (each comparison runs in its own processes):
   ``tensors`` does not see); not oneDNN's own buffers, Python objects or code pages.
 * ``agree``: float64, one meta-step's meta-gradient of each side from the same parameters on the
   same tasks (``--agree-batch`` of them); relative error ||theirs - ours|| / ||ours||.
+* ``convshare``: each side's share of CPU time in the convolution kernels, under
+  ``torch.profiler`` (two steps after a warm-up step); the ceiling of a rewrite that keeps them.
 * ``all``: every case of `CASES` (or ``--pairs``), each subcommand in its own subprocess pinned to
   ``--cpu``; writes ``results.json`` and ``tables.md`` into ``--out``.
 
@@ -135,6 +137,39 @@ def cmd_time(args: argparse.Namespace) -> dict[str, Any]:
         "load_before": before,
         "load_after": loadavg(),
     }
+
+
+def cmd_convshare(args: argparse.Namespace) -> dict[str, Any]:
+    """Each side's share of CPU time in convolution kernels (forward and backward): self CPU time
+    of the ops named ``*convolution*`` over the self time of all ops, under ``torch.profiler``,
+    two steps after a warm-up step.  ``time``'s ratio over ours is the ceiling of any rewrite
+    of ours that keeps these kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    one_thread(args.cpu)
+    exp, ours, peer = build(args)
+    bs = batches(exp, 3)
+    out: dict[str, Any] = {"load_before": loadavg()}
+    for name, fn in (("ours", ours.step), ("peer", peer.step)):
+        fn(bs[0])
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn(bs[1])
+            fn(bs[2])
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        conv = sum(e.self_cpu_time_total for e in events if "convolution" in e.key)
+        # the top-level ops with what they call (copies, sums for the bias, layout changes)
+        inclusive = sum(
+            e.cpu_time_total for e in events if e.key in ("aten::convolution", "aten::convolution_backward")
+        )
+        out[name] = {
+            "conv_share_inclusive": inclusive / total,
+            "conv_share": conv / total,
+            "conv_ms_per_step": conv / 2e3,
+            "profiled_ms_per_step": total / 2e3,
+        }
+    out["load_after"] = loadavg()
+    return out
 
 
 def _status_kib(field: str) -> int:
@@ -367,7 +402,7 @@ def cmd_all(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=("time", "memory", "tensors", "allocator", "agree", "all"))
+    p.add_argument("command", choices=("time", "memory", "tensors", "allocator", "agree", "convshare", "all"))
     p.add_argument("--pair", choices=tuple(mp.PAIRS), default="l2l-maml")
     p.add_argument("--pairs", nargs="*", choices=tuple(mp.PAIRS), help="all: only these pairs")
     p.add_argument("--ways", type=int, default=5)
@@ -391,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         "tensors": cmd_tensors,
         "allocator": cmd_allocator,
         "agree": cmd_agree,
+        "convshare": cmd_convshare,
         "all": cmd_all,
     }
     print(json.dumps(commands[args.command](args)), flush=True)
